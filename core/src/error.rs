@@ -1,0 +1,135 @@
+//! Typed errors of the sandbox contract.
+//!
+//! Every fallible operation of dormant returns [`Error`]. Variants name what failed and carry the
+//! context a caller needs (the snapshot id, the path, the limit); the underlying cause, when there
+//! is one, is kept as `source` and not repeated in the message.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::lifecycle::{Operation, State};
+use crate::snapshot::SnapshotId;
+
+/// Result alias used throughout dormant.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a snapshot could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The file does not start with the snapshot magic.
+    #[error("not a dormant snapshot (bad magic)")]
+    BadMagic,
+    /// The file was written by a format version this build cannot read.
+    #[error("unsupported snapshot format version {found} (this build reads version {supported})")]
+    UnsupportedVersion { found: u16, supported: u16 },
+    /// The file ends before its declared content.
+    #[error("truncated: {what}")]
+    Truncated { what: String },
+    /// A checksum does not match the content.
+    #[error("checksum mismatch in {what}")]
+    Checksum { what: String },
+    /// A declared size is above the decoder's cap.
+    #[error("{what} is {size} bytes, above the limit of {limit} bytes")]
+    TooLarge { what: String, size: u64, limit: u64 },
+    /// The content is structurally invalid.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// The snapshot was taken by another tier or for another workload.
+    #[error("incompatible: {0}")]
+    Incompatible(String),
+    /// A file of the snapshot could not be read.
+    #[error("cannot read {file}")]
+    Io {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The error type of dormant.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The sandbox spec is invalid.
+    #[error("invalid sandbox spec: {0}")]
+    InvalidSpec(String),
+    /// The operation is not allowed in the sandbox's current lifecycle state.
+    #[error("cannot {op} a sandbox that is {state}")]
+    IllegalTransition { op: Operation, state: State },
+    /// A previous call trapped; the live instance was discarded and the sandbox must be resumed
+    /// from a snapshot (the last good one is named when there is one).
+    #[error("the sandbox's last call failed ({reason}); resume it from a snapshot{}", last_good.as_ref().map(|s| format!(" (last good: {s})")).unwrap_or_default())]
+    Poisoned { reason: String, last_good: Option<SnapshotId> },
+    /// The operation is not supported by this sandbox's tier or workload.
+    #[error("{op} is not supported by {what}")]
+    Unsupported { op: &'static str, what: String },
+    /// A path would leave the sandbox (`..` above the root, or a symlink pointing outside).
+    #[error("path {path:?} escapes the sandbox")]
+    PathEscape { path: String },
+    /// A path is not valid inside a sandbox.
+    #[error("invalid sandbox path {path:?}: {reason}")]
+    InvalidPath { path: String, reason: &'static str },
+    /// A write was attempted on a read-only mount.
+    #[error("path {path:?} is on a read-only mount")]
+    ReadOnly { path: String },
+    /// A file operation inside the sandbox failed.
+    #[error("{op} {path:?} failed")]
+    File {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest tried to grow its memory beyond the sandbox's cap.
+    #[error("the guest exceeded its memory limit of {limit} bytes")]
+    MemoryLimit { limit: u64, last_good: Option<SnapshotId> },
+    /// A call ran past its wall-time deadline and was interrupted.
+    #[error("the call exceeded its deadline of {limit:?} and was interrupted")]
+    Deadline { limit: Duration, last_good: Option<SnapshotId> },
+    /// The guest wrote more output than the sandbox allows per call.
+    #[error("the call wrote more than {limit} bytes to {stream}")]
+    OutputLimit { stream: &'static str, limit: usize },
+    /// The guest trapped (a crash inside the sandbox, not of the host).
+    #[error("the guest trapped: {message}")]
+    Trap { message: String, last_good: Option<SnapshotId> },
+    /// No snapshot with this id is in the store.
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(SnapshotId),
+    /// The snapshot exists but cannot be used.
+    #[error("snapshot {id} is unusable")]
+    Snapshot {
+        id: SnapshotId,
+        #[source]
+        source: SnapshotError,
+    },
+    /// The snapshot cannot be deleted while others are layered on it.
+    #[error("snapshot {id} has {children} incremental snapshot(s) layered on it; delete those first")]
+    SnapshotInUse { id: SnapshotId, children: usize },
+    /// The snapshot store failed an I/O operation.
+    #[error("snapshot store: {op} {path:?} failed")]
+    Store {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A runtime component the sandbox needs is not installed; the message says how to get it.
+    #[error("{what} not found: {hint}")]
+    RuntimeMissing { what: &'static str, hint: String },
+    /// The sandbox runtime (engine, compiler, VMM) failed.
+    #[error("{op} failed: {message}")]
+    Runtime { op: &'static str, message: String },
+}
+
+impl Error {
+    /// Wraps a snapshot decoding error with the snapshot's id.
+    pub fn snapshot(id: &SnapshotId, source: SnapshotError) -> Self {
+        Error::Snapshot { id: id.clone(), source }
+    }
+
+    /// Builds a [`Error::Store`] from an I/O error.
+    pub fn store(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Store { op, path: path.into(), source }
+    }
+}

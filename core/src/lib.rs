@@ -1,0 +1,27 @@
+//! # dormant-core
+//!
+//! The tier-independent half of dormant: the [`Sandbox`] contract both tiers implement, the
+//! [`SandboxSpec`] a sandbox is created from, its explicit [lifecycle](lifecycle) (illegal
+//! transitions are typed errors), the typed [`Error`]s, and snapshots: a versioned,
+//! self-checking [format](snapshot::format), a crash-safe [local store](snapshot::store), and the
+//! [memory image](memimage) machinery that lets a resume map memory copy-on-write and an
+//! incremental checkpoint store only the pages written since the last one.
+//!
+//! Start with [`Sandbox`] and [`snapshot::store::LocalStore`].
+
+pub mod error;
+pub mod fsarchive;
+pub mod lifecycle;
+pub mod memimage;
+pub mod paths;
+pub mod sandbox;
+pub mod snapshot;
+pub mod spec;
+
+pub use error::{Error, Result, SnapshotError};
+pub use lifecycle::{Lifecycle, Operation, State};
+pub use paths::{DirEntry, GuestPath, SandboxFs};
+pub use sandbox::{Command, ExecOutput, Execution, ExecutionError, Sandbox};
+pub use snapshot::store::{Durability, LocalStore, SnapshotInfo};
+pub use snapshot::{Manifest, SnapshotId};
+pub use spec::{Mount, SandboxSpec, Tier, Workload};

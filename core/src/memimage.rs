@@ -1,0 +1,305 @@
+//! Memory images: writing guest memory to snapshot files, finding the pages written since the
+//! last checkpoint, and mapping snapshot files copy-on-write over live guest memory.
+//!
+//! The scheme: after every checkpoint (and every resume) the live memory region is a
+//! `MAP_PRIVATE` view of the snapshot's files. A page the guest writes afterwards becomes a
+//! private anonymous page, which `/proc/self/pagemap` reports; those are exactly the pages the
+//! next incremental checkpoint must store. Nothing is copied on resume: pages are faulted in from
+//! the page cache on first touch, so resume time does not grow with memory size.
+//!
+//! This is one of the two places (with the VMM) where dormant uses `unsafe`.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
+
+/// The host page size this module assumes (x86-64 Linux).
+pub const PAGE: usize = 4096;
+
+fn is_zero(page: &[u8]) -> bool {
+    // Compare as u64 words; the compiler vectorises this.
+    let (pre, words, post) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets in-bounds bytes.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// What writing a memory layer produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Logical file length.
+    pub len: u64,
+    /// Bytes of data actually written (non-zero pages).
+    pub stored: u64,
+    /// CRC-32 of the logical content.
+    pub crc32: u32,
+}
+
+/// Writes `mem` as a sparse full image: the file gets `mem.len()` bytes, zero pages stay holes.
+pub fn write_full(file: &File, mem: &[u8]) -> io::Result<Written> {
+    assert_eq!(mem.len() % PAGE, 0, "memory size must be page-aligned");
+    file.set_len(mem.len() as u64)?;
+    let mut stored = 0u64;
+    let mut run_start: Option<usize> = None;
+    let mut hasher = crc32fast::Hasher::new();
+    let npages = mem.len() / PAGE;
+    for i in 0..=npages {
+        let nonzero = i < npages && {
+            let page = &mem[i * PAGE..(i + 1) * PAGE];
+            hasher.update(page);
+            !is_zero(page)
+        };
+        match (nonzero, run_start) {
+            (true, None) => run_start = Some(i),
+            (false, Some(s)) => {
+                file.write_all_at(&mem[s * PAGE..i * PAGE], (s * PAGE) as u64)?;
+                stored += ((i - s) * PAGE) as u64;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    Ok(Written { len: mem.len() as u64, stored, crc32: hasher.finalize() })
+}
+
+/// Writes the listed pages of `mem`, packed in order, to `file` (a delta layer).
+pub fn write_delta(file: &File, mem: &[u8], pages: &[u32]) -> io::Result<Written> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut off = 0u64;
+    for run in runs(pages) {
+        let bytes = &mem[run.first as usize * PAGE..(run.first + run.count) as usize * PAGE];
+        hasher.update(bytes);
+        file.write_all_at(bytes, off)?;
+        off += bytes.len() as u64;
+    }
+    Ok(Written { len: off, stored: off, crc32: hasher.finalize() })
+}
+
+/// A run of consecutive page indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub first: u32,
+    pub count: u32,
+}
+
+/// Groups a strictly increasing page list into runs.
+pub fn runs(pages: &[u32]) -> impl Iterator<Item = Run> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *pages.get(i)?;
+        let mut count = 1;
+        while pages.get(i + count as usize) == Some(&(first + count)) {
+            count += 1;
+        }
+        i += count as usize;
+        Some(Run { first, count })
+    })
+}
+
+fn pagemap() -> io::Result<&'static File> {
+    static PAGEMAP: OnceLock<Result<File, i32>> = OnceLock::new();
+    match PAGEMAP.get_or_init(|| File::open("/proc/self/pagemap").map_err(|e| e.raw_os_error().unwrap_or(0))) {
+        Ok(f) => Ok(f),
+        Err(code) => Err(io::Error::from_raw_os_error(*code)),
+    }
+}
+
+/// Whether dirty-page tracking through `/proc/self/pagemap` works in this process.
+pub fn dirty_tracking_available() -> bool {
+    pagemap().is_ok()
+}
+
+/// Pages of `[base, base + len)` that are private anonymous pages of this process: written
+/// since the region was mapped from a file (or touched for the first time in anonymous memory).
+/// Pages only read, pages still backed by the file, and the shared zero page are not reported.
+pub fn dirty_pages(base: *const u8, len: usize) -> io::Result<Vec<u32>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    const EXCLUSIVE: u64 = 1 << 56;
+    let f = pagemap()?;
+    let first = base as usize / PAGE;
+    let n = len.div_ceil(PAGE);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 8 * n.min(64 * 1024)];
+    let mut done = 0;
+    while done < n {
+        let chunk = (n - done).min(buf.len() / 8);
+        f.read_exact_at(&mut buf[..chunk * 8], ((first + done) * 8) as u64)?;
+        for (j, e) in buf[..chunk * 8].chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            let anon = e & PRESENT != 0 && e & FILE_OR_SHARED == 0 && e & EXCLUSIVE != 0;
+            if anon || e & SWAPPED != 0 {
+                out.push((done + j) as u32);
+            }
+        }
+        done += chunk;
+    }
+    Ok(out)
+}
+
+/// Maps `len` bytes of `file` at `offset` over `addr`, private and copy-on-write.
+///
+/// # Safety
+/// `addr..addr + len` must be a page-aligned part of a mapping the caller owns and that nothing
+/// else reads or writes during the call; its previous contents are replaced. The file must not
+/// be truncated while mapped (pages past its end would raise SIGBUS).
+pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -> io::Result<()> {
+    use rustix::mm::{MapFlags, ProtFlags, mmap};
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller guarantees the range is owned, page-aligned and unused during the call;
+    // MAP_FIXED replaces exactly that range.
+    unsafe {
+        mmap(
+            addr.cast(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+            file.as_fd(),
+            offset,
+        )
+    }
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// Maps a delta layer's runs from `file` (packed pages) over the memory at `base`. Returns the
+/// number of mappings made.
+///
+/// # Safety
+/// As [`map_private`], for every page in `pages` relative to `base`.
+pub unsafe fn map_delta(base: *mut u8, file: &File, pages: &[u32]) -> io::Result<usize> {
+    let mut off = 0u64;
+    let mut n = 0;
+    for run in runs(pages) {
+        let len = run.count as usize * PAGE;
+        // SAFETY: forwarded from the caller: the pages lie in the caller's mapping.
+        unsafe { map_private(base.add(run.first as usize * PAGE), len, file, off)? };
+        off += len as u64;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Reads a whole file and checks its length and CRC-32.
+pub fn verify_file(file: &File, len: u64, crc32: u32) -> io::Result<bool> {
+    if file.metadata()?.len() != len {
+        return Ok(false);
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hasher.finalize() == crc32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::mm::{MapFlags, ProtFlags};
+
+    struct Anon {
+        ptr: *mut u8,
+        len: usize,
+    }
+    impl Anon {
+        fn new(len: usize) -> Anon {
+            // SAFETY: a fresh anonymous mapping with no address hint.
+            let ptr = unsafe {
+                rustix::mm::mmap_anonymous(
+                    std::ptr::null_mut(),
+                    len,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::PRIVATE,
+                )
+            }
+            .unwrap();
+            Anon { ptr: ptr.cast(), len }
+        }
+        fn slice(&self) -> &mut [u8] {
+            // SAFETY: the mapping is live for self's lifetime; tests use it single-threaded.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+        }
+    }
+    impl Drop for Anon {
+        fn drop(&mut self) {
+            // SAFETY: unmapping the mapping this value owns.
+            unsafe { rustix::mm::munmap(self.ptr.cast(), self.len).unwrap() };
+        }
+    }
+
+    #[test]
+    fn runs_group_consecutive_pages() {
+        let r: Vec<_> = runs(&[1, 2, 3, 7, 9, 10]).collect();
+        assert_eq!(r, vec![Run { first: 1, count: 3 }, Run { first: 7, count: 1 }, Run { first: 9, count: 2 }]);
+    }
+
+    #[test]
+    fn full_image_is_sparse_and_maps_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mem = Anon::new(64 * PAGE);
+        mem.slice()[5 * PAGE] = 7;
+        mem.slice()[40 * PAGE + 100] = 9;
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(tmp.path().join("m")).unwrap();
+        let w = write_full(&f, mem.slice()).unwrap();
+        assert_eq!(w.len, 64 * PAGE as u64);
+        assert_eq!(w.stored, 2 * PAGE as u64);
+        assert!(verify_file(&f, w.len, w.crc32).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert!(f.metadata().unwrap().blocks() * 512 <= 4 * PAGE as u64, "zero pages must be holes");
+
+        let target = Anon::new(64 * PAGE);
+        // SAFETY: target is owned by this test and unused during the call.
+        unsafe { map_private(target.ptr, 64 * PAGE, &f, 0).unwrap() };
+        assert_eq!(target.slice()[5 * PAGE], 7);
+        assert_eq!(target.slice()[40 * PAGE + 100], 9);
+        assert!(dirty_pages(target.ptr, target.len).unwrap().is_empty(), "nothing written yet");
+        // Copy-on-write: writing the mapping does not change the file.
+        target.slice()[5 * PAGE] = 1;
+        target.slice()[63 * PAGE] = 1;
+        let _read_only_touch = target.slice()[20 * PAGE];
+        assert_eq!(dirty_pages(target.ptr, target.len).unwrap(), vec![5, 63]);
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 5 * PAGE as u64).unwrap();
+        assert_eq!(b[0], 7);
+    }
+
+    #[test]
+    fn delta_layers_apply_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mem = Anon::new(16 * PAGE);
+        for i in 0..16 {
+            mem.slice()[i * PAGE] = i as u8;
+        }
+        let base = File::options().read(true).write(true).create(true).truncate(true).open(tmp.path().join("b")).unwrap();
+        write_full(&base, mem.slice()).unwrap();
+        // SAFETY: mem is owned by this test.
+        unsafe { map_private(mem.ptr, mem.len, &base, 0).unwrap() };
+        mem.slice()[3 * PAGE] = 33;
+        mem.slice()[4 * PAGE + 1] = 44;
+        mem.slice()[10 * PAGE] = 100;
+        let dirty = dirty_pages(mem.ptr, mem.len).unwrap();
+        assert_eq!(dirty, vec![3, 4, 10]);
+        let delta = File::options().read(true).write(true).create(true).truncate(true).open(tmp.path().join("d")).unwrap();
+        let w = write_delta(&delta, mem.slice(), &dirty).unwrap();
+        assert_eq!(w.stored, 3 * PAGE as u64);
+
+        let fresh = Anon::new(16 * PAGE);
+        // SAFETY: fresh is owned by this test.
+        unsafe {
+            map_private(fresh.ptr, fresh.len, &base, 0).unwrap();
+            assert_eq!(map_delta(fresh.ptr, &delta, &dirty).unwrap(), 2);
+        }
+        assert_eq!(fresh.slice(), mem.slice());
+    }
+}

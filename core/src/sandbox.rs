@@ -1,0 +1,104 @@
+//! The sandbox contract every tier implements.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::lifecycle::State;
+use crate::paths::DirEntry;
+use crate::snapshot::SnapshotId;
+use crate::spec::Tier;
+
+/// An exception raised by code run in an interpreter session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionError {
+    /// The exception's type name, e.g. `ZeroDivisionError`.
+    pub name: String,
+    /// Its message (`str(exc)`).
+    pub value: String,
+    /// The formatted traceback.
+    pub traceback: String,
+}
+
+/// What one `run_code` produced.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Execution {
+    pub stdout: String,
+    pub stderr: String,
+    /// `None` when the code ran to completion.
+    pub error: Option<ExecutionError>,
+}
+
+/// A command for `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Command {
+    /// `argv[0]` names the program (for the WASI tier: a `.wasm` command module in the sandbox).
+    pub argv: Vec<String>,
+    /// Extra environment variables for this command (after the sandbox's own).
+    pub env: Vec<(String, String)>,
+    /// Bytes fed to standard input.
+    pub stdin: Vec<u8>,
+    /// Deadline for this command; the sandbox's call timeout when `None`.
+    pub timeout: Option<Duration>,
+}
+
+impl Command {
+    pub fn new<I, S>(argv: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Command { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+    }
+
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = data.into();
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// What `exec` produced. A non-zero exit code is a result, not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+}
+
+/// The contract shared by the WASI and KVM tiers.
+///
+/// Calls are synchronous and take `&mut self`: a checkpoint can only happen between calls, when
+/// the guest is quiescent. Resuming a snapshot in another process is the tier runtime's job
+/// (e.g. `WasiRuntime::resume`); `resume` here reloads this handle from any snapshot.
+pub trait Sandbox: Send {
+    /// The sandbox's identity (stable across checkpoint and resume).
+    fn id(&self) -> &str;
+    fn tier(&self) -> Tier;
+    fn state(&self) -> State;
+
+    /// Runs code in the sandbox's interpreter session; state persists between calls.
+    fn run_code(&mut self, code: &str) -> Result<Execution>;
+    /// Runs a command to completion.
+    fn exec(&mut self, cmd: &Command) -> Result<ExecOutput>;
+
+    fn read_file(&mut self, path: &str) -> Result<Vec<u8>>;
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()>;
+    fn list_dir(&mut self, path: &str) -> Result<Vec<DirEntry>>;
+    fn remove(&mut self, path: &str) -> Result<()>;
+    fn exists(&mut self, path: &str) -> Result<bool>;
+
+    /// Writes a durable snapshot; the sandbox keeps running.
+    fn checkpoint(&mut self) -> Result<SnapshotId>;
+    /// Checkpoints, then releases all compute and memory.
+    fn standby(&mut self) -> Result<SnapshotId>;
+    /// Replaces this handle's state with the snapshot's.
+    fn resume(&mut self, id: &SnapshotId) -> Result<()>;
+    /// Ends the sandbox for good, releasing everything but its snapshots.
+    fn kill(&mut self) -> Result<()>;
+}

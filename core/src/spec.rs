@@ -1,0 +1,188 @@
+//! What a sandbox is made from: the [`SandboxSpec`].
+//!
+//! Every default is deny-by-default or bounded, and documented on its field: a sandbox sees no
+//! host directory unless a [`Mount`] grants it, gets no host environment variable unless listed,
+//! and each call is bounded in time, memory and output.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which isolation technology runs the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// WebAssembly/WASI instances in wasmtime.
+    Wasi,
+    /// KVM microVMs running Linux.
+    Kvm,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Wasi => "wasi",
+            Tier::Kvm => "kvm",
+        }
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What runs inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// A live Python interpreter session (`run_code`), plus `exec` of WASI commands.
+    Python,
+    /// A WASI reactor module at this host path, driven by calling its exports; plus `exec`.
+    Module { path: PathBuf },
+    /// Only a filesystem; `exec` runs WASI command modules against it.
+    Files,
+}
+
+/// A host directory made visible inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// The host directory. It must exist.
+    pub host: PathBuf,
+    /// Where the guest sees it: an absolute guest path such as `/data`.
+    pub guest: String,
+    /// Whether the guest (and the files API) may only read.
+    pub read_only: bool,
+}
+
+/// Everything needed to create a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub tier: Tier,
+    pub workload: Workload,
+    /// Cap on guest memory in bytes. Default: 2 GiB.
+    pub memory_limit: u64,
+    /// Wall-time limit of one call (`run_code`, `exec`, an export call). Default: 60 s.
+    pub call_timeout: Duration,
+    /// Most bytes kept per output stream per call; more is an error. Default: 16 MiB.
+    pub output_limit: usize,
+    /// Environment variables the guest sees, in this order. Default: none beyond the tier's own.
+    pub env: Vec<(String, String)>,
+    /// Host directories granted to the guest. Default: none.
+    pub mounts: Vec<Mount>,
+}
+
+impl SandboxSpec {
+    /// Default memory cap: 2 GiB.
+    pub const DEFAULT_MEMORY_LIMIT: u64 = 2 << 30;
+    /// Default per-call deadline: 60 s.
+    pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default per-stream output cap: 16 MiB.
+    pub const DEFAULT_OUTPUT_LIMIT: usize = 16 << 20;
+
+    /// A sandbox of `tier` running `workload`, with the documented defaults.
+    pub fn new(tier: Tier, workload: Workload) -> Self {
+        SandboxSpec {
+            tier,
+            workload,
+            memory_limit: Self::DEFAULT_MEMORY_LIMIT,
+            call_timeout: Self::DEFAULT_CALL_TIMEOUT,
+            output_limit: Self::DEFAULT_OUTPUT_LIMIT,
+            env: Vec::new(),
+            mounts: Vec::new(),
+        }
+    }
+
+    /// A WASI Python session with defaults.
+    pub fn python() -> Self {
+        Self::new(Tier::Wasi, Workload::Python)
+    }
+
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = bytes;
+        self
+    }
+
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn mount(mut self, host: impl Into<PathBuf>, guest: impl Into<String>, read_only: bool) -> Self {
+        self.mounts.push(Mount { host: host.into(), guest: guest.into(), read_only });
+        self
+    }
+
+    /// Checks the spec for values no tier can honour.
+    pub fn validate(&self) -> Result<()> {
+        if self.memory_limit < (1 << 20) {
+            return Err(Error::InvalidSpec(format!(
+                "memory_limit of {} bytes is below the minimum of 1 MiB",
+                self.memory_limit
+            )));
+        }
+        if self.call_timeout.is_zero() {
+            return Err(Error::InvalidSpec("call_timeout must be positive".into()));
+        }
+        if self.output_limit == 0 {
+            return Err(Error::InvalidSpec("output_limit must be positive".into()));
+        }
+        for (k, _) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(Error::InvalidSpec(format!("invalid environment variable name {k:?}")));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.mounts {
+            let g = crate::paths::GuestPath::parse(&m.guest)
+                .map_err(|e| Error::InvalidSpec(format!("mount point {:?}: {e}", m.guest)))?;
+            if g.is_root() {
+                return Err(Error::InvalidSpec("a mount cannot replace the sandbox root".into()));
+            }
+            if !seen.insert(g.as_str().to_owned()) {
+                return Err(Error::InvalidSpec(format!("mount point {:?} given twice", m.guest)));
+            }
+            if !m.host.is_dir() {
+                return Err(Error::InvalidSpec(format!(
+                    "mount source {} is not a directory",
+                    m.host.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        SandboxSpec::python().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(SandboxSpec::python().memory_limit(10).validate().is_err());
+        assert!(SandboxSpec::python().call_timeout(Duration::ZERO).validate().is_err());
+        assert!(SandboxSpec::python().env("A=B", "c").validate().is_err());
+        assert!(SandboxSpec::python().mount("/nonexistent-dir-x", "/data", false).validate().is_err());
+        assert!(SandboxSpec::python().mount("/tmp", "/", false).validate().is_err());
+        assert!(SandboxSpec::python().mount("/tmp", "/a/../..", false).validate().is_err());
+    }
+}

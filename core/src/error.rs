@@ -61,6 +61,9 @@ pub enum Error {
     /// from a snapshot (the last good one is named when there is one).
     #[error("the sandbox's last call failed ({reason}); resume it from a snapshot{}", last_good.as_ref().map(|s| format!(" (last good: {s})")).unwrap_or_default())]
     Poisoned { reason: String, last_good: Option<SnapshotId> },
+    /// An argument of a call is invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// The operation is not supported by this sandbox's tier or workload.
     #[error("{op} is not supported by {what}")]
     Unsupported { op: &'static str, what: String },

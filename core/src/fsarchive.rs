@@ -30,14 +30,22 @@ impl<W: Write> Write for Hashing<W> {
 
 /// Archives the tree under `root` into `out`.
 pub fn pack(root: &Path, out: &File) -> io::Result<Written> {
-    let w = Hashing { inner: BufWriter::with_capacity(1 << 20, out), hasher: crc32fast::Hasher::new(), len: 0 };
+    let w = Hashing {
+        inner: BufWriter::with_capacity(1 << 20, out),
+        hasher: crc32fast::Hasher::new(),
+        len: 0,
+    };
     let mut b = tar::Builder::new(w);
     b.follow_symlinks(false);
     b.mode(tar::HeaderMode::Complete);
     b.append_dir_all(".", root)?;
     let mut w = b.into_inner()?;
     w.flush()?;
-    Ok(Written { len: w.len, stored: w.len, crc32: w.hasher.finalize() })
+    Ok(Written {
+        len: w.len,
+        stored: w.len,
+        crc32: w.hasher.finalize(),
+    })
 }
 
 /// Extracts an archive made by [`pack`] into the (empty) directory `dest`.
@@ -63,7 +71,13 @@ mod tests {
         std::fs::write(src.join("a/b/f.txt"), b"data").unwrap();
         std::fs::write(tmp.path().join("host-secret"), b"secret").unwrap();
         std::os::unix::fs::symlink(tmp.path().join("host-secret"), src.join("link")).unwrap();
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(tmp.path().join("fs.tar")).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp.path().join("fs.tar"))
+            .unwrap();
         let w = pack(&src, &f).map_err(|e| format!("{e:?}")).unwrap();
         assert!(crate::memimage::verify_file(&f, w.len, w.crc32).unwrap());
         let dst = tmp.path().join("dst");
@@ -71,6 +85,9 @@ mod tests {
         unpack(&f, &dst).unwrap();
         assert_eq!(std::fs::read(dst.join("a/b/f.txt")).unwrap(), b"data");
         let md = std::fs::symlink_metadata(dst.join("link")).unwrap();
-        assert!(md.file_type().is_symlink(), "the link stays a link; host content not archived");
+        assert!(
+            md.file_type().is_symlink(),
+            "the link stays a link; host content not archived"
+        );
     }
 }

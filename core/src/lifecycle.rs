@@ -124,7 +124,11 @@ impl Default for Lifecycle {
 impl Lifecycle {
     /// A sandbox that was just created (running, no snapshot yet).
     pub fn new() -> Self {
-        Lifecycle { state: State::Running, last_good: None, poison_reason: None }
+        Lifecycle {
+            state: State::Running,
+            last_good: None,
+            poison_reason: None,
+        }
     }
 
     pub fn state(&self) -> State {
@@ -193,11 +197,20 @@ mod tests {
     fn standby_allows_only_resume_and_kill() {
         assert!(matches!(
             State::Standby.check(Operation::RunCode),
-            Err(Error::IllegalTransition { op: Operation::RunCode, state: State::Standby })
+            Err(Error::IllegalTransition {
+                op: Operation::RunCode,
+                state: State::Standby
+            })
         ));
         assert!(State::Standby.check(Operation::Checkpoint).is_err());
-        assert_eq!(State::Standby.after(Operation::Resume).ok(), Some(State::Running));
-        assert_eq!(State::Standby.after(Operation::Kill).ok(), Some(State::Killed));
+        assert_eq!(
+            State::Standby.after(Operation::Resume).ok(),
+            Some(State::Running)
+        );
+        assert_eq!(
+            State::Standby.after(Operation::Kill).ok(),
+            Some(State::Killed)
+        );
     }
 
     #[test]

@@ -62,7 +62,11 @@ pub fn write_full(file: &File, mem: &[u8]) -> io::Result<Written> {
             _ => {}
         }
     }
-    Ok(Written { len: mem.len() as u64, stored, crc32: hasher.finalize() })
+    Ok(Written {
+        len: mem.len() as u64,
+        stored,
+        crc32: hasher.finalize(),
+    })
 }
 
 /// Writes the listed pages of `mem`, packed in order, to `file` (a delta layer).
@@ -75,7 +79,11 @@ pub fn write_delta(file: &File, mem: &[u8], pages: &[u32]) -> io::Result<Written
         file.write_all_at(bytes, off)?;
         off += bytes.len() as u64;
     }
-    Ok(Written { len: off, stored: off, crc32: hasher.finalize() })
+    Ok(Written {
+        len: off,
+        stored: off,
+        crc32: hasher.finalize(),
+    })
 }
 
 /// A run of consecutive page indices.
@@ -101,7 +109,9 @@ pub fn runs(pages: &[u32]) -> impl Iterator<Item = Run> + '_ {
 
 fn pagemap() -> io::Result<&'static File> {
     static PAGEMAP: OnceLock<Result<File, i32>> = OnceLock::new();
-    match PAGEMAP.get_or_init(|| File::open("/proc/self/pagemap").map_err(|e| e.raw_os_error().unwrap_or(0))) {
+    match PAGEMAP
+        .get_or_init(|| File::open("/proc/self/pagemap").map_err(|e| e.raw_os_error().unwrap_or(0)))
+    {
         Ok(f) => Ok(f),
         Err(code) => Err(io::Error::from_raw_os_error(*code)),
     }
@@ -224,8 +234,12 @@ mod tests {
                 )
             }
             .unwrap();
-            Anon { ptr: ptr.cast(), len }
+            Anon {
+                ptr: ptr.cast(),
+                len,
+            }
         }
+        #[allow(clippy::mut_from_ref)] // test helper over a raw mapping, used single-threaded
         fn slice(&self) -> &mut [u8] {
             // SAFETY: the mapping is live for self's lifetime; tests use it single-threaded.
             unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
@@ -241,7 +255,14 @@ mod tests {
     #[test]
     fn runs_group_consecutive_pages() {
         let r: Vec<_> = runs(&[1, 2, 3, 7, 9, 10]).collect();
-        assert_eq!(r, vec![Run { first: 1, count: 3 }, Run { first: 7, count: 1 }, Run { first: 9, count: 2 }]);
+        assert_eq!(
+            r,
+            vec![
+                Run { first: 1, count: 3 },
+                Run { first: 7, count: 1 },
+                Run { first: 9, count: 2 }
+            ]
+        );
     }
 
     #[test]
@@ -250,20 +271,32 @@ mod tests {
         let mem = Anon::new(64 * PAGE);
         mem.slice()[5 * PAGE] = 7;
         mem.slice()[40 * PAGE + 100] = 9;
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(tmp.path().join("m")).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp.path().join("m"))
+            .unwrap();
         let w = write_full(&f, mem.slice()).unwrap();
         assert_eq!(w.len, 64 * PAGE as u64);
         assert_eq!(w.stored, 2 * PAGE as u64);
         assert!(verify_file(&f, w.len, w.crc32).unwrap());
         use std::os::unix::fs::MetadataExt;
-        assert!(f.metadata().unwrap().blocks() * 512 <= 4 * PAGE as u64, "zero pages must be holes");
+        assert!(
+            f.metadata().unwrap().blocks() * 512 <= 4 * PAGE as u64,
+            "zero pages must be holes"
+        );
 
         let target = Anon::new(64 * PAGE);
         // SAFETY: target is owned by this test and unused during the call.
         unsafe { map_private(target.ptr, 64 * PAGE, &f, 0).unwrap() };
         assert_eq!(target.slice()[5 * PAGE], 7);
         assert_eq!(target.slice()[40 * PAGE + 100], 9);
-        assert!(dirty_pages(target.ptr, target.len).unwrap().is_empty(), "nothing written yet");
+        assert!(
+            dirty_pages(target.ptr, target.len).unwrap().is_empty(),
+            "nothing written yet"
+        );
         // Copy-on-write: writing the mapping does not change the file.
         target.slice()[5 * PAGE] = 1;
         target.slice()[63 * PAGE] = 1;
@@ -281,7 +314,13 @@ mod tests {
         for i in 0..16 {
             mem.slice()[i * PAGE] = i as u8;
         }
-        let base = File::options().read(true).write(true).create(true).truncate(true).open(tmp.path().join("b")).unwrap();
+        let base = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp.path().join("b"))
+            .unwrap();
         write_full(&base, mem.slice()).unwrap();
         // SAFETY: mem is owned by this test.
         unsafe { map_private(mem.ptr, mem.len, &base, 0).unwrap() };
@@ -290,7 +329,13 @@ mod tests {
         mem.slice()[10 * PAGE] = 100;
         let dirty = dirty_pages(mem.ptr, mem.len).unwrap();
         assert_eq!(dirty, vec![3, 4, 10]);
-        let delta = File::options().read(true).write(true).create(true).truncate(true).open(tmp.path().join("d")).unwrap();
+        let delta = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp.path().join("d"))
+            .unwrap();
         let w = write_delta(&delta, mem.slice(), &dirty).unwrap();
         assert_eq!(w.stored, 3 * PAGE as u64);
 

@@ -26,10 +26,16 @@ impl GuestPath {
     /// [`Error::PathEscape`].
     pub fn parse(path: &str) -> Result<GuestPath> {
         if path.is_empty() {
-            return Err(Error::InvalidPath { path: path.into(), reason: "empty path" });
+            return Err(Error::InvalidPath {
+                path: path.into(),
+                reason: "empty path",
+            });
         }
         if path.contains('\0') {
-            return Err(Error::InvalidPath { path: path.into(), reason: "contains a NUL byte" });
+            return Err(Error::InvalidPath {
+                path: path.into(),
+                reason: "contains a NUL byte",
+            });
         }
         let mut parts: Vec<&str> = Vec::new();
         for c in path.split('/') {
@@ -43,7 +49,9 @@ impl GuestPath {
                 c => parts.push(c),
             }
         }
-        Ok(GuestPath { norm: format!("/{}", parts.join("/")) })
+        Ok(GuestPath {
+            norm: format!("/{}", parts.join("/")),
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -86,10 +94,16 @@ pub struct SandboxFs {
 fn map_io(op: &'static str, path: &str, e: io::Error) -> Error {
     // cap-std reports a symlink or `..` leading outside the opened directory as PermissionDenied
     // with this message.
-    if e.kind() == ErrorKind::PermissionDenied && e.to_string().contains("outside of the filesystem") {
+    if e.kind() == ErrorKind::PermissionDenied
+        && e.to_string().contains("outside of the filesystem")
+    {
         Error::PathEscape { path: path.into() }
     } else {
-        Error::File { op, path: path.into(), source: e }
+        Error::File {
+            op,
+            path: path.into(),
+            source: e,
+        }
     }
 }
 
@@ -105,7 +119,10 @@ impl SandboxFs {
             ms.push((GuestPath::parse(&m.guest)?, open(&m.host)?, m.read_only));
         }
         ms.sort_by_key(|(g, _, _)| std::cmp::Reverse(g.as_str().len()));
-        Ok(SandboxFs { root: open(root)?, mounts: ms })
+        Ok(SandboxFs {
+            root: open(root)?,
+            mounts: ms,
+        })
     }
 
     fn resolve<'a>(&'a self, path: &'a GuestPath) -> (&'a Dir, &'a str, bool) {
@@ -124,7 +141,8 @@ impl SandboxFs {
     pub fn read(&self, path: &str) -> Result<Vec<u8>> {
         let g = GuestPath::parse(path)?;
         let (dir, rest, _) = self.resolve(&g);
-        dir.read(Self::rel(rest)).map_err(|e| map_io("read", path, e))
+        dir.read(Self::rel(rest))
+            .map_err(|e| map_io("read", path, e))
     }
 
     /// Writes `data` to `path`, creating missing parent directories.
@@ -135,17 +153,25 @@ impl SandboxFs {
             return Err(Error::ReadOnly { path: path.into() });
         }
         if rest.is_empty() {
-            return Err(Error::InvalidPath { path: path.into(), reason: "is a directory" });
+            return Err(Error::InvalidPath {
+                path: path.into(),
+                reason: "is a directory",
+            });
         }
         if let Some((parent, _)) = rest.rsplit_once('/') {
             // Stat first (following links, so an escaping link is refused) and create only what
             // is missing.
             match dir.metadata(parent) {
                 Ok(md) if md.is_dir() => {}
-                Ok(_) => return Err(Error::InvalidPath { path: path.into(), reason: "a parent is not a directory" }),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    dir.create_dir_all(parent).map_err(|e| map_io("create directory for", path, e))?
+                Ok(_) => {
+                    return Err(Error::InvalidPath {
+                        path: path.into(),
+                        reason: "a parent is not a directory",
+                    });
                 }
+                Err(e) if e.kind() == ErrorKind::NotFound => dir
+                    .create_dir_all(parent)
+                    .map_err(|e| map_io("create directory for", path, e))?,
                 Err(e) => return Err(map_io("write", path, e)),
             }
         }
@@ -155,7 +181,9 @@ impl SandboxFs {
     pub fn list(&self, path: &str) -> Result<Vec<DirEntry>> {
         let g = GuestPath::parse(path)?;
         let (dir, rest, _) = self.resolve(&g);
-        let rd = dir.read_dir(Self::rel(rest)).map_err(|e| map_io("list", path, e))?;
+        let rd = dir
+            .read_dir(Self::rel(rest))
+            .map_err(|e| map_io("list", path, e))?;
         let mut out = Vec::new();
         for ent in rd {
             let ent = ent.map_err(|e| map_io("list", path, e))?;
@@ -178,9 +206,14 @@ impl SandboxFs {
             return Err(Error::ReadOnly { path: path.into() });
         }
         if rest.is_empty() {
-            return Err(Error::InvalidPath { path: path.into(), reason: "cannot remove a root or mount point" });
+            return Err(Error::InvalidPath {
+                path: path.into(),
+                reason: "cannot remove a root or mount point",
+            });
         }
-        let md = dir.symlink_metadata(rest).map_err(|e| map_io("remove", path, e))?;
+        let md = dir
+            .symlink_metadata(rest)
+            .map_err(|e| map_io("remove", path, e))?;
         if md.is_dir() {
             dir.remove_dir_all(rest)
         } else {
@@ -208,10 +241,19 @@ mod tests {
 
     #[test]
     fn normalises() {
-        assert_eq!(GuestPath::parse("a/./b//c/../d").unwrap().as_str(), "/a/b/d");
+        assert_eq!(
+            GuestPath::parse("a/./b//c/../d").unwrap().as_str(),
+            "/a/b/d"
+        );
         assert_eq!(GuestPath::parse("/").unwrap().as_str(), "/");
-        assert!(matches!(GuestPath::parse("../x"), Err(Error::PathEscape { .. })));
-        assert!(matches!(GuestPath::parse("/a/../../etc"), Err(Error::PathEscape { .. })));
+        assert!(matches!(
+            GuestPath::parse("../x"),
+            Err(Error::PathEscape { .. })
+        ));
+        assert!(matches!(
+            GuestPath::parse("/a/../../etc"),
+            Err(Error::PathEscape { .. })
+        ));
     }
 
     #[test]
@@ -230,12 +272,18 @@ mod tests {
                 other => panic!("{p}: expected PathEscape, got {other:?}"),
             }
         }
-        assert!(matches!(fs.read("../secret"), Err(Error::PathEscape { .. })));
+        assert!(matches!(
+            fs.read("../secret"),
+            Err(Error::PathEscape { .. })
+        ));
         let r = fs.write("dir-link/x", b"1");
         assert!(matches!(r, Err(Error::PathEscape { .. })), "{r:?}");
         // An absolute host path names the sandbox's own file, which does not exist.
         let host_file = tmp.path().join("secret");
-        assert!(matches!(fs.read(host_file.to_str().unwrap()), Err(Error::File { .. })));
+        assert!(matches!(
+            fs.read(host_file.to_str().unwrap()),
+            Err(Error::File { .. })
+        ));
         assert!(!fs.exists(host_file.to_str().unwrap()).unwrap());
     }
 
@@ -247,15 +295,29 @@ mod tests {
         std::fs::create_dir(&root).unwrap();
         std::fs::create_dir(&vol).unwrap();
         std::fs::write(vol.join("in.txt"), b"volume").unwrap();
-        let mounts = vec![Mount { host: vol.clone(), guest: "/data".into(), read_only: true }];
+        let mounts = vec![Mount {
+            host: vol.clone(),
+            guest: "/data".into(),
+            read_only: true,
+        }];
         let fs = SandboxFs::open(&root, &mounts).unwrap();
         fs.write("/a/b/c.txt", b"hello").unwrap();
         assert_eq!(fs.read("a/b/c.txt").unwrap(), b"hello");
         assert!(fs.exists("/a/b").unwrap());
         let l = fs.list("/a/b").unwrap();
-        assert_eq!(l, vec![DirEntry { name: "c.txt".into(), is_dir: false, size: 5 }]);
+        assert_eq!(
+            l,
+            vec![DirEntry {
+                name: "c.txt".into(),
+                is_dir: false,
+                size: 5
+            }]
+        );
         assert_eq!(fs.read("/data/in.txt").unwrap(), b"volume");
-        assert!(matches!(fs.write("/data/x", b"1"), Err(Error::ReadOnly { .. })));
+        assert!(matches!(
+            fs.write("/data/x", b"1"),
+            Err(Error::ReadOnly { .. })
+        ));
         fs.remove("/a").unwrap();
         assert!(!fs.exists("/a/b/c.txt").unwrap());
     }

@@ -49,7 +49,10 @@ impl Command {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Command { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+        Command {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
     }
 
     pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {

@@ -122,8 +122,17 @@ impl SandboxSpec {
         self
     }
 
-    pub fn mount(mut self, host: impl Into<PathBuf>, guest: impl Into<String>, read_only: bool) -> Self {
-        self.mounts.push(Mount { host: host.into(), guest: guest.into(), read_only });
+    pub fn mount(
+        mut self,
+        host: impl Into<PathBuf>,
+        guest: impl Into<String>,
+        read_only: bool,
+    ) -> Self {
+        self.mounts.push(Mount {
+            host: host.into(),
+            guest: guest.into(),
+            read_only,
+        });
         self
     }
 
@@ -143,7 +152,9 @@ impl SandboxSpec {
         }
         for (k, _) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(Error::InvalidSpec(format!("invalid environment variable name {k:?}")));
+                return Err(Error::InvalidSpec(format!(
+                    "invalid environment variable name {k:?}"
+                )));
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -151,10 +162,15 @@ impl SandboxSpec {
             let g = crate::paths::GuestPath::parse(&m.guest)
                 .map_err(|e| Error::InvalidSpec(format!("mount point {:?}: {e}", m.guest)))?;
             if g.is_root() {
-                return Err(Error::InvalidSpec("a mount cannot replace the sandbox root".into()));
+                return Err(Error::InvalidSpec(
+                    "a mount cannot replace the sandbox root".into(),
+                ));
             }
             if !seen.insert(g.as_str().to_owned()) {
-                return Err(Error::InvalidSpec(format!("mount point {:?} given twice", m.guest)));
+                return Err(Error::InvalidSpec(format!(
+                    "mount point {:?} given twice",
+                    m.guest
+                )));
             }
             if !m.host.is_dir() {
                 return Err(Error::InvalidSpec(format!(
@@ -179,10 +195,30 @@ mod tests {
     #[test]
     fn bad_values_are_refused() {
         assert!(SandboxSpec::python().memory_limit(10).validate().is_err());
-        assert!(SandboxSpec::python().call_timeout(Duration::ZERO).validate().is_err());
+        assert!(
+            SandboxSpec::python()
+                .call_timeout(Duration::ZERO)
+                .validate()
+                .is_err()
+        );
         assert!(SandboxSpec::python().env("A=B", "c").validate().is_err());
-        assert!(SandboxSpec::python().mount("/nonexistent-dir-x", "/data", false).validate().is_err());
-        assert!(SandboxSpec::python().mount("/tmp", "/", false).validate().is_err());
-        assert!(SandboxSpec::python().mount("/tmp", "/a/../..", false).validate().is_err());
+        assert!(
+            SandboxSpec::python()
+                .mount("/nonexistent-dir-x", "/data", false)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            SandboxSpec::python()
+                .mount("/tmp", "/", false)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            SandboxSpec::python()
+                .mount("/tmp", "/a/../..", false)
+                .validate()
+                .is_err()
+        );
     }
 }

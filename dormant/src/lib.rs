@@ -21,8 +21,9 @@
 //! ```
 
 pub use dormant_core::{
-    Command, DirEntry, Durability, Error, ExecOutput, Execution, ExecutionError, LocalStore, Manifest, Mount, Operation,
-    Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId, SnapshotInfo, State, Tier, Workload,
+    Command, DirEntry, Durability, Error, ExecOutput, Execution, ExecutionError, LocalStore,
+    Manifest, Mount, Operation, Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId,
+    SnapshotInfo, State, Tier, Workload,
 };
 pub use dormant_wasi::{RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

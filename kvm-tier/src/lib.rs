@@ -27,18 +27,30 @@ impl HostKvm {
 
 /// Detects what `/dev/kvm` is on this host.
 pub fn detect() -> HostKvm {
-    detect_at(Path::new("/dev/kvm"), Path::new("/sys/module"), Path::new("/proc/cpuinfo"))
+    detect_at(
+        Path::new("/dev/kvm"),
+        Path::new("/sys/module"),
+        Path::new("/proc/cpuinfo"),
+    )
 }
 
 fn detect_at(dev: &Path, modules: &Path, cpuinfo: &Path) -> HostKvm {
-    if std::fs::OpenOptions::new().read(true).write(true).open(dev).is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .is_err()
+    {
         return HostKvm::Unavailable;
     }
     if modules.join("kvm_pvm").exists() {
         return HostKvm::Pvm;
     }
     let flags = std::fs::read_to_string(cpuinfo).unwrap_or_default();
-    let hw = flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let hw = flags
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if hw { HostKvm::Hardware } else { HostKvm::Pvm }
 }
 
@@ -54,8 +66,14 @@ mod tests {
         std::fs::write(&dev, b"").unwrap();
         let cpu = tmp.join("cpuinfo");
         std::fs::write(&cpu, "flags\t: fpu vme vmx sse\n").unwrap();
-        assert_eq!(detect_at(&tmp.join("missing"), &tmp.join("modules"), &cpu), HostKvm::Unavailable);
-        assert_eq!(detect_at(&dev, &tmp.join("modules"), &cpu), HostKvm::Hardware);
+        assert_eq!(
+            detect_at(&tmp.join("missing"), &tmp.join("modules"), &cpu),
+            HostKvm::Unavailable
+        );
+        assert_eq!(
+            detect_at(&dev, &tmp.join("modules"), &cpu),
+            HostKvm::Hardware
+        );
         std::fs::create_dir_all(tmp.join("modules/kvm_pvm")).unwrap();
         assert_eq!(detect_at(&dev, &tmp.join("modules"), &cpu), HostKvm::Pvm);
         assert!(HostKvm::Pvm.is_slow());

@@ -37,7 +37,11 @@ pub struct Capture(Arc<Mutex<Buf>>);
 
 impl Capture {
     pub fn new(limit: usize) -> Capture {
-        Capture(Arc::new(Mutex::new(Buf { data: Vec::new(), limit, overflowed: false })))
+        Capture(Arc::new(Mutex::new(Buf {
+            data: Vec::new(),
+            limit,
+            overflowed: false,
+        })))
     }
 
     /// Takes what was written since the last take; the flag says whether some was dropped.
@@ -67,7 +71,11 @@ impl OutputStream for Capture {
 }
 
 impl tokio::io::AsyncWrite for Capture {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.0.lock().push(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -24,7 +24,12 @@ pub struct Limits {
 }
 
 impl wasmtime::ResourceLimiter for Limits {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired as u64 > self.max_memory {
             self.memory_hit = true;
             return Ok(false);
@@ -32,7 +37,12 @@ impl wasmtime::ResourceLimiter for Limits {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 10_000_000)
     }
 }
@@ -47,11 +57,15 @@ pub struct Clock {
 
 impl Clock {
     pub fn starting_at(base_ns: u64) -> Clock {
-        Clock { base_ns, start: Instant::now() }
+        Clock {
+            base_ns,
+            start: Instant::now(),
+        }
     }
 
     pub fn now_ns(&self) -> u64 {
-        self.base_ns.saturating_add(self.start.elapsed().as_nanos() as u64)
+        self.base_ns
+            .saturating_add(self.start.elapsed().as_nanos() as u64)
     }
 }
 
@@ -90,15 +104,25 @@ pub fn build_ctx(p: CtxParams<'_>) -> Result<WasiP1Ctx> {
     b.stdout(p.stdout).stderr(p.stderr);
     let preopen_err = |path: &Path| {
         let path = path.to_owned();
-        move |e: wasmtime::Error| Error::Runtime { op: "preopen directory", message: format!("{}: {e:#}", path.display()) }
+        move |e: wasmtime::Error| Error::Runtime {
+            op: "preopen directory",
+            message: format!("{}: {e:#}", path.display()),
+        }
     };
     if let Some(lib) = p.lib {
-        b.preopened_dir(lib, crate::python::GUEST_LIB, FsPerms::ReadOnly).map_err(preopen_err(lib))?;
+        b.preopened_dir(lib, crate::python::GUEST_LIB, FsPerms::ReadOnly)
+            .map_err(preopen_err(lib))?;
     }
-    b.preopened_dir(p.root, "/", FsPerms::ReadWrite).map_err(preopen_err(p.root))?;
+    b.preopened_dir(p.root, "/", FsPerms::ReadWrite)
+        .map_err(preopen_err(p.root))?;
     for m in p.mounts {
-        let perms = if m.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
-        b.preopened_dir(&m.host, &m.guest, perms).map_err(preopen_err(&m.host))?;
+        let perms = if m.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        b.preopened_dir(&m.host, &m.guest, perms)
+            .map_err(preopen_err(&m.host))?;
     }
     b.monotonic_clock(p.clock);
     Ok(b.build_p1())

@@ -20,14 +20,21 @@ pub(crate) enum LayerMap<'a> {
 }
 
 /// Maps `layers` in order over `memory`. Returns the number of mappings made.
-pub(crate) fn map_layers(store: &mut Store<Host>, memory: &Memory, layers: &[LayerMap<'_>]) -> std::io::Result<usize> {
+pub(crate) fn map_layers(
+    store: &mut Store<Host>,
+    memory: &Memory,
+    layers: &[LayerMap<'_>],
+) -> std::io::Result<usize> {
     let size = memory.data_size(&*store);
     let base = memory.data_ptr(&*store);
     let mut n = 0;
     for l in layers {
         match *l {
             LayerMap::Full { file, len } => {
-                assert!(len <= size && len % memimage::PAGE == 0, "layer larger than memory");
+                assert!(
+                    len <= size && len % memimage::PAGE == 0,
+                    "layer larger than memory"
+                );
                 // SAFETY: `base..base+len` lies inside the instance's accessible linear memory
                 // (len <= data_size), which is page-aligned, owned by this store, never moved,
                 // and not in use: no wasm frame is active while the sandbox is mutably borrowed.
@@ -36,7 +43,9 @@ pub(crate) fn map_layers(store: &mut Store<Host>, memory: &Memory, layers: &[Lay
             }
             LayerMap::Delta { file, pages } => {
                 assert!(
-                    pages.last().is_none_or(|&p| (p as usize + 1) * memimage::PAGE <= size),
+                    pages
+                        .last()
+                        .is_none_or(|&p| (p as usize + 1) * memimage::PAGE <= size),
                     "delta page beyond memory"
                 );
                 // SAFETY: as above; every page index was checked to lie inside the memory.

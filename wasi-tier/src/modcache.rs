@@ -23,7 +23,11 @@ struct Blake3Hasher(blake3::Hasher);
 
 impl Hasher for Blake3Hasher {
     fn finish(&self) -> u64 {
-        u64::from_le_bytes(self.0.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+        u64::from_le_bytes(
+            self.0.finalize().as_bytes()[..8]
+                .try_into()
+                .expect("8 bytes"),
+        )
     }
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
@@ -57,7 +61,9 @@ impl ModuleCache {
         if let Some(p) = std::env::var_os(Self::ENV).filter(|p| !p.is_empty()) {
             return PathBuf::from(p);
         }
-        dirs::cache_dir().unwrap_or_else(|| std::env::temp_dir().join("dormant-cache")).join("dormant")
+        dirs::cache_dir()
+            .unwrap_or_else(|| std::env::temp_dir().join("dormant-cache"))
+            .join("dormant")
     }
 
     pub fn open(dir: impl Into<PathBuf>) -> Result<ModuleCache> {
@@ -76,8 +82,18 @@ impl ModuleCache {
     /// The blake3 hex digest of a file's content, memoised by the file's identity.
     pub fn file_hash(&self, path: &Path) -> Result<String> {
         let md = fs::metadata(path).map_err(io_err("stat", path))?;
-        let ident = format!("{} {} {} {} {}", md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec());
-        let memo = self.dir.join("hashes").join(&blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex()[..32]);
+        let ident = format!(
+            "{} {} {} {} {}",
+            md.dev(),
+            md.ino(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec()
+        );
+        let memo = self
+            .dir
+            .join("hashes")
+            .join(&blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex()[..32]);
         if let Ok(s) = fs::read_to_string(&memo)
             && let Some((id, hash)) = s.rsplit_once(' ')
             && id == ident
@@ -93,18 +109,34 @@ impl ModuleCache {
     }
 
     fn cwasm_path(&self, module_hash: &str, engine: &Engine, kind: &str) -> PathBuf {
-        self.dir.join("modules").join(format!("{}-{kind}-{}.cwasm", &module_hash[..32], engine_fingerprint(engine)))
+        self.dir.join("modules").join(format!(
+            "{}-{kind}-{}.cwasm",
+            &module_hash[..32],
+            engine_fingerprint(engine)
+        ))
     }
 
     /// Loads the compiled form of a module, compiling (and caching) it first when needed.
     /// `instrument` exports every mutable global so that checkpoints can reach them.
-    pub fn load(&self, engine: &Engine, module_hash: &str, wasm: &dyn Fn() -> Result<Vec<u8>>, instrument: bool) -> Result<Module> {
-        let kind = if instrument { INSTRUMENT_VERSION } else { "plain" };
+    pub fn load(
+        &self,
+        engine: &Engine,
+        module_hash: &str,
+        wasm: &dyn Fn() -> Result<Vec<u8>>,
+        instrument: bool,
+    ) -> Result<Module> {
+        let kind = if instrument {
+            INSTRUMENT_VERSION
+        } else {
+            "plain"
+        };
         let path = self.cwasm_path(module_hash, engine, kind);
         if path.is_file() {
             match deserialize(engine, &path) {
                 Ok(m) => return Ok(m),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "discarding unusable compiled module"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "discarding unusable compiled module")
+                }
             }
         }
         let lock_path = path.with_extension("lock");
@@ -122,13 +154,22 @@ impl ModuleCache {
             let t = std::time::Instant::now();
             let (_cx, out) = wasmtime_wizer::Wizer::new()
                 .instrument(&bytes)
-                .map_err(|e| Error::Runtime { op: "instrument module", message: format!("{e:#}") })?;
+                .map_err(|e| Error::Runtime {
+                    op: "instrument module",
+                    message: format!("{e:#}"),
+                })?;
             tracing::debug!(ms = t.elapsed().as_millis() as u64, "instrumented module");
             bytes = out;
         }
         tracing::info!(module = %&module_hash[..16], "compiling module (once; cached afterwards)");
-        let module = Module::new(engine, &bytes).map_err(|e| Error::Runtime { op: "compile module", message: format!("{e:#}") })?;
-        let ser = module.serialize().map_err(|e| Error::Runtime { op: "serialize module", message: format!("{e:#}") })?;
+        let module = Module::new(engine, &bytes).map_err(|e| Error::Runtime {
+            op: "compile module",
+            message: format!("{e:#}"),
+        })?;
+        let ser = module.serialize().map_err(|e| Error::Runtime {
+            op: "serialize module",
+            message: format!("{e:#}"),
+        })?;
         write_atomic(&path, &ser)?;
         drop(module);
         deserialize(engine, &path)
@@ -139,13 +180,19 @@ fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
     // SAFETY: the file is a wasmtime artifact this cache wrote (atomically, via rename) for an
     // engine with the same compatibility fingerprint; wasmtime also checks its header and
     // refuses an incompatible one. Nothing else writes into the cache directory.
-    unsafe { Module::deserialize_file(engine, path) }
-        .map_err(|e| Error::Runtime { op: "load compiled module", message: format!("{}: {e:#}", path.display()) })
+    unsafe { Module::deserialize_file(engine, path) }.map_err(|e| Error::Runtime {
+        op: "load compiled module",
+        message: format!("{}: {e:#}", path.display()),
+    })
 }
 
 /// Writes `data` to `path` atomically (temp file in the same directory, then rename).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}-{:x}", std::process::id(), rand::random::<u32>()));
+    let tmp = path.with_extension(format!(
+        "tmp{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let r = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;

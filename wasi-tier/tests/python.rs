@@ -13,7 +13,9 @@ use dormant_core::{Error, Sandbox, SandboxSpec, SnapshotId, State};
 use dormant_wasi::WasiSandbox;
 
 fn python(env: &Env) -> WasiSandbox {
-    runtime().create(env.store.clone(), SandboxSpec::python()).expect("create a Python sandbox")
+    runtime()
+        .create(env.store.clone(), SandboxSpec::python())
+        .expect("create a Python sandbox")
 }
 
 fn out(sb: &mut WasiSandbox, code: &str) -> String {
@@ -28,7 +30,8 @@ df = pd.DataFrame({'k': rng.integers(0, 100, 200_000), 'v': rng.random(200_000)}
 df['w'] = df.v * 2\n\
 answer = 42\n";
 
-const CHECK_FRAME: &str = "print(len(df), round(float(df.w.sum() / df.v.sum()), 6), answer, 'pd' in dir(), pd.__name__)";
+const CHECK_FRAME: &str =
+    "print(len(df), round(float(df.w.sum() / df.v.sum()), 6), answer, 'pd' in dir(), pd.__name__)";
 
 #[test]
 fn state_survives_checkpoint_and_resume_in_process() {
@@ -46,7 +49,11 @@ fn state_survives_checkpoint_and_resume_in_process() {
     let id2 = sb.standby().unwrap();
     let mut r = runtime().resume(env.store.clone(), &id2).unwrap();
     assert_eq!(out(&mut r, CHECK_FRAME), before);
-    assert_eq!(out(&mut r, "int(df.k.max())"), "99\n", "a final expression is shown");
+    assert_eq!(
+        out(&mut r, "int(df.k.max())"),
+        "99\n",
+        "a final expression is shown"
+    );
 }
 
 const CHILD_ENV: &str = "DORMANT_TEST_PYTHON_CHILD";
@@ -55,11 +62,15 @@ const CHILD_ENV: &str = "DORMANT_TEST_PYTHON_CHILD";
 /// the environment and prints what it finds. Does nothing unless the parent test started it.
 #[test]
 fn helper_resume_child() {
-    let Some(arg) = std::env::var_os(CHILD_ENV) else { return };
+    let Some(arg) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
     let arg = arg.into_string().unwrap();
     let (store_dir, id) = arg.split_once('|').unwrap();
     let store = std::sync::Arc::new(dormant_core::LocalStore::open(store_dir).unwrap());
-    let mut sb = runtime().resume(store, &SnapshotId::parse(id).unwrap()).unwrap();
+    let mut sb = runtime()
+        .resume(store, &SnapshotId::parse(id).unwrap())
+        .unwrap();
     print!("CHILD {}", out(&mut sb, CHECK_FRAME));
     let more = out(&mut sb, "answer += 1\nprint(answer)");
     print!("CHILD {more}");
@@ -76,17 +87,34 @@ fn state_survives_resume_in_a_new_process() {
     drop(sb);
     let exe = std::env::current_exe().unwrap();
     let o = std::process::Command::new(&exe)
-        .args(["--exact", "helper_resume_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "helper_resume_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, format!("{}|{}", env.store.root().display(), id))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.contains("CHILD 200000 2.0 42 True pandas\n"), "{stdout}");
+    assert!(
+        o.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout.contains("CHILD 200000 2.0 42 True pandas\n"),
+        "{stdout}"
+    );
     assert!(stdout.contains("CHILD 43\n"), "{stdout}");
     // And back in this process, from the child's snapshot.
-    let next = stdout.lines().find_map(|l| l.strip_prefix("CHILD-SNAPSHOT ")).unwrap();
-    let mut r = runtime().resume(env.store.clone(), &SnapshotId::parse(next.trim()).unwrap()).unwrap();
+    let next = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CHILD-SNAPSHOT "))
+        .unwrap();
+    let mut r = runtime()
+        .resume(env.store.clone(), &SnapshotId::parse(next.trim()).unwrap())
+        .unwrap();
     assert_eq!(out(&mut r, "print(answer, len(df))"), "43 200000\n");
 }
 
@@ -101,14 +129,19 @@ fn exceptions_come_back_as_structured_errors() {
     assert_eq!(e.value, "division by zero");
     assert!(e.traceback.contains("ZeroDivisionError"), "{}", e.traceback);
     assert!(e.traceback.contains("<cell>"), "{}", e.traceback);
-    assert!(ex.stderr.contains("Traceback"), "the traceback is on stderr too");
+    assert!(
+        ex.stderr.contains("Traceback"),
+        "the traceback is on stderr too"
+    );
     let ex = sb.run_code("def f(:\n  pass").unwrap();
     assert_eq!(ex.error.unwrap().name, "SyntaxError");
     let ex = sb.run_code("raise SystemExit(3)").unwrap();
     assert_eq!(ex.error.unwrap().name, "SystemExit");
     // The session goes on.
     assert_eq!(out(&mut sb, "print('still here')"), "still here\n");
-    let ex = sb.run_code("import sys; sys.stderr.write('warn\\n'); None").unwrap();
+    let ex = sb
+        .run_code("import sys; sys.stderr.write('warn\\n'); None")
+        .unwrap();
     assert_eq!(ex.stderr, "warn\n");
     assert!(ex.error.is_none());
 }
@@ -117,7 +150,10 @@ fn exceptions_come_back_as_structured_errors() {
 fn a_python_infinite_loop_hits_the_deadline() {
     let env = Env::new();
     let mut sb = runtime()
-        .create(env.store.clone(), SandboxSpec::python().call_timeout(Duration::from_secs(1)))
+        .create(
+            env.store.clone(),
+            SandboxSpec::python().call_timeout(Duration::from_secs(1)),
+        )
         .unwrap();
     let mut other = python(&env);
     out(&mut sb, "x = 'kept'");
@@ -127,7 +163,11 @@ fn a_python_infinite_loop_hits_the_deadline() {
         other => panic!("expected a deadline, got {other:?}"),
     }
     assert_eq!(sb.state(), State::Poisoned);
-    assert_eq!(out(&mut other, "print(1 + 1)"), "2\n", "other sandboxes are unaffected");
+    assert_eq!(
+        out(&mut other, "print(1 + 1)"),
+        "2\n",
+        "other sandboxes are unaffected"
+    );
     sb.resume(&good).unwrap();
     assert_eq!(out(&mut sb, "print(x)"), "kept\n");
 }
@@ -136,14 +176,21 @@ fn a_python_infinite_loop_hits_the_deadline() {
 fn a_python_memory_hog_hits_the_cap_and_the_session_survives() {
     let env = Env::new();
     let mut sb = runtime()
-        .create(env.store.clone(), SandboxSpec::python().memory_limit(256 << 20))
+        .create(
+            env.store.clone(),
+            SandboxSpec::python().memory_limit(256 << 20),
+        )
         .unwrap();
     let r = sb.run_code("hog = []\nwhile True:\n    hog.append(bytearray(8 << 20))");
     match r {
         Ok(ex) => {
             let e = ex.error.expect("allocation fails");
             assert_eq!(e.name, "MemoryError");
-            assert!(e.value.contains("memory limit of 268435456 bytes"), "{}", e.value);
+            assert!(
+                e.value.contains("memory limit of 268435456 bytes"),
+                "{}",
+                e.value
+            );
             // The interpreter recovered: free the hog and go on.
             assert_eq!(out(&mut sb, "hog = None\nprint('ok')"), "ok\n");
         }
@@ -158,17 +205,27 @@ fn a_python_memory_hog_hits_the_cap_and_the_session_survives() {
 fn randomness_is_reseeded_and_the_clock_continues_after_resume() {
     let env = Env::new();
     let mut sb = python(&env);
-    out(&mut sb, "import random, time, numpy as np\nt0 = time.monotonic()");
+    out(
+        &mut sb,
+        "import random, time, numpy as np\nt0 = time.monotonic()",
+    );
     let id = sb.checkpoint().unwrap();
     let draw = "print(random.random(), float(np.random.random()))";
     let mut a = runtime().resume(env.store.clone(), &id).unwrap();
     let mut b = runtime().resume(env.store.clone(), &id).unwrap();
     let da = out(&mut a, draw);
     let db = out(&mut b, draw);
-    assert_ne!(da, db, "two resumes of one snapshot draw different random numbers");
+    assert_ne!(
+        da, db,
+        "two resumes of one snapshot draw different random numbers"
+    );
     std::thread::sleep(Duration::from_millis(50));
     let mut c = runtime().resume(env.store.clone(), &id).unwrap();
-    assert_eq!(out(&mut c, "print(time.monotonic() >= t0)"), "True\n", "the monotonic clock does not restart");
+    assert_eq!(
+        out(&mut c, "print(time.monotonic() >= t0)"),
+        "True\n",
+        "the monotonic clock does not restart"
+    );
 }
 
 #[test]
@@ -199,20 +256,29 @@ fn the_guest_cannot_reach_host_files() {
         .unwrap()
         .path();
     std::os::unix::fs::symlink(&secret, live.join("root/link")).unwrap();
-    let o = out(&mut sb, "try:\n    print(open('/link').read())\nexcept OSError as e:\n    print('refused', type(e).__name__)");
+    let o = out(
+        &mut sb,
+        "try:\n    print(open('/link').read())\nexcept OSError as e:\n    print('refused', type(e).__name__)",
+    );
     assert!(o.starts_with("refused"), "{o}");
     // Files written by the guest are visible through the files API and vice versa.
     out(&mut sb, "open('/tmp/g.txt', 'w').write('from guest')");
     assert_eq!(sb.read_file("/tmp/g.txt").unwrap(), b"from guest");
     sb.write_file("/data/h.txt", b"from host").unwrap();
-    assert_eq!(out(&mut sb, "print(open('/data/h.txt').read())"), "from host\n");
+    assert_eq!(
+        out(&mut sb, "print(open('/data/h.txt').read())"),
+        "from host\n"
+    );
 }
 
 #[test]
 fn incremental_checkpoint_after_a_small_call_is_small() {
     let env = Env::new();
     let mut sb = python(&env);
-    out(&mut sb, "import pandas as pd\ndf = pd.DataFrame({'a': range(100_000)})");
+    out(
+        &mut sb,
+        "import pandas as pd\ndf = pd.DataFrame({'a': range(100_000)})",
+    );
     let full = sb.checkpoint().unwrap();
     out(&mut sb, "x = 1");
     let small = sb.checkpoint().unwrap();

@@ -19,7 +19,9 @@ fn i64_of(v: &[Val]) -> i64 {
 }
 
 fn toy(env: &Env) -> WasiSandbox {
-    runtime().create(env.store.clone(), env.toy_spec()).expect("create toy sandbox")
+    runtime()
+        .create(env.store.clone(), env.toy_spec())
+        .expect("create toy sandbox")
 }
 
 #[test]
@@ -33,7 +35,11 @@ fn memory_and_globals_survive_checkpoint_and_resume() {
     sb.call("poke", &[Val::I32(5), Val::I32(1234)]).unwrap();
     sb.write_file("/notes/a.txt", b"file state").unwrap();
     let id = sb.checkpoint().unwrap();
-    assert_eq!(sb.state(), State::Running, "checkpoint keeps the sandbox running");
+    assert_eq!(
+        sb.state(),
+        State::Running,
+        "checkpoint keeps the sandbox running"
+    );
 
     // The original keeps going and diverges.
     sb.call("poke", &[Val::I32(5), Val::I32(1)]).unwrap();
@@ -61,17 +67,29 @@ fn standby_releases_and_resume_restores_on_the_same_handle() {
     let id = sb.standby().unwrap();
     assert_eq!(sb.state(), State::Standby);
     match sb.call("peek", &[Val::I32(1)]) {
-        Err(Error::IllegalTransition { op: Operation::RunCode, state: State::Standby }) => {}
+        Err(Error::IllegalTransition {
+            op: Operation::RunCode,
+            state: State::Standby,
+        }) => {}
         other => panic!("expected an illegal transition, got {other:?}"),
     }
-    assert!(matches!(sb.checkpoint(), Err(Error::IllegalTransition { .. })));
-    assert!(matches!(sb.read_file("x"), Err(Error::IllegalTransition { .. })));
+    assert!(matches!(
+        sb.checkpoint(),
+        Err(Error::IllegalTransition { .. })
+    ));
+    assert!(matches!(
+        sb.read_file("x"),
+        Err(Error::IllegalTransition { .. })
+    ));
     sb.resume(&id).unwrap();
     assert_eq!(sb.state(), State::Running);
     assert_eq!(i32_of(&sb.call("peek", &[Val::I32(1)]).unwrap()), 42);
     sb.kill().unwrap();
     assert_eq!(sb.state(), State::Killed);
-    assert!(matches!(sb.resume(&id), Err(Error::IllegalTransition { .. })));
+    assert!(matches!(
+        sb.resume(&id),
+        Err(Error::IllegalTransition { .. })
+    ));
 }
 
 #[test]
@@ -90,11 +108,24 @@ fn incremental_checkpoints_store_only_written_pages() {
     let bytes = |id: &SnapshotId| list.iter().find(|s| &s.id == id).unwrap().stored_bytes;
     let m_full = env.store.manifest(&full).unwrap();
     let m_delta = env.store.manifest(&delta).unwrap();
-    assert_eq!(m_full.memory.file.stored, 64 << 20, "full image stores every non-zero page");
-    assert_eq!(m_delta.memory.file.stored, 3 * 4096, "the delta stores exactly the three written pages");
+    assert_eq!(
+        m_full.memory.file.stored,
+        64 << 20,
+        "full image stores every non-zero page"
+    );
+    assert_eq!(
+        m_delta.memory.file.stored,
+        3 * 4096,
+        "the delta stores exactly the three written pages"
+    );
     assert_eq!(m_delta.delta_pages, vec![10, 11, 900]);
     assert_eq!(m_delta.parent.as_ref(), Some(&full));
-    assert!(bytes(&delta) * 100 < bytes(&full), "delta {} vs full {}", bytes(&delta), bytes(&full));
+    assert!(
+        bytes(&delta) * 100 < bytes(&full),
+        "delta {} vs full {}",
+        bytes(&delta),
+        bytes(&full)
+    );
 
     // A chain of deltas resumes to the latest state.
     sb.call("poke", &[Val::I32(10), Val::I32(21)]).unwrap();
@@ -108,7 +139,10 @@ fn incremental_checkpoints_store_only_written_pages() {
     let mut r = runtime().resume(env.store.clone(), &full).unwrap();
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(10)]).unwrap()), 3);
     // A parent with layers on it cannot be deleted.
-    assert!(matches!(env.store.delete(&full), Err(Error::SnapshotInUse { .. })));
+    assert!(matches!(
+        env.store.delete(&full),
+        Err(Error::SnapshotInUse { .. })
+    ));
 }
 
 #[test]
@@ -146,54 +180,114 @@ fn damaged_snapshots_are_refused_with_their_id_and_others_still_load() {
     }
 
     // Flipped byte in the manifest.
-    let e = corrupt_and_expect(&env, &others[0], |d| flip_byte(&d.join("manifest.dsnp"), 40));
-    assert!(matches!(&e, Error::Snapshot { id, source: SnapshotError::Checksum { .. } } if *id == others[0]), "{e:?}");
-    assert!(e.to_string().contains(others[0].as_str()), "the message names the snapshot: {e}");
+    let e = corrupt_and_expect(&env, &others[0], |d| {
+        flip_byte(&d.join("manifest.dsnp"), 40)
+    });
+    assert!(
+        matches!(&e, Error::Snapshot { id, source: SnapshotError::Checksum { .. } } if *id == others[0]),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains(others[0].as_str()),
+        "the message names the snapshot: {e}"
+    );
 
     // Truncated manifest.
     let e = corrupt_and_expect(&env, &others[1], |d| {
         let p = d.join("manifest.dsnp");
         let len = std::fs::metadata(&p).unwrap().len();
-        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len / 2).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
     });
-    assert!(matches!(&e, Error::Snapshot { id, source: SnapshotError::Truncated { .. } } if *id == others[1]), "{e:?}");
+    assert!(
+        matches!(&e, Error::Snapshot { id, source: SnapshotError::Truncated { .. } } if *id == others[1]),
+        "{e:?}"
+    );
 
     // Wrong format version.
     let e = corrupt_and_expect(&env, &others[2], |d| {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(d.join("manifest.dsnp")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("manifest.dsnp"))
+            .unwrap();
         f.write_all_at(&[9, 0], 8).unwrap();
     });
-    assert!(matches!(&e, Error::Snapshot { source: SnapshotError::UnsupportedVersion { found: 9, .. }, .. }), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            Error::Snapshot {
+                source: SnapshotError::UnsupportedVersion { found: 9, .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 
     // Flipped byte in the memory image (a non-zero page).
     let e = corrupt_and_expect(&env, &others[3], |d| flip_byte(&d.join("memory.img"), 4096));
-    assert!(matches!(&e, Error::Snapshot { id, source: SnapshotError::Checksum { .. } } if *id == others[3]), "{e:?}");
+    assert!(
+        matches!(&e, Error::Snapshot { id, source: SnapshotError::Checksum { .. } } if *id == others[3]),
+        "{e:?}"
+    );
 
     // Truncated memory image.
     let mut s = toy(&env);
     let trunc = s.checkpoint().unwrap();
     let e = corrupt_and_expect(&env, &trunc, |d| {
-        std::fs::OpenOptions::new().write(true).open(d.join("memory.img")).unwrap().set_len(100).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("memory.img"))
+            .unwrap()
+            .set_len(100)
+            .unwrap();
     });
-    assert!(matches!(&e, Error::Snapshot { source: SnapshotError::Truncated { .. }, .. }), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            Error::Snapshot {
+                source: SnapshotError::Truncated { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 
     // The store stays usable: the good snapshot loads, listing works, new checkpoints work.
     let mut r = runtime().resume(env.store.clone(), &good).unwrap();
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(1)]).unwrap()), 5);
-    let listed: Vec<_> = env.store.list().unwrap().into_iter().map(|s| s.id).collect();
+    let listed: Vec<_> = env
+        .store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
     assert!(listed.contains(&good));
-    assert!(!listed.contains(&others[0]), "an unreadable snapshot is not listed");
+    assert!(
+        !listed.contains(&others[0]),
+        "an unreadable snapshot is not listed"
+    );
     r.checkpoint().unwrap();
     env.store.delete(&others[0]).unwrap();
-    assert!(matches!(runtime().resume(env.store.clone(), &others[0]), Err(Error::SnapshotNotFound(_))));
+    assert!(matches!(
+        runtime().resume(env.store.clone(), &others[0]),
+        Err(Error::SnapshotNotFound(_))
+    ));
 }
 
 #[test]
 fn an_infinite_loop_hits_the_deadline_and_the_host_survives() {
     let env = Env::new();
     let mut sb = runtime()
-        .create(env.store.clone(), env.toy_spec().call_timeout(Duration::from_millis(200)))
+        .create(
+            env.store.clone(),
+            env.toy_spec().call_timeout(Duration::from_millis(200)),
+        )
         .unwrap();
     let mut bystander = toy(&env);
     sb.call("poke", &[Val::I32(2), Val::I32(8)]).unwrap();
@@ -209,7 +303,10 @@ fn an_infinite_loop_hits_the_deadline_and_the_host_survives() {
     }
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(sb.state(), State::Poisoned);
-    assert!(matches!(sb.call("peek", &[Val::I32(2)]), Err(Error::Poisoned { .. })));
+    assert!(matches!(
+        sb.call("peek", &[Val::I32(2)]),
+        Err(Error::Poisoned { .. })
+    ));
     // Another sandbox in the same process is unaffected.
     assert_eq!(i64_of(&bystander.call("bump", &[]).unwrap()), 1);
     // The poisoned one comes back from its last good snapshot.
@@ -220,14 +317,18 @@ fn an_infinite_loop_hits_the_deadline_and_the_host_survives() {
 #[test]
 fn unbounded_allocation_hits_the_memory_cap() {
     let env = Env::new();
-    let mut sb = runtime().create(env.store.clone(), env.toy_spec().memory_limit(8 << 20)).unwrap();
+    let mut sb = runtime()
+        .create(env.store.clone(), env.toy_spec().memory_limit(8 << 20))
+        .unwrap();
     match sb.call("hog", &[]) {
         Err(Error::MemoryLimit { limit, .. }) => assert_eq!(limit, 8 << 20),
         other => panic!("expected the memory limit, got {other:?}"),
     }
     assert_eq!(sb.state(), State::Poisoned);
     // memory.grow past the cap fails inside the guest without trapping.
-    let mut sb = runtime().create(env.store.clone(), env.toy_spec().memory_limit(8 << 20)).unwrap();
+    let mut sb = runtime()
+        .create(env.store.clone(), env.toy_spec().memory_limit(8 << 20))
+        .unwrap();
     assert_eq!(i32_of(&sb.call("grow", &[Val::I32(1000)]).unwrap()), -1);
     assert_eq!(i32_of(&sb.call("grow", &[Val::I32(10)]).unwrap()), 2);
 }
@@ -236,27 +337,46 @@ fn unbounded_allocation_hits_the_memory_cap() {
 fn exec_runs_a_wasi_command_against_the_sandbox_files() {
     let env = Env::new();
     let mut sb = toy(&env);
-    sb.write_file("/bin/copy.wasm", &wat::parse_str(CMD).unwrap()).unwrap();
-    let out = sb.exec(&Command::new(["/bin/copy.wasm", "a", "b"]).stdin(b"hello from stdin".to_vec())).unwrap();
+    sb.write_file("/bin/copy.wasm", &wat::parse_str(CMD).unwrap())
+        .unwrap();
+    let out = sb
+        .exec(&Command::new(["/bin/copy.wasm", "a", "b"]).stdin(b"hello from stdin".to_vec()))
+        .unwrap();
     assert_eq!(out.stdout, b"hello from stdin");
     assert_eq!(out.stderr, b"to stderr\n");
     assert_eq!(out.exit_code, 3, "exit status is argc");
-    assert_eq!(sb.read_file("/out.txt").unwrap(), b"hello from stdin", "the command wrote into the sandbox");
+    assert_eq!(
+        sb.read_file("/out.txt").unwrap(),
+        b"hello from stdin",
+        "the command wrote into the sandbox"
+    );
     // The command's file effects are part of the next snapshot.
     let id = sb.checkpoint().unwrap();
     let mut r = runtime().resume(env.store.clone(), &id).unwrap();
     assert_eq!(r.read_file("out.txt").unwrap(), b"hello from stdin");
-    assert!(matches!(r.exec(&Command::new(["/missing.wasm"])), Err(Error::File { .. })));
-    assert!(matches!(r.exec(&Command::default()), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        r.exec(&Command::new(["/missing.wasm"])),
+        Err(Error::File { .. })
+    ));
+    assert!(matches!(
+        r.exec(&Command::default()),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[test]
 fn output_beyond_the_cap_is_an_error() {
     let env = Env::new();
-    let mut sb = runtime().create(env.store.clone(), env.toy_spec().output_limit(8)).unwrap();
-    sb.write_file("/copy.wasm", &wat::parse_str(CMD).unwrap()).unwrap();
+    let mut sb = runtime()
+        .create(env.store.clone(), env.toy_spec().output_limit(8))
+        .unwrap();
+    sb.write_file("/copy.wasm", &wat::parse_str(CMD).unwrap())
+        .unwrap();
     match sb.exec(&Command::new(["/copy.wasm"]).stdin(b"0123456789".to_vec())) {
-        Err(Error::OutputLimit { stream: "stdout", limit: 8 }) => {}
+        Err(Error::OutputLimit {
+            stream: "stdout",
+            limit: 8,
+        }) => {}
         other => panic!("expected an output limit error, got {other:?}"),
     }
     // The sandbox is still usable.
@@ -268,7 +388,10 @@ fn files_api_refuses_escapes() {
     let env = Env::new();
     let mut sb = toy(&env);
     std::fs::write(env.path("host-secret"), b"secret").unwrap();
-    assert!(matches!(sb.read_file("../../../../host-secret"), Err(Error::PathEscape { .. })));
+    assert!(matches!(
+        sb.read_file("../../../../host-secret"),
+        Err(Error::PathEscape { .. })
+    ));
     // An absolute host path names a file inside the sandbox, not the host's.
     let host = env.path("host-secret");
     assert!(!sb.exists(host.to_str().unwrap()).unwrap());
@@ -276,23 +399,49 @@ fn files_api_refuses_escapes() {
     // A symlink planted inside the sandbox root (e.g. restored from an archive) is not followed out.
     sb.write_file("/x", b"").unwrap();
     let root = env.store.root().join("live");
-    let live = std::fs::read_dir(&root).unwrap().flatten().find(|e| e.path().join("root/x").exists()).unwrap().path();
+    let live = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().join("root/x").exists())
+        .unwrap()
+        .path();
     std::os::unix::fs::symlink(&host, live.join("root/link")).unwrap();
-    assert!(matches!(sb.read_file("/link"), Err(Error::PathEscape { .. })));
-    assert_eq!(sb.list_dir("/").unwrap().iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["link", "tmp", "x"]);
+    assert!(matches!(
+        sb.read_file("/link"),
+        Err(Error::PathEscape { .. })
+    ));
+    assert_eq!(
+        sb.list_dir("/")
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>(),
+        ["link", "tmp", "x"]
+    );
 }
 
 #[test]
 fn invalid_specs_and_ids_are_refused() {
     let env = Env::new();
-    assert!(matches!(runtime().create(env.store.clone(), env.toy_spec().memory_limit(1)), Err(Error::InvalidSpec(_))));
+    assert!(matches!(
+        runtime().create(env.store.clone(), env.toy_spec().memory_limit(1)),
+        Err(Error::InvalidSpec(_))
+    ));
     let missing = dormant_core::SnapshotId::generate();
-    assert!(matches!(runtime().resume(env.store.clone(), &missing), Err(Error::SnapshotNotFound(_))));
+    assert!(matches!(
+        runtime().resume(env.store.clone(), &missing),
+        Err(Error::SnapshotNotFound(_))
+    ));
     let bogus = dormant_core::SandboxSpec::new(
         dormant_core::Tier::Wasi,
-        dormant_core::Workload::Module { path: env.path("nope.wasm") },
+        dormant_core::Workload::Module {
+            path: env.path("nope.wasm"),
+        },
     );
-    assert!(matches!(runtime().create(env.store.clone(), bogus), Err(Error::InvalidSpec(_))));
+    assert!(matches!(
+        runtime().create(env.store.clone(), bogus),
+        Err(Error::InvalidSpec(_))
+    ));
 }
 
 const CHILD_ENV: &str = "DORMANT_TEST_CHECKPOINT_CHILD";
@@ -302,17 +451,23 @@ const CHILD_ENV: &str = "DORMANT_TEST_CHECKPOINT_CHILD";
 /// parent test started it.
 #[test]
 fn helper_checkpoint_loop_child() {
-    let Some(store_dir) = std::env::var_os(CHILD_ENV) else { return };
+    let Some(store_dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
     let store = std::sync::Arc::new(dormant_core::LocalStore::open(store_dir).unwrap());
     let tmp = tempfile::tempdir().unwrap();
     let toy = tmp.path().join("toy.wasm");
     std::fs::write(&toy, wat::parse_str(common::TOY).unwrap()).unwrap();
-    let spec = dormant_core::SandboxSpec::new(dormant_core::Tier::Wasi, dormant_core::Workload::Module { path: toy });
+    let spec = dormant_core::SandboxSpec::new(
+        dormant_core::Tier::Wasi,
+        dormant_core::Workload::Module { path: toy },
+    );
     let mut sb = runtime().create(store, spec).unwrap();
     sb.call("grow", &[Val::I32(1022)]).unwrap();
     for v in 1.. {
         sb.call("fill", &[Val::I32(v)]).unwrap();
-        sb.write_file("/state.txt", v.to_string().as_bytes()).unwrap();
+        sb.write_file("/state.txt", v.to_string().as_bytes())
+            .unwrap();
         let id = sb.checkpoint().unwrap();
         println!("COMMITTED {id}");
     }
@@ -330,7 +485,12 @@ fn sigkill_during_checkpoint_leaves_only_complete_snapshots() {
             break;
         }
         let mut child = std::process::Command::new(&exe)
-            .args(["--exact", "helper_checkpoint_loop_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "helper_checkpoint_loop_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, env.store.root())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -353,7 +513,9 @@ fn sigkill_during_checkpoint_leaves_only_complete_snapshots() {
             }
         }
 
-        let partial = std::fs::read_dir(env.store.root().join("tmp")).unwrap().count();
+        let partial = std::fs::read_dir(env.store.root().join("tmp"))
+            .unwrap()
+            .count();
         interrupted += partial;
         // Reopen the store as a new process would: everything listed is complete and loads.
         let store = std::sync::Arc::new(dormant_core::LocalStore::open(env.store.root()).unwrap());
@@ -363,13 +525,30 @@ fn sigkill_during_checkpoint_leaves_only_complete_snapshots() {
             assert!(ids.contains(id), "committed snapshot {id} lost");
         }
         for s in &listed {
-            let mut r = runtime().resume(store.clone(), &s.id).unwrap_or_else(|e| panic!("listed snapshot {} does not load: {e}", s.id));
-            assert_eq!(i32_of(&r.call("consistent", &[]).unwrap()), 1, "snapshot {} is internally consistent", s.id);
+            let mut r = runtime()
+                .resume(store.clone(), &s.id)
+                .unwrap_or_else(|e| panic!("listed snapshot {} does not load: {e}", s.id));
+            assert_eq!(
+                i32_of(&r.call("consistent", &[]).unwrap()),
+                1,
+                "snapshot {} is internally consistent",
+                s.id
+            );
             let marker = i32_of(&r.call("marker", &[]).unwrap());
-            assert_eq!(r.read_file("/state.txt").unwrap(), marker.to_string().as_bytes());
+            assert_eq!(
+                r.read_file("/state.txt").unwrap(),
+                marker.to_string().as_bytes()
+            );
         }
-        assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0, "partial snapshots were reaped");
+        assert_eq!(
+            std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
+            0,
+            "partial snapshots were reaped"
+        );
     }
     eprintln!("{interrupted} kills interrupted a checkpoint in progress");
-    assert!(interrupted > 0, "no kill landed inside a checkpoint; the test did not test anything");
+    assert!(
+        interrupted > 0,
+        "no kill landed inside a checkpoint; the test did not test anything"
+    );
 }

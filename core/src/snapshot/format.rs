@@ -32,7 +32,10 @@ pub type Tag = [u8; 4];
 /// Encodes sections into a manifest file image.
 pub fn encode(sections: &[(Tag, &[u8])]) -> Vec<u8> {
     let total: usize = HEADER_LEN
-        + sections.iter().map(|(_, p)| SECTION_HEADER_LEN + p.len()).sum::<usize>()
+        + sections
+            .iter()
+            .map(|(_, p)| SECTION_HEADER_LEN + p.len())
+            .sum::<usize>()
         + 8;
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&MAGIC);
@@ -69,7 +72,11 @@ pub fn decode(bytes: &[u8], max_len: u64) -> Result<Vec<(Tag, &[u8])>, SnapshotE
         });
     }
     if bytes.len() < MAGIC.len() {
-        return Err(if MAGIC.starts_with(bytes) { truncated("header") } else { SnapshotError::BadMagic });
+        return Err(if MAGIC.starts_with(bytes) {
+            truncated("header")
+        } else {
+            SnapshotError::BadMagic
+        });
     }
     if bytes[..8] != MAGIC {
         return Err(SnapshotError::BadMagic);
@@ -79,7 +86,10 @@ pub fn decode(bytes: &[u8], max_len: u64) -> Result<Vec<(Tag, &[u8])>, SnapshotE
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
     if version != FORMAT_VERSION {
-        return Err(SnapshotError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
+        return Err(SnapshotError::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     let body_end = bytes.len() - 8;
     if bytes[body_end..body_end + 4] != TRAILER {
@@ -87,11 +97,15 @@ pub fn decode(bytes: &[u8], max_len: u64) -> Result<Vec<(Tag, &[u8])>, SnapshotE
     }
     let want = u32::from_le_bytes(bytes[body_end + 4..].try_into().expect("4 bytes"));
     if crc32fast::hash(&bytes[..body_end]) != want {
-        return Err(SnapshotError::Checksum { what: "manifest".into() });
+        return Err(SnapshotError::Checksum {
+            what: "manifest".into(),
+        });
     }
     let count = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
     if count > MAX_SECTIONS {
-        return Err(SnapshotError::Malformed(format!("{count} sections (at most {MAX_SECTIONS})")));
+        return Err(SnapshotError::Malformed(format!(
+            "{count} sections (at most {MAX_SECTIONS})"
+        )));
     }
     let body = &bytes[..body_end];
     let mut at = HEADER_LEN;
@@ -109,13 +123,18 @@ pub fn decode(bytes: &[u8], max_len: u64) -> Result<Vec<(Tag, &[u8])>, SnapshotE
         }
         let payload = &body[at..at + len as usize];
         if crc32fast::hash(payload) != crc {
-            return Err(SnapshotError::Checksum { what: format!("section {}", tag_name(&tag)) });
+            return Err(SnapshotError::Checksum {
+                what: format!("section {}", tag_name(&tag)),
+            });
         }
         out.push((tag, payload));
         at += len as usize;
     }
     if at != body.len() {
-        return Err(SnapshotError::Malformed(format!("{} trailing bytes", body.len() - at)));
+        return Err(SnapshotError::Malformed(format!(
+            "{} trailing bytes",
+            body.len() - at
+        )));
     }
     Ok(out)
 }
@@ -125,7 +144,10 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        encode(&[(*b"META", b"{\"a\":1}"), (*b"PAGE", &[1, 0, 0, 0, 7, 0, 0, 0])])
+        encode(&[
+            (*b"META", b"{\"a\":1}"),
+            (*b"PAGE", &[1, 0, 0, 0, 7, 0, 0, 0]),
+        ])
     }
 
     #[test]
@@ -142,8 +164,14 @@ mod tests {
     fn bad_magic() {
         let mut img = sample();
         img[0] = b'X';
-        assert!(matches!(decode(&img, 1 << 20), Err(SnapshotError::BadMagic)));
-        assert!(matches!(decode(b"hello world, not a snapshot", 1 << 20), Err(SnapshotError::BadMagic)));
+        assert!(matches!(
+            decode(&img, 1 << 20),
+            Err(SnapshotError::BadMagic)
+        ));
+        assert!(matches!(
+            decode(b"hello world, not a snapshot", 1 << 20),
+            Err(SnapshotError::BadMagic)
+        ));
     }
 
     #[test]
@@ -152,7 +180,10 @@ mod tests {
         img[8] = 99;
         assert!(matches!(
             decode(&img, 1 << 20),
-            Err(SnapshotError::UnsupportedVersion { found: 99, supported: FORMAT_VERSION })
+            Err(SnapshotError::UnsupportedVersion {
+                found: 99,
+                supported: FORMAT_VERSION
+            })
         ));
     }
 
@@ -163,7 +194,10 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = img.clone();
                 bad[i] ^= 1 << bit;
-                assert!(decode(&bad, 1 << 20).is_err(), "flip of bit {bit} in byte {i} went unnoticed");
+                assert!(
+                    decode(&bad, 1 << 20).is_err(),
+                    "flip of bit {bit} in byte {i} went unnoticed"
+                );
             }
         }
     }
@@ -172,14 +206,20 @@ mod tests {
     fn every_truncation_is_detected() {
         let img = sample();
         for n in 0..img.len() {
-            assert!(decode(&img[..n], 1 << 20).is_err(), "truncation to {n} bytes went unnoticed");
+            assert!(
+                decode(&img[..n], 1 << 20).is_err(),
+                "truncation to {n} bytes went unnoticed"
+            );
         }
     }
 
     #[test]
     fn size_cap() {
         let img = sample();
-        assert!(matches!(decode(&img, 10), Err(SnapshotError::TooLarge { .. })));
+        assert!(matches!(
+            decode(&img, 10),
+            Err(SnapshotError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -196,6 +236,9 @@ mod tests {
         let crc = crc32fast::hash(&img);
         img.extend_from_slice(b"DEND");
         img.extend_from_slice(&crc.to_le_bytes());
-        assert!(matches!(decode(&img, 1 << 20), Err(SnapshotError::Truncated { .. })));
+        assert!(matches!(
+            decode(&img, 1 << 20),
+            Err(SnapshotError::Truncated { .. })
+        ));
     }
 }

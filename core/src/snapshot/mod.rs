@@ -37,11 +37,16 @@ impl SnapshotId {
         let ok = s.len() == 2 + 16 + 1 + 32
             && s.starts_with("s-")
             && s.as_bytes()[18] == b'-'
-            && s[2..18].bytes().chain(s[19..].bytes()).all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+            && s[2..18]
+                .bytes()
+                .chain(s[19..].bytes())
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
         if ok {
             Ok(SnapshotId(s.to_owned()))
         } else {
-            Err(SnapshotError::Malformed(format!("{s:?} is not a snapshot id")))
+            Err(SnapshotError::Malformed(format!(
+                "{s:?} is not a snapshot id"
+            )))
         }
     }
 
@@ -157,15 +162,25 @@ impl Manifest {
                 .iter()
                 .find(|(t, _)| *t == tag)
                 .map(|(_, p)| *p)
-                .ok_or_else(|| SnapshotError::Malformed(format!("no {} section", String::from_utf8_lossy(&tag))))
+                .ok_or_else(|| {
+                    SnapshotError::Malformed(format!(
+                        "no {} section",
+                        String::from_utf8_lossy(&tag)
+                    ))
+                })
         };
         let mut m: Manifest = serde_json::from_slice(find(TAG_META)?)
             .map_err(|e| SnapshotError::Malformed(format!("metadata: {e}")))?;
         let pages = find(TAG_PAGE)?;
         if pages.len() % 4 != 0 {
-            return Err(SnapshotError::Malformed("page list length is not a multiple of 4".into()));
+            return Err(SnapshotError::Malformed(
+                "page list length is not a multiple of 4".into(),
+            ));
         }
-        m.delta_pages = pages.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        m.delta_pages = pages
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
         m.check()?;
         Ok(m)
     }
@@ -174,28 +189,40 @@ impl Manifest {
     fn check(&self) -> Result<(), SnapshotError> {
         let page = crate::memimage::PAGE as u64;
         let mem = &self.memory;
-        if mem.size % page != 0 {
-            return Err(SnapshotError::Malformed("memory size is not page-aligned".into()));
+        if !mem.size.is_multiple_of(page) {
+            return Err(SnapshotError::Malformed(
+                "memory size is not page-aligned".into(),
+            ));
         }
         let npages = mem.size / page;
         match mem.kind {
             LayerKind::Full => {
                 if !self.delta_pages.is_empty() || mem.depth != 0 || mem.file.len != mem.size {
-                    return Err(SnapshotError::Malformed("inconsistent full memory layer".into()));
+                    return Err(SnapshotError::Malformed(
+                        "inconsistent full memory layer".into(),
+                    ));
                 }
             }
             LayerKind::Delta => {
                 if self.parent.is_none() || mem.depth == 0 {
-                    return Err(SnapshotError::Malformed("delta layer without a parent".into()));
+                    return Err(SnapshotError::Malformed(
+                        "delta layer without a parent".into(),
+                    ));
                 }
                 if !self.delta_pages.windows(2).all(|w| w[0] < w[1]) {
-                    return Err(SnapshotError::Malformed("delta page list is not strictly increasing".into()));
+                    return Err(SnapshotError::Malformed(
+                        "delta page list is not strictly increasing".into(),
+                    ));
                 }
                 if self.delta_pages.last().is_some_and(|&p| p as u64 >= npages) {
-                    return Err(SnapshotError::Malformed("delta page beyond memory size".into()));
+                    return Err(SnapshotError::Malformed(
+                        "delta page beyond memory size".into(),
+                    ));
                 }
                 if mem.file.len != self.delta_pages.len() as u64 * page {
-                    return Err(SnapshotError::Malformed("delta file length does not match its page list".into()));
+                    return Err(SnapshotError::Malformed(
+                        "delta file length does not match its page list".into(),
+                    ));
                 }
             }
         }
@@ -212,7 +239,9 @@ mod tests {
     pub(crate) fn golden_manifest() -> Manifest {
         Manifest {
             id: SnapshotId::parse("s-0000019a00000000-0123456789abcdef0123456789abcdef").unwrap(),
-            parent: Some(SnapshotId::parse("s-0000019900000000-fedcba9876543210fedcba9876543210").unwrap()),
+            parent: Some(
+                SnapshotId::parse("s-0000019900000000-fedcba9876543210fedcba9876543210").unwrap(),
+            ),
             sandbox_id: "sb-golden".into(),
             tier: Tier::Wasi,
             created_unix_ms: 1_764_000_000_000,
@@ -220,10 +249,20 @@ mod tests {
             memory: MemoryRecord {
                 size: 16 * 4096,
                 kind: LayerKind::Delta,
-                file: FileRecord { name: "memory.delta".into(), len: 2 * 4096, crc32: 0x1234_5678, stored: 2 * 4096 },
+                file: FileRecord {
+                    name: "memory.delta".into(),
+                    len: 2 * 4096,
+                    crc32: 0x1234_5678,
+                    stored: 2 * 4096,
+                },
                 depth: 1,
             },
-            fs: Some(FileRecord { name: "fs.tar".into(), len: 10240, crc32: 0x9abc_def0, stored: 10240 }),
+            fs: Some(FileRecord {
+                name: "fs.tar".into(),
+                len: 10240,
+                crc32: 0x9abc_def0,
+                stored: 10240,
+            }),
             tier_state: serde_json::json!({"clock_ns": 42, "globals": [["__wizer_global_0", "i32", 65536]]}),
             delta_pages: vec![3, 9],
         }
@@ -233,7 +272,13 @@ mod tests {
     fn ids() {
         let id = SnapshotId::generate();
         assert_eq!(SnapshotId::parse(id.as_str()).unwrap(), id);
-        for bad in ["", "s-", "../../etc", "s-0000019a00000000-0123456789ABCDEF0123456789abcdef", "s-0000019a00000000/0123456789abcdef0123456789abcdef"] {
+        for bad in [
+            "",
+            "s-",
+            "../../etc",
+            "s-0000019a00000000-0123456789ABCDEF0123456789abcdef",
+            "s-0000019a00000000/0123456789abcdef0123456789abcdef",
+        ] {
             assert!(SnapshotId::parse(bad).is_err(), "{bad}");
         }
     }
@@ -260,14 +305,23 @@ mod tests {
     /// version bump and a decoder for the old version.
     #[test]
     fn golden_v1_still_loads_and_encodes_identically() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/manifest-v1.dsnp");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/manifest-v1.dsnp");
         let m = golden_manifest();
         if std::env::var_os("DORMANT_BLESS").is_some() {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, m.encode()).unwrap();
         }
         let golden = std::fs::read(&path).expect("golden file present");
-        assert_eq!(Manifest::decode(&golden).unwrap(), m, "golden manifest decodes to the known value");
-        assert_eq!(m.encode(), golden, "encoding changed: bump FORMAT_VERSION and keep a decoder for v1");
+        assert_eq!(
+            Manifest::decode(&golden).unwrap(),
+            m,
+            "golden manifest decodes to the known value"
+        );
+        assert_eq!(
+            m.encode(),
+            golden,
+            "encoding changed: bump FORMAT_VERSION and keep a decoder for v1"
+        );
     }
 }

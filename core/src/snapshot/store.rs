@@ -77,7 +77,9 @@ fn reap_dead(dir: &Path) {
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
-    File::open(path).and_then(|d| d.sync_all()).map_err(|e| Error::store("sync directory", path, e))
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::store("sync directory", path, e))
 }
 
 impl LocalStore {
@@ -114,7 +116,11 @@ impl LocalStore {
                 let _ = fs::remove_dir_all(ent.path());
             }
         }
-        Ok(LocalStore { root, durability: Durability::Sync, verified: Mutex::new(HashSet::new()) })
+        Ok(LocalStore {
+            root,
+            durability: Durability::Sync,
+            verified: Mutex::new(HashSet::new()),
+        })
     }
 
     /// Sets how commits are flushed (default [`Durability::Sync`]).
@@ -138,9 +144,18 @@ impl LocalStore {
 
     /// Starts writing a snapshot. Nothing is visible until [`SnapshotWriter::commit`].
     pub fn begin(&self, id: &SnapshotId) -> Result<SnapshotWriter<'_>> {
-        let dir = self.root.join("tmp").join(format!("{}-{}", std::process::id(), id));
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{}", std::process::id(), id));
         fs::create_dir(&dir).map_err(|e| Error::store("create", &dir, e))?;
-        Ok(SnapshotWriter { store: self, id: id.clone(), dir, files: Vec::new(), committed: false })
+        Ok(SnapshotWriter {
+            store: self,
+            id: id.clone(),
+            dir,
+            files: Vec::new(),
+            committed: false,
+        })
     }
 
     /// Whether a committed snapshot with this id exists.
@@ -153,18 +168,35 @@ impl LocalStore {
         let path = self.snapshot_dir(id).join(MANIFEST);
         let bytes = match read_capped(&path, crate::snapshot::MAX_MANIFEST_LEN) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Error::SnapshotNotFound(id.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::SnapshotNotFound(id.clone()));
+            }
             Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
                 return Err(Error::snapshot(
                     id,
-                    SnapshotError::TooLarge { what: "manifest".into(), size: e.to_string().parse().unwrap_or(0), limit: crate::snapshot::MAX_MANIFEST_LEN },
+                    SnapshotError::TooLarge {
+                        what: "manifest".into(),
+                        size: e.to_string().parse().unwrap_or(0),
+                        limit: crate::snapshot::MAX_MANIFEST_LEN,
+                    },
                 ));
             }
-            Err(e) => return Err(Error::snapshot(id, SnapshotError::Io { file: path, source: e })),
+            Err(e) => {
+                return Err(Error::snapshot(
+                    id,
+                    SnapshotError::Io {
+                        file: path,
+                        source: e,
+                    },
+                ));
+            }
         };
         let m = Manifest::decode(&bytes).map_err(|e| Error::snapshot(id, e))?;
         if &m.id != id {
-            return Err(Error::snapshot(id, SnapshotError::Malformed(format!("manifest names snapshot {}", m.id))));
+            return Err(Error::snapshot(
+                id,
+                SnapshotError::Malformed(format!("manifest names snapshot {}", m.id)),
+            ));
         }
         Ok(m)
     }
@@ -178,17 +210,26 @@ impl LocalStore {
                 break;
             }
             let Some(parent) = last.parent.clone() else {
-                return Err(Error::snapshot(id, SnapshotError::Malformed("delta layer without a parent".into())));
+                return Err(Error::snapshot(
+                    id,
+                    SnapshotError::Malformed("delta layer without a parent".into()),
+                ));
             };
             let pm = match self.manifest(&parent) {
                 Ok(m) => m,
                 Err(Error::SnapshotNotFound(p)) => {
-                    return Err(Error::snapshot(id, SnapshotError::Malformed(format!("parent snapshot {p} is missing"))));
+                    return Err(Error::snapshot(
+                        id,
+                        SnapshotError::Malformed(format!("parent snapshot {p} is missing")),
+                    ));
                 }
                 Err(e) => return Err(e),
             };
             if pm.memory.depth + 1 != last.memory.depth || out.len() > MAX_CHAIN {
-                return Err(Error::snapshot(id, SnapshotError::Malformed("inconsistent layer chain".into())));
+                return Err(Error::snapshot(
+                    id,
+                    SnapshotError::Malformed("inconsistent layer chain".into()),
+                ));
             }
             out.push(pm);
         }
@@ -202,20 +243,44 @@ impl LocalStore {
         let path = self.snapshot_dir(id).join(&rec.name);
         let bad = |source: SnapshotError| Error::snapshot(id, source);
         if rec.name.contains('/') || rec.name.starts_with('.') {
-            return Err(bad(SnapshotError::Malformed(format!("bad file name {:?}", rec.name))));
+            return Err(bad(SnapshotError::Malformed(format!(
+                "bad file name {:?}",
+                rec.name
+            ))));
         }
-        let f = File::open(&path).map_err(|e| bad(SnapshotError::Io { file: path.clone(), source: e }))?;
-        let len = f.metadata().map_err(|e| bad(SnapshotError::Io { file: path.clone(), source: e }))?.len();
+        let f = File::open(&path).map_err(|e| {
+            bad(SnapshotError::Io {
+                file: path.clone(),
+                source: e,
+            })
+        })?;
+        let len = f
+            .metadata()
+            .map_err(|e| {
+                bad(SnapshotError::Io {
+                    file: path.clone(),
+                    source: e,
+                })
+            })?
+            .len();
         if len != rec.len {
-            return Err(bad(SnapshotError::Truncated { what: format!("{} is {len} bytes, expected {}", rec.name, rec.len) }));
+            return Err(bad(SnapshotError::Truncated {
+                what: format!("{} is {len} bytes, expected {}", rec.name, rec.len),
+            }));
         }
         if verify {
             let key = (id.clone(), rec.name.clone());
             if !self.verified.lock().contains(&key) {
-                let ok = crate::memimage::verify_file(&f, rec.len, rec.crc32)
-                    .map_err(|e| bad(SnapshotError::Io { file: path.clone(), source: e }))?;
+                let ok = crate::memimage::verify_file(&f, rec.len, rec.crc32).map_err(|e| {
+                    bad(SnapshotError::Io {
+                        file: path.clone(),
+                        source: e,
+                    })
+                })?;
                 if !ok {
-                    return Err(bad(SnapshotError::Checksum { what: rec.name.clone() }));
+                    return Err(bad(SnapshotError::Checksum {
+                        what: rec.name.clone(),
+                    }));
                 }
                 self.verified.lock().insert(key);
             }
@@ -231,7 +296,9 @@ impl LocalStore {
         let mut out = Vec::new();
         for ent in rd {
             let ent = ent.map_err(|e| Error::store("list", &dir, e))?;
-            let Ok(id) = SnapshotId::parse(&ent.file_name().to_string_lossy()) else { continue };
+            let Ok(id) = SnapshotId::parse(&ent.file_name().to_string_lossy()) else {
+                continue;
+            };
             match self.manifest(&id) {
                 Ok(m) => out.push(SnapshotInfo {
                     stored_bytes: m.memory.file.stored + m.fs.as_ref().map_or(0, |f| f.stored),
@@ -241,7 +308,9 @@ impl LocalStore {
                     created_unix_ms: m.created_unix_ms,
                     memory_size: m.memory.size,
                 }),
-                Err(e) => tracing::warn!(snapshot = %id, error = %e, "unreadable snapshot left out of the listing"),
+                Err(e) => {
+                    tracing::warn!(snapshot = %id, error = %e, "unreadable snapshot left out of the listing")
+                }
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -254,11 +323,21 @@ impl LocalStore {
         if !dir.exists() {
             return Err(Error::SnapshotNotFound(id.clone()));
         }
-        let children = self.list()?.iter().filter(|s| s.parent.as_ref() == Some(id)).count();
+        let children = self
+            .list()?
+            .iter()
+            .filter(|s| s.parent.as_ref() == Some(id))
+            .count();
         if children > 0 {
-            return Err(Error::SnapshotInUse { id: id.clone(), children });
+            return Err(Error::SnapshotInUse {
+                id: id.clone(),
+                children,
+            });
         }
-        let trash = self.root.join("trash").join(format!("{}-{}", id, rand::random::<u64>()));
+        let trash = self
+            .root
+            .join("trash")
+            .join(format!("{}-{}", id, rand::random::<u64>()));
         fs::rename(&dir, &trash).map_err(|e| Error::store("delete", &dir, e))?;
         self.verified.lock().retain(|(s, _)| s != id);
         fs::remove_dir_all(&trash).map_err(|e| Error::store("delete", &trash, e))
@@ -266,7 +345,11 @@ impl LocalStore {
 
     /// A fresh working directory for a live sandbox, removed by the store if this process dies.
     pub fn new_live_dir(&self) -> Result<PathBuf> {
-        let dir = self.root.join("live").join(format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        let dir = self.root.join("live").join(format!(
+            "{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         fs::create_dir(&dir).map_err(|e| Error::store("create", &dir, e))?;
         Ok(dir)
     }
@@ -334,14 +417,17 @@ impl SnapshotWriter<'_> {
         {
             use std::io::Write;
             let mut f = File::create(&path).map_err(|e| Error::store("create", &path, e))?;
-            f.write_all(&bytes).map_err(|e| Error::store("write", &path, e))?;
+            f.write_all(&bytes)
+                .map_err(|e| Error::store("write", &path, e))?;
             if sync {
                 f.sync_all().map_err(|e| Error::store("sync", &path, e))?;
             }
         }
         if sync {
             for p in &self.files {
-                File::open(p).and_then(|f| f.sync_all()).map_err(|e| Error::store("sync", p, e))?;
+                File::open(p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::store("sync", p, e))?;
             }
             sync_dir(&self.dir)?;
         }

@@ -1,5 +1,5 @@
 //! Shared helpers of the WASI tier's integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -115,7 +115,12 @@ impl Env {
     }
 
     pub fn toy_spec(&self) -> SandboxSpec {
-        SandboxSpec::new(Tier::Wasi, Workload::Module { path: self.toy_path() })
+        SandboxSpec::new(
+            Tier::Wasi,
+            Workload::Module {
+                path: self.toy_path(),
+            },
+        )
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -129,7 +134,11 @@ pub fn snapshot_dir(store: &LocalStore, id: &dormant_core::SnapshotId) -> PathBu
 
 pub fn flip_byte(path: &Path, at: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
     b[0] ^= 0x5a;

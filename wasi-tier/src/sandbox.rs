@@ -487,6 +487,7 @@ impl WasiSandbox {
 
     fn write_memory(
         live: &mut Live,
+        store: &LocalStore,
         w: &mut dormant_core::snapshot::store::SnapshotWriter<'_>,
     ) -> Result<(MemoryRecord, Vec<u32>, Option<Layer>, std::fs::File)> {
         let size = live.memory.data_size(&live.store);
@@ -495,6 +496,8 @@ impl WasiSandbox {
             l.depth < MAX_DEPTH
                 && live.mapped_runs < MAX_MAPPED_RUNS
                 && memimage::dirty_tracking_available()
+                // The base was deleted meanwhile: start a new chain.
+                && store.contains(&l.id)
         });
         let dir = w.path("");
         let io = |e: std::io::Error| Error::store("write memory of", &dir, e);
@@ -554,7 +557,7 @@ impl WasiSandbox {
                 for (name, g) in &live.globals {
                     globals.push(global_value(name, g.get(&mut live.store))?);
                 }
-                let (rec, pages, parent, f) = Self::write_memory(live, &mut w)?;
+                let (rec, pages, parent, f) = Self::write_memory(live, &store, &mut w)?;
                 let state = WasiState {
                     module_hash,
                     stdlib_hash,

@@ -41,7 +41,12 @@ fn golden_v1_snapshot_still_resumes() {
     if std::env::var_os("DORMANT_BLESS").is_some() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Arc::new(LocalStore::open(tmp.path()).unwrap());
-        let spec = SandboxSpec::new(Tier::Wasi, Workload::Module { path: module.clone() });
+        let spec = SandboxSpec::new(
+            Tier::Wasi,
+            Workload::Module {
+                path: module.clone(),
+            },
+        );
         let mut sb = runtime().create(store.clone(), spec).unwrap();
         sb.call("poke", &[Val::I32(7), Val::I32(0x5eed)]).unwrap();
         sb.call("set_marker", &[Val::I32(41)]).unwrap();
@@ -51,13 +56,20 @@ fn golden_v1_snapshot_still_resumes() {
         let _ = std::fs::remove_dir_all(golden_dir());
         copy_dir(&store.snapshot_dir(&id), &golden_dir().join(id.as_str()));
     }
-    let id = std::fs::read_dir(golden_dir()).expect("golden snapshot present").flatten().next().unwrap();
+    let id = std::fs::read_dir(golden_dir())
+        .expect("golden snapshot present")
+        .flatten()
+        .next()
+        .unwrap();
     let id = SnapshotId::parse(&id.file_name().to_string_lossy()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(LocalStore::open(tmp.path()).unwrap());
     copy_dir(&golden_dir().join(id.as_str()), &store.snapshot_dir(&id));
     let mut sb = runtime().resume(store, &id).unwrap();
-    assert_eq!(sb.call("peek", &[Val::I32(7)]).unwrap()[0].unwrap_i32(), 0x5eed);
+    assert_eq!(
+        sb.call("peek", &[Val::I32(7)]).unwrap()[0].unwrap_i32(),
+        0x5eed
+    );
     assert_eq!(sb.call("marker", &[]).unwrap()[0].unwrap_i32(), 41);
     assert_eq!(sb.call("bump", &[]).unwrap()[0].unwrap_i64(), 2);
     assert_eq!(sb.read_file("/golden.txt").unwrap(), b"format version 1");

@@ -574,3 +574,22 @@ fn checkpoint_right_after_resume_keeps_the_filesystem() {
         "an untouched resume checkpoints as an empty delta"
     );
 }
+
+#[test]
+fn deleting_the_base_of_a_live_sandbox_starts_a_new_chain() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.call("poke", &[Val::I32(1), Val::I32(10)]).unwrap();
+    let base = sb.checkpoint().unwrap();
+    env.store.delete(&base).unwrap();
+    sb.call("poke", &[Val::I32(2), Val::I32(20)]).unwrap();
+    let next = sb.checkpoint().unwrap();
+    let m = env.store.manifest(&next).unwrap();
+    assert_eq!(
+        m.parent, None,
+        "a full image, not a delta on a deleted parent"
+    );
+    let mut r = runtime().resume(env.store.clone(), &next).unwrap();
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(1)]).unwrap()), 10);
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(2)]).unwrap()), 20);
+}

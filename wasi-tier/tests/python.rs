@@ -251,13 +251,8 @@ fn the_guest_cannot_reach_host_files() {
     assert!(!o.contains("secret"), "{o}");
     // A symlink planted in the sandbox root pointing at the host file is not followed.
     sb.write_file("/marker", b"").unwrap();
-    let live = std::fs::read_dir(env.store.root().join("live"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().join("root/marker").exists())
-        .unwrap()
-        .path();
-    std::os::unix::fs::symlink(&secret, live.join("root/link")).unwrap();
+    let root = common::live_root_with(&env.store, "marker");
+    std::os::unix::fs::symlink(&secret, root.join("link")).unwrap();
     let o = out(
         &mut sb,
         "try:\n    print(open('/link').read())\nexcept OSError as e:\n    print('refused', type(e).__name__)",

@@ -400,14 +400,8 @@ fn files_api_refuses_escapes() {
     assert!(sb.read_file("/etc/passwd").is_err());
     // A symlink planted inside the sandbox root (e.g. restored from an archive) is not followed out.
     sb.write_file("/x", b"").unwrap();
-    let root = env.store.root().join("live");
-    let live = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().join("root/x").exists())
-        .unwrap()
-        .path();
-    std::os::unix::fs::symlink(&host, live.join("root/link")).unwrap();
+    let root = common::live_root_with(&env.store, "x");
+    std::os::unix::fs::symlink(&host, root.join("link")).unwrap();
     assert!(matches!(
         sb.read_file("/link"),
         Err(Error::PathEscape { .. })

@@ -144,3 +144,13 @@ pub fn flip_byte(path: &Path, at: u64) {
     b[0] ^= 0x5a;
     f.write_all_at(&b, at).unwrap();
 }
+
+/// The host directory that is the root of the live sandbox holding the file `marker`.
+pub fn live_root_with(store: &LocalStore, marker: &str) -> PathBuf {
+    std::fs::read_dir(store.root().join("live"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("root"))
+        .find(|root| root.join(marker).exists())
+        .expect("a live sandbox root holding the marker")
+}

@@ -115,6 +115,7 @@ pub struct WasiSandbox {
     lifecycle: Lifecycle,
     module: Option<Arc<Loaded>>,
     live: Option<Live>,
+    /// The live working directory, which is the sandbox's root (absent in standby).
     workdir: Option<PathBuf>,
     fs: Option<SandboxFs>,
     /// The snapshot's filesystem archive, not yet extracted into the root (done before the
@@ -154,14 +155,12 @@ fn lib_of(module: Option<&Arc<Loaded>>) -> Option<&Path> {
 }
 
 impl WasiSandbox {
+    /// The sandbox's root directory on the host (its live working directory).
     fn root(&self) -> Result<PathBuf> {
-        self.workdir
-            .as_ref()
-            .map(|w| w.join("root"))
-            .ok_or(Error::IllegalTransition {
-                op: Operation::Files,
-                state: self.lifecycle.state(),
-            })
+        self.workdir.clone().ok_or(Error::IllegalTransition {
+            op: Operation::Files,
+            state: self.lifecycle.state(),
+        })
     }
 
     fn guest_env(spec: &SandboxSpec, python: bool) -> Vec<(String, String)> {
@@ -701,8 +700,7 @@ impl WasiSandbox {
         }
         let workdir = store.new_live_dir()?;
         let cleanup = scopeguard(workdir.clone());
-        let root = workdir.join("root");
-        std::fs::create_dir(&root).map_err(|e| Error::store("create", &root, e))?;
+        let root = workdir.clone();
         let pending_fs = match &leaf.fs {
             Some(rec) => Some(PendingFs {
                 snapshot: id.clone(),

@@ -589,3 +589,31 @@ fn deleting_the_base_of_a_live_sandbox_starts_a_new_chain() {
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(1)]).unwrap()), 10);
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(2)]).unwrap()), 20);
 }
+
+#[test]
+fn without_data_verification_lengths_are_still_checked() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.call("poke", &[Val::I32(1), Val::I32(5)]).unwrap();
+    let id = sb.checkpoint().unwrap();
+    let store = std::sync::Arc::new(
+        dormant_core::LocalStore::open(env.store.root())
+            .unwrap()
+            .with_data_verification(false),
+    );
+    let img = snapshot_dir(&store, &id).join("memory.img");
+    let len = std::fs::metadata(&img).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    match runtime().resume(store, &id) {
+        Err(Error::Snapshot {
+            source: SnapshotError::Truncated { .. },
+            ..
+        }) => {}
+        other => panic!("expected a truncation error, got {other:?}"),
+    }
+}

@@ -53,6 +53,7 @@ pub struct LocalStore {
     durability: Durability,
     /// Data files whose CRC was checked by this process (a resume after the first is free).
     verified: Mutex<HashSet<(SnapshotId, String)>>,
+    verify_data: bool,
 }
 
 const MANIFEST: &str = "manifest.dsnp";
@@ -120,12 +121,22 @@ impl LocalStore {
             root,
             durability: Durability::Sync,
             verified: Mutex::new(HashSet::new()),
+            verify_data: true,
         })
     }
 
     /// Sets how commits are flushed (default [`Durability::Sync`]).
     pub fn with_durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
+        self
+    }
+
+    /// Whether data files (memory images, filesystem archives) are checked against their CRC
+    /// the first time this process opens them (default: yes). Turning it off saves reading the
+    /// whole memory image on the first resume in a process (about 3 ms per 16 MiB here); lengths
+    /// and the manifest (with its checksums) are still checked on every open.
+    pub fn with_data_verification(mut self, verify: bool) -> Self {
+        self.verify_data = verify;
         self
     }
 
@@ -269,7 +280,7 @@ impl LocalStore {
                 what: format!("{} is {len} bytes, expected {}", rec.name, rec.len),
             }));
         }
-        if verify {
+        if verify && self.verify_data {
             let key = (id.clone(), rec.name.clone());
             if !self.verified.lock().contains(&key) {
                 let ok = crate::memimage::verify_file(&f, rec.len, rec.crc32).map_err(|e| {

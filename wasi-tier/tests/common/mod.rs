@@ -150,7 +150,7 @@ pub fn live_root_with(store: &LocalStore, marker: &str) -> PathBuf {
     std::fs::read_dir(store.root().join("live"))
         .unwrap()
         .flatten()
-        .map(|e| e.path().join("root"))
+        .map(|e| e.path())
         .find(|root| root.join(marker).exists())
         .expect("a live sandbox root holding the marker")
 }

@@ -12,6 +12,7 @@
 pub mod error;
 pub mod fsarchive;
 pub mod lifecycle;
+pub mod managed;
 pub mod memimage;
 pub mod paths;
 pub mod sandbox;
@@ -20,6 +21,7 @@ pub mod spec;
 
 pub use error::{Error, Result, SnapshotError};
 pub use lifecycle::{Lifecycle, Operation, State};
+pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
 pub use sandbox::{Command, ExecOutput, Execution, ExecutionError, Sandbox};
 pub use snapshot::store::{Durability, LocalStore, SnapshotInfo};

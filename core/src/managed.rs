@@ -1,0 +1,318 @@
+//! Sandboxes that manage themselves: auto-standby after an idle period, and transparent wake
+//! on the next call.
+//!
+//! A [`Managed`] sandbox is a thread-safe handle around any tier's [`Sandbox`]. Every call goes
+//! through one lock, so calls are serialised and none is lost or run twice. After each call the
+//! sandbox is (re)scheduled on a process-wide idle timer: one thread sleeping on a condition
+//! variable until the earliest deadline, never polling. When a deadline passes and the sandbox
+//! is still idle (no call since, none running), the timer puts it in standby under the same
+//! lock; a call that arrives meanwhile waits for the standby to finish, then wakes the sandbox
+//! from its snapshot and runs as if it had never slept.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::Result;
+use crate::lifecycle::State;
+use crate::paths::DirEntry;
+use crate::sandbox::{Command, ExecOutput, Execution, Sandbox};
+use crate::snapshot::SnapshotId;
+
+/// Default idle time before auto-standby.
+pub const DEFAULT_IDLE_STANDBY: Duration = Duration::from_secs(15);
+
+/// Counters a caller can observe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ManagedStats {
+    /// Times the sandbox went to standby because it was idle.
+    pub auto_standbys: u64,
+    /// Times a call woke the sandbox from standby.
+    pub wakes: u64,
+}
+
+struct Slot<S> {
+    sb: S,
+    /// Snapshot to wake from when in standby.
+    standby_snapshot: Option<SnapshotId>,
+    /// When the last call ended.
+    last_activity: Instant,
+    /// Whether the sandbox has an entry in the idle timer (at most one at a time).
+    scheduled: bool,
+    stats: ManagedStats,
+}
+
+struct Shared<S> {
+    slot: Mutex<Slot<S>>,
+    idle: Option<Duration>,
+}
+
+/// A sandbox with auto-standby and transparent wake. Cheap to clone (clones share the sandbox).
+pub struct Managed<S: Sandbox + 'static> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: Sandbox + 'static> Clone for Managed<S> {
+    fn clone(&self) -> Self {
+        Managed {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: Sandbox + 'static> std::fmt::Debug for Managed<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Managed")
+            .field("idle", &self.shared.idle)
+            .finish_non_exhaustive()
+    }
+}
+
+trait IdleTarget: Send + Sync {
+    /// The timer's entry for this target is due; returns when to look again, if ever.
+    fn on_idle(&self, now: Instant) -> Option<Instant>;
+}
+
+impl<S: Sandbox + 'static> IdleTarget for Shared<S> {
+    fn on_idle(&self, now: Instant) -> Option<Instant> {
+        let idle = self.idle?;
+        // A call is running (it holds the lock): look again one idle period from now.
+        let Some(mut slot) = self.slot.try_lock() else {
+            return Some(now + idle);
+        };
+        if slot.sb.state() != State::Running {
+            slot.scheduled = false;
+            return None;
+        }
+        let due = slot.last_activity + idle;
+        if due > now {
+            return Some(due);
+        }
+        slot.scheduled = false;
+        match slot.sb.standby() {
+            Ok(id) => {
+                slot.standby_snapshot = Some(id);
+                slot.stats.auto_standbys += 1;
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = slot.sb.id(), error = %e, "auto-standby failed; the sandbox stays running")
+            }
+        }
+        None
+    }
+}
+
+struct Entry {
+    due: Instant,
+    seq: u64,
+    target: Weak<dyn IdleTarget>,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, o: &Self) -> bool {
+        (self.due, self.seq) == (o.due, o.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(o.due, o.seq))
+    }
+}
+
+/// The process-wide idle timer.
+struct Timer {
+    heap: Mutex<(BinaryHeap<Reverse<Entry>>, u64)>,
+    cv: Condvar,
+}
+
+impl Timer {
+    fn get() -> &'static Timer {
+        static TIMER: OnceLock<&'static Timer> = OnceLock::new();
+        TIMER.get_or_init(|| {
+            let t: &'static Timer = Box::leak(Box::new(Timer {
+                heap: Mutex::new((BinaryHeap::new(), 0)),
+                cv: Condvar::new(),
+            }));
+            std::thread::Builder::new()
+                .name("dormant-idle".into())
+                .spawn(move || t.run())
+                .expect("spawn the idle timer thread");
+            t
+        })
+    }
+
+    fn schedule(&self, due: Instant, target: Weak<dyn IdleTarget>) {
+        let mut h = self.heap.lock();
+        h.1 += 1;
+        let seq = h.1;
+        let earliest = h.0.peek().is_none_or(|Reverse(e)| due < e.due);
+        h.0.push(Reverse(Entry { due, seq, target }));
+        if earliest {
+            self.cv.notify_one();
+        }
+    }
+
+    fn run(&self) {
+        let mut h = self.heap.lock();
+        loop {
+            let now = Instant::now();
+            match h.0.peek().map(|Reverse(e)| e.due) {
+                None => self.cv.wait(&mut h),
+                Some(due) if due > now => {
+                    self.cv.wait_until(&mut h, due);
+                }
+                Some(_) => {
+                    let Reverse(e) = h.0.pop().expect("peeked");
+                    drop(h);
+                    let again = e.target.upgrade().and_then(|t| t.on_idle(now));
+                    h = self.heap.lock();
+                    if let Some(due) = again {
+                        h.1 += 1;
+                        let seq = h.1;
+                        h.0.push(Reverse(Entry {
+                            due,
+                            seq,
+                            target: e.target,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S: Sandbox + 'static> Managed<S> {
+    /// Wraps `sb`; with `idle = Some(d)` it goes to standby after `d` without calls.
+    pub fn new(sb: S, idle: Option<Duration>) -> Managed<S> {
+        let m = Managed {
+            shared: Arc::new(Shared {
+                slot: Mutex::new(Slot {
+                    sb,
+                    standby_snapshot: None,
+                    last_activity: Instant::now(),
+                    scheduled: false,
+                    stats: ManagedStats::default(),
+                }),
+                idle,
+            }),
+        };
+        let mut slot = m.shared.slot.lock();
+        m.touch(&mut slot);
+        drop(slot);
+        m
+    }
+
+    /// Records activity and makes sure the sandbox has an idle-timer entry.
+    fn touch(&self, slot: &mut Slot<S>) {
+        slot.last_activity = Instant::now();
+        if let Some(idle) = self.shared.idle
+            && !slot.scheduled
+            && slot.sb.state() == State::Running
+        {
+            slot.scheduled = true;
+            let target: Arc<dyn IdleTarget> = self.shared.clone();
+            Timer::get().schedule(slot.last_activity + idle, Arc::downgrade(&target));
+        }
+    }
+
+    /// Runs `f` on the sandbox, waking it first if it is in standby. This is how every call
+    /// goes; use it for tier-specific calls too.
+    pub fn with<T>(&self, f: impl FnOnce(&mut S) -> Result<T>) -> Result<T> {
+        let mut slot = self.shared.slot.lock();
+        if slot.sb.state() == State::Standby
+            && let Some(id) = slot.standby_snapshot.clone()
+        {
+            slot.sb.resume(&id)?;
+            slot.standby_snapshot = None;
+            slot.stats.wakes += 1;
+        }
+        let r = f(&mut slot.sb);
+        self.touch(&mut slot);
+        r
+    }
+
+    /// The sandbox's lifecycle state (standby after an auto-standby until the next call).
+    pub fn state(&self) -> State {
+        self.shared.slot.lock().sb.state()
+    }
+
+    pub fn stats(&self) -> ManagedStats {
+        self.shared.slot.lock().stats
+    }
+
+    pub fn id(&self) -> String {
+        self.shared.slot.lock().sb.id().to_owned()
+    }
+
+    /// The configured idle time (`None`: auto-standby disabled).
+    pub fn idle_standby(&self) -> Option<Duration> {
+        self.shared.idle
+    }
+
+    pub fn run_code(&self, code: &str) -> Result<Execution> {
+        self.with(|sb| sb.run_code(code))
+    }
+
+    pub fn exec(&self, cmd: &Command) -> Result<ExecOutput> {
+        self.with(|sb| sb.exec(cmd))
+    }
+
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        self.with(|sb| sb.read_file(path))
+    }
+
+    pub fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
+        self.with(|sb| sb.write_file(path, data))
+    }
+
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
+        self.with(|sb| sb.list_dir(path))
+    }
+
+    pub fn remove(&self, path: &str) -> Result<()> {
+        self.with(|sb| sb.remove(path))
+    }
+
+    pub fn exists(&self, path: &str) -> Result<bool> {
+        self.with(|sb| sb.exists(path))
+    }
+
+    pub fn checkpoint(&self) -> Result<SnapshotId> {
+        self.with(|sb| sb.checkpoint())
+    }
+
+    /// Puts the sandbox in standby now; the next call wakes it.
+    pub fn standby(&self) -> Result<SnapshotId> {
+        let mut slot = self.shared.slot.lock();
+        if slot.sb.state() == State::Standby
+            && let Some(id) = &slot.standby_snapshot
+        {
+            return Ok(id.clone());
+        }
+        let id = slot.sb.standby()?;
+        slot.standby_snapshot = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Replaces the sandbox's state with a snapshot's.
+    pub fn resume(&self, id: &SnapshotId) -> Result<()> {
+        let mut slot = self.shared.slot.lock();
+        slot.sb.resume(id)?;
+        slot.standby_snapshot = None;
+        self.touch(&mut slot);
+        Ok(())
+    }
+
+    pub fn kill(&self) -> Result<()> {
+        self.shared.slot.lock().sb.kill()
+    }
+}

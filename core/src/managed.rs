@@ -312,6 +312,16 @@ impl<S: Sandbox + 'static> Managed<S> {
         Ok(())
     }
 
+    /// Forks the sandbox into `n` children (see [`Sandbox::fork`]), each managed with the
+    /// same idle time.
+    pub fn fork(&self, n: usize) -> Result<Vec<Managed<S>>> {
+        let children = self.with(|sb| sb.fork(n))?;
+        Ok(children
+            .into_iter()
+            .map(|c| Managed::new(c, self.shared.idle))
+            .collect())
+    }
+
     pub fn kill(&self) -> Result<()> {
         self.shared.slot.lock().sb.kill()
     }

@@ -102,6 +102,13 @@ pub trait Sandbox: Send {
     fn standby(&mut self) -> Result<SnapshotId>;
     /// Replaces this handle's state with the snapshot's.
     fn resume(&mut self, id: &SnapshotId) -> Result<()>;
+    /// Turns this sandbox into a parent of `n` independent children: a checkpoint, then `n`
+    /// resumes of it, each with its own id and freshly seeded randomness. Children share the
+    /// snapshot's memory pages copy-on-write (nothing is copied per child) and diverge
+    /// independently; their own checkpoints store only what they changed.
+    fn fork(&mut self, n: usize) -> Result<Vec<Self>>
+    where
+        Self: Sized;
     /// Ends the sandbox for good, releasing everything but its snapshots.
     fn kill(&mut self) -> Result<()>;
 }

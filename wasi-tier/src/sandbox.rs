@@ -280,7 +280,7 @@ impl WasiSandbox {
         let mut sb = WasiSandbox {
             rt,
             store,
-            id: format!("sb-{:016x}", rand::random::<u64>()),
+            id: Self::new_id(),
             spec,
             lifecycle: Lifecycle::new(),
             module,
@@ -810,6 +810,10 @@ impl WasiSandbox {
             pending_fs: r.pending_fs,
         })
     }
+
+    fn new_id() -> String {
+        format!("sb-{:016x}", rand::random::<u64>())
+    }
 }
 
 struct Restored {
@@ -1033,6 +1037,18 @@ impl Sandbox for WasiSandbox {
         self.pending_fs = r.pending_fs;
         self.lifecycle.set_last_good(id.clone());
         self.lifecycle.complete(Operation::Resume)
+    }
+
+    fn fork(&mut self, n: usize) -> Result<Vec<WasiSandbox>> {
+        self.lifecycle.check(Operation::Checkpoint)?;
+        let base = self.do_checkpoint()?;
+        (0..n)
+            .map(|_| {
+                let mut child = Self::from_snapshot(self.rt.clone(), self.store.clone(), &base)?;
+                child.id = Self::new_id();
+                Ok(child)
+            })
+            .collect()
     }
 
     fn kill(&mut self) -> Result<()> {

@@ -69,21 +69,56 @@ pub fn write_full(file: &File, mem: &[u8]) -> io::Result<Written> {
     })
 }
 
-/// Writes the listed pages of `mem`, packed in order, to `file` (a delta layer).
+/// Writes the listed pages of `mem`, packed in order, to `file` (a delta layer). Pages are
+/// gathered into large writes: one system call per 8 MiB, not one per run.
 pub fn write_delta(file: &File, mem: &[u8], pages: &[u32]) -> io::Result<Written> {
+    const FLUSH: usize = 8 << 20;
     let mut hasher = crc32fast::Hasher::new();
+    let mut buf: Vec<u8> = Vec::with_capacity((pages.len() * PAGE).min(FLUSH + PAGE));
     let mut off = 0u64;
-    for run in runs(pages) {
-        let bytes = &mem[run.first as usize * PAGE..(run.first + run.count) as usize * PAGE];
-        hasher.update(bytes);
-        file.write_all_at(bytes, off)?;
-        off += bytes.len() as u64;
+    for &p in pages {
+        buf.extend_from_slice(&mem[p as usize * PAGE..(p as usize + 1) * PAGE]);
+        if buf.len() >= FLUSH {
+            hasher.update(&buf);
+            file.write_all_at(&buf, off)?;
+            off += buf.len() as u64;
+            buf.clear();
+        }
     }
+    hasher.update(&buf);
+    file.write_all_at(&buf, off)?;
+    off += buf.len() as u64;
     Ok(Written {
         len: off,
         stored: off,
         crc32: hasher.finalize(),
     })
+}
+
+/// Merges two strictly increasing page lists into one (a union, strictly increasing).
+pub fn union(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }
 
 /// A run of consecutive page indices.
@@ -250,6 +285,12 @@ mod tests {
             // SAFETY: unmapping the mapping this value owns.
             unsafe { rustix::mm::munmap(self.ptr.cast(), self.len).unwrap() };
         }
+    }
+
+    #[test]
+    fn union_merges_sorted_lists() {
+        assert_eq!(union(&[1, 4, 9], &[2, 4, 10, 11]), vec![1, 2, 4, 9, 10, 11]);
+        assert_eq!(union(&[], &[3]), vec![3]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dormant_core::memimage::{self, Written};
+use dormant_core::snapshot::store::SnapshotWriter;
 use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord};
 use dormant_core::{
     Command, DirEntry, Error, ExecOutput, Execution, ExecutionError, Lifecycle, LocalStore,
@@ -484,29 +485,52 @@ impl WasiSandbox {
         }
     }
 
+    /// Writes the memory layer of a checkpoint. Returns its record, its page list (for a
+    /// delta), the layer it sits on, the file, and the number of mappings that remain under the
+    /// new layer (so the caller can keep count after re-mapping).
+    ///
+    /// The plan: a delta of the pages written since the current layer; when the chain reaches
+    /// `MAX_DEPTH`, a *squashed* delta (every page of the chain's deltas plus the new ones) on the
+    /// chain's full image, as long as that stays under half the memory; otherwise a full image.
     fn write_memory(
         live: &mut Live,
         store: &LocalStore,
-        w: &mut dormant_core::snapshot::store::SnapshotWriter<'_>,
-    ) -> Result<(MemoryRecord, Vec<u32>, Option<Layer>, std::fs::File)> {
+        w: &mut SnapshotWriter<'_>,
+    ) -> Result<WrittenLayer> {
         let size = live.memory.data_size(&live.store);
         let data = live.memory.data(&live.store);
-        let delta_of = live.layer.clone().filter(|l| {
-            l.depth < MAX_DEPTH
-                && live.mapped_runs < MAX_MAPPED_RUNS
-                && memimage::dirty_tracking_available()
-                // The base was deleted meanwhile: start a new chain.
-                && store.contains(&l.id)
-        });
         let dir = w.path("");
         let io = |e: std::io::Error| Error::store("write memory of", &dir, e);
-        match delta_of {
-            Some(parent) => {
-                let pages = memimage::dirty_pages(data.as_ptr(), size).map_err(io)?;
+        let usable = live.layer.clone().filter(|l| {
+            live.mapped_runs < MAX_MAPPED_RUNS
+                && memimage::dirty_tracking_available()
+                && store.contains(&l.id)
+        });
+        let plan = match usable {
+            None => None,
+            Some(l) if l.depth < MAX_DEPTH => Some((l, Vec::new(), live.mapped_runs)),
+            Some(l) => match store.chain(&l.id) {
+                Ok(chain) => {
+                    let base = Layer {
+                        id: chain[0].id.clone(),
+                        depth: 0,
+                    };
+                    let older = chain[1..]
+                        .iter()
+                        .fold(Vec::new(), |acc, m| memimage::union(&acc, &m.delta_pages));
+                    Some((base, older, 1))
+                }
+                Err(_) => None,
+            },
+        };
+        if let Some((parent, older, runs_below)) = plan {
+            let dirty = memimage::dirty_pages(data.as_ptr(), size).map_err(io)?;
+            let pages = memimage::union(&older, &dirty);
+            if pages.len() * memimage::PAGE * 2 <= size {
                 let f = w.create("memory.delta")?;
                 let Written { len, stored, crc32 } =
                     memimage::write_delta(&f, data, &pages).map_err(io)?;
-                let rec = MemoryRecord {
+                let record = MemoryRecord {
                     size: size as u64,
                     kind: LayerKind::Delta,
                     file: FileRecord {
@@ -517,25 +541,35 @@ impl WasiSandbox {
                     },
                     depth: parent.depth + 1,
                 };
-                Ok((rec, pages, Some(parent), f))
-            }
-            None => {
-                let f = w.create("memory.img")?;
-                let Written { len, stored, crc32 } = memimage::write_full(&f, data).map_err(io)?;
-                let rec = MemoryRecord {
-                    size: size as u64,
-                    kind: LayerKind::Full,
-                    file: FileRecord {
-                        name: "memory.img".into(),
-                        len,
-                        crc32,
-                        stored,
-                    },
-                    depth: 0,
-                };
-                Ok((rec, Vec::new(), None, f))
+                return Ok(WrittenLayer {
+                    record,
+                    pages,
+                    parent: Some(parent),
+                    file: f,
+                    runs_below,
+                });
             }
         }
+        let f = w.create("memory.img")?;
+        let Written { len, stored, crc32 } = memimage::write_full(&f, data).map_err(io)?;
+        let record = MemoryRecord {
+            size: size as u64,
+            kind: LayerKind::Full,
+            file: FileRecord {
+                name: "memory.img".into(),
+                len,
+                crc32,
+                stored,
+            },
+            depth: 0,
+        };
+        Ok(WrittenLayer {
+            record,
+            pages: Vec::new(),
+            parent: None,
+            file: f,
+            runs_below: 0,
+        })
     }
 
     fn do_checkpoint(&mut self) -> Result<SnapshotId> {
@@ -556,14 +590,20 @@ impl WasiSandbox {
                 for (name, g) in &live.globals {
                     globals.push(global_value(name, g.get(&mut live.store))?);
                 }
-                let (rec, pages, parent, f) = Self::write_memory(live, &store, &mut w)?;
+                let l = Self::write_memory(live, &store, &mut w)?;
                 let state = WasiState {
                     module_hash,
                     stdlib_hash,
                     clock_ns: live.clock.now_ns(),
                     globals,
                 };
-                (rec, pages, parent, Some(f), state)
+                (
+                    l.record,
+                    l.pages,
+                    l.parent,
+                    Some((l.file, l.runs_below)),
+                    state,
+                )
             }
             None => {
                 let f = w.create("memory.img")?;
@@ -630,7 +670,7 @@ impl WasiSandbox {
         self.lifecycle.set_last_good(id.clone());
         // Re-base the live memory on what was just written, so that the next checkpoint sees
         // only pages written from now on.
-        if let (Some(live), Some(f)) = (self.live.as_mut(), mem_file) {
+        if let (Some(live), Some((f, runs_below))) = (self.live.as_mut(), mem_file) {
             let layer = match manifest.memory.kind {
                 LayerKind::Full => LayerMap::Full {
                     file: &f,
@@ -643,11 +683,7 @@ impl WasiSandbox {
             };
             match map_layers(&mut live.store, &live.memory, &[layer]) {
                 Ok(n) => {
-                    live.mapped_runs = if manifest.memory.kind == LayerKind::Full {
-                        n
-                    } else {
-                        live.mapped_runs + n
-                    };
+                    live.mapped_runs = runs_below + n;
                     live.layer = Some(Layer {
                         id: id.clone(),
                         depth: manifest.memory.depth,
@@ -814,6 +850,15 @@ impl WasiSandbox {
     fn new_id() -> String {
         format!("sb-{:016x}", rand::random::<u64>())
     }
+}
+
+/// What [`WasiSandbox::write_memory`] wrote.
+struct WrittenLayer {
+    record: MemoryRecord,
+    pages: Vec<u32>,
+    parent: Option<Layer>,
+    file: std::fs::File,
+    runs_below: usize,
 }
 
 struct Restored {

@@ -617,3 +617,42 @@ fn without_data_verification_lengths_are_still_checked() {
         other => panic!("expected a truncation error, got {other:?}"),
     }
 }
+
+#[test]
+fn long_delta_chains_are_squashed_onto_their_full_image() {
+    let env = Env::new();
+    let mut sb = toy(&env);
+    sb.call("grow", &[Val::I32(30)]).unwrap();
+    sb.call("fill", &[Val::I32(1)]).unwrap();
+    let full = sb.checkpoint().unwrap();
+    let mut last = full.clone();
+    for i in 0..40 {
+        sb.call("poke", &[Val::I32(i % 50), Val::I32(1000 + i)])
+            .unwrap();
+        last = sb.checkpoint().unwrap();
+        let m = env.store.manifest(&last).unwrap();
+        assert!(m.memory.depth <= 16, "depth {} at step {i}", m.memory.depth);
+        assert!(
+            m.memory.kind == dormant_core::snapshot::LayerKind::Delta,
+            "no full rewrite at step {i}"
+        );
+        if m.memory.depth == 1 {
+            assert_eq!(
+                m.parent.as_ref(),
+                Some(&full),
+                "squashed onto the chain's full image"
+            );
+        }
+    }
+    let mut r = runtime().resume(env.store.clone(), &last).unwrap();
+    for i in 0..40 {
+        let page = i % 50;
+        let want = (0..40)
+            .filter(|j| j % 50 == page)
+            .map(|j| 1000 + j)
+            .last()
+            .unwrap();
+        assert_eq!(i32_of(&r.call("peek", &[Val::I32(page)]).unwrap()), want);
+    }
+    assert_eq!(i32_of(&r.call("peek", &[Val::I32(60)]).unwrap()), 1);
+}

@@ -356,6 +356,50 @@ impl LocalStore {
         fs::remove_dir_all(&trash).map_err(|e| Error::store("delete", &trash, e))
     }
 
+    /// The host directory of the named volume, created if it does not exist yet. Volumes hold
+    /// files that outlive every sandbox and snapshot: mount one with
+    /// [`SandboxSpec::mount`](crate::SandboxSpec::mount). Names are 1–64 characters of
+    /// `[A-Za-z0-9._-]`, not starting with a dot.
+    pub fn volume(&self, name: &str) -> Result<PathBuf> {
+        let ok = (1..=64).contains(&name.len())
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !ok {
+            return Err(Error::InvalidArgument(format!(
+                "{name:?} is not a valid volume name"
+            )));
+        }
+        let dir = self.root.join("volumes").join(name);
+        fs::create_dir_all(&dir).map_err(|e| Error::store("create volume", &dir, e))?;
+        Ok(dir)
+    }
+
+    /// The names of the store's volumes.
+    pub fn volumes(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("volumes");
+        let mut out = Vec::new();
+        match fs::read_dir(&dir) {
+            Ok(rd) => {
+                for ent in rd {
+                    let ent = ent.map_err(|e| Error::store("list volumes", &dir, e))?;
+                    out.push(ent.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::store("list volumes", &dir, e)),
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes a volume and everything in it. Sandboxes that mount it see it vanish.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let dir = self.volume(name)?;
+        fs::remove_dir_all(&dir).map_err(|e| Error::store("delete volume", &dir, e))
+    }
+
     /// A fresh working directory for a live sandbox, removed by the store if this process dies.
     pub fn new_live_dir(&self) -> Result<PathBuf> {
         let dir = self.root.join("live").join(format!(

@@ -646,13 +646,7 @@ fn long_delta_chains_are_squashed_onto_their_full_image() {
     }
     let mut r = runtime().resume(env.store.clone(), &last).unwrap();
     for i in 0..40 {
-        let page = i % 50;
-        let want = (0..40)
-            .filter(|j| j % 50 == page)
-            .map(|j| 1000 + j)
-            .last()
-            .unwrap();
-        assert_eq!(i32_of(&r.call("peek", &[Val::I32(page)]).unwrap()), want);
+        assert_eq!(i32_of(&r.call("peek", &[Val::I32(i)]).unwrap()), 1000 + i);
     }
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(60)]).unwrap()), 1);
 }

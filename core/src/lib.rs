@@ -24,6 +24,8 @@ pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
 pub use sandbox::{Command, ExecOutput, Execution, ExecutionError, Sandbox};
-pub use snapshot::store::{Durability, LocalStore, SnapshotInfo};
+pub use snapshot::store::{
+    CompactReport, Durability, GcReport, LocalStore, SnapshotInfo, SnapshotUsage,
+};
 pub use snapshot::{Manifest, SnapshotId};
 pub use spec::{Mount, SandboxSpec, Tier, Workload};

@@ -119,6 +119,8 @@ pub struct WasiSandbox {
     /// The live working directory, which is the sandbox's root (absent in standby).
     workdir: Option<PathBuf>,
     fs: Option<SandboxFs>,
+    /// Whether the last resume of this handle rebuilt memory or files from the compact form.
+    resumed_cold: bool,
     /// The snapshot's filesystem archive, not yet extracted into the root (done before the
     /// first use, so that a resume does not pay for files it may never touch).
     pending_fs: Option<PendingFs>,
@@ -127,7 +129,9 @@ pub struct WasiSandbox {
 /// A verified filesystem archive waiting to be extracted.
 struct PendingFs {
     snapshot: SnapshotId,
-    record: FileRecord,
+    /// The archive's record in its snapshot when it can be hard-linked into the next one
+    /// (`None` for an archive rebuilt from compact chunks).
+    record: Option<FileRecord>,
     archive: std::fs::File,
 }
 
@@ -289,6 +293,7 @@ impl WasiSandbox {
             workdir: Some(workdir),
             fs: None,
             pending_fs: None,
+            resumed_cold: false,
         };
         let root = sb.root()?;
         std::fs::create_dir_all(root.join("tmp")).map_err(|e| Error::store("create", &root, e))?;
@@ -445,6 +450,12 @@ impl WasiSandbox {
     /// The snapshot the live memory is currently layered on, if any.
     pub fn last_snapshot(&self) -> Option<&SnapshotId> {
         self.lifecycle.last_good()
+    }
+
+    /// Whether this handle's last resume was *cold*: it had to rebuild memory or files from a
+    /// snapshot's compact form (see `LocalStore::compact`) instead of mapping them directly.
+    pub fn resumed_cold(&self) -> bool {
+        self.resumed_cold
     }
 
     /// The spec the sandbox was created from.
@@ -633,13 +644,20 @@ impl WasiSandbox {
                 )
             }
         };
+        if self.pending_fs.as_ref().is_some_and(|p| p.record.is_none()) {
+            self.materialize()?;
+        }
         let fs_record = match &self.pending_fs {
             // Untouched since resume: the archive is the resumed snapshot's, byte for byte.
-            Some(p) => {
-                w.link_from(&p.snapshot, &p.record.name)?;
-                p.record.clone()
+            Some(PendingFs {
+                snapshot,
+                record: Some(record),
+                ..
+            }) => {
+                w.link_from(snapshot, &record.name)?;
+                record.clone()
             }
-            None => {
+            _ => {
                 let fs_file = w.create("fs.tar")?;
                 let fsw = fsarchive::pack(&root, &fs_file)
                     .map_err(|e| Error::store("archive", &root, e))?;
@@ -663,6 +681,7 @@ impl WasiSandbox {
             spec: self.spec.clone(),
             memory,
             fs: Some(fs_record),
+            fs_compact_len: None,
             tier_state: serde_json::to_value(&state).expect("state serializes"),
             delta_pages: pages,
         };
@@ -671,14 +690,15 @@ impl WasiSandbox {
         // Re-base the live memory on what was just written, so that the next checkpoint sees
         // only pages written from now on.
         if let (Some(live), Some((f, runs_below))) = (self.live.as_mut(), mem_file) {
+            // A checkpoint writes only full images and deltas.
             let layer = match manifest.memory.kind {
-                LayerKind::Full => LayerMap::Full {
-                    file: &f,
-                    len: manifest.memory.size as usize,
-                },
                 LayerKind::Delta => LayerMap::Delta {
                     file: &f,
                     pages: &manifest.delta_pages,
+                },
+                _ => LayerMap::Full {
+                    file: &f,
+                    len: manifest.memory.size as usize,
                 },
             };
             match map_layers(&mut live.store, &live.memory, &[layer]) {
@@ -737,12 +757,18 @@ impl WasiSandbox {
         let workdir = store.new_live_dir()?;
         let cleanup = scopeguard(workdir.clone());
         let root = workdir.clone();
-        let pending_fs = match &leaf.fs {
-            Some(rec) => Some(PendingFs {
-                snapshot: id.clone(),
-                record: rec.clone(),
-                archive: store.open_file(id, rec, true)?,
-            }),
+        let mut cold = false;
+        let pending_fs = match store.fs_archive(leaf)? {
+            Some((archive, rebuilt)) => {
+                cold |= rebuilt;
+                // A compact archive is rebuilt as a plain tar: the next snapshot gets its own.
+                let record = leaf.fs.clone().filter(|_| leaf.fs_compact_len.is_none());
+                Some(PendingFs {
+                    snapshot: id.clone(),
+                    record,
+                    archive,
+                })
+            }
             None => None,
         };
         let fs = SandboxFs::open(&root, &spec.mounts)?;
@@ -770,20 +796,24 @@ impl WasiSandbox {
                 }
                 let files = chain
                     .iter()
-                    .map(|m| store.open_file(&m.id, &m.memory.file, true))
+                    .map(|m| store.memory_layer(m))
                     .collect::<Result<Vec<_>>>()?;
+                cold |= files.iter().any(|f| f.cold);
                 let layers: Vec<LayerMap<'_>> = chain
                     .iter()
                     .zip(&files)
-                    .map(|(m, f)| match m.memory.kind {
-                        LayerKind::Full => LayerMap::Full {
-                            file: f,
-                            len: m.memory.size as usize,
-                        },
-                        LayerKind::Delta => LayerMap::Delta {
-                            file: f,
-                            pages: &m.delta_pages,
-                        },
+                    .map(|(m, f)| {
+                        if f.full {
+                            LayerMap::Full {
+                                file: &f.file,
+                                len: m.memory.size as usize,
+                            }
+                        } else {
+                            LayerMap::Delta {
+                                file: &f.file,
+                                pages: &m.delta_pages,
+                            }
+                        }
                     })
                     .collect();
                 if chain.iter().any(|m| m.memory.size > size) {
@@ -816,6 +846,7 @@ impl WasiSandbox {
         cleanup.defuse();
         Ok(Restored {
             pending_fs,
+            cold,
             sandbox_id: leaf.sandbox_id.clone(),
             spec,
             module,
@@ -844,6 +875,7 @@ impl WasiSandbox {
             workdir: Some(r.workdir),
             fs: Some(r.fs),
             pending_fs: r.pending_fs,
+            resumed_cold: r.cold,
         })
     }
 
@@ -869,6 +901,7 @@ struct Restored {
     workdir: PathBuf,
     fs: SandboxFs,
     pending_fs: Option<PendingFs>,
+    cold: bool,
 }
 
 /// Removes a directory on drop unless defused.
@@ -1080,6 +1113,7 @@ impl Sandbox for WasiSandbox {
         self.workdir = Some(r.workdir);
         self.fs = Some(r.fs);
         self.pending_fs = r.pending_fs;
+        self.resumed_cold = r.cold;
         self.lifecycle.set_last_good(id.clone());
         self.lifecycle.complete(Operation::Resume)
     }

@@ -7,6 +7,7 @@
 //! written since the parent, packed and page-aligned) and optionally `fs.tar`, the sandbox's own
 //! filesystem.
 
+pub mod chunks;
 pub mod format;
 pub mod store;
 
@@ -103,6 +104,10 @@ pub enum LayerKind {
     /// `memory.delta`: only the pages written since the parent, packed in page-index order; the
     /// indices are in the manifest's `PAGE` section.
     Delta,
+    /// `memory.cidx`: the compact form, an index of content-addressed compressed chunks (see
+    /// [`chunks`]). A base like a full image; resuming it first rebuilds a full image (a cold
+    /// resume).
+    Compact,
 }
 
 /// The memory part of a snapshot.
@@ -128,8 +133,12 @@ pub struct Manifest {
     pub created_unix_ms: u64,
     pub spec: SandboxSpec,
     pub memory: MemoryRecord,
-    /// The sandbox's own filesystem.
+    /// The sandbox's own filesystem: a tar archive, or its chunk index when `fs_compact_len`
+    /// is set.
     pub fs: Option<FileRecord>,
+    /// Length of the filesystem archive when it is stored in compact form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_compact_len: Option<u64>,
     /// Tier-specific state (WASI: globals, clock, module identity).
     pub tier_state: serde_json::Value,
     /// Page indices of a delta layer (stored in the `PAGE` section, not in JSON).
@@ -203,6 +212,17 @@ impl Manifest {
                     ));
                 }
             }
+            LayerKind::Compact => {
+                let chunks = mem.size.div_ceil(chunks::CHUNK as u64);
+                if !self.delta_pages.is_empty()
+                    || mem.depth != 0
+                    || mem.file.len != chunks * chunks::HASH_LEN as u64
+                {
+                    return Err(SnapshotError::Malformed(
+                        "inconsistent compact memory layer".into(),
+                    ));
+                }
+            }
             LayerKind::Delta => {
                 if self.parent.is_none() || mem.depth == 0 {
                     return Err(SnapshotError::Malformed(
@@ -263,6 +283,7 @@ mod tests {
                 crc32: 0x9abc_def0,
                 stored: 10240,
             }),
+            fs_compact_len: None,
             tier_state: serde_json::json!({"clock_ns": 42, "globals": [["__wizer_global_0", "i32", 65536]]}),
             delta_pages: vec![3, 9],
         }

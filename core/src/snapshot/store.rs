@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result, SnapshotError};
-use crate::snapshot::{FileRecord, Manifest, SnapshotId};
+use crate::snapshot::chunks::{self, Chunks};
+use crate::snapshot::{FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId};
 
 /// How hard a commit pushes data to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +107,7 @@ impl LocalStore {
     /// Opens (creating if needed) a store at `root`, removing what dead writers left behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<LocalStore> {
         let root = root.into();
-        for sub in ["snapshots", "tmp", "trash", "live"] {
+        for sub in ["snapshots", "tmp", "trash", "live", "chunks", "rehydrated"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(|e| Error::store("create", &p, e))?;
         }
@@ -237,7 +238,8 @@ impl LocalStore {
                 }
                 Err(e) => return Err(e),
             };
-            if pm.memory.depth + 1 != last.memory.depth || out.len() > MAX_CHAIN {
+            // Depth strictly decreases towards the base (a compacted parent becomes depth 0).
+            if pm.memory.depth >= last.memory.depth || out.len() > MAX_CHAIN {
                 return Err(Error::snapshot(
                     id,
                     SnapshotError::Malformed("inconsistent layer chain".into()),
@@ -353,7 +355,345 @@ impl LocalStore {
             .join(format!("{}-{}", id, rand::random::<u64>()));
         fs::rename(&dir, &trash).map_err(|e| Error::store("delete", &dir, e))?;
         self.verified.lock().retain(|(s, _)| s != id);
+        for ext in ["img", "tar"] {
+            let _ = fs::remove_file(self.rehydrated_path(id, ext));
+        }
         fs::remove_dir_all(&trash).map_err(|e| Error::store("delete", &trash, e))
+    }
+
+    fn chunks(&self) -> Chunks {
+        Chunks::new(self.root.join("chunks"))
+    }
+
+    fn rehydrated_path(&self, id: &SnapshotId, ext: &str) -> PathBuf {
+        self.root.join("rehydrated").join(format!("{id}.{ext}"))
+    }
+
+    /// Rebuilds (once; then cached under `rehydrated/`) the logical content of a compact file.
+    /// Returns the file and whether it had to be built now.
+    fn rehydrate(
+        &self,
+        id: &SnapshotId,
+        index: &FileRecord,
+        len: u64,
+        ext: &str,
+    ) -> Result<(File, bool)> {
+        let path = self.rehydrated_path(id, ext);
+        if let Ok(f) = File::open(&path)
+            && f.metadata().is_ok_and(|m| m.len() == len)
+        {
+            return Ok((f, false));
+        }
+        let idx = self.read_index(id, index)?;
+        let tmp = path.with_extension(format!(
+            "{ext}.{}-{:x}.tmp",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let r = (|| {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            self.chunks().rehydrate(&idx, len, &f)?;
+            fs::rename(&tmp, &path)?;
+            Ok::<File, io::Error>(f)
+        })();
+        match r {
+            Ok(f) => Ok((f, true)),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(Error::snapshot(
+                    id,
+                    SnapshotError::Io {
+                        file: path,
+                        source: e,
+                    },
+                ))
+            }
+        }
+    }
+
+    fn read_index(&self, id: &SnapshotId, rec: &FileRecord) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let mut f = self.open_file(id, rec, true)?;
+        let mut idx = Vec::with_capacity(rec.len as usize);
+        f.read_to_end(&mut idx).map_err(|e| {
+            Error::snapshot(
+                id,
+                SnapshotError::Io {
+                    file: self.snapshot_dir(id).join(&rec.name),
+                    source: e,
+                },
+            )
+        })?;
+        Ok(idx)
+    }
+
+    /// The file to map for a snapshot's memory layer: its own file or, for a compact layer, a
+    /// full image rebuilt from its chunks (`cold` tells whether that happened now).
+    pub fn memory_layer(&self, m: &Manifest) -> Result<LayerFile> {
+        match m.memory.kind {
+            LayerKind::Compact => {
+                let (file, cold) = self.rehydrate(&m.id, &m.memory.file, m.memory.size, "img")?;
+                Ok(LayerFile {
+                    file,
+                    full: true,
+                    cold,
+                })
+            }
+            kind => Ok(LayerFile {
+                file: self.open_file(&m.id, &m.memory.file, true)?,
+                full: kind == LayerKind::Full,
+                cold: false,
+            }),
+        }
+    }
+
+    /// The snapshot's filesystem archive (rebuilt from chunks for a compact snapshot).
+    pub fn fs_archive(&self, m: &Manifest) -> Result<Option<(File, bool)>> {
+        match (&m.fs, m.fs_compact_len) {
+            (None, _) => Ok(None),
+            (Some(rec), None) => Ok(Some((self.open_file(&m.id, rec, true)?, false))),
+            (Some(rec), Some(len)) => self.rehydrate(&m.id, rec, len, "tar").map(Some),
+        }
+    }
+
+    /// Converts a snapshot to the compact form for long-lived standby: its memory (the whole
+    /// chain it is layered on, resolved) and filesystem become indexes of zstd-compressed,
+    /// content-addressed 64 KiB chunks, shared with every other snapshot that contains the same
+    /// chunk; zero chunks are not stored. The fast-form files are then removed. Refused while
+    /// other snapshots are layered on this one.
+    pub fn compact(&self, id: &SnapshotId) -> Result<CompactReport> {
+        let _chunk_lock = ChunkLock::acquire(&self.root, false)?;
+        let m = self.manifest(id)?;
+        let before = m.memory.file.stored + m.fs.as_ref().map_or(0, |f| f.stored);
+        if m.memory.kind == LayerKind::Compact {
+            return Ok(CompactReport {
+                logical: m.memory.size,
+                fast_bytes: before,
+                new_chunk_bytes: 0,
+                chunks: 0,
+                reused_chunks: 0,
+            });
+        }
+        let children = self
+            .list()?
+            .iter()
+            .filter(|s| s.parent.as_ref() == Some(id))
+            .count();
+        if children > 0 {
+            return Err(Error::SnapshotInUse {
+                id: id.clone(),
+                children,
+            });
+        }
+        let chain = self.chain(id)?;
+        let dir = self.snapshot_dir(id);
+        let work = self
+            .root
+            .join("tmp")
+            .join(format!("{}-compact-{id}", std::process::id()));
+        fs::create_dir(&work).map_err(|e| Error::store("create", &work, e))?;
+        let _cleanup = RemoveOnDrop(work.clone());
+        let dir_ref = &dir;
+        let io = |what: &'static str| move |e: io::Error| Error::store(what, dir_ref, e);
+        // The logical memory of the chain, as one sparse image.
+        let img_path = work.join("memory.img");
+        let img = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&img_path)
+            .map_err(io("create"))?;
+        img.set_len(m.memory.size).map_err(io("size"))?;
+        for layer in &chain {
+            let lf = self.memory_layer(layer)?;
+            if lf.full {
+                copy_nonzero(&lf.file, &img, layer.memory.size).map_err(io("read memory of"))?;
+            } else {
+                apply_delta(&lf.file, &img, &layer.delta_pages).map_err(io("read memory of"))?;
+            }
+        }
+        let chunks = self.chunks();
+        let (mem_index, mst) = chunks
+            .compact(&img, m.memory.size)
+            .map_err(io("compact memory of"))?;
+        let (fs_rec, fs_len, fst) = match self.fs_archive(&m)? {
+            None => (None, None, chunks::CompactStats::default()),
+            Some((f, _)) => {
+                let len = m.fs.as_ref().map_or(0, |r| r.len);
+                let (idx, st) = chunks
+                    .compact(&f, len)
+                    .map_err(io("compact filesystem of"))?;
+                (Some(write_index(&dir, "fs.cidx", &idx)?), Some(len), st)
+            }
+        };
+        let mem_rec = write_index(&dir, "memory.cidx", &mem_index)?;
+        let mut m2 = m.clone();
+        m2.parent = None;
+        m2.memory = MemoryRecord {
+            size: m.memory.size,
+            kind: LayerKind::Compact,
+            file: mem_rec,
+            depth: 0,
+        };
+        m2.delta_pages = Vec::new();
+        m2.fs = fs_rec;
+        m2.fs_compact_len = fs_len;
+        // Publish the new manifest atomically, then drop the fast form.
+        let tmp = dir.join("manifest.dsnp.tmp");
+        write_synced(&tmp, &m2.encode()).map_err(io("write manifest of"))?;
+        fs::rename(&tmp, dir.join(MANIFEST)).map_err(io("commit manifest of"))?;
+        sync_dir(&dir)?;
+        for f in [
+            &m.memory.file.name,
+            m.fs.as_ref().map_or(&m.memory.file.name, |f| &f.name),
+        ] {
+            if f != &m2.memory.file.name && m2.fs.as_ref().is_none_or(|r| &r.name != f) {
+                let _ = fs::remove_file(dir.join(f));
+            }
+        }
+        self.verified.lock().retain(|(s, _)| s != id);
+        Ok(CompactReport {
+            logical: m.memory.size,
+            fast_bytes: before,
+            new_chunk_bytes: mst.new_bytes + fst.new_bytes,
+            chunks: mst.chunks + fst.chunks,
+            reused_chunks: mst.reused + fst.reused,
+        })
+    }
+
+    /// Removes data no snapshot references: chunks of deleted compact snapshots, rebuilt images
+    /// of deleted snapshots, and files a snapshot no longer uses. Safe to run while other
+    /// threads or processes checkpoint and compact.
+    pub fn gc(&self) -> Result<GcReport> {
+        let _chunk_lock = ChunkLock::acquire(&self.root, true)?;
+        let mut referenced = std::collections::HashSet::new();
+        let mut live_ids = std::collections::HashSet::new();
+        let dir = self.root.join("snapshots");
+        let rd = fs::read_dir(&dir).map_err(|e| Error::store("list", &dir, e))?;
+        let mut report = GcReport::default();
+        for ent in rd.flatten() {
+            let Ok(id) = SnapshotId::parse(&ent.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let m = match self.manifest(&id) {
+                Ok(m) => m,
+                // Unreadable snapshots keep their chunks: nothing is removed on a guess.
+                Err(_) => {
+                    return Err(Error::snapshot(
+                        &id,
+                        SnapshotError::Malformed(
+                            "unreadable during GC; delete it or fix it first".into(),
+                        ),
+                    ));
+                }
+            };
+            live_ids.insert(id.clone());
+            let mut keep: Vec<&str> = vec![MANIFEST, &m.memory.file.name];
+            if let Some(f) = &m.fs {
+                keep.push(&f.name);
+            }
+            if m.memory.kind == LayerKind::Compact {
+                referenced.extend(chunks::referenced(&self.read_index(&id, &m.memory.file)?));
+            }
+            if let (Some(f), Some(_)) = (&m.fs, m.fs_compact_len) {
+                referenced.extend(chunks::referenced(&self.read_index(&id, f)?));
+            }
+            for f in fs::read_dir(ent.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name.as_str()) {
+                    report.bytes_freed += f.metadata().map_or(0, |m| m.len());
+                    let _ = fs::remove_file(f.path());
+                }
+            }
+        }
+        for (hash, size) in self
+            .chunks()
+            .list()
+            .map_err(|e| Error::store("list", self.root.join("chunks"), e))?
+        {
+            if !referenced.contains(&hash) {
+                let p = self.chunks().path(&hash);
+                if fs::remove_file(&p).is_ok() {
+                    report.chunks_removed += 1;
+                    report.bytes_freed += size;
+                }
+            }
+        }
+        for f in fs::read_dir(self.root.join("rehydrated"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let id = name
+                .split('.')
+                .next()
+                .and_then(|s| SnapshotId::parse(s).ok());
+            if id.is_none_or(|id| !live_ids.contains(&id)) && !name.ends_with(".tmp") {
+                report.bytes_freed += f.metadata().map_or(0, |m| m.len());
+                let _ = fs::remove_file(f.path());
+            }
+        }
+        Ok(report)
+    }
+
+    /// Per snapshot: logical memory size, bytes stored for it, and how many of those bytes
+    /// are shared with other snapshots (chunks that other compact snapshots also reference).
+    pub fn usage(&self) -> Result<Vec<SnapshotUsage>> {
+        let sizes: std::collections::HashMap<_, _> = self
+            .chunks()
+            .list()
+            .map_err(|e| Error::store("list", self.root.join("chunks"), e))?
+            .into_iter()
+            .collect();
+        let mut per: Vec<(
+            SnapshotInfo,
+            Option<std::collections::HashSet<[u8; chunks::HASH_LEN]>>,
+        )> = Vec::new();
+        let mut refcount: std::collections::HashMap<[u8; chunks::HASH_LEN], u32> =
+            std::collections::HashMap::new();
+        for info in self.list()? {
+            let m = self.manifest(&info.id)?;
+            if m.memory.kind != LayerKind::Compact {
+                per.push((info, None));
+                continue;
+            }
+            let mut set: std::collections::HashSet<_> =
+                chunks::referenced(&self.read_index(&m.id, &m.memory.file)?).collect();
+            if let (Some(f), Some(_)) = (&m.fs, m.fs_compact_len) {
+                set.extend(chunks::referenced(&self.read_index(&m.id, f)?));
+            }
+            for h in &set {
+                *refcount.entry(*h).or_default() += 1;
+            }
+            per.push((info, Some(set)));
+        }
+        Ok(per
+            .into_iter()
+            .map(|(info, set)| match set {
+                None => SnapshotUsage {
+                    id: info.id,
+                    memory_size: info.memory_size,
+                    stored_bytes: info.stored_bytes,
+                    shared_bytes: 0,
+                    compact: false,
+                },
+                Some(set) => {
+                    let size = |h: &[u8; chunks::HASH_LEN]| sizes.get(h).copied().unwrap_or(0);
+                    SnapshotUsage {
+                        id: info.id,
+                        memory_size: info.memory_size,
+                        stored_bytes: set.iter().map(size).sum(),
+                        shared_bytes: set.iter().filter(|h| refcount[*h] > 1).map(size).sum(),
+                        compact: true,
+                    }
+                }
+            })
+            .collect())
     }
 
     /// The host directory of the named volume, created if it does not exist yet. Volumes hold
@@ -452,6 +792,135 @@ impl Drop for StoreLock {
     fn drop(&mut self) {
         let _ = rustix::fs::flock(&self.0, rustix::fs::FlockOperation::Unlock);
     }
+}
+
+/// The file backing a memory layer, as [`LocalStore::memory_layer`] returns it.
+#[derive(Debug)]
+pub struct LayerFile {
+    pub file: File,
+    /// Whether the file is a full image (page `i` at offset `i * 4096`); else a packed delta.
+    pub full: bool,
+    /// Whether it was rebuilt from compact chunks just now (a cold resume).
+    pub cold: bool,
+}
+
+/// What [`LocalStore::compact`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactReport {
+    pub logical: u64,
+    /// Bytes the fast form stored.
+    pub fast_bytes: u64,
+    /// Compressed bytes of chunks written for this snapshot (the rest were already stored).
+    pub new_chunk_bytes: u64,
+    pub chunks: u64,
+    pub reused_chunks: u64,
+}
+
+/// What [`LocalStore::gc`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub chunks_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// Storage accounting of one snapshot, as [`LocalStore::usage`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    pub id: SnapshotId,
+    /// Logical memory size.
+    pub memory_size: u64,
+    /// Bytes stored for this snapshot (compact: the compressed size of the chunks it uses).
+    pub stored_bytes: u64,
+    /// Part of `stored_bytes` in chunks other snapshots use too.
+    pub shared_bytes: u64,
+    pub compact: bool,
+}
+
+/// Serialises chunk writers (shared) against garbage collection (exclusive), across processes.
+struct ChunkLock(File);
+
+impl ChunkLock {
+    fn acquire(root: &Path, exclusive: bool) -> Result<ChunkLock> {
+        let path = root.join("chunks.lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::store("open", &path, e))?;
+        let op = if exclusive {
+            rustix::fs::FlockOperation::LockExclusive
+        } else {
+            rustix::fs::FlockOperation::LockShared
+        };
+        rustix::fs::flock(&f, op).map_err(|e| Error::store("lock", &path, e.into()))?;
+        Ok(ChunkLock(f))
+    }
+}
+
+impl Drop for ChunkLock {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(&self.0, rustix::fs::FlockOperation::Unlock);
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Writes a chunk index into a snapshot directory and returns its record.
+fn write_index(dir: &Path, name: &str, index: &[u8]) -> Result<FileRecord> {
+    let path = dir.join(name);
+    write_synced(&path, index).map_err(|e| Error::store("write", &path, e))?;
+    Ok(FileRecord {
+        name: name.into(),
+        len: index.len() as u64,
+        crc32: crc32fast::hash(index),
+        stored: index.len() as u64,
+    })
+}
+
+/// Copies the non-zero 64 KiB blocks of the first `len` bytes of `src` into `dst`.
+fn copy_nonzero(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; chunks::CHUNK];
+    let mut at = 0u64;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Applies a packed delta layer onto a full image file.
+fn apply_delta(delta: &File, dst: &File, pages: &[u32]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let page = crate::memimage::PAGE;
+    let mut buf = Vec::new();
+    let mut off = 0u64;
+    for run in crate::memimage::runs(pages) {
+        let len = run.count as usize * page;
+        buf.resize(len, 0);
+        delta.read_exact_at(&mut buf, off)?;
+        dst.write_all_at(&buf, run.first as u64 * page as u64)?;
+        off += len as u64;
+    }
+    Ok(())
 }
 
 /// A snapshot being written. Dropped without [`commit`](Self::commit), it leaves nothing.

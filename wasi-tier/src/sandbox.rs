@@ -103,7 +103,8 @@ struct Live {
     clock: Clock,
     layer: Option<Layer>,
     mapped_runs: usize,
-    /// Reseed the interpreter's PRNGs before the next cell (set after a resume).
+    /// Before the next cell, reseed the interpreter's PRNGs and close file objects whose
+    /// descriptors did not survive (set after a resume).
     reseed: bool,
 }
 

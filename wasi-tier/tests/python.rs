@@ -291,3 +291,35 @@ fn incremental_checkpoint_after_a_small_call_is_small() {
     let mut r = runtime().resume(env.store.clone(), &small).unwrap();
     assert_eq!(out(&mut r, "print(x, len(df))"), "1 100000\n");
 }
+
+#[test]
+fn files_left_open_at_a_checkpoint_are_closed_not_aliased() {
+    let env = Env::new();
+    let mut sb = python(&env);
+    out(
+        &mut sb,
+        "f = open('/tmp/log.txt', 'w')\nf.write('kept')\nf.flush()",
+    );
+    let id = sb.checkpoint().unwrap();
+    let mut r = runtime().resume(env.store.clone(), &id).unwrap();
+    let o = out(
+        &mut r,
+        "g = open('/tmp/other.txt', 'w')\n\
+         try:\n    f.write('stale'); f.flush(); print('wrote')\n\
+         except ValueError:\n    print('closed')\n\
+         g.write('new'); g.close()\n\
+         print(open('/tmp/other.txt').read(), open('/tmp/log.txt').read())",
+    );
+    assert_eq!(
+        o, "closed\nnew kept\n",
+        "the stale file object must not write into the new file"
+    );
+    // Files opened after the resume work normally, and open() is still the builtin's twin.
+    assert_eq!(
+        out(
+            &mut r,
+            "with open('/tmp/x', 'w') as h: h.write('ok')\nprint(open('/tmp/x').read(), open.__name__)"
+        ),
+        "ok open\n"
+    );
+}

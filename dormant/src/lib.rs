@@ -21,9 +21,10 @@
 //! ```
 
 pub use dormant_core::{
-    Command, DirEntry, Durability, Error, ExecOutput, Execution, ExecutionError, LocalStore,
-    Manifest, Mount, Operation, Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId,
-    SnapshotInfo, State, Tier, Workload,
+    Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Error, ExecOutput,
+    Execution, ExecutionError, GcReport, LocalStore, Managed, ManagedStats, Manifest, Mount,
+    Operation, Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId, SnapshotInfo,
+    SnapshotUsage, State, Tier, Workload,
 };
 pub use dormant_wasi::{RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

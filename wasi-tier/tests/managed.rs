@@ -67,14 +67,21 @@ fn calls_racing_with_auto_standby_are_neither_lost_nor_repeated() {
     let env = Env::new();
     let sb = runtime().create(env.store.clone(), env.toy_spec()).unwrap();
     let m = Managed::new(sb, Some(Duration::from_millis(3)));
-    // Calls spaced around the idle time, from several threads, so that many land while a
-    // standby is being taken or just after it.
+    // Phase 1, one caller: pauses from 0 to 8 ms around the 3 ms idle time, so that calls land
+    // before, during and after standbys.
+    let mut all: Vec<i64> = (0..60u64)
+        .map(|i| {
+            std::thread::sleep(Duration::from_micros((i * 7919) % 8000));
+            bump(&m)
+        })
+        .collect();
+    // Phase 2, several callers at once, racing each other and the timer.
     let threads: Vec<_> = (0..3u64)
         .map(|t| {
             let m = m.clone();
             std::thread::spawn(move || {
                 let mut seen = Vec::new();
-                for i in 0..60u64 {
+                for i in 0..40u64 {
                     std::thread::sleep(Duration::from_micros((i * 7919 + t * 104_729) % 6000));
                     seen.push(bump(&m));
                 }
@@ -82,10 +89,7 @@ fn calls_racing_with_auto_standby_are_neither_lost_nor_repeated() {
             })
         })
         .collect();
-    let mut all: Vec<i64> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
+    all.extend(threads.into_iter().flat_map(|t| t.join().unwrap()));
     all.sort_unstable();
     assert_eq!(
         all,

@@ -188,3 +188,55 @@ fn gc_keeps_fast_snapshots_and_removes_leftovers() {
     let mut r = runtime().resume(env.store.clone(), &id).unwrap();
     assert_eq!(r.call("peek", &[Val::I32(3)]).unwrap()[0].unwrap_i32(), 33);
 }
+
+#[test]
+fn gc_runs_safely_beside_checkpoints_and_compactions() {
+    let env = Env::new();
+    let mut base = runtime().create(env.store.clone(), env.toy_spec()).unwrap();
+    base.call("grow", &[Val::I32(30)]).unwrap();
+    base.call("fill", &[Val::I32(5)]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Collector: GC in a loop.
+    let gc = {
+        let store = env.store.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.gc().unwrap();
+                runs += 1;
+            }
+            runs
+        })
+    };
+    // Meanwhile: forks checkpoint, compact their snapshots (sharing most chunks), and some of
+    // those snapshots are deleted so that their chunks become garbage.
+    let mut kept: Vec<(SnapshotId, i32)> = Vec::new();
+    for round in 0..12 {
+        let mut children = base.fork(2).unwrap();
+        for (k, c) in children.iter_mut().enumerate() {
+            let v = round * 10 + k as i32;
+            c.call("poke", &[Val::I32(7), Val::I32(v)]).unwrap();
+            c.call("set_marker", &[Val::I32(5)]).unwrap();
+            let id = c.standby().unwrap();
+            env.store.compact(&id).unwrap();
+            if k == 0 {
+                env.store.delete(&id).unwrap();
+            } else {
+                kept.push((id, v));
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(gc.join().unwrap() > 0);
+    env.store.gc().unwrap();
+    for (id, v) in &kept {
+        let mut r = runtime().resume(env.store.clone(), id).unwrap();
+        assert_eq!(
+            r.call("peek", &[Val::I32(7)]).unwrap()[0].unwrap_i32(),
+            *v,
+            "snapshot {id}"
+        );
+        assert_eq!(r.call("peek", &[Val::I32(100)]).unwrap()[0].unwrap_i32(), 5);
+    }
+}

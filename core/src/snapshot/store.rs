@@ -579,28 +579,53 @@ impl LocalStore {
             let Ok(id) = SnapshotId::parse(&ent.file_name().to_string_lossy()) else {
                 continue;
             };
+            // A snapshot deleted while GC runs simply drops out; one that is unreadable for
+            // another reason stops GC: nothing is removed on a guess.
+            let gone = |e: Error| match e {
+                Error::SnapshotNotFound(_) => None,
+                _ if !self.snapshot_dir(&id).exists() => None,
+                e => Some(e),
+            };
             let m = match self.manifest(&id) {
                 Ok(m) => m,
-                // Unreadable snapshots keep their chunks: nothing is removed on a guess.
-                Err(_) => {
-                    return Err(Error::snapshot(
-                        &id,
-                        SnapshotError::Malformed(
-                            "unreadable during GC; delete it or fix it first".into(),
-                        ),
-                    ));
-                }
+                Err(e) => match gone(e) {
+                    None => continue,
+                    Some(_) => {
+                        return Err(Error::snapshot(
+                            &id,
+                            SnapshotError::Malformed(
+                                "unreadable during GC; delete it or fix it first".into(),
+                            ),
+                        ));
+                    }
+                },
             };
+            let mut refs = Vec::new();
+            let mut indexes = Vec::new();
+            if m.memory.kind == LayerKind::Compact {
+                indexes.push(&m.memory.file);
+            }
+            if let (Some(f), Some(_)) = (&m.fs, m.fs_compact_len) {
+                indexes.push(f);
+            }
+            let mut vanished = false;
+            for rec in indexes {
+                match self.read_index(&id, rec) {
+                    Ok(idx) => refs.extend(chunks::referenced(&idx)),
+                    Err(e) => match gone(e) {
+                        None => vanished = true,
+                        Some(e) => return Err(e),
+                    },
+                }
+            }
+            if vanished {
+                continue;
+            }
+            referenced.extend(refs);
             live_ids.insert(id.clone());
             let mut keep: Vec<&str> = vec![MANIFEST, &m.memory.file.name];
             if let Some(f) = &m.fs {
                 keep.push(&f.name);
-            }
-            if m.memory.kind == LayerKind::Compact {
-                referenced.extend(chunks::referenced(&self.read_index(&id, &m.memory.file)?));
-            }
-            if let (Some(f), Some(_)) = (&m.fs, m.fs_compact_len) {
-                referenced.extend(chunks::referenced(&self.read_index(&id, f)?));
             }
             for f in fs::read_dir(ent.path()).into_iter().flatten().flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();

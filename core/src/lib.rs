@@ -1,7 +1,7 @@
 //! # dormant-core
 //!
 //! The tier-independent half of dormant: the [`Sandbox`] contract both tiers implement, the
-//! [`SandboxSpec`] a sandbox is created from, its explicit [lifecycle](lifecycle) (illegal
+//! [`SandboxSpec`] a sandbox is created from, its explicit [lifecycle] (illegal
 //! transitions are typed errors), the typed [`Error`]s, and snapshots: a versioned,
 //! self-checking [format](snapshot::format), a crash-safe [local store](snapshot::store), and the
 //! [memory image](memimage) machinery that lets a resume map memory copy-on-write and an

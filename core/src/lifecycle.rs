@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Every operation is checked against the current state before it runs; an operation the state
-//! does not allow is an [`Error::IllegalTransition`](crate::Error::IllegalTransition), never a
+//! does not allow is an [`crate::Error::IllegalTransition`], never a
 //! surprise further down.
 
 use std::fmt;

@@ -1,10 +1,14 @@
 //! # dormant-kvm
 //!
 //! The KVM tier of dormant: microVMs booting a real Linux guest behind the same sandbox
-//! contract as the WASI tier. The VMM itself is not built yet; this crate currently answers
-//! one question a caller needs before choosing a tier: what kind of KVM this host offers.
+//! contract as the WASI tier. Built so far: host detection ([`detect`]: hardware virtualization,
+//! PVM, or none) and the VMM core ([`vm`]: a VM with copy-on-write guest RAM and one vCPU, run
+//! with a deadline, its whole state captured and restored into a brand-new VM, dirty-page
+//! tracking). The Linux guest, devices and the sandbox contract come next (issue 4).
 
 use std::path::Path;
+
+pub mod vm;
 
 /// The virtualization this host offers to the KVM tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

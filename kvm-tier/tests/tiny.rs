@@ -1,0 +1,251 @@
+//! The VMM core with tiny hand-written long-mode guests (a few dozen bytes of machine code):
+//! run, pause, capture, restore into a brand-new VM, copy-on-write isolation, dirty logging,
+//! and guests that crash or never stop. Skipped, with a message, where /dev/kvm is missing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use dormant_core::memimage;
+use dormant_kvm::vm::{Exit, GuestRam, MicroVm, VmError};
+use kvm_bindings::{kvm_regs, kvm_segment};
+
+const RAM: usize = 8 << 20;
+const GDT: usize = 0x500;
+const PML4: usize = 0x1000;
+const CODE: usize = 0x10000;
+const COUNTER: usize = 0x20_0000;
+
+/// `mov rdi, 0x200000; 1: inc qword [rdi]; mov rax, [rdi]; out 0x10, eax; jmp 1b`
+const COUNT_LOOP: &[u8] = &[
+    0x48, 0xc7, 0xc7, 0x00, 0x00, 0x20, 0x00, 0x48, 0xff, 0x07, 0x48, 0x8b, 0x07, 0xe7, 0x10, 0xeb,
+    0xf6,
+];
+/// `ud2` with no IDT: #UD → #DF → triple fault.
+const CRASH: &[u8] = &[0x0f, 0x0b];
+/// `jmp $`
+const SPIN: &[u8] = &[0xeb, 0xfe];
+/// `mov rdi, 0x200000; mov byte [rdi + 0x3000], 1; out 0x11, al; jmp $-…` writes two pages then
+/// reports: writes 0x200000 and 0x203000, then `out 0x11`, then spins on `out 0x11`.
+const TOUCH_TWO: &[u8] = &[
+    0x48, 0xc7, 0xc7, 0x00, 0x00, 0x20, 0x00, // mov rdi, 0x200000
+    0xc6, 0x07, 0x01, // mov byte [rdi], 1
+    0xc6, 0x87, 0x00, 0x30, 0x00, 0x00, 0x01, // mov byte [rdi + 0x3000], 1
+    0xe6, 0x11, // out 0x11, al
+    0xeb, 0xfc, // jmp back to the out
+];
+
+fn kvm_available() -> bool {
+    if dormant_kvm::detect() == dormant_kvm::HostKvm::Unavailable {
+        eprintln!("SKIPPED: /dev/kvm is not available on this machine; KVM tests did not run");
+        return false;
+    }
+    true
+}
+
+/// Identity-mapped long mode with a flat 64-bit code segment, starting at `CODE`.
+fn boot(code: &[u8], dirty_log: bool) -> MicroVm {
+    let mut ram = GuestRam::anonymous(RAM).unwrap();
+    let m = ram.as_mut_slice();
+    let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (i, e) in gdt.iter().enumerate() {
+        m[GDT + i * 8..GDT + i * 8 + 8].copy_from_slice(&e.to_le_bytes());
+    }
+    let put = |m: &mut [u8], at: usize, v: u64| m[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put(m, PML4, 0x2000 | 3);
+    put(m, 0x2000, 0x3000 | 3);
+    for j in 0..512u64 {
+        put(m, 0x3000 + j as usize * 8, (j << 21) | 0x83);
+    }
+    m[CODE..CODE + code.len()].copy_from_slice(code);
+    let vm = MicroVm::new(ram, dirty_log).unwrap();
+    let mut s = vm.vcpu().get_sregs().unwrap();
+    let cs = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x08,
+        type_: 11,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let ds = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x10,
+        type_: 3,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        ..Default::default()
+    };
+    s.cs = cs;
+    s.ds = ds;
+    s.es = ds;
+    s.fs = ds;
+    s.gs = ds;
+    s.ss = ds;
+    s.tr = kvm_segment {
+        base: 0,
+        limit: 103,
+        selector: 0,
+        type_: 11,
+        present: 1,
+        s: 0,
+        ..Default::default()
+    };
+    s.gdt.base = GDT as u64;
+    s.gdt.limit = 23;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = 0x8005_0033;
+    s.cr3 = PML4 as u64;
+    s.cr4 = 0x20 | 0x200 | 0x400;
+    s.efer = 0xd01;
+    vm.vcpu().set_sregs(&s).unwrap();
+    vm.vcpu()
+        .set_regs(&kvm_regs {
+            rip: CODE as u64,
+            rsp: 0x8000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    vm
+}
+
+fn next_count(vm: &mut MicroVm) -> u32 {
+    match vm.run(Duration::from_secs(10)).unwrap() {
+        Exit::IoOut(0x10, d) => u32::from_le_bytes(d[..4].try_into().unwrap()),
+        other => panic!("unexpected exit {other:?}"),
+    }
+}
+
+#[test]
+fn a_guest_is_paused_captured_and_continues_in_a_brand_new_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = boot(COUNT_LOOP, false);
+    for i in 1..=100 {
+        assert_eq!(next_count(&mut vm), i);
+    }
+    let state = vm.save_state().unwrap();
+    assert!(!state.msrs.is_empty());
+    let tmp = tempfile::tempdir().unwrap();
+    let image = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp.path().join("ram.img"))
+        .unwrap();
+    let w = memimage::write_full(&image, vm.ram().as_slice()).unwrap();
+    assert!(
+        w.stored < 64 * 1024,
+        "only non-zero pages are stored ({} bytes)",
+        w.stored
+    );
+    drop(vm);
+
+    // Two independent VMs from the one image.
+    let mut a = MicroVm::new(GuestRam::from_image(&image, RAM).unwrap(), false).unwrap();
+    a.restore_state(&state).unwrap();
+    let mut b = MicroVm::new(GuestRam::from_image(&image, RAM).unwrap(), false).unwrap();
+    b.restore_state(&state).unwrap();
+    for i in 101..=150 {
+        assert_eq!(
+            next_count(&mut a),
+            i,
+            "the restored guest continues where it stopped"
+        );
+    }
+    assert_eq!(
+        next_count(&mut b),
+        101,
+        "a second restore starts from the snapshot, not from the first"
+    );
+    // Copy-on-write: the image still holds the snapshot's counter.
+    use std::os::unix::fs::FileExt;
+    let mut v = [0u8; 8];
+    image.read_exact_at(&mut v, COUNTER as u64).unwrap();
+    assert_eq!(u64::from_le_bytes(v), 100);
+}
+
+#[test]
+fn dirty_logging_reports_only_written_pages() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = boot(TOUCH_TWO, true);
+    // Loading the guest wrote pages from the host side, which KVM does not log; clear the log.
+    vm.dirty_pages().unwrap();
+    match vm.run(Duration::from_secs(10)).unwrap() {
+        Exit::IoOut(0x11, _) => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+    let dirty = vm.dirty_pages().unwrap();
+    let want = [(COUNTER / 4096) as u32, (COUNTER / 4096 + 3) as u32];
+    for p in want {
+        assert!(
+            dirty.contains(&p),
+            "page {p} written by the guest is reported: {dirty:?}"
+        );
+    }
+    // The delta of a checkpoint now would store only those pages (plus page-table pages the
+    // CPU marks accessed), not the 8 MiB of RAM.
+    assert!(dirty.len() <= 8, "{dirty:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp.path().join("d"))
+        .unwrap();
+    let w = memimage::write_delta(&f, vm.ram().as_slice(), &dirty).unwrap();
+    assert!(w.stored <= 8 * 4096);
+    assert!(
+        vm.dirty_pages().unwrap().is_empty(),
+        "the log was cleared by reading it"
+    );
+}
+
+#[test]
+fn a_triple_fault_is_a_clear_error_and_the_host_survives() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = boot(CRASH, false);
+    match vm.run(Duration::from_secs(10)) {
+        Err(VmError::TripleFault) | Err(VmError::EmulationFailure { .. }) => {}
+        other => panic!("expected a triple fault, got {other:?}"),
+    }
+    let mut other = boot(COUNT_LOOP, false);
+    assert_eq!(next_count(&mut other), 1, "another VM runs fine afterwards");
+}
+
+#[test]
+fn a_guest_that_never_exits_hits_the_deadline() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = boot(SPIN, false);
+    let t = std::time::Instant::now();
+    match vm.run(Duration::from_millis(200)) {
+        Err(VmError::Deadline(d)) => assert_eq!(d, Duration::from_millis(200)),
+        other => panic!("expected the deadline, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // The VM can be captured after the kick, and another one runs.
+    vm.save_state().unwrap();
+    let mut other = boot(COUNT_LOOP, false);
+    assert_eq!(next_count(&mut other), 1);
+}

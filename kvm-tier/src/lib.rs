@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+pub mod persist;
 pub mod vm;
 
 /// The virtualization this host offers to the KVM tier.

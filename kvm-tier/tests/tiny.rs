@@ -249,3 +249,83 @@ fn a_guest_that_never_exits_hits_the_deadline() {
     let mut other = boot(COUNT_LOOP, false);
     assert_eq!(next_count(&mut other), 1);
 }
+
+const CHILD_ENV: &str = "DORMANT_KVM_TEST_CHILD";
+
+/// Helper process for `a_saved_guest_continues_in_a_new_process`: restores the state and RAM
+/// image named in the environment into a new VM and prints the next counter value. Does nothing
+/// unless the parent test started it.
+#[test]
+fn helper_restore_child() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let saved: dormant_kvm::persist::SavedState =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    let image = std::fs::File::open(dir.join("ram.img")).unwrap();
+    let mut vm = MicroVm::new(GuestRam::from_image(&image, RAM).unwrap(), false).unwrap();
+    vm.restore_state(&saved.to_state().unwrap()).unwrap();
+    println!("NEXT {}", next_count(&mut vm));
+}
+
+#[test]
+fn a_saved_guest_continues_in_a_new_process() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = boot(COUNT_LOOP, false);
+    for _ in 0..42 {
+        next_count(&mut vm);
+    }
+    let saved = dormant_kvm::persist::SavedState::from_state(&vm.save_state().unwrap());
+    // The saved form round-trips exactly.
+    let again = dormant_kvm::persist::SavedState::from_state(&saved.to_state().unwrap());
+    assert_eq!(again, saved);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("state.json"),
+        serde_json::to_vec(&saved).unwrap(),
+    )
+    .unwrap();
+    let image = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp.path().join("ram.img"))
+        .unwrap();
+    memimage::write_full(&image, vm.ram().as_slice()).unwrap();
+    drop(vm);
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_restore_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, tmp.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("NEXT 43\n"), "{out}");
+}
+
+#[test]
+fn damaged_saved_state_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = boot(COUNT_LOOP, false);
+    let mut saved = dormant_kvm::persist::SavedState::from_state(&vm.save_state().unwrap());
+    saved.sregs.pop();
+    assert!(saved.to_state().is_err());
+    let mut saved = dormant_kvm::persist::SavedState::from_state(&vm.save_state().unwrap());
+    saved.version = 99;
+    assert!(saved.to_state().is_err());
+}

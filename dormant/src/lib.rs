@@ -28,7 +28,13 @@ pub use dormant_core::{
 };
 pub use dormant_wasi::{RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 
-/// The KVM tier (host detection today).
+/// The KVM tier: host detection and the VMM core (the Linux guest and the sandbox contract
+/// are being built).
 pub mod kvm {
+    pub use dormant_kvm::persist::SavedState;
+    pub use dormant_kvm::vm::{Exit, GuestRam, MicroVm, VmError, VmState};
     pub use dormant_kvm::{HostKvm, detect};
 }
+
+/// Memory-image helpers shared by the tiers.
+pub use dormant_core::memimage;

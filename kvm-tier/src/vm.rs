@@ -157,6 +157,28 @@ pub struct MicroVm {
     msr_indices: Vec<u32>,
 }
 
+/// What KVM reports about the host once per process (it does not change while we run).
+struct HostInfo {
+    cpuid: kvm_bindings::CpuId,
+    msr_indices: Vec<u32>,
+}
+
+fn host_info(kvm_sys: &Kvm) -> Result<&'static HostInfo> {
+    static INFO: std::sync::OnceLock<HostInfo> = std::sync::OnceLock::new();
+    if let Some(i) = INFO.get() {
+        return Ok(i);
+    }
+    let cpuid = kvm_sys
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("get supported CPUID"))?;
+    let msr_indices = kvm_sys
+        .get_msr_index_list()
+        .map_err(kvm("get MSR index list"))?
+        .as_slice()
+        .to_vec();
+    Ok(INFO.get_or_init(|| HostInfo { cpuid, msr_indices }))
+}
+
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn install_kick_handler() {
@@ -197,15 +219,9 @@ impl MicroVm {
         })
         .map_err(kvm("create PIT"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
-        let cpuid = kvm_sys
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("get supported CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
-        let msr_indices = kvm_sys
-            .get_msr_index_list()
-            .map_err(kvm("get MSR index list"))?
-            .as_slice()
-            .to_vec();
+        let host = host_info(&kvm_sys)?;
+        vcpu.set_cpuid2(&host.cpuid).map_err(kvm("set CPUID"))?;
+        let msr_indices = host.msr_indices.clone();
         Ok(MicroVm {
             _kvm: kvm_sys,
             vm,

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 pub mod persist;
+pub mod vcpu;
 pub mod vm;
 
 /// The virtualization this host offers to the KVM tier.

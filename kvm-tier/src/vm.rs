@@ -181,7 +181,7 @@ fn host_info(kvm_sys: &Kvm) -> Result<&'static HostInfo> {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn install_kick_handler() {
+pub(crate) fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // A no-op handler: the signal only interrupts KVM_RUN (EINTR).
@@ -290,42 +290,57 @@ impl MicroVm {
 
     fn run_loop(&mut self, fired: &AtomicBool, deadline: Duration) -> Result<Exit> {
         loop {
-            match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(port, data)) => return Ok(Exit::IoOut(port, data.to_vec())),
-                Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    return Ok(Exit::MmioWrite(addr, data.to_vec()));
-                }
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::Hlt) => return Ok(Exit::Hlt),
-                Ok(VcpuExit::Shutdown) => return Err(VmError::TripleFault),
-                Ok(VcpuExit::InternalError) => {
-                    // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, KVM fills the `internal`
-                    // member of the exit union.
-                    let suberror =
-                        unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    return Err(VmError::EmulationFailure { suberror });
-                }
-                Ok(VcpuExit::FailEntry(reason, _)) => return Err(VmError::FailEntry(reason)),
-                Ok(VcpuExit::Intr) => {
-                    if fired.load(Ordering::SeqCst) {
-                        return Err(VmError::Deadline(deadline));
-                    }
-                }
-                Ok(other) => return Err(VmError::UnhandledExit(format!("{other:?}"))),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if fired.load(Ordering::SeqCst) {
-                        return Err(VmError::Deadline(deadline));
-                    }
-                }
-                Err(e) => {
-                    return Err(VmError::Kvm {
-                        op: "run vCPU",
-                        source: e,
-                    });
-                }
+            if let Some(exit) = self.run_once()? {
+                return Ok(exit);
+            }
+            if fired.load(Ordering::SeqCst) {
+                return Err(VmError::Deadline(deadline));
             }
         }
+    }
+
+    /// One `KVM_RUN`: `Some(exit)` for an exit the device model must see, `None` when the
+    /// vCPU was kicked out (a signal, or `immediate_exit`). Port and MMIO reads of unmapped
+    /// addresses read as all ones.
+    pub fn run_once(&mut self) -> Result<Option<Exit>> {
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => Ok(Some(Exit::IoOut(port, data.to_vec()))),
+            Ok(VcpuExit::IoIn(_, data)) => {
+                data.fill(0xff);
+                Ok(None)
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => Ok(Some(Exit::MmioWrite(addr, data.to_vec()))),
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                Ok(None)
+            }
+            Ok(VcpuExit::Hlt) => Ok(Some(Exit::Hlt)),
+            Ok(VcpuExit::Shutdown) => Err(VmError::TripleFault),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, KVM fills the `internal` member
+                // of the exit union.
+                let suberror =
+                    unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Err(VmError::EmulationFailure { suberror })
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => Err(VmError::FailEntry(reason)),
+            Ok(VcpuExit::Intr) => Ok(None),
+            Ok(other) => Err(VmError::UnhandledExit(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) => Err(VmError::Kvm {
+                op: "run vCPU",
+                source: e,
+            }),
+        }
+    }
+
+    /// Where KVM reads `immediate_exit` (written by a kicker on another thread).
+    pub(crate) fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        std::ptr::addr_of_mut!(self.vcpu.get_kvm_run().immediate_exit)
+    }
+
+    pub(crate) fn set_immediate_exit(&mut self, on: bool) {
+        self.vcpu.set_kvm_immediate_exit(on as u8);
     }
 
     /// Captures the vCPU and VM state (the vCPU must not be running: runs take `&mut self`).

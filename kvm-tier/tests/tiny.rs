@@ -329,3 +329,131 @@ fn damaged_saved_state_is_refused() {
     saved.version = 99;
     assert!(saved.to_state().is_err());
 }
+
+mod threaded {
+    use super::*;
+    use dormant_kvm::vcpu::{Action, Ended, VcpuThread};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn counting(vm: MicroVm) -> (VcpuThread, Arc<AtomicU64>) {
+        let last = Arc::new(AtomicU64::new(0));
+        let seen = last.clone();
+        let t = VcpuThread::start(vm, move |exit: &Exit| {
+            if let Exit::IoOut(0x10, d) = exit {
+                seen.store(
+                    u32::from_le_bytes(d[..4].try_into().unwrap()) as u64,
+                    Ordering::SeqCst,
+                );
+            }
+            Action::Continue
+        });
+        (t, last)
+    }
+
+    #[test]
+    fn pause_stops_the_guest_and_its_state_continues_elsewhere() {
+        if !kvm_available() {
+            return;
+        }
+        let (t, last) = counting(boot(COUNT_LOOP, false));
+        std::thread::sleep(Duration::from_millis(50));
+        t.pause().unwrap();
+        let c1 = last.load(Ordering::SeqCst);
+        assert!(c1 > 0, "the guest ran");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            last.load(Ordering::SeqCst),
+            c1,
+            "a paused guest does not run"
+        );
+        let state = t.save_state().unwrap();
+        // The RAM image, written while the guest is still paused, matches the state.
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("ram");
+        let p2 = path.clone();
+        t.with_paused_vm(move |vm| {
+            let f = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p2)
+                .unwrap();
+            memimage::write_full(&f, vm.ram().as_slice()).unwrap();
+        })
+        .unwrap();
+        t.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            last.load(Ordering::SeqCst) > c1,
+            "a resumed guest runs again"
+        );
+        let (_vm, ended) = t.stop();
+        assert!(matches!(ended, Ended::Stopped));
+
+        // The state captured while paused continues in a brand-new VM: the next value reported
+        // is the one after the last the handler saw.
+        let image = std::fs::File::open(&path).unwrap();
+        let mut fresh = MicroVm::new(GuestRam::from_image(&image, RAM).unwrap(), false).unwrap();
+        fresh.restore_state(&state).unwrap();
+        assert_eq!(next_count(&mut fresh) as u64, c1 + 1);
+    }
+
+    #[test]
+    fn a_spinning_guest_can_be_paused_many_times() {
+        if !kvm_available() {
+            return;
+        }
+        let t = VcpuThread::start(boot(SPIN, false), |_: &Exit| Action::Continue);
+        for _ in 0..20 {
+            t.pause().unwrap();
+            t.save_state().unwrap();
+            t.resume().unwrap();
+        }
+        t.pause().unwrap();
+        let (_vm, ended) = t.stop();
+        assert!(matches!(ended, Ended::Stopped));
+    }
+
+    #[test]
+    fn saving_a_running_vcpu_is_refused() {
+        if !kvm_available() {
+            return;
+        }
+        let t = VcpuThread::start(boot(SPIN, false), |_: &Exit| Action::Continue);
+        let start = std::time::Instant::now();
+        assert!(t.save_state().is_err());
+        assert!(t.with_paused_vm(|_| {}).is_err());
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "refused at once, not after a timeout"
+        );
+        drop(t); // joins the thread
+    }
+
+    #[test]
+    fn a_crashing_guest_ends_its_thread_with_the_reason() {
+        if !kvm_available() {
+            return;
+        }
+        let t = VcpuThread::start(boot(CRASH, false), |_: &Exit| Action::Continue);
+        let start = std::time::Instant::now();
+        while !t.is_finished() {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            t.pause().is_err(),
+            "a dead vCPU thread answers with an error"
+        );
+        let (_vm, ended) = t.stop();
+        assert!(
+            matches!(
+                ended,
+                Ended::Failed(VmError::TripleFault | VmError::EmulationFailure { .. })
+            ),
+            "{ended:?}"
+        );
+    }
+}

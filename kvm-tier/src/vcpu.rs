@@ -1,0 +1,260 @@
+//! The vCPU on its own thread, behind a handle.
+//!
+//! The thread runs `KVM_RUN` in a loop and hands every exit to an [`ExitHandler`] (the device
+//! model) on the same thread. The owner controls it through commands: [`VcpuThread::pause`]
+//! kicks the vCPU out of `KVM_RUN` (`immediate_exit` plus a signal, so that a guest spinning
+//! without exits stops too) and waits until the thread acknowledges; while paused, the state can
+//! be captured; [`VcpuThread::resume`] lets it run again; [`VcpuThread::stop`] joins the thread
+//! with a timeout and gives the VM back.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::signal::SIGRTMIN;
+
+use crate::vm::{Exit, MicroVm, VmError, VmState};
+
+/// What the device model answers to an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Keep running the guest.
+    Continue,
+    /// Stop the vCPU thread (the guest asked to power off, or the device model failed).
+    Stop,
+}
+
+/// The device model: handles exits on the vCPU thread.
+pub trait ExitHandler: Send + 'static {
+    fn handle(&mut self, exit: &Exit) -> Action;
+}
+
+impl<F: FnMut(&Exit) -> Action + Send + 'static> ExitHandler for F {
+    fn handle(&mut self, exit: &Exit) -> Action {
+        self(exit)
+    }
+}
+
+/// Work run on the vCPU thread while it is paused (e.g. writing a RAM image).
+type PausedWork = Box<dyn FnOnce(&MicroVm) + Send>;
+
+enum Cmd {
+    Pause,
+    Resume,
+    Save,
+    WithVm(PausedWork),
+    Stop,
+}
+
+enum Reply {
+    Paused,
+    Resumed,
+    Done,
+    State(Box<VmState>),
+    Error(VmError),
+}
+
+/// Why the vCPU thread ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The owner stopped it, or the handler returned [`Action::Stop`].
+    Stopped,
+    /// The guest crashed the VM (triple fault, emulation failure, failed entry, …).
+    Failed(VmError),
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    cmd: Sender<Cmd>,
+    reply: Receiver<Reply>,
+    immediate_exit: usize,
+    tid: libc::pthread_t,
+    join: Option<JoinHandle<(MicroVm, Ended)>>,
+}
+
+impl std::fmt::Debug for VcpuThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuThread").finish_non_exhaustive()
+    }
+}
+
+/// How long control operations wait for the vCPU thread before reporting it stuck.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuThread {
+    /// Starts running `vm`'s vCPU on a new thread, exits going to `handler`.
+    pub fn start(mut vm: MicroVm, mut handler: impl ExitHandler) -> VcpuThread {
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
+        let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
+        let (tid_tx, tid_rx) = mpsc::channel::<(usize, libc::pthread_t)>();
+        let join = std::thread::Builder::new()
+            .name("dormant-vcpu".into())
+            .spawn(move || {
+                crate::vm::install_kick_handler();
+                let ptr = vm.immediate_exit_ptr() as usize;
+                // SAFETY: pthread_self is always valid for the calling thread.
+                let _ = tid_tx.send((ptr, unsafe { libc::pthread_self() }));
+                let ended = run_thread(&mut vm, &mut handler, &cmd_rx, &reply_tx);
+                (vm, ended)
+            })
+            .expect("spawn the vCPU thread");
+        let (immediate_exit, tid) = tid_rx.recv().expect("the vCPU thread reports its id");
+        VcpuThread {
+            cmd: cmd_tx,
+            reply: reply_rx,
+            immediate_exit,
+            tid,
+            join: Some(join),
+        }
+    }
+
+    fn kick(&self) {
+        // SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping, owned by the VM the
+        // thread holds until it is joined (in `stop` or on drop), after which no kick is sent.
+        unsafe { std::ptr::write_volatile(self.immediate_exit as *mut u8, 1) };
+        // SAFETY: `tid` is the vCPU thread, alive until joined; the signal has a no-op handler.
+        unsafe { libc::pthread_kill(self.tid, SIGRTMIN()) };
+    }
+
+    fn call(&self, cmd: Cmd) -> Result<Reply, VmError> {
+        self.cmd
+            .send(cmd)
+            .map_err(|_| VmError::UnhandledExit("the vCPU thread has ended".into()))?;
+        // Every command is served between two KVM_RUNs: get the guest out of the current one.
+        self.kick();
+        match self.reply.recv_timeout(REPLY_TIMEOUT) {
+            Ok(Reply::Error(e)) => Err(e),
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => Err(VmError::Deadline(REPLY_TIMEOUT)),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(VmError::UnhandledExit("the vCPU thread has ended".into()))
+            }
+        }
+    }
+
+    /// Stops the guest at the next instruction boundary and waits until it is paused.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.call(Cmd::Pause).map(|_| ())
+    }
+
+    /// Lets a paused guest run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.call(Cmd::Resume).map(|_| ())
+    }
+
+    /// Captures the state of a paused guest.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        match self.call(Cmd::Save)? {
+            Reply::State(s) => Ok(*s),
+            _ => Err(VmError::UnhandledExit(
+                "unexpected reply from the vCPU thread".into(),
+            )),
+        }
+    }
+
+    /// Runs `f` with the VM while the guest is paused (on the vCPU thread), e.g. to write its
+    /// RAM image consistently with a state captured by [`Self::save_state`].
+    pub fn with_paused_vm(&self, f: impl FnOnce(&MicroVm) + Send + 'static) -> Result<(), VmError> {
+        self.call(Cmd::WithVm(Box::new(f))).map(|_| ())
+    }
+
+    /// Whether the thread has ended on its own (the guest crashed or the handler stopped it).
+    pub fn is_finished(&self) -> bool {
+        self.join.as_ref().is_none_or(|j| j.is_finished())
+    }
+
+    /// Stops the thread (kicking the guest out if it runs) and returns the VM and why the thread
+    /// ended.
+    pub fn stop(mut self) -> (MicroVm, Ended) {
+        let _ = self.cmd.send(Cmd::Stop);
+        let join = self.join.take().expect("joined once");
+        if !join.is_finished() {
+            self.kick();
+        }
+        join.join().expect("the vCPU thread does not panic")
+    }
+}
+
+impl Drop for VcpuThread {
+    fn drop(&mut self) {
+        if let Some(join) = self.join.take() {
+            let _ = self.cmd.send(Cmd::Stop);
+            if !join.is_finished() {
+                self.kick();
+            }
+            let _ = join.join();
+        }
+    }
+}
+
+fn run_thread(
+    vm: &mut MicroVm,
+    handler: &mut dyn ExitHandler,
+    cmds: &Receiver<Cmd>,
+    replies: &Sender<Reply>,
+) -> Ended {
+    let mut paused = false;
+    loop {
+        // Re-arm before looking for commands: a kick that lands after this point makes the next
+        // KVM_RUN return at once, and the command it announces is then found below.
+        vm.set_immediate_exit(false);
+        // Serve commands: all pending ones while running, blocking while paused.
+        loop {
+            let cmd = if paused {
+                match cmds.recv() {
+                    Ok(c) => c,
+                    Err(_) => return Ended::Stopped,
+                }
+            } else {
+                match cmds.try_recv() {
+                    Ok(c) => c,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return Ended::Stopped,
+                }
+            };
+            match cmd {
+                Cmd::Pause => {
+                    paused = true;
+                    let _ = replies.send(Reply::Paused);
+                }
+                Cmd::Resume => {
+                    paused = false;
+                    let _ = replies.send(Reply::Resumed);
+                }
+                Cmd::Save => {
+                    let r = if paused {
+                        vm.save_state()
+                            .map(|s| Reply::State(Box::new(s)))
+                            .unwrap_or_else(Reply::Error)
+                    } else {
+                        Reply::Error(VmError::UnhandledExit(
+                            "pause the vCPU before saving its state".into(),
+                        ))
+                    };
+                    let _ = replies.send(r);
+                }
+                Cmd::WithVm(f) => {
+                    let r = if paused {
+                        f(vm);
+                        Reply::Done
+                    } else {
+                        Reply::Error(VmError::UnhandledExit(
+                            "pause the vCPU before using its VM".into(),
+                        ))
+                    };
+                    let _ = replies.send(r);
+                }
+                Cmd::Stop => return Ended::Stopped,
+            }
+        }
+        match vm.run_once() {
+            Ok(Some(exit)) => {
+                if handler.handle(&exit) == Action::Stop {
+                    return Ended::Stopped;
+                }
+            }
+            Ok(None) => {} // kicked out of KVM_RUN: serve the command that asked for it
+            Err(e) => return Ended::Failed(e),
+        }
+    }
+}

@@ -4,15 +4,9 @@
 
 mod common;
 
-use common::{Env, runtime};
+use common::{Env, out, runtime};
 use dormant_core::{Error, Sandbox, SandboxSpec, SnapshotId};
-use dormant_wasi::{Val, WasiSandbox};
-
-fn out(sb: &mut WasiSandbox, code: &str) -> String {
-    let ex = sb.run_code(code).unwrap();
-    assert!(ex.error.is_none(), "{code}: {:?}", ex.error);
-    ex.stdout
-}
+use dormant_wasi::Val;
 
 const CHECK: &str = "print(len(df), int(df.k.sum()), note, open('/tmp/f.txt').read())";
 

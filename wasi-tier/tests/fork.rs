@@ -6,15 +6,8 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{Env, runtime};
+use common::{Env, out, runtime};
 use dormant_core::{Sandbox, SandboxSpec};
-use dormant_wasi::WasiSandbox;
-
-fn out(sb: &mut WasiSandbox, code: &str) -> String {
-    let ex = sb.run_code(code).unwrap();
-    assert!(ex.error.is_none(), "{code}: {:?}", ex.error);
-    ex.stdout
-}
 
 #[test]
 fn ten_forks_diverge_independently_and_share_pages() {

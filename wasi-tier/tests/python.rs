@@ -10,21 +10,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, runtime};
+use common::{Env, out, python, runtime};
 use dormant_core::{Error, Sandbox, SandboxSpec, SnapshotId, State};
-use dormant_wasi::WasiSandbox;
-
-fn python(env: &Env) -> WasiSandbox {
-    runtime()
-        .create(env.store.clone(), SandboxSpec::python())
-        .expect("create a Python sandbox")
-}
-
-fn out(sb: &mut WasiSandbox, code: &str) -> String {
-    let ex = sb.run_code(code).unwrap_or_else(|e| panic!("{code}: {e}"));
-    assert!(ex.error.is_none(), "{code}: {:?}", ex.error);
-    ex.stdout
-}
 
 const BUILD_FRAME: &str = "import numpy as np, pandas as pd\n\
 rng = np.random.default_rng(1)\n\

@@ -4,15 +4,8 @@
 
 mod common;
 
-use common::{Env, runtime};
+use common::{Env, out, runtime};
 use dormant_core::{Error, Sandbox, SandboxSpec};
-use dormant_wasi::WasiSandbox;
-
-fn out(sb: &mut WasiSandbox, code: &str) -> String {
-    let ex = sb.run_code(code).unwrap();
-    assert!(ex.error.is_none(), "{code}: {:?}", ex.error);
-    ex.stdout
-}
 
 #[test]
 fn volume_contents_outlive_snapshots_and_are_shared() {

@@ -331,13 +331,8 @@ impl LocalStore {
         Ok(out)
     }
 
-    /// Deletes a snapshot. Refused while incremental snapshots are layered on it.
-    pub fn delete(&self, id: &SnapshotId) -> Result<()> {
-        let dir = self.snapshot_dir(id);
-        let _lock = StoreLock::acquire(&self.root)?;
-        if !dir.exists() {
-            return Err(Error::SnapshotNotFound(id.clone()));
-        }
+    /// Refuses (with [`Error::SnapshotInUse`]) when other snapshots are layered on `id`.
+    fn ensure_no_children(&self, id: &SnapshotId) -> Result<()> {
         let children = self
             .list()?
             .iter()
@@ -349,6 +344,17 @@ impl LocalStore {
                 children,
             });
         }
+        Ok(())
+    }
+
+    /// Deletes a snapshot. Refused while incremental snapshots are layered on it.
+    pub fn delete(&self, id: &SnapshotId) -> Result<()> {
+        let dir = self.snapshot_dir(id);
+        let _lock = StoreLock::acquire(&self.root)?;
+        if !dir.exists() {
+            return Err(Error::SnapshotNotFound(id.clone()));
+        }
+        self.ensure_no_children(id)?;
         let trash = self
             .root
             .join("trash")
@@ -478,17 +484,7 @@ impl LocalStore {
                 reused_chunks: 0,
             });
         }
-        let children = self
-            .list()?
-            .iter()
-            .filter(|s| s.parent.as_ref() == Some(id))
-            .count();
-        if children > 0 {
-            return Err(Error::SnapshotInUse {
-                id: id.clone(),
-                children,
-            });
-        }
+        self.ensure_no_children(id)?;
         let chain = self.chain(id)?;
         let dir = self.snapshot_dir(id);
         let work = self

@@ -154,3 +154,18 @@ pub fn live_root_with(store: &LocalStore, marker: &str) -> PathBuf {
         .find(|root| root.join(marker).exists())
         .expect("a live sandbox root holding the marker")
 }
+
+/// A Python sandbox with the default spec.
+pub fn python(env: &Env) -> dormant_wasi::WasiSandbox {
+    runtime()
+        .create(env.store.clone(), SandboxSpec::python())
+        .expect("create a Python sandbox")
+}
+
+/// Runs a cell that must succeed; returns its stdout.
+pub fn out(sb: &mut dormant_wasi::WasiSandbox, code: &str) -> String {
+    use dormant_core::Sandbox;
+    let ex = sb.run_code(code).unwrap_or_else(|e| panic!("{code}: {e}"));
+    assert!(ex.error.is_none(), "{code}: {:?}", ex.error);
+    ex.stdout
+}

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 pub mod persist;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

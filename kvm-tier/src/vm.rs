@@ -133,6 +133,23 @@ impl GuestRam {
         self.region.size()
     }
 
+    /// Maps a delta layer (packed pages of `file`, see `dormant_core::memimage`) over this RAM,
+    /// copy-on-write. Only before the RAM is given to a VM.
+    pub fn map_delta(&mut self, file: &File, pages: &[u32]) -> std::io::Result<()> {
+        if pages
+            .last()
+            .is_some_and(|&p| (p as usize + 1) * dormant_core::memimage::PAGE > self.size())
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "delta page beyond guest RAM",
+            ));
+        }
+        // SAFETY: every page lies inside this region (checked above), which `&mut self` owns
+        // exclusively; no VM uses it yet (MicroVm::new takes the RAM by value).
+        unsafe { dormant_core::memimage::map_delta(self.region.as_ptr(), file, pages) }.map(|_| ())
+    }
+
     /// The RAM as bytes (for writing images and loading guests).
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the region is a live private mapping of `size` bytes owned by `self`; the

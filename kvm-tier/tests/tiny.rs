@@ -457,3 +457,94 @@ mod threaded {
         );
     }
 }
+
+mod stored {
+    use super::*;
+    use dormant_core::{LocalStore, SandboxSpec, Tier, Workload};
+    use dormant_kvm::snapshot;
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec::new(Tier::Kvm, Workload::Files)
+    }
+
+    #[test]
+    fn checkpoints_go_through_the_store_and_later_ones_store_only_dirtied_pages() {
+        if !kvm_available() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(tmp.path()).unwrap();
+        let mut vm = boot(COUNT_LOOP, true);
+        for _ in 0..10 {
+            next_count(&mut vm);
+        }
+        let full = snapshot::save(
+            &store,
+            &vm,
+            &vm.save_state().unwrap(),
+            None,
+            "vm-1",
+            &spec(),
+        )
+        .unwrap();
+        for _ in 0..50 {
+            next_count(&mut vm);
+        }
+        let delta = snapshot::save(
+            &store,
+            &vm,
+            &vm.save_state().unwrap(),
+            Some(&full),
+            "vm-1",
+            &spec(),
+        )
+        .unwrap();
+        let mf = store.manifest(&full).unwrap();
+        let md = store.manifest(&delta).unwrap();
+        assert!(
+            mf.memory.file.stored >= 4 * 4096,
+            "the full image holds code, tables and data"
+        );
+        assert!(
+            md.memory.file.stored <= 3 * 4096,
+            "the delta holds the counter page (and at most page-table pages): {}",
+            md.memory.file.stored
+        );
+        assert!(md.delta_pages.contains(&((COUNTER / 4096) as u32)));
+        drop(vm);
+
+        // A brand-new VM from the delta continues where the guest stopped; another from the
+        // full image continues from there.
+        let mut a = snapshot::load(&store, &delta).unwrap();
+        assert_eq!(next_count(&mut a), 61);
+        let mut b = snapshot::load(&store, &full).unwrap();
+        assert_eq!(next_count(&mut b), 11);
+        // A loaded VM checkpoints incrementally on the snapshot it came from.
+        for _ in 0..4 {
+            next_count(&mut a);
+        }
+        let deeper = snapshot::save(
+            &store,
+            &a,
+            &a.save_state().unwrap(),
+            Some(&delta),
+            "vm-1",
+            &spec(),
+        )
+        .unwrap();
+        assert_eq!(store.manifest(&deeper).unwrap().memory.depth, 2);
+        let mut c = snapshot::load(&store, &deeper).unwrap();
+        assert_eq!(next_count(&mut c), 66);
+
+        // A damaged manifest is refused with the snapshot's id; the others still load.
+        let m = store.snapshot_dir(&deeper).join("manifest.dsnp");
+        let mut bytes = std::fs::read(&m).unwrap();
+        bytes[30] ^= 0x40;
+        std::fs::write(&m, bytes).unwrap();
+        match snapshot::load(&store, &deeper) {
+            Err(dormant_core::Error::Snapshot { id, .. }) => assert_eq!(id, deeper),
+            other => panic!("expected a snapshot error, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(next_count(&mut snapshot::load(&store, &delta).unwrap()), 61);
+    }
+}

@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod fsarchive;
+pub mod fsutil;
 pub mod lifecycle;
 pub mod managed;
 pub mod memimage;

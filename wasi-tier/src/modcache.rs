@@ -7,9 +7,8 @@
 //! module. Writes are atomic (temp file + rename) and serialised by a lock file, so concurrent
 //! processes never compile the same module twice nor see a partial file.
 
-use std::fs::{self, File};
+use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -140,9 +139,8 @@ impl ModuleCache {
             }
         }
         let lock_path = path.with_extension("lock");
-        let lock = File::create(&lock_path).map_err(io_err("create", &lock_path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| Error::store("lock", &lock_path, e.into()))?;
+        let _lock = dormant_core::fsutil::FileLock::acquire(&lock_path, true)
+            .map_err(io_err("lock", &lock_path))?;
         // Another process may have compiled it while we waited.
         if path.is_file()
             && let Ok(m) = deserialize(engine, &path)
@@ -186,21 +184,7 @@ fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
     })
 }
 
-/// Writes `data` to `path` atomically (temp file in the same directory, then rename).
+/// Writes `data` to `path` atomically (see [`dormant_core::fsutil::write_atomic`]).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "tmp{}-{:x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let r = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if r.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    r.map_err(io_err("write", path))
+    dormant_core::fsutil::write_atomic(path, data).map_err(io_err("write", path))
 }

@@ -12,7 +12,7 @@
 //! just written or decided to reuse.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -70,23 +70,8 @@ impl Chunks {
             return Ok((hash, 0));
         }
         let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)?;
-        let parent = path.parent().expect("chunk paths have a parent");
-        fs::create_dir_all(parent)?;
-        let tmp = parent.join(format!(
-            ".{}-{:x}.tmp",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        let r = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&compressed)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        })();
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        r?;
+        fs::create_dir_all(path.parent().expect("chunk paths have a parent"))?;
+        crate::fsutil::write_atomic(&path, &compressed)?;
         Ok((hash, compressed.len() as u64))
     }
 

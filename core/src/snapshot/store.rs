@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result, SnapshotError};
+use crate::fsutil::{FileLock, write_atomic, write_synced};
 use crate::snapshot::chunks::{self, Chunks};
 use crate::snapshot::{FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId};
 
@@ -350,7 +351,7 @@ impl LocalStore {
     /// Deletes a snapshot. Refused while incremental snapshots are layered on it.
     pub fn delete(&self, id: &SnapshotId) -> Result<()> {
         let dir = self.snapshot_dir(id);
-        let _lock = StoreLock::acquire(&self.root)?;
+        let _lock = self.store_lock()?;
         if !dir.exists() {
             return Err(Error::SnapshotNotFound(id.clone()));
         }
@@ -365,6 +366,19 @@ impl LocalStore {
             let _ = fs::remove_file(self.rehydrated_path(id, ext));
         }
         fs::remove_dir_all(&trash).map_err(|e| Error::store("delete", &trash, e))
+    }
+
+    /// Held while a commit checks its parent or a delete checks for children, so that a
+    /// snapshot is never committed on top of a parent being deleted.
+    fn store_lock(&self) -> Result<FileLock> {
+        let path = self.root.join("lock");
+        FileLock::acquire(&path, true).map_err(|e| Error::store("lock", &path, e))
+    }
+
+    /// Serialises chunk writers (shared) against garbage collection (exclusive).
+    fn chunk_lock(&self, exclusive: bool) -> Result<FileLock> {
+        let path = self.root.join("chunks.lock");
+        FileLock::acquire(&path, exclusive).map_err(|e| Error::store("lock", &path, e))
     }
 
     fn chunks(&self) -> Chunks {
@@ -472,7 +486,7 @@ impl LocalStore {
     /// chunk; zero chunks are not stored. The fast-form files are then removed. Refused while
     /// other snapshots are layered on this one.
     pub fn compact(&self, id: &SnapshotId) -> Result<CompactReport> {
-        let _chunk_lock = ChunkLock::acquire(&self.root, false)?;
+        let _chunk_lock = self.chunk_lock(false)?;
         let m = self.manifest(id)?;
         let before = m.memory.file.stored + m.fs.as_ref().map_or(0, |f| f.stored);
         if m.memory.kind == LayerKind::Compact {
@@ -539,9 +553,7 @@ impl LocalStore {
         m2.fs = fs_rec;
         m2.fs_compact_len = fs_len;
         // Publish the new manifest atomically, then drop the fast form.
-        let tmp = dir.join("manifest.dsnp.tmp");
-        write_synced(&tmp, &m2.encode()).map_err(io("write manifest of"))?;
-        fs::rename(&tmp, dir.join(MANIFEST)).map_err(io("commit manifest of"))?;
+        write_atomic(&dir.join(MANIFEST), &m2.encode()).map_err(io("commit manifest of"))?;
         sync_dir(&dir)?;
         for f in [
             &m.memory.file.name,
@@ -565,7 +577,7 @@ impl LocalStore {
     /// of deleted snapshots, and files a snapshot no longer uses. Safe to run while other
     /// threads or processes checkpoint and compact.
     pub fn gc(&self) -> Result<GcReport> {
-        let _chunk_lock = ChunkLock::acquire(&self.root, true)?;
+        let _chunk_lock = self.chunk_lock(true)?;
         let mut referenced = std::collections::HashSet::new();
         let mut live_ids = std::collections::HashSet::new();
         let dir = self.root.join("snapshots");
@@ -789,32 +801,6 @@ fn read_capped(path: &Path, cap: u64) -> io::Result<Result<Vec<u8>, u64>> {
     Ok(Ok(buf))
 }
 
-/// An exclusive advisory lock on the store (in this process and across processes), held
-/// while a commit checks its parent or a delete checks for children, so that a snapshot is
-/// never committed on top of a parent being deleted.
-struct StoreLock(File);
-
-impl StoreLock {
-    fn acquire(root: &Path) -> Result<StoreLock> {
-        let path = root.join("lock");
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::store("open", &path, e))?;
-        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| Error::store("lock", &path, e.into()))?;
-        Ok(StoreLock(f))
-    }
-}
-
-impl Drop for StoreLock {
-    fn drop(&mut self) {
-        let _ = rustix::fs::flock(&self.0, rustix::fs::FlockOperation::Unlock);
-    }
-}
-
 /// The file backing a memory layer, as [`LocalStore::memory_layer`] returns it.
 #[derive(Debug)]
 pub struct LayerFile {
@@ -857,47 +843,12 @@ pub struct SnapshotUsage {
     pub compact: bool,
 }
 
-/// Serialises chunk writers (shared) against garbage collection (exclusive), across processes.
-struct ChunkLock(File);
-
-impl ChunkLock {
-    fn acquire(root: &Path, exclusive: bool) -> Result<ChunkLock> {
-        let path = root.join("chunks.lock");
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::store("open", &path, e))?;
-        let op = if exclusive {
-            rustix::fs::FlockOperation::LockExclusive
-        } else {
-            rustix::fs::FlockOperation::LockShared
-        };
-        rustix::fs::flock(&f, op).map_err(|e| Error::store("lock", &path, e.into()))?;
-        Ok(ChunkLock(f))
-    }
-}
-
-impl Drop for ChunkLock {
-    fn drop(&mut self) {
-        let _ = rustix::fs::flock(&self.0, rustix::fs::FlockOperation::Unlock);
-    }
-}
-
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut f = File::create(path)?;
-    f.write_all(data)?;
-    f.sync_all()
 }
 
 /// Writes a chunk index into a snapshot directory and returns its record.
@@ -1009,7 +960,7 @@ impl SnapshotWriter<'_> {
             sync_dir(&self.dir)?;
         }
         let dst = self.store.snapshot_dir(&self.id);
-        let lock = StoreLock::acquire(&self.store.root)?;
+        let lock = self.store.store_lock()?;
         if let Some(parent) = &manifest.parent
             && !self.store.contains(parent)
         {

@@ -46,6 +46,8 @@ pub enum Workload {
     Module { path: PathBuf },
     /// Only a filesystem; `exec` runs WASI command modules against it.
     Files,
+    /// A Linux microVM (KVM tier): a shell, processes, files; `exec` runs guest programs.
+    Linux,
 }
 
 /// A host directory made visible inside the sandbox.
@@ -100,6 +102,15 @@ impl SandboxSpec {
     /// A WASI Python session with defaults.
     pub fn python() -> Self {
         Self::new(Tier::Wasi, Workload::Python)
+    }
+
+    /// Default guest RAM of a Linux microVM: 256 MiB (its memory limit is its RAM size; boot
+    /// time grows with it where guest kernels are emulated).
+    pub const DEFAULT_LINUX_MEMORY: u64 = 256 << 20;
+
+    /// A Linux microVM (KVM tier) with defaults.
+    pub fn linux() -> Self {
+        Self::new(Tier::Kvm, Workload::Linux).memory_limit(Self::DEFAULT_LINUX_MEMORY)
     }
 
     pub fn memory_limit(mut self, bytes: u64) -> Self {

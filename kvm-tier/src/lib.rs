@@ -8,9 +8,14 @@
 
 use std::path::Path;
 
+pub mod boot;
+pub mod machine;
 pub mod persist;
+pub mod sandbox;
+pub mod serial;
 pub mod snapshot;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 /// The virtualization this host offers to the KVM tier.

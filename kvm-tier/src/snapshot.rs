@@ -3,8 +3,8 @@
 //! and sits on a parent snapshot, only the pages KVM logged as written since the parent; the
 //! vCPU/VM state is the manifest's tier state ([`SavedState`]).
 //!
-//! KVM logs guest writes only: device models that write guest memory from the host must add
-//! those pages themselves (none exists yet).
+//! KVM logs the vCPU's writes; pages written by device models (virtio queues) are tracked by
+//! the guest memory's own bitmap, and [`MicroVm::dirty_pages`] returns both.
 
 use dormant_core::memimage::{self, Written};
 use dormant_core::snapshot::store::LocalStore;
@@ -12,6 +12,7 @@ use dormant_core::snapshot::{FileRecord, LayerKind, Manifest, MemoryRecord, Snap
 use dormant_core::{Error, Result, SandboxSpec, SnapshotError, Tier};
 use serde::{Deserialize, Serialize};
 
+use crate::machine::DevicesState;
 use crate::persist::SavedState;
 use crate::vm::{GuestRam, MicroVm, VmState};
 
@@ -20,6 +21,9 @@ use crate::vm::{GuestRam, MicroVm, VmState};
 struct KvmState {
     ram_size: u64,
     vcpu: SavedState,
+    /// Device models' state (absent for bare VMs without devices).
+    #[serde(default)]
+    devices: Option<DevicesState>,
 }
 
 fn io<'a>(op: &'static str, store: &'a LocalStore) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -34,6 +38,19 @@ pub fn save(
     store: &LocalStore,
     vm: &MicroVm,
     state: &VmState,
+    parent: Option<&SnapshotId>,
+    sandbox_id: &str,
+    spec: &SandboxSpec,
+) -> Result<SnapshotId> {
+    save_machine(store, vm, state, None, parent, sandbox_id, spec)
+}
+
+/// [`save`] with the device models' state.
+pub fn save_machine(
+    store: &LocalStore,
+    vm: &MicroVm,
+    state: &VmState,
+    devices: Option<&DevicesState>,
     parent: Option<&SnapshotId>,
     sandbox_id: &str,
     spec: &SandboxSpec,
@@ -95,6 +112,7 @@ pub fn save(
     let tier_state = KvmState {
         ram_size: ram.len() as u64,
         vcpu: SavedState::from_state(state),
+        devices: devices.cloned(),
     };
     let manifest = Manifest {
         id: id.clone(),
@@ -120,6 +138,14 @@ pub fn save(
 /// state restored. Returns it not yet running, with dirty logging on so that its next `save`
 /// can be incremental on `id`.
 pub fn load(store: &LocalStore, id: &SnapshotId) -> Result<MicroVm> {
+    load_machine(store, id).map(|(vm, _)| vm)
+}
+
+/// [`load`], also returning the device models' state to rebuild them from.
+pub fn load_machine(
+    store: &LocalStore,
+    id: &SnapshotId,
+) -> Result<(MicroVm, Option<DevicesState>)> {
     let chain = store.chain(id)?;
     let leaf = chain.last().expect("chain is never empty");
     let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
@@ -161,5 +187,5 @@ pub fn load(store: &LocalStore, id: &SnapshotId) -> Result<MicroVm> {
         op: "restore the vCPU",
         message: e.to_string(),
     })?;
-    Ok(vm)
+    Ok((vm, st.devices))
 }

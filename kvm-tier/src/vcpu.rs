@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use vmm_sys_util::signal::SIGRTMIN;
 
-use crate::vm::{Exit, MicroVm, VmError, VmState};
+use crate::vm::{ExitRef, MicroVm, VmError, VmState};
 
 /// What the device model answers to an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,13 +24,14 @@ pub enum Action {
     Stop,
 }
 
-/// The device model: handles exits on the vCPU thread.
+/// The device model: handles exits on the vCPU thread (and answers reads by filling their
+/// data).
 pub trait ExitHandler: Send + 'static {
-    fn handle(&mut self, exit: &Exit) -> Action;
+    fn handle(&mut self, exit: ExitRef<'_>) -> Action;
 }
 
-impl<F: FnMut(&Exit) -> Action + Send + 'static> ExitHandler for F {
-    fn handle(&mut self, exit: &Exit) -> Action {
+impl<F: FnMut(ExitRef<'_>) -> Action + Send + 'static> ExitHandler for F {
+    fn handle(&mut self, exit: ExitRef<'_>) -> Action {
         self(exit)
     }
 }
@@ -209,11 +210,17 @@ fn run_thread(
                 match cmds.try_recv() {
                     Ok(c) => c,
                     Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => return Ended::Stopped,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        vm.complete_pending_io();
+                        return Ended::Stopped;
+                    }
                 }
             };
             match cmd {
                 Cmd::Pause => {
+                    if !paused {
+                        vm.complete_pending_io();
+                    }
                     paused = true;
                     let _ = replies.send(Reply::Paused);
                 }
@@ -244,12 +251,15 @@ fn run_thread(
                     };
                     let _ = replies.send(r);
                 }
-                Cmd::Stop => return Ended::Stopped,
+                Cmd::Stop => {
+                    vm.complete_pending_io();
+                    return Ended::Stopped;
+                }
             }
         }
-        match vm.run_once() {
+        match vm.run_exit() {
             Ok(Some(exit)) => {
-                if handler.handle(&exit) == Action::Stop {
+                if handler.handle(exit) == Action::Stop {
                     return Ended::Stopped;
                 }
             }

@@ -17,7 +17,10 @@ use kvm_bindings::{
     kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{FileOffset, MmapRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 /// Errors of the VMM core.
@@ -53,11 +56,40 @@ pub enum VmError {
 
 type Result<T> = std::result::Result<T, VmError>;
 
+const PAGE_SIZE: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
+    Some(p) => p,
+    None => unreachable!(),
+};
+
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
 }
 
-/// What stopped a run that the caller must handle.
+/// An exit the device model handles, borrowing the vCPU's `kvm_run` page: reads are answered
+/// by filling `data` before the next `KVM_RUN`.
+#[derive(Debug)]
+pub enum ExitRef<'a> {
+    IoOut {
+        port: u16,
+        data: &'a [u8],
+    },
+    IoIn {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    /// The guest halted (only without an in-kernel LAPIC timer to wake it).
+    Hlt,
+}
+
+/// What stopped a run of [`MicroVm::run`] (owned; port and MMIO reads read as all ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// `out` to a port: (port, data).
@@ -94,20 +126,50 @@ impl std::fmt::Debug for VmState {
     }
 }
 
+/// Guest memory as the devices see it: one region at guest physical address 0, with a bitmap
+/// that records every page a device writes (KVM's dirty log only sees the vCPU's writes).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
 /// Guest RAM: one region at guest physical address 0.
 #[derive(Debug)]
 pub struct GuestRam {
-    region: MmapRegion<()>,
+    mem: GuestMemory,
+    size: usize,
+}
+
+fn map_error(size: usize) -> impl FnOnce(vm_memory::mmap::MmapRegionError) -> VmError {
+    move |e| VmError::MapMemory {
+        size,
+        message: e.to_string(),
+    }
 }
 
 impl GuestRam {
-    /// Fresh zeroed RAM.
-    pub fn anonymous(size: usize) -> Result<GuestRam> {
-        let region = MmapRegion::new(size).map_err(|e| VmError::MapMemory {
+    fn from_region(region: MmapRegion<AtomicBitmap>) -> Result<GuestRam> {
+        let size = region.size();
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(VmError::MapMemory {
+            size,
+            message: "region overflows the guest address space".into(),
+        })?;
+        let mem = GuestMemory::from_regions(vec![region]).map_err(|e| VmError::MapMemory {
             size,
             message: e.to_string(),
         })?;
-        Ok(GuestRam { region })
+        Ok(GuestRam { mem, size })
+    }
+
+    fn bitmap(size: usize) -> AtomicBitmap {
+        AtomicBitmap::new(size, PAGE_SIZE)
+    }
+
+    /// Fresh zeroed RAM.
+    pub fn anonymous(size: usize) -> Result<GuestRam> {
+        let region = MmapRegionBuilder::new_with_bitmap(size, Self::bitmap(size))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(map_error(size))?;
+        Self::from_region(region)
     }
 
     /// RAM mapped copy-on-write from an image file: the guest sees the image, its writes stay
@@ -117,20 +179,33 @@ impl GuestRam {
             size,
             message: e.to_string(),
         })?;
-        let region = vm_memory::mmap::MmapRegionBuilder::new(size)
+        let region = MmapRegionBuilder::new_with_bitmap(size, Self::bitmap(size))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::new(file, 0))
             .build()
-            .map_err(|e| VmError::MapMemory {
-                size,
-                message: e.to_string(),
-            })?;
-        Ok(GuestRam { region })
+            .map_err(map_error(size))?;
+        Self::from_region(region)
+    }
+
+    fn region(&self) -> &GuestRegionMmap<AtomicBitmap> {
+        self.mem
+            .iter()
+            .next()
+            .expect("guest RAM always has its one region")
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.region().as_ptr()
     }
 
     pub fn size(&self) -> usize {
-        self.region.size()
+        self.size
+    }
+
+    /// The memory as devices access it (clones share the mapping).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
     }
 
     /// Maps a delta layer (packed pages of `file`, see `dormant_core::memimage`) over this RAM,
@@ -146,23 +221,43 @@ impl GuestRam {
             ));
         }
         // SAFETY: every page lies inside this region (checked above), which `&mut self` owns
-        // exclusively; no VM uses it yet (MicroVm::new takes the RAM by value).
-        unsafe { dormant_core::memimage::map_delta(self.region.as_ptr(), file, pages) }.map(|_| ())
+        // exclusively; no VM or device uses it yet (MicroVm::new takes the RAM by value and
+        // devices get their handle from the VM).
+        unsafe { dormant_core::memimage::map_delta(self.as_ptr(), file, pages) }.map(|_| ())
+    }
+
+    /// Pages written by devices (through [`Self::memory`]) since the last call.
+    pub fn take_device_dirty_pages(&self) -> Vec<u32> {
+        bitmap_pages(&self.region().bitmap().get_and_reset())
     }
 
     /// The RAM as bytes (for writing images and loading guests).
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the region is a live private mapping of `size` bytes owned by `self`; the
         // vCPU is not running while a `&self` method of the VM hands this out (runs need
-        // `&mut self`).
-        unsafe { std::slice::from_raw_parts(self.region.as_ptr(), self.region.size()) }
+        // `&mut self`), and devices are quiesced before images are written.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.size) }
     }
 
     /// The RAM as mutable bytes.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` excludes any other access.
-        unsafe { std::slice::from_raw_parts_mut(self.region.as_ptr(), self.region.size()) }
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.size) }
     }
+}
+
+/// Page indices of the set bits of a little-endian bitmap of u64 words.
+fn bitmap_pages(bitmap: &[u64]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for (w, word) in bitmap.iter().enumerate() {
+        let mut bits = *word;
+        while bits != 0 {
+            let b = bits.trailing_zeros();
+            out.push((w * 64) as u32 + b);
+            bits &= bits - 1;
+        }
+    }
+    out
 }
 
 /// A VM with one vCPU.
@@ -224,7 +319,7 @@ impl MicroVm {
             },
             guest_phys_addr: 0,
             memory_size: ram.size() as u64,
-            userspace_addr: ram.region.as_ptr() as u64,
+            userspace_addr: ram.as_ptr() as u64,
         };
         // SAFETY: the region maps memory owned by `ram`, which the returned MicroVm keeps alive
         // for as long as the VM exists; the slot is registered once.
@@ -316,28 +411,36 @@ impl MicroVm {
         }
     }
 
-    /// One `KVM_RUN`: `Some(exit)` for an exit the device model must see, `None` when the
-    /// vCPU was kicked out (a signal, or `immediate_exit`). Port and MMIO reads of unmapped
-    /// addresses read as all ones.
+    /// One `KVM_RUN`, reads of ports and MMIO answered with all ones: `Some(exit)` for an exit
+    /// the caller must see, `None` when the vCPU was kicked out (a signal, or `immediate_exit`).
     pub fn run_once(&mut self) -> Result<Option<Exit>> {
+        Ok(match self.run_exit()? {
+            Some(ExitRef::IoOut { port, data }) => Some(Exit::IoOut(port, data.to_vec())),
+            Some(ExitRef::MmioWrite { addr, data }) => Some(Exit::MmioWrite(addr, data.to_vec())),
+            Some(ExitRef::IoIn { data, .. }) | Some(ExitRef::MmioRead { data, .. }) => {
+                data.fill(0xff);
+                None
+            }
+            Some(ExitRef::Hlt) => Some(Exit::Hlt),
+            None => None,
+        })
+    }
+
+    /// One `KVM_RUN`, the exit borrowed for a device model: `None` when the vCPU was kicked out.
+    pub fn run_exit(&mut self) -> Result<Option<ExitRef<'_>>> {
+        let kvm_run: *const kvm_bindings::kvm_run = self.vcpu.get_kvm_run();
         match self.vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => Ok(Some(Exit::IoOut(port, data.to_vec()))),
-            Ok(VcpuExit::IoIn(_, data)) => {
-                data.fill(0xff);
-                Ok(None)
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => Ok(Some(Exit::MmioWrite(addr, data.to_vec()))),
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
-                Ok(None)
-            }
-            Ok(VcpuExit::Hlt) => Ok(Some(Exit::Hlt)),
+            Ok(VcpuExit::IoOut(port, data)) => Ok(Some(ExitRef::IoOut { port, data })),
+            Ok(VcpuExit::IoIn(port, data)) => Ok(Some(ExitRef::IoIn { port, data })),
+            Ok(VcpuExit::MmioWrite(addr, data)) => Ok(Some(ExitRef::MmioWrite { addr, data })),
+            Ok(VcpuExit::MmioRead(addr, data)) => Ok(Some(ExitRef::MmioRead { addr, data })),
+            Ok(VcpuExit::Hlt) => Ok(Some(ExitRef::Hlt)),
             Ok(VcpuExit::Shutdown) => Err(VmError::TripleFault),
             Ok(VcpuExit::InternalError) => {
-                // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, KVM fills the `internal` member
-                // of the exit union.
-                let suberror =
-                    unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                // SAFETY: `kvm_run` points to the vCPU's kvm_run mapping, alive as long as
+                // `self.vcpu`; after a KVM_EXIT_INTERNAL_ERROR exit, KVM fills the `internal`
+                // member of the exit union, and nothing else borrows the page in this arm.
+                let suberror = unsafe { (*kvm_run).__bindgen_anon_1.internal.suberror };
                 Err(VmError::EmulationFailure { suberror })
             }
             Ok(VcpuExit::FailEntry(reason, _)) => Err(VmError::FailEntry(reason)),
@@ -349,6 +452,30 @@ impl MicroVm {
                 source: e,
             }),
         }
+    }
+
+    /// Routes writes of `fd` to the guest interrupt line `gsi` (irqfd).
+    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.vm
+            .register_irqfd(fd, gsi)
+            .map_err(kvm("register irqfd"))
+    }
+
+    /// Makes a 4-byte guest write of `value` at MMIO `addr` signal `fd` without a VM exit
+    /// (ioeventfd).
+    pub fn register_mmio_ioeventfd(&self, fd: &EventFd, addr: u64, value: u32) -> Result<()> {
+        self.vm
+            .register_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(kvm("register ioeventfd"))
+    }
+
+    /// Completes an exit's pending port or MMIO operation (a read's data reaches the guest's
+    /// registers only on the next `KVM_RUN`) without running guest code: a `KVM_RUN` with
+    /// `immediate_exit` set. Needed before the state is captured.
+    pub fn complete_pending_io(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.run();
+        self.vcpu.set_kvm_immediate_exit(0);
     }
 
     /// Where KVM reads `immediate_exit` (written by a kicker on another thread).
@@ -428,20 +555,19 @@ impl MicroVm {
         Ok(())
     }
 
-    /// Pages written since the last call (or since dirty logging started), as page indices.
+    /// Pages written since the last call (or since dirty logging started), by the vCPU (KVM's
+    /// dirty log) or by a device, as sorted page indices.
     pub fn dirty_pages(&self) -> Result<Vec<u32>> {
         let bitmap = self
             .vm
             .get_dirty_log(0, self.ram.size())
             .map_err(kvm("get dirty log"))?;
-        let mut out = Vec::new();
-        for (w, word) in bitmap.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let b = bits.trailing_zeros();
-                out.push((w * 64) as u32 + b);
-                bits &= bits - 1;
-            }
+        let mut out = bitmap_pages(&bitmap);
+        let devices = self.ram.take_device_dirty_pages();
+        if !devices.is_empty() {
+            out.extend(devices);
+            out.sort_unstable();
+            out.dedup();
         }
         Ok(out)
     }

@@ -333,14 +333,19 @@ fn damaged_saved_state_is_refused() {
 mod threaded {
     use super::*;
     use dormant_kvm::vcpu::{Action, Ended, VcpuThread};
+    use dormant_kvm::vm::ExitRef;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn counting(vm: MicroVm) -> (VcpuThread, Arc<AtomicU64>) {
         let last = Arc::new(AtomicU64::new(0));
         let seen = last.clone();
-        let t = VcpuThread::start(vm, move |exit: &Exit| {
-            if let Exit::IoOut(0x10, d) = exit {
+        let t = VcpuThread::start(vm, move |exit: ExitRef<'_>| {
+            if let ExitRef::IoOut {
+                port: 0x10,
+                data: d,
+            } = exit
+            {
                 seen.store(
                     u32::from_le_bytes(d[..4].try_into().unwrap()) as u64,
                     Ordering::SeqCst,
@@ -405,7 +410,7 @@ mod threaded {
         if !kvm_available() {
             return;
         }
-        let t = VcpuThread::start(boot(SPIN, false), |_: &Exit| Action::Continue);
+        let t = VcpuThread::start(boot(SPIN, false), |_: ExitRef<'_>| Action::Continue);
         for _ in 0..20 {
             t.pause().unwrap();
             t.save_state().unwrap();
@@ -421,7 +426,7 @@ mod threaded {
         if !kvm_available() {
             return;
         }
-        let t = VcpuThread::start(boot(SPIN, false), |_: &Exit| Action::Continue);
+        let t = VcpuThread::start(boot(SPIN, false), |_: ExitRef<'_>| Action::Continue);
         let start = std::time::Instant::now();
         assert!(t.save_state().is_err());
         assert!(t.with_paused_vm(|_| {}).is_err());
@@ -437,7 +442,7 @@ mod threaded {
         if !kvm_available() {
             return;
         }
-        let t = VcpuThread::start(boot(CRASH, false), |_: &Exit| Action::Continue);
+        let t = VcpuThread::start(boot(CRASH, false), |_: ExitRef<'_>| Action::Continue);
         let start = std::time::Instant::now();
         while !t.is_finished() {
             assert!(start.elapsed() < Duration::from_secs(10));

@@ -231,6 +231,9 @@ impl WasiRuntime {
                 self.module_from_bytes(&bytes, true).map(Some)
             }
             Workload::Files => Ok(None),
+            Workload::Linux => Err(Error::InvalidSpec(
+                "a Linux workload runs in the KVM tier (SandboxSpec::linux), not in WASI".into(),
+            )),
         }
     }
 

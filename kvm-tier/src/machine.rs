@@ -1,0 +1,303 @@
+//! A whole microVM: the VM and its vCPU thread, the serial console, and virtio-vsock, wired
+//! together (irqfds for interrupts, an ioeventfd per virtqueue), booted from a kernel or
+//! rebuilt from a snapshot.
+//!
+//! Guest physical layout: RAM from 0; the virtio-mmio window of vsock at
+//! [`VSOCK_MMIO_BASE`] (IRQ [`VSOCK_IRQ`]); COM1 at port 0x3f8 (IRQ 4). The guest learns about
+//! the virtio device from the kernel command line (`virtio_mmio.device=`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BootError, BootSpec};
+use crate::serial::{COM1, COM1_IRQ, ConsoleLog, IrqLine, Uart, UartState};
+use crate::vcpu::{Action, Ended, ExitHandler, VcpuThread};
+use crate::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY};
+use crate::virtio::vsock::{VsockDevice, VsockHost, VsockState};
+use crate::vm::{ExitRef, GuestRam, MicroVm, VmError, VmState};
+
+/// Guest physical address of the vsock device's virtio-mmio registers.
+pub const VSOCK_MMIO_BASE: u64 = 0xd000_0000;
+/// Its interrupt line.
+pub const VSOCK_IRQ: u32 = 5;
+/// Version of [`DevicesState`]'s layout.
+pub const DEVICES_VERSION: u32 = 1;
+
+/// Errors of a machine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MachineError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("device {device}: {message}")]
+    Device {
+        device: &'static str,
+        message: String,
+    },
+    /// The guest crashed or reset; the console's tail says why.
+    #[error("the guest stopped: {reason}")]
+    GuestStopped { reason: String },
+}
+
+type Result<T> = std::result::Result<T, MachineError>;
+
+fn device(device: &'static str) -> impl FnOnce(std::io::Error) -> MachineError {
+    move |e| MachineError::Device {
+        device,
+        message: e.to_string(),
+    }
+}
+
+/// The device models' state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub version: u32,
+    pub uart: UartState,
+    pub vsock: VsockState,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    /// Guest RAM in bytes.
+    pub mem_size: usize,
+    /// The kernel command line without devices ([`boot::base_cmdline`] by default).
+    pub cmdline: String,
+    /// Copy the guest console to the host's stderr.
+    pub console_echo: bool,
+}
+
+struct Devices {
+    uart: Mutex<Uart>,
+    vsock: VsockDevice,
+    /// The guest asked for a reset (its way to power off).
+    reset: AtomicBool,
+}
+
+struct DeviceModel(Arc<Devices>);
+
+impl ExitHandler for DeviceModel {
+    fn handle(&mut self, exit: ExitRef<'_>) -> Action {
+        let d = &self.0;
+        match exit {
+            ExitRef::IoOut { port, data } if (COM1..COM1 + 8).contains(&port) => {
+                if let Some(&b) = data.first() {
+                    let _ = d.uart.lock().write((port - COM1) as u8, b);
+                }
+            }
+            ExitRef::IoIn { port, data } if (COM1..COM1 + 8).contains(&port) => {
+                let v = d.uart.lock().read((port - COM1) as u8);
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = v;
+                }
+            }
+            // The i8042 reset line: Linux's `reboot=k` (and its panic reboot) ends up here.
+            ExitRef::IoOut { port: 0x64, data } if data.first() == Some(&0xfe) => {
+                d.reset.store(true, Ordering::SeqCst);
+                return Action::Stop;
+            }
+            ExitRef::MmioRead { addr, data }
+                if (VSOCK_MMIO_BASE..VSOCK_MMIO_BASE + MMIO_SIZE).contains(&addr) =>
+            {
+                d.vsock.mmio_read(addr - VSOCK_MMIO_BASE, data);
+            }
+            ExitRef::MmioWrite { addr, data }
+                if (VSOCK_MMIO_BASE..VSOCK_MMIO_BASE + MMIO_SIZE).contains(&addr) =>
+            {
+                d.vsock.mmio_write(addr - VSOCK_MMIO_BASE, data);
+            }
+            ExitRef::IoIn { data, .. } | ExitRef::MmioRead { data, .. } => data.fill(0xff),
+            ExitRef::IoOut { .. } | ExitRef::MmioWrite { .. } | ExitRef::Hlt => {}
+        }
+        Action::Continue
+    }
+}
+
+/// A running (or quiesced) microVM with its devices.
+pub struct Machine {
+    vcpu: Option<VcpuThread>,
+    devices: Arc<Devices>,
+    console: ConsoleLog,
+    mem_size: usize,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("mem_size", &self.mem_size)
+            .field("running", &self.vcpu.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The kernel command line's device part.
+pub fn device_cmdline() -> String {
+    format!("virtio_mmio.device=4K@{VSOCK_MMIO_BASE:#x}:{VSOCK_IRQ}")
+}
+
+impl Machine {
+    /// Boots `cfg.kernel` in a fresh VM.
+    pub fn boot(cfg: &MachineConfig) -> Result<Machine> {
+        let ram = GuestRam::anonymous(cfg.mem_size)?;
+        let mut vm = MicroVm::new(ram, true)?;
+        let cmdline = format!("{} {}", cfg.cmdline, device_cmdline());
+        boot::load(
+            &mut vm,
+            &BootSpec {
+                kernel: &cfg.kernel,
+                initramfs: cfg.initramfs.as_deref(),
+                cmdline: &cmdline,
+            },
+        )?;
+        let console = ConsoleLog::new(cfg.console_echo);
+        let uart_irq = EventFd::new(EFD_NONBLOCK).map_err(device("serial"))?;
+        vm.register_irqfd(&uart_irq, COM1_IRQ)?;
+        let uart = Uart::new(IrqLine(uart_irq), console.clone());
+        let vsock_irq = EventFd::new(EFD_NONBLOCK).map_err(device("vsock"))?;
+        let vsock = VsockDevice::new(vm.ram().memory().clone(), vsock_irq, None)
+            .map_err(device("vsock"))?;
+        Self::start(vm, uart, vsock, console)
+    }
+
+    /// Rebuilds a machine around a VM restored from a snapshot (see `snapshot::load_machine`).
+    pub fn restore(vm: MicroVm, state: &DevicesState, console_echo: bool) -> Result<Machine> {
+        if state.version != DEVICES_VERSION {
+            return Err(MachineError::Device {
+                device: "all",
+                message: format!(
+                    "device state version {} (this build reads {DEVICES_VERSION})",
+                    state.version
+                ),
+            });
+        }
+        let console = ConsoleLog::new(console_echo);
+        let uart_irq = EventFd::new(EFD_NONBLOCK).map_err(device("serial"))?;
+        vm.register_irqfd(&uart_irq, COM1_IRQ)?;
+        let uart = state
+            .uart
+            .restore(IrqLine(uart_irq), console.clone())
+            .map_err(|message| MachineError::Device {
+                device: "serial",
+                message,
+            })?;
+        let vsock_irq = EventFd::new(EFD_NONBLOCK).map_err(device("vsock"))?;
+        let vsock = VsockDevice::new(vm.ram().memory().clone(), vsock_irq, Some(&state.vsock))
+            .map_err(device("vsock"))?;
+        Self::start(vm, uart, vsock, console)
+    }
+
+    fn start(vm: MicroVm, uart: Uart, vsock: VsockDevice, console: ConsoleLog) -> Result<Machine> {
+        vm.register_irqfd(&vsock.irq_fd(), VSOCK_IRQ)?;
+        for (i, evt) in vsock.queue_evts().iter().enumerate() {
+            vm.register_mmio_ioeventfd(evt, VSOCK_MMIO_BASE + QUEUE_NOTIFY, i as u32)?;
+        }
+        let mem_size = vm.ram().size();
+        let devices = Arc::new(Devices {
+            uart: Mutex::new(uart),
+            vsock,
+            reset: AtomicBool::new(false),
+        });
+        let vcpu = VcpuThread::start(vm, DeviceModel(devices.clone()));
+        Ok(Machine {
+            vcpu: Some(vcpu),
+            devices,
+            console,
+            mem_size,
+        })
+    }
+
+    pub fn console(&self) -> &ConsoleLog {
+        &self.console
+    }
+
+    pub fn vsock(&self) -> VsockHost {
+        self.devices.vsock.host()
+    }
+
+    pub fn mem_size(&self) -> usize {
+        self.mem_size
+    }
+
+    /// Whether the vCPU still runs (false after a crash or a guest reset).
+    pub fn is_running(&self) -> bool {
+        self.vcpu.as_ref().is_some_and(|v| !v.is_finished())
+    }
+
+    fn stopped_reason(&self, ended: Ended) -> MachineError {
+        let tail: String = {
+            let t = self.console.text();
+            let lines: Vec<&str> = t.lines().rev().take(8).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        let why = match ended {
+            Ended::Failed(e) => e.to_string(),
+            Ended::Stopped if self.devices.reset.load(Ordering::SeqCst) => {
+                "the guest reset itself (kernel panic or reboot)".into()
+            }
+            Ended::Stopped => "stopped".into(),
+        };
+        MachineError::GuestStopped {
+            reason: format!("{why}; last console lines:\n{tail}"),
+        }
+    }
+
+    /// Stops the guest (vCPU and devices) and hands out the VM with its captured state, for a
+    /// consistent checkpoint. [`Self::unquiesce`] lets it run again.
+    pub fn quiesce(&mut self) -> Result<(MicroVm, VmState, DevicesState)> {
+        let vcpu = self.vcpu.take().ok_or(MachineError::GuestStopped {
+            reason: "the machine is already quiesced".into(),
+        })?;
+        let crashed = vcpu.is_finished();
+        let (vm, ended) = vcpu.stop();
+        if crashed || self.devices.reset.load(Ordering::SeqCst) {
+            return Err(self.stopped_reason(ended));
+        }
+        self.devices.vsock.set_paused(true);
+        let state = vm.save_state()?;
+        let devices = DevicesState {
+            version: DEVICES_VERSION,
+            uart: UartState::capture(&self.devices.uart.lock()),
+            vsock: self.devices.vsock.state(),
+        };
+        Ok((vm, state, devices))
+    }
+
+    /// Lets a quiesced guest run again.
+    pub fn unquiesce(&mut self, vm: MicroVm) {
+        self.devices.vsock.set_paused(false);
+        self.vcpu = Some(VcpuThread::start(vm, DeviceModel(self.devices.clone())));
+    }
+
+    /// Stops the guest for good; returns why it had stopped if it had crashed.
+    pub fn shutdown(mut self) -> Option<MachineError> {
+        let vcpu = self.vcpu.take()?;
+        let crashed = vcpu.is_finished();
+        let (vm, ended) = vcpu.stop();
+        // Closing a VM with an in-kernel irqchip takes 16-24 ms here: off the caller's path.
+        let _ = std::thread::Builder::new()
+            .name("dormant-vm-close".into())
+            .spawn(move || drop(vm));
+        crashed.then(|| self.stopped_reason(ended))
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some(vcpu) = self.vcpu.take() {
+            let (vm, _) = vcpu.stop();
+            let _ = std::thread::Builder::new()
+                .name("dormant-vm-close".into())
+                .spawn(move || drop(vm));
+        }
+    }
+}

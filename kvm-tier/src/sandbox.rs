@@ -1,0 +1,710 @@
+//! [`KvmSandbox`]: a Linux microVM behind dormant's sandbox contract.
+//!
+//! The guest runs dormant's agent as PID 1 (`kvm-tier/agent`); every operation is a request to
+//! it over virtio-vsock. A checkpoint quiesces vCPU and devices, stores RAM (full, or the pages
+//! written since the parent snapshot) with the vCPU/VM/device state, and lets the guest go on.
+//! A resume builds a brand-new VM with RAM mapped copy-on-write from the snapshot and reconnects
+//! to the agent, which still knows its processes.
+//!
+//! A fresh sandbox does not boot Linux every time: the first creation for a given guest image
+//! and RAM size boots it once and keeps a *base snapshot* in the store (`bases/` under its
+//! root); later creations resume that snapshot under a new sandbox id (milliseconds instead of
+//! a boot).
+//!
+//! Guest randomness: every resumed copy (fork, base) gets fresh entropy from the host mixed
+//! into the guest's pool, so siblings do not share random streams.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dormant_agent::client::{Client, ClientError};
+use dormant_core::lifecycle::{Lifecycle, Operation, State};
+use dormant_core::paths::DirEntry;
+use dormant_core::snapshot::SnapshotId;
+use dormant_core::snapshot::store::LocalStore;
+use dormant_core::{
+    Command, Error, ExecOutput, Execution, Result, Sandbox, SandboxSpec, Tier, Workload,
+};
+
+use crate::HostKvm;
+use crate::machine::{Machine, MachineConfig};
+use crate::snapshot;
+use crate::virtio::vsock::VsockStream;
+
+/// The agent's vsock port.
+pub const AGENT_PORT: u32 = dormant_agent::proto::DEFAULT_PORT;
+/// Deepest chain of incremental snapshots before a checkpoint writes a full image again.
+const MAX_DEPTH: u32 = 16;
+
+/// The guest kernel and initramfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl GuestImage {
+    /// The image `kvm-tier/guest/build.sh` built: `$DORMANT_GUEST_KERNEL` and
+    /// `$DORMANT_GUEST_INITRAMFS` when set, else `$DORMANT_CACHE/guest/current/` (default cache
+    /// `~/.cache/dormant`).
+    pub fn locate() -> Result<GuestImage> {
+        let current = std::env::var_os("DORMANT_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| dirs::cache_dir().map(|d| d.join("dormant")))
+            .unwrap_or_else(|| PathBuf::from(".dormant-cache"))
+            .join("guest/current");
+        let pick = |var: &str, name: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| current.join(name))
+        };
+        let image = GuestImage {
+            kernel: pick("DORMANT_GUEST_KERNEL", "vmlinux"),
+            initramfs: pick("DORMANT_GUEST_INITRAMFS", "initramfs.cpio"),
+        };
+        for p in [&image.kernel, &image.initramfs] {
+            if !p.is_file() {
+                return Err(Error::RuntimeMissing {
+                    what: "the Linux guest image",
+                    hint: format!(
+                        "{} is missing; build it with kvm-tier/guest/build.sh (scripts/setup.sh \
+                         runs it) or set DORMANT_GUEST_KERNEL / DORMANT_GUEST_INITRAMFS",
+                        p.display()
+                    ),
+                });
+            }
+        }
+        Ok(image)
+    }
+
+    /// A short hash identifying the image's contents (for base snapshots).
+    fn fingerprint(&self) -> Result<String> {
+        let mut h = blake3::Hasher::new();
+        for p in [&self.kernel, &self.initramfs] {
+            h.update_mmap(p).map_err(|e| Error::File {
+                op: "hash",
+                path: p.display().to_string(),
+                source: e,
+            })?;
+        }
+        Ok(h.finalize().to_hex()[..16].to_string())
+    }
+}
+
+fn runtime(op: &'static str) -> impl FnOnce(crate::machine::MachineError) -> Error {
+    move |e| Error::Runtime {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// Options of the KVM tier that are not part of the portable spec.
+#[derive(Debug, Clone)]
+pub struct KvmOptions {
+    /// Copy the guest's serial console to stderr (also `DORMANT_GUEST_CONSOLE=1`).
+    pub console_echo: bool,
+    /// Longest wait for a booting guest's agent. Default: 180 s on PVM hosts, 30 s otherwise.
+    pub boot_timeout: Duration,
+    /// Longest wait for a resumed guest's agent. Default: 30 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for KvmOptions {
+    fn default() -> Self {
+        let slow = crate::detect().is_slow();
+        KvmOptions {
+            console_echo: std::env::var_os("DORMANT_GUEST_CONSOLE").is_some_and(|v| v == "1"),
+            boot_timeout: Duration::from_secs(if slow { 180 } else { 30 }),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A Linux microVM sandbox.
+pub struct KvmSandbox {
+    store: Arc<LocalStore>,
+    id: String,
+    spec: SandboxSpec,
+    lifecycle: Lifecycle,
+    machine: Option<Machine>,
+    agent: Option<Client<VsockStream>>,
+    /// The snapshot the live RAM is layered on (what the next checkpoint's delta is against).
+    parent: Option<SnapshotId>,
+    opts: KvmOptions,
+}
+
+impl std::fmt::Debug for KvmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmSandbox")
+            .field("id", &self.id)
+            .field("state", &self.lifecycle.state())
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_id() -> String {
+    format!("kvm-{}", SnapshotId::generate())
+}
+
+impl KvmSandbox {
+    /// A new Linux sandbox (`spec.tier` must be [`Tier::Kvm`]); its guest RAM is
+    /// `spec.memory_limit`.
+    pub fn create(store: Arc<LocalStore>, spec: SandboxSpec) -> Result<KvmSandbox> {
+        Self::create_with(store, spec, KvmOptions::default())
+    }
+
+    pub fn create_with(
+        store: Arc<LocalStore>,
+        spec: SandboxSpec,
+        opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
+        spec.validate()?;
+        if spec.tier != Tier::Kvm || spec.workload != Workload::Linux {
+            return Err(Error::InvalidSpec(
+                "the KVM tier runs Linux workloads (SandboxSpec::linux())".into(),
+            ));
+        }
+        if !spec.mounts.is_empty() {
+            return Err(Error::Unsupported {
+                op: "mounting host directories",
+                what: "the KVM tier yet (copy files in with write_file)".into(),
+            });
+        }
+        require_kvm()?;
+        let image = GuestImage::locate()?;
+        let base = Self::base_snapshot(&store, &image, &spec, &opts)?;
+        let mut sb = Self::from_snapshot_with(store, &base, opts)?;
+        sb.id = new_id();
+        sb.spec.env = spec.env;
+        sb.spec.call_timeout = spec.call_timeout;
+        sb.spec.output_limit = spec.output_limit;
+        Ok(sb)
+    }
+
+    /// Boots the image once per (image, RAM size) and keeps the booted guest as a snapshot.
+    fn base_snapshot(
+        store: &Arc<LocalStore>,
+        image: &GuestImage,
+        spec: &SandboxSpec,
+        opts: &KvmOptions,
+    ) -> Result<SnapshotId> {
+        let key = format!("kvm-{}-{}m", image.fingerprint()?, spec.memory_limit >> 20);
+        let dir = store.root().join("bases");
+        let record = dir.join(&key);
+        let _lock = {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::store("create", &dir, e))?;
+            dormant_core::fsutil::FileLock::acquire(&dir.join(format!("{key}.lock")), true)
+        }
+        .map_err(|e| Error::store("lock", &dir, e))?;
+        if let Ok(text) = std::fs::read_to_string(&record)
+            && let Ok(id) = text.trim().parse::<SnapshotId>()
+            && store.manifest(&id).is_ok()
+        {
+            return Ok(id);
+        }
+        let mut booted = Self::boot(store.clone(), image, spec.clone(), opts.clone())?;
+        let id = booted.checkpoint()?;
+        booted.release();
+        dormant_core::fsutil::write_atomic(&record, id.to_string().as_bytes())
+            .map_err(|e| Error::store("record base snapshot", &record, e))?;
+        Ok(id)
+    }
+
+    /// Boots the guest image in a fresh VM and waits for its agent.
+    pub fn boot(
+        store: Arc<LocalStore>,
+        image: &GuestImage,
+        spec: SandboxSpec,
+        opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
+        require_kvm()?;
+        let mem_size = usize::try_from(spec.memory_limit)
+            .map_err(|_| Error::InvalidSpec("memory_limit does not fit this host".into()))?;
+        let cfg = MachineConfig {
+            kernel: image.kernel.clone(),
+            initramfs: Some(image.initramfs.clone()),
+            mem_size,
+            cmdline: crate::boot::base_cmdline(crate::detect().is_slow()),
+            console_echo: opts.console_echo,
+        };
+        let machine = Machine::boot(&cfg).map_err(runtime("boot the guest"))?;
+        let mut sb = KvmSandbox {
+            store,
+            id: new_id(),
+            spec,
+            lifecycle: Lifecycle::new(),
+            machine: Some(machine),
+            agent: None,
+            parent: None,
+            opts,
+        };
+        sb.connect(sb.opts.boot_timeout)?;
+        Ok(sb)
+    }
+
+    /// Resumes a snapshot as a new handle (the sandbox keeps the snapshot's id).
+    pub fn from_snapshot(store: Arc<LocalStore>, id: &SnapshotId) -> Result<KvmSandbox> {
+        Self::from_snapshot_with(store, id, KvmOptions::default())
+    }
+
+    pub fn from_snapshot_with(
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+        opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
+        require_kvm()?;
+        let manifest = store.manifest(id)?;
+        let mut sb = KvmSandbox {
+            store,
+            id: manifest.sandbox_id.clone(),
+            spec: manifest.spec.clone(),
+            lifecycle: Lifecycle::new(),
+            machine: None,
+            agent: None,
+            parent: None,
+            opts,
+        };
+        sb.load(id)?;
+        Ok(sb)
+    }
+
+    fn load(&mut self, id: &SnapshotId) -> Result<()> {
+        let (vm, devices) = snapshot::load_machine(&self.store, id)?;
+        let devices = devices.ok_or_else(|| {
+            Error::snapshot(
+                id,
+                dormant_core::SnapshotError::Incompatible(
+                    "a bare VM snapshot without devices, not a Linux sandbox".into(),
+                ),
+            )
+        })?;
+        let machine = Machine::restore(vm, &devices, self.opts.console_echo)
+            .map_err(runtime("restore the guest's devices"))?;
+        self.release();
+        self.machine = Some(machine);
+        self.parent = Some(id.clone());
+        self.lifecycle.set_last_good(id.clone());
+        self.connect(self.opts.connect_timeout)?;
+        self.reseed()?;
+        Ok(())
+    }
+
+    /// The guest's serial console output so far (kernel log, agent messages).
+    pub fn console(&self) -> String {
+        self.machine
+            .as_ref()
+            .map(|m| m.console().text())
+            .unwrap_or_default()
+    }
+
+    pub fn spec(&self) -> &SandboxSpec {
+        &self.spec
+    }
+
+    pub fn last_snapshot(&self) -> Option<&SnapshotId> {
+        self.lifecycle.last_good()
+    }
+
+    /// Opens the agent connection, retrying until the guest's agent listens or `timeout`.
+    fn connect(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let machine = self.machine.as_ref().ok_or(Error::IllegalTransition {
+            op: Operation::Exec,
+            state: State::Standby,
+        })?;
+        let host = machine.vsock();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = host
+                .connect(AGENT_PORT, left.min(Duration::from_secs(5)))
+                .map_err(ClientError::Io)
+                .and_then(|s| {
+                    let mut c = Client::new(s);
+                    c.hello().map(|_| c)
+                });
+            match attempt {
+                Ok(c) => {
+                    self.agent = Some(c);
+                    return Ok(());
+                }
+                Err(e) => {
+                    if !machine.is_running() {
+                        let t = machine.console().text();
+                        let tail: Vec<&str> = t.lines().rev().take(10).collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        return Err(Error::Runtime {
+                            op: "start the guest",
+                            message: format!(
+                                "the VM stopped before its agent answered; console:\n{}",
+                                tail.join("\n")
+                            ),
+                        });
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(Error::Runtime {
+                            op: "reach the guest agent",
+                            message: format!(
+                                "no answer on vsock port {AGENT_PORT} in {timeout:?}: {e}"
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// The agent client, reconnecting once if the previous connection broke.
+    fn agent(&mut self, op: Operation) -> Result<&mut Client<VsockStream>> {
+        self.lifecycle.check(op)?;
+        self.live_agent()
+    }
+
+    /// The agent client of a live machine, whatever the lifecycle says (resume uses it before
+    /// the sandbox counts as running).
+    fn live_agent(&mut self) -> Result<&mut Client<VsockStream>> {
+        if self.agent.as_ref().is_none_or(|c| c.is_broken()) {
+            self.agent = None;
+            self.connect(self.opts.connect_timeout)?;
+        }
+        self.agent.as_mut().ok_or(Error::Runtime {
+            op: "reach the guest agent",
+            message: "no connection".into(),
+        })
+    }
+
+    /// Mixes host entropy into the guest's pool (forks and bases must not share streams).
+    fn reseed(&mut self) -> Result<()> {
+        let seed: [u8; 64] = rand::random();
+        let c = self.live_agent()?;
+        c.write_file("/dev/urandom", &seed, None, true)
+            .map_err(|e| agent_error("reseed the guest's randomness", "/dev/urandom", e))
+    }
+
+    fn release(&mut self) {
+        self.agent = None;
+        if let Some(m) = self.machine.take() {
+            let _ = m.shutdown();
+        }
+    }
+
+    fn do_checkpoint(&mut self) -> Result<SnapshotId> {
+        self.lifecycle.check(Operation::Checkpoint)?;
+        // In-flight connections do not survive; the agent's state does.
+        self.agent = None;
+        let machine = self.machine.as_mut().ok_or(Error::IllegalTransition {
+            op: Operation::Checkpoint,
+            state: State::Standby,
+        })?;
+        let (vm, state, devices) = machine.quiesce().map_err(|e| {
+            let msg = e.to_string();
+            self.lifecycle.poison(msg.clone());
+            Error::Trap {
+                message: msg,
+                last_good: self.lifecycle.last_good().cloned(),
+            }
+        })?;
+        let parent = match &self.parent {
+            Some(p) if self.store.manifest(p)?.memory.depth < MAX_DEPTH => Some(p.clone()),
+            _ => None,
+        };
+        let r = snapshot::save_machine(
+            &self.store,
+            &vm,
+            &state,
+            Some(&devices),
+            parent.as_ref(),
+            &self.id,
+            &self.spec,
+        );
+        if let Some(m) = self.machine.as_mut() {
+            m.unquiesce(vm);
+        }
+        let id = r?;
+        self.parent = Some(id.clone());
+        self.lifecycle.set_last_good(id.clone());
+        self.lifecycle.complete(Operation::Checkpoint)?;
+        Ok(id)
+    }
+
+    /// Starts a background process; returns its guest pid.
+    pub fn spawn(&mut self, cmd: &Command) -> Result<u32> {
+        let argv: Vec<&str> = cmd.argv.iter().map(String::as_str).collect();
+        if argv.is_empty() {
+            return Err(Error::InvalidArgument(
+                "spawn needs a non-empty argv".into(),
+            ));
+        }
+        let env = self.env_for(cmd);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pid = self
+            .agent(Operation::Exec)?
+            .spawn(&argv, &env, None)
+            .map_err(|e| agent_error("spawn", &cmd.argv[0], e))?;
+        Ok(pid)
+    }
+
+    /// Waits up to `timeout` for a background process: its exit code (128 + signal when
+    /// killed), or `None` while it runs.
+    pub fn wait(&mut self, pid: u32, timeout: Option<Duration>) -> Result<Option<i32>> {
+        let st = self
+            .agent(Operation::Exec)?
+            .wait(pid, timeout)
+            .map_err(|e| agent_error("wait for", &pid.to_string(), e))?;
+        Ok(st.map(|s| exit_code(s.code, s.signal)))
+    }
+
+    /// Sends `signal` to a background process's group.
+    pub fn signal(&mut self, pid: u32, signal: i32) -> Result<()> {
+        self.agent(Operation::Exec)?
+            .signal(pid, signal)
+            .map_err(|e| agent_error("signal", &pid.to_string(), e))
+    }
+
+    /// Takes a background process's output since the previous call: (stdout, stderr, running).
+    pub fn output(&mut self, pid: u32) -> Result<(Vec<u8>, Vec<u8>, bool)> {
+        let o = self
+            .agent(Operation::Exec)?
+            .output(pid)
+            .map_err(|e| agent_error("read output of", &pid.to_string(), e))?;
+        Ok((o.stdout, o.stderr, o.running))
+    }
+
+    /// Runs `cmd` with streamed output: chunks go to `on_stdout` / `on_stderr` as they come.
+    pub fn exec_streaming(
+        &mut self,
+        cmd: &Command,
+        on_stdout: &mut dyn FnMut(&[u8]),
+        on_stderr: &mut dyn FnMut(&[u8]),
+    ) -> Result<i32> {
+        let argv: Vec<&str> = cmd.argv.iter().map(String::as_str).collect();
+        if argv.is_empty() {
+            return Err(Error::InvalidArgument("exec needs a non-empty argv".into()));
+        }
+        let env = self.env_for(cmd);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let limit = cmd.timeout.unwrap_or(self.spec.call_timeout);
+        let last_good = self.lifecycle.last_good().cloned();
+        let st = self
+            .agent(Operation::Exec)?
+            .exec(
+                &argv,
+                &env,
+                None,
+                &cmd.stdin,
+                Some(limit),
+                on_stdout,
+                on_stderr,
+            )
+            .map_err(|e| agent_error("exec", &cmd.argv[0], e))?;
+        if st.timed_out {
+            return Err(Error::Deadline { limit, last_good });
+        }
+        Ok(exit_code(st.code, st.signal))
+    }
+
+    fn env_for(&self, cmd: &Command) -> Vec<(String, String)> {
+        let mut env = self.spec.env.clone();
+        env.extend(cmd.env.iter().cloned());
+        env
+    }
+}
+
+fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
+    code.unwrap_or_else(|| 128 + signal.unwrap_or(0))
+}
+
+fn require_kvm() -> Result<()> {
+    match crate::detect() {
+        HostKvm::Unavailable => Err(Error::RuntimeMissing {
+            what: "/dev/kvm",
+            hint: "the KVM tier needs a Linux host with KVM enabled and read/write access to \
+                   /dev/kvm (add the user to the kvm group); the WASI tier works without it"
+                .into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Maps an agent failure to dormant's error, naming the operation and path.
+fn agent_error(op: &'static str, path: &str, e: ClientError) -> Error {
+    use std::io::ErrorKind;
+    match e {
+        ClientError::Agent { kind, message } => {
+            let k = match kind.as_str() {
+                "not_found" => ErrorKind::NotFound,
+                "permission" => ErrorKind::PermissionDenied,
+                "invalid" | "unsupported" => ErrorKind::InvalidInput,
+                _ => ErrorKind::Other,
+            };
+            Error::File {
+                op,
+                path: path.to_string(),
+                source: std::io::Error::new(k, message),
+            }
+        }
+        other => Error::Runtime {
+            op: "talk to the guest agent",
+            message: format!("{op} {path}: {other}"),
+        },
+    }
+}
+
+fn check_path(path: &str) -> Result<&str> {
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(Error::InvalidPath {
+            path: path.into(),
+            reason: "guest paths are absolute and contain no NUL",
+        });
+    }
+    Ok(path)
+}
+
+impl Sandbox for KvmSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn tier(&self) -> Tier {
+        Tier::Kvm
+    }
+
+    fn state(&self) -> State {
+        self.lifecycle.state()
+    }
+
+    fn run_code(&mut self, _code: &str) -> Result<Execution> {
+        self.lifecycle.check(Operation::RunCode)?;
+        Err(Error::Unsupported {
+            op: "run_code",
+            what: "the KVM tier's guest image (it has no language interpreter; use exec, e.g. \
+                   [\"sh\", \"-c\", code])"
+                .into(),
+        })
+    }
+
+    fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
+        let limit = self.spec.output_limit;
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let (mut over_out, mut over_err) = (false, false);
+        let code = self.exec_streaming(
+            cmd,
+            &mut |d| {
+                if stdout.len() + d.len() > limit {
+                    over_out = true;
+                } else {
+                    stdout.extend_from_slice(d);
+                }
+            },
+            &mut |d| {
+                if stderr.len() + d.len() > limit {
+                    over_err = true;
+                } else {
+                    stderr.extend_from_slice(d);
+                }
+            },
+        )?;
+        if over_out || over_err {
+            return Err(Error::OutputLimit {
+                stream: if over_out { "stdout" } else { "stderr" },
+                limit,
+            });
+        }
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            exit_code: code,
+        })
+    }
+
+    fn read_file(&mut self, path: &str) -> Result<Vec<u8>> {
+        let p = check_path(path)?;
+        self.agent(Operation::Files)?
+            .read_file(p)
+            .map_err(|e| agent_error("read", path, e))
+    }
+
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
+        let p = check_path(path)?;
+        self.agent(Operation::Files)?
+            .write_file(p, data, None, false)
+            .map_err(|e| agent_error("write", path, e))
+    }
+
+    fn list_dir(&mut self, path: &str) -> Result<Vec<DirEntry>> {
+        let p = check_path(path)?;
+        let entries = self
+            .agent(Operation::Files)?
+            .list(p)
+            .map_err(|e| agent_error("list", path, e))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| DirEntry {
+                name: e.name,
+                is_dir: e.is_dir,
+                size: e.size,
+            })
+            .collect())
+    }
+
+    fn remove(&mut self, path: &str) -> Result<()> {
+        let p = check_path(path)?;
+        self.agent(Operation::Files)?
+            .remove(p, true)
+            .map_err(|e| agent_error("remove", path, e))
+    }
+
+    fn exists(&mut self, path: &str) -> Result<bool> {
+        let p = check_path(path)?;
+        self.agent(Operation::Files)?
+            .exists(p)
+            .map_err(|e| agent_error("stat", path, e))
+    }
+
+    fn checkpoint(&mut self) -> Result<SnapshotId> {
+        self.do_checkpoint()
+    }
+
+    fn standby(&mut self) -> Result<SnapshotId> {
+        self.lifecycle.check(Operation::Standby)?;
+        let id = self.do_checkpoint()?;
+        self.release();
+        self.lifecycle.complete(Operation::Standby)?;
+        Ok(id)
+    }
+
+    fn resume(&mut self, id: &SnapshotId) -> Result<()> {
+        self.lifecycle.check(Operation::Resume)?;
+        let manifest = self.store.manifest(id)?;
+        self.load(id)?;
+        self.id = manifest.sandbox_id;
+        self.spec = manifest.spec;
+        self.lifecycle.complete(Operation::Resume)
+    }
+
+    fn fork(&mut self, n: usize) -> Result<Vec<KvmSandbox>> {
+        let base = self.do_checkpoint()?;
+        (0..n)
+            .map(|_| {
+                let mut child =
+                    Self::from_snapshot_with(self.store.clone(), &base, self.opts.clone())?;
+                child.id = new_id();
+                Ok(child)
+            })
+            .collect()
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        self.lifecycle.check(Operation::Kill)?;
+        self.release();
+        self.lifecycle.complete(Operation::Kill)
+    }
+}
+
+impl Drop for KvmSandbox {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

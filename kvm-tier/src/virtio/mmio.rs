@@ -1,0 +1,349 @@
+//! The virtio-over-MMIO transport (virtio 1.x, register layout version 2) for one device.
+//!
+//! The vCPU thread reads and writes registers through [`MmioTransport::read`] /
+//! [`MmioTransport::write`]; queue notifications arrive on ioeventfds and are served by the
+//! device's worker thread; interrupts go out through an irqfd.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vm::GuestMemory;
+
+pub const MMIO_SIZE: u64 = 0x1000;
+/// Offset of QueueNotify (the ioeventfd address).
+pub const QUEUE_NOTIFY: u64 = 0x50;
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR: u32 = 0x4d52_4f44; // "DORM"
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Interrupt status bit: a used buffer was returned.
+pub const INT_VRING: u32 = 1;
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_FAILED: u32 = 0x80;
+
+/// What a device behind the transport provides.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Feature bits offered (VIRTIO_F_VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    fn queue_max_sizes(&self) -> &[u16];
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver reset the device.
+    fn reset(&mut self);
+}
+
+/// One virtqueue's registers and ring positions, in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnap {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// The transport's registers in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_features_sel: u32,
+    pub driver_features: u64,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueSnap>,
+}
+
+/// The interrupt side of a transport, shared with the worker thread.
+#[derive(Debug, Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irq: Arc<EventFd>,
+}
+
+impl Interrupt {
+    pub fn new(irq: EventFd) -> Interrupt {
+        Interrupt {
+            status: Arc::new(AtomicU32::new(0)),
+            irq: Arc::new(irq),
+        }
+    }
+
+    /// Raises the used-buffer interrupt.
+    pub fn signal_used(&self) {
+        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        let _ = self.irq.write(1);
+    }
+
+    pub fn irq_fd(&self) -> &EventFd {
+        &self.irq
+    }
+}
+
+/// The transport with its device.
+pub struct MmioTransport<D: VirtioDevice> {
+    pub device: D,
+    pub queues: Vec<Queue>,
+    pub mem: GuestMemory,
+    pub interrupt: Interrupt,
+    device_features_sel: u32,
+    driver_features: u64,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_queues(sizes: &[u16]) -> Vec<Queue> {
+    sizes
+        .iter()
+        .map(|&s| Queue::new(s).expect("queue sizes are powers of two"))
+        .collect()
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    pub fn new(device: D, mem: GuestMemory, interrupt: Interrupt) -> MmioTransport<D> {
+        let queues = new_queues(device.queue_max_sizes());
+        MmioTransport {
+            device,
+            queues,
+            mem,
+            interrupt,
+            device_features_sel: 0,
+            driver_features: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+        }
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    /// Whether the driver finished setting the device up (queues may be used).
+    pub fn is_active(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A 4-byte (or config-space) register read.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        let v: u32 = match offset {
+            0x00 => MAGIC,
+            0x04 => 2,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => match self.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => self.selected().map_or(0, |q| q.max_size() as u32),
+            0x44 => self.selected().map_or(0, |q| q.ready() as u32),
+            0x60 => self.interrupt.status.load(Ordering::SeqCst),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    /// A register write. Returns true when the write was a queue notification (only when no
+    /// ioeventfd took it).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<u16> {
+        if offset >= 0x100 {
+            self.device.write_config(offset - 0x100, data);
+            return None;
+        }
+        if data.len() != 4 {
+            return None;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let lo = |q: &mut Queue, f: fn(&mut Queue, Option<u32>, Option<u32>)| f(q, Some(v), None);
+        let hi = |q: &mut Queue, f: fn(&mut Queue, Option<u32>, Option<u32>)| f(q, None, Some(v));
+        let configurable = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
+                1 => {
+                    self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
+                }
+                _ => {}
+            },
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 if configurable => {
+                if let Some(q) = self.selected() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 if configurable => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x50 => return Some(v as u16),
+            0x64 => {
+                self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
+            }
+            0x70 => self.set_status(v),
+            0x80 if configurable => {
+                if let Some(q) = self.selected() {
+                    lo(q, Queue::set_desc_table_address)
+                }
+            }
+            0x84 if configurable => {
+                if let Some(q) = self.selected() {
+                    hi(q, Queue::set_desc_table_address)
+                }
+            }
+            0x90 if configurable => {
+                if let Some(q) = self.selected() {
+                    lo(q, Queue::set_avail_ring_address)
+                }
+            }
+            0x94 if configurable => {
+                if let Some(q) = self.selected() {
+                    hi(q, Queue::set_avail_ring_address)
+                }
+            }
+            0xa0 if configurable => {
+                if let Some(q) = self.selected() {
+                    lo(q, Queue::set_used_ring_address)
+                }
+            }
+            0xa4 if configurable => {
+                if let Some(q) = self.selected() {
+                    hi(q, Queue::set_used_ring_address)
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            // Device reset.
+            self.status = 0;
+            self.driver_features = 0;
+            self.device_features_sel = 0;
+            self.driver_features_sel = 0;
+            self.queue_sel = 0;
+            self.interrupt.status.store(0, Ordering::SeqCst);
+            self.queues = new_queues(self.device.queue_max_sizes());
+            self.device.reset();
+            return;
+        }
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            // Accept only features we offered, and insist on a modern driver.
+            let ok = self.driver_features & !self.features() == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                v &= !STATUS_FEATURES_OK;
+            }
+        }
+        if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+            let valid = self
+                .queues
+                .iter()
+                .filter(|q| q.ready())
+                .all(|q| q.is_valid(&self.mem));
+            if !valid {
+                v |= STATUS_FAILED;
+            }
+        }
+        let _ = (STATUS_ACKNOWLEDGE, STATUS_DRIVER);
+        self.status = v;
+    }
+
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features: self.driver_features,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnap {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Restores the registers of a snapshot (the device's own state is restored by its owner).
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "the snapshot has {} virtqueues, the device {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        for (q, snap) in self.queues.iter_mut().zip(&s.queues) {
+            let max = q.max_size();
+            let mut n = Queue::new(max).map_err(|e| format!("virtqueue: {e:?}"))?;
+            n.try_set_size(snap.size)
+                .map_err(|e| format!("virtqueue size: {e:?}"))?;
+            n.set_desc_table_address(Some(snap.desc as u32), Some((snap.desc >> 32) as u32));
+            n.set_avail_ring_address(Some(snap.avail as u32), Some((snap.avail >> 32) as u32));
+            n.set_used_ring_address(Some(snap.used as u32), Some((snap.used >> 32) as u32));
+            n.set_next_avail(snap.next_avail);
+            n.set_next_used(snap.next_used);
+            n.set_ready(snap.ready);
+            *q = n;
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features = s.driver_features;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.interrupt
+            .status
+            .store(s.interrupt_status, Ordering::SeqCst);
+        self.config_generation = s.config_generation;
+        Ok(())
+    }
+}

@@ -1,0 +1,4 @@
+//! virtio devices over MMIO.
+
+pub mod mmio;
+pub mod vsock;

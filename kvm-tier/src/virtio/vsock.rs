@@ -1,0 +1,803 @@
+//! virtio-vsock, emulated in the VMM (there is no vhost-vsock here): the host↔guest channel.
+//!
+//! The host side lives in this process: [`VsockHost::connect`] opens a stream connection to a
+//! port the guest listens on (the agent's), and the returned [`VsockStream`] is a blocking
+//! `Read + Write` byte stream. Connections the guest opens towards the host are refused (reset):
+//! dormant's protocol is host-initiated.
+//!
+//! A worker thread serves the queues: guest notifications arrive on ioeventfds, host activity on
+//! a wake eventfd, and used buffers are signalled through an irqfd. Flow control follows the
+//! virtio spec (`buf_alloc` / `fwd_cnt` credit on both sides).
+//!
+//! Snapshots: connections do not survive a checkpoint. The device state records the ones still
+//! open; after a restore the guest is sent a reset for each, so its sockets close, and the host
+//! reconnects (the agent keeps its own state across, see `dormant-agent`).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::mmio::{Interrupt, MmioTransport, TransportState, VirtioDevice};
+use crate::vm::GuestMemory;
+
+/// virtio device type of vsock.
+const DEVICE_TYPE: u32 = 19;
+const HOST_CID: u64 = 2;
+/// The guest's context id.
+pub const GUEST_CID: u64 = 3;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 64];
+const RX: usize = 0;
+const TX: usize = 1;
+const HDR: usize = 44;
+/// Receive buffer the host advertises per connection.
+const HOST_BUF: u32 = 256 * 1024;
+/// Host→guest bytes buffered per connection before writers block.
+const OUT_MAX: usize = 256 * 1024;
+/// Largest payload accepted in one guest packet (Linux sends at most 64 KiB).
+const MAX_PKT: u32 = 64 * 1024;
+/// First local port of host-initiated connections.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+const TYPE_STREAM: u16 = 1;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+const SHUTDOWN_SEND: u32 = 2;
+const SHUTDOWN_BOTH: u32 = 3;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Header {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+impl Header {
+    fn parse(b: &[u8; HDR]) -> Header {
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap_or_default());
+        Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
+    fn bytes(&self) -> [u8; HDR] {
+        let mut b = [0u8; HDR];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+/// The device as the transport sees it.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, _: u64, _: &[u8]) {}
+    fn reset(&mut self) {}
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    Connecting,
+    Connected,
+    /// Reset by the guest or refused.
+    Reset,
+}
+
+#[derive(Debug)]
+struct Conn {
+    peer_port: u32,
+    state: ConnState,
+    inbound: VecDeque<u8>,
+    outbound: VecDeque<u8>,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    tx_cnt: u32,
+    fwd_cnt: u32,
+    credit_sent: u32,
+    /// The guest will send nothing more (reads see end of file).
+    peer_done: bool,
+    /// The host dropped its stream.
+    host_closed: bool,
+    shutdown_sent: bool,
+}
+
+impl Conn {
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Control {
+    local: u32,
+    peer: u32,
+    op: u16,
+    flags: u32,
+}
+
+struct Inner {
+    t: MmioTransport<Vsock>,
+    conns: HashMap<u32, Conn>,
+    control: VecDeque<Control>,
+    next_port: u32,
+    paused: bool,
+    stopped: bool,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    wake: EventFd,
+}
+
+/// The vsock device's state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    pub cid: u64,
+    pub next_port: u32,
+    pub transport: TransportState,
+    /// (host port, guest port) of connections open at the checkpoint: reset after restore.
+    pub open: Vec<(u32, u32)>,
+}
+
+/// The device: shared state plus its worker thread.
+pub struct VsockDevice {
+    shared: Arc<Shared>,
+    queue_evts: Vec<EventFd>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for VsockDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockDevice").finish_non_exhaustive()
+    }
+}
+
+/// The host's handle for opening connections.
+#[derive(Clone)]
+pub struct VsockHost {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for VsockHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockHost").finish_non_exhaustive()
+    }
+}
+
+impl VsockDevice {
+    /// A device for guest context `cid` over `mem`, raising `irq`; `state` restores a snapshot.
+    pub fn new(
+        mem: GuestMemory,
+        irq: EventFd,
+        state: Option<&VsockState>,
+    ) -> std::io::Result<VsockDevice> {
+        let cid = state.map_or(GUEST_CID, |s| s.cid);
+        let mut t = MmioTransport::new(Vsock { cid }, mem, Interrupt::new(irq));
+        let mut control = VecDeque::new();
+        let mut next_port = FIRST_LOCAL_PORT;
+        if let Some(s) = state {
+            t.restore(&s.transport)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            next_port = s.next_port;
+            for &(local, peer) in &s.open {
+                control.push_back(Control {
+                    local,
+                    peer,
+                    op: OP_RST,
+                    flags: 0,
+                });
+            }
+        }
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                t,
+                conns: HashMap::new(),
+                control,
+                next_port,
+                paused: false,
+                stopped: false,
+            }),
+            cv: Condvar::new(),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        });
+        let queue_evts = (0..QUEUE_SIZES.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let worker = {
+            let shared = shared.clone();
+            let evts = queue_evts
+                .iter()
+                .map(|e| e.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()?;
+            std::thread::Builder::new()
+                .name("dormant-vsock".into())
+                .spawn(move || worker(&shared, &evts))?
+        };
+        let dev = VsockDevice {
+            shared,
+            queue_evts,
+            worker: Some(worker),
+        };
+        if state.is_some_and(|s| s.transport.interrupt_status != 0) {
+            dev.shared.inner.lock().t.interrupt.signal_used();
+        }
+        let _ = dev.shared.wake.write(1);
+        Ok(dev)
+    }
+
+    /// The eventfd the guest's notifications of queue `i` should signal (registered as an
+    /// ioeventfd by the VM owner).
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The eventfd of the device's interrupt line (registered as an irqfd).
+    pub fn irq_fd(&self) -> EventFd {
+        let g = self.shared.inner.lock();
+        g.t.interrupt
+            .irq_fd()
+            .try_clone()
+            .expect("duplicate an eventfd")
+    }
+
+    pub fn host(&self) -> VsockHost {
+        VsockHost {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// An MMIO read from the vCPU.
+    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        self.shared.inner.lock().t.read(offset, data);
+    }
+
+    /// An MMIO write from the vCPU.
+    pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+        let notified = self.shared.inner.lock().t.write(offset, data);
+        if let Some(q) = notified
+            && let Some(evt) = self.queue_evts.get(q as usize)
+        {
+            let _ = evt.write(1);
+        }
+    }
+
+    /// Stops touching guest memory (for a consistent checkpoint) or starts again.
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.inner.lock().paused = paused;
+        if !paused {
+            let _ = self.shared.wake.write(1);
+        }
+    }
+
+    /// The device state (pause first for a consistent snapshot).
+    pub fn state(&self) -> VsockState {
+        let g = self.shared.inner.lock();
+        let mut open: Vec<(u32, u32)> = g
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state != ConnState::Reset)
+            .map(|(&l, c)| (l, c.peer_port))
+            .collect();
+        open.sort_unstable();
+        VsockState {
+            cid: g.t.device.cid,
+            next_port: g.next_port,
+            transport: g.t.state(),
+            open,
+        }
+    }
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        {
+            let mut g = self.shared.inner.lock();
+            g.stopped = true;
+            for c in g.conns.values_mut() {
+                c.state = ConnState::Reset;
+            }
+        }
+        self.shared.cv.notify_all();
+        let _ = self.shared.wake.write(1);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker(shared: &Shared, queue_evts: &[EventFd]) {
+    let mut fds: Vec<libc::pollfd> = queue_evts
+        .iter()
+        .chain(std::iter::once(&shared.wake))
+        .map(|e| libc::pollfd {
+            fd: e.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `fds` is a valid array of pollfd of the given length, for the whole call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+        for e in queue_evts.iter().chain(std::iter::once(&shared.wake)) {
+            let _ = e.read();
+        }
+        let mut g = shared.inner.lock();
+        if g.stopped {
+            return;
+        }
+        if g.paused || !g.t.is_active() {
+            continue;
+        }
+        let inner = &mut *g;
+        let mut used = process_tx(inner);
+        used |= process_rx(inner);
+        if used {
+            inner.t.interrupt.signal_used();
+        }
+        drop(g);
+        shared.cv.notify_all();
+        for f in &mut fds {
+            f.revents = 0;
+        }
+    }
+}
+
+/// Takes the guest's packets. Returns whether buffers were used.
+fn process_tx(g: &mut Inner) -> bool {
+    let mem = g.t.mem.clone();
+    let mut used = false;
+    while let Some(chain) = g.t.queues[TX].pop_descriptor_chain(&mem) {
+        let head = chain.head_index();
+        let packet = chain.reader(&mem).ok().and_then(|mut r| {
+            let mut hdr = [0u8; HDR];
+            r.read_exact(&mut hdr).ok()?;
+            let h = Header::parse(&hdr);
+            if h.len > MAX_PKT {
+                return None;
+            }
+            let mut data = vec![0u8; h.len as usize];
+            r.read_exact(&mut data).ok()?;
+            Some((h, data))
+        });
+        let _ = g.t.queues[TX].add_used(&mem, head, 0);
+        used = true;
+        if let Some((h, data)) = packet {
+            handle_packet(g, h, data);
+        }
+    }
+    used
+}
+
+fn handle_packet(g: &mut Inner, h: Header, data: Vec<u8>) {
+    if h.dst_cid != HOST_CID || h.src_cid != g.t.device.cid || h.type_ != TYPE_STREAM {
+        if h.op != OP_RST {
+            g.control.push_back(Control {
+                local: h.dst_port,
+                peer: h.src_port,
+                op: OP_RST,
+                flags: 0,
+            });
+        }
+        return;
+    }
+    let Some(c) = g
+        .conns
+        .get_mut(&h.dst_port)
+        .filter(|c| c.peer_port == h.src_port)
+    else {
+        // No such connection (or a guest-initiated one): refuse.
+        if h.op != OP_RST {
+            g.control.push_back(Control {
+                local: h.dst_port,
+                peer: h.src_port,
+                op: OP_RST,
+                flags: 0,
+            });
+        }
+        return;
+    };
+    c.peer_buf_alloc = h.buf_alloc;
+    c.peer_fwd_cnt = h.fwd_cnt;
+    match h.op {
+        OP_RESPONSE if c.state == ConnState::Connecting => c.state = ConnState::Connected,
+        OP_RW if c.state == ConnState::Connected => {
+            // The guest honours our credit; anything beyond it is dropped rather than buffered.
+            let room = (HOST_BUF as usize).saturating_sub(c.inbound.len());
+            c.inbound.extend(&data[..data.len().min(room)]);
+        }
+        OP_CREDIT_UPDATE => {}
+        OP_CREDIT_REQUEST => g.control.push_back(Control {
+            local: h.dst_port,
+            peer: h.src_port,
+            op: OP_CREDIT_UPDATE,
+            flags: 0,
+        }),
+        OP_SHUTDOWN => {
+            if h.flags & SHUTDOWN_SEND != 0 {
+                c.peer_done = true;
+            }
+            if h.flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH && c.host_closed {
+                g.conns.remove(&h.dst_port);
+                g.control.push_back(Control {
+                    local: h.dst_port,
+                    peer: h.src_port,
+                    op: OP_RST,
+                    flags: 0,
+                });
+            }
+        }
+        OP_RST => {
+            if c.host_closed {
+                g.conns.remove(&h.dst_port);
+            } else {
+                c.state = ConnState::Reset;
+            }
+        }
+        _ => {}
+    }
+}
+
+enum Next {
+    Control(Control),
+    Data(u32),
+}
+
+/// Fills the guest's receive buffers. Returns whether buffers were used.
+fn process_rx(g: &mut Inner) -> bool {
+    let mem = g.t.mem.clone();
+    let mut used = false;
+    // Connections the host closed send their shutdown once their data is out.
+    for (&local, c) in g.conns.iter_mut() {
+        if c.host_closed && !c.shutdown_sent && c.outbound.is_empty() {
+            c.shutdown_sent = true;
+            g.control.push_back(Control {
+                local,
+                peer: c.peer_port,
+                op: OP_SHUTDOWN,
+                flags: SHUTDOWN_BOTH,
+            });
+        }
+    }
+    g.conns
+        .retain(|_, c| !(c.host_closed && c.state == ConnState::Reset));
+    loop {
+        let next = if let Some(ctl) = g.control.front() {
+            Next::Control(*ctl)
+        } else if let Some((&local, _)) = g.conns.iter().find(|(_, c)| {
+            c.state == ConnState::Connected && !c.outbound.is_empty() && c.credit() > 0
+        }) {
+            Next::Data(local)
+        } else {
+            break;
+        };
+        let Some(chain) = g.t.queues[RX].pop_descriptor_chain(&mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let Ok(mut w) = chain.writer(&mem) else {
+            let _ = g.t.queues[RX].add_used(&mem, head, 0);
+            used = true;
+            continue;
+        };
+        let room = w.available_bytes().saturating_sub(HDR);
+        let cid = g.t.device.cid;
+        let (hdr, payload) = match next {
+            Next::Control(ctl) => {
+                g.control.pop_front();
+                let fwd = g.conns.get_mut(&ctl.local).map_or(0, |c| {
+                    c.credit_sent = c.fwd_cnt;
+                    c.fwd_cnt
+                });
+                let h = Header {
+                    src_cid: HOST_CID,
+                    dst_cid: cid,
+                    src_port: ctl.local,
+                    dst_port: ctl.peer,
+                    type_: TYPE_STREAM,
+                    op: ctl.op,
+                    flags: ctl.flags,
+                    buf_alloc: HOST_BUF,
+                    fwd_cnt: fwd,
+                    len: 0,
+                };
+                (h, Vec::new())
+            }
+            Next::Data(local) => {
+                let Some(c) = g.conns.get_mut(&local) else {
+                    // Unreachable: chosen above under the same lock.
+                    let _ = g.t.queues[RX].add_used(&mem, head, 0);
+                    continue;
+                };
+                let n = c.outbound.len().min(c.credit() as usize).min(room);
+                let payload: Vec<u8> = c.outbound.drain(..n).collect();
+                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                c.credit_sent = c.fwd_cnt;
+                let h = Header {
+                    src_cid: HOST_CID,
+                    dst_cid: cid,
+                    src_port: local,
+                    dst_port: c.peer_port,
+                    type_: TYPE_STREAM,
+                    op: OP_RW,
+                    flags: 0,
+                    buf_alloc: HOST_BUF,
+                    fwd_cnt: c.fwd_cnt,
+                    len: n as u32,
+                };
+                (h, payload)
+            }
+        };
+        let written = w
+            .write_all(&hdr.bytes())
+            .and_then(|_| w.write_all(&payload))
+            .map(|_| HDR + payload.len())
+            .unwrap_or(0);
+        let _ = g.t.queues[RX].add_used(&mem, head, written as u32);
+        used = true;
+    }
+    used
+}
+
+impl VsockHost {
+    /// Opens a connection to guest port `port`, waiting up to `timeout` for the guest to accept.
+    pub fn connect(&self, port: u32, timeout: Duration) -> std::io::Result<VsockStream> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.inner.lock();
+        if g.stopped {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        }
+        let local = g.next_port;
+        g.next_port = g.next_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        g.conns.insert(
+            local,
+            Conn {
+                peer_port: port,
+                state: ConnState::Connecting,
+                inbound: VecDeque::new(),
+                outbound: VecDeque::new(),
+                peer_buf_alloc: 0,
+                peer_fwd_cnt: 0,
+                tx_cnt: 0,
+                fwd_cnt: 0,
+                credit_sent: 0,
+                peer_done: false,
+                host_closed: false,
+                shutdown_sent: false,
+            },
+        );
+        g.control.push_back(Control {
+            local,
+            peer: port,
+            op: OP_REQUEST,
+            flags: 0,
+        });
+        let _ = self.shared.wake.write(1);
+        loop {
+            match g.conns.get(&local).map(|c| c.state) {
+                Some(ConnState::Connected) => {
+                    return Ok(VsockStream {
+                        shared: self.shared.clone(),
+                        local,
+                        read_timeout: None,
+                    });
+                }
+                Some(ConnState::Connecting) => {}
+                _ => {
+                    g.conns.remove(&local);
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        format!("the guest refused a connection to vsock port {port}"),
+                    ));
+                }
+            }
+            if g.stopped || self.shared.cv.wait_until(&mut g, deadline).timed_out() {
+                // Forget it; a late answer is reset as unknown.
+                g.conns.remove(&local);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the guest did not accept a connection to vsock port {port} in {timeout:?}"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// A host-side stream connection to a guest port.
+pub struct VsockStream {
+    shared: Arc<Shared>,
+    local: u32,
+    read_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for VsockStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockStream")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VsockStream {
+    /// Reads fail with `TimedOut` after waiting this long (`None`: wait forever).
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) {
+        self.read_timeout = t;
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "the guest closed the vsock connection",
+    )
+}
+
+impl Read for VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let deadline = self.read_timeout.map(|t| Instant::now() + t);
+        let mut g = self.shared.inner.lock();
+        loop {
+            let Some(c) = g.conns.get_mut(&self.local) else {
+                return Err(gone());
+            };
+            if !c.inbound.is_empty() {
+                let n = buf.len().min(c.inbound.len());
+                for (dst, src) in buf.iter_mut().zip(c.inbound.drain(..n)) {
+                    *dst = src;
+                }
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                if c.fwd_cnt.wrapping_sub(c.credit_sent) >= HOST_BUF / 2 {
+                    let peer = c.peer_port;
+                    g.control.push_back(Control {
+                        local: self.local,
+                        peer,
+                        op: OP_CREDIT_UPDATE,
+                        flags: 0,
+                    });
+                    let _ = self.shared.wake.write(1);
+                }
+                return Ok(n);
+            }
+            if c.peer_done {
+                return Ok(0);
+            }
+            if c.state == ConnState::Reset || g.stopped {
+                return Err(gone());
+            }
+            match deadline {
+                Some(d) => {
+                    if self.shared.cv.wait_until(&mut g, d).timed_out() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer from the guest in time",
+                        ));
+                    }
+                }
+                None => self.shared.cv.wait(&mut g),
+            }
+        }
+    }
+}
+
+impl Write for VsockStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut g = self.shared.inner.lock();
+        loop {
+            let stopped = g.stopped;
+            let Some(c) = g.conns.get_mut(&self.local) else {
+                return Err(gone());
+            };
+            if c.state == ConnState::Reset || stopped {
+                return Err(gone());
+            }
+            let room = OUT_MAX.saturating_sub(c.outbound.len());
+            if room > 0 {
+                let n = room.min(buf.len());
+                c.outbound.extend(&buf[..n]);
+                let _ = self.shared.wake.write(1);
+                return Ok(n);
+            }
+            let _ = self.shared.wake.write(1);
+            self.shared.cv.wait(&mut g);
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for VsockStream {
+    fn drop(&mut self) {
+        let mut g = self.shared.inner.lock();
+        let local = self.local;
+        let remove = match g.conns.get_mut(&local) {
+            Some(c) => {
+                c.host_closed = true;
+                if c.state == ConnState::Reset {
+                    true
+                } else if c.peer_done && c.outbound.is_empty() {
+                    let peer = c.peer_port;
+                    g.control.push_back(Control {
+                        local,
+                        peer,
+                        op: OP_RST,
+                        flags: 0,
+                    });
+                    true
+                } else {
+                    false
+                }
+            }
+            None => false,
+        };
+        if remove {
+            g.conns.remove(&local);
+        }
+        let _ = self.shared.wake.write(1);
+    }
+}

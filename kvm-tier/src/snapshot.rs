@@ -24,6 +24,77 @@ struct KvmState {
     /// Device models' state (absent for bare VMs without devices).
     #[serde(default)]
     devices: Option<DevicesState>,
+    /// The disk's contents in this snapshot (absent without a disk).
+    #[serde(default)]
+    disk: Option<DiskLayer>,
+}
+
+/// A snapshot's layer of disk contents: a full sparse image, or the 4 KiB blocks written since
+/// the parent snapshot (packed, like memory deltas).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DiskLayer {
+    size: u64,
+    kind: LayerKind,
+    file: FileRecord,
+    depth: u32,
+    blocks: Vec<u32>,
+}
+
+fn disk_layer(m: &dormant_core::Manifest) -> Result<Option<DiskLayer>> {
+    let st: KvmState = serde_json::from_value(m.tier_state.clone())
+        .map_err(|e| Error::snapshot(&m.id, SnapshotError::Malformed(format!("KVM state: {e}"))))?;
+    Ok(st.disk)
+}
+
+/// Writes the disk layer: a delta on the parent's disk, or a full image.
+fn write_disk(
+    store: &LocalStore,
+    w: &mut dormant_core::snapshot::store::SnapshotWriter<'_>,
+    disk: &GuestRam,
+    parent: Option<&dormant_core::Manifest>,
+) -> Result<DiskLayer> {
+    let written = disk.take_device_dirty_pages();
+    let parent_disk = match parent {
+        Some(p) => disk_layer(p)?.filter(|d| d.size == disk.size() as u64),
+        None => None,
+    };
+    let bytes = disk.as_slice();
+    Ok(match parent_disk {
+        Some(pd) => {
+            let f = w.create("disk.delta")?;
+            let Written { len, stored, crc32 } =
+                memimage::write_delta(&f, bytes, &written).map_err(io("write disk", store))?;
+            DiskLayer {
+                size: bytes.len() as u64,
+                kind: LayerKind::Delta,
+                file: FileRecord {
+                    name: "disk.delta".into(),
+                    len,
+                    crc32,
+                    stored,
+                },
+                depth: pd.depth + 1,
+                blocks: written,
+            }
+        }
+        None => {
+            let f = w.create("disk.img")?;
+            let Written { len, stored, crc32 } =
+                memimage::write_full(&f, bytes).map_err(io("write disk", store))?;
+            DiskLayer {
+                size: bytes.len() as u64,
+                kind: LayerKind::Full,
+                file: FileRecord {
+                    name: "disk.img".into(),
+                    len,
+                    crc32,
+                    stored,
+                },
+                depth: 0,
+                blocks: Vec::new(),
+            }
+        }
+    })
 }
 
 fn io<'a>(op: &'static str, store: &'a LocalStore) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -42,15 +113,18 @@ pub fn save(
     sandbox_id: &str,
     spec: &SandboxSpec,
 ) -> Result<SnapshotId> {
-    save_machine(store, vm, state, None, parent, sandbox_id, spec)
+    save_machine(store, vm, state, None, None, parent, sandbox_id, spec)
 }
 
-/// [`save`] with the device models' state.
+/// [`save`] with the device models' state and the disk's contents (the disk is stored as a
+/// delta of the blocks written since `parent` when `parent` has a disk of the same size).
+#[allow(clippy::too_many_arguments)]
 pub fn save_machine(
     store: &LocalStore,
     vm: &MicroVm,
     state: &VmState,
     devices: Option<&DevicesState>,
+    disk: Option<&GuestRam>,
     parent: Option<&SnapshotId>,
     sandbox_id: &str,
     spec: &SandboxSpec,
@@ -62,8 +136,13 @@ pub fn save_machine(
         op: "read the dirty log",
         message: e.to_string(),
     });
-    let parent_depth = match parent {
-        Some(p) => Some(store.manifest(p)?.memory.depth),
+    let parent_manifest = match parent {
+        Some(p) => Some(store.manifest(p)?),
+        None => None,
+    };
+    let parent_depth = parent_manifest.as_ref().map(|m| m.memory.depth);
+    let disk = match disk {
+        Some(d) => Some(write_disk(store, &mut w, d, parent_manifest.as_ref())?),
         None => None,
     };
     let (memory, pages) = match (parent_depth, dirty) {
@@ -113,6 +192,7 @@ pub fn save_machine(
         ram_size: ram.len() as u64,
         vcpu: SavedState::from_state(state),
         devices: devices.cloned(),
+        disk,
     };
     let manifest = Manifest {
         id: id.clone(),
@@ -138,14 +218,21 @@ pub fn save_machine(
 /// state restored. Returns it not yet running, with dirty logging on so that its next `save`
 /// can be incremental on `id`.
 pub fn load(store: &LocalStore, id: &SnapshotId) -> Result<MicroVm> {
-    load_machine(store, id).map(|(vm, _)| vm)
+    load_machine(store, id).map(|l| l.vm)
 }
 
-/// [`load`], also returning the device models' state to rebuild them from.
-pub fn load_machine(
-    store: &LocalStore,
-    id: &SnapshotId,
-) -> Result<(MicroVm, Option<DevicesState>)> {
+/// What [`load_machine`] rebuilds.
+#[derive(Debug)]
+pub struct Loaded {
+    pub vm: MicroVm,
+    /// The device models' state to rebuild them from.
+    pub devices: Option<DevicesState>,
+    /// The disk's contents, mapped copy-on-write from the snapshot's layers.
+    pub disk: Option<GuestRam>,
+}
+
+/// [`load`], also returning the device state and the disk.
+pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
     let chain = store.chain(id)?;
     let leaf = chain.last().expect("chain is never empty");
     let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
@@ -187,5 +274,57 @@ pub fn load_machine(
         op: "restore the vCPU",
         message: e.to_string(),
     })?;
-    Ok((vm, st.devices))
+    let disk = match &st.disk {
+        Some(leaf_disk) => Some(load_disk(store, id, &chain, leaf_disk)?),
+        None => None,
+    };
+    Ok(Loaded {
+        vm,
+        devices: st.devices,
+        disk,
+    })
+}
+
+/// Maps the disk of `chain`'s leaf: its full base image, then each delta, copy-on-write.
+fn load_disk(
+    store: &LocalStore,
+    id: &SnapshotId,
+    chain: &[dormant_core::Manifest],
+    leaf: &DiskLayer,
+) -> Result<GuestRam> {
+    let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
+    // The layers of the leaf's disk: walk back from the leaf until the full image.
+    let mut layers = Vec::new();
+    for m in chain.iter().rev() {
+        let Some(d) = disk_layer(m)? else {
+            return Err(bad("a disk delta without a base image".into()));
+        };
+        if d.size != leaf.size {
+            return Err(bad("disk layers of different sizes".into()));
+        }
+        let full = d.kind == LayerKind::Full;
+        layers.push((m, d));
+        if full {
+            break;
+        }
+    }
+    layers.reverse();
+    let Some((base_m, base)) = layers.first() else {
+        return Err(bad("no disk layers".into()));
+    };
+    if base.kind != LayerKind::Full {
+        return Err(bad("the disk chain does not start with a full image".into()));
+    }
+    let map_err = |e: crate::vm::VmError| Error::Runtime {
+        op: "map the disk",
+        message: e.to_string(),
+    };
+    let base_file = store.open_file(&base_m.id, &base.file, true)?;
+    let mut disk = GuestRam::from_image(&base_file, leaf.size as usize).map_err(map_err)?;
+    for (m, d) in layers.iter().skip(1) {
+        let f = store.open_file(&m.id, &d.file, true)?;
+        disk.map_delta(&f, &d.blocks)
+            .map_err(|e| Error::store("map disk of", store.snapshot_dir(&m.id), e))?;
+    }
+    Ok(disk)
 }

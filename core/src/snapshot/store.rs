@@ -48,6 +48,16 @@ pub struct SnapshotInfo {
     pub stored_bytes: u64,
 }
 
+/// Names of the layer files the store and the WASI tier write; GC removes those a manifest no
+/// longer references, and nothing else.
+const LAYER_FILES: [&str; 5] = [
+    "memory.img",
+    "memory.delta",
+    "memory.cidx",
+    "fs.tar",
+    "fs.cidx",
+];
+
 /// Snapshots in a directory on local disk.
 #[derive(Debug)]
 pub struct LocalStore {
@@ -488,6 +498,12 @@ impl LocalStore {
     pub fn compact(&self, id: &SnapshotId) -> Result<CompactReport> {
         let _chunk_lock = self.chunk_lock(false)?;
         let m = self.manifest(id)?;
+        if m.tier == crate::spec::Tier::Kvm {
+            return Err(Error::Unsupported {
+                op: "compaction",
+                what: "KVM snapshots yet (their disk layers stay in the fast form)".into(),
+            });
+        }
         let before = m.memory.file.stored + m.fs.as_ref().map_or(0, |f| f.stored);
         if m.memory.kind == LayerKind::Compact {
             return Ok(CompactReport {
@@ -637,7 +653,9 @@ impl LocalStore {
             }
             for f in fs::read_dir(ent.path()).into_iter().flatten().flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if !keep.contains(&name.as_str()) {
+                // Only the store's own layer files are candidates (a compacted snapshot's old
+                // fast form); files a tier keeps beside them (a KVM disk) are the tier's.
+                if LAYER_FILES.contains(&name.as_str()) && !keep.contains(&name.as_str()) {
                     report.bytes_freed += f.metadata().map_or(0, |m| m.len());
                     let _ = fs::remove_file(f.path());
                 }

@@ -1,4 +1,5 @@
 //! virtio devices over MMIO.
 
+pub mod block;
 pub mod mmio;
 pub mod vsock;

@@ -59,6 +59,8 @@ main() {
     ln -sfn "$initramfs" "$cache/current.tmp/initramfs.cpio"
     rm -rf "$cache/current"
     mv "$cache/current.tmp" "$cache/current"
+    # Older initramfs builds are cheap to remake: keep only the current one.
+    find "$cache" -maxdepth 1 -name 'initramfs-*.cpio' ! -name "$(basename "$initramfs")" -delete
     log "==> guest image: $cache/current (kernel $(basename "$(dirname "$kernel")"), $(basename "$initramfs"))"
 }
 main "$@"; exit $?

@@ -303,7 +303,17 @@ impl KvmSandbox {
         self.lifecycle.set_last_good(id.clone());
         self.connect(self.opts.connect_timeout)?;
         self.reseed()?;
+        self.set_clock()?;
         Ok(())
+    }
+
+    /// Sets the guest's wall clock to the host's: it stood still while the guest slept (its
+    /// monotonic clock simply continues from where it stopped).
+    fn set_clock(&mut self) -> Result<()> {
+        match self.live_agent()?.set_time(std::time::SystemTime::now()) {
+            Err(ClientError::Agent { kind, .. }) if kind == "unsupported" => Ok(()),
+            r => r.map_err(|e| agent_error("set the guest clock", "CLOCK_REALTIME", e)),
+        }
     }
 
     /// The guest's serial console output so far (kernel log, agent messages).

@@ -28,7 +28,18 @@ fn kvm_available() -> bool {
 fn booted() -> &'static (Arc<LocalStore>, SnapshotId) {
     static BOOTED: OnceLock<(Arc<LocalStore>, SnapshotId)> = OnceLock::new();
     BOOTED.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dormant-linux-tests-{}", std::process::id()));
+        // Under target/ (cargo clean removes it); earlier runs' stores go first.
+        let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for old in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            if old
+                .file_name()
+                .to_string_lossy()
+                .starts_with("linux-tests-")
+            {
+                let _ = std::fs::remove_dir_all(old.path());
+            }
+        }
+        let dir = tmp.join(format!("linux-tests-{}", std::process::id()));
         let store = Arc::new(LocalStore::open(&dir).unwrap());
         let t = std::time::Instant::now();
         let mut sb = KvmSandbox::create(store.clone(), SandboxSpec::linux().memory_limit(RAM))
@@ -388,4 +399,24 @@ fn the_disk_keeps_its_writes_across_checkpoints_and_copies_stay_apart() {
     assert!(matches!(store.compact(&id), Err(Error::Unsupported { .. })));
     let mut again = KvmSandbox::from_snapshot(store.clone(), &id).unwrap();
     assert_eq!(again.read_file("/data/blob.md5").unwrap(), sum);
+}
+
+#[test]
+fn a_managed_linux_sandbox_sleeps_when_idle_and_wakes_on_use() {
+    if !kvm_available() {
+        return;
+    }
+    let m = dormant_core::Managed::new(fresh(), Some(Duration::from_millis(300)));
+    m.exec(&Command::new(["sh", "-c", "echo kept > /root/managed"]))
+        .unwrap();
+    let t = std::time::Instant::now();
+    while m.state() != dormant_core::State::Standby {
+        assert!(t.elapsed() < Duration::from_secs(30), "never went idle");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(m.stats().auto_standbys, 1);
+    // The next call wakes it transparently.
+    let out = m.exec(&Command::new(["cat", "/root/managed"])).unwrap();
+    assert_eq!(out.stdout, b"kept\n");
+    assert_eq!(m.stats().wakes, 1);
 }

@@ -495,4 +495,13 @@ impl<S: Read + Write> Client<S> {
     pub fn sync(&mut self) -> Result<(), ClientError> {
         self.expect_ok("sync", &Request::Sync {}, &[])
     }
+
+    /// Sets the guest's wall clock (the host calls it after a resume).
+    pub fn set_time(&mut self, time: std::time::SystemTime) -> Result<(), ClientError> {
+        let unix_ns = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        self.expect_ok("set_time", &Request::SetTime { unix_ns }, &[])
+    }
 }

@@ -141,6 +141,10 @@ pub enum Request {
     /// Flush the guest's page cache to its disks (`sync(2)`); answered by `ok`. The host
     /// sends it before a checkpoint.
     Sync {},
+    /// Set the guest's wall clock (`CLOCK_REALTIME`) to `unix_ns` nanoseconds since the Unix
+    /// epoch; answered by `ok`. The host sends it after a resume (the guest's clock stood still
+    /// while it slept).
+    SetTime { unix_ns: u64 },
 }
 
 /// A response header (agent → host).

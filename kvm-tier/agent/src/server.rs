@@ -57,6 +57,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "exists",
     "mkdir",
     "sync",
+    "set_time",
 ];
 
 /// Once a process has exited, how long to keep reading output that grandchildren holding its
@@ -672,6 +673,18 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
             unsafe { libc::sync() };
             ok(Response::Ok {})
         }
+        Request::SetTime { unix_ns } => {
+            let ts = libc::timespec {
+                tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+            };
+            // SAFETY: `ts` is a valid timespec for the duration of the call.
+            if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(Failure::io("CLOCK_REALTIME", &e));
+            }
+            ok(Response::Ok {})
+        }
     }
 }
 
@@ -1134,6 +1147,7 @@ mod tests {
             Request::Exists { path: "x".into() },
             Request::Mkdir { path: "x".into() },
             Request::Sync {},
+            Request::SetTime { unix_ns: 0 },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());
         for s in samples {

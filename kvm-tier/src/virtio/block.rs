@@ -19,17 +19,18 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::mmio::{Interrupt, MmioTransport, TransportState, VirtioDevice};
 use crate::vm::{GuestMemory, GuestRam};
 
-const DEVICE_TYPE: u32 = 2;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH as T_FLUSH, VIRTIO_BLK_T_GET_ID as T_GET_ID,
+    VIRTIO_BLK_T_IN as T_IN, VIRTIO_BLK_T_OUT as T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+
 const QUEUE_SIZES: [u16; 1] = [256];
 const SECTOR: u64 = 512;
-const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 /// Largest single request the device serves (Linux splits larger ones).
 const MAX_REQUEST: usize = 4 << 20;
 
@@ -41,10 +42,10 @@ pub struct Blk {
 
 impl VirtioDevice for Blk {
     fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+        VIRTIO_ID_BLOCK
     }
     fn features(&self) -> u64 {
-        VIRTIO_BLK_F_FLUSH
+        1 << VIRTIO_BLK_F_FLUSH
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -299,9 +300,9 @@ fn serve(
         // Writes land in host memory at once and reach disk only in a checkpoint.
         T_FLUSH => (S_OK, 0),
         T_GET_ID => {
-            let mut id = [0u8; 20];
+            let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
             id[..12].copy_from_slice(b"dormant-disk");
-            let n = w.available_bytes().saturating_sub(1).min(20);
+            let n = w.available_bytes().saturating_sub(1).min(id.len());
             if w.write_all(&id[..n]).is_ok() {
                 (S_OK, n)
             } else {

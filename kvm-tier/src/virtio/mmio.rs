@@ -12,20 +12,20 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vm::GuestMemory;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK as STATUS_DRIVER_OK, VIRTIO_CONFIG_S_FAILED as STATUS_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as STATUS_FEATURES_OK,
+};
+use virtio_bindings::virtio_mmio::*;
+
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Offset of QueueNotify (the ioeventfd address).
-pub const QUEUE_NOTIFY: u64 = 0x50;
+pub const QUEUE_NOTIFY: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4d52_4f44; // "DORM"
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// Interrupt status bit: a used buffer was returned.
-pub const INT_VRING: u32 = 1;
-
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 0x80;
+pub const INT_VRING: u32 = VIRTIO_MMIO_INT_VRING;
 
 /// What a device behind the transport provides.
 pub trait VirtioDevice: Send {
@@ -151,25 +151,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// A 4-byte (or config-space) register read.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            self.device.read_config(offset - 0x100, data);
+        let config = VIRTIO_MMIO_CONFIG as u64;
+        if offset >= config {
+            self.device.read_config(offset - config, data);
             return;
         }
-        let v: u32 = match offset {
-            0x00 => MAGIC,
-            0x04 => 2,
-            0x08 => self.device.device_type(),
-            0x0c => VENDOR,
-            0x10 => match self.device_features_sel {
+        let v: u32 = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => 2,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.features() as u32,
                 1 => (self.features() >> 32) as u32,
                 _ => 0,
             },
-            0x34 => self.selected().map_or(0, |q| q.max_size() as u32),
-            0x44 => self.selected().map_or(0, |q| q.ready() as u32),
-            0x60 => self.interrupt.status.load(Ordering::SeqCst),
-            0x70 => self.status,
-            0xfc => self.config_generation,
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected().map_or(0, |q| q.max_size() as u32),
+            VIRTIO_MMIO_QUEUE_READY => self.selected().map_or(0, |q| q.ready() as u32),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         };
         let b = v.to_le_bytes();
@@ -180,8 +181,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// A register write. Returns true when the write was a queue notification (only when no
     /// ioeventfd took it).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<u16> {
-        if offset >= 0x100 {
-            self.device.write_config(offset - 0x100, data);
+        let config = VIRTIO_MMIO_CONFIG as u64;
+        if offset >= config {
+            self.device.write_config(offset - config, data);
             return None;
         }
         if data.len() != 4 {
@@ -191,58 +193,60 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let lo = |q: &mut Queue, f: fn(&mut Queue, Option<u32>, Option<u32>)| f(q, Some(v), None);
         let hi = |q: &mut Queue, f: fn(&mut Queue, Option<u32>, Option<u32>)| f(q, None, Some(v));
         let configurable = self.status & STATUS_DRIVER_OK == 0;
-        match offset {
-            0x14 => self.device_features_sel = v,
-            0x20 if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => match self
+                .driver_features_sel
+            {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
                 1 => {
                     self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
                 }
                 _ => {}
             },
-            0x24 => self.driver_features_sel = v,
-            0x30 => self.queue_sel = v,
-            0x38 if configurable => {
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if configurable => {
                 if let Some(q) = self.selected() {
                     q.set_size(v as u16);
                 }
             }
-            0x44 if configurable => {
+            VIRTIO_MMIO_QUEUE_READY if configurable => {
                 if let Some(q) = self.selected() {
                     q.set_ready(v == 1);
                 }
             }
-            0x50 => return Some(v as u16),
-            0x64 => {
+            VIRTIO_MMIO_QUEUE_NOTIFY => return Some(v as u16),
+            VIRTIO_MMIO_INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
             }
-            0x70 => self.set_status(v),
-            0x80 if configurable => {
+            VIRTIO_MMIO_STATUS => self.set_status(v),
+            VIRTIO_MMIO_QUEUE_DESC_LOW if configurable => {
                 if let Some(q) = self.selected() {
                     lo(q, Queue::set_desc_table_address)
                 }
             }
-            0x84 if configurable => {
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if configurable => {
                 if let Some(q) = self.selected() {
                     hi(q, Queue::set_desc_table_address)
                 }
             }
-            0x90 if configurable => {
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if configurable => {
                 if let Some(q) = self.selected() {
                     lo(q, Queue::set_avail_ring_address)
                 }
             }
-            0x94 if configurable => {
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configurable => {
                 if let Some(q) = self.selected() {
                     hi(q, Queue::set_avail_ring_address)
                 }
             }
-            0xa0 if configurable => {
+            VIRTIO_MMIO_QUEUE_USED_LOW if configurable => {
                 if let Some(q) = self.selected() {
                     lo(q, Queue::set_used_ring_address)
                 }
             }
-            0xa4 if configurable => {
+            VIRTIO_MMIO_QUEUE_USED_HIGH if configurable => {
                 if let Some(q) = self.selected() {
                     hi(q, Queue::set_used_ring_address)
                 }
@@ -284,7 +288,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 v |= STATUS_FAILED;
             }
         }
-        let _ = (STATUS_ACKNOWLEDGE, STATUS_DRIVER);
         self.status = v;
     }
 

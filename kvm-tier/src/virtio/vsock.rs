@@ -26,8 +26,6 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::mmio::{Interrupt, MmioTransport, TransportState, VirtioDevice};
 use crate::vm::GuestMemory;
 
-/// virtio device type of vsock.
-const DEVICE_TYPE: u32 = 19;
 const HOST_CID: u64 = 2;
 /// The guest's context id.
 pub const GUEST_CID: u64 = 3;
@@ -112,7 +110,7 @@ pub struct Vsock {
 
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+        virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK
     }
     fn features(&self) -> u64 {
         0

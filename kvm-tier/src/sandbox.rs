@@ -301,7 +301,18 @@ impl KvmSandbox {
         self.machine = Some(machine);
         self.parent = Some(id.clone());
         self.lifecycle.set_last_good(id.clone());
-        self.connect(self.opts.connect_timeout)?;
+        // The agent connection of the checkpoint, idle then, continues as it was; without one
+        // (or after a crash of the host side) connect anew.
+        let host = self.machine.as_ref().map(Machine::vsock);
+        if let Some(stream) = host.as_ref().and_then(|h| h.adopt(AGENT_PORT)) {
+            self.agent = Some(Client::new(stream));
+        }
+        if let Some(h) = &host {
+            h.reset_unadopted();
+        }
+        if self.agent.is_none() {
+            self.connect(self.opts.connect_timeout)?;
+        }
         self.reseed()?;
         self.set_clock()?;
         Ok(())
@@ -417,8 +428,11 @@ impl KvmSandbox {
 
     fn do_checkpoint(&mut self) -> Result<SnapshotId> {
         self.lifecycle.check(Operation::Checkpoint)?;
-        // In-flight connections do not survive; the agent's state does.
-        self.agent = None;
+        // The agent connection is idle between calls: it is part of the snapshot and a resume
+        // adopts it (a broken one is dropped first so that it is not).
+        if self.agent.as_ref().is_some_and(|c| c.is_broken()) {
+            self.agent = None;
+        }
         let machine = self.machine.as_mut().ok_or(Error::IllegalTransition {
             op: Operation::Checkpoint,
             state: State::Standby,

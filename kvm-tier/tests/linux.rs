@@ -341,6 +341,9 @@ fn incremental_checkpoints_store_only_what_changed() {
     let id = sb.checkpoint().unwrap();
     let m = store.manifest(&id).unwrap();
     assert_eq!(m.parent.as_ref(), Some(base));
+    // The idle agent connection is part of the snapshot (a resume adopts it).
+    let live = &m.tier_state["devices"]["vsock"]["live"];
+    assert_eq!(live.as_array().map(Vec::len), Some(1), "{live}");
     let chain = store.chain(&id).unwrap();
     assert_eq!(
         chain[0].memory.kind,

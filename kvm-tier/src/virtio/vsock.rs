@@ -9,9 +9,11 @@
 //! a wake eventfd, and used buffers are signalled through an irqfd. Flow control follows the
 //! virtio spec (`buf_alloc` / `fwd_cnt` credit on both sides).
 //!
-//! Snapshots: connections do not survive a checkpoint. The device state records the ones still
-//! open; after a restore the guest is sent a reset for each, so its sockets close, and the host
-//! reconnects (the agent keeps its own state across, see `dormant-agent`).
+//! Snapshots: an *idle* connection (nothing buffered either way) survives a checkpoint: its
+//! ports and credit counters are part of the device state, and after a restore the host takes it
+//! back with [`VsockHost::adopt`], so the guest sees nothing happen. Connections with data in
+//! flight, and idle ones nobody adopts ([`VsockHost::reset_unadopted`]), are reset: the guest's
+//! sockets close and the host reconnects.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -152,6 +154,8 @@ struct Conn {
     /// The host dropped its stream.
     host_closed: bool,
     shutdown_sent: bool,
+    /// Restored from a snapshot and not yet taken by a host stream.
+    adoptable: bool,
 }
 
 impl Conn {
@@ -190,8 +194,24 @@ pub struct VsockState {
     pub cid: u64,
     pub next_port: u32,
     pub transport: TransportState,
-    /// (host port, guest port) of connections open at the checkpoint: reset after restore.
+    /// (host port, guest port) of connections with data in flight at the checkpoint: reset
+    /// after restore.
     pub open: Vec<(u32, u32)>,
+    /// Idle connections, restored as they were.
+    #[serde(default)]
+    pub live: Vec<LiveConn>,
+}
+
+/// An idle connection in a snapshot: its ports and flow-control counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveConn {
+    pub local: u32,
+    pub peer: u32,
+    pub peer_buf_alloc: u32,
+    pub peer_fwd_cnt: u32,
+    pub tx_cnt: u32,
+    pub fwd_cnt: u32,
+    pub credit_sent: u32,
 }
 
 /// The device: shared state plus its worker thread.
@@ -230,7 +250,28 @@ impl VsockDevice {
         let mut t = MmioTransport::new(Vsock { cid }, mem, Interrupt::new(irq));
         let mut control = VecDeque::new();
         let mut next_port = FIRST_LOCAL_PORT;
+        let mut conns = HashMap::new();
         if let Some(s) = state {
+            for c in &s.live {
+                conns.insert(
+                    c.local,
+                    Conn {
+                        peer_port: c.peer,
+                        state: ConnState::Connected,
+                        inbound: VecDeque::new(),
+                        outbound: VecDeque::new(),
+                        peer_buf_alloc: c.peer_buf_alloc,
+                        peer_fwd_cnt: c.peer_fwd_cnt,
+                        tx_cnt: c.tx_cnt,
+                        fwd_cnt: c.fwd_cnt,
+                        credit_sent: c.credit_sent,
+                        peer_done: false,
+                        host_closed: false,
+                        shutdown_sent: false,
+                        adoptable: true,
+                    },
+                );
+            }
             t.restore(&s.transport)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             next_port = s.next_port;
@@ -246,7 +287,7 @@ impl VsockDevice {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 t,
-                conns: HashMap::new(),
+                conns,
                 control,
                 next_port,
                 paused: false,
@@ -327,18 +368,39 @@ impl VsockDevice {
     /// The device state (pause first for a consistent snapshot).
     pub fn state(&self) -> VsockState {
         let g = self.shared.inner.lock();
-        let mut open: Vec<(u32, u32)> = g
-            .conns
-            .iter()
-            .filter(|(_, c)| c.state != ConnState::Reset)
-            .map(|(&l, c)| (l, c.peer_port))
-            .collect();
+        let mut open = Vec::new();
+        let mut live = Vec::new();
+        for (&local, c) in &g.conns {
+            if c.state == ConnState::Reset {
+                continue;
+            }
+            let idle = c.state == ConnState::Connected
+                && c.inbound.is_empty()
+                && c.outbound.is_empty()
+                && !c.host_closed
+                && !c.peer_done;
+            if idle {
+                live.push(LiveConn {
+                    local,
+                    peer: c.peer_port,
+                    peer_buf_alloc: c.peer_buf_alloc,
+                    peer_fwd_cnt: c.peer_fwd_cnt,
+                    tx_cnt: c.tx_cnt,
+                    fwd_cnt: c.fwd_cnt,
+                    credit_sent: c.credit_sent,
+                });
+            } else {
+                open.push((local, c.peer_port));
+            }
+        }
         open.sort_unstable();
+        live.sort_unstable_by_key(|c| c.local);
         VsockState {
             cid: g.t.device.cid,
             next_port: g.next_port,
             transport: g.t.state(),
             open,
+            live,
         }
     }
 }
@@ -597,6 +659,44 @@ fn process_rx(g: &mut Inner) -> bool {
 }
 
 impl VsockHost {
+    /// Takes back an idle connection to guest port `port` restored from a snapshot, if there is
+    /// one: the guest's end never noticed the checkpoint.
+    pub fn adopt(&self, port: u32) -> Option<VsockStream> {
+        let mut g = self.shared.inner.lock();
+        let (&local, c) = g
+            .conns
+            .iter_mut()
+            .find(|(_, c)| c.adoptable && c.peer_port == port)?;
+        c.adoptable = false;
+        Some(VsockStream {
+            shared: self.shared.clone(),
+            local,
+            read_timeout: None,
+        })
+    }
+
+    /// Resets the restored connections nobody adopted.
+    pub fn reset_unadopted(&self) {
+        let mut g = self.shared.inner.lock();
+        let orphans: Vec<(u32, u32)> = g
+            .conns
+            .iter()
+            .filter(|(_, c)| c.adoptable)
+            .map(|(&l, c)| (l, c.peer_port))
+            .collect();
+        for (local, peer) in orphans {
+            g.conns.remove(&local);
+            g.control.push_back(Control {
+                local,
+                peer,
+                op: OP_RST,
+                flags: 0,
+            });
+        }
+        drop(g);
+        let _ = self.shared.wake.write(1);
+    }
+
     /// Opens a connection to guest port `port`, waiting up to `timeout` for the guest to accept.
     pub fn connect(&self, port: u32, timeout: Duration) -> std::io::Result<VsockStream> {
         let deadline = Instant::now() + timeout;
@@ -621,6 +721,7 @@ impl VsockHost {
                 peer_done: false,
                 host_closed: false,
                 shutdown_sent: false,
+                adoptable: false,
             },
         );
         g.control.push_back(Control {

@@ -313,18 +313,50 @@ impl KvmSandbox {
         if self.agent.is_none() {
             self.connect(self.opts.connect_timeout)?;
         }
-        self.reseed()?;
-        self.set_clock()?;
+        self.refresh_guest()?;
         Ok(())
     }
 
-    /// Sets the guest's wall clock to the host's: it stood still while the guest slept (its
-    /// monotonic clock simply continues from where it stopped).
-    fn set_clock(&mut self) -> Result<()> {
-        match self.live_agent()?.set_time(std::time::SystemTime::now()) {
-            Err(ClientError::Agent { kind, .. }) if kind == "unsupported" => Ok(()),
-            r => r.map_err(|e| agent_error("set the guest clock", "CLOCK_REALTIME", e)),
+    /// After a resume, in one round trip: mixes host entropy into the guest's pool (forks and
+    /// repeated resumes must not share random streams) and sets its wall clock (it stood still
+    /// while the guest slept; the monotonic clock simply continues).
+    fn refresh_guest(&mut self) -> Result<()> {
+        use dormant_agent::proto::Request;
+        let seed: [u8; 64] = rand::random();
+        let unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let answers = self
+            .live_agent()?
+            .pipeline(&[
+                (
+                    Request::WriteFile {
+                        path: "/dev/urandom".into(),
+                        mode: None,
+                        append: true,
+                    },
+                    &seed,
+                ),
+                (Request::SetTime { unix_ns }, &[]),
+            ])
+            .map_err(|e| agent_error("refresh the resumed guest", "/dev/urandom", e))?;
+        for (i, a) in answers.into_iter().enumerate() {
+            match a {
+                Ok(_) => {}
+                // An agent from before set_time: its clock stays as it was.
+                Err(ClientError::Agent { kind, .. }) if i == 1 && kind == "unsupported" => {}
+                Err(e) => {
+                    let what = if i == 0 {
+                        "/dev/urandom"
+                    } else {
+                        "CLOCK_REALTIME"
+                    };
+                    return Err(agent_error("refresh the resumed guest", what, e));
+                }
+            }
         }
+        Ok(())
     }
 
     /// The guest's serial console output so far (kernel log, agent messages).
@@ -409,14 +441,6 @@ impl KvmSandbox {
             op: "reach the guest agent",
             message: "no connection".into(),
         })
-    }
-
-    /// Mixes host entropy into the guest's pool (forks and bases must not share streams).
-    fn reseed(&mut self) -> Result<()> {
-        let seed: [u8; 64] = rand::random();
-        let c = self.live_agent()?;
-        c.write_file("/dev/urandom", &seed, None, true)
-            .map_err(|e| agent_error("reseed the guest's randomness", "/dev/urandom", e))
     }
 
     fn release(&mut self) {

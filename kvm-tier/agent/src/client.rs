@@ -220,6 +220,33 @@ impl<S: Read + Write> Client<S> {
         self.recv()
     }
 
+    /// Sends several single-response requests at once, then reads their responses in order:
+    /// one round trip instead of one each. Each answer is `Ok` or its `Agent` error; a broken
+    /// stream fails the whole call. Not for `exec`.
+    #[allow(clippy::type_complexity)]
+    pub fn pipeline(
+        &mut self,
+        reqs: &[(Request, &[u8])],
+    ) -> Result<Vec<Result<(Response, Vec<u8>), ClientError>>, ClientError> {
+        if reqs.iter().any(|(r, _)| matches!(r, Request::Exec { .. })) {
+            return Err(ClientError::Protocol(
+                "exec streams its output: use Client::exec".into(),
+            ));
+        }
+        for (req, data) in reqs {
+            self.send(req, data)?;
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        for _ in reqs {
+            match self.recv() {
+                Ok(frame) => out.push(Ok(frame)),
+                Err(e @ ClientError::Agent { .. }) => out.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     fn expect_ok(&mut self, op: &str, req: &Request, data: &[u8]) -> Result<(), ClientError> {
         match self.request(req, data)? {
             (Response::Ok {}, _) => Ok(()),

@@ -580,3 +580,46 @@ fn frames_roundtrip() {
     let r = proto::read_frame::<_, Request>(&mut &[][..]);
     assert!(matches!(r, Err(proto::FrameError::Closed)));
 }
+
+#[test]
+fn pipelined_requests_answer_in_order_and_errors_stay_per_request() {
+    let mut c = connect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.txt").to_string_lossy().into_owned();
+    let missing = dir.path().join("missing").to_string_lossy().into_owned();
+    let answers = c
+        .pipeline(&[
+            (
+                Request::WriteFile {
+                    path: file.clone(),
+                    mode: None,
+                    append: false,
+                },
+                b"pipelined",
+            ),
+            (Request::ReadFile { path: missing }, b""),
+            (Request::ReadFile { path: file }, b""),
+        ])
+        .unwrap();
+    assert_eq!(answers.len(), 3);
+    assert!(matches!(answers[0], Ok((Response::Ok {}, _))));
+    assert_eq!(agent_kind(answers[1].as_ref().unwrap_err()), "not_found");
+    match &answers[2] {
+        Ok((_, data)) => assert_eq!(data, b"pipelined"),
+        other => panic!("{other:?}"),
+    }
+    // Exec cannot be pipelined; the connection stays usable.
+    assert!(
+        c.pipeline(&[(
+            Request::Exec {
+                argv: vec!["true".into()],
+                env: vec![],
+                cwd: None,
+                timeout_ms: None
+            },
+            b""
+        )])
+        .is_err()
+    );
+    assert!(c.hello().is_ok());
+}

@@ -350,3 +350,107 @@ impl<D: VirtioDevice> MmioTransport<D> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::GuestRam;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Dummy;
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8 + 1);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn reset(&mut self) {}
+    }
+
+    fn transport() -> MmioTransport<Dummy> {
+        let ram = GuestRam::anonymous(1 << 20).unwrap();
+        MmioTransport::new(
+            Dummy,
+            ram.memory().clone(),
+            Interrupt::new(EventFd::new(0).unwrap()),
+        )
+    }
+
+    fn read(t: &mut MmioTransport<Dummy>, off: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off as u64, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write(t: &mut MmioTransport<Dummy>, off: u32, v: u32) -> Option<u16> {
+        t.write(off as u64, &v.to_le_bytes())
+    }
+
+    #[test]
+    fn identifies_itself_and_its_features() {
+        let mut t = transport();
+        assert_eq!(read(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_DEVICE_ID), 42);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1 << 3);
+        write(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1, "VERSION_1");
+        assert_eq!(read(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
+        let mut cfg = [0u8; 2];
+        t.read(VIRTIO_MMIO_CONFIG as u64 + 4, &mut cfg);
+        assert_eq!(cfg, [5, 5]);
+    }
+
+    #[test]
+    fn refuses_features_it_did_not_offer_and_resets_on_status_zero() {
+        let mut t = transport();
+        // A driver asking for an unoffered feature does not get FEATURES_OK.
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, (1 << 3) | (1 << 5));
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | STATUS_FEATURES_OK);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK, 0);
+        // Reset, then a correct negotiation.
+        write(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_STATUS), 0);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 3);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | STATUS_FEATURES_OK);
+        assert_ne!(read(&mut t, VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK, 0);
+        // A queue notification written to the register is reported (no ioeventfd here).
+        assert_eq!(write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0), Some(0));
+    }
+
+    #[test]
+    fn queue_registers_round_trip_through_a_snapshot() {
+        let mut t = transport();
+        write(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        write(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        write(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        let s = t.state();
+        let json = serde_json::to_string(&s).unwrap();
+        let mut u = transport();
+        u.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(u.state(), s);
+        assert_eq!(s.queues[0].size, 8);
+        assert_eq!(s.queues[0].used, 0x3000);
+        // A snapshot with another queue count is refused.
+        let mut bad = s.clone();
+        bad.queues.push(bad.queues[0]);
+        assert!(transport().restore(&bad).is_err());
+    }
+}

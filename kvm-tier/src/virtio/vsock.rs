@@ -159,6 +159,25 @@ struct Conn {
 }
 
 impl Conn {
+    /// A host-initiated connection to guest port `peer`, waiting for the guest's answer.
+    fn connecting(peer: u32) -> Conn {
+        Conn {
+            peer_port: peer,
+            state: ConnState::Connecting,
+            inbound: VecDeque::new(),
+            outbound: VecDeque::new(),
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            credit_sent: 0,
+            peer_done: false,
+            host_closed: false,
+            shutdown_sent: false,
+            adoptable: false,
+        }
+    }
+
     fn credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
@@ -256,19 +275,14 @@ impl VsockDevice {
                 conns.insert(
                     c.local,
                     Conn {
-                        peer_port: c.peer,
                         state: ConnState::Connected,
-                        inbound: VecDeque::new(),
-                        outbound: VecDeque::new(),
                         peer_buf_alloc: c.peer_buf_alloc,
                         peer_fwd_cnt: c.peer_fwd_cnt,
                         tx_cnt: c.tx_cnt,
                         fwd_cnt: c.fwd_cnt,
                         credit_sent: c.credit_sent,
-                        peer_done: false,
-                        host_closed: false,
-                        shutdown_sent: false,
                         adoptable: true,
+                        ..Conn::connecting(c.peer)
                     },
                 );
             }
@@ -704,24 +718,7 @@ impl VsockHost {
         }
         let local = g.next_port;
         g.next_port = g.next_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
-        g.conns.insert(
-            local,
-            Conn {
-                peer_port: port,
-                state: ConnState::Connecting,
-                inbound: VecDeque::new(),
-                outbound: VecDeque::new(),
-                peer_buf_alloc: 0,
-                peer_fwd_cnt: 0,
-                tx_cnt: 0,
-                fwd_cnt: 0,
-                credit_sent: 0,
-                peer_done: false,
-                host_closed: false,
-                shutdown_sent: false,
-                adoptable: false,
-            },
-        );
+        g.conns.insert(local, Conn::connecting(port));
         g.control.push_back(Control {
             local,
             peer: port,
@@ -928,19 +925,11 @@ mod tests {
     #[test]
     fn credit_accounts_for_bytes_in_flight() {
         let c = Conn {
-            peer_port: 1024,
             state: ConnState::Connected,
-            inbound: VecDeque::new(),
-            outbound: VecDeque::new(),
             peer_buf_alloc: 1000,
             peer_fwd_cnt: u32::MAX - 10,
             tx_cnt: 100,
-            fwd_cnt: 0,
-            credit_sent: 0,
-            peer_done: false,
-            host_closed: false,
-            shutdown_sent: false,
-            adoptable: false,
+            ..Conn::connecting(1024)
         };
         // 111 bytes in flight across the counter wrap.
         assert_eq!(c.credit(), 889);

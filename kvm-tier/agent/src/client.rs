@@ -531,4 +531,21 @@ impl<S: Read + Write> Client<S> {
             .unwrap_or(0);
         self.expect_ok("set_time", &Request::SetTime { unix_ns }, &[])
     }
+
+    /// Mounts `source` (of type `fstype`) at `target` in the guest, creating `target` first.
+    pub fn mount(
+        &mut self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        read_only: bool,
+    ) -> Result<(), ClientError> {
+        let req = Request::Mount {
+            source: source.into(),
+            target: target.into(),
+            fstype: fstype.into(),
+            read_only,
+        };
+        self.expect_ok("mount", &req, &[])
+    }
 }

@@ -145,6 +145,19 @@ pub enum Request {
     /// epoch; answered by `ok`. The host sends it after a resume (the guest's clock stood still
     /// while it slept).
     SetTime { unix_ns: u64 },
+    /// Mount a filesystem at `target` (created first, like `mkdir -p`); answered by `ok`.
+    /// The host mounts its volumes (`fstype` `virtiofs`, `source` the slot's tag) this way.
+    Mount {
+        /// What to mount (a device, or a virtiofs tag).
+        source: String,
+        /// Absolute path of the mount point.
+        target: String,
+        /// Filesystem type, e.g. `virtiofs`.
+        fstype: String,
+        /// Mount read-only.
+        #[serde(default)]
+        read_only: bool,
+    },
 }
 
 /// A response header (agent → host).

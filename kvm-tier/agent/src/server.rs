@@ -58,6 +58,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "mkdir",
     "sync",
     "set_time",
+    "mount",
 ];
 
 /// Once a process has exited, how long to keep reading output that grandchildren holding its
@@ -685,6 +686,46 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
             }
             ok(Response::Ok {})
         }
+        Request::Mount {
+            source,
+            target,
+            fstype,
+            read_only,
+        } => {
+            check_path(&target)?;
+            fs::create_dir_all(&target).map_err(|e| Failure::io(&target, &e))?;
+            mount(&source, &target, &fstype, read_only).map_err(|e| Failure::io(&target, &e))?;
+            ok(Response::Ok {})
+        }
+    }
+}
+
+/// `mount(2)`, `nosuid,nodev`, read-only if asked.
+fn mount(source: &str, target: &str, fstype: &str, read_only: bool) -> io::Result<()> {
+    let c = |s: &str| {
+        std::ffi::CString::new(s)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument"))
+    };
+    let (source, target, fstype) = (c(source)?, c(target)?, c(fstype)?);
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    // SAFETY: the three strings are valid NUL-terminated C strings for the whole call, and a
+    // null `data` is allowed.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -1148,6 +1189,12 @@ mod tests {
             Request::Mkdir { path: "x".into() },
             Request::Sync {},
             Request::SetTime { unix_ns: 0 },
+            Request::Mount {
+                source: "x".into(),
+                target: "/x".into(),
+                fstype: "virtiofs".into(),
+                read_only: false,
+            },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());
         for s in samples {

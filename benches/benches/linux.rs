@@ -94,9 +94,14 @@ fn main() {
             let t = Instant::now();
             let loaded = dormant::kvm::snapshot::load_machine(&store, &id).expect("load");
             let devices = loaded.devices.expect("devices");
-            let m =
-                dormant::kvm::machine::Machine::restore(loaded.vm, &devices, loaded.disk, false)
-                    .expect("restore");
+            let m = dormant::kvm::machine::Machine::restore(
+                loaded.vm,
+                &devices,
+                loaded.disk,
+                false,
+                &[],
+            )
+            .expect("restore");
             restore.push(t.elapsed());
             drop(m);
             std::thread::sleep(Duration::from_millis(50));

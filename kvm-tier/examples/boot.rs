@@ -25,6 +25,8 @@ fn main() {
         ) + &std::env::var("EXTRA").unwrap_or_default(),
         console_echo: true,
         disk_image: None,
+        volume_slots: 0,
+        volumes: Vec::new(),
     };
     let t = Instant::now();
     let m = Machine::boot(&cfg).unwrap();

@@ -1,10 +1,18 @@
 //! # dormant-kvm
 //!
 //! The KVM tier of dormant: microVMs booting a real Linux guest behind the same sandbox
-//! contract as the WASI tier. Built so far: host detection ([`detect`]: hardware virtualization,
-//! PVM, or none) and the VMM core ([`vm`]: a VM with copy-on-write guest RAM and one vCPU, run
-//! with a deadline, its whole state captured and restored into a brand-new VM, dirty-page
-//! tracking). The Linux guest, devices and the sandbox contract come next (issue 4).
+//! contract as the WASI tier.
+//!
+//! - [`detect`]: hardware virtualization, PVM (guest kernel emulated), or none.
+//! - [`vm`], [`vcpu`], [`persist`]: the VMM core — a VM with copy-on-write guest RAM and one
+//!   vCPU on its own thread, its whole state captured and restored into a brand-new VM,
+//!   dirty-page tracking.
+//! - [`boot`], [`serial`], [`virtio`], [`machine`]: direct boot of an ELF `vmlinux`, the 16550
+//!   console, virtio-mmio devices (vsock to the guest agent, a block device for `/data`, and
+//!   virtio-fs volume slots served by [`volume`]), wired into a [`machine::Machine`].
+//! - [`snapshot`]: checkpoints in dormant's snapshot store (full or incremental RAM, device
+//!   state, disk layers).
+//! - [`sandbox`]: [`sandbox::KvmSandbox`], the `Sandbox` contract over the guest agent.
 
 use std::path::Path;
 
@@ -17,6 +25,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
+pub mod volume;
 
 /// The virtualization this host offers to the KVM tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,9 +2,11 @@
 //! together (irqfds for interrupts, an ioeventfd per virtqueue), booted from a kernel or
 //! rebuilt from a snapshot.
 //!
-//! Guest physical layout: RAM from 0; the virtio-mmio window of vsock at
-//! [`VSOCK_MMIO_BASE`] (IRQ [`VSOCK_IRQ`]); COM1 at port 0x3f8 (IRQ 4). The guest learns about
-//! the virtio device from the kernel command line (`virtio_mmio.device=`).
+//! Guest physical layout: RAM from 0; the virtio-mmio windows of vsock at
+//! [`VSOCK_MMIO_BASE`] (IRQ [`VSOCK_IRQ`]), of the disk at [`BLK_MMIO_BASE`] (IRQ [`BLK_IRQ`])
+//! and of the volume slots from [`FS_MMIO_BASE`] (IRQs [`FS_IRQS`]); COM1 at port 0x3f8
+//! (IRQ 4). The guest learns about the virtio devices from the kernel command line
+//! (`virtio_mmio.device=`), so every device, volume slots included, exists from boot.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use crate::boot::{self, BootError, BootSpec};
 use crate::serial::{COM1, COM1_IRQ, ConsoleLog, IrqLine, Uart, UartState};
 use crate::vcpu::{Action, Ended, ExitHandler, VcpuThread};
 use crate::virtio::block::{BlockDevice, BlockState};
+use crate::virtio::fs::{FsDevice, FsState, VolumeAttach};
 use crate::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY};
 use crate::virtio::vsock::{VsockDevice, VsockHost, VsockState};
 use crate::vm::{ExitRef, GuestRam, MicroVm, VmError, VmState};
@@ -30,6 +33,11 @@ pub const VSOCK_IRQ: u32 = 5;
 pub const BLK_MMIO_BASE: u64 = 0xd000_1000;
 /// Its interrupt line.
 pub const BLK_IRQ: u32 = 6;
+/// Guest physical address of the first volume slot's virtio-mmio registers (the next ones
+/// follow, 4 KiB apart).
+pub const FS_MMIO_BASE: u64 = 0xd000_2000;
+/// The volume slots' interrupt lines: at most this many slots.
+pub const FS_IRQS: [u32; 4] = [7, 9, 10, 11];
 /// Version of [`DevicesState`]'s layout.
 pub const DEVICES_VERSION: u32 = 1;
 
@@ -69,6 +77,9 @@ pub struct DevicesState {
     /// The disk's device state (its contents are a separate snapshot layer).
     #[serde(default)]
     pub block: Option<BlockState>,
+    /// The volume slots (their contents are host directories, in no snapshot).
+    #[serde(default)]
+    pub fs: Vec<FsState>,
 }
 
 /// What to boot.
@@ -85,12 +96,17 @@ pub struct MachineConfig {
     /// The disk (`/dev/vda`): an image file mapped copy-on-write (never written); none if
     /// `None`. Its size must be a multiple of 4 KiB.
     pub disk_image: Option<PathBuf>,
+    /// Volume slots to give the guest (at most [`FS_IRQS`]`.len()`); `volumes` are attached
+    /// to the first ones.
+    pub volume_slots: usize,
+    pub volumes: Vec<VolumeAttach>,
 }
 
 struct Devices {
     uart: Mutex<Uart>,
     vsock: VsockDevice,
     block: Option<BlockDevice>,
+    fs: Vec<FsDevice>,
     /// The guest asked for a reset (its way to power off).
     reset: AtomicBool,
 }
@@ -143,6 +159,16 @@ impl ExitHandler for DeviceModel {
                     b.mmio_write(addr - BLK_MMIO_BASE, data);
                 }
             }
+            ExitRef::MmioRead { addr, data } if fs_slot(addr, d.fs.len()).is_some() => {
+                if let Some((i, off)) = fs_slot(addr, d.fs.len()) {
+                    d.fs[i].mmio_read(off, data);
+                }
+            }
+            ExitRef::MmioWrite { addr, data } if fs_slot(addr, d.fs.len()).is_some() => {
+                if let Some((i, off)) = fs_slot(addr, d.fs.len()) {
+                    d.fs[i].mmio_write(off, data);
+                }
+            }
             ExitRef::IoIn { data, .. } | ExitRef::MmioRead { data, .. } => data.fill(0xff),
             ExitRef::IoOut { .. } | ExitRef::MmioWrite { .. } | ExitRef::Hlt => {}
         }
@@ -167,15 +193,59 @@ impl std::fmt::Debug for Machine {
     }
 }
 
+/// The volume slot and register offset an MMIO address falls in.
+fn fs_slot(addr: u64, slots: usize) -> Option<(usize, u64)> {
+    let off = addr.checked_sub(FS_MMIO_BASE)?;
+    let i = (off / MMIO_SIZE) as usize;
+    (i < slots).then_some((i, off % MMIO_SIZE))
+}
+
 /// The kernel command line's device part.
-pub fn device_cmdline(disk: bool) -> String {
+pub fn device_cmdline(disk: bool, volume_slots: usize) -> String {
     let mut c = format!("virtio_mmio.device=4K@{VSOCK_MMIO_BASE:#x}:{VSOCK_IRQ}");
     if disk {
         c.push_str(&format!(
             " virtio_mmio.device=4K@{BLK_MMIO_BASE:#x}:{BLK_IRQ}"
         ));
     }
+    for (i, irq) in FS_IRQS.iter().take(volume_slots).enumerate() {
+        let base = FS_MMIO_BASE + i as u64 * MMIO_SIZE;
+        c.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
     c
+}
+
+/// The volume slots' devices: `slots` of them, `volumes` attached to the first ones, with
+/// their snapshot state when restoring.
+fn volume_devices(
+    vm: &MicroVm,
+    slots: usize,
+    volumes: &[VolumeAttach],
+    states: Option<&[FsState]>,
+) -> Result<Vec<FsDevice>> {
+    if slots > FS_IRQS.len() || volumes.len() > slots {
+        return Err(MachineError::Device {
+            device: "fs",
+            message: format!(
+                "{} volumes for a guest with {slots} volume slots (at most {})",
+                volumes.len(),
+                FS_IRQS.len()
+            ),
+        });
+    }
+    (0..slots)
+        .map(|i| {
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(device("fs"))?;
+            FsDevice::new(
+                i,
+                vm.ram().memory().clone(),
+                irq,
+                volumes.get(i),
+                states.and_then(|s| s.get(i)),
+            )
+            .map_err(device("fs"))
+        })
+        .collect()
 }
 
 impl Machine {
@@ -186,7 +256,7 @@ impl Machine {
         let cmdline = format!(
             "{} {}",
             cfg.cmdline,
-            device_cmdline(cfg.disk_image.is_some())
+            device_cmdline(cfg.disk_image.is_some(), cfg.volume_slots)
         );
         boot::load(
             &mut vm,
@@ -225,16 +295,19 @@ impl Machine {
             }
             None => None,
         };
-        Self::start(vm, uart, vsock, block, console)
+        let fs = volume_devices(&vm, cfg.volume_slots, &cfg.volumes, None)?;
+        Self::start(vm, uart, vsock, block, fs, console)
     }
 
     /// Rebuilds a machine around a VM restored from a snapshot (see `snapshot::load_machine`),
-    /// with the disk's restored contents when the snapshot has a disk.
+    /// with the disk's restored contents when the snapshot has a disk, and `volumes` attached
+    /// to its first volume slots.
     pub fn restore(
         vm: MicroVm,
         state: &DevicesState,
         disk: Option<GuestRam>,
         console_echo: bool,
+        volumes: &[VolumeAttach],
     ) -> Result<Machine> {
         if state.version != DEVICES_VERSION {
             return Err(MachineError::Device {
@@ -274,7 +347,8 @@ impl Machine {
                 });
             }
         };
-        Self::start(vm, uart, vsock, block, console)
+        let fs = volume_devices(&vm, state.fs.len(), volumes, Some(&state.fs))?;
+        Self::start(vm, uart, vsock, block, fs, console)
     }
 
     fn start(
@@ -282,6 +356,7 @@ impl Machine {
         uart: Uart,
         vsock: VsockDevice,
         block: Option<BlockDevice>,
+        fs: Vec<FsDevice>,
         console: ConsoleLog,
     ) -> Result<Machine> {
         vm.register_irqfd(&vsock.irq_fd(), VSOCK_IRQ)?;
@@ -292,11 +367,19 @@ impl Machine {
             vm.register_irqfd(&b.irq_fd(), BLK_IRQ)?;
             vm.register_mmio_ioeventfd(b.queue_evt(), BLK_MMIO_BASE + QUEUE_NOTIFY, 0)?;
         }
+        for (i, f) in fs.iter().enumerate() {
+            let base = FS_MMIO_BASE + i as u64 * MMIO_SIZE;
+            vm.register_irqfd(&f.irq_fd(), FS_IRQS[i])?;
+            for (q, evt) in f.queue_evts().iter().enumerate() {
+                vm.register_mmio_ioeventfd(evt, base + QUEUE_NOTIFY, q as u32)?;
+            }
+        }
         let mem_size = vm.ram().size();
         let devices = Arc::new(Devices {
             uart: Mutex::new(uart),
             vsock,
             block,
+            fs,
             reset: AtomicBool::new(false),
         });
         let vcpu = VcpuThread::start(vm, DeviceModel(devices.clone()));
@@ -363,12 +446,16 @@ impl Machine {
         if let Some(b) = &self.devices.block {
             b.set_paused(true);
         }
+        for f in &self.devices.fs {
+            f.set_paused(true);
+        }
         let state = vm.save_state()?;
         let devices = DevicesState {
             version: DEVICES_VERSION,
             uart: UartState::capture(&self.devices.uart.lock()),
             vsock: self.devices.vsock.state(),
             block: self.devices.block.as_ref().map(BlockDevice::state),
+            fs: self.devices.fs.iter().map(FsDevice::state).collect(),
         };
         Ok((vm, state, devices))
     }
@@ -378,6 +465,9 @@ impl Machine {
         self.devices.vsock.set_paused(false);
         if let Some(b) = &self.devices.block {
             b.set_paused(false);
+        }
+        for f in &self.devices.fs {
+            f.set_paused(false);
         }
         self.vcpu = Some(VcpuThread::start(vm, DeviceModel(self.devices.clone())));
     }

@@ -28,8 +28,9 @@ use dormant_core::{
 };
 
 use crate::HostKvm;
-use crate::machine::{Machine, MachineConfig};
+use crate::machine::{FS_IRQS, Machine, MachineConfig};
 use crate::snapshot;
+use crate::virtio::fs::VolumeAttach;
 use crate::virtio::vsock::VsockStream;
 
 /// The agent's vsock port.
@@ -170,21 +171,91 @@ impl KvmSandbox {
                 "the KVM tier runs Linux workloads (SandboxSpec::linux())".into(),
             ));
         }
-        if !spec.mounts.is_empty() {
-            return Err(Error::Unsupported {
-                op: "mounting host directories",
-                what: "the KVM tier yet (copy files in with write_file)".into(),
-            });
+        if spec.mounts.len() > FS_IRQS.len() {
+            return Err(Error::InvalidSpec(format!(
+                "{} mounts: a Linux sandbox has at most {} volumes",
+                spec.mounts.len(),
+                FS_IRQS.len()
+            )));
         }
         require_kvm()?;
         let image = GuestImage::locate()?;
         let base = Self::base_snapshot(&store, &image, &spec, &opts)?;
-        let mut sb = Self::from_snapshot_with(store, &base, opts)?;
-        sb.id = new_id();
-        sb.spec.env = spec.env;
-        sb.spec.call_timeout = spec.call_timeout;
-        sb.spec.output_limit = spec.output_limit;
+        let mut merged = store.manifest(&base)?.spec;
+        merged.env = spec.env;
+        merged.call_timeout = spec.call_timeout;
+        merged.output_limit = spec.output_limit;
+        merged.mounts = spec.mounts;
+        let mut sb = KvmSandbox::handle(store, new_id(), merged, opts);
+        sb.load(&base)?;
+        sb.mount_volumes()?;
         Ok(sb)
+    }
+
+    fn handle(
+        store: Arc<LocalStore>,
+        id: String,
+        spec: SandboxSpec,
+        opts: KvmOptions,
+    ) -> KvmSandbox {
+        KvmSandbox {
+            store,
+            id,
+            spec,
+            lifecycle: Lifecycle::new(),
+            machine: None,
+            agent: None,
+            parent: None,
+            opts,
+        }
+    }
+
+    /// Refuses a files-API change under a read-only volume (the guest's mount refuses it too,
+    /// with `EROFS`; this names it `Error::ReadOnly` like the other tier).
+    fn check_writable(&self, path: &str) -> Result<()> {
+        let g = dormant_core::paths::GuestPath::parse(path)?;
+        let g = g.as_str();
+        for m in self.spec.mounts.iter().filter(|m| m.read_only) {
+            let mp = dormant_core::paths::GuestPath::parse(&m.guest)?;
+            let mp = mp.as_str();
+            if g == mp || g.strip_prefix(mp).is_some_and(|r| r.starts_with('/')) {
+                return Err(Error::ReadOnly { path: path.into() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Mounts every volume in the guest (slot `i` at `spec.mounts[i].guest`), in one round
+    /// trip. A new sandbox does it once; the mounts are guest state that snapshots keep.
+    fn mount_volumes(&mut self) -> Result<()> {
+        use dormant_agent::proto::Request;
+        if self.spec.mounts.is_empty() {
+            return Ok(());
+        }
+        let requests: Vec<(Request, &[u8])> = self
+            .spec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let r = Request::Mount {
+                    source: crate::virtio::fs::tag(i),
+                    target: m.guest.clone(),
+                    fstype: "virtiofs".into(),
+                    read_only: m.read_only,
+                };
+                (r, &[][..])
+            })
+            .collect();
+        let mounts = self.spec.mounts.clone();
+        let answers = self
+            .live_agent()?
+            .pipeline(&requests)
+            .map_err(|e| agent_error("mount a volume", "", e))?;
+        for (a, m) in answers.into_iter().zip(&mounts) {
+            a.map_err(|e| agent_error("mount a volume", &m.guest, e))?;
+        }
+        Ok(())
     }
 
     /// Boots the image once per (image, RAM size) and keeps the booted guest as a snapshot.
@@ -195,10 +266,11 @@ impl KvmSandbox {
         opts: &KvmOptions,
     ) -> Result<SnapshotId> {
         let key = format!(
-            "kvm-{}-{}m-{}d",
+            "kvm-{}-{}m-{}d-{}v",
             image.fingerprint()?,
             spec.memory_limit >> 20,
-            opts.disk_size >> 20
+            opts.disk_size >> 20,
+            FS_IRQS.len()
         );
         let dir = store.root().join("bases");
         let record = dir.join(&key);
@@ -213,7 +285,9 @@ impl KvmSandbox {
         {
             return Ok(id);
         }
-        let mut booted = Self::boot(store.clone(), image, spec.clone(), opts.clone())?;
+        let mut base_spec = spec.clone();
+        base_spec.mounts.clear();
+        let mut booted = Self::boot(store.clone(), image, base_spec, opts.clone())?;
         let id = booted.checkpoint()?;
         booted.release();
         dormant_core::fsutil::write_atomic(&record, id.to_string().as_bytes())
@@ -221,7 +295,8 @@ impl KvmSandbox {
         Ok(id)
     }
 
-    /// Boots the guest image in a fresh VM and waits for its agent.
+    /// Boots the guest image in a fresh VM (with every volume slot, `spec.mounts` attached and
+    /// mounted) and waits for its agent.
     pub fn boot(
         store: Arc<LocalStore>,
         image: &GuestImage,
@@ -238,6 +313,8 @@ impl KvmSandbox {
             cmdline: crate::boot::base_cmdline(crate::detect().is_slow()),
             console_echo: opts.console_echo,
             disk_image: Some(format_disk(&store, opts.disk_size)?),
+            volume_slots: FS_IRQS.len(),
+            volumes: volumes(&spec),
         };
         let booted = Machine::boot(&cfg).map_err(runtime("boot the guest"));
         if let Some(p) = &cfg.disk_image {
@@ -245,17 +322,10 @@ impl KvmSandbox {
             let _ = std::fs::remove_file(p);
         }
         let machine = booted?;
-        let mut sb = KvmSandbox {
-            store,
-            id: new_id(),
-            spec,
-            lifecycle: Lifecycle::new(),
-            machine: Some(machine),
-            agent: None,
-            parent: None,
-            opts,
-        };
+        let mut sb = KvmSandbox::handle(store, new_id(), spec, opts);
+        sb.machine = Some(machine);
         sb.connect(sb.opts.boot_timeout)?;
+        sb.mount_volumes()?;
         Ok(sb)
     }
 
@@ -271,16 +341,7 @@ impl KvmSandbox {
     ) -> Result<KvmSandbox> {
         require_kvm()?;
         let manifest = store.manifest(id)?;
-        let mut sb = KvmSandbox {
-            store,
-            id: manifest.sandbox_id.clone(),
-            spec: manifest.spec.clone(),
-            lifecycle: Lifecycle::new(),
-            machine: None,
-            agent: None,
-            parent: None,
-            opts,
-        };
+        let mut sb = KvmSandbox::handle(store, manifest.sandbox_id, manifest.spec, opts);
         sb.load(id)?;
         Ok(sb)
     }
@@ -295,7 +356,8 @@ impl KvmSandbox {
                 ),
             )
         })?;
-        let machine = Machine::restore(vm, &devices, disk, self.opts.console_echo)
+        let volumes = volumes(&self.spec);
+        let machine = Machine::restore(vm, &devices, disk, self.opts.console_echo, &volumes)
             .map_err(runtime("restore the guest's devices"))?;
         self.release();
         self.machine = Some(machine);
@@ -609,6 +671,17 @@ fn format_disk(store: &LocalStore, size: usize) -> Result<PathBuf> {
     }
 }
 
+/// The host directories of `spec.mounts`, in volume-slot order.
+fn volumes(spec: &SandboxSpec) -> Vec<VolumeAttach> {
+    spec.mounts
+        .iter()
+        .map(|m| VolumeAttach {
+            host: m.host.clone(),
+            read_only: m.read_only,
+        })
+        .collect()
+}
+
 fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
     code.unwrap_or_else(|| 128 + signal.unwrap_or(0))
 }
@@ -726,6 +799,7 @@ impl Sandbox for KvmSandbox {
 
     fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
         let p = check_path(path)?;
+        self.check_writable(p)?;
         self.agent(Operation::Files)?
             .write_file(p, data, None, false)
             .map_err(|e| agent_error("write", path, e))
@@ -749,6 +823,7 @@ impl Sandbox for KvmSandbox {
 
     fn remove(&mut self, path: &str) -> Result<()> {
         let p = check_path(path)?;
+        self.check_writable(p)?;
         self.agent(Operation::Files)?
             .remove(p, true)
             .map_err(|e| agent_error("remove", path, e))

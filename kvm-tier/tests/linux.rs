@@ -442,3 +442,126 @@ fn a_managed_linux_sandbox_sleeps_when_idle_and_wakes_on_use() {
     assert_eq!(out.stdout, b"kept\n");
     assert_eq!(m.stats().wakes, 1);
 }
+
+#[test]
+fn volumes_share_host_directories_live_and_across_resumes() {
+    if !kvm_available() {
+        return;
+    }
+    let (store, _) = booted();
+    let work = tempfile::tempdir().unwrap();
+    let reference = tempfile::tempdir().unwrap();
+    let host = |p: &str| work.path().join(p);
+    std::fs::write(host("from-host.txt"), "hello from the host\n").unwrap();
+    std::fs::write(reference.path().join("ref.txt"), "reference\n").unwrap();
+    let spec = SandboxSpec::linux()
+        .memory_limit(RAM)
+        .call_timeout(Duration::from_secs(300))
+        .mount(work.path(), "/mnt/work", false)
+        .mount(reference.path(), "/mnt/ref", true);
+    let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
+
+    // Host files are there; guest commands and the files API write through to the host.
+    assert_eq!(
+        sh(&mut sb, "cat /mnt/work/from-host.txt"),
+        ("hello from the host\n".into(), 0)
+    );
+    let (out, code) = sh(
+        &mut sb,
+        "mkdir -p /mnt/work/proj/src && echo 'fn main() {}' > /mnt/work/proj/src/main.rs \
+         && ls /mnt/work/proj/src",
+    );
+    assert_eq!((out.as_str(), code), ("main.rs\n", 0));
+    assert_eq!(
+        std::fs::read_to_string(host("proj/src/main.rs")).unwrap(),
+        "fn main() {}\n"
+    );
+    sb.write_file("/mnt/work/api.txt", b"via the files API")
+        .unwrap();
+    assert_eq!(
+        std::fs::read(host("api.txt")).unwrap(),
+        b"via the files API"
+    );
+    let names: Vec<String> = sb
+        .list_dir("/mnt/work")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["api.txt", "from-host.txt", "proj"]);
+
+    // Read-only: readable, never written.
+    assert_eq!(sh(&mut sb, "cat /mnt/ref/ref.txt").0, "reference\n");
+    assert_ne!(sh(&mut sb, "echo x > /mnt/ref/ref.txt").1, 0);
+    assert!(matches!(
+        sb.write_file("/mnt/ref/new.txt", b"x"),
+        Err(Error::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        sb.remove("/mnt/ref/../ref/ref.txt"),
+        Err(Error::ReadOnly { .. })
+    ));
+    assert_eq!(
+        std::fs::read_to_string(reference.path().join("ref.txt")).unwrap(),
+        "reference\n"
+    );
+    assert!(!reference.path().join("new.txt").exists());
+
+    // A host change shows at once: the guest caches no volume data.
+    std::fs::write(host("from-host.txt"), "changed while running\n").unwrap();
+    assert_eq!(
+        sh(&mut sb, "cat /mnt/work/from-host.txt").0,
+        "changed while running\n"
+    );
+
+    // A process keeps a volume file open across standby and resume.
+    sb.spawn(&Command::new([
+        "sh",
+        "-c",
+        "exec 3>>/mnt/work/log; i=0; while true; do i=$((i+1)); echo $i >&3; sleep 1; done",
+    ]))
+    .unwrap();
+    let lines = || {
+        std::fs::read_to_string(host("log"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let t = std::time::Instant::now();
+    while lines() == 0 && t.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(lines() > 0, "the writer started");
+    let id = sb.standby().unwrap();
+
+    // While the sandbox sleeps, the host edits and deletes.
+    std::fs::write(host("from-host.txt"), "changed while asleep\n").unwrap();
+    std::fs::remove_file(host("api.txt")).unwrap();
+    let asleep = lines();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(lines(), asleep, "nothing runs while asleep");
+
+    sb.resume(&id).unwrap();
+    assert_eq!(
+        sh(&mut sb, "cat /mnt/work/from-host.txt").0,
+        "changed while asleep\n"
+    );
+    assert_eq!(sh(&mut sb, "test -e /mnt/work/api.txt").1, 1);
+    let t = std::time::Instant::now();
+    while lines() <= asleep && t.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        lines() > asleep,
+        "the writer goes on through its open descriptor: {asleep} -> {}",
+        lines()
+    );
+
+    // Copies share the volume (it is no snapshot's): a fork's write is the parent's too.
+    let mut kids = sb.fork(1).unwrap();
+    let kid = &mut kids[0];
+    assert_eq!(sh(kid, "echo from the fork > /mnt/work/fork.txt").1, 0);
+    assert_eq!(sh(&mut sb, "cat /mnt/work/fork.txt").0, "from the fork\n");
+    // And resuming the old snapshot does not roll the directory back.
+    let mut old = KvmSandbox::from_snapshot(store.clone(), &id).unwrap();
+    assert_eq!(sh(&mut old, "cat /mnt/work/fork.txt").0, "from the fork\n");
+}

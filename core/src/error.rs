@@ -99,6 +99,10 @@ pub enum Error {
         limit: Duration,
         last_good: Option<SnapshotId>,
     },
+    /// The call was interrupted on request (`WasiSandbox::interrupter`, Ctrl-C in the Python
+    /// module); like a trap, it leaves the sandbox poisoned.
+    #[error("the call was interrupted")]
+    Interrupted { last_good: Option<SnapshotId> },
     /// The guest wrote more output than the sandbox allows per call.
     #[error("the call wrote more than {limit} bytes to {stream}")]
     OutputLimit { stream: &'static str, limit: usize },

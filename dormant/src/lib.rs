@@ -26,7 +26,7 @@ pub use dormant_core::{
     Operation, Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId, SnapshotInfo,
     SnapshotUsage, State, Tier, Workload,
 };
-pub use dormant_wasi::{RuntimeConfig, Val, WasiRuntime, WasiSandbox};
+pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 
 /// The KVM tier: Linux microVMs ([`KvmSandbox`](kvm::KvmSandbox)), host detection and the VMM
 /// underneath.

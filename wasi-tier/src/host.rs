@@ -21,6 +21,49 @@ pub struct Host {
 pub struct Limits {
     pub max_memory: u64,
     pub memory_hit: bool,
+    /// Set from another thread to stop the running call (see `WasiSandbox::interrupter`).
+    pub interrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Epoch ticks the running call may still take before its deadline.
+    pub ticks_left: u64,
+}
+
+impl Limits {
+    pub fn new(max_memory: u64) -> Limits {
+        Limits {
+            max_memory,
+            memory_hit: false,
+            interrupt: Default::default(),
+            ticks_left: u64::MAX,
+        }
+    }
+}
+
+/// The error a call stopped by its interrupter fails with.
+#[derive(Debug, Clone, Copy)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Called at every epoch tick of a store running a call: stops it when interrupted or when
+/// its ticks run out (the deadline), else lets it run one more tick.
+pub fn on_tick(
+    mut ctx: wasmtime::StoreContextMut<'_, Host>,
+) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+    let l = &mut ctx.data_mut().limits;
+    if l.interrupt.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        return Err(Interrupted.into());
+    }
+    if l.ticks_left <= 1 {
+        return Err(wasmtime::Trap::Interrupt.into());
+    }
+    l.ticks_left -= 1;
+    Ok(wasmtime::UpdateDeadline::Continue(1))
 }
 
 impl wasmtime::ResourceLimiter for Limits {

@@ -38,5 +38,5 @@ pub mod runtime;
 pub mod sandbox;
 
 pub use runtime::{RuntimeConfig, WasiRuntime};
-pub use sandbox::WasiSandbox;
+pub use sandbox::{Interrupter, WasiSandbox};
 pub use wasmtime::Val;

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dormant_core::memimage::{self, Written};
@@ -122,9 +123,22 @@ pub struct WasiSandbox {
     fs: Option<SandboxFs>,
     /// Whether the last resume of this handle rebuilt memory or files from the compact form.
     resumed_cold: bool,
+    /// Raised by an [`Interrupter`] to stop the running call.
+    interrupt: Arc<AtomicBool>,
     /// The snapshot's filesystem archive, not yet extracted into the root (done before the
     /// first use, so that a resume does not pay for files it may never touch).
     pending_fs: Option<PendingFs>,
+}
+
+/// Stops a sandbox's running call from another thread (see [`WasiSandbox::interrupter`]).
+#[derive(Debug, Clone)]
+pub struct Interrupter(Arc<AtomicBool>);
+
+impl Interrupter {
+    /// Interrupts the call running now, if any (a call that starts later is not affected).
+    pub fn interrupt(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// A verified filesystem archive waiting to be extracted.
@@ -210,14 +224,11 @@ impl WasiSandbox {
             &rt.inner.engine,
             Host {
                 wasi,
-                limits: Limits {
-                    max_memory: spec.memory_limit,
-                    memory_hit: false,
-                },
+                limits: Limits::new(spec.memory_limit),
             },
         );
         store.limiter(|h| &mut h.limits);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(crate::host::on_tick);
         store.set_epoch_deadline(u64::MAX / 2);
         let instance = module
             .pre
@@ -295,6 +306,7 @@ impl WasiSandbox {
             fs: None,
             pending_fs: None,
             resumed_cold: false,
+            interrupt: Arc::default(),
         };
         let root = sb.root()?;
         std::fs::create_dir_all(root.join("tmp")).map_err(|e| Error::store("create", &root, e))?;
@@ -347,10 +359,15 @@ impl WasiSandbox {
         self.materialize()?;
         let limit = timeout.unwrap_or(self.spec.call_timeout);
         let ticker = self.rt.inner.ticker.clone();
+        let interrupt = self.interrupt.clone();
+        interrupt.store(false, Ordering::SeqCst);
         let live = self.live_mut()?;
-        live.store.data_mut().limits.memory_hit = false;
-        live.store
-            .set_epoch_deadline((limit.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1);
+        let limits = &mut live.store.data_mut().limits;
+        limits.memory_hit = false;
+        limits.interrupt = interrupt;
+        limits.ticks_left = (limit.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1;
+        // Every tick asks `on_tick` whether to go on (interrupt or deadline).
+        live.store.set_epoch_deadline(1);
         let r = {
             let _active = ticker.active();
             f(live)
@@ -877,7 +894,15 @@ impl WasiSandbox {
             fs: Some(r.fs),
             pending_fs: r.pending_fs,
             resumed_cold: r.cold,
+            interrupt: Arc::default(),
         })
+    }
+
+    /// A handle that stops this sandbox's running `run_code` (or export call) from another
+    /// thread: the call fails with [`Error::Interrupted`] within a tick (10 ms) and the sandbox
+    /// is poisoned, like after a trap. It stays valid across resumes of this handle.
+    pub fn interrupter(&self) -> Interrupter {
+        Interrupter(self.interrupt.clone())
     }
 
     fn new_id() -> String {
@@ -950,6 +975,9 @@ fn classify(
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return Error::Deadline { limit, last_good };
     }
+    if e.downcast_ref::<crate::host::Interrupted>().is_some() {
+        return Error::Interrupted { last_good };
+    }
     if memory_hit {
         return Error::MemoryLimit {
             limit: memory_limit,
@@ -1016,10 +1044,7 @@ impl Sandbox for WasiSandbox {
             &self.rt.inner.engine,
             Host {
                 wasi,
-                limits: Limits {
-                    max_memory: self.spec.memory_limit,
-                    memory_hit: false,
-                },
+                limits: Limits::new(self.spec.memory_limit),
             },
         );
         store.limiter(|h| &mut h.limits);

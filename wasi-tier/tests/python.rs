@@ -162,6 +162,40 @@ fn a_python_infinite_loop_hits_the_deadline() {
 }
 
 #[test]
+fn an_interrupter_stops_a_running_call_from_another_thread() {
+    let env = Env::new();
+    // A deadline far away: only the interrupt can end the loop before it.
+    let mut sb = runtime()
+        .create(
+            env.store.clone(),
+            SandboxSpec::python().call_timeout(Duration::from_secs(600)),
+        )
+        .unwrap();
+    out(&mut sb, "x = 'kept'");
+    let good = sb.checkpoint().unwrap();
+    let stop = sb.interrupter();
+    // Interrupting when nothing runs does not affect the next call.
+    stop.interrupt();
+    assert_eq!(out(&mut sb, "print(x)"), "kept\n");
+    let r = std::thread::scope(|s| {
+        let call = s.spawn(|| sb.run_code("while True: pass"));
+        // Keep asking until the call has stopped (the first request may come before it runs).
+        while !call.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+            stop.interrupt();
+        }
+        call.join().unwrap()
+    });
+    match r {
+        Err(Error::Interrupted { last_good }) => assert_eq!(last_good, Some(good.clone())),
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    assert_eq!(sb.state(), State::Poisoned);
+    sb.resume(&good).unwrap();
+    assert_eq!(out(&mut sb, "print(x)"), "kept\n");
+}
+
+#[test]
 fn a_python_memory_hog_hits_the_cap_and_the_session_survives() {
     let env = Env::new();
     let mut sb = runtime()

@@ -41,6 +41,9 @@ pub struct Command {
     pub stdin: Vec<u8>,
     /// Deadline for this command; the sandbox's call timeout when `None`.
     pub timeout: Option<Duration>,
+    /// Working directory (absolute guest path); the tier's default when `None`. The WASI tier
+    /// refuses it (`Error::Unsupported`).
+    pub cwd: Option<String>,
 }
 
 impl Command {
@@ -62,6 +65,11 @@ impl Command {
 
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = Some(dir.into());
         self
     }
 }

@@ -567,7 +567,7 @@ impl KvmSandbox {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let pid = self
             .agent(Operation::Exec)?
-            .spawn(&argv, &env, None)
+            .spawn(&argv, &env, cmd.cwd.as_deref())
             .map_err(|e| agent_error("spawn", &cmd.argv[0], e))?;
         Ok(pid)
     }
@@ -618,7 +618,7 @@ impl KvmSandbox {
             .exec(
                 &argv,
                 &env,
-                None,
+                cmd.cwd.as_deref(),
                 &cmd.stdin,
                 Some(limit),
                 on_stdout,

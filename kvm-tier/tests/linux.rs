@@ -84,6 +84,8 @@ fn exec_returns_output_and_exit_codes() {
     assert_eq!(out.stderr, b"oops\n");
     let out = sb.exec(&Command::new(["cat"]).stdin("piped in")).unwrap();
     assert_eq!(out.stdout, b"piped in");
+    let out = sb.exec(&Command::new(["pwd"]).cwd("/tmp")).unwrap();
+    assert_eq!(out.stdout, b"/tmp\n");
     match sb.exec(&Command::new(["/no/such/program"])) {
         Err(Error::File { source, .. }) => {
             assert_eq!(source.kind(), std::io::ErrorKind::NotFound)

@@ -1015,6 +1015,12 @@ impl Sandbox for WasiSandbox {
 
     fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
         self.lifecycle.check(Operation::Exec)?;
+        if cmd.cwd.is_some() {
+            return Err(Error::Unsupported {
+                op: "a working directory for exec",
+                what: "the WASI tier (commands run from the sandbox root)".into(),
+            });
+        }
         let argv0 = cmd
             .argv
             .first()

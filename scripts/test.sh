@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every check: formatting, lints, and all tests of the workspace (unit, integration, Python
-# sessions, crash safety). Installs and builds what it needs first.
+# sessions, crash safety, the KVM tier), then the Python module: installed with pip into a
+# venv, its stubs checked against it, and its pytest suite. Installs and builds what it needs
+# first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -16,4 +18,18 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo test"
-cargo test --release --workspace
+cargo test --release --workspace --exclude dormant-python
+
+# The Python module, installed the way users install it, into a venv of its own.
+VENV="target/python-venv"
+echo "==> Python module: pip install ./bindings-python (with pytest and mypy) into $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+    "${DORMANT_PYTHON:-python3}" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "pytest>=8" "mypy>=1.10"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings-python
+echo "==> Python stubs match the module (mypy stubtest) and type-check"
+"$VENV/bin/python" -m mypy.stubtest dormant._native
+"$VENV/bin/python" -m mypy --strict bindings-python/python/dormant bindings-python/tests
+echo "==> pytest bindings-python/tests"
+"$VENV/bin/python" -m pytest -q -rs bindings-python/tests

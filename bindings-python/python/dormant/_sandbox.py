@@ -1,0 +1,484 @@
+"""The public API: :class:`Sandbox` and the values its calls return."""
+
+from __future__ import annotations
+
+import builtins
+import datetime as _dt
+import os
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Union, overload
+
+from . import _native
+from ._errors import InvalidArgument, SandboxTimeout
+
+Tier = Literal["wasi", "kvm"]
+OutputCallback = Callable[[str], object]
+StrPath = Union[str, "os.PathLike[str]"]
+
+_TIERS = ("wasi", "kvm")
+
+
+def default_store() -> str:
+    """The store used when none is given: ``$DORMANT_HOME`` if set, else the user's data
+    directory (``~/.local/share/dormant``, or under ``$XDG_DATA_HOME``)."""
+    home = os.environ.get("DORMANT_HOME")
+    if home:
+        return home
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return os.path.join(data, "dormant")
+
+
+def _store(store: StrPath | None) -> str:
+    if store is None:
+        return default_store()
+    if isinstance(store, (str, os.PathLike)):
+        return os.fspath(store)
+    raise TypeError(f"store must be a path (str or os.PathLike), not {type(store).__name__}")
+
+
+def _seconds(name: str, value: float | None, *, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0:
+        raise InvalidArgument(f"{name} must be a non-negative number of seconds, not {value}")
+    return float(value)
+
+
+def _path(path: object) -> str:
+    if not isinstance(path, str):
+        raise TypeError(f"a sandbox path must be a str, not {type(path).__name__}")
+    if not path.startswith("/"):
+        raise InvalidArgument(f"sandbox paths are absolute (start with '/'), not {path!r}")
+    return path
+
+
+def _env(env: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    if env is None:
+        return []
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+    out = []
+    for k, v in env.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError("env must map str to str")
+        out.append((k, v))
+    return out
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A host directory to mount in a sandbox: ``volumes={"/mnt/data": Volume("/srv/data",
+    read_only=True)}``. Its contents are in no snapshot: they outlive every sandbox and are
+    shared by all that mount it."""
+
+    host: StrPath
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutionError:
+    """An exception raised by code in ``run_code``."""
+
+    name: str
+    value: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What one ``run_code`` produced; ``error`` is None when the code ran to completion."""
+
+    stdout: str
+    stderr: str
+    error: ExecutionError | None
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command. A non-zero ``exit_code`` is a result, not an exception (128 + N
+    when a signal N killed it)."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A directory entry from ``files.list``."""
+
+    name: str
+    is_dir: bool
+    size: int
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot in a store."""
+
+    id: str
+    tier: str
+    created: _dt.datetime
+    bytes_stored: int
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _text_callback(cb: OutputCallback | None, name: str) -> Callable[[bytes], object] | None:
+    if cb is None:
+        return None
+    if not callable(cb):
+        raise TypeError(f"{name} must be callable")
+    return lambda chunk: cb(_decode(chunk))
+
+
+class CommandHandle:
+    """A background command (KVM tier): ``wait()`` for its result, ``kill()`` to stop it."""
+
+    def __init__(
+        self,
+        native: _native.NativeSandbox,
+        pid: int,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> None:
+        self._native = native
+        self.pid = pid
+        self._out = bytearray()
+        self._err = bytearray()
+        self._on_stdout = on_stdout
+        self._on_stderr = on_stderr
+        self._exit_code: int | None = None
+
+    def _collect(self) -> None:
+        out, err, _ = self._native.output(self.pid)
+        self._out += out
+        self._err += err
+        if out and self._on_stdout is not None:
+            self._on_stdout(_decode(out))
+        if err and self._on_stderr is not None:
+            self._on_stderr(_decode(err))
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        """Waits for the command to end (``timeout`` seconds at most, else
+        :class:`SandboxTimeout`) and returns its output and exit code."""
+        t = _seconds("timeout", timeout)
+        if self._exit_code is None:
+            code = self._native.wait(self.pid, t)
+            if code is None:
+                self._collect()
+                raise SandboxTimeout(
+                    f"command {self.pid} still runs after {t} s (wait again, or kill() it)"
+                )
+            self._exit_code = code
+        self._collect()
+        return CommandResult(_decode(bytes(self._out)), _decode(bytes(self._err)), self._exit_code)
+
+    def kill(self) -> None:
+        """Sends SIGKILL to the command's process group."""
+        self._native.signal(self.pid, 9)
+
+    def __repr__(self) -> str:
+        return f"<CommandHandle pid={self.pid}>"
+
+
+class Commands:
+    """``sb.commands``: run programs in the sandbox."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult: ...
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult | CommandHandle:
+        """Runs ``cmd``: a string is run by the guest shell (``sh -c`` on the KVM tier; split
+        into arguments on the WASI tier, whose commands are ``.wasm`` modules in the sandbox),
+        a list is the argv. Returns a :class:`CommandResult`, or with ``background=True``
+        (KVM tier) a :class:`CommandHandle`. ``on_stdout``/``on_stderr`` receive output as it
+        comes (WASI tier: at the end; background commands: when ``wait`` collects it)."""
+        native = self._sb._native
+        if isinstance(cmd, str):
+            argv = ["/bin/sh", "-c", cmd] if native.tier == "kvm" else shlex.split(cmd)
+        elif isinstance(cmd, Sequence) and all(isinstance(a, str) for a in cmd):
+            argv = list(cmd)
+        else:
+            raise TypeError("cmd must be a str or a sequence of str")
+        if not argv:
+            raise InvalidArgument("cmd is empty")
+        if cwd is not None and not isinstance(cwd, str):
+            raise TypeError("cwd must be a str")
+        t = _seconds("timeout", timeout)
+        pairs = _env(env)
+        if background:
+            pid = native.spawn(argv, pairs, cwd)
+            return CommandHandle(native, pid, on_stdout, on_stderr)
+        out, err, code = native.exec(
+            argv,
+            pairs,
+            cwd,
+            t,
+            _text_callback(on_stdout, "on_stdout"),
+            _text_callback(on_stderr, "on_stderr"),
+        )
+        return CommandResult(_decode(out), _decode(err), code)
+
+
+class Files:
+    """``sb.files``: the sandbox's files (paths are absolute guest paths; escapes are refused
+    with :class:`PathEscape`)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def read(self, path: str) -> bytes:
+        return self._sb._native.read(_path(path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self.read(path).decode(encoding)
+
+    def write(self, path: str, data: bytes | bytearray | memoryview | str) -> None:
+        """Writes a whole file (parents created), replacing it."""
+        if isinstance(data, str):
+            raw = data.encode("utf-8")
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            raw = bytes(data)
+        else:
+            raise TypeError(f"data must be bytes or str, not {type(data).__name__}")
+        self._sb._native.write(_path(path), raw)
+
+    def list(self, path: str = "/") -> builtins.list[EntryInfo]:
+        return [EntryInfo(n, d, s) for n, d, s in self._sb._native.list(_path(path))]
+
+    def remove(self, path: str) -> None:
+        """Removes a file, or a directory with everything in it."""
+        self._sb._native.remove(_path(path))
+
+    def exists(self, path: str) -> bool:
+        return self._sb._native.exists(_path(path))
+
+
+class Sandbox:
+    """A persistent sandbox: a Python session (``tier="wasi"``) or a Linux microVM
+    (``tier="kvm"``). Use :meth:`create` or :meth:`resume`.
+
+    Used as a context manager, the sandbox goes to standby on exit (its snapshot id stays in
+    :attr:`snapshot_id`, for :meth:`resume` later, in this process or another)."""
+
+    def __init__(self, native: _native.NativeSandbox, store: str, snapshot_id: str | None = None):
+        self._native = native
+        self._store = store
+        self._snapshot_id = snapshot_id
+        self.commands = Commands(self)
+        self.files = Files(self)
+
+    @classmethod
+    def create(
+        cls,
+        tier: Tier = "wasi",
+        *,
+        store: StrPath | None = None,
+        memory_mib: int | None = None,
+        timeout: float | None = None,
+        idle_standby: float | None = 15.0,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, StrPath | Volume] | None = None,
+    ) -> Sandbox:
+        """A new sandbox. ``memory_mib`` caps guest memory (WASI: 2 GiB by default; KVM: the
+        guest's RAM, 256 MiB by default); ``timeout`` is the default deadline of each call in
+        seconds; after ``idle_standby`` seconds without calls the sandbox goes to standby by
+        itself and the next call wakes it (``None``: never); ``volumes`` maps guest paths to
+        host directories (or :class:`Volume`)."""
+        if not isinstance(tier, str):
+            raise TypeError(f"tier must be a str, not {type(tier).__name__}")
+        if tier not in _TIERS:
+            raise InvalidArgument(
+                f"unknown tier {tier!r}: use 'wasi' (Python sessions) or 'kvm' (Linux microVMs)"
+            )
+        if memory_mib is not None:
+            if isinstance(memory_mib, bool) or not isinstance(memory_mib, int):
+                raise TypeError(f"memory_mib must be an int, not {type(memory_mib).__name__}")
+            if memory_mib <= 0:
+                raise InvalidArgument(f"memory_mib must be positive, not {memory_mib}")
+        vols: list[tuple[str, str, bool]] = []
+        if volumes is not None:
+            if not isinstance(volumes, Mapping):
+                raise TypeError("volumes must map guest paths to host directories")
+            for guest, v in volumes.items():
+                if not isinstance(guest, str):
+                    raise TypeError("volume guest paths must be str")
+                vol = v if isinstance(v, Volume) else Volume(v)
+                if not isinstance(vol.host, (str, os.PathLike)):
+                    raise TypeError("a volume's host directory must be a path")
+                vols.append((os.path.abspath(os.fspath(vol.host)), guest, bool(vol.read_only)))
+        root = _store(store)
+        native = _native.NativeSandbox.create(
+            tier,
+            root,
+            memory_mib,
+            _seconds("timeout", timeout),
+            _seconds("idle_standby", idle_standby),
+            _env(env),
+            vols,
+        )
+        return cls(native, root)
+
+    @classmethod
+    def resume(
+        cls,
+        snapshot_id: str,
+        *,
+        store: StrPath | None = None,
+        idle_standby: float | None = 15.0,
+    ) -> Sandbox:
+        """The sandbox of a snapshot (from ``checkpoint``, ``standby`` or ``snapshot_id``),
+        running again exactly where it was: in this process or any other."""
+        if not isinstance(snapshot_id, str):
+            raise TypeError(f"snapshot_id must be a str, not {type(snapshot_id).__name__}")
+        root = _store(store)
+        native = _native.NativeSandbox.resume(
+            snapshot_id, root, _seconds("idle_standby", idle_standby)
+        )
+        return cls(native, root, snapshot_id)
+
+    @property
+    def id(self) -> str:
+        """The sandbox's identity (kept across checkpoint, standby and resume)."""
+        return self._native.id
+
+    @property
+    def tier(self) -> Tier:
+        return "kvm" if self._native.tier == "kvm" else "wasi"
+
+    @property
+    def state(self) -> str:
+        """``"running"``, ``"standby"``, ``"poisoned"`` (a call failed: resume a snapshot) or
+        ``"killed"``."""
+        return self._native.state
+
+    @property
+    def snapshot_id(self) -> str | None:
+        """The latest snapshot this handle took or resumed (None before any)."""
+        return self._snapshot_id
+
+    @property
+    def store(self) -> str:
+        """The snapshot store's directory."""
+        return self._store
+
+    def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
+        """Runs Python code in the session (WASI tier); variables, imports and data persist
+        between calls. An exception in the code is a result (``.error``), not raised.
+        Ctrl-C interrupts it (the sandbox is then poisoned: resume a snapshot)."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        out, err, error = self._native.run_code(code, _seconds("timeout", timeout))
+        return Execution(out, err, ExecutionError(*error) if error is not None else None)
+
+    def checkpoint(self) -> str:
+        """Writes a durable snapshot and returns its id; the sandbox keeps running."""
+        self._snapshot_id = self._native.checkpoint()
+        return self._snapshot_id
+
+    def standby(self) -> str:
+        """Checkpoints, then frees all compute and memory; the next call wakes the sandbox."""
+        self._snapshot_id = self._native.standby()
+        return self._snapshot_id
+
+    def fork(self, n: int = 1) -> builtins.list[Sandbox]:
+        """``n`` independent copies of the running sandbox (each with its own id)."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if n < 1:
+            raise InvalidArgument(f"n must be at least 1, not {n}")
+        return [Sandbox(c, self._store) for c in self._native.fork(n)]
+
+    def kill(self) -> None:
+        """Ends the sandbox for good (its snapshots stay in the store)."""
+        self._native.kill()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state in ("running", "standby"):
+            try:
+                self.standby()
+            except Exception:
+                if exc is None:
+                    raise
+
+    def __repr__(self) -> str:
+        return f"<dormant.Sandbox id={self.id} tier={self.tier} state={self.state}>"
+
+
+def list_snapshots(store: StrPath | None = None) -> list[SnapshotInfo]:
+    """Every snapshot in the store, oldest first."""
+    return [
+        SnapshotInfo(
+            id,
+            tier,
+            _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc),
+            size,
+        )
+        for id, tier, ms, size in _native.list_snapshots(_store(store))
+    ]
+
+
+def delete_snapshot(snapshot_id: str, store: StrPath | None = None) -> None:
+    """Deletes a snapshot (refused while incremental snapshots are layered on it)."""
+    if not isinstance(snapshot_id, str):
+        raise TypeError(f"snapshot_id must be a str, not {type(snapshot_id).__name__}")
+    _native.delete_snapshot(snapshot_id, _store(store))
+
+
+def kvm_available() -> tuple[bool, str]:
+    """Whether this host can run the KVM tier, and what it offers or lacks."""
+    return _native.kvm_status()

@@ -1,0 +1,672 @@
+//! `dormant._native`: the Rust half of dormant's Python module.
+//!
+//! A thin layer over the `dormant` crate: every sandbox is a [`Managed`] sandbox of one tier
+//! (auto-standby included), every call releases the GIL, and every error becomes an exception
+//! of the hierarchy in `dormant/_errors.py` (built there by `_from_native`, from a kind this
+//! module names). The public Python API is the pure-Python package around it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, mpsc};
+use std::time::Duration;
+
+use dormant::kvm::KvmSandbox;
+use dormant::{
+    Command, Error, Interrupter, LocalStore, Managed, Sandbox, SandboxSpec, SnapshotId, Tier,
+    WasiRuntime, WasiSandbox,
+};
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+/// Open stores, one per root, shared by every sandbox of this process.
+static STORES: LazyLock<Mutex<HashMap<PathBuf, Arc<LocalStore>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+/// The process's WASI runtime (one wasmtime engine), created on first use.
+static RUNTIME: LazyLock<Mutex<Option<WasiRuntime>>> = LazyLock::new(|| Mutex::new(None));
+/// How often a waiting call looks for a pending signal (Ctrl-C).
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+fn store(root: PathBuf) -> Result<Arc<LocalStore>, Error> {
+    let mut stores = STORES.lock();
+    if let Some(s) = stores.get(&root) {
+        return Ok(s.clone());
+    }
+    let s = Arc::new(LocalStore::open(&root)?);
+    stores.insert(root, s.clone());
+    Ok(s)
+}
+
+fn runtime() -> Result<WasiRuntime, Error> {
+    let mut rt = RUNTIME.lock();
+    if let Some(rt) = rt.as_ref() {
+        return Ok(rt.clone());
+    }
+    let new = WasiRuntime::new()?;
+    *rt = Some(new.clone());
+    Ok(new)
+}
+
+/// The exception kind `_errors._from_native` turns into a class, with errno and path for
+/// I/O failures.
+fn kind(e: &Error) -> (&'static str, Option<i32>, Option<String>) {
+    let io = |source: &std::io::Error| {
+        use std::io::ErrorKind as K;
+        source.raw_os_error().or(match source.kind() {
+            K::NotFound => Some(libc_errno::ENOENT),
+            K::PermissionDenied => Some(libc_errno::EACCES),
+            K::AlreadyExists => Some(libc_errno::EEXIST),
+            K::IsADirectory => Some(libc_errno::EISDIR),
+            K::NotADirectory => Some(libc_errno::ENOTDIR),
+            K::DirectoryNotEmpty => Some(libc_errno::ENOTEMPTY),
+            K::InvalidInput => Some(libc_errno::EINVAL),
+            _ => None,
+        })
+    };
+    match e {
+        Error::SnapshotNotFound(_) => ("snapshot_not_found", None, None),
+        Error::Snapshot { .. } => ("snapshot_corrupt", None, None),
+        Error::SnapshotInUse { .. } | Error::IllegalTransition { .. } | Error::Poisoned { .. } => {
+            ("invalid_state", None, None)
+        }
+        Error::MemoryLimit { .. } | Error::OutputLimit { .. } => ("limit_exceeded", None, None),
+        Error::Deadline { .. } => ("timeout", None, None),
+        Error::Interrupted { .. } => ("interrupted", None, None),
+        Error::Unsupported { .. } => ("unsupported", None, None),
+        Error::InvalidSpec(_) | Error::InvalidArgument(_) | Error::InvalidPath { .. } => {
+            ("invalid_argument", None, None)
+        }
+        Error::PathEscape { path } => ("path_escape", None, Some(path.clone())),
+        Error::ReadOnly { path } => ("read_only", None, Some(path.clone())),
+        Error::File { path, source, .. } => ("io", io(source), Some(path.clone())),
+        Error::Store { path, source, .. } => ("io", io(source), Some(path.display().to_string())),
+        Error::RuntimeMissing { what, .. } if *what == "/dev/kvm" => {
+            ("kvm_unavailable", None, None)
+        }
+        Error::RuntimeMissing { .. } => ("runtime_missing", None, None),
+        _ => ("error", None, None),
+    }
+}
+
+/// Errno values (Linux) for I/O errors that carry no OS code.
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EACCES: i32 = 13;
+    pub const EEXIST: i32 = 17;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const EINVAL: i32 = 22;
+    pub const ENOTEMPTY: i32 = 39;
+}
+
+/// The error's message with its sources ("read \"/x\" failed: No such file or directory").
+fn message(e: &Error) -> String {
+    let mut m = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let mut s_text = s.to_string();
+        // io::Error's "(os error N)": the exception's errno says it already.
+        if let Some(i) = s_text.find(" (os error ") {
+            s_text.truncate(i);
+        }
+        if !m.contains(&s_text) {
+            m.push_str(": ");
+            m.push_str(&s_text);
+        }
+        src = s.source();
+    }
+    m
+}
+
+/// The Python exception for `e`.
+fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    let (kind, errno, path) = kind(&e);
+    exception(py, kind, message(&e), errno, path)
+}
+
+/// The exception `_errors._from_native` builds for `kind`.
+fn exception(
+    py: Python<'_>,
+    kind: &str,
+    message: String,
+    errno: Option<i32>,
+    path: Option<String>,
+) -> PyErr {
+    let built = py
+        .import("dormant._errors")
+        .and_then(|m| m.getattr("_from_native"))
+        .and_then(|f| f.call1((kind, message, errno, path)));
+    match built {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(err) => err,
+    }
+}
+
+fn seconds(what: &str, s: Option<f64>) -> PyResult<Option<Duration>> {
+    s.map(|s| {
+        Duration::try_from_secs_f64(s).map_err(|_| {
+            invalid(&format!(
+                "{what} must be a non-negative number of seconds, not {s}"
+            ))
+        })
+    })
+    .transpose()
+}
+
+fn invalid(msg: &str) -> PyErr {
+    Python::attach(|py| to_py(py, Error::InvalidArgument(msg.to_string())))
+}
+
+/// A snapshot id; a string that cannot be one names no snapshot.
+fn snapshot_id(py: Python<'_>, id: &str) -> PyResult<SnapshotId> {
+    id.parse::<SnapshotId>().map_err(|_| {
+        exception(
+            py,
+            "snapshot_not_found",
+            format!("no snapshot {id:?}: that is not a snapshot id (they look like s-…)"),
+            None,
+            None,
+        )
+    })
+}
+
+/// `(stdout, stderr, error)` of `run_code`, `error` being `(name, value, traceback)`.
+type ExecutionTuple = (String, String, Option<(String, String, String)>);
+
+/// A managed sandbox of either tier.
+#[derive(Clone)]
+enum Inner {
+    Wasi(Managed<WasiSandbox>),
+    Kvm(Managed<KvmSandbox>),
+}
+
+impl Inner {
+    fn with<T>(&self, f: impl FnOnce(&mut dyn Sandbox) -> Result<T, Error>) -> Result<T, Error> {
+        match self {
+            Inner::Wasi(m) => m.with(|s| f(s)),
+            Inner::Kvm(m) => m.with(|s| f(s)),
+        }
+    }
+}
+
+/// Runs `f` off the calling thread with the GIL released, looking for Ctrl-C meanwhile. On a
+/// signal, the running call is interrupted when the tier can (`interrupter`) and waited for;
+/// otherwise it is left to finish in the background. The signal's exception is raised.
+fn interruptible<T: Send + 'static>(
+    py: Python<'_>,
+    interrupter: Option<&Interrupter>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> PyResult<T> {
+    let (tx, mut rx) = mpsc::channel();
+    // A receiver cannot be shared with the detached closure, only moved in and back out.
+    let recv = |rx: &mut mpsc::Receiver<T>| {
+        let owned = std::mem::replace(rx, mpsc::channel().1);
+        let (r, owned) = py.detach(move || (owned.recv_timeout(SIGNAL_POLL), owned));
+        *rx = owned;
+        r
+    };
+    std::thread::Builder::new()
+        .name("dormant-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(PyErr::from)?;
+    loop {
+        match recv(&mut rx) {
+            Ok(v) => return Ok(v),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                    "dormant: the call's thread ended without an answer",
+                ));
+            }
+        }
+        if let Err(signal) = py.check_signals() {
+            if let Some(i) = interrupter {
+                // Repeat until the call has stopped: the first request may precede it.
+                loop {
+                    i.interrupt();
+                    match recv(&mut rx) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
+                }
+            }
+            return Err(signal);
+        }
+    }
+}
+
+/// A sandbox, as the Python package sees it.
+#[pyclass(frozen, module = "dormant._native")]
+struct NativeSandbox {
+    inner: Inner,
+    interrupter: Option<Interrupter>,
+}
+
+impl NativeSandbox {
+    fn wasi(sb: WasiSandbox, idle: Option<Duration>) -> NativeSandbox {
+        let interrupter = Some(sb.interrupter());
+        NativeSandbox {
+            inner: Inner::Wasi(Managed::new(sb, idle)),
+            interrupter,
+        }
+    }
+
+    fn kvm(sb: KvmSandbox, idle: Option<Duration>) -> NativeSandbox {
+        NativeSandbox {
+            inner: Inner::Kvm(Managed::new(sb, idle)),
+            interrupter: None,
+        }
+    }
+
+    /// A call with the GIL released, its error raised as dormant's exception.
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut dyn Sandbox) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        let inner = &self.inner;
+        py.detach(|| inner.with(f)).map_err(|e| to_py(py, e))
+    }
+
+    fn kvm_only(&self, py: Python<'_>, op: &'static str) -> PyResult<&Managed<KvmSandbox>> {
+        match &self.inner {
+            Inner::Kvm(m) => Ok(m),
+            Inner::Wasi(_) => Err(to_py(
+                py,
+                Error::Unsupported {
+                    op,
+                    what: "the WASI tier (its commands run to completion; use tier=\"kvm\" for \
+                           background processes)"
+                        .into(),
+                },
+            )),
+        }
+    }
+}
+
+fn command(
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    timeout: Option<Duration>,
+) -> Command {
+    Command {
+        argv,
+        env,
+        stdin: Vec::new(),
+        timeout,
+        cwd,
+    }
+}
+
+#[pymethods]
+impl NativeSandbox {
+    #[staticmethod]
+    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes))]
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        py: Python<'_>,
+        tier: &str,
+        store_root: PathBuf,
+        memory_mib: Option<u64>,
+        timeout: Option<f64>,
+        idle_standby: Option<f64>,
+        env: Vec<(String, String)>,
+        volumes: Vec<(PathBuf, String, bool)>,
+    ) -> PyResult<NativeSandbox> {
+        let tier: Tier = match tier {
+            "wasi" => Tier::Wasi,
+            "kvm" => Tier::Kvm,
+            other => {
+                return Err(invalid(&format!(
+                    "unknown tier {other:?}: use \"wasi\" (Python sessions) or \"kvm\" (Linux \
+                     microVMs)"
+                )));
+            }
+        };
+        let mut spec = match tier {
+            Tier::Wasi => SandboxSpec::python(),
+            Tier::Kvm => SandboxSpec::linux(),
+        };
+        if let Some(mib) = memory_mib {
+            spec = spec.memory_limit(
+                mib.checked_mul(1 << 20)
+                    .ok_or_else(|| invalid("memory_mib is too large"))?,
+            );
+        }
+        if let Some(t) = seconds("timeout", timeout)? {
+            spec = spec.call_timeout(t);
+        }
+        let idle = seconds("idle_standby", idle_standby)?;
+        spec.env = env;
+        for (host, guest, read_only) in volumes {
+            spec = spec.mount(host, guest, read_only);
+        }
+        let made = py.detach(move || -> Result<NativeSandbox, Error> {
+            let store = store(store_root)?;
+            Ok(match tier {
+                Tier::Wasi => NativeSandbox::wasi(runtime()?.create(store, spec)?, idle),
+                Tier::Kvm => NativeSandbox::kvm(KvmSandbox::create(store, spec)?, idle),
+            })
+        });
+        made.map_err(|e| to_py(py, e))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (snapshot_id, store_root, idle_standby))]
+    fn resume(
+        py: Python<'_>,
+        snapshot_id: &str,
+        store_root: PathBuf,
+        idle_standby: Option<f64>,
+    ) -> PyResult<NativeSandbox> {
+        let id = self::snapshot_id(py, snapshot_id)?;
+        let idle = seconds("idle_standby", idle_standby)?;
+        let made = py.detach(move || -> Result<NativeSandbox, Error> {
+            let store = store(store_root)?;
+            let tier = store.manifest(&id)?.spec.tier;
+            Ok(match tier {
+                Tier::Wasi => NativeSandbox::wasi(runtime()?.resume(store, &id)?, idle),
+                Tier::Kvm => NativeSandbox::kvm(KvmSandbox::from_snapshot(store, &id)?, idle),
+            })
+        });
+        made.map_err(|e| to_py(py, e))
+    }
+
+    #[getter]
+    fn id(&self) -> String {
+        match &self.inner {
+            Inner::Wasi(m) => m.id(),
+            Inner::Kvm(m) => m.id(),
+        }
+    }
+
+    #[getter]
+    fn tier(&self) -> &'static str {
+        match &self.inner {
+            Inner::Wasi(_) => "wasi",
+            Inner::Kvm(_) => "kvm",
+        }
+    }
+
+    #[getter]
+    fn state(&self, py: Python<'_>) -> String {
+        py.detach(|| match &self.inner {
+            Inner::Wasi(m) => m.state(),
+            Inner::Kvm(m) => m.state(),
+        })
+        .to_string()
+    }
+
+    /// `(stdout, stderr, error)`, `error` being `(name, value, traceback)` or `None`.
+    #[pyo3(signature = (code, timeout=None))]
+    fn run_code(
+        &self,
+        py: Python<'_>,
+        code: String,
+        timeout: Option<f64>,
+    ) -> PyResult<ExecutionTuple> {
+        let timeout = seconds("timeout", timeout)?;
+        let inner = self.inner.clone();
+        let r = interruptible(py, self.interrupter.as_ref(), move || match &inner {
+            Inner::Wasi(m) => m.with(|s| s.run_code_with_timeout(&code, timeout)),
+            Inner::Kvm(m) => m.run_code(&code),
+        })?;
+        let ex = r.map_err(|e| to_py(py, e))?;
+        Ok((
+            ex.stdout,
+            ex.stderr,
+            ex.error.map(|e| (e.name, e.value, e.traceback)),
+        ))
+    }
+
+    /// `(stdout, stderr, exit_code)`; output chunks also go to the callbacks as they come
+    /// (all at once at the end on the WASI tier).
+    #[pyo3(signature = (argv, env, cwd, timeout, on_stdout, on_stderr))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec<'py>(
+        &self,
+        py: Python<'py>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        timeout: Option<f64>,
+        on_stdout: Option<Py<PyAny>>,
+        on_stderr: Option<Py<PyAny>>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, i32)> {
+        let cmd = command(argv, env, cwd, seconds("timeout", timeout)?);
+        let inner = self.inner.clone();
+        // The first exception a callback raised, re-raised after the command.
+        let failed: Arc<Mutex<Option<PyErr>>> = Arc::default();
+        let failed2 = failed.clone();
+        let r = interruptible(py, None, move || {
+            let deliver = |cb: &Option<Py<PyAny>>, chunk: &[u8]| {
+                if let Some(cb) = cb
+                    && !chunk.is_empty()
+                {
+                    Python::attach(|py| {
+                        if let Err(e) = cb.call1(py, (PyBytes::new(py, chunk),)) {
+                            failed2.lock().get_or_insert(e);
+                        }
+                    });
+                }
+            };
+            match &inner {
+                Inner::Kvm(m) => {
+                    let (mut out, mut err) = (Vec::new(), Vec::new());
+                    let code = m.with(|s| {
+                        s.exec_streaming(
+                            &cmd,
+                            &mut |c| {
+                                out.extend_from_slice(c);
+                                deliver(&on_stdout, c);
+                            },
+                            &mut |c| {
+                                err.extend_from_slice(c);
+                                deliver(&on_stderr, c);
+                            },
+                        )
+                    })?;
+                    Ok((out, err, code))
+                }
+                Inner::Wasi(m) => {
+                    let o = m.exec(&cmd)?;
+                    deliver(&on_stdout, &o.stdout);
+                    deliver(&on_stderr, &o.stderr);
+                    Ok((o.stdout, o.stderr, o.exit_code))
+                }
+            }
+        })?;
+        if let Some(e) = failed.lock().take() {
+            return Err(e);
+        }
+        let (out, err, code) = r.map_err(|e| to_py(py, e))?;
+        Ok((PyBytes::new(py, &out), PyBytes::new(py, &err), code))
+    }
+
+    /// Starts a background process (KVM tier); returns its pid.
+    #[pyo3(signature = (argv, env, cwd))]
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+    ) -> PyResult<u32> {
+        let m = self.kvm_only(py, "background commands")?;
+        let cmd = command(argv, env, cwd, None);
+        py.detach(|| m.with(|s| s.spawn(&cmd)))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// Waits for a background process: its exit code, or `None` if it still runs.
+    #[pyo3(signature = (pid, timeout))]
+    fn wait(&self, py: Python<'_>, pid: u32, timeout: Option<f64>) -> PyResult<Option<i32>> {
+        let m = self.kvm_only(py, "background commands")?;
+        let timeout = seconds("timeout", timeout)?;
+        let m = m.clone();
+        interruptible(py, None, move || m.with(|s| s.wait(pid, timeout)))?.map_err(|e| to_py(py, e))
+    }
+
+    /// A background process's output since the last call: `(stdout, stderr, running)`.
+    fn output<'py>(
+        &self,
+        py: Python<'py>,
+        pid: u32,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, bool)> {
+        let m = self.kvm_only(py, "background commands")?;
+        let (o, e, running) = py
+            .detach(|| m.with(|s| s.output(pid)))
+            .map_err(|e| to_py(py, e))?;
+        Ok((PyBytes::new(py, &o), PyBytes::new(py, &e), running))
+    }
+
+    fn signal(&self, py: Python<'_>, pid: u32, signal: i32) -> PyResult<()> {
+        let m = self.kvm_only(py, "background commands")?;
+        py.detach(|| m.with(|s| s.signal(pid, signal)))
+            .map_err(|e| to_py(py, e))
+    }
+
+    fn read<'py>(&self, py: Python<'py>, path: String) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.call(py, |s| s.read_file(&path))?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    fn write(&self, py: Python<'_>, path: String, data: Vec<u8>) -> PyResult<()> {
+        self.call(py, |s| s.write_file(&path, &data))
+    }
+
+    /// `[(name, is_dir, size)]`, sorted by name.
+    fn list(&self, py: Python<'_>, path: String) -> PyResult<Vec<(String, bool, u64)>> {
+        let entries = self.call(py, |s| s.list_dir(&path))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| (e.name, e.is_dir, e.size))
+            .collect())
+    }
+
+    fn remove(&self, py: Python<'_>, path: String) -> PyResult<()> {
+        self.call(py, |s| s.remove(&path))
+    }
+
+    fn exists(&self, py: Python<'_>, path: String) -> PyResult<bool> {
+        self.call(py, |s| s.exists(&path))
+    }
+
+    fn checkpoint(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(self.call(py, |s| s.checkpoint())?.to_string())
+    }
+
+    fn standby(&self, py: Python<'_>) -> PyResult<String> {
+        let r = py.detach(|| match &self.inner {
+            Inner::Wasi(m) => m.standby(),
+            Inner::Kvm(m) => m.standby(),
+        });
+        Ok(r.map_err(|e| to_py(py, e))?.to_string())
+    }
+
+    /// Replaces this sandbox's state with a snapshot's (after a failed call, say).
+    fn restore(&self, py: Python<'_>, snapshot_id: &str) -> PyResult<()> {
+        let id = self::snapshot_id(py, snapshot_id)?;
+        let r = py.detach(|| match &self.inner {
+            Inner::Wasi(m) => m.resume(&id),
+            Inner::Kvm(m) => m.resume(&id),
+        });
+        r.map_err(|e| to_py(py, e))
+    }
+
+    fn fork(&self, py: Python<'_>, n: usize) -> PyResult<Vec<NativeSandbox>> {
+        let r = py.detach(|| -> Result<Vec<NativeSandbox>, Error> {
+            Ok(match &self.inner {
+                Inner::Wasi(m) => m
+                    .fork(n)?
+                    .into_iter()
+                    .map(|c| {
+                        let interrupter = c.with(|s| Ok(s.interrupter())).ok();
+                        NativeSandbox {
+                            inner: Inner::Wasi(c),
+                            interrupter,
+                        }
+                    })
+                    .collect(),
+                Inner::Kvm(m) => m
+                    .fork(n)?
+                    .into_iter()
+                    .map(|c| NativeSandbox {
+                        inner: Inner::Kvm(c),
+                        interrupter: None,
+                    })
+                    .collect(),
+            })
+        });
+        r.map_err(|e| to_py(py, e))
+    }
+
+    fn kill(&self, py: Python<'_>) -> PyResult<()> {
+        let r = py.detach(|| match &self.inner {
+            Inner::Wasi(m) => m.kill(),
+            Inner::Kvm(m) => m.kill(),
+        });
+        r.map_err(|e| to_py(py, e))
+    }
+}
+
+/// `[(id, tier, created_unix_ms, bytes_stored)]` of every snapshot in the store, oldest first.
+#[pyfunction]
+fn list_snapshots(
+    py: Python<'_>,
+    store_root: PathBuf,
+) -> PyResult<Vec<(String, String, u64, u64)>> {
+    let r = py.detach(|| -> Result<_, Error> {
+        let store = store(store_root)?;
+        let mut out = Vec::new();
+        for info in store.list()? {
+            // A snapshot deleted meanwhile is skipped.
+            let Ok(m) = store.manifest(&info.id) else {
+                continue;
+            };
+            out.push((
+                info.id.to_string(),
+                m.spec.tier.to_string(),
+                info.created_unix_ms,
+                info.stored_bytes,
+            ));
+        }
+        out.sort_by_key(|s| (s.2, s.0.clone()));
+        Ok(out)
+    });
+    r.map_err(|e| to_py(py, e))
+}
+
+#[pyfunction]
+fn delete_snapshot(py: Python<'_>, snapshot_id: &str, store_root: PathBuf) -> PyResult<()> {
+    let id = self::snapshot_id(py, snapshot_id)?;
+    let r = py.detach(|| store(store_root)?.delete(&id));
+    r.map_err(|e| to_py(py, e))
+}
+
+/// Whether this host can run the KVM tier, and if not why: `(ok, reason)`.
+#[pyfunction]
+fn kvm_status() -> (bool, String) {
+    match dormant::kvm::detect() {
+        dormant::kvm::HostKvm::Unavailable => (
+            false,
+            "/dev/kvm is not available (a Linux host with KVM and access to /dev/kvm is needed)"
+                .into(),
+        ),
+        dormant::kvm::HostKvm::Hardware => (true, "hardware virtualization".into()),
+        dormant::kvm::HostKvm::Pvm => (true, "PVM (guest kernel emulated, slow)".into()),
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeSandbox>()?;
+    m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
+    m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(kvm_status, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

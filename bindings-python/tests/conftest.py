@@ -1,0 +1,36 @@
+"""Shared fixtures. KVM tests skip, with the reason shown, only where this host has no usable
+/dev/kvm; the README's test command runs them everywhere else."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+import dormant
+
+KVM_OK, KVM_WHY = dormant.kvm_available()
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"dormant {dormant.__version__}; KVM tier: {'yes' if KVM_OK else 'no'} ({KVM_WHY})"
+
+
+@pytest.fixture
+def store(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture(scope="session")
+def kvm_store(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """One store for every KVM test: the first create in it boots Linux once (its base
+    snapshot); later creates resume that."""
+    if not KVM_OK:
+        pytest.skip(f"SKIPPED: the KVM tier cannot run here: {KVM_WHY}")
+    return tmp_path_factory.mktemp("kvm-store")
+
+
+@pytest.fixture
+def hello_wasm() -> bytes:
+    return (DATA / "hello.wasm").read_bytes()

@@ -1,0 +1,105 @@
+"""The public surface on the KVM tier (Linux microVMs). Skipped, with the reason shown, only
+where this host has no usable /dev/kvm."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import dormant
+
+
+def make(kvm_store: pathlib.Path, **kw: object) -> dormant.Sandbox:
+    kw.setdefault("idle_standby", None)
+    kw.setdefault("memory_mib", 128)
+    # Generous: guest kernel code may be emulated (PVM hosts) on a busy machine.
+    kw.setdefault("timeout", 300)
+    return dormant.Sandbox.create("kvm", store=kvm_store, **kw)  # type: ignore[arg-type]
+
+
+def test_commands(kvm_store: pathlib.Path) -> None:
+    sb = make(kvm_store)
+    assert sb.tier == "kvm" and sb.state == "running"
+    r = sb.commands.run("echo hello; echo oops >&2; exit 3")
+    assert isinstance(r, dormant.CommandResult)
+    assert (r.stdout, r.stderr, r.exit_code) == ("hello\n", "oops\n", 3)
+    r = sb.commands.run(["sh", "-c", 'echo "$GREETING from $(pwd)"'], env={"GREETING": "hi"}, cwd="/tmp")
+    assert r.stdout == "hi from /tmp\n"
+    chunks: list[str] = []
+    r = sb.commands.run("for i in 1 2 3; do echo $i; done", on_stdout=chunks.append)
+    assert "".join(chunks) == r.stdout == "1\n2\n3\n"
+    with pytest.raises(dormant.SandboxTimeout):
+        sb.commands.run("sleep 30", timeout=0.5)
+    assert sb.commands.run("echo still usable").stdout == "still usable\n"
+    # Background commands.
+    h = sb.commands.run("sleep 0.2; echo done in the background", background=True)
+    assert isinstance(h, dormant.CommandHandle) and h.pid > 0
+    res = h.wait(timeout=120)
+    assert (res.stdout, res.exit_code) == ("done in the background\n", 0)
+    h = sb.commands.run("sleep 1000", background=True)
+    assert isinstance(h, dormant.CommandHandle)
+    with pytest.raises(dormant.SandboxTimeout):
+        h.wait(timeout=0.1)
+    h.kill()
+    assert h.wait(timeout=120).exit_code == 128 + 9
+    with pytest.raises(dormant.Unsupported):
+        sb.run_code("print(1)")
+
+
+def test_files_and_volumes(kvm_store: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "from-host.txt").write_text("host data\n")
+    sb = make(kvm_store, volumes={"/mnt/vol": vol})
+    sb.files.write("/root/a.txt", "text")
+    assert sb.files.read_text("/root/a.txt") == "text"
+    assert sb.commands.run("cat /root/a.txt").stdout == "text"
+    assert [e.name for e in sb.files.list("/root")] == ["a.txt"]
+    assert sb.files.exists("/root/a.txt")
+    sb.files.remove("/root/a.txt")
+    assert not sb.files.exists("/root/a.txt")
+    with pytest.raises(FileNotFoundError):
+        sb.files.read("/root/a.txt")
+    assert sb.files.read_text("/mnt/vol/from-host.txt") == "host data\n"
+    sb.commands.run("echo from the guest > /mnt/vol/guest.txt")
+    assert (vol / "guest.txt").read_text() == "from the guest\n"
+
+
+def test_lifecycle_and_a_fresh_process(kvm_store: pathlib.Path) -> None:
+    with make(kvm_store) as sb:
+        sb.files.write("/root/state.txt", "before")
+        sb.commands.run(
+            "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 1; done",
+            background=True,
+        )
+        snap = sb.checkpoint()
+        assert sb.state == "running"
+        kids = sb.fork(1)
+        kids[0].files.write("/root/state.txt", "kid")
+        assert sb.files.read_text("/root/state.txt") == "before"
+    assert sb.state == "standby" and sb.snapshot_id is not None
+    assert snap in {s.id for s in dormant.list_snapshots(kvm_store) if s.tier == "kvm"}
+    code = (
+        "import sys, time, dormant\n"
+        "sb = dormant.Sandbox.resume(sys.argv[1], store=sys.argv[2], idle_standby=None)\n"
+        "a = int(sb.files.read_text('/root/count'))\n"
+        "t = time.monotonic()\n"
+        "while int(sb.files.read_text('/root/count')) <= a and time.monotonic() - t < 120:\n"
+        "    time.sleep(0.5)\n"
+        "print(sb.files.read_text('/root/state.txt'), int(sb.files.read_text('/root/count')) > a)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, sb.snapshot_id, str(kvm_store)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "before True\n"
+    sb.kill()
+    assert sb.state == "killed"
+    with pytest.raises(dormant.InvalidState):
+        sb.commands.run("true")

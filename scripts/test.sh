@@ -21,15 +21,12 @@ echo "==> cargo test"
 cargo test --release --workspace --exclude dormant-python
 
 # The Python module, installed the way users install it, into a venv of its own.
-VENV="target/python-venv"
-echo "==> Python module: pip install ./bindings-python (with pytest and mypy) into $VENV"
-if [ ! -x "$VENV/bin/python" ]; then
-    "${DORMANT_PYTHON:-python3}" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "pytest>=8" "mypy>=1.10"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings-python
+source scripts/python-env.sh
 echo "==> Python stubs match the module (mypy stubtest) and type-check"
 "$VENV/bin/python" -m mypy.stubtest dormant._native
 "$VENV/bin/python" -m mypy --strict bindings-python/python/dormant bindings-python/tests
 echo "==> pytest bindings-python/tests"
 "$VENV/bin/python" -m pytest -q -rs bindings-python/tests
+
+echo "==> benchmark suite, smoke run (scripts/bench.sh --quick: checks the suite works, not the numbers)"
+./scripts/bench.sh --quick --out target/bench-report-quick.md

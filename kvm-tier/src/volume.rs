@@ -470,6 +470,11 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// The last component of a non-root relative path.
+fn leaf(path: &[u8]) -> &[u8] {
+    split(path).1
+}
+
 fn os(path: &[u8]) -> &OsStr {
     if path.is_empty() {
         OsStr::new(".")
@@ -742,19 +747,16 @@ impl VolumeServer {
                 self.writable()?;
                 let (name, rest) = cstr(body)?;
                 let (target, _) = cstr(rest)?;
-                let path = join(self.path(id)?, component(name)?);
-                let (parent, name) = split(&path);
-                let dir = self.open_dir(parent)?;
-                rustix::fs::symlinkat(OsStr::from_bytes(target), &dir, os(name))?;
+                let (path, dir) = self.child(id, name)?;
+                rustix::fs::symlinkat(OsStr::from_bytes(target), &dir, os(leaf(&path)))?;
                 self.entry(out, path)?;
             }
             MKNOD => {
                 self.writable()?;
                 let (m, rest) = take::<MknodIn>(body)?;
                 let (name, _) = cstr(rest)?;
-                let path = join(self.path(id)?, component(name)?);
-                let (parent, name) = split(&path);
-                let dir = self.open_dir(parent)?;
+                let (path, dir) = self.child(id, name)?;
+                let name = leaf(&path);
                 let perm = Mode::from_bits_truncate(m.mode & 0o7777);
                 match FileType::from_raw_mode(m.mode) {
                     FileType::RegularFile => {
@@ -778,24 +780,21 @@ impl VolumeServer {
                 self.writable()?;
                 let (m, rest) = take::<MkdirIn>(body)?;
                 let (name, _) = cstr(rest)?;
-                let path = join(self.path(id)?, component(name)?);
-                let (parent, name) = split(&path);
-                let dir = self.open_dir(parent)?;
-                rustix::fs::mkdirat(&dir, os(name), Mode::from_bits_truncate(m.mode & 0o7777))?;
+                let (path, dir) = self.child(id, name)?;
+                let mode = Mode::from_bits_truncate(m.mode & 0o7777);
+                rustix::fs::mkdirat(&dir, os(leaf(&path)), mode)?;
                 self.entry(out, path)?;
             }
             UNLINK | RMDIR => {
                 self.writable()?;
                 let (name, _) = cstr(body)?;
-                let path = join(self.path(id)?, component(name)?);
-                let (parent, name) = split(&path);
-                let dir = self.open_dir(parent)?;
+                let (path, dir) = self.child(id, name)?;
                 let flags = if h.opcode == RMDIR {
                     AtFlags::REMOVEDIR
                 } else {
                     AtFlags::empty()
                 };
-                rustix::fs::unlinkat(&dir, os(name), flags)?;
+                rustix::fs::unlinkat(&dir, os(leaf(&path)), flags)?;
                 // A new file at this path is a new node.
                 self.by_path.remove(&path);
             }
@@ -861,14 +860,12 @@ impl VolumeServer {
                 self.writable()?;
                 let (c, rest) = take::<CreateIn>(body)?;
                 let (name, _) = cstr(rest)?;
-                let path = join(self.path(id)?, component(name)?);
-                let (parent, leaf) = split(&path);
-                let dir = self.open_dir(parent)?;
+                let (path, dir) = self.child(id, name)?;
                 let keep = allowed_open_flags(c.flags);
                 let create = OFlags::from_bits_retain(c.flags) & (OFlags::EXCL | OFlags::TRUNC);
                 let fd = rustix::fs::openat2(
                     &dir,
-                    os(leaf),
+                    os(leaf(&path)),
                     keep | create | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_bits_truncate(c.mode & 0o7777),
                     beneath(),
@@ -1036,6 +1033,14 @@ impl VolumeServer {
                 }
             }
         }
+    }
+
+    /// The path of entry `name` in directory node `parent`, and that directory (resolved
+    /// beneath the root), for making or removing the entry.
+    fn child(&self, parent: u64, name: &[u8]) -> Res<(Vec<u8>, OwnedFd)> {
+        let path = join(self.path(parent)?, component(name)?);
+        let dir = self.open_dir(split(&path).0)?;
+        Ok((path, dir))
     }
 
     /// The directory at `rel` (`O_PATH`), resolved beneath the root.

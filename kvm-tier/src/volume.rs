@@ -38,6 +38,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const ROOT_ID: u64 = 1;
 /// Largest `read`/`write` payload the server accepts (also announced as `max_write`).
 pub const MAX_IO: u32 = 128 << 10;
+/// Most handles a guest may hold open on one volume (each can hold a host descriptor): past
+/// it, opens fail with `ENFILE` rather than exhausting the host process's descriptors.
+pub const MAX_HANDLES: usize = 1024;
+/// Most node ids a guest may hold on one volume (its kernel forgets unused ones): past it,
+/// lookups fail with `ENOMEM` rather than growing host memory without bound.
+pub const MAX_NODES: usize = 1 << 18;
 /// FUSE protocol version answered to `INIT` (7.31: what Linux 5.4+ speaks, with no features
 /// this server does not implement).
 const FUSE_MAJOR: u32 = 7;
@@ -717,7 +723,7 @@ impl VolumeServer {
                 let (name, _) = cstr(body)?;
                 let path = join(self.path(id)?, component(name)?);
                 let st = self.lstat(&path)?;
-                let nodeid = self.remember(path);
+                let nodeid = self.remember(path)?;
                 out.extend_from_slice(entry_out(nodeid, &st).as_bytes());
             }
             GETATTR => {
@@ -828,6 +834,7 @@ impl VolumeServer {
                 if !dir && is_write(o.flags) {
                     self.writable()?;
                 }
+                self.handle_room()?;
                 let path = self.path(id)?.to_vec();
                 let flags = if dir {
                     OFlags::RDONLY.bits()
@@ -859,6 +866,7 @@ impl VolumeServer {
             CREATE => {
                 self.writable()?;
                 let (c, rest) = take::<CreateIn>(body)?;
+                self.handle_room()?;
                 let (name, _) = cstr(rest)?;
                 let (path, dir) = self.child(id, name)?;
                 let keep = allowed_open_flags(c.flags);
@@ -871,7 +879,7 @@ impl VolumeServer {
                     beneath(),
                 )?;
                 let st = rustix::fs::fstat(&fd)?;
-                let nodeid = self.remember(path.clone());
+                let nodeid = self.remember(path.clone())?;
                 let fh = self.new_id();
                 self.handles.insert(
                     fh,
@@ -1006,17 +1014,29 @@ impl VolumeServer {
     }
 
     /// The node for `path`, one more lookup of it.
-    fn remember(&mut self, path: Vec<u8>) -> u64 {
+    fn remember(&mut self, path: Vec<u8>) -> Res<u64> {
         if let Some(&id) = self.by_path.get(&path)
             && let Some(n) = self.nodes.get_mut(&id)
         {
             n.lookups += 1;
-            return id;
+            return Ok(id);
+        }
+        if self.nodes.len() >= MAX_NODES {
+            return Err(Errno::NOMEM);
         }
         let id = self.new_id();
         self.by_path.insert(path.clone(), id);
         self.nodes.insert(id, Node { path, lookups: 1 });
-        id
+        Ok(id)
+    }
+
+    /// Refuses a new handle past [`MAX_HANDLES`].
+    fn handle_room(&self) -> Res<()> {
+        if self.handles.len() >= MAX_HANDLES {
+            Err(Errno::NFILE)
+        } else {
+            Ok(())
+        }
     }
 
     fn forget(&mut self, id: u64, n: u64) {
@@ -1104,7 +1124,7 @@ impl VolumeServer {
     /// Replies with the entry of a path just created.
     fn entry(&mut self, out: &mut Vec<u8>, path: Vec<u8>) -> Res<()> {
         let st = self.lstat(&path)?;
-        let nodeid = self.remember(path);
+        let nodeid = self.remember(path)?;
         out.extend_from_slice(entry_out(nodeid, &st).as_bytes());
         Ok(())
     }
@@ -1641,6 +1661,28 @@ mod tests {
             unique: 0,
         };
         assert_eq!(g.getattr(f.nodeid).unwrap_err(), libc::ESTALE);
+    }
+
+    #[test]
+    fn a_guest_cannot_hold_unbounded_host_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"x").unwrap();
+        let mut g = Guest::new(dir.path(), false);
+        init(&mut g);
+        let a = g.lookup(ROOT_ID, "a").unwrap();
+        let fhs: Vec<u64> = (0..MAX_HANDLES)
+            .map(|_| g.open(a.nodeid, libc::O_RDONLY).unwrap())
+            .collect();
+        assert_eq!(g.open(a.nodeid, libc::O_RDONLY).unwrap_err(), libc::ENFILE);
+        assert_eq!(g.create(ROOT_ID, "b").unwrap_err(), libc::ENFILE);
+        let r = ReleaseIn {
+            fh: fhs[0],
+            flags: 0,
+            release_flags: 0,
+            lock_owner: 0,
+        };
+        g.call(RELEASE, a.nodeid, r.as_bytes()).unwrap();
+        assert!(g.open(a.nodeid, libc::O_RDONLY).is_ok());
     }
 
     #[test]

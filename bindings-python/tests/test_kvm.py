@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,6 +76,11 @@ def test_lifecycle_and_a_fresh_process(kvm_store: pathlib.Path) -> None:
             "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 1; done",
             background=True,
         )
+        # The loop has started (a guest fork+exec can take a second where it is emulated).
+        deadline = time.monotonic() + 120
+        while not sb.files.exists("/root/count") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sb.files.exists("/root/count")
         snap = sb.checkpoint()
         assert sb.state == "running"
         kids = sb.fork(1)

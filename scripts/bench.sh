@@ -21,7 +21,7 @@ main() {
     source scripts/setup.sh
     source scripts/python-env.sh
     rm -rf target/criterion
-    local crit=(--warm-up-time 1 --measurement-time 5)
+    local crit=(--warm-up-time 1 --measurement-time 3)
     local filter=""
     if [ -n "$quick" ]; then
         crit=(--warm-up-time 0.3 --measurement-time 1)

@@ -372,7 +372,7 @@ fn scenario_coding(o: &Opts, store: &Arc<LocalStore>, r: &mut Report) -> Res<()>
         let mut sb = KvmSandbox::boot(
             store.clone(),
             &image,
-            linux_spec(256),
+            linux_spec(128),
             KvmOptions::default(),
         )?;
         let files = sh(&mut sb, PROJECT)?;
@@ -436,7 +436,7 @@ fn scenario_coding(o: &Opts, store: &Arc<LocalStore>, r: &mut Report) -> Res<()>
             fmt(warm.median()),
             ratio(cold_t, warm.median())
         ),
-        "256 MiB guest; scenario 2",
+        "128 MiB guest; scenario 2",
     );
     drop(sb);
     Ok(())
@@ -562,7 +562,7 @@ fn scenario_checkpoint_cost(
         "WASI: a module with 257 MiB of touched memory, checkpointed once; then N MiB are \
          written again (a new value in every 4 KiB page) and `checkpoint()` is timed from the \
          call to the durable snapshot id (fsync included); bytes = what that incremental \
-         snapshot stored. KVM (full run only): a 512 MiB Linux guest writes N MiB into its \
+         snapshot stored. KVM (full run only): a 128 MiB Linux guest writes N MiB (`dd if=/dev/zero`) into its \
          tmpfs, then `checkpoint()` (vCPU and devices quiesced, dirty pages and disk blocks \
          written, guest resumed); bytes = RAM + disk delta.",
     );
@@ -595,17 +595,17 @@ fn scenario_checkpoint_cost(
     }
     sb.kill()?;
     if !o.quick && dormant::kvm::detect() != dormant::kvm::HostKvm::Unavailable {
-        // The 512 MiB base snapshot of scenario 3: no extra boot.
-        match KvmSandbox::create(kvm_store.clone(), linux_spec(512)) {
+        // The 128 MiB base snapshot of scenario 3: no extra boot.
+        match KvmSandbox::create(kvm_store.clone(), linux_spec(128)) {
             Ok(mut sb) => {
                 sb.checkpoint()?;
-                for m in [1u32, 16, 64] {
+                for m in [1u32, 4, 16] {
                     let mut times = Vec::new();
                     let mut bytes = 0;
                     for i in 0..3 {
                         sh(
                             &mut sb,
-                            &format!("dd if=/dev/urandom of=/tmp/d{i} bs=1M count={m} 2>/dev/null"),
+                            &format!("dd if=/dev/zero of=/tmp/d{i} bs=1M count={m} 2>/dev/null"),
                         )?;
                         let (id, t) = time(|| sb.checkpoint());
                         times.push(t);

@@ -48,7 +48,7 @@ def prepare(tier: str, store: str) -> str:
         sb.run_code("import pandas as pd\ndf = pd.DataFrame({'x': range(100_000)})\ntotal = 42")
     else:
         sb = dormant.Sandbox.create(
-            "kvm", store=store, idle_standby=None, memory_mib=256, timeout=300
+            "kvm", store=store, idle_standby=None, memory_mib=128, timeout=300
         )
         sb.files.write("/root/answer", "42\n")
     return sb.standby()

@@ -51,7 +51,7 @@ const FUSE_MINOR: u32 = 31;
 
 // Opcodes (include/uapi/linux/fuse.h).
 const LOOKUP: u32 = 1;
-const FORGET: u32 = 2;
+pub(crate) const FORGET: u32 = 2;
 const GETATTR: u32 = 3;
 const SETATTR: u32 = 4;
 const READLINK: u32 = 5;
@@ -76,7 +76,7 @@ const RELEASEDIR: u32 = 29;
 const FSYNCDIR: u32 = 30;
 const CREATE: u32 = 35;
 const DESTROY: u32 = 38;
-const BATCH_FORGET: u32 = 42;
+pub(crate) const BATCH_FORGET: u32 = 42;
 const RENAME2: u32 = 45;
 
 // INIT flags.

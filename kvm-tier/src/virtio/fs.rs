@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::mmio::{Interrupt, MmioTransport, TransportState, VirtioDevice};
 use crate::vm::GuestMemory;
-use crate::volume::{InHeader, MAX_IO, OutHeader, VolumeServer, VolumeState};
+use crate::volume::{BATCH_FORGET, FORGET, InHeader, MAX_IO, OutHeader, VolumeServer, VolumeState};
 
 /// The virtio device id of a file system device.
 const VIRTIO_ID_FS: u32 = 26;
@@ -305,8 +305,8 @@ fn error_reply(req: &[u8], errno: i32, reply: &mut Vec<u8>) {
     let Ok((h, _)) = InHeader::read_from_prefix(req) else {
         return;
     };
-    // FORGET (2) and BATCH_FORGET (42) have no reply.
-    if h.opcode == 2 || h.opcode == 42 {
+    // Forgets have no reply.
+    if h.opcode == FORGET || h.opcode == BATCH_FORGET {
         return;
     }
     push_error(h.unique, errno, reply);

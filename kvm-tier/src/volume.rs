@@ -820,12 +820,9 @@ impl VolumeServer {
                 if old.is_empty() {
                     return Err(Errno::PERM);
                 }
-                let path = join(self.path(id)?, component(name)?);
-                let (op, on) = split(&old);
-                let (np, nn) = split(&path);
-                let od = self.open_dir(op)?;
-                let nd = self.open_dir(np)?;
-                rustix::fs::linkat(&od, os(on), &nd, os(nn), AtFlags::empty())?;
+                let (path, nd) = self.child(id, name)?;
+                let od = self.open_dir(split(&old).0)?;
+                rustix::fs::linkat(&od, os(leaf(&old)), &nd, os(leaf(&path)), AtFlags::empty())?;
                 self.entry(out, path)?;
             }
             OPEN | OPENDIR => {
@@ -1216,14 +1213,10 @@ impl VolumeServer {
         self.writable()?;
         let (oldname, rest) = cstr(names)?;
         let (newname, _) = cstr(rest)?;
-        let old = join(self.path(olddir)?, component(oldname)?);
-        let new = join(self.path(newdir)?, component(newname)?);
-        let (op, on) = split(&old);
-        let (np, nn) = split(&new);
-        let od = self.open_dir(op)?;
-        let nd = self.open_dir(np)?;
+        let (old, od) = self.child(olddir, oldname)?;
+        let (new, nd) = self.child(newdir, newname)?;
         let flags = RenameFlags::from_bits(flags).ok_or(Errno::INVAL)?;
-        rustix::fs::renameat_with(&od, os(on), &nd, os(nn), flags)?;
+        rustix::fs::renameat_with(&od, os(leaf(&old)), &nd, os(leaf(&new)), flags)?;
         let exchange = flags.contains(RenameFlags::EXCHANGE);
         if !exchange {
             // Whatever was at the destination is gone.
@@ -1313,14 +1306,8 @@ mod tests {
             }
         }
 
-        /// One request; the reply's body, or the errno.
-        fn call(
-            &mut self,
-            opcode: u32,
-            nodeid: u64,
-            body: &[u8],
-        ) -> std::result::Result<Vec<u8>, i32> {
-            self.unique += 1;
+        /// The bytes of a request: header, then `body`.
+        fn request(&self, opcode: u32, nodeid: u64, body: &[u8]) -> Vec<u8> {
             let h = InHeader {
                 len: (size_of::<InHeader>() + body.len()) as u32,
                 opcode,
@@ -1333,6 +1320,18 @@ mod tests {
             };
             let mut req = h.as_bytes().to_vec();
             req.extend_from_slice(body);
+            req
+        }
+
+        /// One request; the reply's body, or the errno.
+        fn call(
+            &mut self,
+            opcode: u32,
+            nodeid: u64,
+            body: &[u8],
+        ) -> std::result::Result<Vec<u8>, i32> {
+            self.unique += 1;
+            let req = self.request(opcode, nodeid, body);
             let mut reply = Vec::new();
             self.s.handle(&req, &mut reply);
             let (out, rest) = OutHeader::read_from_prefix(&reply).unwrap();
@@ -1736,18 +1735,7 @@ mod tests {
 
     impl Guest {
         fn call_no_reply(&mut self, opcode: u32, body: &[u8]) -> usize {
-            let h = InHeader {
-                len: (size_of::<InHeader>() + body.len()) as u32,
-                opcode,
-                unique: 1,
-                nodeid: 0,
-                uid: 0,
-                gid: 0,
-                pid: 0,
-                padding: 0,
-            };
-            let mut req = h.as_bytes().to_vec();
-            req.extend_from_slice(body);
+            let req = self.request(opcode, 0, body);
             let mut reply = Vec::new();
             self.s.handle(&req, &mut reply);
             reply.len()

@@ -68,6 +68,15 @@ fn sh(sb: &mut KvmSandbox, script: &str) -> (String, i32) {
     )
 }
 
+/// The names in a guest directory, as the files API lists them (sorted).
+fn names(sb: &mut KvmSandbox, dir: &str) -> Vec<String> {
+    sb.list_dir(dir)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
+}
+
 #[test]
 fn exec_returns_output_and_exit_codes() {
     if !kvm_available() {
@@ -113,13 +122,7 @@ fn files_api_and_guest_commands_see_the_same_files() {
         sb.read_file("/root/notes/b.txt").unwrap(),
         b"from the guest\n"
     );
-    let names: Vec<String> = sb
-        .list_dir("/root/notes")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    assert_eq!(names, ["a.txt", "b.txt"]);
+    assert_eq!(names(&mut sb, "/root/notes"), ["a.txt", "b.txt"]);
     assert!(sb.exists("/root/notes/a.txt").unwrap());
     sb.remove("/root/notes/a.txt").unwrap();
     assert!(!sb.exists("/root/notes/a.txt").unwrap());
@@ -484,13 +487,10 @@ fn volumes_share_host_directories_live_and_across_resumes() {
         std::fs::read(host("api.txt")).unwrap(),
         b"via the files API"
     );
-    let names: Vec<String> = sb
-        .list_dir("/mnt/work")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    assert_eq!(names, ["api.txt", "from-host.txt", "proj"]);
+    assert_eq!(
+        names(&mut sb, "/mnt/work"),
+        ["api.txt", "from-host.txt", "proj"]
+    );
 
     // Read-only: readable, never written.
     assert_eq!(sh(&mut sb, "cat /mnt/ref/ref.txt").0, "reference\n");

@@ -1663,6 +1663,143 @@ mod tests {
     }
 
     #[test]
+    fn links_special_files_attributes_and_renames() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let host = |p: &str| dir.path().join(p);
+        std::fs::write(host("a"), b"0123456789").unwrap();
+        std::fs::write(host("b"), b"bee").unwrap();
+        let mut g = Guest::new(dir.path(), false);
+        init(&mut g);
+        let a = g.lookup(ROOT_ID, "a").unwrap();
+
+        // Symlink and readlink (the target is stored as given, never resolved by the host).
+        let mut body = cstring("ln");
+        body.extend_from_slice(&cstring("a"));
+        let ln = EntryOut::read_from_prefix(&g.call(SYMLINK, ROOT_ID, &body).unwrap())
+            .unwrap()
+            .0;
+        assert_eq!(g.call(READLINK, ln.nodeid, &[]).unwrap(), b"a");
+        assert_eq!(std::fs::read_link(host("ln")).unwrap(), Path::new("a"));
+
+        // A hard link.
+        let mut body = LinkIn {
+            oldnodeid: a.nodeid,
+        }
+        .as_bytes()
+        .to_vec();
+        body.extend_from_slice(&cstring("hard"));
+        g.call(LINK, ROOT_ID, &body).unwrap();
+        assert_eq!(
+            std::fs::metadata(host("hard")).unwrap().ino(),
+            std::fs::metadata(host("a")).unwrap().ino()
+        );
+
+        // mknod: regular files and FIFOs, no devices.
+        let mknod = |g: &mut Guest, name: &str, mode: u32| {
+            let mut body = MknodIn {
+                mode,
+                rdev: 0,
+                umask: 0,
+                padding: 0,
+            }
+            .as_bytes()
+            .to_vec();
+            body.extend_from_slice(&cstring(name));
+            g.call(MKNOD, ROOT_ID, &body)
+        };
+        mknod(&mut g, "reg", libc::S_IFREG | 0o600).unwrap();
+        mknod(&mut g, "fifo", libc::S_IFIFO | 0o600).unwrap();
+        assert_eq!(
+            mknod(&mut g, "dev", libc::S_IFCHR | 0o600).unwrap_err(),
+            libc::EPERM
+        );
+        assert!(host("reg").is_file());
+        assert!(
+            std::fs::metadata(host("fifo"))
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
+        assert!(!host("dev").exists());
+
+        // setattr: mode, size, times; chown only to the guest's root.
+        let mut sa = SetattrIn::new_zeroed();
+        sa.valid = FATTR_MODE | FATTR_SIZE | FATTR_MTIME;
+        sa.mode = 0o640;
+        sa.size = 4;
+        sa.mtime = 1_000_000_000;
+        let attr = AttrOut::read_from_prefix(&g.call(SETATTR, a.nodeid, sa.as_bytes()).unwrap())
+            .unwrap()
+            .0
+            .attr;
+        assert_eq!(
+            (attr.size, attr.mode & 0o777, attr.mtime),
+            (4, 0o640, 1_000_000_000)
+        );
+        let m = std::fs::metadata(host("a")).unwrap();
+        assert_eq!((m.len(), m.permissions().mode() & 0o777), (4, 0o640));
+        sa.valid = FATTR_UID;
+        sa.uid = 1000;
+        assert_eq!(
+            g.call(SETATTR, a.nodeid, sa.as_bytes()).unwrap_err(),
+            libc::EPERM
+        );
+        sa.uid = 0;
+        g.call(SETATTR, a.nodeid, sa.as_bytes()).unwrap();
+
+        // statfs answers from the host filesystem.
+        let st = StatfsOut::read_from_prefix(&g.call(STATFS, ROOT_ID, &[]).unwrap())
+            .unwrap()
+            .0;
+        assert!(st.bsize > 0 && st.blocks > 0);
+
+        // rename2: no-replace refuses an existing target; exchange swaps, and nodes follow.
+        let b = g.lookup(ROOT_ID, "b").unwrap();
+        let rename2 = |g: &mut Guest, flags: u32| {
+            let mut body = Rename2In {
+                newdir: ROOT_ID,
+                flags,
+                padding: 0,
+            }
+            .as_bytes()
+            .to_vec();
+            body.extend_from_slice(&cstring("a"));
+            body.extend_from_slice(&cstring("b"));
+            g.call(RENAME2, ROOT_ID, &body)
+        };
+        assert_eq!(
+            rename2(&mut g, libc::RENAME_NOREPLACE).unwrap_err(),
+            libc::EEXIST
+        );
+        rename2(&mut g, libc::RENAME_EXCHANGE).unwrap();
+        assert_eq!(std::fs::read(host("a")).unwrap(), b"bee");
+        assert_eq!(std::fs::read(host("b")).unwrap(), b"0123");
+        assert_eq!(g.getattr(a.nodeid).unwrap().size, 4, "node a now names b");
+        assert_eq!(g.getattr(b.nodeid).unwrap().size, 3);
+
+        // rmdir of a non-empty directory fails, of an empty one works.
+        let mut m = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        }
+        .as_bytes()
+        .to_vec();
+        m.extend_from_slice(&cstring("d"));
+        let d = EntryOut::read_from_prefix(&g.call(MKDIR, ROOT_ID, &m).unwrap())
+            .unwrap()
+            .0;
+        g.create(d.nodeid, "f").unwrap();
+        assert_eq!(
+            g.call(RMDIR, ROOT_ID, &cstring("d")).unwrap_err(),
+            libc::ENOTEMPTY
+        );
+        g.call(UNLINK, d.nodeid, &cstring("f")).unwrap();
+        g.call(RMDIR, ROOT_ID, &cstring("d")).unwrap();
+        assert!(!host("d").exists());
+    }
+
+    #[test]
     fn a_guest_cannot_hold_unbounded_host_descriptors() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), b"x").unwrap();

@@ -80,6 +80,7 @@ fn kind(e: &Error) -> (&'static str, Option<i32>, Option<String>) {
         Error::ReadOnly { path } => ("read_only", None, Some(path.clone())),
         Error::File { path, source, .. } => ("io", io(source), Some(path.clone())),
         Error::Store { path, source, .. } => ("io", io(source), Some(path.display().to_string())),
+        Error::StoreFull { path, .. } => ("store_full", None, Some(path.display().to_string())),
         Error::RuntimeMissing { what, .. } if *what == "/dev/kvm" => {
             ("kvm_unavailable", None, None)
         }

@@ -127,6 +127,18 @@ pub enum Error {
         "snapshot {id} has {children} incremental snapshot(s) layered on it; delete those first"
     )]
     SnapshotInUse { id: SnapshotId, children: usize },
+    /// The snapshot store's filesystem is full (`ENOSPC`, or `EDQUOT`: a quota). Nothing was
+    /// lost: a failed checkpoint leaves the sandbox running with its state intact, and the next
+    /// checkpoint after space is freed stores everything.
+    #[error(
+        "the snapshot store is full: {op} {path:?} failed; free space on its filesystem and retry"
+    )]
+    StoreFull {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The snapshot store failed an I/O operation.
     #[error("snapshot store: {op} {path:?} failed")]
     Store {
@@ -152,12 +164,26 @@ impl Error {
         }
     }
 
-    /// Builds a [`Error::Store`] from an I/O error.
+    /// Builds a [`Error::Store`] from an I/O error ([`Error::StoreFull`] when the filesystem
+    /// is out of space or quota).
     pub fn store(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Store {
-            op,
-            path: path.into(),
-            source,
+        let full = matches!(
+            source.raw_os_error(),
+            Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
+                || code == rustix::io::Errno::DQUOT.raw_os_error()
+        ) || source.kind() == std::io::ErrorKind::StorageFull;
+        if full {
+            Error::StoreFull {
+                op,
+                path: path.into(),
+                source,
+            }
+        } else {
+            Error::Store {
+                op,
+                path: path.into(),
+                source,
+            }
         }
     }
 }

@@ -52,6 +52,7 @@ from ._errors import (  # noqa: E402
     SandboxTimeout,
     SnapshotCorrupt,
     SnapshotNotFound,
+    StoreFull,
     Unsupported,
 )
 from ._native import __version__  # noqa: E402
@@ -99,6 +100,7 @@ __all__ = [
     "SnapshotCorrupt",
     "SnapshotInfo",
     "SnapshotNotFound",
+    "StoreFull",
     "Unsupported",
     "Volume",
     "__version__",

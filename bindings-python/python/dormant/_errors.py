@@ -58,6 +58,14 @@ class ReadOnly(SandboxError, PermissionError):
     """A write under a read-only volume."""
 
 
+class StoreFull(SandboxError):
+    """The snapshot store's filesystem is full: a checkpoint (or standby) could not be written.
+
+    Nothing is lost: the sandbox keeps running with its state intact, and the next checkpoint
+    after space is freed stores everything.
+    """
+
+
 class SandboxIOError(SandboxError, OSError):
     """A file operation failed inside the sandbox or in the snapshot store."""
 
@@ -95,6 +103,7 @@ _BY_KIND: dict[str, type[SandboxError]] = {
     "invalid_argument": InvalidArgument,
     "path_escape": PathEscape,
     "read_only": ReadOnly,
+    "store_full": StoreFull,
 }
 
 _BY_ERRNO: dict[int, type[SandboxIOError]] = {
@@ -112,6 +121,8 @@ _HINTS: dict[str, str] = {
     "timeout": "pass a larger timeout= to the call or to Sandbox.create()",
     "limit_exceeded": "raise memory_mib= in Sandbox.create(), or produce less output",
     "interrupted": "resume the sandbox from a snapshot with dormant.Sandbox.resume()",
+    "store_full": "free space on the store's filesystem, then checkpoint again; the sandbox is "
+    "still running and nothing was lost",
 }
 
 

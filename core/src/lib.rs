@@ -14,11 +14,14 @@ pub mod fsarchive;
 pub mod fsutil;
 pub mod lifecycle;
 pub mod managed;
+pub mod memguard;
 pub mod memimage;
 pub mod paths;
 pub mod sandbox;
 pub mod snapshot;
 pub mod spec;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{Error, Result, SnapshotError};
 pub use lifecycle::{Lifecycle, Operation, State};

@@ -213,6 +213,96 @@ pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -
     .map_err(io::Error::from)
 }
 
+/// Whether reading a hole of `file` through a mapping makes its filesystem allocate a page
+/// (tmpfs and other memory-backed filesystems: reading a hole of a mapped tmpfs file allocates,
+/// and fails with `SIGBUS` once the filesystem is full). Such a file's holes must not be mapped.
+pub fn holes_allocate(file: &File) -> io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let st = rustix::fs::fstatfs(file)?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let magic = st.f_type as i64;
+    Ok(matches!(magic, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC))
+}
+
+/// The data extents (offset, length) of the first `len` bytes of `file`, page-aligned, found
+/// with `SEEK_DATA`/`SEEK_HOLE`.
+fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{SeekFrom, seek};
+    let page = PAGE as u64;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        let start = match seek(file, SeekFrom::Data(at)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(file, SeekFrom::Hole(start))?.min(len);
+        let (s, e) = (start / page * page, end.div_ceil(page) * page);
+        match out.last_mut() {
+            Some((ls, ll)) if *ls + *ll >= s => *ll = (e - *ls).max(*ll),
+            _ => out.push((s, e - s)),
+        }
+        at = end.max(start + 1);
+    }
+    Ok(out)
+}
+
+/// Maps a full image (`len` bytes of `file`, page `i` at offset `i * 4096`) over `addr`,
+/// private and copy-on-write. Returns the number of mappings made.
+///
+/// Usually one mapping. On a filesystem whose holes allocate when read ([`holes_allocate`]:
+/// tmpfs), the range first becomes fresh anonymous memory (zeros) and only the image's data
+/// extents are mapped from the file, so that reading a zero page never needs the filesystem
+/// (which, full, would answer with `SIGBUS`).
+///
+/// # Safety
+/// As [`map_private`].
+pub unsafe fn map_image(addr: *mut u8, len: usize, file: &File) -> io::Result<usize> {
+    if !holes_allocate(file)? {
+        // SAFETY: forwarded from the caller.
+        unsafe { map_private(addr, len, file, 0)? };
+        return Ok(1);
+    }
+    use rustix::mm::{MapFlags, ProtFlags, mmap_anonymous};
+    // SAFETY: forwarded from the caller: the range is owned, page-aligned and unused.
+    unsafe {
+        mmap_anonymous(
+            addr.cast(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+        )
+    }?;
+    let extents = data_extents(file, len as u64)?;
+    for &(off, n) in &extents {
+        // SAFETY: every extent lies within the first `len` bytes (clamped above), so inside
+        // the caller's range.
+        unsafe { map_private(addr.add(off as usize), n as usize, file, off)? };
+    }
+    Ok(extents.len() + 1)
+}
+
+/// Leaves `len` bytes from `addr` out of child processes made by `fork(2)`
+/// (`MADV_DONTFORK`). Guest memory must not be shared copy-on-write with a child of the host
+/// process: its pages would stop being exclusive to this process, and `/proc/self/pagemap`
+/// would no longer report them as written (an incremental checkpoint would miss them); a child
+/// has no use for a sandbox's memory either. Mappings made later over the range need it again.
+pub fn dont_fork(addr: *mut u8, len: usize) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: madvise(MADV_DONTFORK) only sets a flag on the mappings of the range; it neither
+    // reads nor changes memory, so any range is sound (an unmapped one is an error).
+    unsafe { rustix::mm::madvise(addr.cast(), len, rustix::mm::Advice::LinuxDontFork) }
+        .map_err(io::Error::from)
+}
+
 /// Maps a delta layer's runs from `file` (packed pages) over the memory at `base`. Returns the
 /// number of mappings made.
 ///
@@ -387,5 +477,61 @@ mod tests {
             assert_eq!(map_delta(fresh.ptr, &delta, &dirty).unwrap(), 2);
         }
         assert_eq!(fresh.slice(), mem.slice());
+    }
+
+    /// On tmpfs, reading a hole through a file mapping allocates a page of the filesystem (and
+    /// raises SIGBUS once it is full): `map_image` maps only the data extents there, so reading
+    /// every page of the image leaves the file's allocation as it was.
+    #[test]
+    fn images_on_tmpfs_are_mapped_without_their_holes() {
+        let shm = std::path::Path::new("/dev/shm");
+        if !shm.is_dir() {
+            eprintln!("SKIPPED: no /dev/shm (tmpfs) on this machine");
+            return;
+        }
+        let tmp = tempfile::tempdir_in(shm).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp.path().join("img"))
+            .unwrap();
+        assert!(holes_allocate(&f).unwrap(), "/dev/shm is tmpfs");
+        let npages = 64;
+        let mem = Anon::new(npages * PAGE);
+        mem.slice()[PAGE + 3] = 1;
+        mem.slice()[2 * PAGE] = 2;
+        mem.slice()[40 * PAGE + 9] = 3;
+        write_full(&f, mem.slice()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let blocks = f.metadata().unwrap().blocks();
+        assert_eq!(
+            data_extents(&f, (npages * PAGE) as u64).unwrap(),
+            vec![
+                (PAGE as u64, 2 * PAGE as u64),
+                (40 * PAGE as u64, PAGE as u64)
+            ]
+        );
+        let target = Anon::new(npages * PAGE);
+        target.slice().fill(0xee);
+        // SAFETY: target is owned by this test and unused during the call.
+        let n = unsafe { map_image(target.ptr, npages * PAGE, &f).unwrap() };
+        assert_eq!(n, 3, "an anonymous base and two data extents");
+        assert_eq!(
+            target.slice(),
+            mem.slice(),
+            "holes read as zeros, data as written"
+        );
+        assert_eq!(
+            f.metadata().unwrap().blocks(),
+            blocks,
+            "reading the holes allocated nothing in the filesystem"
+        );
+        // Writes stay private.
+        target.slice()[PAGE + 3] = 9;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, PAGE as u64 + 3).unwrap();
+        assert_eq!(b[0], 1);
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use dormant_core::memguard::GuardedMemory;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_clock_data,
     kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -133,6 +134,10 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// Guest RAM: one region at guest physical address 0.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// A page the snapshot files cannot supply (`SIGBUS` in a device thread or while writing
+    /// a checkpoint) becomes a recorded fault instead of the end of the process. First field:
+    /// unregistered before the mapping can go away.
+    guard: GuardedMemory,
     mem: GuestMemory,
     size: usize,
 }
@@ -155,7 +160,37 @@ impl GuestRam {
             size,
             message: e.to_string(),
         })?;
-        Ok(GuestRam { mem, size })
+        let mut ram = GuestRam {
+            guard: GuardedMemory::new(std::ptr::null(), 0),
+            mem,
+            size,
+        };
+        ram.guard = GuardedMemory::new(ram.as_ptr(), size);
+        ram.keep_from_children()?;
+        Ok(ram)
+    }
+
+    /// Keeps the RAM out of children the host process forks (`MADV_DONTFORK`, as QEMU does):
+    /// pages shared copy-on-write with a child would be write-protected under KVM and copied
+    /// on the guest's next write, and a child has no business with guest memory.
+    fn keep_from_children(&self) -> Result<()> {
+        dormant_core::memimage::dont_fork(self.as_ptr(), self.size).map_err(|e| {
+            VmError::MapMemory {
+                size: self.size,
+                message: format!("madvise(MADV_DONTFORK): {e}"),
+            }
+        })
+    }
+
+    /// The first host address of this RAM the snapshot files could not supply, if any (its
+    /// page now reads as zeros: the machine no longer matches any snapshot).
+    pub fn fault(&self) -> Option<usize> {
+        self.guard.fault()
+    }
+
+    /// Reads [`Self::fault`] from elsewhere (the RAM lives on the vCPU thread while it runs).
+    pub fn fault_probe(&self) -> dormant_core::memguard::FaultProbe {
+        self.guard.probe()
     }
 
     fn bitmap(size: usize) -> AtomicBitmap {
@@ -173,12 +208,25 @@ impl GuestRam {
     }
 
     /// RAM mapped copy-on-write from an image file: the guest sees the image, its writes stay
-    /// private to this VM.
+    /// private to this VM. On a filesystem whose holes allocate when read (tmpfs), only the
+    /// image's data is mapped from the file and its holes are anonymous zero pages (see
+    /// `dormant_core::memimage::map_image`).
     pub fn from_image(image: &File, size: usize) -> Result<GuestRam> {
-        let file = image.try_clone().map_err(|e| VmError::MapMemory {
+        let err = |e: std::io::Error| VmError::MapMemory {
             size,
             message: e.to_string(),
-        })?;
+        };
+        if dormant_core::memimage::holes_allocate(image).map_err(err)? {
+            let ram = Self::anonymous(size)?;
+            // SAFETY: the range is exactly the fresh anonymous region `ram` owns, page-aligned,
+            // not yet given to a VM or a device (nothing else can touch it).
+            unsafe { dormant_core::memimage::map_image(ram.as_ptr(), size, image) }.map_err(err)?;
+            ram.keep_from_children()?;
+            // The bitmap starts clean: loading the image is not a device write.
+            let _ = ram.take_device_dirty_pages();
+            return Ok(ram);
+        }
+        let file = image.try_clone().map_err(err)?;
         let region = MmapRegionBuilder::new_with_bitmap(size, Self::bitmap(size))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -223,7 +271,9 @@ impl GuestRam {
         // SAFETY: every page lies inside this region (checked above), which `&mut self` owns
         // exclusively; no VM or device uses it yet (MicroVm::new takes the RAM by value and
         // devices get their handle from the VM).
-        unsafe { dormant_core::memimage::map_delta(self.as_ptr(), file, pages) }.map(|_| ())
+        unsafe { dormant_core::memimage::map_delta(self.as_ptr(), file, pages) }?;
+        // The new mappings do not inherit MADV_DONTFORK.
+        dormant_core::memimage::dont_fork(self.as_ptr(), self.size)
     }
 
     /// Pages written by devices (through [`Self::memory`]) since the last call.

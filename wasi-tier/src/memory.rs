@@ -19,7 +19,9 @@ pub(crate) enum LayerMap<'a> {
     Delta { file: &'a File, pages: &'a [u32] },
 }
 
-/// Maps `layers` in order over `memory`. Returns the number of mappings made.
+/// Maps `layers` in order over `memory`, then keeps the memory out of forked children (see
+/// `memimage::dont_fork`: a fork must not hide written pages from the next incremental
+/// checkpoint). Returns the number of mappings made.
 pub(crate) fn map_layers(
     store: &mut Store<Host>,
     memory: &Memory,
@@ -38,8 +40,7 @@ pub(crate) fn map_layers(
                 // SAFETY: `base..base+len` lies inside the instance's accessible linear memory
                 // (len <= data_size), which is page-aligned, owned by this store, never moved,
                 // and not in use: no wasm frame is active while the sandbox is mutably borrowed.
-                unsafe { memimage::map_private(base, len, file, 0)? };
-                n += 1;
+                n += unsafe { memimage::map_image(base, len, file)? };
             }
             LayerMap::Delta { file, pages } => {
                 assert!(
@@ -53,5 +54,7 @@ pub(crate) fn map_layers(
             }
         }
     }
+    // The whole reservation: pages the guest grows into later are covered too.
+    memimage::dont_fork(base, crate::runtime::MEMORY_RESERVATION)?;
     Ok(n)
 }

@@ -130,6 +130,10 @@ impl std::fmt::Debug for WasiRuntime {
     }
 }
 
+/// Address space reserved for each linear memory (a wasm32 memory never grows past it, so the
+/// whole range belongs to one instance).
+pub(crate) const MEMORY_RESERVATION: usize = 4 << 30;
+
 /// The engine configuration every dormant WASI sandbox runs under. Part of the compiled-module
 /// cache key (through wasmtime's compatibility hash).
 fn engine_config() -> Config {
@@ -139,7 +143,7 @@ fn engine_config() -> Config {
     // Memory is mapped copy-on-write from snapshot files at a fixed address: it must not move,
     // and instances must not share pooled slots (a slot would keep the previous overlay).
     c.memory_may_move(false);
-    c.memory_reservation(4 << 30);
+    c.memory_reservation(MEMORY_RESERVATION as u64);
     c.memory_guard_size(2 << 30);
     c.wasm_exceptions(true);
     c

@@ -59,6 +59,20 @@ pub fn unpack(archive: &File, dest: &Path) -> io::Result<()> {
     a.unpack(dest)
 }
 
+/// Removes everything inside `dir` (not `dir` itself), e.g. after an extraction that failed
+/// half-way.
+pub fn clear(dir: &Path) -> io::Result<()> {
+    for ent in std::fs::read_dir(dir)? {
+        let ent = ent?;
+        if ent.file_type()?.is_dir() {
+            std::fs::remove_dir_all(ent.path())?;
+        } else {
+            std::fs::remove_file(ent.path())?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

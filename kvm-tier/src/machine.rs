@@ -179,6 +179,8 @@ impl ExitHandler for DeviceModel {
 /// A running (or quiesced) microVM with its devices.
 pub struct Machine {
     vcpu: Option<VcpuThread>,
+    /// Faults of guest RAM that its snapshot files could not supply (see `memguard`).
+    ram_fault: dormant_core::memguard::FaultProbe,
     devices: Arc<Devices>,
     console: ConsoleLog,
     mem_size: usize,
@@ -375,6 +377,7 @@ impl Machine {
             }
         }
         let mem_size = vm.ram().size();
+        let ram_fault = vm.ram().fault_probe();
         let devices = Arc::new(Devices {
             uart: Mutex::new(uart),
             vsock,
@@ -382,9 +385,15 @@ impl Machine {
             fs,
             reset: AtomicBool::new(false),
         });
-        let vcpu = VcpuThread::start(vm, DeviceModel(devices.clone()));
+        let vcpu = VcpuThread::start(vm, DeviceModel(devices.clone())).map_err(|e| {
+            MachineError::Device {
+                device: "vcpu",
+                message: format!("start the vCPU thread: {e}"),
+            }
+        })?;
         Ok(Machine {
             vcpu: Some(vcpu),
+            ram_fault,
             devices,
             console,
             mem_size,
@@ -406,6 +415,15 @@ impl Machine {
     /// The disk's contents (consistent while quiesced).
     pub fn disk(&self) -> Option<&GuestRam> {
         self.devices.block.as_ref().map(BlockDevice::disk)
+    }
+
+    /// The first host address of guest RAM or of the disk that its snapshot files could not
+    /// supply (a `SIGBUS` caught by `memguard`): the machine's memory no longer matches any
+    /// snapshot.
+    pub fn memory_fault(&self) -> Option<usize> {
+        self.ram_fault
+            .fault()
+            .or_else(|| self.disk().and_then(GuestRam::fault))
     }
 
     /// Whether the vCPU still runs (false after a crash or a guest reset).
@@ -433,6 +451,9 @@ impl Machine {
 
     /// Stops the guest (vCPU and devices) and hands out the VM with its captured state, for a
     /// consistent checkpoint. [`Self::unquiesce`] lets it run again.
+    ///
+    /// On error the machine is as before the call: running again if only capturing the state
+    /// failed, stopped for good if the guest had crashed ([`Self::is_running`] tells which).
     pub fn quiesce(&mut self) -> Result<(MicroVm, VmState, DevicesState)> {
         let vcpu = self.vcpu.take().ok_or(MachineError::GuestStopped {
             reason: "the machine is already quiesced".into(),
@@ -440,36 +461,50 @@ impl Machine {
         let crashed = vcpu.is_finished();
         let (vm, ended) = vcpu.stop();
         if crashed || self.devices.reset.load(Ordering::SeqCst) {
-            return Err(self.stopped_reason(ended));
+            let why = self.stopped_reason(ended);
+            close_off_thread(vm);
+            return Err(why);
         }
-        self.devices.vsock.set_paused(true);
-        if let Some(b) = &self.devices.block {
-            b.set_paused(true);
+        self.pause_devices(true);
+        match vm.save_state() {
+            Ok(state) => {
+                let devices = DevicesState {
+                    version: DEVICES_VERSION,
+                    uart: UartState::capture(&self.devices.uart.lock()),
+                    vsock: self.devices.vsock.state(),
+                    block: self.devices.block.as_ref().map(BlockDevice::state),
+                    fs: self.devices.fs.iter().map(FsDevice::state).collect(),
+                };
+                Ok((vm, state, devices))
+            }
+            Err(e) => {
+                self.unquiesce(vm)?;
+                Err(e.into())
+            }
         }
-        for f in &self.devices.fs {
-            f.set_paused(true);
-        }
-        let state = vm.save_state()?;
-        let devices = DevicesState {
-            version: DEVICES_VERSION,
-            uart: UartState::capture(&self.devices.uart.lock()),
-            vsock: self.devices.vsock.state(),
-            block: self.devices.block.as_ref().map(BlockDevice::state),
-            fs: self.devices.fs.iter().map(FsDevice::state).collect(),
-        };
-        Ok((vm, state, devices))
     }
 
-    /// Lets a quiesced guest run again.
-    pub fn unquiesce(&mut self, vm: MicroVm) {
-        self.devices.vsock.set_paused(false);
+    fn pause_devices(&self, paused: bool) {
+        self.devices.vsock.set_paused(paused);
         if let Some(b) = &self.devices.block {
-            b.set_paused(false);
+            b.set_paused(paused);
         }
         for f in &self.devices.fs {
-            f.set_paused(false);
+            f.set_paused(paused);
         }
-        self.vcpu = Some(VcpuThread::start(vm, DeviceModel(self.devices.clone())));
+    }
+
+    /// Lets a quiesced guest run again. Fails only when the vCPU thread cannot be started (the
+    /// VM is then gone: the machine is stopped).
+    pub fn unquiesce(&mut self, vm: MicroVm) -> Result<()> {
+        self.pause_devices(false);
+        let vcpu = VcpuThread::start(vm, DeviceModel(self.devices.clone())).map_err(|e| {
+            MachineError::GuestStopped {
+                reason: format!("the vCPU thread could not be started: {e}"),
+            }
+        })?;
+        self.vcpu = Some(vcpu);
+        Ok(())
     }
 
     /// Stops the guest for good; returns why it had stopped if it had crashed.
@@ -477,10 +512,7 @@ impl Machine {
         let vcpu = self.vcpu.take()?;
         let crashed = vcpu.is_finished();
         let (vm, ended) = vcpu.stop();
-        // Closing a VM with an in-kernel irqchip takes 16-24 ms here: off the caller's path.
-        let _ = std::thread::Builder::new()
-            .name("dormant-vm-close".into())
-            .spawn(move || drop(vm));
+        close_off_thread(vm);
         crashed.then(|| self.stopped_reason(ended))
     }
 }
@@ -489,9 +521,20 @@ impl Drop for Machine {
     fn drop(&mut self) {
         if let Some(vcpu) = self.vcpu.take() {
             let (vm, _) = vcpu.stop();
-            let _ = std::thread::Builder::new()
-                .name("dormant-vm-close".into())
-                .spawn(move || drop(vm));
+            close_off_thread(vm);
         }
+    }
+}
+
+/// Closes a VM on a thread of its own: closing a VM with an in-kernel irqchip takes 16-24 ms
+/// here, which the caller should not wait for (if no thread can be started, it closes here).
+fn close_off_thread(vm: MicroVm) {
+    let slot = std::sync::Arc::new(parking_lot::Mutex::new(Some(vm)));
+    let theirs = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name("dormant-vm-close".into())
+        .spawn(move || drop(theirs.lock().take()));
+    if spawned.is_err() {
+        drop(slot.lock().take());
     }
 }

@@ -137,6 +137,8 @@ pub struct KvmSandbox {
     agent: Option<Client<VsockStream>>,
     /// The snapshot the live RAM is layered on (what the next checkpoint's delta is against).
     parent: Option<SnapshotId>,
+    /// What the guest wrote since `parent` that no committed snapshot holds yet.
+    unsaved: snapshot::Unsaved,
     opts: KvmOptions,
 }
 
@@ -206,6 +208,7 @@ impl KvmSandbox {
             machine: None,
             agent: None,
             parent: None,
+            unsaved: snapshot::Unsaved::default(),
             opts,
         }
     }
@@ -362,6 +365,8 @@ impl KvmSandbox {
         self.release();
         self.machine = Some(machine);
         self.parent = Some(id.clone());
+        // A fresh VM: its dirty log and the devices' bitmaps start empty on `id`.
+        self.unsaved.clear();
         self.lifecycle.set_last_good(id.clone());
         // The agent connection of the checkpoint, idle then, continues as it was; without one
         // (or after a crash of the host side) connect anew.
@@ -489,7 +494,23 @@ impl KvmSandbox {
     /// The agent client, reconnecting once if the previous connection broke.
     fn agent(&mut self, op: Operation) -> Result<&mut Client<VsockStream>> {
         self.lifecycle.check(op)?;
+        self.check_memory()?;
         self.live_agent()
+    }
+
+    /// Poisons the sandbox if a page of its RAM or disk could not be read from the snapshot
+    /// files (see `dormant_core::memguard`): its memory no longer matches any snapshot.
+    fn check_memory(&mut self) -> Result<()> {
+        let Some(addr) = self.machine.as_ref().and_then(Machine::memory_fault) else {
+            return Ok(());
+        };
+        let err = Error::Trap {
+            message: dormant_core::memguard::GuardedMemory::fault_message(addr),
+            last_good: self.lifecycle.last_good().cloned(),
+        };
+        self.release();
+        self.lifecycle.poison(err.to_string());
+        Err(err)
     }
 
     /// The agent client of a live machine, whatever the lifecycle says (resume uses it before
@@ -512,8 +533,14 @@ impl KvmSandbox {
         }
     }
 
+    /// Checkpoints the live machine. Failure-atomic: whatever step fails (capturing the state,
+    /// a full store, an I/O error, a parent snapshot deleted meanwhile), the guest runs on with
+    /// its state intact and what it wrote since the last committed snapshot stays in
+    /// `self.unsaved`, so the next checkpoint that succeeds is complete. Only a guest that has
+    /// crashed (nothing left to run) poisons the sandbox.
     fn do_checkpoint(&mut self) -> Result<SnapshotId> {
         self.lifecycle.check(Operation::Checkpoint)?;
+        self.check_memory()?;
         // The agent connection is idle between calls: it is part of the snapshot and a resume
         // adopts it (a broken one is dropped first so that it is not).
         if self.agent.as_ref().is_some_and(|c| c.is_broken()) {
@@ -523,36 +550,83 @@ impl KvmSandbox {
             op: Operation::Checkpoint,
             state: State::Standby,
         })?;
-        let (vm, state, devices) = machine.quiesce().map_err(|e| {
+        let quiesced = machine.quiesce();
+        let running = machine.is_running();
+        let (vm, state, devices) = match quiesced {
+            Ok(q) => q,
+            Err(e) => {
+                let msg = e.to_string();
+                if running {
+                    // Only capturing the state failed; the guest was let go again.
+                    return Err(Error::Runtime {
+                        op: "capture the guest's state",
+                        message: msg,
+                    });
+                }
+                self.lifecycle.poison(msg.clone());
+                return Err(Error::Trap {
+                    message: msg,
+                    last_good: self.lifecycle.last_good().cloned(),
+                });
+            }
+        };
+        // From here on the VM is out of its thread: nothing may return before it is given back.
+        self.unsaved
+            .collect(&vm, self.machine.as_ref().and_then(Machine::disk));
+        let saved = self.save_quiesced(&vm, &state, &devices);
+        let resumed = match self.machine.as_mut() {
+            Some(m) => m.unquiesce(vm),
+            None => Err(crate::machine::MachineError::GuestStopped {
+                reason: "the machine vanished during a checkpoint".into(),
+            }),
+        };
+        if let Err(e) = resumed {
             let msg = e.to_string();
             self.lifecycle.poison(msg.clone());
-            Error::Trap {
+            return Err(Error::Trap {
                 message: msg,
                 last_good: self.lifecycle.last_good().cloned(),
-            }
-        })?;
-        let parent = match &self.parent {
-            Some(p) if self.store.manifest(p)?.memory.depth < MAX_DEPTH => Some(p.clone()),
-            _ => None,
-        };
-        let r = snapshot::save_machine(
-            &self.store,
-            &vm,
-            &state,
-            Some(&devices),
-            self.machine.as_ref().and_then(Machine::disk),
-            parent.as_ref(),
-            &self.id,
-            &self.spec,
-        );
-        if let Some(m) = self.machine.as_mut() {
-            m.unquiesce(vm);
+            });
         }
-        let id = r?;
+        self.check_memory()?;
+        let id = saved?;
+        self.unsaved.clear();
         self.parent = Some(id.clone());
         self.lifecycle.set_last_good(id.clone());
         self.lifecycle.complete(Operation::Checkpoint)?;
         Ok(id)
+    }
+
+    /// Writes the snapshot of a quiesced machine: a delta on `self.parent` when that snapshot
+    /// is still in the store and its chain is short enough, else full images.
+    fn save_quiesced(
+        &self,
+        vm: &crate::vm::MicroVm,
+        state: &crate::vm::VmState,
+        devices: &crate::machine::DevicesState,
+    ) -> Result<SnapshotId> {
+        let parent = match &self.parent {
+            Some(p) => match self.store.manifest(p) {
+                Ok(m) if m.memory.depth < MAX_DEPTH => Some(m),
+                Ok(_) => None,
+                // Deleted (or damaged) under the running sandbox: start a new chain.
+                Err(Error::SnapshotNotFound(_) | Error::Snapshot { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        let disk = self.machine.as_ref().and_then(Machine::disk);
+        snapshot::save_machine(
+            &self.store,
+            vm,
+            state,
+            Some(devices),
+            disk,
+            parent.as_ref(),
+            &self.unsaved,
+            &self.id,
+            &self.spec,
+        )
     }
 
     /// Starts a background process; returns its guest pid.

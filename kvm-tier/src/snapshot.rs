@@ -46,14 +46,15 @@ fn disk_layer(m: &dormant_core::Manifest) -> Result<Option<DiskLayer>> {
     Ok(st.disk)
 }
 
-/// Writes the disk layer: a delta on the parent's disk, or a full image.
+/// Writes the disk layer: a delta of the blocks `written` since the parent's disk, or a full
+/// image when the parent has no disk of this size.
 fn write_disk(
     store: &LocalStore,
     w: &mut dormant_core::snapshot::store::SnapshotWriter<'_>,
     disk: &GuestRam,
+    written: &[u32],
     parent: Option<&dormant_core::Manifest>,
 ) -> Result<DiskLayer> {
-    let written = disk.take_device_dirty_pages();
     let parent_disk = match parent {
         Some(p) => disk_layer(p)?.filter(|d| d.size == disk.size() as u64),
         None => None,
@@ -63,7 +64,7 @@ fn write_disk(
         Some(pd) => {
             let f = w.create("disk.delta")?;
             let Written { len, stored, crc32 } =
-                memimage::write_delta(&f, bytes, &written).map_err(io("write disk", store))?;
+                memimage::write_delta(&f, bytes, written).map_err(io("write disk", store))?;
             DiskLayer {
                 size: bytes.len() as u64,
                 kind: LayerKind::Delta,
@@ -74,7 +75,7 @@ fn write_disk(
                     stored,
                 },
                 depth: pd.depth + 1,
-                blocks: written,
+                blocks: written.to_vec(),
             }
         }
         None => {
@@ -97,6 +98,58 @@ fn write_disk(
     })
 }
 
+/// What a VM wrote since its parent snapshot and no committed snapshot holds yet: RAM pages
+/// (KVM's dirty log plus the devices' writes) and disk blocks.
+///
+/// Reading KVM's dirty log (and the devices' bitmaps) clears it, so every checkpoint first
+/// moves what was logged into this set, and only a checkpoint that commits empties it
+/// ([`Unsaved::clear`]). A checkpoint that fails at any step (a full disk, an I/O error, a
+/// parent deleted meanwhile) therefore loses nothing: the next one stores these pages too.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Unsaved {
+    ram: Vec<u32>,
+    disk: Vec<u32>,
+    /// The dirty log could not be read once: what was written is unknown, only a full image is
+    /// safe until one commits.
+    unknown: bool,
+}
+
+impl Unsaved {
+    /// Moves what `vm` and `disk` logged since the last collection into the set.
+    pub fn collect(&mut self, vm: &MicroVm, disk: Option<&GuestRam>) {
+        match vm.dirty_pages() {
+            Ok(pages) => self.ram = memimage::union(&self.ram, &pages),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the dirty log failed; the next checkpoint is a full image");
+                self.unknown = true;
+            }
+        }
+        if let Some(d) = disk {
+            self.disk = memimage::union(&self.disk, &d.take_device_dirty_pages());
+        }
+    }
+
+    /// After a committed checkpoint: nothing is unsaved any more.
+    pub fn clear(&mut self) {
+        *self = Unsaved::default();
+    }
+
+    /// RAM pages written since the parent (sorted).
+    pub fn ram_pages(&self) -> &[u32] {
+        &self.ram
+    }
+
+    /// Disk blocks written since the parent (sorted).
+    pub fn disk_blocks(&self) -> &[u32] {
+        &self.disk
+    }
+
+    /// Whether an incremental checkpoint is possible (the dirty log was always readable).
+    pub fn is_known(&self) -> bool {
+        !self.unknown
+    }
+}
+
 fn io<'a>(op: &'static str, store: &'a LocalStore) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |e| Error::store(op, store.root(), e)
 }
@@ -113,11 +166,28 @@ pub fn save(
     sandbox_id: &str,
     spec: &SandboxSpec,
 ) -> Result<SnapshotId> {
-    save_machine(store, vm, state, None, None, parent, sandbox_id, spec)
+    let mut unsaved = Unsaved::default();
+    unsaved.collect(vm, None);
+    let parent = parent.map(|p| store.manifest(p)).transpose()?;
+    save_machine(
+        store,
+        vm,
+        state,
+        None,
+        None,
+        parent.as_ref(),
+        &unsaved,
+        sandbox_id,
+        spec,
+    )
 }
 
-/// [`save`] with the device models' state and the disk's contents (the disk is stored as a
-/// delta of the blocks written since `parent` when `parent` has a disk of the same size).
+/// [`save`] with the device models' state and the disk's contents, and what was written since
+/// `parent` given by the caller (who keeps it until the commit succeeds, see [`Unsaved`]).
+///
+/// With `parent` (and a known `unsaved` set) RAM is stored as a delta of `unsaved`'s pages,
+/// and the disk as a delta of its blocks when `parent` has a disk of the same size; otherwise
+/// as full sparse images. Nothing is visible in the store unless the whole snapshot commits.
 #[allow(clippy::too_many_arguments)]
 pub fn save_machine(
     store: &LocalStore,
@@ -125,28 +195,23 @@ pub fn save_machine(
     state: &VmState,
     devices: Option<&DevicesState>,
     disk: Option<&GuestRam>,
-    parent: Option<&SnapshotId>,
+    parent: Option<&Manifest>,
+    unsaved: &Unsaved,
     sandbox_id: &str,
     spec: &SandboxSpec,
 ) -> Result<SnapshotId> {
     let id = SnapshotId::generate();
     let mut w = store.begin(&id)?;
     let ram = vm.ram().as_slice();
-    let dirty = vm.dirty_pages().map_err(|e| Error::Runtime {
-        op: "read the dirty log",
-        message: e.to_string(),
-    });
-    let parent_manifest = match parent {
-        Some(p) => Some(store.manifest(p)?),
-        None => None,
-    };
-    let parent_depth = parent_manifest.as_ref().map(|m| m.memory.depth);
+    let parent = parent.filter(|_| unsaved.is_known());
+    let disk_fault = disk.and_then(GuestRam::fault);
     let disk = match disk {
-        Some(d) => Some(write_disk(store, &mut w, d, parent_manifest.as_ref())?),
+        Some(d) => Some(write_disk(store, &mut w, d, unsaved.disk_blocks(), parent)?),
         None => None,
     };
-    let (memory, pages) = match (parent_depth, dirty) {
-        (Some(depth), Ok(pages)) => {
+    let (memory, pages) = match parent {
+        Some(p) => {
+            let pages = unsaved.ram_pages().to_vec();
             let f = w.create("memory.delta")?;
             let Written { len, stored, crc32 } =
                 memimage::write_delta(&f, ram, &pages).map_err(io("write memory", store))?;
@@ -161,13 +226,12 @@ pub fn save_machine(
                     size: ram.len() as u64,
                     kind: LayerKind::Delta,
                     file: rec,
-                    depth: depth + 1,
+                    depth: p.memory.depth + 1,
                 },
                 pages,
             )
         }
-        (Some(_), Err(e)) => return Err(e),
-        (None, _) => {
+        None => {
             let f = w.create("memory.img")?;
             let Written { len, stored, crc32 } =
                 memimage::write_full(&f, ram).map_err(io("write memory", store))?;
@@ -194,9 +258,17 @@ pub fn save_machine(
         devices: devices.cloned(),
         disk,
     };
+    // A page the snapshot files could not supply was read as zeros while writing: this image
+    // is not the guest's memory.
+    if let Some(addr) = vm.ram().fault().or(disk_fault) {
+        return Err(Error::Trap {
+            message: dormant_core::memguard::GuardedMemory::fault_message(addr),
+            last_good: None,
+        });
+    }
     let manifest = Manifest {
         id: id.clone(),
-        parent: parent.cloned(),
+        parent: parent.map(|p| p.id.clone()),
         sandbox_id: sandbox_id.into(),
         tier: Tier::Kvm,
         created_unix_ms: std::time::SystemTime::now()

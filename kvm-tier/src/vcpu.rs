@@ -83,8 +83,9 @@ impl std::fmt::Debug for VcpuThread {
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl VcpuThread {
-    /// Starts running `vm`'s vCPU on a new thread, exits going to `handler`.
-    pub fn start(mut vm: MicroVm, mut handler: impl ExitHandler) -> VcpuThread {
+    /// Starts running `vm`'s vCPU on a new thread, exits going to `handler`. Fails (and drops
+    /// the VM) only when no thread can be started.
+    pub fn start(mut vm: MicroVm, mut handler: impl ExitHandler) -> std::io::Result<VcpuThread> {
         let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
         let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
         let (tid_tx, tid_rx) = mpsc::channel::<(usize, libc::pthread_t)>();
@@ -97,16 +98,17 @@ impl VcpuThread {
                 let _ = tid_tx.send((ptr, unsafe { libc::pthread_self() }));
                 let ended = run_thread(&mut vm, &mut handler, &cmd_rx, &reply_tx);
                 (vm, ended)
-            })
-            .expect("spawn the vCPU thread");
-        let (immediate_exit, tid) = tid_rx.recv().expect("the vCPU thread reports its id");
-        VcpuThread {
+            })?;
+        let (immediate_exit, tid) = tid_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the vCPU thread ended before reporting its id"))?;
+        Ok(VcpuThread {
             cmd: cmd_tx,
             reply: reply_rx,
             immediate_exit,
             tid,
             join: Some(join),
-        }
+        })
     }
 
     fn kick(&self) {

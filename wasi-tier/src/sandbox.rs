@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use dormant_core::memguard::GuardedMemory;
 use dormant_core::memimage::{self, Written};
 use dormant_core::snapshot::store::SnapshotWriter;
 use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord};
@@ -94,6 +95,9 @@ struct Layer {
 
 /// A running instance.
 struct Live {
+    /// SIGBUS in the memory (a snapshot file that cannot supply a page) becomes a recorded
+    /// fault of this sandbox. First field: unregistered before the memory goes away.
+    guard: GuardedMemory,
     store: Store<Host>,
     instance: Instance,
     memory: Memory,
@@ -272,7 +276,9 @@ impl WasiSandbox {
         } else {
             None
         };
+        let guard = GuardedMemory::new(memory.data_ptr(&store), crate::runtime::MEMORY_RESERVATION);
         Ok(Live {
+            guard,
             store,
             instance,
             memory,
@@ -373,6 +379,10 @@ impl WasiSandbox {
             f(live)
         };
         live.store.set_epoch_deadline(u64::MAX / 2);
+        if let Some(addr) = live.guard.fault() {
+            // Whatever the call returned, it ran on memory that is not the snapshot's.
+            return Err(self.lose_memory(addr));
+        }
         match r {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -384,6 +394,19 @@ impl WasiSandbox {
                 Err(err)
             }
         }
+    }
+
+    /// The live memory lost a page its snapshot files could not supply (see
+    /// `dormant_core::memguard`): discards the instance and poisons the sandbox, whose last good
+    /// snapshot is intact.
+    fn lose_memory(&mut self, addr: usize) -> Error {
+        let err = Error::Trap {
+            message: GuardedMemory::fault_message(addr),
+            last_good: self.lifecycle.last_good().cloned(),
+        };
+        self.live = None;
+        self.lifecycle.poison(err.to_string());
+        err
     }
 
     /// Calls an export of a `Workload::Module` sandbox.
@@ -481,18 +504,25 @@ impl WasiSandbox {
         &self.spec
     }
 
-    /// Extracts a resumed snapshot's filesystem if that has not happened yet.
+    /// Extracts a resumed snapshot's filesystem if that has not happened yet. All or nothing:
+    /// if extraction fails (a full store, an I/O error) the root is emptied again and the
+    /// archive kept, so that a later call starts over instead of using a partial tree.
     fn materialize(&mut self) -> Result<()> {
-        if let Some(p) = self.pending_fs.take() {
-            let root = self.root()?;
-            fsarchive::unpack(&p.archive, &root).map_err(|e| {
-                Error::store(
-                    "extract the filesystem of",
-                    self.store.snapshot_dir(&p.snapshot),
-                    e,
-                )
-            })?;
+        let Some(p) = &self.pending_fs else {
+            return Ok(());
+        };
+        let root = self.root()?;
+        if let Err(e) = fsarchive::unpack(&p.archive, &root) {
+            if let Err(c) = fsarchive::clear(&root) {
+                tracing::warn!(error = %c, root = %root.display(), "could not empty a partly extracted sandbox root");
+            }
+            return Err(Error::store(
+                "extract the filesystem of",
+                self.store.snapshot_dir(&p.snapshot),
+                e,
+            ));
         }
+        self.pending_fs = None;
         Ok(())
     }
 
@@ -662,6 +692,10 @@ impl WasiSandbox {
                 )
             }
         };
+        if let Some(addr) = self.live.as_ref().and_then(|l| l.guard.fault()) {
+            // The image just written holds a lost page as zeros: never commit it.
+            return Err(self.lose_memory(addr));
+        }
         if self.pending_fs.as_ref().is_some_and(|p| p.record.is_none()) {
             self.materialize()?;
         }

@@ -9,11 +9,14 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, HostMonotonicClock, WasiCtxBuilder};
 
 use crate::capture::Capture;
+use crate::readdir::Listings;
 
 /// Store data of every dormant WASI instance.
 pub struct Host {
     pub wasi: WasiP1Ctx,
     pub limits: Limits,
+    /// Directory listings being read by the guest (see [`crate::readdir`]).
+    pub readdir: Listings,
 }
 
 /// Memory and table caps; records whether the memory cap refused a growth.

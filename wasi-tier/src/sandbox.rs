@@ -225,6 +225,7 @@ impl WasiSandbox {
             Host {
                 wasi,
                 limits: Limits::new(spec.memory_limit),
+                readdir: Default::default(),
             },
         );
         store.limiter(|h| &mut h.limits);
@@ -1051,6 +1052,7 @@ impl Sandbox for WasiSandbox {
             Host {
                 wasi,
                 limits: Limits::new(self.spec.memory_limit),
+                readdir: Default::default(),
             },
         );
         store.limiter(|h| &mut h.limits);

@@ -34,6 +34,7 @@ mod host;
 mod memory;
 pub mod modcache;
 pub mod python;
+mod readdir;
 pub mod runtime;
 pub mod sandbox;
 

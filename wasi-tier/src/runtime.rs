@@ -248,6 +248,9 @@ impl WasiRuntime {
             message: format!("{e:#}"),
         };
         wasmtime_wasi::p1::add_to_linker_sync(&mut l, |h: &mut Host| &mut h.wasi).map_err(err)?;
+        // `fd_readdir` in linear time (wasmtime-wasi's is quadratic in the directory's size).
+        crate::readdir::add_to_linker(&mut l, |h: &mut Host| (&mut h.wasi, &mut h.readdir))
+            .map_err(err)?;
         for imp in module.imports() {
             if imp.module() == "wasi_snapshot_preview1" {
                 continue;

@@ -229,6 +229,7 @@ impl WasiSandbox {
             Host {
                 wasi,
                 limits: Limits::new(spec.memory_limit),
+                readdir: Default::default(),
             },
         );
         store.limiter(|h| &mut h.limits);
@@ -1085,6 +1086,7 @@ impl Sandbox for WasiSandbox {
             Host {
                 wasi,
                 limits: Limits::new(self.spec.memory_limit),
+                readdir: Default::default(),
             },
         );
         store.limiter(|h| &mut h.limits);

@@ -38,8 +38,12 @@ pub const BLK_IRQ: u32 = 6;
 pub const FS_MMIO_BASE: u64 = 0xd000_2000;
 /// The volume slots' interrupt lines: at most this many slots.
 pub const FS_IRQS: [u32; 4] = [7, 9, 10, 11];
-/// Version of [`DevicesState`]'s layout.
+/// Version of [`DevicesState`]'s layout, which covers every device state it holds (UART,
+/// vsock, block, fs slots with their transports and volumes): those are only ever stored inside
+/// it, so a change to any of them is a new version of it.
 pub const DEVICES_VERSION: u32 = 1;
+/// The versions of [`DevicesState`] this build reads.
+pub const DEVICES_VERSIONS: &[u32] = &[DEVICES_VERSION];
 
 /// Errors of a machine.
 #[derive(Debug, thiserror::Error)]

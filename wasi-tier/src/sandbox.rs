@@ -1172,3 +1172,91 @@ impl Drop for WasiSandbox {
         self.release();
     }
 }
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn golden(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name)
+    }
+
+    /// The manifest of the golden snapshot (written before WASI states carried a version).
+    fn golden_manifest() -> Manifest {
+        let dir = std::fs::read_dir(golden("snapshots"))
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        Manifest::decode(&std::fs::read(dir.join("manifest.dsnp")).unwrap()).unwrap()
+    }
+
+    fn decode(m: &Manifest) -> std::result::Result<WasiState, SnapshotError> {
+        m.tier_state.decode("WASI state", WASI_STATE_VERSIONS)
+    }
+
+    #[test]
+    fn states_written_without_a_version_are_version_1() {
+        let m = golden_manifest();
+        assert!(m.tier_state.to_value().get("version").is_none());
+        let st = decode(&m).unwrap();
+        assert_eq!(st.version, 1);
+        assert!(!st.globals.is_empty());
+    }
+
+    /// `tests/golden/wasi-state-v1.json` pins how this build writes the WASI state (the golden
+    /// snapshot's state): a change of field names, order or shape fails here. Regenerate with
+    /// DORMANT_BLESS=1 only together with a new state version and a reader for version 1.
+    #[test]
+    fn golden_v1_state_decodes_and_encodes_identically() {
+        let path = golden("wasi-state-v1.json");
+        let st = decode(&golden_manifest()).unwrap();
+        let encoded = TierState::encode(&st).unwrap();
+        if std::env::var_os("DORMANT_BLESS").is_some() {
+            std::fs::write(&path, encoded.as_json()).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).expect("golden state present");
+        assert_eq!(
+            encoded.as_json(),
+            text,
+            "encoding changed: add a new WASI state version and keep a reader for version 1"
+        );
+        let again: TierState = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            again
+                .decode::<WasiState>("WASI state", WASI_STATE_VERSIONS)
+                .unwrap(),
+            st
+        );
+        assert!(text.starts_with("{\"version\":1,"), "{text:.40}");
+    }
+
+    #[test]
+    fn an_unknown_version_is_a_typed_error() {
+        let mut m = golden_manifest();
+        m.tier_state =
+            TierState::encode(&serde_json::json!({"version": 2, "new": "layout"})).unwrap();
+        assert!(matches!(
+            decode(&m),
+            Err(SnapshotError::UnsupportedStateVersion {
+                what: "WASI state",
+                found: 2,
+                supported: &[1]
+            })
+        ));
+    }
+
+    #[test]
+    fn a_state_with_too_many_globals_is_refused_while_decoding() {
+        let mut m = golden_manifest();
+        let mut v = m.tier_state.to_value();
+        let g = v["globals"][0].clone();
+        v["globals"] = serde_json::Value::Array(vec![g; MAX_GLOBALS + 1]);
+        m.tier_state = TierState::encode(&v).unwrap();
+        assert!(matches!(decode(&m), Err(SnapshotError::Malformed(_))));
+    }
+}

@@ -81,8 +81,12 @@ pub struct DevicesState {
     /// The disk's device state (its contents are a separate snapshot layer).
     #[serde(default)]
     pub block: Option<BlockState>,
-    /// The volume slots (their contents are host directories, in no snapshot).
-    #[serde(default)]
+    /// The volume slots (their contents are host directories, in no snapshot); at most one per
+    /// line of [`FS_IRQS`].
+    #[serde(
+        default,
+        deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, { FS_IRQS.len() }>"
+    )]
     pub fs: Vec<FsState>,
 }
 

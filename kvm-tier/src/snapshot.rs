@@ -525,6 +525,92 @@ mod tests {
         assert!(text.starts_with("{\"version\":1,"), "{text:.40}");
     }
 
+    /// JSON pointers of every node of `v`.
+    fn pointers(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    pointers(x, format!("{at}/{k}"), out);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, x) in a.iter().enumerate().take(8) {
+                    pointers(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+        out.push(at);
+    }
+
+    fn hostile_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::json;
+        prop_oneof![
+            Just(json!(null)),
+            Just(json!(-1)),
+            Just(json!(0)),
+            Just(json!(2)),
+            Just(json!(4097)),
+            Just(json!(u64::MAX)),
+            Just(json!(1.5)),
+            Just(json!("x")),
+            Just(json!([])),
+            Just(json!({})),
+            Just(json!([[], [], [], []])),
+            Just(json!(vec![7u32; 5000])),
+            any::<u64>().prop_map(|n| json!(n)),
+            prop::collection::vec(any::<u32>(), 0..20).prop_map(|v| json!(v)),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The golden KVM state with up to three of its values (anywhere: registers, blobs,
+        /// device states, the disk layer) replaced by hostile ones decodes, or is refused with
+        /// `Error::Snapshot`, never a panic; what decodes gives a vCPU state that converts or
+        /// is refused, and disk layers that are checked.
+        #[test]
+        fn hostile_kvm_states_decode_or_are_refused(
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), hostile_json()),
+                1..4,
+            ),
+        ) {
+            let leaf = golden_manifests().pop().unwrap();
+            let mut v = leaf.tier_state.to_value();
+            let mut all = Vec::new();
+            pointers(&v, String::new(), &mut all);
+            for (at, x) in edits {
+                let p = &all[at.index(all.len())];
+                if let Some(slot) = v.pointer_mut(p) {
+                    *slot = x;
+                }
+            }
+            let m = Manifest {
+                tier_state: TierState::encode(&v).unwrap(),
+                ..leaf
+            };
+            match kvm_state(&m) {
+                Ok(st) => {
+                    let _ = st.vcpu.to_state();
+                    if let Some(d) = &st.disk {
+                        proptest::prop_assert!(Layer::new(
+                            d.0.size(),
+                            d.0.kind(),
+                            d.0.file().clone(),
+                            d.0.depth(),
+                            d.0.pages().to_vec()
+                        )
+                        .is_ok());
+                    }
+                }
+                Err(e) => proptest::prop_assert!(matches!(e, Error::Snapshot { .. }), "{e:?}"),
+            }
+        }
+    }
+
     fn unsupported(m: &Manifest) -> (&'static str, u64) {
         match kvm_state(m) {
             Err(Error::Snapshot {

@@ -1250,6 +1250,39 @@ mod state_tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Random byte edits of the golden WASI state's JSON decode, or are refused with a
+        /// typed error, never a panic.
+        #[test]
+        fn hostile_wasi_states_decode_or_are_refused(
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+                1..6,
+            ),
+        ) {
+            let m = golden_manifest();
+            let mut text = m.tier_state.as_json().as_bytes().to_vec();
+            for (at, b) in edits {
+                let i = at.index(text.len());
+                text[i] = b;
+            }
+            let Ok(text) = String::from_utf8(text) else { return Ok(()) };
+            let Ok(state) = serde_json::from_str::<TierState>(&text) else { return Ok(()) };
+            let m = Manifest { tier_state: state, ..m };
+            match decode(&m) {
+                Ok(st) => proptest::prop_assert_eq!(st.version, 1),
+                Err(e) => proptest::prop_assert!(
+                    matches!(
+                        e,
+                        SnapshotError::Malformed(_) | SnapshotError::UnsupportedStateVersion { .. }
+                    ),
+                    "{:?}",
+                    e
+                ),
+            }
+        }
+    }
+
     #[test]
     fn a_state_with_too_many_globals_is_refused_while_decoding() {
         let mut m = golden_manifest();

@@ -285,6 +285,14 @@ const TAG_PAGE: format::Tag = *b"PAGE";
 
 /// Cap on a manifest file: the page list of a 16 GiB memory plus metadata.
 pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
+/// Decoding a manifest ([`Manifest::decode`]) allocates at most this many times the manifest's
+/// length, plus 64 KiB, whatever its bytes claim (a section claiming 4 GiB allocates nothing of
+/// the sort): sections are slices of the file, the tier state stays text (one copy), the page
+/// list takes 4 bytes per 4 bytes of file. The worst case is metadata JSON shaped to grow:
+/// a spec's environment of empty pairs (`["",""],`, 8 bytes of file, 48 of memory, plus
+/// vector growth) measured 11.8 times its length. Tested by `tests/decode_alloc.rs` with a
+/// counting allocator.
+pub const MAX_DECODE_ALLOC_FACTOR: usize = 16;
 
 impl Manifest {
     /// Encodes the manifest into the container format.
@@ -356,6 +364,7 @@ impl Manifest {
 mod tests {
     use super::*;
     use crate::spec::Workload;
+    use proptest::prelude::*;
 
     /// A manifest with fixed content, for the golden file.
     pub(crate) fn golden_manifest() -> Manifest {
@@ -424,6 +433,134 @@ mod tests {
         m.delta_pages = vec![3, 99];
         assert!(Manifest::decode(&m.encode()).is_err());
         let _ = Workload::Python;
+    }
+
+    fn arb_manifest() -> impl Strategy<Value = Manifest> {
+        let page = crate::memimage::PAGE as u64;
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(LayerKind::Full),
+                Just(LayerKind::Delta),
+                Just(LayerKind::Compact)
+            ],
+            (0u64..64, prop_oneof![4 => Just(0u64), 1 => 1u64..4096]),
+            prop_oneof![Just(0u32), Just(1), Just(2), any::<u32>()],
+            prop::collection::vec(prop_oneof![4 => 0u32..80, 1 => any::<u32>()], 0..10),
+            any::<bool>(),
+            0u8..4,
+            any::<u64>(),
+            prop_oneof![
+                Just("{}".to_string()),
+                Just(r#"{"version":1,"x":[1,2,3]}"#.to_string()),
+                "[a-z]{0,8}".prop_map(|s| format!("{s:?}")),
+            ],
+        )
+            .prop_map(
+                move |(
+                    parent,
+                    kind,
+                    (npages, odd),
+                    depth,
+                    mut pages,
+                    sorted,
+                    len_from,
+                    noise,
+                    state,
+                )| {
+                    if sorted {
+                        pages.sort_unstable();
+                        pages.dedup();
+                    }
+                    let size = npages * page + odd;
+                    let len = match len_from {
+                        0 => size,
+                        1 => pages.len() as u64 * page,
+                        2 => size.div_ceil(chunks::CHUNK as u64) * chunks::HASH_LEN as u64,
+                        _ => noise,
+                    };
+                    let mut m = golden_manifest();
+                    if !parent {
+                        m.parent = None;
+                    }
+                    m.memory = MemoryRecord {
+                        size,
+                        kind,
+                        file: FileRecord {
+                            name: "memory.x".into(),
+                            len,
+                            crc32: 0,
+                            stored: len,
+                        },
+                        depth,
+                    };
+                    m.delta_pages = pages;
+                    m.tier_state = serde_json::from_str(&state).unwrap();
+                    m
+                },
+            )
+    }
+
+    proptest! {
+        /// A manifest decodes back to itself exactly when its memory layer is consistent (the
+        /// checks every layer gets) and a delta has a parent; otherwise it is a typed error.
+        #[test]
+        fn manifests_decode_exactly_when_consistent(m in arb_manifest()) {
+            let ok = layer::check(
+                m.memory.size,
+                m.memory.kind,
+                &m.memory.file,
+                m.memory.depth,
+                &m.delta_pages,
+            )
+            .is_ok()
+                && (m.memory.kind != LayerKind::Delta || m.parent.is_some());
+            match Manifest::decode(&m.encode()) {
+                Ok(d) => {
+                    prop_assert!(ok);
+                    prop_assert!(d.memory_layer().is_ok());
+                    prop_assert_eq!(d, m);
+                }
+                Err(e) => prop_assert!(
+                    !ok && matches!(e, SnapshotError::Malformed(_) | SnapshotError::TooLarge { .. }),
+                    "{e:?}"
+                ),
+            }
+        }
+
+        /// Every single-byte change of a manifest is caught by its checksums.
+        #[test]
+        fn single_byte_mutations_are_caught(
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let img = golden_manifest().encode();
+            let mut bad = img.clone();
+            bad[at.index(img.len())] ^= flip;
+            prop_assert!(Manifest::decode(&bad).is_err());
+        }
+
+        /// Metadata changed under valid checksums (random byte edits of its JSON, a random page
+        /// section) decodes or is refused with a typed error, never a panic; what decodes has a
+        /// consistent memory layer.
+        #[test]
+        fn hostile_metadata_under_valid_checksums_never_panics(
+            edits in prop::collection::vec(
+                (any::<prop::sample::Index>(), any::<u8>()),
+                0..6,
+            ),
+            pages in prop::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut meta = serde_json::to_vec(&golden_manifest()).unwrap();
+            for (at, b) in edits {
+                let i = at.index(meta.len());
+                meta[i] = b;
+            }
+            let img = format::encode(&[(TAG_META, &meta), (TAG_PAGE, &pages)]);
+            if let Ok(m) = Manifest::decode(&img) {
+                prop_assert!(m.memory_layer().is_ok());
+            }
+        }
     }
 
     /// The golden file pins format version 1: a change of the encoding (field order, names,

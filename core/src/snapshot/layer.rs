@@ -157,6 +157,7 @@ impl Layer {
         self.size
     }
 
+    /// Full image, delta or compact index.
     pub fn kind(&self) -> LayerKind {
         self.kind
     }
@@ -266,6 +267,7 @@ impl LayerFile {
         })
     }
 
+    /// The checked layer (for a rebuilt compact layer: the compact one it was rebuilt from).
     pub fn layer(&self) -> &Layer {
         &self.layer
     }

@@ -23,6 +23,14 @@ pub enum SnapshotError {
     /// The file was written by a format version this build cannot read.
     #[error("unsupported snapshot format version {found} (this build reads version {supported})")]
     UnsupportedVersion { found: u16, supported: u16 },
+    /// A tier's or device's own state in the snapshot has a version this build cannot read
+    /// (written by a newer build, or damaged). A state without a version is version 1.
+    #[error("unsupported {what} version {found} (this build reads version(s) {supported:?})")]
+    UnsupportedStateVersion {
+        what: &'static str,
+        found: u64,
+        supported: &'static [u32],
+    },
     /// The file ends before its declared content.
     #[error("truncated: {what}")]
     Truncated { what: String },

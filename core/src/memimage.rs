@@ -15,6 +15,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
+use crate::snapshot::layer::LayerFile;
+
 /// The host page size this module assumes (x86-64 Linux).
 pub const PAGE: usize = 4096;
 
@@ -303,19 +305,48 @@ pub fn dont_fork(addr: *mut u8, len: usize) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
-/// Maps a delta layer's runs from `file` (packed pages) over the memory at `base`. Returns the
-/// number of mappings made.
+/// Maps a checked snapshot layer over the `len` bytes of memory at `base`, copy-on-write: a full
+/// image over its first `layer.size()` bytes, a delta's runs of pages (packed in its file) over
+/// their places. Returns the number of mappings made.
+///
+/// The layer's pages are strictly increasing and inside its size, and its file is as long as
+/// they need (both checked when the [`LayerFile`] was built), so every mapping lies inside
+/// `base..base + len` once the layer's size is checked against `len` here, and reads of it never
+/// fall past the file's end.
+///
+/// Errors: `InvalidInput` (nothing mapped) when the layer is larger than `len`; the mmap error
+/// otherwise (earlier runs stay mapped).
 ///
 /// # Safety
-/// As [`map_private`], for every page in `pages` relative to `base`.
-pub unsafe fn map_delta(base: *mut u8, file: &File, pages: &[u32]) -> io::Result<usize> {
+/// `base..base + len` must be a page-aligned part of a mapping the caller owns and that nothing
+/// else reads or writes during the call, as for [`map_private`].
+pub unsafe fn map_layer(base: *mut u8, len: usize, layer: &LayerFile) -> io::Result<usize> {
+    if layer.size() > len as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a layer of {} bytes does not fit in {len} bytes of memory",
+                layer.size()
+            ),
+        ));
+    }
+    let file = layer.file();
+    if layer.is_full() {
+        if layer.size() == 0 {
+            return Ok(0);
+        }
+        // SAFETY: forwarded from the caller; `layer.size() <= len`, and the file holds
+        // `layer.size()` bytes.
+        return unsafe { map_image(base, layer.size() as usize, file) };
+    }
     let mut off = 0u64;
     let mut n = 0;
-    for run in runs(pages) {
-        let len = run.count as usize * PAGE;
-        // SAFETY: forwarded from the caller: the pages lie in the caller's mapping.
-        unsafe { map_private(base.add(run.first as usize * PAGE), len, file, off)? };
-        off += len as u64;
+    for run in runs(layer.layer().pages()) {
+        let run_len = run.count as usize * PAGE;
+        // SAFETY: forwarded from the caller: every page is below `layer.size() / PAGE`, so the
+        // run lies inside `base..base + len`; the packed file holds `off + run_len` bytes.
+        unsafe { map_private(base.add(run.first as usize * PAGE), run_len, file, off)? };
+        off += run_len as u64;
         n += 1;
     }
     Ok(n)
@@ -470,11 +501,26 @@ mod tests {
         let w = write_delta(&delta, mem.slice(), &dirty).unwrap();
         assert_eq!(w.stored, 3 * PAGE as u64);
 
+        let layer = crate::snapshot::layer::Layer::new(
+            16 * PAGE as u64,
+            crate::snapshot::LayerKind::Delta,
+            crate::snapshot::FileRecord {
+                name: "memory.delta".into(),
+                len: w.len,
+                crc32: w.crc32,
+                stored: w.stored,
+            },
+            1,
+            dirty,
+        )
+        .unwrap();
+        let delta = LayerFile::new(layer, delta).unwrap();
         let fresh = Anon::new(16 * PAGE);
         // SAFETY: fresh is owned by this test.
         unsafe {
             map_private(fresh.ptr, fresh.len, &base, 0).unwrap();
-            assert_eq!(map_delta(fresh.ptr, &delta, &dirty).unwrap(), 2);
+            assert!(map_layer(fresh.ptr, 8 * PAGE, &delta).is_err(), "too small");
+            assert_eq!(map_layer(fresh.ptr, fresh.len, &delta).unwrap(), 2);
         }
         assert_eq!(fresh.slice(), mem.slice());
     }

@@ -27,6 +27,9 @@ pub mod virtio;
 pub mod vm;
 pub mod volume;
 
+#[cfg(test)]
+mod restore_tests;
+
 /// The virtualization this host offers to the KVM tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostKvm {

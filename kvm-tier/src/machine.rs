@@ -38,8 +38,12 @@ pub const BLK_IRQ: u32 = 6;
 pub const FS_MMIO_BASE: u64 = 0xd000_2000;
 /// The volume slots' interrupt lines: at most this many slots.
 pub const FS_IRQS: [u32; 4] = [7, 9, 10, 11];
-/// Version of [`DevicesState`]'s layout.
+/// Version of [`DevicesState`]'s layout, which covers every device state it holds (UART,
+/// vsock, block, fs slots with their transports and volumes): those are only ever stored inside
+/// it, so a change to any of them is a new version of it.
 pub const DEVICES_VERSION: u32 = 1;
+/// The versions of [`DevicesState`] this build reads.
+pub const DEVICES_VERSIONS: &[u32] = &[DEVICES_VERSION];
 
 /// Errors of a machine.
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +81,12 @@ pub struct DevicesState {
     /// The disk's device state (its contents are a separate snapshot layer).
     #[serde(default)]
     pub block: Option<BlockState>,
-    /// The volume slots (their contents are host directories, in no snapshot).
-    #[serde(default)]
+    /// The volume slots (their contents are host directories, in no snapshot); at most one per
+    /// line of [`FS_IRQS`].
+    #[serde(
+        default,
+        deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, { FS_IRQS.len() }>"
+    )]
     pub fs: Vec<FsState>,
 }
 

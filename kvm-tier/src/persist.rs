@@ -4,19 +4,67 @@
 //! General registers are named fields. The other pieces are kept as the bytes of the kernel's
 //! UAPI structures (`struct kvm_sregs`, `kvm_xsave`, `kvm_lapic_state`, …): that layout is the
 //! stable Linux ABI, it is what KVM reads back, and it keeps unions (irqchip, PIT) exact. Every
-//! blob's length is checked against the structure before it is used.
+//! blob's length is checked against the structure before it is used, and decoding refuses
+//! sequences longer than any real state has (so a hostile snapshot cannot make it allocate
+//! more).
 
+use dormant_core::SnapshotError;
+use dormant_core::snapshot::bounded_vec;
 use serde::{Deserialize, Serialize};
 
 use crate::vm::VmState;
 
 /// Why a saved state cannot be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("saved vCPU/VM state: {0}")]
-pub struct PersistError(String);
+#[non_exhaustive]
+pub enum PersistError {
+    /// The state was saved by a layout version this build does not read.
+    #[error("saved vCPU/VM state version {found} (this build reads {STATE_VERSION})")]
+    Version { found: u32 },
+    /// A saved kernel structure has the wrong length.
+    #[error("saved {what} is {len} bytes, expected {expected}")]
+    Length {
+        what: &'static str,
+        len: usize,
+        expected: usize,
+    },
+    /// The state holds the wrong number of irqchips.
+    #[error("saved vCPU/VM state has {found} {what}, expected {expected}")]
+    Count {
+        what: &'static str,
+        found: usize,
+        expected: usize,
+    },
+    /// The state holds more of an item (MSRs) than KVM takes.
+    #[error("saved vCPU/VM state has {found} {what}, at most {limit} are accepted")]
+    TooMany {
+        what: &'static str,
+        found: usize,
+        limit: usize,
+    },
+}
+
+impl From<PersistError> for SnapshotError {
+    fn from(e: PersistError) -> SnapshotError {
+        match e {
+            PersistError::Version { found } => SnapshotError::UnsupportedStateVersion {
+                what: "vCPU state",
+                found: found as u64,
+                supported: STATE_VERSIONS,
+            },
+            e => SnapshotError::Malformed(e.to_string()),
+        }
+    }
+}
 
 /// Version of [`SavedState`]'s layout.
 pub const STATE_VERSION: u32 = 1;
+/// The versions of [`SavedState`] this build reads.
+pub const STATE_VERSIONS: &[u32] = &[STATE_VERSION];
+/// Most MSRs a state may hold (what `KVM_SET_MSRS` takes in one call).
+pub const MAX_MSRS: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
+/// Longest saved kernel structure accepted (the largest, `kvm_xsave`, is 4 KiB).
+const MAX_BLOB: usize = 64 << 10;
 
 /// General-purpose registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,17 +94,30 @@ pub struct Regs {
 pub struct SavedState {
     pub version: u32,
     pub regs: Regs,
+    /// (index, value), at most [`MAX_MSRS`].
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_MSRS>")]
     pub msrs: Vec<(u32, u64)>,
     pub mp_state: u32,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub sregs: Vec<u8>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub fpu: Vec<u8>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub xsave: Vec<u8>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub xcrs: Vec<u8>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub lapic: Vec<u8>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub events: Vec<u8>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub debugregs: Vec<u8>,
+    /// The two PICs and the IOAPIC (decoding refuses more than 3).
+    #[serde(deserialize_with = "bounded_vec::<_, _, 3>")]
     pub irqchips: Vec<Vec<u8>>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub pit: Vec<u8>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_BLOB>")]
     pub clock: Vec<u8>,
 }
 
@@ -81,13 +142,13 @@ fn to_bytes<T: Pod>(v: &T) -> Vec<u8> {
         .to_vec()
 }
 
-fn from_bytes<T: Pod>(what: &str, b: &[u8]) -> Result<T, PersistError> {
+fn from_bytes<T: Pod>(what: &'static str, b: &[u8]) -> Result<T, PersistError> {
     if b.len() != std::mem::size_of::<T>() {
-        return Err(PersistError(format!(
-            "{what} is {} bytes, expected {}",
-            b.len(),
-            std::mem::size_of::<T>()
-        )));
+        return Err(PersistError::Length {
+            what,
+            len: b.len(),
+            expected: std::mem::size_of::<T>(),
+        });
     }
     let mut v = T::default();
     // SAFETY: the lengths match and every bit pattern is a valid `T` (see `Pod`); the copy
@@ -136,18 +197,28 @@ impl SavedState {
         }
     }
 
+    /// The state to load into KVM, once every part has been checked: the version, each saved
+    /// structure's length, three irqchips, at most [`MAX_MSRS`] MSRs. (The values themselves are
+    /// KVM's to accept or refuse when they are set.)
     pub fn to_state(&self) -> Result<VmState, PersistError> {
         if self.version != STATE_VERSION {
-            return Err(PersistError(format!(
-                "version {} (this build reads {STATE_VERSION})",
-                self.version
-            )));
+            return Err(PersistError::Version {
+                found: self.version,
+            });
         }
         if self.irqchips.len() != 3 {
-            return Err(PersistError(format!(
-                "{} irqchips, expected 3",
-                self.irqchips.len()
-            )));
+            return Err(PersistError::Count {
+                what: "irqchips",
+                found: self.irqchips.len(),
+                expected: 3,
+            });
+        }
+        if self.msrs.len() > MAX_MSRS {
+            return Err(PersistError::TooMany {
+                what: "MSRs",
+                found: self.msrs.len(),
+                limit: MAX_MSRS,
+            });
         }
         let r = &self.regs;
         let regs = kvm_bindings::kvm_regs {

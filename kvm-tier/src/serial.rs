@@ -116,6 +116,9 @@ pub struct UartState {
     pub modem_control: u8,
     pub modem_status: u8,
     pub scratch: u8,
+    /// Received bytes not yet read by the guest: at most the 64-byte FIFO (decoding refuses
+    /// more, and so does restoring).
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, 64>")]
     pub in_buffer: Vec<u8>,
 }
 

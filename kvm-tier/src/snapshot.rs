@@ -5,20 +5,36 @@
 //!
 //! KVM logs the vCPU's writes; pages written by device models (virtio queues) are tracked by
 //! the guest memory's own bitmap, and [`MicroVm::dirty_pages`] returns both.
+//!
+//! Loading treats the snapshot as untrusted input: the tier state decodes into versioned,
+//! bounded types, every memory and disk layer of the chain is checked (page lists sorted and in
+//! bounds, file lengths, depths) and opened before anything is mapped, and only checked layers
+//! can be mapped ([`GuestRam::map_layer`]).
 
 use dormant_core::memimage::{self, Written};
-use dormant_core::snapshot::store::LocalStore;
-use dormant_core::snapshot::{FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId};
+use dormant_core::snapshot::layer::Layer;
+use dormant_core::snapshot::store::{LayerFile, LocalStore};
+use dormant_core::snapshot::{
+    FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId, TierState, check_version,
+};
 use dormant_core::{Error, Result, SandboxSpec, SnapshotError, Tier};
 use serde::{Deserialize, Serialize};
 
-use crate::machine::DevicesState;
-use crate::persist::SavedState;
+use crate::machine::{DEVICES_VERSIONS, DevicesState};
+use crate::persist::{STATE_VERSIONS, SavedState};
 use crate::vm::{GuestRam, MicroVm, VmState};
 
-/// Tier state of a KVM snapshot.
+/// The versions of [`KvmState`] this build reads; it writes the last.
+const KVM_STATE_VERSIONS: &[u32] = &[1];
+
+/// Tier state of a KVM snapshot: dormant's own type, versioned (as are the vCPU and device
+/// states it holds, each with its own version).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct KvmState {
+    /// Layout version, one of [`KVM_STATE_VERSIONS`]. States written before states carried a
+    /// version (still in snapshots on users' disks) have none: they are version 1.
+    #[serde(default = "dormant_core::snapshot::unversioned")]
+    version: u32,
     ram_size: u64,
     vcpu: SavedState,
     /// Device models' state (absent for bare VMs without devices).
@@ -30,9 +46,15 @@ struct KvmState {
 }
 
 /// A snapshot's layer of disk contents: a full sparse image, or the 4 KiB blocks written since
-/// the parent snapshot (packed, like memory deltas).
+/// the parent snapshot (packed, like memory deltas). A checked [`Layer`] (never compact, never
+/// empty): decoding refuses an inconsistent one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct DiskLayer {
+#[serde(try_from = "DiskLayerRecord", into = "DiskLayerRecord")]
+struct DiskLayer(Layer);
+
+/// [`DiskLayer`] as stored in the tier state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DiskLayerRecord {
     size: u64,
     kind: LayerKind,
     file: FileRecord,
@@ -40,10 +62,76 @@ struct DiskLayer {
     blocks: Vec<u32>,
 }
 
-fn disk_layer(m: &dormant_core::Manifest) -> Result<Option<DiskLayer>> {
-    let st: KvmState = serde_json::from_value(m.tier_state.clone())
-        .map_err(|e| Error::snapshot(&m.id, SnapshotError::Malformed(format!("KVM state: {e}"))))?;
-    Ok(st.disk)
+impl TryFrom<DiskLayerRecord> for DiskLayer {
+    /// The reason, which decoding reports inside a [`SnapshotError::Malformed`].
+    type Error = String;
+    fn try_from(r: DiskLayerRecord) -> std::result::Result<DiskLayer, String> {
+        if r.kind == LayerKind::Compact || r.size == 0 {
+            return Err(format!("a {:?} disk layer of {} bytes", r.kind, r.size));
+        }
+        Layer::new(r.size, r.kind, r.file, r.depth, r.blocks)
+            .map(DiskLayer)
+            .map_err(|e| match e {
+                SnapshotError::Malformed(m) => format!("disk layer: {m}"),
+                e => format!("disk layer: {e}"),
+            })
+    }
+}
+
+impl From<DiskLayer> for DiskLayerRecord {
+    fn from(d: DiskLayer) -> DiskLayerRecord {
+        let (r, blocks) = d.0.into_parts();
+        DiskLayerRecord {
+            size: r.size,
+            kind: r.kind,
+            file: r.file,
+            depth: r.depth,
+            blocks,
+        }
+    }
+}
+
+/// The version fields of the states a [`KvmState`] holds, read before the whole state.
+#[derive(Deserialize)]
+struct KvmProbe {
+    vcpu: VersionOf,
+    #[serde(default)]
+    devices: Option<VersionOf>,
+}
+
+#[derive(Deserialize)]
+struct VersionOf {
+    version: u64,
+}
+
+/// Decodes a manifest's KVM state: an unknown version of it, of its vCPU state or of its device
+/// state is a typed [`SnapshotError::UnsupportedStateVersion`], refused before the rest is
+/// decoded; then every field is decoded into its bounded, checked type.
+fn kvm_state(m: &Manifest) -> Result<KvmState> {
+    let bad = |e| Error::snapshot(&m.id, e);
+    let probe: KvmProbe = m
+        .tier_state
+        .decode("KVM state", KVM_STATE_VERSIONS)
+        .map_err(bad)?;
+    check_version("vCPU state", probe.vcpu.version, STATE_VERSIONS).map_err(bad)?;
+    if let Some(d) = probe.devices {
+        check_version("device state", d.version, DEVICES_VERSIONS).map_err(bad)?;
+    }
+    m.tier_state.decode_unversioned("KVM state").map_err(bad)
+}
+
+/// Just the disk layer of a manifest's KVM state (checked).
+fn disk_layer(m: &Manifest) -> Result<Option<DiskLayer>> {
+    #[derive(Deserialize)]
+    struct DiskOnly {
+        #[serde(default)]
+        disk: Option<DiskLayer>,
+    }
+    let d: DiskOnly = m
+        .tier_state
+        .decode("KVM state", KVM_STATE_VERSIONS)
+        .map_err(|e| Error::snapshot(&m.id, e))?;
+    Ok(d.disk)
 }
 
 /// Writes the disk layer: a delta of the blocks `written` since the parent's disk, or a full
@@ -56,46 +144,52 @@ fn write_disk(
     parent: Option<&dormant_core::Manifest>,
 ) -> Result<DiskLayer> {
     let parent_disk = match parent {
-        Some(p) => disk_layer(p)?.filter(|d| d.size == disk.size() as u64),
+        Some(p) => disk_layer(p)?.filter(|d| d.0.size() == disk.size() as u64),
         None => None,
     };
     let bytes = disk.as_slice();
-    Ok(match parent_disk {
+    let id = w.id().clone();
+    let layer = |size, kind, file, depth, blocks| {
+        Layer::new(size, kind, file, depth, blocks)
+            .map(DiskLayer)
+            .map_err(|e| Error::snapshot(&id, e))
+    };
+    match parent_disk {
         Some(pd) => {
             let f = w.create("disk.delta")?;
             let Written { len, stored, crc32 } =
                 memimage::write_delta(&f, bytes, written).map_err(io("write disk", store))?;
-            DiskLayer {
-                size: bytes.len() as u64,
-                kind: LayerKind::Delta,
-                file: FileRecord {
+            layer(
+                bytes.len() as u64,
+                LayerKind::Delta,
+                FileRecord {
                     name: "disk.delta".into(),
                     len,
                     crc32,
                     stored,
                 },
-                depth: pd.depth + 1,
-                blocks: written.to_vec(),
-            }
+                pd.0.depth() + 1,
+                written.to_vec(),
+            )
         }
         None => {
             let f = w.create("disk.img")?;
             let Written { len, stored, crc32 } =
                 memimage::write_full(&f, bytes).map_err(io("write disk", store))?;
-            DiskLayer {
-                size: bytes.len() as u64,
-                kind: LayerKind::Full,
-                file: FileRecord {
+            layer(
+                bytes.len() as u64,
+                LayerKind::Full,
+                FileRecord {
                     name: "disk.img".into(),
                     len,
                     crc32,
                     stored,
                 },
-                depth: 0,
-                blocks: Vec::new(),
-            }
+                0,
+                Vec::new(),
+            )
         }
-    })
+    }
 }
 
 /// What a VM wrote since its parent snapshot and no committed snapshot holds yet: RAM pages
@@ -253,6 +347,7 @@ pub fn save_machine(
         }
     };
     let tier_state = KvmState {
+        version: KVM_STATE_VERSIONS[KVM_STATE_VERSIONS.len() - 1],
         ram_size: ram.len() as u64,
         vcpu: SavedState::from_state(state),
         devices: devices.cloned(),
@@ -279,7 +374,7 @@ pub fn save_machine(
         memory,
         fs: None,
         fs_compact_len: None,
-        tier_state: serde_json::to_value(&tier_state).expect("state serializes"),
+        tier_state: TierState::encode(&tier_state).map_err(|e| Error::snapshot(&id, e))?,
         delta_pages: pages,
     };
     w.commit(&manifest)?;
@@ -303,7 +398,9 @@ pub struct Loaded {
     pub disk: Option<GuestRam>,
 }
 
-/// [`load`], also returning the device state and the disk.
+/// [`load`], also returning the device state and the disk. Every layer of the snapshot's chain
+/// (memory and disk) is checked and opened before anything is mapped or a VM is created: a
+/// hostile or damaged snapshot is refused with [`Error::Snapshot`].
 pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
     let chain = store.chain(id)?;
     let leaf = chain.last().expect("chain is never empty");
@@ -314,30 +411,39 @@ pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
             SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier)),
         ));
     }
-    let st: KvmState = serde_json::from_value(leaf.tier_state.clone())
-        .map_err(|e| bad(format!("KVM state: {e}")))?;
-    let size = st.ram_size as usize;
-    if chain.iter().any(|m| m.memory.size != st.ram_size) {
+    let st = kvm_state(leaf)?;
+    if st.ram_size == 0 || chain.iter().any(|m| m.memory.size != st.ram_size) {
         return Err(bad("layers of different RAM sizes".into()));
     }
-    let state = st.vcpu.to_state().map_err(|e| bad(e.to_string()))?;
+    let state = st
+        .vcpu
+        .to_state()
+        .map_err(|e| Error::snapshot(id, e.into()))?;
     let files = chain
         .iter()
         .map(|m| store.memory_layer(m))
         .collect::<Result<Vec<_>>>()?;
+    let disk_files = match &st.disk {
+        Some(leaf_disk) => Some(disk_layers(store, id, &chain, leaf_disk)?),
+        None => None,
+    };
     let base = files.first().expect("chain is never empty");
-    if !base.full {
+    if !base.is_full() {
         return Err(bad("the chain does not start with a full image".into()));
     }
     let map_err = |e: crate::vm::VmError| Error::Runtime {
         op: "map guest RAM",
         message: e.to_string(),
     };
-    let mut ram = GuestRam::from_image(&base.file, size).map_err(map_err)?;
+    let mut ram = GuestRam::from_layer(base).map_err(map_err)?;
     for (m, f) in chain.iter().zip(&files).skip(1) {
-        ram.map_delta(&f.file, &m.delta_pages)
+        ram.map_layer(f)
             .map_err(|e| Error::store("map memory of", store.snapshot_dir(&m.id), e))?;
     }
+    let disk = match disk_files {
+        Some(layers) => Some(map_disk(store, &layers)?),
+        None => None,
+    };
     let vm = MicroVm::new(ram, true).map_err(|e| Error::Runtime {
         op: "create the VM",
         message: e.to_string(),
@@ -346,10 +452,6 @@ pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
         op: "restore the vCPU",
         message: e.to_string(),
     })?;
-    let disk = match &st.disk {
-        Some(leaf_disk) => Some(load_disk(store, id, &chain, leaf_disk)?),
-        None => None,
-    };
     Ok(Loaded {
         vm,
         devices: st.devices,
@@ -357,46 +459,272 @@ pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
     })
 }
 
-/// Maps the disk of `chain`'s leaf: its full base image, then each delta, copy-on-write.
-fn load_disk(
+/// The checked, opened layers of the disk of `chain`'s leaf, base first: walking back from the
+/// leaf, each layer one depth below the next, of the leaf's size, down to a full image.
+fn disk_layers(
     store: &LocalStore,
     id: &SnapshotId,
-    chain: &[dormant_core::Manifest],
+    chain: &[Manifest],
     leaf: &DiskLayer,
-) -> Result<GuestRam> {
+) -> Result<Vec<(SnapshotId, LayerFile)>> {
     let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
-    // The layers of the leaf's disk: walk back from the leaf until the full image.
     let mut layers = Vec::new();
+    let mut depth = leaf.0.depth();
     for m in chain.iter().rev() {
         let Some(d) = disk_layer(m)? else {
             return Err(bad("a disk delta without a base image".into()));
         };
-        if d.size != leaf.size {
+        if d.0.size() != leaf.0.size() {
             return Err(bad("disk layers of different sizes".into()));
         }
-        let full = d.kind == LayerKind::Full;
-        layers.push((m, d));
+        if d.0.depth() != depth {
+            return Err(bad(format!(
+                "disk layer of snapshot {} at depth {}, expected {depth}",
+                m.id,
+                d.0.depth()
+            )));
+        }
+        let full = d.0.kind() == LayerKind::Full;
+        layers.push((m.id.clone(), d.0));
         if full {
             break;
         }
+        depth -= 1;
     }
-    layers.reverse();
-    let Some((base_m, base)) = layers.first() else {
-        return Err(bad("no disk layers".into()));
-    };
-    if base.kind != LayerKind::Full {
+    if layers
+        .last()
+        .is_none_or(|(_, l)| l.kind() != LayerKind::Full)
+    {
         return Err(bad("the disk chain does not start with a full image".into()));
     }
+    layers.reverse();
+    layers
+        .into_iter()
+        .map(|(sid, l)| Ok((sid.clone(), store.open_layer(&sid, l)?)))
+        .collect()
+}
+
+/// Maps checked disk layers (base first) copy-on-write.
+fn map_disk(store: &LocalStore, layers: &[(SnapshotId, LayerFile)]) -> Result<GuestRam> {
     let map_err = |e: crate::vm::VmError| Error::Runtime {
         op: "map the disk",
         message: e.to_string(),
     };
-    let base_file = store.open_file(&base_m.id, &base.file, true)?;
-    let mut disk = GuestRam::from_image(&base_file, leaf.size as usize).map_err(map_err)?;
-    for (m, d) in layers.iter().skip(1) {
-        let f = store.open_file(&m.id, &d.file, true)?;
-        disk.map_delta(&f, &d.blocks)
-            .map_err(|e| Error::store("map disk of", store.snapshot_dir(&m.id), e))?;
+    let Some(((_, base), deltas)) = layers.split_first() else {
+        return Err(Error::Runtime {
+            op: "map the disk",
+            message: "no disk layers".into(),
+        });
+    };
+    let mut disk = GuestRam::from_layer(base).map_err(map_err)?;
+    for (sid, f) in deltas {
+        disk.map_layer(f)
+            .map_err(|e| Error::store("map disk of", store.snapshot_dir(sid), e))?;
     }
     Ok(disk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn golden(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name)
+    }
+
+    /// The manifests of the golden chain (`tests/golden/snapshots`, written before KVM states
+    /// carried a version), oldest first.
+    fn golden_manifests() -> Vec<Manifest> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(golden("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        dirs.iter()
+            .map(|d| Manifest::decode(&std::fs::read(d.join("manifest.dsnp")).unwrap()).unwrap())
+            .collect()
+    }
+
+    fn with_state(m: &Manifest, edit: impl FnOnce(&mut serde_json::Value)) -> Manifest {
+        let mut v = m.tier_state.to_value();
+        edit(&mut v);
+        let mut m = m.clone();
+        m.tier_state = TierState::encode(&v).unwrap();
+        m
+    }
+
+    #[test]
+    fn states_written_without_a_version_are_version_1() {
+        for m in golden_manifests() {
+            assert!(
+                m.tier_state.to_value().get("version").is_none(),
+                "the golden states predate the version field"
+            );
+            let st = kvm_state(&m).unwrap();
+            assert_eq!(st.version, 1);
+            assert!(st.devices.is_some() && st.disk.is_some());
+        }
+    }
+
+    /// The current encoding of the KVM state is pinned by `tests/golden/kvm-state-v1.json`
+    /// (the golden incremental snapshot's state, as this build writes it): a change of field
+    /// names, order or shape fails here. Regenerate with DORMANT_BLESS=1 only together with a
+    /// new state version and a reader for version 1.
+    #[test]
+    fn golden_v1_state_decodes_and_encodes_identically() {
+        let path = golden("kvm-state-v1.json");
+        let leaf = golden_manifests().pop().unwrap();
+        let st = kvm_state(&leaf).unwrap();
+        let encoded = TierState::encode(&st).unwrap();
+        if std::env::var_os("DORMANT_BLESS").is_some() {
+            std::fs::write(&path, encoded.as_json()).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).expect("golden state present");
+        assert_eq!(
+            encoded.as_json(),
+            text,
+            "encoding changed: add a new KVM state version and keep a reader for version 1"
+        );
+        let m = Manifest {
+            tier_state: serde_json::from_str(&text).unwrap(),
+            ..leaf
+        };
+        assert_eq!(kvm_state(&m).unwrap(), st);
+        assert!(text.starts_with("{\"version\":1,"), "{text:.40}");
+    }
+
+    /// JSON pointers of every node of `v`.
+    fn pointers(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    pointers(x, format!("{at}/{k}"), out);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, x) in a.iter().enumerate().take(8) {
+                    pointers(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+        out.push(at);
+    }
+
+    fn hostile_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::json;
+        prop_oneof![
+            Just(json!(null)),
+            Just(json!(-1)),
+            Just(json!(0)),
+            Just(json!(2)),
+            Just(json!(4097)),
+            Just(json!(u64::MAX)),
+            Just(json!(1.5)),
+            Just(json!("x")),
+            Just(json!([])),
+            Just(json!({})),
+            Just(json!([[], [], [], []])),
+            Just(json!(vec![7u32; 5000])),
+            any::<u64>().prop_map(|n| json!(n)),
+            prop::collection::vec(any::<u32>(), 0..20).prop_map(|v| json!(v)),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The golden KVM state with up to three of its values (anywhere: registers, blobs,
+        /// device states, the disk layer) replaced by hostile ones decodes, or is refused with
+        /// `Error::Snapshot`, never a panic; what decodes gives a vCPU state that converts or
+        /// is refused, and disk layers that are checked.
+        #[test]
+        fn hostile_kvm_states_decode_or_are_refused(
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), hostile_json()),
+                1..4,
+            ),
+        ) {
+            let leaf = golden_manifests().pop().unwrap();
+            let mut v = leaf.tier_state.to_value();
+            let mut all = Vec::new();
+            pointers(&v, String::new(), &mut all);
+            for (at, x) in edits {
+                let p = &all[at.index(all.len())];
+                if let Some(slot) = v.pointer_mut(p) {
+                    *slot = x;
+                }
+            }
+            let m = Manifest {
+                tier_state: TierState::encode(&v).unwrap(),
+                ..leaf
+            };
+            match kvm_state(&m) {
+                Ok(st) => {
+                    let _ = st.vcpu.to_state();
+                    if let Some(d) = &st.disk {
+                        proptest::prop_assert!(Layer::new(
+                            d.0.size(),
+                            d.0.kind(),
+                            d.0.file().clone(),
+                            d.0.depth(),
+                            d.0.pages().to_vec()
+                        )
+                        .is_ok());
+                    }
+                }
+                Err(e) => proptest::prop_assert!(matches!(e, Error::Snapshot { .. }), "{e:?}"),
+            }
+        }
+    }
+
+    fn unsupported(m: &Manifest) -> (&'static str, u64) {
+        match kvm_state(m) {
+            Err(Error::Snapshot {
+                source:
+                    SnapshotError::UnsupportedStateVersion {
+                        what,
+                        found,
+                        supported,
+                    },
+                ..
+            }) => {
+                assert_eq!(supported, &[1]);
+                (what, found)
+            }
+            other => panic!("expected an unsupported version, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_versions_are_typed_errors_not_parse_errors() {
+        let leaf = golden_manifests().pop().unwrap();
+        // A future state whose layout this build cannot parse at all still says which version.
+        let future =
+            with_state(
+                &leaf,
+                |v| *v = serde_json::json!({"version": 2, "a completely": ["different", "layout"]}),
+            );
+        assert_eq!(unsupported(&future), ("KVM state", 2));
+        let m = with_state(&leaf, |v| v["devices"]["version"] = 7.into());
+        assert_eq!(unsupported(&m), ("device state", 7));
+        let m = with_state(&leaf, |v| v["vcpu"]["version"] = 3.into());
+        assert_eq!(unsupported(&m), ("vCPU state", 3));
+        let m = with_state(&leaf, |v| v["version"] = u64::MAX.into());
+        assert_eq!(unsupported(&m), ("KVM state", u64::MAX));
+        // A version that is not a number is malformed.
+        let m = with_state(&leaf, |v| v["version"] = "1".into());
+        assert!(matches!(
+            kvm_state(&m),
+            Err(Error::Snapshot {
+                source: SnapshotError::Malformed(_),
+                ..
+            })
+        ));
+    }
 }

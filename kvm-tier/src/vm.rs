@@ -6,6 +6,8 @@
 //! does not grow with guest RAM and the image is never written.
 
 use std::fs::File;
+
+use dormant_core::snapshot::store::LayerFile;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -256,22 +258,41 @@ impl GuestRam {
         &self.mem
     }
 
-    /// Maps a delta layer (packed pages of `file`, see `dormant_core::memimage`) over this RAM,
-    /// copy-on-write. Only before the RAM is given to a VM.
-    pub fn map_delta(&mut self, file: &File, pages: &[u32]) -> std::io::Result<()> {
-        if pages
-            .last()
-            .is_some_and(|&p| (p as usize + 1) * dormant_core::memimage::PAGE > self.size())
-        {
+    /// RAM (or a disk) mapped copy-on-write from a snapshot's full image: `layer.size()` bytes,
+    /// which the file was checked to hold when the [`LayerFile`] was built.
+    pub fn from_layer(layer: &LayerFile) -> Result<GuestRam> {
+        let size = layer.size() as usize;
+        if !layer.is_full() {
+            return Err(VmError::MapMemory {
+                size,
+                message: "the base layer is not a full image".into(),
+            });
+        }
+        Self::from_image(layer.file(), size)
+    }
+
+    /// Maps a checked snapshot layer (see `dormant_core::snapshot::layer`: a delta's packed
+    /// pages, or a full image) over this RAM, copy-on-write. Only before the RAM is given to a
+    /// VM.
+    ///
+    /// Errors: `InvalidInput` (nothing mapped) when the layer is not of this RAM's size; the
+    /// mmap error otherwise.
+    pub fn map_layer(&mut self, layer: &LayerFile) -> std::io::Result<()> {
+        if layer.size() != self.size() as u64 {
             return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "delta page beyond guest RAM",
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a layer of {} bytes over {} bytes of guest memory",
+                    layer.size(),
+                    self.size()
+                ),
             ));
         }
-        // SAFETY: every page lies inside this region (checked above), which `&mut self` owns
-        // exclusively; no VM or device uses it yet (MicroVm::new takes the RAM by value and
-        // devices get their handle from the VM).
-        unsafe { dormant_core::memimage::map_delta(self.as_ptr(), file, pages) }?;
+        // SAFETY: the region is `self.size()` bytes that `&mut self` owns exclusively; no VM or
+        // device uses it yet (MicroVm::new takes the RAM by value and devices get their handle
+        // from the VM). `map_layer` maps only inside it (the layer's pages were checked to lie
+        // within its size, which equals the region's).
+        unsafe { dormant_core::memimage::map_layer(self.as_ptr(), self.size(), layer) }?;
         // The new mappings do not inherit MADV_DONTFORK.
         dormant_core::memimage::dont_fork(self.as_ptr(), self.size)
     }

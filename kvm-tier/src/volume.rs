@@ -369,11 +369,18 @@ struct StatfsOut {
     spare: [u32; 6],
 }
 
+/// Longest path a volume state may hold (Linux's `PATH_MAX`).
+const MAX_PATH: usize = 4096;
+/// Ids (nodes and handles) a restored volume may go on allocating from: below it, a guest making
+/// a million lookups a second would need 140,000 years to overflow.
+const MAX_NEXT_ID: u64 = 1 << 62;
+
 /// A node (a path the guest looked up) in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSnap {
     pub id: u64,
     /// Path relative to the volume root, as raw bytes.
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_PATH>")]
     pub path: Vec<u8>,
     pub lookups: u64,
 }
@@ -382,6 +389,7 @@ pub struct NodeSnap {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandleSnap {
     pub fh: u64,
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_PATH>")]
     pub path: Vec<u8>,
     /// `open(2)` flags to reopen it with (never `O_CREAT`/`O_TRUNC`/`O_EXCL`).
     pub flags: u32,
@@ -393,9 +401,79 @@ pub struct HandleSnap {
 pub struct VolumeState {
     /// The host directory this state refers to.
     pub root: PathBuf,
+    /// At most [`MAX_NODES`] (decoding refuses more).
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_NODES>")]
     pub nodes: Vec<NodeSnap>,
+    /// At most [`MAX_HANDLES`] (decoding refuses more).
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_HANDLES>")]
     pub handles: Vec<HandleSnap>,
     pub next_id: u64,
+}
+
+/// Whether `path` is a relative path of valid components (`a/b/c`: no empty, `.` or `..`
+/// component, no NUL, no leading `/`), the root being the empty path.
+fn valid_relative(path: &[u8]) -> bool {
+    path.len() <= MAX_PATH
+        && !path.contains(&0)
+        && (path.is_empty() || path.split(|&b| b == b'/').all(|c| component(c).is_ok()))
+}
+
+impl VolumeState {
+    /// What restoring requires of a (untrusted) state, so that the server rebuilt from it is
+    /// one a guest could have built: at most [`MAX_NODES`] nodes and [`MAX_HANDLES`] handles;
+    /// node ids above the root's, each once, each node a distinct relative path below the root
+    /// (no absolute path, no `..`); handles each once, with the flags an `OPEN` keeps (never
+    /// `O_CREAT`, `O_TRUNC`, `O_EXCL`; read-only for directories); every id below `next_id`,
+    /// which leaves room to allocate.
+    pub fn check(&self) -> Result<(), String> {
+        if self.nodes.len() >= MAX_NODES || self.handles.len() > MAX_HANDLES {
+            return Err(format!(
+                "{} nodes and {} handles (at most {} and {MAX_HANDLES})",
+                self.nodes.len(),
+                self.handles.len(),
+                MAX_NODES - 1
+            ));
+        }
+        if self.next_id <= ROOT_ID || self.next_id > MAX_NEXT_ID {
+            return Err(format!("next id {}", self.next_id));
+        }
+        let mut ids = std::collections::HashSet::with_capacity(self.nodes.len());
+        let mut paths = std::collections::HashSet::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            if n.id <= ROOT_ID || n.id >= self.next_id || !ids.insert(n.id) {
+                return Err(format!("node id {} repeated or out of range", n.id));
+            }
+            if n.path.is_empty() || !valid_relative(&n.path) || !paths.insert(&n.path[..]) {
+                return Err(format!(
+                    "node {} has a repeated or invalid path {:?}",
+                    n.id,
+                    String::from_utf8_lossy(&n.path)
+                ));
+            }
+        }
+        let mut fhs = std::collections::HashSet::with_capacity(self.handles.len());
+        for h in &self.handles {
+            if h.fh <= ROOT_ID || h.fh >= self.next_id || !fhs.insert(h.fh) {
+                return Err(format!("handle {} repeated or out of range", h.fh));
+            }
+            if !valid_relative(&h.path) {
+                return Err(format!(
+                    "handle {} has an invalid path {:?}",
+                    h.fh,
+                    String::from_utf8_lossy(&h.path)
+                ));
+            }
+            let flags_ok = if h.dir {
+                h.flags == OFlags::RDONLY.bits()
+            } else {
+                h.flags == allowed_open_flags(h.flags).bits()
+            };
+            if !flags_ok {
+                return Err(format!("handle {} has open flags {:#o}", h.fh, h.flags));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -548,6 +626,14 @@ impl VolumeServer {
         read_only: bool,
         state: Option<&VolumeState>,
     ) -> std::io::Result<VolumeServer> {
+        if let Some(st) = state {
+            st.check().map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("volume state of {}: {e}", st.root.display()),
+                )
+            })?;
+        }
         let fd = rustix::fs::open(
             root,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -366,7 +366,8 @@ fn incremental_checkpoints_store_only_what_changed() {
     let m = store.manifest(&id).unwrap();
     assert_eq!(m.parent.as_ref(), Some(base));
     // The idle agent connection is part of the snapshot (a resume adopts it).
-    let live = &m.tier_state["devices"]["vsock"]["live"];
+    let state = m.tier_state.to_value();
+    let live = &state["devices"]["vsock"]["live"];
     assert_eq!(live.as_array().map(Vec::len), Some(1), "{live}");
     let chain = store.chain(&id).unwrap();
     assert_eq!(

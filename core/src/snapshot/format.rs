@@ -142,6 +142,7 @@ pub fn decode(bytes: &[u8], max_len: u64) -> Result<Vec<(Tag, &[u8])>, SnapshotE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn sample() -> Vec<u8> {
         encode(&[
@@ -220,6 +221,52 @@ mod tests {
             decode(&img, 10),
             Err(SnapshotError::TooLarge { .. })
         ));
+    }
+
+    fn sections() -> impl Strategy<Value = Vec<(Tag, Vec<u8>)>> {
+        prop::collection::vec(
+            (any::<Tag>(), prop::collection::vec(any::<u8>(), 0..64)),
+            0..6,
+        )
+    }
+
+    proptest! {
+        /// Random bytes, with or without a valid header in front, are refused (or decoded)
+        /// without a panic.
+        #[test]
+        fn random_bytes_never_panic(
+            body in prop::collection::vec(any::<u8>(), 0..512),
+            header in any::<bool>(),
+            count in any::<u32>(),
+        ) {
+            let mut img = Vec::new();
+            if header {
+                img.extend_from_slice(&MAGIC);
+                img.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+                img.extend_from_slice(&0u16.to_le_bytes());
+                img.extend_from_slice(&count.to_le_bytes());
+            }
+            img.extend_from_slice(&body);
+            let _ = decode(&img, 1 << 20);
+        }
+
+        /// Any sections round-trip, and every single-byte change of their encoding, and every
+        /// truncation, is caught.
+        #[test]
+        fn single_byte_mutations_and_truncations_are_caught(
+            sections in sections(),
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let refs: Vec<(Tag, &[u8])> = sections.iter().map(|(t, p)| (*t, &p[..])).collect();
+            let img = encode(&refs);
+            prop_assert_eq!(decode(&img, 1 << 20).unwrap(), refs);
+            let mut bad = img.clone();
+            bad[at.index(img.len())] ^= flip;
+            prop_assert!(decode(&bad, 1 << 20).is_err());
+            prop_assert!(decode(&img[..cut.index(img.len())], 1 << 20).is_err());
+        }
     }
 
     #[test]

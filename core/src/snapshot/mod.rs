@@ -6,14 +6,24 @@
 //! memory layer (`memory.img`, a sparse page-aligned full image, or `memory.delta`, the pages
 //! written since the parent, packed and page-aligned) and optionally `fs.tar`, the sandbox's own
 //! filesystem.
+//!
+//! Everything read back from a snapshot is untrusted input (whoever can write the store's files
+//! can write it): the container checks itself ([`format`]), the manifest checks its structure
+//! ([`Manifest::decode`]), layers are mapped only once checked ([`layer`]), and tiers decode
+//! their own state into typed, versioned structs ([`TierState::decode`]) whose sequences are
+//! bounded ([`bounded_vec`]).
 
 pub mod chunks;
 pub mod format;
+pub mod layer;
 pub mod store;
 
 use std::fmt;
+use std::marker::PhantomData;
 
+use serde::de::{DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::error::SnapshotError;
 use crate::spec::{SandboxSpec, Tier};
@@ -121,6 +131,130 @@ pub struct MemoryRecord {
     pub depth: u32,
 }
 
+/// A tier's own state in a manifest (WASI: globals, clock, module identity; KVM: vCPU, devices,
+/// disk layer): the JSON text as written, decoded by the tier into its own typed, versioned
+/// struct with [`TierState::decode`]. It is never parsed into a generic JSON tree, which would
+/// cost tens of bytes of memory per byte of a hostile file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TierState(Box<RawValue>);
+
+impl PartialEq for TierState {
+    fn eq(&self, other: &TierState) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+/// The version of a state that does not say: states written before they carried a version
+/// (still in snapshots on users' disks) are version 1. For `#[serde(default = ...)]`.
+pub fn unversioned() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    #[serde(default = "unversioned_u64")]
+    version: u64,
+}
+
+fn unversioned_u64() -> u64 {
+    unversioned() as u64
+}
+
+/// Refuses a state version this build does not read, with a typed error naming the state.
+pub fn check_version(
+    what: &'static str,
+    found: u64,
+    supported: &'static [u32],
+) -> Result<(), SnapshotError> {
+    if supported.iter().any(|&v| v as u64 == found) {
+        Ok(())
+    } else {
+        Err(SnapshotError::UnsupportedStateVersion {
+            what,
+            found,
+            supported,
+        })
+    }
+}
+
+impl TierState {
+    /// Encodes a tier's state.
+    ///
+    /// Errors: [`SnapshotError::Malformed`] if `state` does not serialize to JSON (a map with
+    /// non-string keys; dormant's state types never do).
+    pub fn encode<T: Serialize>(state: &T) -> Result<TierState, SnapshotError> {
+        serde_json::to_string(state)
+            .and_then(RawValue::from_string)
+            .map(TierState)
+            .map_err(|e| SnapshotError::Malformed(format!("tier state does not encode: {e}")))
+    }
+
+    /// The JSON text.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The state as a generic JSON tree (for tests and tools; decoding uses the typed struct).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Decodes the state into `T` once its top-level `version` field (absent: version 1, see
+    /// [`unversioned`]) is one of `supported`.
+    ///
+    /// Errors: [`SnapshotError::UnsupportedStateVersion`] for another version,
+    /// [`SnapshotError::Malformed`] (naming `what`) when the JSON does not decode into `T`.
+    pub fn decode<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        supported: &'static [u32],
+    ) -> Result<T, SnapshotError> {
+        let probe: VersionProbe = self.decode_unversioned(what)?;
+        check_version(what, probe.version, supported)?;
+        self.decode_unversioned(what)
+    }
+
+    /// Decodes the state (or a probe of some of its fields) into `T` without a version check.
+    pub fn decode_unversioned<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+    ) -> Result<T, SnapshotError> {
+        serde_json::from_str(self.0.get())
+            .map_err(|e| SnapshotError::Malformed(format!("{what}: {e}")))
+    }
+}
+
+/// Deserializes a sequence of at most `N` elements, refusing a longer one as soon as its
+/// `N + 1`-th element is read: for fields of untrusted states whose elements take little room
+/// in JSON but much in memory (`[[],[],…]` into `Vec<Vec<u8>>` is 3 bytes to 24), so that
+/// decoding stays bounded by the caps, not by the file's length. Use as
+/// `#[serde(deserialize_with = "bounded_vec::<_, _, N>")]`.
+pub fn bounded_vec<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T, const N: usize>(PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for Bounded<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a sequence of at most {N} elements")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if out.len() == N {
+                    return Err(serde::de::Error::invalid_length(N + 1, &self));
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded::<T, N>(PhantomData))
+}
+
 /// Everything a snapshot is, apart from its bulk data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -139,8 +273,8 @@ pub struct Manifest {
     /// Length of the filesystem archive when it is stored in compact form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs_compact_len: Option<u64>,
-    /// Tier-specific state (WASI: globals, clock, module identity).
-    pub tier_state: serde_json::Value,
+    /// Tier-specific state (WASI: globals, clock, module identity; KVM: vCPU, devices, disk).
+    pub tier_state: TierState,
     /// Page indices of a delta layer (stored in the `PAGE` section, not in JSON).
     #[serde(skip)]
     pub delta_pages: Vec<u32>,
@@ -151,6 +285,14 @@ const TAG_PAGE: format::Tag = *b"PAGE";
 
 /// Cap on a manifest file: the page list of a 16 GiB memory plus metadata.
 pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
+/// Decoding a manifest ([`Manifest::decode`]) allocates at most this many times the manifest's
+/// length, plus 64 KiB, whatever its bytes claim (a section claiming 4 GiB allocates nothing of
+/// the sort): sections are slices of the file, the tier state stays text (one copy), the page
+/// list takes 4 bytes per 4 bytes of file. The worst case is metadata JSON shaped to grow:
+/// a spec's environment of empty pairs (`["",""],`, 8 bytes of file, 48 of memory, plus
+/// vector growth) measured 11.8 times its length. Tested by `tests/decode_alloc.rs` with a
+/// counting allocator.
+pub const MAX_DECODE_ALLOC_FACTOR: usize = 16;
 
 impl Manifest {
     /// Encodes the manifest into the container format.
@@ -194,59 +336,27 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Structural checks that do not need the data files.
+    /// Structural checks that do not need the data files: the memory layer's (the same
+    /// checks as every [`layer::Layer`]), and a parent for a delta.
     fn check(&self) -> Result<(), SnapshotError> {
-        let page = crate::memimage::PAGE as u64;
         let mem = &self.memory;
-        if !mem.size.is_multiple_of(page) {
+        if mem.kind == LayerKind::Delta && self.parent.is_none() {
             return Err(SnapshotError::Malformed(
-                "memory size is not page-aligned".into(),
+                "delta layer without a parent".into(),
             ));
         }
-        let npages = mem.size / page;
-        match mem.kind {
-            LayerKind::Full => {
-                if !self.delta_pages.is_empty() || mem.depth != 0 || mem.file.len != mem.size {
-                    return Err(SnapshotError::Malformed(
-                        "inconsistent full memory layer".into(),
-                    ));
-                }
+        layer::check(mem.size, mem.kind, &mem.file, mem.depth, &self.delta_pages).map_err(|e| {
+            match e {
+                SnapshotError::Malformed(m) => SnapshotError::Malformed(format!("memory: {m}")),
+                e => e,
             }
-            LayerKind::Compact => {
-                let chunks = mem.size.div_ceil(chunks::CHUNK as u64);
-                if !self.delta_pages.is_empty()
-                    || mem.depth != 0
-                    || mem.file.len != chunks * chunks::HASH_LEN as u64
-                {
-                    return Err(SnapshotError::Malformed(
-                        "inconsistent compact memory layer".into(),
-                    ));
-                }
-            }
-            LayerKind::Delta => {
-                if self.parent.is_none() || mem.depth == 0 {
-                    return Err(SnapshotError::Malformed(
-                        "delta layer without a parent".into(),
-                    ));
-                }
-                if !self.delta_pages.windows(2).all(|w| w[0] < w[1]) {
-                    return Err(SnapshotError::Malformed(
-                        "delta page list is not strictly increasing".into(),
-                    ));
-                }
-                if self.delta_pages.last().is_some_and(|&p| p as u64 >= npages) {
-                    return Err(SnapshotError::Malformed(
-                        "delta page beyond memory size".into(),
-                    ));
-                }
-                if mem.file.len != self.delta_pages.len() as u64 * page {
-                    return Err(SnapshotError::Malformed(
-                        "delta file length does not match its page list".into(),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        })
+    }
+
+    /// The memory layer, checked (fields of a decoded manifest were checked by
+    /// [`Manifest::decode`], but they are public and may have changed since).
+    pub fn memory_layer(&self) -> Result<layer::Layer, SnapshotError> {
+        layer::Layer::of_memory(&self.memory, &self.delta_pages)
     }
 }
 
@@ -254,6 +364,7 @@ impl Manifest {
 mod tests {
     use super::*;
     use crate::spec::Workload;
+    use proptest::prelude::*;
 
     /// A manifest with fixed content, for the golden file.
     pub(crate) fn golden_manifest() -> Manifest {
@@ -284,7 +395,10 @@ mod tests {
                 stored: 10240,
             }),
             fs_compact_len: None,
-            tier_state: serde_json::json!({"clock_ns": 42, "globals": [["__wizer_global_0", "i32", 65536]]}),
+            tier_state: serde_json::from_str(
+                r#"{"clock_ns":42,"globals":[["__wizer_global_0","i32",65536]]}"#,
+            )
+            .unwrap(),
             delta_pages: vec![3, 9],
         }
     }
@@ -319,6 +433,134 @@ mod tests {
         m.delta_pages = vec![3, 99];
         assert!(Manifest::decode(&m.encode()).is_err());
         let _ = Workload::Python;
+    }
+
+    fn arb_manifest() -> impl Strategy<Value = Manifest> {
+        let page = crate::memimage::PAGE as u64;
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(LayerKind::Full),
+                Just(LayerKind::Delta),
+                Just(LayerKind::Compact)
+            ],
+            (0u64..64, prop_oneof![4 => Just(0u64), 1 => 1u64..4096]),
+            prop_oneof![Just(0u32), Just(1), Just(2), any::<u32>()],
+            prop::collection::vec(prop_oneof![4 => 0u32..80, 1 => any::<u32>()], 0..10),
+            any::<bool>(),
+            0u8..4,
+            any::<u64>(),
+            prop_oneof![
+                Just("{}".to_string()),
+                Just(r#"{"version":1,"x":[1,2,3]}"#.to_string()),
+                "[a-z]{0,8}".prop_map(|s| format!("{s:?}")),
+            ],
+        )
+            .prop_map(
+                move |(
+                    parent,
+                    kind,
+                    (npages, odd),
+                    depth,
+                    mut pages,
+                    sorted,
+                    len_from,
+                    noise,
+                    state,
+                )| {
+                    if sorted {
+                        pages.sort_unstable();
+                        pages.dedup();
+                    }
+                    let size = npages * page + odd;
+                    let len = match len_from {
+                        0 => size,
+                        1 => pages.len() as u64 * page,
+                        2 => size.div_ceil(chunks::CHUNK as u64) * chunks::HASH_LEN as u64,
+                        _ => noise,
+                    };
+                    let mut m = golden_manifest();
+                    if !parent {
+                        m.parent = None;
+                    }
+                    m.memory = MemoryRecord {
+                        size,
+                        kind,
+                        file: FileRecord {
+                            name: "memory.x".into(),
+                            len,
+                            crc32: 0,
+                            stored: len,
+                        },
+                        depth,
+                    };
+                    m.delta_pages = pages;
+                    m.tier_state = serde_json::from_str(&state).unwrap();
+                    m
+                },
+            )
+    }
+
+    proptest! {
+        /// A manifest decodes back to itself exactly when its memory layer is consistent (the
+        /// checks every layer gets) and a delta has a parent; otherwise it is a typed error.
+        #[test]
+        fn manifests_decode_exactly_when_consistent(m in arb_manifest()) {
+            let ok = layer::check(
+                m.memory.size,
+                m.memory.kind,
+                &m.memory.file,
+                m.memory.depth,
+                &m.delta_pages,
+            )
+            .is_ok()
+                && (m.memory.kind != LayerKind::Delta || m.parent.is_some());
+            match Manifest::decode(&m.encode()) {
+                Ok(d) => {
+                    prop_assert!(ok);
+                    prop_assert!(d.memory_layer().is_ok());
+                    prop_assert_eq!(d, m);
+                }
+                Err(e) => prop_assert!(
+                    !ok && matches!(e, SnapshotError::Malformed(_) | SnapshotError::TooLarge { .. }),
+                    "{e:?}"
+                ),
+            }
+        }
+
+        /// Every single-byte change of a manifest is caught by its checksums.
+        #[test]
+        fn single_byte_mutations_are_caught(
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let img = golden_manifest().encode();
+            let mut bad = img.clone();
+            bad[at.index(img.len())] ^= flip;
+            prop_assert!(Manifest::decode(&bad).is_err());
+        }
+
+        /// Metadata changed under valid checksums (random byte edits of its JSON, a random page
+        /// section) decodes or is refused with a typed error, never a panic; what decodes has a
+        /// consistent memory layer.
+        #[test]
+        fn hostile_metadata_under_valid_checksums_never_panics(
+            edits in prop::collection::vec(
+                (any::<prop::sample::Index>(), any::<u8>()),
+                0..6,
+            ),
+            pages in prop::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut meta = serde_json::to_vec(&golden_manifest()).unwrap();
+            for (at, b) in edits {
+                let i = at.index(meta.len());
+                meta[i] = b;
+            }
+            let img = format::encode(&[(TAG_META, &meta), (TAG_PAGE, &pages)]);
+            if let Ok(m) = Manifest::decode(&img) {
+                prop_assert!(m.memory_layer().is_ok());
+            }
+        }
     }
 
     /// The golden file pins format version 1: a change of the encoding (field order, names,

@@ -22,6 +22,8 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result, SnapshotError};
 use crate::fsutil::{FileLock, write_atomic, write_synced};
 use crate::snapshot::chunks::{self, Chunks};
+use crate::snapshot::layer::Layer;
+pub use crate::snapshot::layer::LayerFile;
 use crate::snapshot::{FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId};
 
 /// How hard a commit pushes data to stable storage.
@@ -461,24 +463,26 @@ impl LocalStore {
         Ok(idx)
     }
 
-    /// The file to map for a snapshot's memory layer: its own file or, for a compact layer, a
-    /// full image rebuilt from its chunks (`cold` tells whether that happened now).
+    /// The file to map for a snapshot's memory layer, with the layer checked: its own file or,
+    /// for a compact layer, a full image rebuilt from its chunks (`cold` tells whether that
+    /// happened now).
     pub fn memory_layer(&self, m: &Manifest) -> Result<LayerFile> {
-        match m.memory.kind {
+        let bad = |e| Error::snapshot(&m.id, e);
+        let layer = m.memory_layer().map_err(bad)?;
+        match layer.kind() {
             LayerKind::Compact => {
                 let (file, cold) = self.rehydrate(&m.id, &m.memory.file, m.memory.size, "img")?;
-                Ok(LayerFile {
-                    file,
-                    full: true,
-                    cold,
-                })
+                LayerFile::rehydrated(layer, file, cold).map_err(bad)
             }
-            kind => Ok(LayerFile {
-                file: self.open_file(&m.id, &m.memory.file, true)?,
-                full: kind == LayerKind::Full,
-                cold: false,
-            }),
+            _ => self.open_layer(&m.id, layer),
         }
+    }
+
+    /// Opens the data file of a full or delta layer that a tier keeps in snapshot `id` (a KVM
+    /// disk), checking its length always and its CRC once per process.
+    pub fn open_layer(&self, id: &SnapshotId, layer: Layer) -> Result<LayerFile> {
+        let f = self.open_file(id, layer.file(), true)?;
+        LayerFile::new(layer, f).map_err(|e| Error::snapshot(id, e))
     }
 
     /// The snapshot's filesystem archive (rebuilt from chunks for a compact snapshot).
@@ -536,10 +540,10 @@ impl LocalStore {
         img.set_len(m.memory.size).map_err(io("size"))?;
         for layer in &chain {
             let lf = self.memory_layer(layer)?;
-            if lf.full {
-                copy_nonzero(&lf.file, &img, layer.memory.size).map_err(io("read memory of"))?;
+            if lf.is_full() {
+                copy_nonzero(lf.file(), &img, lf.size()).map_err(io("read memory of"))?;
             } else {
-                apply_delta(&lf.file, &img, &layer.delta_pages).map_err(io("read memory of"))?;
+                apply_delta(lf.file(), &img, lf.layer().pages()).map_err(io("read memory of"))?;
             }
         }
         let chunks = self.chunks();
@@ -817,16 +821,6 @@ fn read_capped(path: &Path, cap: u64) -> io::Result<Result<Vec<u8>, u64>> {
         return Ok(Err(buf.len() as u64));
     }
     Ok(Ok(buf))
-}
-
-/// The file backing a memory layer, as [`LocalStore::memory_layer`] returns it.
-#[derive(Debug)]
-pub struct LayerFile {
-    pub file: File,
-    /// Whether the file is a full image (page `i` at offset `i * 4096`); else a packed delta.
-    pub full: bool,
-    /// Whether it was rebuilt from compact chunks just now (a cold resume).
-    pub cold: bool,
 }
 
 /// What [`LocalStore::compact`] did.

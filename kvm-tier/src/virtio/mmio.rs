@@ -51,6 +51,9 @@ pub struct QueueSnap {
     pub next_used: u16,
 }
 
+/// Most virtqueues a transport state may hold (decoding refuses more; devices have 1 to 3).
+pub const MAX_QUEUES: usize = 8;
+
 /// The transport's registers in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TransportState {
@@ -61,6 +64,7 @@ pub struct TransportState {
     pub status: u32,
     pub interrupt_status: u32,
     pub config_generation: u32,
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_QUEUES>")]
     pub queues: Vec<QueueSnap>,
 }
 
@@ -317,6 +321,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// Restores the registers of a snapshot (the device's own state is restored by its owner).
+    /// The snapshot is untrusted: it is refused, and nothing restored, unless it has the
+    /// device's number of queues, each of a size the device allows (a power of two), with
+    /// aligned ring addresses, the rings of a ready queue inside guest memory (what the
+    /// transport requires of a driver before `DRIVER_OK`), and, once `FEATURES_OK`, driver
+    /// features the device offers.
     pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
         if s.queues.len() != self.queues.len() {
             return Err(format!(
@@ -325,19 +334,32 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.queues.len()
             ));
         }
-        for (q, snap) in self.queues.iter_mut().zip(&s.queues) {
+        if s.status & STATUS_FEATURES_OK != 0 && s.driver_features & !self.features() != 0 {
+            return Err(format!(
+                "driver features {:#x} beyond the device's {:#x}",
+                s.driver_features,
+                self.features()
+            ));
+        }
+        let mut restored = Vec::with_capacity(self.queues.len());
+        for (i, (q, snap)) in self.queues.iter().zip(&s.queues).enumerate() {
             let max = q.max_size();
-            let mut n = Queue::new(max).map_err(|e| format!("virtqueue: {e:?}"))?;
+            let mut n = Queue::new(max).map_err(|e| format!("virtqueue {i}: {e:?}"))?;
             n.try_set_size(snap.size)
-                .map_err(|e| format!("virtqueue size: {e:?}"))?;
-            n.set_desc_table_address(Some(snap.desc as u32), Some((snap.desc >> 32) as u32));
-            n.set_avail_ring_address(Some(snap.avail as u32), Some((snap.avail >> 32) as u32));
-            n.set_used_ring_address(Some(snap.used as u32), Some((snap.used >> 32) as u32));
+                .map_err(|e| format!("virtqueue {i} size {}: {e:?}", snap.size))?;
+            n.try_set_desc_table_address(vm_memory::GuestAddress(snap.desc))
+                .and_then(|_| n.try_set_avail_ring_address(vm_memory::GuestAddress(snap.avail)))
+                .and_then(|_| n.try_set_used_ring_address(vm_memory::GuestAddress(snap.used)))
+                .map_err(|e| format!("virtqueue {i}: {e:?}"))?;
             n.set_next_avail(snap.next_avail);
             n.set_next_used(snap.next_used);
             n.set_ready(snap.ready);
-            *q = n;
+            if snap.ready && !n.is_valid(&self.mem) {
+                return Err(format!("virtqueue {i}: rings outside guest memory"));
+            }
+            restored.push(n);
         }
+        self.queues = restored;
         self.device_features_sel = s.device_features_sel;
         self.driver_features = s.driver_features;
         self.driver_features_sel = s.driver_features_sel;

@@ -207,6 +207,11 @@ struct Shared {
     wake: EventFd,
 }
 
+/// Most connections (open and live together) a vsock state may hold: far more than a sandbox
+/// keeps (one agent connection, a few forwarded ports), few enough that restoring them (and the
+/// resets sent for open ones) stays small. Decoding and restoring refuse more.
+pub const MAX_SNAPSHOT_CONNS: usize = 4096;
+
 /// The vsock device's state in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockState {
@@ -215,10 +220,49 @@ pub struct VsockState {
     pub transport: TransportState,
     /// (host port, guest port) of connections with data in flight at the checkpoint: reset
     /// after restore.
+    #[serde(deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_SNAPSHOT_CONNS>")]
     pub open: Vec<(u32, u32)>,
     /// Idle connections, restored as they were.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, MAX_SNAPSHOT_CONNS>"
+    )]
     pub live: Vec<LiveConn>,
+}
+
+impl VsockState {
+    /// What restoring requires of a (untrusted) state: a guest context id a guest can have
+    /// (3 to 2^32 - 2), host ports where host-initiated connections live (from 2^30), each
+    /// connection once, at most [`MAX_SNAPSHOT_CONNS`] of them.
+    pub fn check(&self) -> Result<(), String> {
+        if !(3..u32::MAX as u64).contains(&self.cid) {
+            return Err(format!("guest context id {} is not a guest's", self.cid));
+        }
+        if self.next_port < FIRST_LOCAL_PORT {
+            return Err(format!(
+                "next host port {} below {FIRST_LOCAL_PORT}",
+                self.next_port
+            ));
+        }
+        let n = self.open.len() + self.live.len();
+        if n > MAX_SNAPSHOT_CONNS {
+            return Err(format!("{n} connections (at most {MAX_SNAPSHOT_CONNS})"));
+        }
+        let mut ports = std::collections::HashSet::with_capacity(n);
+        for local in self
+            .open
+            .iter()
+            .map(|o| o.0)
+            .chain(self.live.iter().map(|c| c.local))
+        {
+            if local < FIRST_LOCAL_PORT || !ports.insert(local) {
+                return Err(format!(
+                    "host port {local} repeated or not a host-initiated one"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An idle connection in a snapshot: its ports and flow-control counters.
@@ -265,6 +309,10 @@ impl VsockDevice {
         irq: EventFd,
         state: Option<&VsockState>,
     ) -> std::io::Result<VsockDevice> {
+        if let Some(s) = state {
+            s.check()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
         let cid = state.map_or(GUEST_CID, |s| s.cid);
         let mut t = MmioTransport::new(Vsock { cid }, mem, Interrupt::new(irq));
         let mut control = VecDeque::new();

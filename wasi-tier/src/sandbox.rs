@@ -754,9 +754,9 @@ impl WasiSandbox {
     }
 
     /// The module of a `Workload::Module` snapshot whose module hashes to `want`: the one this
-    /// handle already runs (`current`, which its caller named) when it is that module, else the
-    /// file the caller grants, checked by content. The path the snapshot recorded is never
-    /// opened. Returns the module and the file it came from.
+    /// handle already runs (`current`, which its caller named) when it is that module and the
+    /// grants name no other file, else the file the grants name, checked by content. The path
+    /// the snapshot recorded is never opened. Returns the module and the file it came from.
     fn granted_module(
         rt: &WasiRuntime,
         id: &SnapshotId,
@@ -764,13 +764,12 @@ impl WasiSandbox {
         grants: &Grants,
         current: Option<Current<'_>>,
     ) -> Result<(Arc<Loaded>, PathBuf)> {
-        if let Some(c) = current.filter(|c| c.module.hash == want && c.module.python_lib.is_none())
-        {
-            let path = grants
-                .module
-                .clone()
-                .or_else(|| c.path.map(Path::to_path_buf))
-                .unwrap_or_default();
+        if let Some(c) = current.filter(|c| {
+            c.module.hash == want
+                && c.module.python_lib.is_none()
+                && grants.module.as_deref().is_none_or(|p| Some(p) == c.path)
+        }) {
+            let path = c.path.map(Path::to_path_buf).unwrap_or_default();
             return Ok((c.module.clone(), path));
         }
         let grant = |source| Error::Grant {

@@ -238,8 +238,16 @@ fn the_module_that_runs_comes_from_the_caller() {
         4242
     );
     assert_eq!(r.spec().workload, Workload::Module { path: copy.clone() });
-    // A handle resumes a snapshot of the module it runs without reading any file.
+    // A handle resumes a snapshot of the module it runs without reading any file, unless its
+    // caller names another file: that one is checked.
     std::fs::remove_file(&copy).unwrap();
+    let e = grant_error(sb.resume_with(&id, &Grants::new().module(&cmd)));
+    assert!(matches!(&e, GrantError::ModuleMismatch { .. }), "{e:?}");
+    assert_eq!(
+        sb.state(),
+        State::Standby,
+        "a refused resume leaves the handle as it was"
+    );
     sb.resume(&id).unwrap();
     assert_eq!(
         sb.call("peek", &[Val::I32(2)]).unwrap()[0].unwrap_i32(),

@@ -1,8 +1,9 @@
 //! WASI-tier benchmarks, grouped by the question each answers. Every measurement times only the
 //! operation named (criterion `iter_custom`); set-up and tear-down happen outside the clock.
 //!
-//! - `resume_in_process/{toy,python_pandas}`: from `WasiRuntime::resume(store, id)` called to
-//!   the sandbox handle returned, ready to run (module already loaded in this process).
+//! - `resume_in_process/{toy,python_pandas}`: from `WasiRuntime::resume_with(store, id,
+//!   grants)` called to the sandbox handle returned, ready to run (module already loaded in this
+//!   process; the toy's grants name its module file, which the resume reads and hashes).
 //! - `first_call_after_resume/{python_trivial,python_follow_up}`: the first `run_code` on a
 //!   freshly resumed session (extracts its files, touches the pages it needs, reseeds the
 //!   PRNGs); `call_on_warm_session/*` runs the same cells on a warm session for comparison.
@@ -21,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use dormant::{
-    Durability, LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Val, WasiRuntime, Workload,
+    Durability, Grants, LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Val, WasiRuntime,
+    Workload,
 };
 
 const TOY: &str = r#"(module (memory (export "memory") 16)
@@ -48,6 +50,8 @@ struct Fixture {
     rt: WasiRuntime,
     store: Arc<LocalStore>,
     toy: SnapshotId,
+    /// What resuming the toy needs: its module file (a snapshot names none).
+    toy_grants: Grants,
     pandas: SnapshotId,
 }
 
@@ -62,7 +66,12 @@ fn fixture() -> Fixture {
     let mut toy = rt
         .create(
             store.clone(),
-            SandboxSpec::new(Tier::Wasi, Workload::Module { path: toy_path }),
+            SandboxSpec::new(
+                Tier::Wasi,
+                Workload::Module {
+                    path: toy_path.clone(),
+                },
+            ),
         )
         .expect("toy");
     toy.call("work", &[Val::I32(8)]).expect("work");
@@ -78,19 +87,26 @@ fn fixture() -> Fixture {
         rt,
         store,
         toy,
+        toy_grants: Grants::new().module(toy_path),
         pandas,
     }
 }
 
 fn resume(c: &mut Criterion, f: &Fixture) {
     let mut g = c.benchmark_group("resume_in_process");
-    for (name, id) in [("toy", &f.toy), ("python_pandas", &f.pandas)] {
+    let none = Grants::new();
+    for (name, id, grants) in [
+        ("toy", &f.toy, &f.toy_grants),
+        ("python_pandas", &f.pandas, &none),
+    ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let t = Instant::now();
-                    let sb = f.rt.resume(f.store.clone(), id).expect("resume");
+                    let sb =
+                        f.rt.resume_with(f.store.clone(), id, grants)
+                            .expect("resume");
                     total += t.elapsed();
                     drop(sb);
                 }

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, mpsc};
 use std::time::Duration;
 
-use dormant::kvm::KvmSandbox;
+use dormant::kvm::{KvmOptions, KvmSandbox};
 use dormant::{
-    Command, Error, Interrupter, LocalStore, Managed, Sandbox, SandboxSpec, SnapshotId, Tier,
-    WasiRuntime, WasiSandbox,
+    Command, Error, Grants, Interrupter, LocalStore, Managed, Sandbox, SandboxSpec, SnapshotId,
+    Tier, WasiRuntime, WasiSandbox,
 };
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -73,9 +73,10 @@ fn kind(e: &Error) -> (&'static str, Option<i32>, Option<String>) {
         Error::Deadline { .. } => ("timeout", None, None),
         Error::Interrupted { .. } => ("interrupted", None, None),
         Error::Unsupported { .. } => ("unsupported", None, None),
-        Error::InvalidSpec(_) | Error::InvalidArgument(_) | Error::InvalidPath { .. } => {
-            ("invalid_argument", None, None)
-        }
+        Error::InvalidSpec(_)
+        | Error::InvalidArgument(_)
+        | Error::InvalidPath { .. }
+        | Error::Grant { .. } => ("invalid_argument", None, None),
         Error::PathEscape { path } => ("path_escape", None, Some(path.clone())),
         Error::ReadOnly { path } => ("read_only", None, Some(path.clone())),
         Error::File { path, source, .. } => ("io", io(source), Some(path.clone())),
@@ -355,22 +356,35 @@ impl NativeSandbox {
         made.map_err(|e| to_py(py, e))
     }
 
+    /// Resumes a snapshot with the host directories `volumes` (`(host, guest, read_only)`)
+    /// for its mount points: a snapshot grants none by itself.
     #[staticmethod]
-    #[pyo3(signature = (snapshot_id, store_root, idle_standby))]
+    #[pyo3(signature = (snapshot_id, store_root, idle_standby, volumes, detach_missing))]
     fn resume(
         py: Python<'_>,
         snapshot_id: &str,
         store_root: PathBuf,
         idle_standby: Option<f64>,
+        volumes: Vec<(PathBuf, String, bool)>,
+        detach_missing: bool,
     ) -> PyResult<NativeSandbox> {
         let id = self::snapshot_id(py, snapshot_id)?;
         let idle = seconds("idle_standby", idle_standby)?;
+        let mut grants = Grants::new().detach_missing(detach_missing);
+        for (host, guest, read_only) in volumes {
+            grants = grants.mount(host, guest, read_only);
+        }
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
             let store = store(store_root)?;
             let tier = store.manifest(&id)?.spec.tier;
             Ok(match tier {
-                Tier::Wasi => NativeSandbox::wasi(runtime()?.resume(store, &id)?, idle),
-                Tier::Kvm => NativeSandbox::kvm(KvmSandbox::from_snapshot(store, &id)?, idle),
+                Tier::Wasi => {
+                    NativeSandbox::wasi(runtime()?.resume_with(store, &id, &grants)?, idle)
+                }
+                Tier::Kvm => NativeSandbox::kvm(
+                    KvmSandbox::from_snapshot_granted(store, &id, &grants, KvmOptions::default())?,
+                    idle,
+                ),
             })
         });
         made.map_err(|e| to_py(py, e))
@@ -568,7 +582,8 @@ impl NativeSandbox {
         Ok(r.map_err(|e| to_py(py, e))?.to_string())
     }
 
-    /// Replaces this sandbox's state with a snapshot's (after a failed call, say).
+    /// Replaces this sandbox's state with a snapshot's (after a failed call, say), with the
+    /// host directories this sandbox holds.
     fn restore(&self, py: Python<'_>, snapshot_id: &str) -> PyResult<()> {
         let id = self::snapshot_id(py, snapshot_id)?;
         let r = py.detach(|| match &self.inner {

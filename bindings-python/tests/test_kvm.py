@@ -67,6 +67,14 @@ def test_files_and_volumes(kvm_store: pathlib.Path, tmp_path: pathlib.Path) -> N
     assert sb.files.read_text("/mnt/vol/from-host.txt") == "host data\n"
     sb.commands.run("echo from the guest > /mnt/vol/guest.txt")
     assert (vol / "guest.txt").read_text() == "from the guest\n"
+    # A snapshot grants no host directory: a resume gives the volume again.
+    snap = sb.standby()
+    with pytest.raises(dormant.InvalidArgument, match="/mnt/vol"):
+        dormant.Sandbox.resume(snap, store=kvm_store)
+    again = dormant.Sandbox.resume(snap, store=kvm_store, volumes={"/mnt/vol": vol}, idle_standby=None)
+    assert again.commands.run("cat /mnt/vol/guest.txt").stdout == "from the guest\n"
+    # The sandbox in standby wakes with the volume it was created with.
+    assert sb.files.read_text("/mnt/vol/from-host.txt") == "host data\n"
 
 
 def test_lifecycle_and_a_fresh_process(kvm_store: pathlib.Path) -> None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import pathlib
+import struct
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -183,8 +189,96 @@ def test_volumes(store: pathlib.Path, tmp_path: pathlib.Path) -> None:
         sb.files.write("/ref/new.txt", "x")
     snap = sb.standby()
     (shared / "out.txt").write_text("changed by the host")
-    again = dormant.Sandbox.resume(snap, store=store)
+    again = dormant.Sandbox.resume(
+        snap, store=store, volumes={"/shared": shared, "/ref": dormant.Volume(ref, read_only=True)}
+    )
     assert again.files.read_text("/shared/out.txt") == "changed by the host"
+
+
+def _forge(manifest: pathlib.Path, edit: Callable[[Any], None]) -> None:
+    """Rewrites a snapshot's manifest as a forger would: ``edit`` changes its metadata, and
+    every checksum is computed again (CRC-32 of each section and of the file, as the format's
+    documentation says), so the store reads it as a valid snapshot."""
+    data = manifest.read_bytes()
+    assert data[:8] == b"DRMNTSNP"
+    (count,) = struct.unpack_from("<I", data, 12)
+    at, sections = 16, []
+    for _ in range(count):
+        tag = data[at : at + 4]
+        (n,) = struct.unpack_from("<Q", data, at + 4)
+        sections.append((tag, data[at + 16 : at + 16 + n]))
+        at += 16 + n
+    assert sections[0][0] == b"META"
+    meta = json.loads(sections[0][1])
+    edit(meta)
+    sections[0] = (b"META", json.dumps(meta).encode())
+    out = bytearray(data[:16])
+    for tag, payload in sections:
+        out += tag + struct.pack("<QI", len(payload), zlib.crc32(payload)) + payload
+    out += b"DEND" + struct.pack("<I", zlib.crc32(bytes(out)))
+    manifest.write_bytes(bytes(out))
+
+
+def test_a_snapshot_never_grants_a_host_directory(
+    store: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    shared = tmp_path / "shared"
+    secret = tmp_path / "secret"
+    shared.mkdir()
+    secret.mkdir()
+    (shared / "mine.txt").write_text("mine")
+    (secret / "secret.txt").write_text("top secret")
+    sb = make(store, volumes={"/shared": shared})
+    sb.run_code("kept = 'session state'")
+    snap = sb.standby()
+    manifest = store / "snapshots" / snap / "manifest.dsnp"
+    assert str(shared).encode() not in manifest.read_bytes(), "no host directory is recorded"
+
+    def point_at_secret(meta: Any) -> None:
+        for m in meta["spec"]["mounts"]:
+            m["host"] = str(secret)
+
+    _forge(manifest, point_at_secret)
+    assert str(secret).encode() in manifest.read_bytes()
+
+    # Without volumes: an error naming the mount point.
+    with pytest.raises(dormant.InvalidArgument, match="/shared"):
+        dormant.Sandbox.resume(snap, store=store)
+    # Detached: an empty, read-only directory; the session and its other files work.
+    d = dormant.Sandbox.resume(snap, store=store, detach_missing=True, idle_standby=None)
+    assert d.files.list("/shared") == []
+    ex = d.run_code(
+        "import os\nprint(os.listdir('/shared'), kept)\n"
+        "open('/tmp/t.txt', 'w').write('own files')\nprint(open('/tmp/t.txt').read())"
+    )
+    assert (ex.stdout, ex.error) == ("[] session state\nown files\n", None)
+    assert d.run_code("open('/shared/planted.txt', 'w')").error is not None
+    with pytest.raises(dormant.ReadOnly):
+        d.files.write("/shared/planted.txt", "x")
+    d.kill()
+
+    # With the volume given again: as before, and kept through auto-standby and wake.
+    again = dormant.Sandbox.resume(snap, store=store, volumes={"/shared": shared}, idle_standby=0.2)
+    ex = again.run_code("print(open('/shared/mine.txt').read(), kept)")
+    assert ex.stdout == "mine session state\n"
+    deadline = time.monotonic() + 60
+    while again.state != "standby" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert again.state == "standby"
+    assert again.run_code("print(open('/shared/mine.txt').read())").stdout == "mine\n"
+    # Forks get the parent's volumes; the context manager still puts it in standby.
+    (kid,) = again.fork(1)
+    kid.files.write("/shared/from-kid.txt", "kid")
+    assert (shared / "from-kid.txt").read_text() == "kid"
+    with again:
+        again.files.write("/shared/in-block.txt", "block")
+    assert again.state == "standby"
+    assert again.files.read_text("/shared/in-block.txt") == "block", "wakes with its volume"
+    assert sorted(os.listdir(secret)) == ["secret.txt"], "the secret directory was never touched"
+    with pytest.raises(dormant.InvalidArgument, match="/elsewhere"):
+        dormant.Sandbox.resume(snap, store=store, volumes={"/shared": shared, "/elsewhere": shared})
+    with pytest.raises(TypeError):
+        dormant.Sandbox.resume(snap, store=store, detach_missing="yes")  # type: ignore[arg-type]
 
 
 def test_idle_sandboxes_go_to_standby_and_wake_on_use(store: pathlib.Path) -> None:

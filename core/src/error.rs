@@ -55,6 +55,50 @@ pub enum SnapshotError {
     },
 }
 
+/// Why the host access a caller passed to a resume does not fit the snapshot (see
+/// [`Grants`](crate::grants::Grants)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantError {
+    /// The snapshot has a mount point the caller granted no host directory for.
+    #[error(
+        "no host directory granted for its mount point {guest} ({}): a snapshot never grants \
+         host access; pass the directory again (Grants::mount; Python: volumes=), or resume \
+         without it (Grants::detach_missing; Python: detach_missing=True)",
+        if *read_only { "read-only" } else { "read-write" }
+    )]
+    MountMissing { guest: String, read_only: bool },
+    /// The caller granted a directory for a mount point the snapshot does not have.
+    #[error(
+        "it has no mount point {guest} (its mount points: {}); a resume re-grants the \
+         snapshot's own mount points only (create a new sandbox for another)",
+        if recorded.is_empty() { "none".to_owned() } else { recorded.join(", ") }
+    )]
+    MountNotInSnapshot {
+        guest: String,
+        recorded: Vec<String>,
+    },
+    /// The caller granted write access to a mount point the snapshot had read-only.
+    #[error(
+        "its mount point {guest} is read-only and a resume never makes it writable; grant it \
+         read-only"
+    )]
+    MountWidened { guest: String },
+    /// The snapshot runs a WebAssembly module and the caller named none.
+    #[error(
+        "it runs a WebAssembly module (blake3 {hash}); name the module file \
+         (Grants::module): the path a snapshot records is never opened"
+    )]
+    ModuleMissing { hash: String },
+    /// The module file the caller named is not the snapshot's module.
+    #[error("module {path:?} (blake3 {found}) is not its module (blake3 {expected})")]
+    ModuleMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+}
+
 /// The error type of dormant.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -129,6 +173,14 @@ pub enum Error {
         id: SnapshotId,
         #[source]
         source: SnapshotError,
+    },
+    /// The host access passed to a resume does not fit the snapshot: a mount point without a
+    /// grant, a grant for a mount point it lacks, a widened mount, a missing or wrong module.
+    #[error("cannot resume snapshot {id} with the host access granted")]
+    Grant {
+        id: SnapshotId,
+        #[source]
+        source: GrantError,
     },
     /// The snapshot cannot be deleted while others are layered on it.
     #[error(

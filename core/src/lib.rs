@@ -12,6 +12,7 @@
 pub mod error;
 pub mod fsarchive;
 pub mod fsutil;
+pub mod grants;
 pub mod lifecycle;
 pub mod managed;
 pub mod memguard;
@@ -23,7 +24,8 @@ pub mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use error::{Error, Result, SnapshotError};
+pub use error::{Error, GrantError, Result, SnapshotError};
+pub use grants::Grants;
 pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
 pub use paths::{DirEntry, GuestPath, SandboxFs};

@@ -7,7 +7,9 @@
 //! variable until the earliest deadline, never polling. When a deadline passes and the sandbox
 //! is still idle (no call since, none running), the timer puts it in standby under the same
 //! lock; a call that arrives meanwhile waits for the standby to finish, then wakes the sandbox
-//! from its snapshot and runs as if it had never slept.
+//! from its snapshot and runs as if it had never slept. A wake passes the sandbox's own grants
+//! (the host directories given at create or at the last resume, kept in memory): the snapshot
+//! it wakes from grants nothing.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::Result;
+use crate::grants::Grants;
 use crate::lifecycle::State;
 use crate::paths::DirEntry;
 use crate::sandbox::{Command, ExecOutput, Execution, Sandbox};
@@ -303,10 +306,21 @@ impl<S: Sandbox + 'static> Managed<S> {
         Ok(id)
     }
 
-    /// Replaces the sandbox's state with a snapshot's.
+    /// Replaces the sandbox's state with a snapshot's, with the host access the sandbox holds
+    /// (see [`Sandbox::resume`]).
     pub fn resume(&self, id: &SnapshotId) -> Result<()> {
         let mut slot = self.shared.slot.lock();
         slot.sb.resume(id)?;
+        slot.standby_snapshot = None;
+        self.touch(&mut slot);
+        Ok(())
+    }
+
+    /// Replaces the sandbox's state with a snapshot's, with `grants` as its host access from
+    /// now on: later wakes from standby pass them again (see [`Sandbox::resume_with`]).
+    pub fn resume_with(&self, id: &SnapshotId, grants: &Grants) -> Result<()> {
+        let mut slot = self.shared.slot.lock();
+        slot.sb.resume_with(id, grants)?;
         slot.standby_snapshot = None;
         self.touch(&mut slot);
         Ok(())

@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::grants::Grants;
 use crate::lifecycle::State;
 use crate::paths::DirEntry;
 use crate::snapshot::SnapshotId;
@@ -86,7 +87,9 @@ pub struct ExecOutput {
 ///
 /// Calls are synchronous and take `&mut self`: a checkpoint can only happen between calls, when
 /// the guest is quiescent. Resuming a snapshot in another process is the tier runtime's job
-/// (e.g. `WasiRuntime::resume`); `resume` here reloads this handle from any snapshot.
+/// (e.g. `WasiRuntime::resume_with`); `resume` here reloads this handle from any snapshot.
+/// Host access (mounted directories, a module file) always comes from the caller, never from a
+/// snapshot: see [`Grants`].
 pub trait Sandbox: Send {
     /// The sandbox's identity (stable across checkpoint and resume).
     fn id(&self) -> &str;
@@ -108,10 +111,24 @@ pub trait Sandbox: Send {
     fn checkpoint(&mut self) -> Result<SnapshotId>;
     /// Checkpoints, then releases all compute and memory.
     fn standby(&mut self) -> Result<SnapshotId>;
-    /// Replaces this handle's state with the snapshot's.
-    fn resume(&mut self, id: &SnapshotId) -> Result<()>;
+    /// The host access this handle holds: the grants of its create, or of its last
+    /// [`resume_with`](Sandbox::resume_with). What resumes on the caller's behalf (auto-standby's
+    /// wake, [`fork`](Sandbox::fork)) passes them along.
+    fn grants(&self) -> &Grants;
+    /// Replaces this handle's state with the snapshot's, with the host access this handle holds
+    /// ([`grants`](Sandbox::grants)): a snapshot never grants any. Errors as
+    /// [`resume_with`](Sandbox::resume_with).
+    fn resume(&mut self, id: &SnapshotId) -> Result<()> {
+        let grants = self.grants().clone();
+        self.resume_with(id, &grants)
+    }
+    /// Replaces this handle's state with the snapshot's, with `grants` as its host access: the
+    /// host directories for the snapshot's mount points and, for a module workload, the module
+    /// file (see [`Grants`]). The handle keeps them for later resumes. Grants that do not fit
+    /// the snapshot are [`Error::Grant`](crate::Error::Grant) and leave the handle as it was.
+    fn resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()>;
     /// Turns this sandbox into a parent of `n` independent children: a checkpoint, then `n`
-    /// resumes of it, each with its own id and freshly seeded randomness. Children share the
+    /// resumes of it, each with its own id, freshly seeded randomness and the parent's grants. Children share the
     /// snapshot's memory pages copy-on-write (nothing is copied per child) and diverge
     /// independently; their own checkpoints store only what they changed.
     fn fork(&mut self, n: usize) -> Result<Vec<Self>>

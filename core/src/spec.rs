@@ -51,14 +51,39 @@ pub enum Workload {
 }
 
 /// A host directory made visible inside the sandbox.
+///
+/// A snapshot records a sandbox's mount points (guest path, read-only flag), never their host
+/// directories: `host` is not serialized, and a mount decoded from a snapshot is
+/// [detached](Mount::is_detached). Host directories come from the caller of a resume
+/// ([`Grants`](crate::grants::Grants)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
-    /// The host directory. It must exist.
+    /// The host directory. It must exist. Empty for a detached mount point. Never serialized.
+    #[serde(skip)]
     pub host: PathBuf,
     /// Where the guest sees it: an absolute guest path such as `/data`.
     pub guest: String,
     /// Whether the guest (and the files API) may only read.
     pub read_only: bool,
+}
+
+impl Mount {
+    /// A mount point without a host directory: what a snapshot records, and what a resume
+    /// leaves where the caller granted nothing and allowed that
+    /// ([`Grants::detach_missing`](crate::grants::Grants::detach_missing)).
+    pub fn detached(guest: &str, read_only: bool) -> Mount {
+        Mount {
+            host: PathBuf::new(),
+            guest: guest.to_owned(),
+            read_only,
+        }
+    }
+
+    /// Whether no host directory is attached (an empty `host`). A detached mount point shows
+    /// an empty, read-only directory in a live sandbox.
+    pub fn is_detached(&self) -> bool {
+        self.host.as_os_str().is_empty()
+    }
 }
 
 /// Everything needed to create a sandbox.
@@ -74,7 +99,8 @@ pub struct SandboxSpec {
     pub output_limit: usize,
     /// Environment variables the guest sees, in this order. Default: none beyond the tier's own.
     pub env: Vec<(String, String)>,
-    /// Host directories granted to the guest. Default: none.
+    /// Host directories granted to the guest, at most [`MAX_MOUNTS`](crate::grants::MAX_MOUNTS)
+    /// (a KVM sandbox: 4). Default: none. A snapshot keeps only their mount points.
     pub mounts: Vec<Mount>,
 }
 
@@ -168,28 +194,7 @@ impl SandboxSpec {
                 )));
             }
         }
-        let mut seen = std::collections::HashSet::new();
-        for m in &self.mounts {
-            let g = crate::paths::GuestPath::parse(&m.guest)
-                .map_err(|e| Error::InvalidSpec(format!("mount point {:?}: {e}", m.guest)))?;
-            if g.is_root() {
-                return Err(Error::InvalidSpec(
-                    "a mount cannot replace the sandbox root".into(),
-                ));
-            }
-            if !seen.insert(g.as_str().to_owned()) {
-                return Err(Error::InvalidSpec(format!(
-                    "mount point {:?} given twice",
-                    m.guest
-                )));
-            }
-            if !m.host.is_dir() {
-                return Err(Error::InvalidSpec(format!(
-                    "mount source {} is not a directory",
-                    m.host.display()
-                )));
-            }
-        }
+        crate::grants::check_mounts(&self.mounts).map_err(Error::InvalidSpec)?;
         Ok(())
     }
 }
@@ -201,6 +206,20 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         SandboxSpec::python().validate().unwrap();
+    }
+
+    #[test]
+    fn a_serialized_spec_names_no_host_directory() {
+        let spec = SandboxSpec::python().mount("/srv/secret-host-dir", "/data", true);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(!json.contains("secret-host-dir"), "{json}");
+        let back: SandboxSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.mounts, vec![Mount::detached("/data", true)]);
+        // A host path in the bytes (a forged or an older snapshot) is not read either.
+        let forged = json.replace(r#""guest":"/data""#, r#""host":"/etc","guest":"/data""#);
+        assert_ne!(forged, json);
+        let back: SandboxSpec = serde_json::from_str(&forged).unwrap();
+        assert!(back.mounts[0].is_detached(), "{forged}");
     }
 
     #[test]

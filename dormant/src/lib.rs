@@ -22,9 +22,9 @@
 
 pub use dormant_core::{
     Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Error, ExecOutput,
-    Execution, ExecutionError, GcReport, LocalStore, Managed, ManagedStats, Manifest, Mount,
-    Operation, Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId, SnapshotInfo,
-    SnapshotUsage, State, Tier, Workload,
+    Execution, ExecutionError, GcReport, GrantError, Grants, LocalStore, Managed, ManagedStats,
+    Manifest, Mount, Operation, Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId,
+    SnapshotInfo, SnapshotUsage, State, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

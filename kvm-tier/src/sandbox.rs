@@ -24,7 +24,8 @@ use dormant_core::paths::DirEntry;
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{
-    Command, Error, ExecOutput, Execution, Result, Sandbox, SandboxSpec, Tier, Workload,
+    Command, Error, ExecOutput, Execution, Grants, Mount, Result, Sandbox, SandboxSpec, Tier,
+    Workload, grants,
 };
 
 use crate::HostKvm;
@@ -131,7 +132,11 @@ impl Default for KvmOptions {
 pub struct KvmSandbox {
     store: Arc<LocalStore>,
     id: String,
+    /// Its spec; `spec.mounts` are its mount points in volume-slot order, attached to the
+    /// granted host directories (or detached).
     spec: SandboxSpec,
+    /// The host access its caller granted (create's spec, or the last resume's grants).
+    grants: Grants,
     lifecycle: Lifecycle,
     machine: Option<Machine>,
     agent: Option<Client<VsockStream>>,
@@ -183,13 +188,17 @@ impl KvmSandbox {
         require_kvm()?;
         let image = GuestImage::locate()?;
         let base = Self::base_snapshot(&store, &image, &spec, &opts)?;
+        let grants = Grants::of_spec(&spec);
         let mut merged = store.manifest(&base)?.spec;
         merged.env = spec.env;
         merged.call_timeout = spec.call_timeout;
         merged.output_limit = spec.output_limit;
+        // The base snapshot has no mount points: the spec's volumes take the first slots and
+        // are mounted in the guest now.
         merged.mounts = spec.mounts;
-        let mut sb = KvmSandbox::handle(store, new_id(), merged, opts);
-        sb.load(&base)?;
+        let mounts = merged.mounts.clone();
+        let mut sb = KvmSandbox::handle(store, new_id(), merged, grants, opts);
+        sb.load(&base, &mounts)?;
         sb.mount_volumes()?;
         Ok(sb)
     }
@@ -198,12 +207,14 @@ impl KvmSandbox {
         store: Arc<LocalStore>,
         id: String,
         spec: SandboxSpec,
+        grants: Grants,
         opts: KvmOptions,
     ) -> KvmSandbox {
         KvmSandbox {
             store,
             id,
             spec,
+            grants,
             lifecycle: Lifecycle::new(),
             machine: None,
             agent: None,
@@ -213,12 +224,17 @@ impl KvmSandbox {
         }
     }
 
-    /// Refuses a files-API change under a read-only volume (the guest's mount refuses it too,
-    /// with `EROFS`; this names it `Error::ReadOnly` like the other tier).
+    /// Refuses a files-API change under a read-only or detached volume (the guest's mount
+    /// refuses it too, with `EROFS`; this names it `Error::ReadOnly` like the other tier).
     fn check_writable(&self, path: &str) -> Result<()> {
         let g = dormant_core::paths::GuestPath::parse(path)?;
         let g = g.as_str();
-        for m in self.spec.mounts.iter().filter(|m| m.read_only) {
+        for m in self
+            .spec
+            .mounts
+            .iter()
+            .filter(|m| m.read_only || m.is_detached())
+        {
             let mp = dormant_core::paths::GuestPath::parse(&m.guest)?;
             let mp = mp.as_str();
             if g == mp || g.strip_prefix(mp).is_some_and(|r| r.starts_with('/')) {
@@ -317,7 +333,7 @@ impl KvmSandbox {
             console_echo: opts.console_echo,
             disk_image: Some(format_disk(&store, opts.disk_size)?),
             volume_slots: FS_IRQS.len(),
-            volumes: volumes(&spec),
+            volumes: volumes(&store, &spec.mounts)?,
         };
         let booted = Machine::boot(&cfg).map_err(runtime("boot the guest"));
         if let Some(p) = &cfg.disk_image {
@@ -325,31 +341,57 @@ impl KvmSandbox {
             let _ = std::fs::remove_file(p);
         }
         let machine = booted?;
-        let mut sb = KvmSandbox::handle(store, new_id(), spec, opts);
+        let grants = Grants::of_spec(&spec);
+        let mut sb = KvmSandbox::handle(store, new_id(), spec, grants, opts);
         sb.machine = Some(machine);
         sb.connect(sb.opts.boot_timeout)?;
         sb.mount_volumes()?;
         Ok(sb)
     }
 
-    /// Resumes a snapshot as a new handle (the sandbox keeps the snapshot's id).
+    /// Resumes a snapshot as a new handle (the sandbox keeps the snapshot's id), granting it
+    /// no host access: for a snapshot with mount points use
+    /// [`from_snapshot_granted`](Self::from_snapshot_granted).
     pub fn from_snapshot(store: Arc<LocalStore>, id: &SnapshotId) -> Result<KvmSandbox> {
         Self::from_snapshot_with(store, id, KvmOptions::default())
     }
 
+    /// [`from_snapshot`](Self::from_snapshot) with options.
     pub fn from_snapshot_with(
         store: Arc<LocalStore>,
         id: &SnapshotId,
         opts: KvmOptions,
     ) -> Result<KvmSandbox> {
+        Self::from_snapshot_granted(store, id, &Grants::new(), opts)
+    }
+
+    /// Resumes a snapshot as a new handle with `grants` as its host access: the host
+    /// directories for the snapshot's mount points (its volume slots). Nothing in the snapshot
+    /// grants host access; grants that do not fit it are
+    /// [`Error::Grant`](dormant_core::Error::Grant) (see [`Grants`]).
+    pub fn from_snapshot_granted(
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+        opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
         require_kvm()?;
         let manifest = store.manifest(id)?;
-        let mut sb = KvmSandbox::handle(store, manifest.sandbox_id, manifest.spec, opts);
-        sb.load(id)?;
+        let mounts = grants.resolve(id, &manifest.spec.mounts)?;
+        let mut spec = manifest.spec;
+        spec.mounts = mounts.clone();
+        let mut sb = KvmSandbox::handle(store, manifest.sandbox_id, spec, grants.clone(), opts);
+        sb.load(id, &mounts)?;
         Ok(sb)
     }
 
-    fn load(&mut self, id: &SnapshotId) -> Result<()> {
+    /// The host access this sandbox holds (see [`Sandbox::grants`]).
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    /// Restores snapshot `id` into a new VM, `mounts` attached to its volume slots in order.
+    fn load(&mut self, id: &SnapshotId, mounts: &[Mount]) -> Result<()> {
         let snapshot::Loaded { vm, devices, disk } = snapshot::load_machine(&self.store, id)?;
         let devices = devices.ok_or_else(|| {
             Error::snapshot(
@@ -359,7 +401,7 @@ impl KvmSandbox {
                 ),
             )
         })?;
-        let volumes = volumes(&self.spec);
+        let volumes = volumes(&self.store, mounts)?;
         let machine = Machine::restore(vm, &devices, disk, self.opts.console_echo, &volumes)
             .map_err(runtime("restore the guest's devices"))?;
         self.release();
@@ -434,6 +476,8 @@ impl KvmSandbox {
             .unwrap_or_default()
     }
 
+    /// The spec the sandbox was created from, or its snapshot's after a resume, with the
+    /// mounts attached now (slot order; a detached mount point has an empty `host`).
     pub fn spec(&self) -> &SandboxSpec {
         &self.spec
     }
@@ -745,15 +789,21 @@ fn format_disk(store: &LocalStore, size: usize) -> Result<PathBuf> {
     }
 }
 
-/// The host directories of `spec.mounts`, in volume-slot order.
-fn volumes(spec: &SandboxSpec) -> Vec<VolumeAttach> {
-    spec.mounts
-        .iter()
+/// The host directories of `mounts`, in volume-slot order: a detached mount point gets the
+/// store's empty directory, read-only.
+fn volumes(store: &LocalStore, mounts: &[Mount]) -> Result<Vec<VolumeAttach>> {
+    let attached = if mounts.iter().any(Mount::is_detached) {
+        grants::attachable(mounts, &grants::detached_dir(store)?)
+    } else {
+        mounts.to_vec()
+    };
+    Ok(attached
+        .into_iter()
         .map(|m| VolumeAttach {
-            host: m.host.clone(),
+            host: m.host,
             read_only: m.read_only,
         })
-        .collect()
+        .collect())
 }
 
 fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
@@ -922,12 +972,19 @@ impl Sandbox for KvmSandbox {
         Ok(id)
     }
 
-    fn resume(&mut self, id: &SnapshotId) -> Result<()> {
+    fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    fn resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()> {
         self.lifecycle.check(Operation::Resume)?;
         let manifest = self.store.manifest(id)?;
-        self.load(id)?;
+        let mounts = grants.resolve(id, &manifest.spec.mounts)?;
+        self.load(id, &mounts)?;
         self.id = manifest.sandbox_id;
         self.spec = manifest.spec;
+        self.spec.mounts = mounts;
+        self.grants = grants.clone();
         self.lifecycle.complete(Operation::Resume)
     }
 
@@ -935,8 +992,12 @@ impl Sandbox for KvmSandbox {
         let base = self.do_checkpoint()?;
         (0..n)
             .map(|_| {
-                let mut child =
-                    Self::from_snapshot_with(self.store.clone(), &base, self.opts.clone())?;
+                let mut child = Self::from_snapshot_granted(
+                    self.store.clone(),
+                    &base,
+                    &self.grants,
+                    self.opts.clone(),
+                )?;
                 child.id = new_id();
                 Ok(child)
             })

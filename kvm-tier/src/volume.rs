@@ -518,6 +518,21 @@ fn allowed_open_flags(flags: u32) -> OFlags {
     f & (OFlags::RWMODE | OFlags::APPEND | OFlags::SYNC | OFlags::DSYNC | OFlags::NOATIME)
 }
 
+/// The flags a handle from a snapshot is reopened with. They are snapshot bytes: keep only what
+/// `OPEN` would have kept (never create or truncate), and on a volume the caller granted
+/// read-only, open for reading only whatever the snapshot says.
+fn restored_open_flags(flags: u32, dir: bool, read_only: bool) -> u32 {
+    if dir {
+        return OFlags::RDONLY.bits();
+    }
+    let f = allowed_open_flags(flags);
+    if read_only {
+        (f & !(OFlags::RWMODE | OFlags::APPEND)).bits()
+    } else {
+        f.bits()
+    }
+}
+
 fn is_write(flags: u32) -> bool {
     let f = OFlags::from_bits_retain(flags);
     f.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::APPEND)
@@ -680,7 +695,7 @@ impl VolumeServer {
                     h.fh,
                     Handle {
                         path: h.path.clone(),
-                        flags: h.flags,
+                        flags: restored_open_flags(h.flags, h.dir, read_only),
                         dir: h.dir,
                         fd: None,
                         entries: None,
@@ -1746,6 +1761,44 @@ mod tests {
             unique: 0,
         };
         assert_eq!(g.getattr(f.nodeid).unwrap_err(), libc::ESTALE);
+    }
+
+    /// A snapshot's handle table is untrusted: reopening a handle never truncates or creates,
+    /// and on a volume granted read-only never opens for writing, whatever flags it records.
+    #[test]
+    fn restored_handles_never_write_what_the_snapshot_says() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"keep me").unwrap();
+        let wanted = (libc::O_WRONLY | libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) as u32;
+        let forged = VolumeState {
+            root: dir.path().to_path_buf(),
+            nodes: vec![NodeSnap {
+                id: 2,
+                path: b"f".to_vec(),
+                lookups: 1,
+            }],
+            handles: vec![HandleSnap {
+                fh: 3,
+                path: b"f".to_vec(),
+                flags: wanted,
+                dir: false,
+            }],
+            next_id: 10,
+        };
+        let mut g = Guest {
+            s: VolumeServer::open(dir.path(), true, Some(&forged)).unwrap(),
+            unique: 0,
+        };
+        assert_eq!(g.read(2, 3, 100).unwrap(), b"keep me", "opened for reading");
+        assert_eq!(g.write(2, 3, 0, b"x").unwrap_err(), libc::EROFS);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"keep me");
+        // Writable volume: the write mode stays, truncation does not.
+        let mut g = Guest {
+            s: VolumeServer::open(dir.path(), false, Some(&forged)).unwrap(),
+            unique: 0,
+        };
+        assert_eq!(g.write(2, 3, 0, b"K").unwrap(), 1);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"keep meK");
     }
 
     #[test]

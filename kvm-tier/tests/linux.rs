@@ -8,8 +8,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dormant_core::{Command, Error, LocalStore, Sandbox, SandboxSpec, SnapshotId};
-use dormant_kvm::sandbox::KvmSandbox;
+use dormant_core::{
+    Command, Error, GrantError, Grants, LocalStore, Sandbox, SandboxSpec, SnapshotId,
+};
+use dormant_kvm::sandbox::{KvmOptions, KvmSandbox};
 
 /// Guest RAM for the tests (boot time grows with it on PVM hosts).
 const RAM: u64 = 128 << 20;
@@ -564,7 +566,119 @@ fn volumes_share_host_directories_live_and_across_resumes() {
     let kid = &mut kids[0];
     assert_eq!(sh(kid, "echo from the fork > /mnt/work/fork.txt").1, 0);
     assert_eq!(sh(&mut sb, "cat /mnt/work/fork.txt").0, "from the fork\n");
-    // And resuming the old snapshot does not roll the directory back.
-    let mut old = KvmSandbox::from_snapshot(store.clone(), &id).unwrap();
+    // And resuming the old snapshot (its volumes granted again) does not roll the directory
+    // back.
+    let grants = Grants::new().mount(work.path(), "/mnt/work", false).mount(
+        reference.path(),
+        "/mnt/ref",
+        true,
+    );
+    let mut old =
+        KvmSandbox::from_snapshot_granted(store.clone(), &id, &grants, KvmOptions::default())
+            .unwrap();
     assert_eq!(sh(&mut old, "cat /mnt/work/fork.txt").0, "from the fork\n");
+}
+
+/// Rewrites snapshot `id`'s manifest as a forger (or a build from before grants) would: its
+/// mount point `guest` names the host directory `host`; re-encoded with valid checksums.
+fn forge_mount(store: &LocalStore, id: &SnapshotId, guest: &str, host: &std::path::Path) {
+    use dormant_core::snapshot::format;
+    let path = store.snapshot_dir(id).join("manifest.dsnp");
+    let bytes = std::fs::read(&path).unwrap();
+    let sections = format::decode(&bytes, 1 << 26).unwrap();
+    assert_eq!(&sections[0].0, b"META");
+    let mut meta: serde_json::Value = serde_json::from_slice(sections[0].1).unwrap();
+    let mounts = meta["spec"]["mounts"].as_array_mut().unwrap();
+    let m = mounts.iter_mut().find(|m| m["guest"] == guest).unwrap();
+    m["host"] = host.display().to_string().into();
+    let meta = serde_json::to_vec(&meta).unwrap();
+    let mut out: Vec<(format::Tag, &[u8])> = vec![(*b"META", &meta)];
+    out.extend(sections[1..].iter().copied());
+    std::fs::write(&path, format::encode(&out)).unwrap();
+    store.manifest(id).unwrap();
+}
+
+#[test]
+fn a_snapshot_never_grants_host_directories() {
+    if !kvm_available() {
+        return;
+    }
+    let (store, _) = booted();
+    let work = tempfile::tempdir().unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("mine.txt"), "mine\n").unwrap();
+    std::fs::write(secret.path().join("secret.txt"), "top secret\n").unwrap();
+    let spec = SandboxSpec::linux()
+        .memory_limit(RAM)
+        .call_timeout(Duration::from_secs(300))
+        .mount(work.path(), "/mnt/work", false);
+    let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
+    sb.write_file("/root/own.txt", b"own\n").unwrap();
+    let id = sb.standby().unwrap();
+    // The spec in the manifest names the mount point, not the directory.
+    let manifest = std::fs::read(store.snapshot_dir(&id).join("manifest.dsnp")).unwrap();
+    let sections = dormant_core::snapshot::format::decode(&manifest, 1 << 26).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(sections[0].1).unwrap();
+    assert_eq!(
+        meta["spec"]["mounts"],
+        serde_json::json!([{"guest": "/mnt/work", "read_only": false}])
+    );
+    forge_mount(store, &id, "/mnt/work", secret.path());
+
+    // No grant: an error naming the mount point.
+    match KvmSandbox::from_snapshot(store.clone(), &id) {
+        Err(Error::Grant {
+            source: GrantError::MountMissing { guest, .. },
+            ..
+        }) => assert_eq!(guest, "/mnt/work"),
+        other => panic!("expected a missing grant, got {other:?}"),
+    }
+    // Detached: the guest's mount shows an empty directory that refuses writes.
+    let detach = Grants::new().detach_missing(true);
+    let mut d =
+        KvmSandbox::from_snapshot_granted(store.clone(), &id, &detach, KvmOptions::default())
+            .unwrap();
+    assert_eq!(
+        sh(&mut d, "ls -A /mnt/work; cat /root/own.txt"),
+        ("own\n".into(), 0)
+    );
+    assert_ne!(sh(&mut d, "echo x > /mnt/work/planted").1, 0);
+    assert!(matches!(
+        d.write_file("/mnt/work/planted", b"x"),
+        Err(Error::ReadOnly { .. })
+    ));
+    drop(d);
+    // Granted read-only: readable, never written, though the guest mounted it writable.
+    let ro = Grants::new().mount(work.path(), "/mnt/work", true);
+    let mut r =
+        KvmSandbox::from_snapshot_granted(store.clone(), &id, &ro, KvmOptions::default()).unwrap();
+    assert_eq!(sh(&mut r, "cat /mnt/work/mine.txt").0, "mine\n");
+    assert_ne!(sh(&mut r, "echo x > /mnt/work/planted").1, 0);
+    drop(r);
+    // The handle resumes (as an auto-standby wake does) with its own grant, and its forks
+    // inherit it.
+    sb.resume(&id).unwrap();
+    assert_eq!(
+        sh(
+            &mut sb,
+            "cat /mnt/work/mine.txt; test -e /mnt/work/secret.txt"
+        ),
+        ("mine\n".into(), 1)
+    );
+    let mut kids = sb.fork(1).unwrap();
+    assert_eq!(sh(&mut kids[0], "echo kid > /mnt/work/kid.txt").1, 0);
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("kid.txt")).unwrap(),
+        "kid\n"
+    );
+    assert!(!work.path().join("planted").exists());
+    let left: Vec<_> = std::fs::read_dir(secret.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["secret.txt"],
+        "the secret directory was never touched"
+    );
 }

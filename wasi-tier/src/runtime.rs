@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dormant_core::{Error, LocalStore, Result, SandboxSpec, SnapshotId, Tier, Workload};
+use dormant_core::{Error, Grants, LocalStore, Result, SandboxSpec, SnapshotId, Tier, Workload};
 use parking_lot::{Condvar, Mutex};
 use wasmtime::{Config, Engine, ExternType, InstancePre, Linker, Module, Val};
 
@@ -297,8 +297,24 @@ impl WasiRuntime {
         WasiSandbox::create(self.clone(), store, spec)
     }
 
-    /// Resumes a snapshot into a new sandbox handle (in this process or any other).
+    /// Resumes a snapshot into a new sandbox handle (in this process or any other), granting
+    /// it no host access: for a snapshot with mount points or a module workload, use
+    /// [`resume_with`](Self::resume_with).
     pub fn resume(&self, store: Arc<LocalStore>, id: &SnapshotId) -> Result<WasiSandbox> {
-        WasiSandbox::from_snapshot(self.clone(), store, id)
+        self.resume_with(store, id, &Grants::new())
+    }
+
+    /// Resumes a snapshot into a new sandbox handle with `grants` as its host access: the host
+    /// directories for the snapshot's mount points and, for a `Workload::Module` snapshot, the
+    /// module file (checked against the module hash the snapshot recorded). Nothing in the
+    /// snapshot grants host access; grants that do not fit it are
+    /// [`Error::Grant`](dormant_core::Error::Grant) (see [`Grants`]).
+    pub fn resume_with(
+        &self,
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+    ) -> Result<WasiSandbox> {
+        WasiSandbox::from_snapshot(self.clone(), store, id, grants, None)
     }
 }

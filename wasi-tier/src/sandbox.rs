@@ -11,9 +11,9 @@ use dormant_core::memimage::{self, Written};
 use dormant_core::snapshot::store::{LayerFile, SnapshotWriter};
 use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord, TierState};
 use dormant_core::{
-    Command, DirEntry, Error, ExecOutput, Execution, ExecutionError, Lifecycle, LocalStore,
-    Manifest, Operation, Result, Sandbox, SandboxFs, SandboxSpec, SnapshotError, SnapshotId, State,
-    Tier, fsarchive,
+    Command, DirEntry, Error, ExecOutput, Execution, ExecutionError, GrantError, Grants, Lifecycle,
+    LocalStore, Manifest, Mount, Operation, Result, Sandbox, SandboxFs, SandboxSpec, SnapshotError,
+    SnapshotId, State, Tier, Workload, fsarchive, grants,
 };
 use serde::{Deserialize, Serialize};
 use wasmtime::{Global, Instance, Memory, Store, Trap, TypedFunc, Val};
@@ -134,6 +134,8 @@ pub struct WasiSandbox {
     store: Arc<LocalStore>,
     id: String,
     spec: SandboxSpec,
+    /// The host access its caller granted (create's spec, or the last resume's grants).
+    grants: Grants,
     lifecycle: Lifecycle,
     module: Option<Arc<Loaded>>,
     live: Option<Live>,
@@ -214,10 +216,12 @@ impl WasiSandbox {
         env
     }
 
-    /// A fresh instance of `module` over `root`, with the clock starting at `clock_ns`.
+    /// A fresh instance of `module` over `root` and `mounts` (as [`Self::attached`] gives
+    /// them), with the clock starting at `clock_ns`.
     fn instantiate(
         rt: &WasiRuntime,
         spec: &SandboxSpec,
+        mounts: &[Mount],
         module: &Arc<Loaded>,
         root: &Path,
         clock_ns: u64,
@@ -234,7 +238,7 @@ impl WasiSandbox {
             stdin: None,
             lib: lib_of(Some(module)),
             root,
-            mounts: &spec.mounts,
+            mounts,
             clock,
             stdout: out.clone(),
             stderr: err.clone(),
@@ -320,6 +324,7 @@ impl WasiSandbox {
             rt,
             store,
             id: Self::new_id(),
+            grants: Grants::of_spec(&spec),
             spec,
             lifecycle: Lifecycle::new(),
             module,
@@ -334,7 +339,7 @@ impl WasiSandbox {
         std::fs::create_dir_all(root.join("tmp")).map_err(|e| Error::store("create", &root, e))?;
         sb.fs = Some(SandboxFs::open(&root, &sb.spec.mounts)?);
         if let Some(module) = sb.module.clone() {
-            let mut live = Self::instantiate(&sb.rt, &sb.spec, &module, &root, 0)?;
+            let mut live = Self::instantiate(&sb.rt, &sb.spec, &sb.spec.mounts, &module, &root, 0)?;
             if let Ok(init) = live
                 .instance
                 .get_typed_func::<(), ()>(&mut live.store, "_initialize")
@@ -515,7 +520,9 @@ impl WasiSandbox {
         self.resumed_cold
     }
 
-    /// The spec the sandbox was created from.
+    /// The spec the sandbox was created from, or its snapshot's after a resume, with the
+    /// mounts attached now: the caller's directories, in the snapshot's order (a detached mount
+    /// point has an empty `host`).
     pub fn spec(&self) -> &SandboxSpec {
         &self.spec
     }
@@ -783,8 +790,70 @@ impl WasiSandbox {
         Ok(id)
     }
 
+    /// `mounts` as the guest and the files API see them: a detached mount point shows the
+    /// store's empty directory, read-only.
+    fn attached(store: &LocalStore, mounts: &[Mount]) -> Result<Vec<Mount>> {
+        if mounts.iter().any(Mount::is_detached) {
+            Ok(grants::attachable(mounts, &grants::detached_dir(store)?))
+        } else {
+            Ok(mounts.to_vec())
+        }
+    }
+
+    /// The module of a `Workload::Module` snapshot whose module hashes to `want`: the one this
+    /// handle already runs (`current`, which its caller named) when it is that module and the
+    /// grants name no other file, else the file the grants name, checked by content. The path
+    /// the snapshot recorded is never opened. Returns the module and the file it came from.
+    fn granted_module(
+        rt: &WasiRuntime,
+        id: &SnapshotId,
+        want: &str,
+        grants: &Grants,
+        current: Option<Current<'_>>,
+    ) -> Result<(Arc<Loaded>, PathBuf)> {
+        if let Some(c) = current.filter(|c| {
+            c.module.hash == want
+                && c.module.python_lib.is_none()
+                && grants.module.as_deref().is_none_or(|p| Some(p) == c.path)
+        }) {
+            let path = c.path.map(Path::to_path_buf).unwrap_or_default();
+            return Ok((c.module.clone(), path));
+        }
+        let grant = |source| Error::Grant {
+            id: id.clone(),
+            source,
+        };
+        let path = grants.module.clone().ok_or_else(|| {
+            grant(GrantError::ModuleMissing {
+                hash: want.to_owned(),
+            })
+        })?;
+        let bytes = std::fs::read(&path).map_err(|e| Error::File {
+            op: "read the module",
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let found = blake3::hash(&bytes).to_hex().to_string();
+        if found != want {
+            return Err(grant(GrantError::ModuleMismatch {
+                path,
+                found,
+                expected: want.to_owned(),
+            }));
+        }
+        Ok((rt.module_from_bytes(&bytes, true)?, path))
+    }
+
     /// Builds the live parts (instance, workdir, fs) from a snapshot, without touching `self`.
-    fn load(rt: &WasiRuntime, store: &LocalStore, id: &SnapshotId) -> Result<Restored> {
+    /// Host access comes from `grants` (and `current`, the module the handle runs), never
+    /// from the snapshot.
+    fn load(
+        rt: &WasiRuntime,
+        store: &LocalStore,
+        id: &SnapshotId,
+        grants: &Grants,
+        current: Option<Current<'_>>,
+    ) -> Result<Restored> {
         let chain = store.chain(id)?;
         let leaf = chain.last().expect("chain is never empty");
         let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
@@ -798,10 +867,26 @@ impl WasiSandbox {
             .tier_state
             .decode("WASI state", WASI_STATE_VERSIONS)
             .map_err(|e| Error::snapshot(id, e))?;
-        let spec = leaf.spec.clone();
+        let mut spec = leaf.spec.clone();
+        // The snapshot's mount points are checked by `Grants::resolve`; the rest here.
+        let recorded = std::mem::take(&mut spec.mounts);
         spec.validate()
             .map_err(|e| Error::snapshot(id, SnapshotError::Incompatible(e.to_string())))?;
-        let module = rt.workload_module(&spec.workload)?;
+        spec.mounts = grants.resolve(id, &recorded)?;
+        let mut effective = grants.clone();
+        let module = match &spec.workload {
+            Workload::Module { .. } => {
+                let want = state
+                    .module_hash
+                    .as_deref()
+                    .ok_or_else(|| bad("a module workload without a module hash".into()))?;
+                let (module, path) = Self::granted_module(rt, id, want, grants, current)?;
+                spec.workload = Workload::Module { path: path.clone() };
+                effective.module = Some(path);
+                Some(module)
+            }
+            other => rt.workload_module(other)?,
+        };
         if module.as_ref().map(|m| &m.hash) != state.module_hash.as_ref() {
             return Err(Error::snapshot(
                 id,
@@ -821,6 +906,7 @@ impl WasiSandbox {
                 SnapshotError::Incompatible("taken with another Python standard library".into()),
             ));
         }
+        let mounts = Self::attached(store, &spec.mounts)?;
         let workdir = store.new_live_dir()?;
         let cleanup = scopeguard(workdir.clone());
         let root = workdir.clone();
@@ -838,11 +924,12 @@ impl WasiSandbox {
             }
             None => None,
         };
-        let fs = SandboxFs::open(&root, &spec.mounts)?;
+        let fs = SandboxFs::open(&root, &mounts)?;
         let live = match &module {
             None => None,
             Some(module) => {
-                let mut live = Self::instantiate(rt, &spec, module, &root, state.clock_ns)?;
+                let mut live =
+                    Self::instantiate(rt, &spec, &mounts, module, &root, state.clock_ns)?;
                 let size = leaf.memory.size;
                 if size % WASM_PAGE != 0
                     || size > spec.memory_limit.max(size.min(4 << 30))
@@ -900,6 +987,7 @@ impl WasiSandbox {
             cold,
             sandbox_id: leaf.sandbox_id.clone(),
             spec,
+            grants: effective,
             module,
             live,
             workdir,
@@ -911,8 +999,10 @@ impl WasiSandbox {
         rt: WasiRuntime,
         store: Arc<LocalStore>,
         id: &SnapshotId,
+        grants: &Grants,
+        current: Option<Current<'_>>,
     ) -> Result<WasiSandbox> {
-        let r = Self::load(&rt, &store, id)?;
+        let r = Self::load(&rt, &store, id, grants, current)?;
         let mut lifecycle = Lifecycle::new();
         lifecycle.set_last_good(id.clone());
         Ok(WasiSandbox {
@@ -920,6 +1010,7 @@ impl WasiSandbox {
             store,
             id: r.sandbox_id,
             spec: r.spec,
+            grants: r.grants,
             lifecycle,
             module: r.module,
             live: r.live,
@@ -929,6 +1020,19 @@ impl WasiSandbox {
             resumed_cold: r.cold,
             interrupt: Arc::default(),
         })
+    }
+
+    /// The module this handle runs, for a resume to reuse (see [`Current`]).
+    fn current(&self) -> Option<Current<'_>> {
+        self.module.as_ref().map(|module| Current {
+            module,
+            path: self.grants.module.as_deref(),
+        })
+    }
+
+    /// The host access this sandbox holds (see [`Sandbox::grants`]).
+    pub fn grants(&self) -> &Grants {
+        &self.grants
     }
 
     /// A handle that stops this sandbox's running `run_code` (or export call) from another
@@ -955,12 +1059,21 @@ struct WrittenLayer {
 struct Restored {
     sandbox_id: String,
     spec: SandboxSpec,
+    grants: Grants,
     module: Option<Arc<Loaded>>,
     live: Option<Live>,
     workdir: PathBuf,
     fs: SandboxFs,
     pending_fs: Option<PendingFs>,
     cold: bool,
+}
+
+/// The module a handle runs and the file its caller named for it: a resume of a snapshot of
+/// the same module reuses it.
+#[derive(Clone, Copy)]
+pub(crate) struct Current<'a> {
+    module: &'a Arc<Loaded>,
+    path: Option<&'a Path>,
 }
 
 /// Removes a directory on drop unless defused.
@@ -1061,6 +1174,7 @@ impl Sandbox for WasiSandbox {
         let bytes = self.fs(Operation::Exec)?.read(argv0)?;
         let module = self.rt.module_from_bytes(&bytes, false)?;
         let root = self.root()?;
+        let mounts = Self::attached(&self.store, &self.spec.mounts)?;
         let out = Capture::new(self.spec.output_limit);
         let err = Capture::new(self.spec.output_limit);
         let mut env = Self::guest_env(&self.spec, false);
@@ -1071,7 +1185,7 @@ impl Sandbox for WasiSandbox {
             stdin: Some(cmd.stdin.clone()),
             lib: None,
             root: &root,
-            mounts: &self.spec.mounts,
+            mounts: &mounts,
             clock: self
                 .live
                 .as_ref()
@@ -1168,12 +1282,17 @@ impl Sandbox for WasiSandbox {
         Ok(id)
     }
 
-    fn resume(&mut self, id: &SnapshotId) -> Result<()> {
+    fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    fn resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()> {
         self.lifecycle.check(Operation::Resume)?;
-        let r = Self::load(&self.rt, &self.store, id)?;
+        let r = Self::load(&self.rt, &self.store, id, grants, self.current())?;
         self.release();
         self.id = r.sandbox_id;
         self.spec = r.spec;
+        self.grants = r.grants;
         self.module = r.module;
         self.live = r.live;
         self.workdir = Some(r.workdir);
@@ -1189,7 +1308,13 @@ impl Sandbox for WasiSandbox {
         let base = self.do_checkpoint()?;
         (0..n)
             .map(|_| {
-                let mut child = Self::from_snapshot(self.rt.clone(), self.store.clone(), &base)?;
+                let mut child = Self::from_snapshot(
+                    self.rt.clone(),
+                    self.store.clone(),
+                    &base,
+                    &self.grants,
+                    self.current(),
+                )?;
                 child.id = Self::new_id();
                 Ok(child)
             })

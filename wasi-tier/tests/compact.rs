@@ -179,7 +179,9 @@ fn gc_keeps_fast_snapshots_and_removes_leftovers() {
     let gc = env.store.gc().unwrap();
     assert!(!stray.exists());
     assert!(gc.bytes_freed > 0);
-    let mut r = runtime().resume(env.store.clone(), &id).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &id, &env.toy_grants())
+        .unwrap();
     assert_eq!(r.call("peek", &[Val::I32(3)]).unwrap()[0].unwrap_i32(), 33);
 }
 
@@ -225,7 +227,9 @@ fn gc_runs_safely_beside_checkpoints_and_compactions() {
     assert!(gc.join().unwrap() > 0);
     env.store.gc().unwrap();
     for (id, v) in &kept {
-        let mut r = runtime().resume(env.store.clone(), id).unwrap();
+        let mut r = runtime()
+            .resume_with(env.store.clone(), id, &env.toy_grants())
+            .unwrap();
         assert_eq!(
             r.call("peek", &[Val::I32(7)]).unwrap()[0].unwrap_i32(),
             *v,

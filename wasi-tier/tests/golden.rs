@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::{TOY, runtime};
-use dormant_core::{LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Workload};
+use dormant_core::{Grants, LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Workload};
 use dormant_wasi::Val;
 
 fn golden_dir() -> PathBuf {
@@ -67,7 +67,9 @@ fn golden_v1_snapshot_still_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(LocalStore::open(tmp.path()).unwrap());
     copy_dir(&golden_dir().join(id.as_str()), &store.snapshot_dir(&id));
-    let mut sb = runtime().resume(store, &id).unwrap();
+    let mut sb = runtime()
+        .resume_with(store, &id, &Grants::new().module(module))
+        .unwrap();
     assert_eq!(
         sb.call("peek", &[Val::I32(7)]).unwrap()[0].unwrap_i32(),
         0x5eed

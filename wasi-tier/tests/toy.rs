@@ -48,7 +48,9 @@ fn memory_and_globals_survive_checkpoint_and_resume() {
     assert_eq!(i64_of(&sb.call("bump", &[]).unwrap()), 4);
 
     // A new handle from the snapshot sees the checkpointed state.
-    let mut r = runtime().resume(env.store.clone(), &id).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &id, &env.toy_grants())
+        .unwrap();
     assert_eq!(r.id(), sb.id(), "the resumed sandbox keeps its identity");
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(5)]).unwrap()), 1234);
     assert_eq!(i32_of(&r.call("marker", &[]).unwrap()), 99);
@@ -57,7 +59,9 @@ fn memory_and_globals_survive_checkpoint_and_resume() {
 
     // Copy-on-write: writes of the resumed sandbox do not reach the snapshot.
     r.call("poke", &[Val::I32(5), Val::I32(777)]).unwrap();
-    let mut r2 = runtime().resume(env.store.clone(), &id).unwrap();
+    let mut r2 = runtime()
+        .resume_with(env.store.clone(), &id, &env.toy_grants())
+        .unwrap();
     assert_eq!(i32_of(&r2.call("peek", &[Val::I32(5)]).unwrap()), 1234);
 }
 
@@ -132,13 +136,17 @@ fn incremental_checkpoints_store_only_written_pages() {
     // A chain of deltas resumes to the latest state.
     sb.call("poke", &[Val::I32(10), Val::I32(21)]).unwrap();
     let delta2 = sb.checkpoint().unwrap();
-    let mut r = runtime().resume(env.store.clone(), &delta2).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &delta2, &env.toy_grants())
+        .unwrap();
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(10)]).unwrap()), 21);
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(11)]).unwrap()), 12);
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(900)]).unwrap()), 13);
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(500)]).unwrap()), 3);
     // An older layer still resumes to its own state.
-    let mut r = runtime().resume(env.store.clone(), &full).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &full, &env.toy_grants())
+        .unwrap();
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(10)]).unwrap()), 3);
     // A parent with layers on it cannot be deleted.
     assert!(matches!(
@@ -162,7 +170,7 @@ fn an_untouched_sandbox_checkpoints_to_a_tiny_delta() {
 
 fn corrupt_and_expect(env: &Env, id: &SnapshotId, damage: impl FnOnce(&std::path::Path)) -> Error {
     damage(&snapshot_dir(&env.store, id));
-    match runtime().resume(env.store.clone(), id) {
+    match runtime().resume_with(env.store.clone(), id, &env.toy_grants()) {
         Ok(_) => panic!("a damaged snapshot resumed"),
         Err(e) => e,
     }
@@ -260,7 +268,9 @@ fn damaged_snapshots_are_refused_with_their_id_and_others_still_load() {
     );
 
     // The store stays usable: the good snapshot loads, listing works, new checkpoints work.
-    let mut r = runtime().resume(env.store.clone(), &good).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &good, &env.toy_grants())
+        .unwrap();
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(1)]).unwrap()), 5);
     let listed: Vec<_> = env
         .store
@@ -277,7 +287,7 @@ fn damaged_snapshots_are_refused_with_their_id_and_others_still_load() {
     r.checkpoint().unwrap();
     env.store.delete(&others[0]).unwrap();
     assert!(matches!(
-        runtime().resume(env.store.clone(), &others[0]),
+        runtime().resume_with(env.store.clone(), &others[0], &env.toy_grants()),
         Err(Error::SnapshotNotFound(_))
     ));
 }
@@ -354,7 +364,9 @@ fn exec_runs_a_wasi_command_against_the_sandbox_files() {
     );
     // The command's file effects are part of the next snapshot.
     let id = sb.checkpoint().unwrap();
-    let mut r = runtime().resume(env.store.clone(), &id).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &id, &env.toy_grants())
+        .unwrap();
     assert_eq!(r.read_file("out.txt").unwrap(), b"hello from stdin");
     assert!(matches!(
         r.exec(&Command::new(["/missing.wasm"])),
@@ -425,7 +437,7 @@ fn invalid_specs_and_ids_are_refused() {
     ));
     let missing = dormant_core::SnapshotId::generate();
     assert!(matches!(
-        runtime().resume(env.store.clone(), &missing),
+        runtime().resume_with(env.store.clone(), &missing, &env.toy_grants()),
         Err(Error::SnapshotNotFound(_))
     ));
     let bogus = dormant_core::SandboxSpec::new(
@@ -522,7 +534,7 @@ fn sigkill_during_checkpoint_leaves_only_complete_snapshots() {
         }
         for s in &listed {
             let mut r = runtime()
-                .resume(store.clone(), &s.id)
+                .resume_with(store.clone(), &s.id, &env.toy_grants())
                 .unwrap_or_else(|e| panic!("listed snapshot {} does not load: {e}", s.id));
             assert_eq!(
                 i32_of(&r.call("consistent", &[]).unwrap()),
@@ -557,9 +569,13 @@ fn checkpoint_right_after_resume_keeps_the_filesystem() {
     sb.call("poke", &[Val::I32(3), Val::I32(30)]).unwrap();
     let first = sb.standby().unwrap();
     // Resume and immediately checkpoint again, touching nothing.
-    let mut r = runtime().resume(env.store.clone(), &first).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &first, &env.toy_grants())
+        .unwrap();
     let second = r.standby().unwrap();
-    let mut r = runtime().resume(env.store.clone(), &second).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &second, &env.toy_grants())
+        .unwrap();
     assert_eq!(r.read_file("/a/b.txt").unwrap(), b"kept");
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(3)]).unwrap()), 30);
     drop(r);
@@ -585,7 +601,9 @@ fn deleting_the_base_of_a_live_sandbox_starts_a_new_chain() {
         m.parent, None,
         "a full image, not a delta on a deleted parent"
     );
-    let mut r = runtime().resume(env.store.clone(), &next).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &next, &env.toy_grants())
+        .unwrap();
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(1)]).unwrap()), 10);
     assert_eq!(i32_of(&r.call("peek", &[Val::I32(2)]).unwrap()), 20);
 }
@@ -609,7 +627,7 @@ fn without_data_verification_lengths_are_still_checked() {
         .unwrap()
         .set_len(len - 4096)
         .unwrap();
-    match runtime().resume(store, &id) {
+    match runtime().resume_with(store, &id, &env.toy_grants()) {
         Err(Error::Snapshot {
             source: SnapshotError::Truncated { .. },
             ..
@@ -644,7 +662,9 @@ fn long_delta_chains_are_squashed_onto_their_full_image() {
             );
         }
     }
-    let mut r = runtime().resume(env.store.clone(), &last).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &last, &env.toy_grants())
+        .unwrap();
     for i in 0..40 {
         assert_eq!(i32_of(&r.call("peek", &[Val::I32(i)]).unwrap()), 1000 + i);
     }

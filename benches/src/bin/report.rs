@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use dormant::kvm::{GuestImage, KvmOptions, KvmSandbox};
 use dormant::{
-    Command, LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Val, WasiRuntime, WasiSandbox,
-    Workload,
+    Command, Grants, LocalStore, Sandbox, SandboxSpec, SnapshotId, Tier, Val, WasiRuntime,
+    WasiSandbox, Workload,
 };
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -468,7 +468,8 @@ fn scenario_resume_vs_memory(
     r.section(
         "3. Resume latency vs memory size",
         "WASI: a module that wrote one byte into every 4 KiB page of N MiB of linear memory, \
-         checkpointed; **resume** = `WasiRuntime::resume` called until the handle returned; \
+         checkpointed; **resume** = `WasiRuntime::resume_with` (granting the module file) \
+         called until the handle returned; \
          **resume → first call** = until its first export call (reading memory) returned. \
          KVM, tiny guest: criterion group `kvm_resume_tiny` below (new VM over the RAM image \
          mapped copy-on-write, full state restore, first guest exit). KVM, Linux guest (full \
@@ -488,10 +489,11 @@ fn scenario_resume_vs_memory(
         let mut sb = touch_sandbox(rt, store, module)?;
         sb.call("touch", &[Val::I32((m * 256) as i32), Val::I32(7)])?;
         let snap = sb.standby()?;
+        let grants = Grants::new().module(module);
         let (mut resume, mut first) = (Vec::new(), Vec::new());
         for _ in 0..n {
             let t = Instant::now();
-            let mut sb = rt.resume(store.clone(), &snap)?;
+            let mut sb = rt.resume_with(store.clone(), &snap, &grants)?;
             resume.push(t.elapsed());
             let v = sb.call("peek", &[])?;
             first.push(t.elapsed());

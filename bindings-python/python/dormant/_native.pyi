@@ -21,7 +21,13 @@ class NativeSandbox:
         volumes: list[tuple[str, str, bool]],
     ) -> NativeSandbox: ...
     @staticmethod
-    def resume(snapshot_id: str, store_root: str, idle_standby: float | None) -> NativeSandbox: ...
+    def resume(
+        snapshot_id: str,
+        store_root: str,
+        idle_standby: float | None,
+        volumes: list[tuple[str, str, bool]],
+        detach_missing: bool,
+    ) -> NativeSandbox: ...
     @property
     def id(self) -> str: ...
     @property

@@ -82,6 +82,23 @@ class Volume:
     read_only: bool = False
 
 
+def _volumes(volumes: Mapping[str, StrPath | Volume] | None) -> list[tuple[str, str, bool]]:
+    """``volumes=`` as the native module takes it: ``(host, guest, read_only)``, host absolute."""
+    vols: list[tuple[str, str, bool]] = []
+    if volumes is None:
+        return vols
+    if not isinstance(volumes, Mapping):
+        raise TypeError("volumes must map guest paths to host directories")
+    for guest, v in volumes.items():
+        if not isinstance(guest, str):
+            raise TypeError("volume guest paths must be str")
+        vol = v if isinstance(v, Volume) else Volume(v)
+        if not isinstance(vol.host, (str, os.PathLike)):
+            raise TypeError("a volume's host directory must be a path")
+        vols.append((os.path.abspath(os.fspath(vol.host)), guest, bool(vol.read_only)))
+    return vols
+
+
 @dataclass(frozen=True)
 class ExecutionError:
     """An exception raised by code in ``run_code``."""
@@ -342,17 +359,7 @@ class Sandbox:
                 raise TypeError(f"memory_mib must be an int, not {type(memory_mib).__name__}")
             if memory_mib <= 0:
                 raise InvalidArgument(f"memory_mib must be positive, not {memory_mib}")
-        vols: list[tuple[str, str, bool]] = []
-        if volumes is not None:
-            if not isinstance(volumes, Mapping):
-                raise TypeError("volumes must map guest paths to host directories")
-            for guest, v in volumes.items():
-                if not isinstance(guest, str):
-                    raise TypeError("volume guest paths must be str")
-                vol = v if isinstance(v, Volume) else Volume(v)
-                if not isinstance(vol.host, (str, os.PathLike)):
-                    raise TypeError("a volume's host directory must be a path")
-                vols.append((os.path.abspath(os.fspath(vol.host)), guest, bool(vol.read_only)))
+        vols = _volumes(volumes)
         root = _store(store)
         native = _native.NativeSandbox.create(
             tier,
@@ -372,14 +379,26 @@ class Sandbox:
         *,
         store: StrPath | None = None,
         idle_standby: float | None = 15.0,
+        volumes: Mapping[str, StrPath | Volume] | None = None,
+        detach_missing: bool = False,
     ) -> Sandbox:
         """The sandbox of a snapshot (from ``checkpoint``, ``standby`` or ``snapshot_id``),
-        running again exactly where it was: in this process or any other."""
+        running again exactly where it was: in this process or any other.
+
+        A snapshot never grants access to host directories: ``volumes`` (as in :meth:`create`)
+        gives them again, one for each of the snapshot's mount points (a read-only one must be
+        given read-only; one the snapshot did not have is refused). A mount point without a
+        volume is an :class:`InvalidArgument` naming it, unless ``detach_missing=True``: it
+        then shows an empty, read-only directory. The sandbox keeps these volumes when it goes
+        to standby and wakes, and its forks get them too."""
         if not isinstance(snapshot_id, str):
             raise TypeError(f"snapshot_id must be a str, not {type(snapshot_id).__name__}")
+        if not isinstance(detach_missing, bool):
+            raise TypeError(f"detach_missing must be a bool, not {type(detach_missing).__name__}")
+        vols = _volumes(volumes)
         root = _store(store)
         native = _native.NativeSandbox.resume(
-            snapshot_id, root, _seconds("idle_standby", idle_standby)
+            snapshot_id, root, _seconds("idle_standby", idle_standby), vols, detach_missing
         )
         return cls(native, root, snapshot_id)
 
@@ -428,7 +447,8 @@ class Sandbox:
         return self._snapshot_id
 
     def fork(self, n: int = 1) -> builtins.list[Sandbox]:
-        """``n`` independent copies of the running sandbox (each with its own id)."""
+        """``n`` independent copies of the running sandbox (each with its own id and the
+        parent's volumes)."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         if n < 1:

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use dormant_core::{LocalStore, SandboxSpec, Tier, Workload};
+use dormant_core::{Grants, LocalStore, SandboxSpec, Tier, Workload};
 use dormant_wasi::WasiRuntime;
 
 /// A reactor with state in memory and in non-exported mutable globals.
@@ -121,6 +121,12 @@ impl Env {
                 path: self.toy_path(),
             },
         )
+    }
+
+    /// What a resume of a toy snapshot must be granted: its module file (a snapshot never
+    /// names the module that runs).
+    pub fn toy_grants(&self) -> Grants {
+        Grants::new().module(self.toy_path())
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

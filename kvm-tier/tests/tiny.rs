@@ -35,14 +35,6 @@ const TOUCH_TWO: &[u8] = &[
     0xeb, 0xfc, // jmp back to the out
 ];
 
-fn kvm_available() -> bool {
-    if dormant_kvm::detect() == dormant_kvm::HostKvm::Unavailable {
-        eprintln!("SKIPPED: /dev/kvm is not available on this machine; KVM tests did not run");
-        return false;
-    }
-    true
-}
-
 /// Identity-mapped long mode with a flat 64-bit code segment, starting at `CODE`.
 fn boot(code: &[u8], dirty_log: bool) -> MicroVm {
     let mut ram = GuestRam::anonymous(RAM).unwrap();
@@ -129,10 +121,8 @@ fn next_count(vm: &mut MicroVm) -> u32 {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn a_guest_is_paused_captured_and_continues_in_a_brand_new_vm() {
-    if !kvm_available() {
-        return;
-    }
     let mut vm = boot(COUNT_LOOP, false);
     for i in 1..=100 {
         assert_eq!(next_count(&mut vm), i);
@@ -180,10 +170,8 @@ fn a_guest_is_paused_captured_and_continues_in_a_brand_new_vm() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn dirty_logging_reports_only_written_pages() {
-    if !kvm_available() {
-        return;
-    }
     let mut vm = boot(TOUCH_TWO, true);
     // Loading the guest wrote pages from the host side, which KVM does not log; clear the log.
     vm.dirty_pages().unwrap();
@@ -219,10 +207,8 @@ fn dirty_logging_reports_only_written_pages() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn a_triple_fault_is_a_clear_error_and_the_host_survives() {
-    if !kvm_available() {
-        return;
-    }
     let mut vm = boot(CRASH, false);
     match vm.run(Duration::from_secs(10)) {
         Err(VmError::TripleFault) | Err(VmError::EmulationFailure { .. }) => {}
@@ -233,10 +219,8 @@ fn a_triple_fault_is_a_clear_error_and_the_host_survives() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn a_guest_that_never_exits_hits_the_deadline() {
-    if !kvm_available() {
-        return;
-    }
     let mut vm = boot(SPIN, false);
     let t = std::time::Instant::now();
     match vm.run(Duration::from_millis(200)) {
@@ -253,13 +237,12 @@ fn a_guest_that_never_exits_hits_the_deadline() {
 const CHILD_ENV: &str = "DORMANT_KVM_TEST_CHILD";
 
 /// Helper process for `a_saved_guest_continues_in_a_new_process`: restores the state and RAM
-/// image named in the environment into a new VM and prints the next counter value. Does nothing
-/// unless the parent test started it.
+/// image named in the environment into a new VM and prints the next counter value. Ignored on
+/// its own; the parent test runs it in a child process (`--ignored --exact`).
 #[test]
+#[ignore = "child-process helper of a_saved_guest_continues_in_a_new_process"]
 fn helper_restore_child() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
+    let dir = std::env::var_os(CHILD_ENV).expect("started by the parent test");
     let dir = std::path::PathBuf::from(dir);
     let saved: dormant_kvm::persist::SavedState =
         serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
@@ -270,10 +253,8 @@ fn helper_restore_child() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn a_saved_guest_continues_in_a_new_process() {
-    if !kvm_available() {
-        return;
-    }
     let mut vm = boot(COUNT_LOOP, false);
     for _ in 0..42 {
         next_count(&mut vm);
@@ -301,6 +282,7 @@ fn a_saved_guest_continues_in_a_new_process() {
         .args([
             "--exact",
             "helper_restore_child",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -317,10 +299,8 @@ fn a_saved_guest_continues_in_a_new_process() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn damaged_saved_state_is_refused() {
-    if !kvm_available() {
-        return;
-    }
     let vm = boot(COUNT_LOOP, false);
     let mut saved = dormant_kvm::persist::SavedState::from_state(&vm.save_state().unwrap());
     saved.sregs.pop();
@@ -352,15 +332,14 @@ mod threaded {
                 );
             }
             Action::Continue
-        });
+        })
+        .unwrap();
         (t, last)
     }
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
     fn pause_stops_the_guest_and_its_state_continues_elsewhere() {
-        if !kvm_available() {
-            return;
-        }
         let (t, last) = counting(boot(COUNT_LOOP, false));
         std::thread::sleep(Duration::from_millis(50));
         t.pause().unwrap();
@@ -406,11 +385,9 @@ mod threaded {
     }
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
     fn a_spinning_guest_can_be_paused_many_times() {
-        if !kvm_available() {
-            return;
-        }
-        let t = VcpuThread::start(boot(SPIN, false), |_: ExitRef<'_>| Action::Continue);
+        let t = VcpuThread::start(boot(SPIN, false), |_: ExitRef<'_>| Action::Continue).unwrap();
         for _ in 0..20 {
             t.pause().unwrap();
             t.save_state().unwrap();
@@ -422,11 +399,9 @@ mod threaded {
     }
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
     fn saving_a_running_vcpu_is_refused() {
-        if !kvm_available() {
-            return;
-        }
-        let t = VcpuThread::start(boot(SPIN, false), |_: ExitRef<'_>| Action::Continue);
+        let t = VcpuThread::start(boot(SPIN, false), |_: ExitRef<'_>| Action::Continue).unwrap();
         let start = std::time::Instant::now();
         assert!(t.save_state().is_err());
         assert!(t.with_paused_vm(|_| {}).is_err());
@@ -438,11 +413,9 @@ mod threaded {
     }
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
     fn a_crashing_guest_ends_its_thread_with_the_reason() {
-        if !kvm_available() {
-            return;
-        }
-        let t = VcpuThread::start(boot(CRASH, false), |_: ExitRef<'_>| Action::Continue);
+        let t = VcpuThread::start(boot(CRASH, false), |_: ExitRef<'_>| Action::Continue).unwrap();
         let start = std::time::Instant::now();
         while !t.is_finished() {
             assert!(start.elapsed() < Duration::from_secs(10));
@@ -473,10 +446,8 @@ mod stored {
     }
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
     fn checkpoints_go_through_the_store_and_later_ones_store_only_dirtied_pages() {
-        if !kvm_available() {
-            return;
-        }
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::open(tmp.path()).unwrap();
         let mut vm = boot(COUNT_LOOP, true);

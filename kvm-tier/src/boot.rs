@@ -246,8 +246,24 @@ fn set_boot_registers(vm: &MicroVm, entry: u64) -> Result<(), BootError> {
     Ok(())
 }
 
+/// glibc's tunables for every process of a guest on a PVM host (the kernel hands unknown
+/// `NAME=value` parameters to init's environment, and the agent's commands inherit it).
+///
+/// There the guest kernel must run with `noxsave`, so it switches tasks' vector registers with
+/// FXSAVE, which covers only x87 and XMM0-15; but user code sees the host's CPUID and XCR0 (PVM
+/// exposes both, and does not load the guest's XCR0), so glibc would pick its AVX2 and AVX-512
+/// routines, whose registers (YMM/ZMM upper halves, XMM16-31, opmasks) are then shared by every
+/// process of the guest. Measured here: 64-byte runs of zeros in `memcpy`'s output (issue 11,
+/// fault 12). These tunables keep glibc on its SSE2 routines, which the guest kernel does
+/// switch correctly. Programs that choose AVX on their own are not covered (see the guest
+/// README).
+pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,\
+-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VNNI,-AVX512_BF16,-AVX512_FP16,-AVX2,-AVX,-FMA,-AVX_VNNI";
+
 /// The kernel command line dormant boots with. On PVM hosts it hides the CPU features the
-/// emulated guest kernel cannot execute (see ENVIRONMENT.md); devices are appended by the caller.
+/// emulated guest kernel cannot execute (see ENVIRONMENT.md) and keeps glibc off vector
+/// registers that guest cannot preserve ([`PVM_GLIBC_TUNABLES`]); devices are appended by the
+/// caller.
 pub fn base_cmdline(pvm: bool) -> String {
     let mut c = String::from(
         "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check random.trust_cpu=1 \
@@ -257,6 +273,8 @@ pub fn base_cmdline(pvm: bool) -> String {
         c.push_str(
             " noxsave clearcpuid=cx16,popcnt,smap,smep,rdtscp,rdpid,invpcid,pcid,movbe,sse4_2,aes,pclmulqdq",
         );
+        c.push(' ');
+        c.push_str(PVM_GLIBC_TUNABLES);
     }
     c
 }

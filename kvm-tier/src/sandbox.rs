@@ -284,12 +284,16 @@ impl KvmSandbox {
         spec: &SandboxSpec,
         opts: &KvmOptions,
     ) -> Result<SnapshotId> {
+        // The command line is part of what was booted (a base booted with another one, e.g.
+        // before a workaround was added to it, is not this base).
+        let cmdline = crate::boot::base_cmdline(crate::detect().is_slow());
         let key = format!(
-            "kvm-{}-{}m-{}d-{}v",
+            "kvm-{}-{}m-{}d-{}v-{}",
             image.fingerprint()?,
             spec.memory_limit >> 20,
             opts.disk_size >> 20,
-            FS_IRQS.len()
+            FS_IRQS.len(),
+            &blake3::hash(cmdline.as_bytes()).to_hex()[..8]
         );
         let dir = store.root().join("bases");
         let record = dir.join(&key);

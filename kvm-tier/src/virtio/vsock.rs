@@ -240,6 +240,8 @@ impl ControlQueue {
 
 /// What the worker and the host's streams share.
 type Shared = super::device::Shared<Vsock>;
+/// The device behind its lock (the shell's state, dereferencing to [`Vsock`]).
+type Inner = super::device::Inner<Vsock>;
 
 /// The vsock device's state in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -419,7 +421,7 @@ impl VsockDevice {
 impl Drop for VsockDevice {
     fn drop(&mut self) {
         // The shell then stops the worker and wakes the host's streams, which see the resets.
-        let mut g = self.dev.lock();
+        let mut g: parking_lot::MutexGuard<'_, Inner> = self.dev.lock();
         g.stopped = true;
         for c in g.conns.values_mut() {
             c.state = ConnState::Reset;
@@ -897,5 +899,53 @@ mod tests {
         };
         // 111 bytes in flight across the counter wrap.
         assert_eq!(c.credit(), 889);
+    }
+
+    #[test]
+    fn control_packets_stay_bounded_whatever_the_guest_sends() {
+        let mut v = Vsock {
+            cid: GUEST_CID,
+            conns: HashMap::new(),
+            control: ControlQueue::default(),
+            next_port: FIRST_LOCAL_PORT,
+            packet: Vec::new(),
+        };
+        v.conns.insert(
+            FIRST_LOCAL_PORT,
+            Conn {
+                state: ConnState::Connected,
+                ..Conn::connecting(1024)
+            },
+        );
+        let from_guest = |src_port: u32, dst_port: u32, op: u16| Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            ..Header::default()
+        };
+        // Stray packets (guest connection requests, unknown ports, foreign types): refused,
+        // at most CONTROL_MAX refusals held, the same one once.
+        for port in 0..10_000 {
+            v.handle_packet(from_guest(port, 7, OP_REQUEST), &[]);
+            v.handle_packet(from_guest(5, 7, OP_RW), &[1, 2, 3]);
+        }
+        assert_eq!(v.control.q.len(), CONTROL_MAX);
+        // Credit requests on a live connection: one update waits, even past the cap.
+        for _ in 0..10_000 {
+            v.handle_packet(from_guest(1024, FIRST_LOCAL_PORT, OP_CREDIT_REQUEST), &[]);
+        }
+        assert_eq!(v.control.q.len(), CONTROL_MAX + 1);
+        let last = v.control.q.back().copied();
+        assert_eq!(
+            last.map(|c| (c.local, c.peer, c.op)),
+            Some((FIRST_LOCAL_PORT, 1024, OP_CREDIT_UPDATE))
+        );
+        // A reset is never answered.
+        v.control.q.clear();
+        v.handle_packet(from_guest(9, 9, OP_RST), &[]);
+        assert!(v.control.q.is_empty());
     }
 }

@@ -34,6 +34,10 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// Most directory entries the listings cached for open handles hold together (besides the one
+/// being read).
+pub const MAX_CACHED_ENTRIES: usize = 1 << 14;
+
 /// The root directory's node id.
 pub const ROOT_ID: u64 = 1;
 /// Largest `read`/`write` payload the server accepts (also announced as `max_write`).
@@ -1268,6 +1272,18 @@ impl VolumeServer {
                 entries.push((e.ino(), kind, e.file_name().to_bytes().to_vec()));
             }
             entries.sort_by(|a, b| a.2.cmp(&b.2));
+            // The listings cached for other handles make room: a guest holding many handles
+            // on a large directory cannot multiply it in host memory. An evicted handle reads
+            // its directory again at its next READDIR.
+            let cached: usize = (self.handles.iter())
+                .filter(|&(&fh, _)| fh != r.fh)
+                .filter_map(|(_, h)| h.entries.as_ref().map(Vec::len))
+                .sum();
+            if cached + entries.len() > MAX_CACHED_ENTRIES {
+                for h in self.handles.values_mut() {
+                    h.entries = None;
+                }
+            }
             if let Some(h) = self.handles.get_mut(&r.fh) {
                 h.entries = Some(entries);
             }
@@ -2067,5 +2083,52 @@ mod tests {
                 prop_assert_eq!(root, Ok(libc::S_IFDIR));
             }
         }
+    }
+
+    /// Listings are cached per open directory handle; together they stay bounded, and a handle
+    /// whose listing made room reads its directory again.
+    #[test]
+    fn cached_listings_stay_bounded_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = MAX_CACHED_ENTRIES / 2 + 1000;
+        for i in 0..n {
+            std::fs::File::create(dir.path().join(format!("{i:08}"))).unwrap();
+        }
+        let mut g = Guest::new(dir.path(), false);
+        init(&mut g);
+        let readdir = |g: &mut Guest, fh: u64, offset: u64| {
+            let r = ReadIn {
+                fh,
+                offset,
+                size: 4096,
+                read_flags: 0,
+                lock_owner: 0,
+                flags: 0,
+                padding: 0,
+            };
+            let out = g.call(READDIR, ROOT_ID, r.as_bytes()).unwrap();
+            let (d, rest) = Dirent::read_from_prefix(&out).unwrap();
+            (d.off, rest[..d.namelen as usize].to_vec())
+        };
+        let o = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            open_flags: 0,
+        };
+        let mut fhs = Vec::new();
+        for _ in 0..3 {
+            let out = g.call(OPENDIR, ROOT_ID, o.as_bytes()).unwrap();
+            let fh = OpenOut::read_from_prefix(&out).unwrap().0.fh;
+            assert_eq!(readdir(&mut g, fh, 2), (3, b"00000000".to_vec()));
+            fhs.push(fh);
+            let cached: usize =
+                g.s.handles
+                    .values()
+                    .filter_map(|h| h.entries.as_ref().map(Vec::len))
+                    .sum();
+            assert!(cached <= MAX_CACHED_ENTRIES, "{cached} entries cached");
+        }
+        // The first handle's listing was dropped; it goes on where it was.
+        assert!(g.s.handles[&fhs[0]].entries.is_none());
+        assert_eq!(readdir(&mut g, fhs[0], 502), (503, b"00000500".to_vec()));
     }
 }

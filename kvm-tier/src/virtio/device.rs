@@ -25,7 +25,7 @@
 //!   cannot starve a checkpoint, a shutdown or the host side of a device.
 //!
 //! Devices copy between the chain and their backing store in bounded pieces (or straight from
-//! one mapping to the other, see [`ChainReader::copy_to`]); none allocates anything sized by a
+//! one mapping to the other, see [`ChainReader::copy_to`]); none allocates a buffer sized by a
 //! guest-controlled length above [`GUEST_ALLOCATION_BOUND`]. The property tests
 //! (`tests/virtio_chains.rs`) feed random chains to every device and check that bound with a
 //! counting allocator.
@@ -47,9 +47,12 @@ pub const MAX_CHAIN_DESCRIPTORS: usize = 256;
 /// The most chains served from one queue per wakeup of the worker before it checks pause and
 /// stop again.
 pub const CHAINS_PER_ROUND: usize = 64;
-/// No device allocates more than this many bytes in one piece while serving guest chains,
-/// whatever lengths the guest claims (the largest buffers are virtio-fs's request and reply,
-/// see [`crate::volume::MAX_IO`], and a vsock connection's receive buffer).
+/// No device allocates a buffer sized by what the guest claims (a chain's lengths, a length
+/// field in a request) above this many bytes in one piece, whatever it claims: the largest are
+/// virtio-fs's request and reply (see [`crate::volume::MAX_IO`]) and a vsock connection's
+/// receive buffer. The volume server's tables, which grow with what the guest opens, have caps
+/// of their own ([`crate::volume::MAX_NODES`], [`crate::volume::MAX_HANDLES`],
+/// [`crate::volume::MAX_CACHED_ENTRIES`]).
 pub const GUEST_ALLOCATION_BOUND: usize = 512 << 10;
 
 /// A zeroed block to fill guest buffers from without allocating.

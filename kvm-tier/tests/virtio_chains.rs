@@ -514,9 +514,18 @@ fn blk_worst() -> Vec<Chain> {
 #[test]
 fn blk_survives_the_worst_chains_without_large_allocations() {
     let mut b = blk();
-    for c in blk_worst() {
+    let whole = RAM as u64 - BUFS - 4096;
+    let last = BUFS + 4096 + whole - 1;
+    for (i, c) in blk_worst().into_iter().enumerate() {
+        b.drv.mem.write_obj(0xeeu8, GuestAddress(last)).unwrap();
         let (status, id) = bounded(BLK, || b.attack(&c));
         assert_eq!((status, &id), (0, b"dormant-disk"), "after {c:?}");
+        if i < 3 {
+            // A read, an unknown type, GET_ID, each with more room than any request: refused
+            // with IOERR in the status byte, where the guest looks for it.
+            let s: u8 = b.drv.mem.read_obj(GuestAddress(last)).unwrap();
+            assert_eq!(s, 1, "the status of {c:?}");
+        }
     }
 }
 
@@ -840,4 +849,9 @@ fn fs_refuses_requests_larger_than_it_serves_without_allocating_them() {
     };
     let (error, answers) = bounded(FS, || f.attack(REQUESTS, &c));
     assert_eq!((error, answers), (0, true));
+    // The long request itself got E2BIG, answered from its header.
+    let reply = BUFS + 4096;
+    let error: i32 = f.drv.mem.read_obj(GuestAddress(reply + 4)).unwrap();
+    let unique: u64 = f.drv.mem.read_obj(GuestAddress(reply + 8)).unwrap();
+    assert_eq!((error, unique), (-libc::E2BIG, 9));
 }

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{Device, DeviceLogic, Queues, Request};
+use super::device::{Chain, Device, DeviceLogic, Queues, Request};
 use super::mmio::{TransportState, VirtioDevice};
 use crate::vm::{GuestMemory, GuestRam};
 
@@ -68,7 +68,10 @@ impl DeviceLogic for Blk {
     const MAX_WRITABLE: usize = MAX_REQUEST + 1;
 
     fn process(&mut self, queues: &mut Queues<'_>) {
-        while queues.serve(0, |req| self.serve(req).unwrap_or(0)) {}
+        while queues.serve(0, |c| match c {
+            Chain::Request(req) => self.serve(req).unwrap_or(0),
+            Chain::OverCaps(req) => refuse(req),
+        }) {}
     }
 }
 
@@ -149,6 +152,18 @@ impl BlockDevice {
     pub fn disk(&self) -> &GuestRam {
         &self.disk
     }
+}
+
+/// A request longer than the device serves: `IOERR` in its status byte, the last of its
+/// writable part, which is skipped to (not zeroed); the used length counts the whole part, as
+/// for any answer.
+fn refuse(req: &mut Request<'_>) -> u32 {
+    let w = &mut req.writer;
+    let room = w.available();
+    if room == 0 || w.skip(room - 1).is_err() || w.write_all(&[S_IOERR]).is_err() {
+        return 0;
+    }
+    u32::try_from(room).unwrap_or(u32::MAX)
 }
 
 impl Blk {

@@ -17,9 +17,11 @@
 //!   means a guest that rewrites its descriptors meanwhile cannot make the device see other
 //!   lengths than the ones checked.
 //! - **Bytes per chain**: each device states the largest readable and writable parts it
-//!   serves ([`DeviceLogic::MAX_READABLE`], [`DeviceLogic::MAX_WRITABLE`]). A chain over either,
-//!   with a descriptor outside guest memory, or with a readable descriptor after a writable one,
-//!   is returned to the guest unserved (used length 0) and the device never sees it.
+//!   serves ([`DeviceLogic::MAX_READABLE`], [`DeviceLogic::MAX_WRITABLE`]); a chain over either
+//!   reaches it as [`Chain::OverCaps`], to be refused (with an error status where the device
+//!   has one), never served. A chain with a descriptor outside guest memory, or a readable
+//!   descriptor after a writable one, is returned to the guest unserved (used length 0) and
+//!   the device never sees it.
 //! - **Chains per wakeup**: at most [`CHAINS_PER_ROUND`] from each queue before the worker
 //!   drops its lock and checks pause and stop again, so a guest that keeps its avail ring full
 //!   cannot starve a checkpoint, a shutdown or the host side of a device.
@@ -85,18 +87,25 @@ enum Refused {
     TooManyDescriptors,
     OutsideMemory,
     ReadableAfterWritable,
-    TooLong,
+}
+
+/// A chain's descriptors as read: how many are readable (they come first), and whether their
+/// lengths are over the device's caps.
+#[derive(Debug, Clone, Copy)]
+struct Collected {
+    readable: usize,
+    over_caps: bool,
 }
 
 /// Reads the chain's descriptors into `descs` (at most [`MAX_CHAIN_DESCRIPTORS`]) and checks
-/// them; returns how many of them are readable (they come first).
+/// them.
 fn collect<M>(
     chain: virtio_queue::DescriptorChain<M>,
     mem: &GuestMemory,
     descs: &mut Vec<Desc>,
     max_readable: usize,
     max_writable: usize,
-) -> Result<usize, Refused>
+) -> Result<Collected, Refused>
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
@@ -122,15 +131,15 @@ where
             readable += u64::from(d.len());
             n_readable += 1;
         }
-        if readable > max_readable as u64 || writable > max_writable as u64 {
-            return Err(Refused::TooLong);
-        }
         descs.push(Desc {
             addr: d.addr().0,
             len: d.len(),
         });
     }
-    Ok(n_readable)
+    Ok(Collected {
+        readable: n_readable,
+        over_caps: readable > max_readable as u64 || writable > max_writable as u64,
+    })
 }
 
 /// A position in a list of descriptors.
@@ -319,12 +328,23 @@ impl std::io::Write for ChainWriter<'_> {
     }
 }
 
-/// One chain the shell checked against the device's caps: what the guest sent and the room
-/// for the answer.
+/// One chain, its descriptors checked by the shell: what the guest sent and the room for the
+/// answer.
 #[derive(Debug)]
 pub struct Request<'a> {
     pub reader: ChainReader<'a>,
     pub writer: ChainWriter<'a>,
+}
+
+/// A chain the shell hands a device.
+#[derive(Debug)]
+pub enum Chain<'r, 'a> {
+    /// Within the device's caps: serve it.
+    Request(&'r mut Request<'a>),
+    /// Sound descriptors, but longer than the device's caps: not to be served. The device may
+    /// still answer it in a few bytes (an error status where the guest looks for one), reading
+    /// no more than a request's header.
+    OverCaps(&'r mut Request<'a>),
 }
 
 /// The device's queues during one round of work (see [`DeviceLogic::process`]).
@@ -342,12 +362,13 @@ pub struct Queues<'a> {
 }
 
 impl Queues<'_> {
-    /// Takes the next chain of queue `q` and, if it is within the device's caps, lets `serve`
-    /// answer it (`serve` returns the bytes it wrote into the guest's buffers); the chain then
-    /// goes back to the guest as used. A chain over the caps goes back unserved (`serve` is
-    /// not called). Returns `false` when there is no chain, or this round's share of `q` is
-    /// used up.
-    pub fn serve(&mut self, q: usize, serve: impl FnOnce(&mut Request<'_>) -> u32) -> bool {
+    /// Takes the next chain of queue `q` and lets `serve` answer it (`serve` returns the bytes
+    /// it wrote into the guest's buffers); the chain then goes back to the guest as used. A
+    /// chain whose descriptors are unsound (too many, outside guest memory, readable after
+    /// writable) goes back unserved, `serve` not called; one longer than the device's caps
+    /// comes as [`Chain::OverCaps`]. Returns `false` when there is no chain, or this round's
+    /// share of `q` is used up.
+    pub fn serve(&mut self, q: usize, serve: impl FnOnce(Chain<'_, '_>) -> u32) -> bool {
         let (Some(queue), Some(served)) = (self.queues.get_mut(q), self.served.get_mut(q)) else {
             return false;
         };
@@ -362,12 +383,19 @@ impl Queues<'_> {
         *served += 1;
         let head = chain.head_index();
         let written = match collect(chain, mem, self.descs, self.max_readable, self.max_writable) {
-            Ok(n_readable) => {
-                let (r, w) = self.descs.split_at(n_readable);
-                serve(&mut Request {
+            Ok(c) => {
+                let (r, w) = self.descs.split_at(c.readable);
+                let mut req = Request {
                     reader: ChainReader(Cursor::new(mem, r)),
                     writer: ChainWriter(Cursor::new(mem, w)),
-                })
+                };
+                if c.over_caps {
+                    self.refused += 1;
+                    tracing::debug!(queue = q, "virtio chain over the device's caps");
+                    serve(Chain::OverCaps(&mut req))
+                } else {
+                    serve(Chain::Request(&mut req))
+                }
             }
             Err(why) => {
                 self.refused += 1;
@@ -391,7 +419,7 @@ pub struct Inner<D: VirtioDevice> {
     pub paused: bool,
     /// The device is being dropped; the worker ends.
     pub stopped: bool,
-    /// Chains returned unserved since the device was created.
+    /// Chains returned unserved or over the device's caps since the device was created.
     pub refused: u64,
     descs: Vec<Desc>,
     served: Vec<usize>,
@@ -661,6 +689,7 @@ mod tests {
     #[derive(Debug, Default)]
     struct Probe {
         seen: Vec<(usize, usize, Vec<u8>)>,
+        over_caps: Vec<(usize, usize)>,
         refill: Option<GuestMemory>,
     }
 
@@ -683,7 +712,15 @@ mod tests {
         const MAX_READABLE: usize = 4096;
         const MAX_WRITABLE: usize = 8192;
         fn process(&mut self, queues: &mut Queues<'_>) {
-            while queues.serve(0, |req| {
+            while queues.serve(0, |c| {
+                let req = match c {
+                    Chain::Request(req) => req,
+                    Chain::OverCaps(req) => {
+                        let lens = (req.reader.available(), req.writer.available());
+                        self.over_caps.push(lens);
+                        return 0;
+                    }
+                };
                 let (r, w) = (req.reader.available(), req.writer.available());
                 let mut head = vec![0u8; r.min(8)];
                 req.reader.read_exact(&mut head).unwrap();
@@ -830,6 +867,8 @@ mod tests {
                 (0, 32 * MAX_CHAIN_DESCRIPTORS, vec![]),
             ]
         );
+        // The chains over the caps reach the device as such, whole.
+        assert_eq!(d.over_caps, vec![(16 * 512, 0), (0, 16384)]);
         assert_eq!(d.refused, 5);
         // Every chain went back to the guest, the refused ones with nothing written.
         assert_eq!(

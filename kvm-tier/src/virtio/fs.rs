@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{Device, DeviceLogic, Queues, Request};
+use super::device::{Chain, Device, DeviceLogic, Queues, Request};
 use super::mmio::{TransportState, VirtioDevice};
 use crate::vm::GuestMemory;
 use crate::volume::{BATCH_FORGET, FORGET, InHeader, MAX_IO, OutHeader, VolumeServer, VolumeState};
@@ -63,15 +63,18 @@ impl VirtioDevice for Fs {
 }
 
 impl DeviceLogic for Fs {
-    /// A request; longer ones are returned to the guest unserved (Linux sends at most a
-    /// `WRITE` of [`MAX_IO`] with its headers).
+    /// A request (Linux sends at most a `WRITE` of [`MAX_IO`] with its headers); a longer one
+    /// is answered `E2BIG` from its header alone.
     const MAX_READABLE: usize = MAX_REQUEST;
     /// Room for a reply (at most a `READ` of [`MAX_IO`] with its header).
     const MAX_WRITABLE: usize = MAX_REQUEST;
 
     fn process(&mut self, queues: &mut Queues<'_>) {
         for q in 0..QUEUE_SIZES.len() {
-            while queues.serve(q, |req| self.serve(req).unwrap_or(0)) {}
+            while queues.serve(q, |c| match c {
+                Chain::Request(req) => self.serve(req).unwrap_or(0),
+                Chain::OverCaps(req) => self.refuse(req).unwrap_or(0),
+            }) {}
         }
     }
 }
@@ -170,6 +173,23 @@ impl FsDevice {
 }
 
 impl Fs {
+    /// A request longer than the device serves: never read whole, answered `E2BIG` from its
+    /// header, if the guest left room for that.
+    fn refuse(&mut self, req: &mut Request<'_>) -> Option<u32> {
+        let Request {
+            reader: r,
+            writer: w,
+        } = req;
+        let mut hdr = [0u8; size_of::<InHeader>()];
+        r.read_exact(&mut hdr).ok()?;
+        error_reply(&hdr, libc::E2BIG, &mut self.reply);
+        if self.reply.is_empty() || self.reply.len() > w.available() {
+            return Some(0);
+        }
+        w.write_all(&self.reply).ok()?;
+        Some(self.reply.len() as u32)
+    }
+
     /// One FUSE request (the shell keeps it within [`MAX_REQUEST`]); returns the bytes written
     /// into the guest's buffers.
     fn serve(&mut self, req: &mut Request<'_>) -> Option<u32> {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{ChainReader, ChainWriter, Device, DeviceLogic, Queues};
+use super::device::{Chain, ChainReader, ChainWriter, Device, DeviceLogic, Queues};
 use super::mmio::{TransportState, VirtioDevice};
 use crate::vm::GuestMemory;
 
@@ -430,9 +430,9 @@ impl Drop for VsockDevice {
 }
 
 impl DeviceLogic for Vsock {
-    /// A packet's header and payload.
+    /// A packet's header and payload; a longer chain is dropped.
     const MAX_READABLE: usize = HDR + MAX_PKT as usize;
-    /// A receive buffer (Linux posts 4 KiB ones).
+    /// A receive buffer (Linux posts 4 KiB ones); a larger one is returned unused.
     const MAX_WRITABLE: usize = HDR + MAX_PKT as usize;
 
     fn process(&mut self, queues: &mut Queues<'_>) {
@@ -464,8 +464,10 @@ impl Vsock {
         loop {
             let mut packet = None;
             let buf = &mut self.packet;
-            if !queues.serve(TX, |req| {
-                packet = read_packet(&mut req.reader, buf);
+            if !queues.serve(TX, |c| {
+                if let Chain::Request(req) = c {
+                    packet = read_packet(&mut req.reader, buf);
+                }
                 0
             }) {
                 break;
@@ -572,7 +574,11 @@ impl Vsock {
             } else {
                 break;
             };
-            if !queues.serve(RX, |req| self.fill(next, &mut req.writer)) {
+            let served = queues.serve(RX, |c| match c {
+                Chain::Request(req) => self.fill(next, &mut req.writer),
+                Chain::OverCaps(_) => 0,
+            });
+            if !served {
                 break;
             }
         }

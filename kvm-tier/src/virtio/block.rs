@@ -129,10 +129,12 @@ impl BlockDevice {
         self.dev.irq_fd()
     }
 
+    /// A register read from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
         self.dev.mmio_read(offset, data);
     }
 
+    /// A register write from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
         self.dev.mmio_write(offset, data);
     }
@@ -142,6 +144,7 @@ impl BlockDevice {
         self.dev.set_paused(paused);
     }
 
+    /// The device's state (pause first for a consistent snapshot).
     pub fn state(&self) -> BlockState {
         BlockState {
             transport: self.dev.transport_state(),

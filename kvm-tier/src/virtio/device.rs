@@ -332,7 +332,9 @@ impl std::io::Write for ChainWriter<'_> {
 /// answer.
 #[derive(Debug)]
 pub struct Request<'a> {
+    /// The readable part: what the guest sent.
     pub reader: ChainReader<'a>,
+    /// The writable part: room for the answer.
     pub writer: ChainWriter<'a>,
 }
 
@@ -414,6 +416,7 @@ impl Queues<'_> {
 /// worker's flags. Dereferences to the device model.
 #[derive(Debug)]
 pub struct Inner<D: VirtioDevice> {
+    /// The registers and queues, with the device model inside.
     pub t: MmioTransport<D>,
     /// Serving is suspended (for a consistent checkpoint).
     pub paused: bool,
@@ -476,6 +479,7 @@ impl<D: DeviceLogic> Inner<D> {
 /// What the worker thread and the host side share.
 #[derive(Debug)]
 pub struct Shared<D: VirtioDevice> {
+    /// The device, its transport and the worker's flags.
     pub inner: Mutex<Inner<D>>,
     /// Notified after every round of work (host-side waiters of a device).
     pub cv: Condvar,

@@ -150,10 +150,12 @@ impl FsDevice {
         self.dev.irq_fd()
     }
 
+    /// A register read from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
         self.dev.mmio_read(offset, data);
     }
 
+    /// A register write from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
         self.dev.mmio_write(offset, data);
     }
@@ -163,6 +165,7 @@ impl FsDevice {
         self.dev.set_paused(paused);
     }
 
+    /// The slot's state (pause first for a consistent snapshot).
     pub fn state(&self) -> FsState {
         let g = self.dev.lock();
         FsState {

@@ -357,6 +357,7 @@ impl VsockDevice {
         self.dev.irq_fd()
     }
 
+    /// The host's handle for opening (and adopting) connections to the guest.
     pub fn host(&self) -> VsockHost {
         VsockHost {
             shared: self.dev.shared().clone(),

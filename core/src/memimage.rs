@@ -530,11 +530,8 @@ mod tests {
     /// every page of the image leaves the file's allocation as it was.
     #[test]
     fn images_on_tmpfs_are_mapped_without_their_holes() {
+        // Every Linux system has a tmpfs at /dev/shm.
         let shm = std::path::Path::new("/dev/shm");
-        if !shm.is_dir() {
-            eprintln!("SKIPPED: no /dev/shm (tmpfs) on this machine");
-            return;
-        }
         let tmp = tempfile::tempdir_in(shm).unwrap();
         let f = File::options()
             .read(true)

@@ -276,14 +276,7 @@ impl Machine {
                 cmdline: &cmdline,
             },
         )?;
-        let console = ConsoleLog::new(cfg.console_echo);
-        let uart_irq = EventFd::new(EFD_NONBLOCK).map_err(device("serial"))?;
-        vm.register_irqfd(&uart_irq, COM1_IRQ)?;
-        let uart = Uart::new(IrqLine(uart_irq), console.clone());
-        let vsock_irq = EventFd::new(EFD_NONBLOCK).map_err(device("vsock"))?;
-        let vsock = VsockDevice::new(vm.ram().memory().clone(), vsock_irq, None)
-            .map_err(device("vsock"))?;
-        let block = match &cfg.disk_image {
+        let disk = match &cfg.disk_image {
             Some(path) => {
                 let file = std::fs::File::open(path).map_err(device("block"))?;
                 let size = file.metadata().map_err(device("block"))?.len() as usize;
@@ -296,7 +289,37 @@ impl Machine {
                         ),
                     });
                 }
-                let disk = GuestRam::from_image(&file, size)?;
+                Some(GuestRam::from_image(&file, size)?)
+            }
+            None => None,
+        };
+        Self::start_loaded(vm, disk, cfg.volume_slots, &cfg.volumes, cfg.console_echo)
+    }
+
+    /// Starts a machine around `vm`, whose memory and vCPU registers the caller has loaded (a
+    /// kernel, as [`Self::boot`] does, or any other guest code, such as the tiny hand-written
+    /// guests of the tests): fresh devices (vsock, the disk over `disk` if given, and
+    /// `volume_slots` volume slots with `volumes` attached to the first ones) are wired to
+    /// their MMIO windows and interrupt lines (see the module's layout), then the vCPU starts.
+    ///
+    /// Errors: a device could not be created (`volumes` longer than the slots, more slots
+    /// than [`FS_IRQS`], a volume that cannot be opened) or registered with KVM.
+    pub fn start_loaded(
+        vm: MicroVm,
+        disk: Option<GuestRam>,
+        volume_slots: usize,
+        volumes: &[VolumeAttach],
+        console_echo: bool,
+    ) -> Result<Machine> {
+        let console = ConsoleLog::new(console_echo);
+        let uart_irq = EventFd::new(EFD_NONBLOCK).map_err(device("serial"))?;
+        vm.register_irqfd(&uart_irq, COM1_IRQ)?;
+        let uart = Uart::new(IrqLine(uart_irq), console.clone());
+        let vsock_irq = EventFd::new(EFD_NONBLOCK).map_err(device("vsock"))?;
+        let vsock = VsockDevice::new(vm.ram().memory().clone(), vsock_irq, None)
+            .map_err(device("vsock"))?;
+        let block = match disk {
+            Some(disk) => {
                 let irq = EventFd::new(EFD_NONBLOCK).map_err(device("block"))?;
                 Some(
                     BlockDevice::new(vm.ram().memory().clone(), disk, irq, None)
@@ -305,7 +328,7 @@ impl Machine {
             }
             None => None,
         };
-        let fs = volume_devices(&vm, cfg.volume_slots, &cfg.volumes, None)?;
+        let fs = volume_devices(&vm, volume_slots, volumes, None)?;
         Self::start(vm, uart, vsock, block, fs, console)
     }
 
@@ -369,17 +392,17 @@ impl Machine {
         fs: Vec<FsDevice>,
         console: ConsoleLog,
     ) -> Result<Machine> {
-        vm.register_irqfd(&vsock.irq_fd(), VSOCK_IRQ)?;
+        vm.register_irqfd(vsock.irq_fd(), VSOCK_IRQ)?;
         for (i, evt) in vsock.queue_evts().iter().enumerate() {
             vm.register_mmio_ioeventfd(evt, VSOCK_MMIO_BASE + QUEUE_NOTIFY, i as u32)?;
         }
         if let Some(b) = &block {
-            vm.register_irqfd(&b.irq_fd(), BLK_IRQ)?;
+            vm.register_irqfd(b.irq_fd(), BLK_IRQ)?;
             vm.register_mmio_ioeventfd(b.queue_evt(), BLK_MMIO_BASE + QUEUE_NOTIFY, 0)?;
         }
         for (i, f) in fs.iter().enumerate() {
             let base = FS_MMIO_BASE + i as u64 * MMIO_SIZE;
-            vm.register_irqfd(&f.irq_fd(), FS_IRQS[i])?;
+            vm.register_irqfd(f.irq_fd(), FS_IRQS[i])?;
             for (q, evt) in f.queue_evts().iter().enumerate() {
                 vm.register_mmio_ioeventfd(evt, base + QUEUE_NOTIFY, q as u32)?;
             }

@@ -34,6 +34,10 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// Most directory entries the listings cached for open handles hold together (besides the one
+/// being read).
+pub const MAX_CACHED_ENTRIES: usize = 1 << 14;
+
 /// The root directory's node id.
 pub const ROOT_ID: u64 = 1;
 /// Largest `read`/`write` payload the server accepts (also announced as `max_write`).
@@ -969,10 +973,15 @@ impl VolumeServer {
                 let (path, dir) = self.child(id, name)?;
                 let keep = allowed_open_flags(c.flags);
                 let create = OFlags::from_bits_retain(c.flags) & (OFlags::EXCL | OFlags::TRUNC);
+                // Non-blocking, as in `reopen`: the name may be an existing FIFO.
                 let fd = rustix::fs::openat2(
                     &dir,
                     os(leaf(&path)),
-                    keep | create | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    keep | create
+                        | OFlags::CREATE
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC
+                        | OFlags::NONBLOCK,
                     Mode::from_bits_truncate(c.mode & 0o7777),
                     beneath(),
                 )?;
@@ -1183,7 +1192,10 @@ impl VolumeServer {
     }
 
     fn reopen(&self, rel: &[u8], flags: u32, dir: bool) -> Res<OwnedFd> {
-        let mut f = OFlags::from_bits_retain(flags) | OFlags::CLOEXEC | OFlags::NOCTTY;
+        // Non-blocking: opening a FIFO (a guest can make one) must not wait for its other end,
+        // which would hang the device's worker; regular files and directories are unaffected.
+        let mut f =
+            OFlags::from_bits_retain(flags) | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
         if dir {
             f |= OFlags::DIRECTORY;
         }
@@ -1361,13 +1373,26 @@ impl VolumeServer {
                 entries.push((e.ino(), kind, e.file_name().to_bytes().to_vec()));
             }
             entries.sort_by(|a, b| a.2.cmp(&b.2));
+            // The listings cached for other handles make room: a guest holding many handles
+            // on a large directory cannot multiply it in host memory. An evicted handle reads
+            // its directory again at its next READDIR.
+            let cached: usize = (self.handles.iter())
+                .filter(|&(&fh, _)| fh != r.fh)
+                .filter_map(|(_, h)| h.entries.as_ref().map(Vec::len))
+                .sum();
+            if cached + entries.len() > MAX_CACHED_ENTRIES {
+                for h in self.handles.values_mut() {
+                    h.entries = None;
+                }
+            }
             if let Some(h) = self.handles.get_mut(&r.fh) {
                 h.entries = Some(entries);
             }
         }
         let h = self.handles.get(&r.fh).ok_or(Errno::BADF)?;
         let entries = h.entries.as_deref().unwrap_or_default();
-        let limit = out.len() + r.size as usize;
+        // The guest's size is capped like a READ's: a listing never makes a larger reply.
+        let limit = out.len() + r.size.min(MAX_IO) as usize;
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(r.offset as usize) {
             let rec = size_of::<Dirent>() + name.len();
             let padded = rec.next_multiple_of(8);
@@ -2016,5 +2041,233 @@ mod tests {
             self.s.handle(&req, &mut reply);
             reply.len()
         }
+    }
+
+    /// Runs `f` on another thread: its result, or `None` if it has not returned within two
+    /// minutes (a hang).
+    fn within_minutes<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(120)).ok()
+    }
+
+    /// A guest can make a FIFO; opening it (for reading, for writing, or by creating its name
+    /// again) must not wait for the FIFO's other end, which would hang the device's worker.
+    #[test]
+    fn opening_a_fifo_never_waits_for_its_other_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Guest::new(dir.path(), false);
+        init(&mut g);
+        let mut body = MknodIn {
+            mode: libc::S_IFIFO | 0o600,
+            rdev: 0,
+            umask: 0,
+            padding: 0,
+        }
+        .as_bytes()
+        .to_vec();
+        body.extend_from_slice(&cstring("fifo"));
+        g.call(MKNOD, ROOT_ID, &body).unwrap();
+        let node = g.lookup(ROOT_ID, "fifo").unwrap().nodeid;
+        let opened = within_minutes(move || {
+            let r = g.open(node, libc::O_RDONLY);
+            let w = g.open(node, libc::O_WRONLY);
+            let c = g.create(ROOT_ID, "fifo").map(|_| ());
+            (r.map(|_| ()), w.map(|_| ()), c)
+        });
+        let (r, w, c) = opened.expect("an open of a FIFO returned");
+        // Whatever the answers, they came; a reader's end is there for the writer.
+        assert_eq!((r, w, c), (Ok(()), Ok(()), Ok(())));
+    }
+
+    /// A `READDIR` asks for up to 4 GiB of entries: the reply stays within what a `READ` may
+    /// return, however large the directory.
+    #[test]
+    fn a_listing_never_makes_a_reply_larger_than_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..3000 {
+            std::fs::write(dir.path().join(format!("{i:0>100}")), b"").unwrap();
+        }
+        let mut g = Guest::new(dir.path(), false);
+        init(&mut g);
+        let o = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            open_flags: 0,
+        };
+        let out = g.call(OPENDIR, ROOT_ID, o.as_bytes()).unwrap();
+        let fh = OpenOut::read_from_prefix(&out).unwrap().0.fh;
+        let r = ReadIn {
+            fh,
+            offset: 0,
+            size: u32::MAX,
+            read_flags: 0,
+            lock_owner: 0,
+            flags: 0,
+            padding: 0,
+        };
+        let entries = g.call(READDIR, ROOT_ID, r.as_bytes()).unwrap();
+        assert!(
+            !entries.is_empty() && entries.len() <= MAX_IO as usize,
+            "{} bytes of entries",
+            entries.len()
+        );
+    }
+
+    mod random {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Opcodes the server knows (most requests), or anything.
+        fn opcode() -> impl Strategy<Value = u32> {
+            let known = [
+                LOOKUP,
+                FORGET,
+                GETATTR,
+                SETATTR,
+                READLINK,
+                SYMLINK,
+                MKNOD,
+                MKDIR,
+                UNLINK,
+                RMDIR,
+                RENAME,
+                LINK,
+                OPEN,
+                READ,
+                WRITE,
+                STATFS,
+                RELEASE,
+                FSYNC,
+                FLUSH,
+                INIT,
+                OPENDIR,
+                READDIR,
+                RELEASEDIR,
+                FSYNCDIR,
+                CREATE,
+                DESTROY,
+                BATCH_FORGET,
+                RENAME2,
+            ];
+            prop_oneof![9 => prop::sample::select(known.to_vec()), 1 => any::<u32>()]
+        }
+
+        /// A request: a header (its length usually right), fixed-size arguments of random
+        /// bytes, names from a small set (some invalid), random trailing bytes.
+        fn request() -> impl Strategy<Value = (u32, u64, Option<u32>, Vec<u8>)> {
+            let names = prop::collection::vec(
+                prop::sample::select(vec!["a", "b", "sub", "fifo", "..", ".", "x/y", ""]),
+                0..3,
+            );
+            let node = prop_oneof![Just(ROOT_ID), 0u64..12, any::<u64>()];
+            let len = prop::option::weighted(0.2, any::<u32>());
+            (
+                opcode(),
+                node,
+                len,
+                prop::collection::vec(any::<u8>(), 0..96),
+                names,
+                prop::collection::vec(any::<u8>(), 0..8),
+            )
+                .prop_map(|(op, node, len, args, names, tail)| {
+                    let mut body = args;
+                    for n in names {
+                        body.extend_from_slice(&cstring(n));
+                    }
+                    body.extend(tail);
+                    (op, node, len, body)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 64,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// Random request sequences: every reply is an error or an answer to its request
+            /// (its header's length and id right), never longer than a `READ` may be, and the
+            /// server still serves afterwards. Run on another thread, so a hang fails the test.
+            #[test]
+            fn random_requests_get_bounded_answers(
+                reqs in prop::collection::vec(request(), 1..60),
+            ) {
+                let served = within_minutes(move || {
+                    let dir = tempfile::tempdir().unwrap();
+                    std::fs::write(dir.path().join("a"), b"data").unwrap();
+                    std::fs::create_dir(dir.path().join("sub")).unwrap();
+                    let mut g = Guest::new(dir.path(), false);
+                    let mut reply = Vec::new();
+                    for (i, (op, node, len, body)) in reqs.into_iter().enumerate() {
+                        g.unique = 1000 + i as u64;
+                        let mut req = g.request(op, node, &body);
+                        if let Some(len) = len {
+                            req[0..4].copy_from_slice(&len.to_ne_bytes());
+                        }
+                        g.s.handle(&req, &mut reply);
+                        if reply.is_empty() {
+                            continue;
+                        }
+                        let (out, _) = OutHeader::read_from_prefix(&reply).unwrap();
+                        assert_eq!(out.len as usize, reply.len());
+                        assert_eq!(out.unique, g.unique);
+                        assert!(reply.len() <= size_of::<OutHeader>() + MAX_IO as usize);
+                    }
+                    g.getattr(ROOT_ID).map(|a| a.mode & libc::S_IFMT)
+                });
+                let root = served.expect("the requests were served in time");
+                prop_assert_eq!(root, Ok(libc::S_IFDIR));
+            }
+        }
+    }
+
+    /// Listings are cached per open directory handle; together they stay bounded, and a handle
+    /// whose listing made room reads its directory again.
+    #[test]
+    fn cached_listings_stay_bounded_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = MAX_CACHED_ENTRIES / 2 + 1000;
+        for i in 0..n {
+            std::fs::File::create(dir.path().join(format!("{i:08}"))).unwrap();
+        }
+        let mut g = Guest::new(dir.path(), false);
+        init(&mut g);
+        let readdir = |g: &mut Guest, fh: u64, offset: u64| {
+            let r = ReadIn {
+                fh,
+                offset,
+                size: 4096,
+                read_flags: 0,
+                lock_owner: 0,
+                flags: 0,
+                padding: 0,
+            };
+            let out = g.call(READDIR, ROOT_ID, r.as_bytes()).unwrap();
+            let (d, rest) = Dirent::read_from_prefix(&out).unwrap();
+            (d.off, rest[..d.namelen as usize].to_vec())
+        };
+        let o = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            open_flags: 0,
+        };
+        let mut fhs = Vec::new();
+        for _ in 0..3 {
+            let out = g.call(OPENDIR, ROOT_ID, o.as_bytes()).unwrap();
+            let fh = OpenOut::read_from_prefix(&out).unwrap().0.fh;
+            assert_eq!(readdir(&mut g, fh, 2), (3, b"00000000".to_vec()));
+            fhs.push(fh);
+            let cached: usize =
+                g.s.handles
+                    .values()
+                    .filter_map(|h| h.entries.as_ref().map(Vec::len))
+                    .sum();
+            assert!(cached <= MAX_CACHED_ENTRIES, "{cached} entries cached");
+        }
+        // The first handle's listing was dropped; it goes on where it was.
+        assert!(g.s.handles[&fhs[0]].entries.is_none());
+        assert_eq!(readdir(&mut g, fhs[0], 502), (503, b"00000500".to_vec()));
     }
 }

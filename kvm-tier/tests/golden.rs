@@ -38,14 +38,6 @@ fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/snapshots")
 }
 
-fn kvm_available() -> bool {
-    if dormant_kvm::detect() == dormant_kvm::HostKvm::Unavailable {
-        eprintln!("SKIPPED: /dev/kvm is not available on this machine; KVM tests did not run");
-        return false;
-    }
-    true
-}
-
 /// Identity-mapped long mode with a flat 64-bit code segment, starting at `CODE`.
 fn boot() -> MicroVm {
     let mut ram = GuestRam::anonymous(RAM).unwrap();
@@ -310,10 +302,8 @@ fn golden_store() -> (tempfile::TempDir, LocalStore, SnapshotId, SnapshotId) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn golden_v1_kvm_snapshots_still_resume() {
-    if !kvm_available() {
-        return;
-    }
     if std::env::var_os("DORMANT_BLESS").is_some() {
         bless();
     }

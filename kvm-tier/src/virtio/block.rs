@@ -8,15 +8,11 @@
 //! because vCPU and devices are quiesced together.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
-use parking_lot::Mutex;
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{Interrupt, MmioTransport, TransportState, VirtioDevice};
+use super::device::{Chain, Device, DeviceLogic, Queues, Request};
+use super::mmio::{TransportState, VirtioDevice};
 use crate::vm::{GuestMemory, GuestRam};
 
 use virtio_bindings::virtio_blk::{
@@ -33,11 +29,15 @@ const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 /// Largest single request the device serves (Linux splits larger ones).
 const MAX_REQUEST: usize = 4 << 20;
+/// A request's header: type, reserved, sector.
+const HEADER: usize = 16;
 
-/// The device as the transport sees it.
+/// The device model: the disk's size and its contents.
 #[derive(Debug)]
 pub struct Blk {
     sectors: u64,
+    disk: GuestMemory,
+    disk_size: u64,
 }
 
 impl VirtioDevice for Blk {
@@ -61,27 +61,30 @@ impl VirtioDevice for Blk {
     fn reset(&mut self) {}
 }
 
+impl DeviceLogic for Blk {
+    /// A header and the data of a `WRITE`.
+    const MAX_READABLE: usize = HEADER + MAX_REQUEST;
+    /// The data of a `READ` and the status byte.
+    const MAX_WRITABLE: usize = MAX_REQUEST + 1;
+
+    fn process(&mut self, queues: &mut Queues<'_>) {
+        while queues.serve(0, |c| match c {
+            Chain::Request(req) => self.serve(req).unwrap_or(0),
+            Chain::OverCaps(req) => refuse(req),
+        }) {}
+    }
+}
+
 /// The block device's state in a snapshot (its contents are a separate layer).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockState {
     pub transport: TransportState,
 }
 
-struct Inner {
-    t: MmioTransport<Blk>,
-    disk: GuestMemory,
-    disk_size: u64,
-    paused: bool,
-    stopped: bool,
-}
-
 /// The device and its worker thread.
 pub struct BlockDevice {
-    inner: Arc<Mutex<Inner>>,
-    queue_evt: EventFd,
-    wake: Arc<EventFd>,
+    dev: Device<Blk>,
     disk: GuestRam,
-    worker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for BlockDevice {
@@ -101,84 +104,50 @@ impl BlockDevice {
         state: Option<&BlockState>,
     ) -> std::io::Result<BlockDevice> {
         let disk_size = disk.size() as u64;
-        let mut t = MmioTransport::new(
-            Blk {
-                sectors: disk_size / SECTOR,
-            },
-            mem,
-            Interrupt::new(irq),
-        );
-        if let Some(s) = state {
-            t.restore(&s.transport)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        }
-        let pending_irq = state.is_some_and(|s| s.transport.interrupt_status != 0);
-        let inner = Arc::new(Mutex::new(Inner {
-            t,
+        let blk = Blk {
+            sectors: disk_size / SECTOR,
             disk: disk.memory().clone(),
             disk_size,
-            paused: false,
-            stopped: false,
-        }));
-        let queue_evt = EventFd::new(EFD_NONBLOCK)?;
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-        let worker = {
-            let inner = inner.clone();
-            let q = queue_evt.try_clone()?;
-            let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("dormant-blk".into())
-                .spawn(move || worker(&inner, &q, &wake))?
         };
-        if pending_irq {
-            inner.lock().t.interrupt.signal_used();
-        }
-        // Requests the guest queued before a checkpoint are served now.
-        let _ = queue_evt.write(1);
-        Ok(BlockDevice {
-            inner,
-            queue_evt,
-            wake,
-            disk,
-            worker: Some(worker),
-        })
+        let dev = Device::new(
+            "dormant-blk".into(),
+            blk,
+            mem,
+            irq,
+            state.map(|s| &s.transport),
+        )?;
+        Ok(BlockDevice { dev, disk })
     }
 
+    /// The eventfd of the request queue's notifications (registered as an ioeventfd).
     pub fn queue_evt(&self) -> &EventFd {
-        &self.queue_evt
+        &self.dev.queue_evts()[0]
     }
 
-    pub fn irq_fd(&self) -> EventFd {
-        self.inner
-            .lock()
-            .t
-            .interrupt
-            .irq_fd()
-            .try_clone()
-            .expect("duplicate an eventfd")
+    /// The eventfd of the device's interrupt line (registered as an irqfd).
+    pub fn irq_fd(&self) -> &EventFd {
+        self.dev.irq_fd()
     }
 
+    /// A register read from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
-        self.inner.lock().t.read(offset, data);
+        self.dev.mmio_read(offset, data);
     }
 
+    /// A register write from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
-        if self.inner.lock().t.write(offset, data).is_some() {
-            let _ = self.queue_evt.write(1);
-        }
+        self.dev.mmio_write(offset, data);
     }
 
     /// Stops (or restarts) serving requests, for a consistent checkpoint.
     pub fn set_paused(&self, paused: bool) {
-        self.inner.lock().paused = paused;
-        if !paused {
-            let _ = self.queue_evt.write(1);
-        }
+        self.dev.set_paused(paused);
     }
 
+    /// The device's state (pause first for a consistent snapshot).
     pub fn state(&self) -> BlockState {
         BlockState {
-            transport: self.inner.lock().t.state(),
+            transport: self.dev.transport_state(),
         }
     }
 
@@ -188,134 +157,71 @@ impl BlockDevice {
     }
 }
 
-impl Drop for BlockDevice {
-    fn drop(&mut self) {
-        self.inner.lock().stopped = true;
-        let _ = self.wake.write(1);
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
+/// A request longer than the device serves: `IOERR` in its status byte, the last of its
+/// writable part, which is skipped to (not zeroed); the used length counts the whole part, as
+/// for any answer.
+fn refuse(req: &mut Request<'_>) -> u32 {
+    let w = &mut req.writer;
+    let room = w.available();
+    if room == 0 || w.skip(room - 1).is_err() || w.write_all(&[S_IOERR]).is_err() {
+        return 0;
     }
+    u32::try_from(room).unwrap_or(u32::MAX)
 }
 
-fn worker(inner: &Mutex<Inner>, queue_evt: &EventFd, wake: &EventFd) {
-    let mut fds = [
-        libc::pollfd {
-            fd: queue_evt.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfd for the whole call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return;
-        }
-        let _ = queue_evt.read();
-        let _ = wake.read();
-        let mut g = inner.lock();
-        if g.stopped {
-            return;
-        }
-        if g.paused || !g.t.is_active() {
-            continue;
-        }
-        if process(&mut g) {
-            g.t.interrupt.signal_used();
-        }
-    }
-}
-
-/// Serves every queued request. Returns whether buffers were used.
-fn process(g: &mut Inner) -> bool {
-    let mem = g.t.mem.clone();
-    let mut used = false;
-    while let Some(chain) = g.t.queues[0].pop_descriptor_chain(&mem) {
-        let head = chain.head_index();
-        let written = serve(g, &mem, chain).unwrap_or(0);
-        let _ = g.t.queues[0].add_used(&mem, head, written);
-        used = true;
-    }
-    used
-}
-
-/// One request; returns the bytes written into guest buffers (data + status).
-fn serve(
-    g: &Inner,
-    mem: &GuestMemory,
-    chain: virtio_queue::DescriptorChain<&GuestMemory>,
-) -> Option<u32> {
-    let mut r = chain.clone().reader(mem).ok()?;
-    let mut w = chain.writer(mem).ok()?;
-    let mut hdr = [0u8; 16];
-    r.read_exact(&mut hdr).ok()?;
-    let kind = u32::from_le_bytes(hdr[0..4].try_into().ok()?);
-    let sector = u64::from_le_bytes(hdr[8..16].try_into().ok()?);
-    let in_range = |len: usize| {
-        sector
-            .checked_mul(SECTOR)
-            .and_then(|off| off.checked_add(len as u64).map(|end| (off, end)))
-            .filter(|&(_, end)| end <= g.disk_size && len <= MAX_REQUEST)
-            .map(|(off, _)| off)
-    };
-    let (status, data_len) = match kind {
-        T_IN => {
-            let len = w.available_bytes().saturating_sub(1);
-            match in_range(len) {
-                Some(off) => {
-                    let mut buf = vec![0u8; len];
-                    if g.disk.read_slice(&mut buf, GuestAddress(off)).is_ok()
-                        && w.write_all(&buf).is_ok()
-                    {
-                        (S_OK, len)
-                    } else {
-                        (S_IOERR, 0)
-                    }
+impl Blk {
+    /// One request; returns the bytes written into guest buffers (data + status). Data goes
+    /// straight between the guest's buffers and the disk mapping: nothing is allocated.
+    fn serve(&self, req: &mut Request<'_>) -> Option<u32> {
+        let Request {
+            reader: r,
+            writer: w,
+        } = req;
+        let mut hdr = [0u8; HEADER];
+        r.read_exact(&mut hdr).ok()?;
+        let kind = u32::from_le_bytes(hdr[0..4].try_into().ok()?);
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().ok()?);
+        let in_range = |len: usize| {
+            sector
+                .checked_mul(SECTOR)
+                .and_then(|off| off.checked_add(len as u64).map(|end| (off, end)))
+                .filter(|&(_, end)| end <= self.disk_size && len <= MAX_REQUEST)
+                .map(|(off, _)| off)
+        };
+        let (status, data_len) = match kind {
+            T_IN => {
+                let len = w.available().saturating_sub(1);
+                match in_range(len) {
+                    Some(off) if w.copy_from(&self.disk, off, len).is_ok() => (S_OK, len),
+                    _ => (S_IOERR, 0),
                 }
-                None => (S_IOERR, 0),
             }
-        }
-        T_OUT => {
-            let len = r.available_bytes();
-            match in_range(len) {
-                Some(off) => {
-                    let mut buf = vec![0u8; len];
-                    if r.read_exact(&mut buf).is_ok()
-                        && g.disk.write_slice(&buf, GuestAddress(off)).is_ok()
-                    {
-                        (S_OK, 0)
-                    } else {
-                        (S_IOERR, 0)
-                    }
+            T_OUT => {
+                let len = r.available();
+                match in_range(len) {
+                    Some(off) if r.copy_to(&self.disk, off, len).is_ok() => (S_OK, 0),
+                    _ => (S_IOERR, 0),
                 }
-                None => (S_IOERR, 0),
             }
-        }
-        // Writes land in host memory at once and reach disk only in a checkpoint.
-        T_FLUSH => (S_OK, 0),
-        T_GET_ID => {
-            let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-            id[..12].copy_from_slice(b"dormant-disk");
-            let n = w.available_bytes().saturating_sub(1).min(id.len());
-            if w.write_all(&id[..n]).is_ok() {
-                (S_OK, n)
-            } else {
-                (S_IOERR, 0)
+            // Writes land in host memory at once and reach disk only in a checkpoint.
+            T_FLUSH => (S_OK, 0),
+            T_GET_ID => {
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                id[..12].copy_from_slice(b"dormant-disk");
+                let n = w.available().saturating_sub(1).min(id.len());
+                if w.write_all(&id[..n]).is_ok() {
+                    (S_OK, n)
+                } else {
+                    (S_IOERR, 0)
+                }
             }
-        }
-        _ => (S_UNSUPP, 0),
-    };
-    // The status byte is the last byte of the writable part: skip whatever precedes it.
-    let pad = w.available_bytes().saturating_sub(1);
-    if pad > 0 {
-        let _ = w.write_all(&vec![0u8; pad]);
+            _ => (S_UNSUPP, 0),
+        };
+        // The status byte is the last byte of the writable part: zero whatever precedes it
+        // (at most MAX_REQUEST bytes, the shell's cap), from a static block.
+        let pad = w.available().saturating_sub(1);
+        let _ = w.write_zeros(pad);
+        w.write_all(&[status]).ok()?;
+        Some((data_len + pad + 1) as u32)
     }
-    w.write_all(&[status]).ok()?;
-    Some((data_len + pad + 1) as u32)
 }

@@ -7,14 +7,11 @@
 //! is created or resumed; an unattached slot answers every request with `ENODEV`.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
-use parking_lot::Mutex;
-use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{Interrupt, MmioTransport, TransportState, VirtioDevice};
+use super::device::{Chain, Device, DeviceLogic, Queues, Request};
+use super::mmio::{TransportState, VirtioDevice};
 use crate::vm::GuestMemory;
 use crate::volume::{BATCH_FORGET, FORGET, InHeader, MAX_IO, OutHeader, VolumeServer, VolumeState};
 
@@ -32,10 +29,14 @@ pub fn tag(n: usize) -> String {
     format!("dormant{n}")
 }
 
-/// The device as the transport sees it.
+/// The device model: the slot's tag and the volume attached to it.
 #[derive(Debug)]
 pub struct Fs {
     tag: [u8; TAG_LEN],
+    server: Option<VolumeServer>,
+    /// Reused request and reply buffers (at most [`MAX_REQUEST`] bytes each).
+    request: Vec<u8>,
+    reply: Vec<u8>,
 }
 
 impl VirtioDevice for Fs {
@@ -61,6 +62,23 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {}
 }
 
+impl DeviceLogic for Fs {
+    /// A request (Linux sends at most a `WRITE` of [`MAX_IO`] with its headers); a longer one
+    /// is answered `E2BIG` from its header alone.
+    const MAX_READABLE: usize = MAX_REQUEST;
+    /// Room for a reply (at most a `READ` of [`MAX_IO`] with its header).
+    const MAX_WRITABLE: usize = MAX_REQUEST;
+
+    fn process(&mut self, queues: &mut Queues<'_>) {
+        for q in 0..QUEUE_SIZES.len() {
+            while queues.serve(q, |c| match c {
+                Chain::Request(req) => self.serve(req).unwrap_or(0),
+                Chain::OverCaps(req) => self.refuse(req).unwrap_or(0),
+            }) {}
+        }
+    }
+}
+
 /// A volume slot's state in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FsState {
@@ -77,21 +95,9 @@ pub struct VolumeAttach {
     pub read_only: bool,
 }
 
-struct Inner {
-    t: MmioTransport<Fs>,
-    server: Option<VolumeServer>,
-    paused: bool,
-    stopped: bool,
-    request: Vec<u8>,
-    reply: Vec<u8>,
-}
-
 /// The device and its worker thread.
 pub struct FsDevice {
-    inner: Arc<Mutex<Inner>>,
-    queue_evts: [EventFd; 2],
-    wake: Arc<EventFd>,
-    worker: Option<std::thread::JoinHandle<()>>,
+    dev: Device<Fs>,
 }
 
 impl std::fmt::Debug for FsDevice {
@@ -113,82 +119,55 @@ impl FsDevice {
         let mut tag_bytes = [0u8; TAG_LEN];
         let t = tag(n);
         tag_bytes[..t.len()].copy_from_slice(t.as_bytes());
-        let mut t = MmioTransport::new(Fs { tag: tag_bytes }, mem, Interrupt::new(irq));
-        if let Some(s) = state {
-            t.restore(&s.transport)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        }
         let server = volume
             .map(|v| {
                 VolumeServer::open(&v.host, v.read_only, state.and_then(|s| s.volume.as_ref()))
             })
             .transpose()?;
-        let pending_irq = state.is_some_and(|s| s.transport.interrupt_status != 0);
-        let inner = Arc::new(Mutex::new(Inner {
-            t,
+        let fs = Fs {
+            tag: tag_bytes,
             server,
-            paused: false,
-            stopped: false,
             request: Vec::new(),
             reply: Vec::new(),
-        }));
-        let queue_evts = [EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?];
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-        let worker = {
-            let inner = inner.clone();
-            let q = [queue_evts[0].try_clone()?, queue_evts[1].try_clone()?];
-            let wake = wake.clone();
-            std::thread::Builder::new()
-                .name(format!("dormant-fs{n}"))
-                .spawn(move || worker(&inner, &q, &wake))?
         };
-        if pending_irq {
-            inner.lock().t.interrupt.signal_used();
-        }
-        // Requests the guest queued before a checkpoint are served now.
-        let _ = queue_evts[1].write(1);
-        Ok(FsDevice {
-            inner,
-            queue_evts,
-            wake,
-            worker: Some(worker),
-        })
+        let dev = Device::new(
+            format!("dormant-fs{n}"),
+            fs,
+            mem,
+            irq,
+            state.map(|s| &s.transport),
+        )?;
+        Ok(FsDevice { dev })
     }
 
+    /// The eventfds of the queues' notifications (registered as ioeventfds).
     pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.dev.queue_evts()
     }
 
-    pub fn irq_fd(&self) -> EventFd {
-        self.inner
-            .lock()
-            .t
-            .interrupt
-            .irq_fd()
-            .try_clone()
-            .expect("duplicate an eventfd")
+    /// The eventfd of the device's interrupt line (registered as an irqfd).
+    pub fn irq_fd(&self) -> &EventFd {
+        self.dev.irq_fd()
     }
 
+    /// A register read from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
-        self.inner.lock().t.read(offset, data);
+        self.dev.mmio_read(offset, data);
     }
 
+    /// A register write from the vCPU (`offset` within the device's MMIO window).
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
-        if self.inner.lock().t.write(offset, data).is_some() {
-            let _ = self.queue_evts[1].write(1);
-        }
+        self.dev.mmio_write(offset, data);
     }
 
     /// Stops (or restarts) serving requests, for a consistent checkpoint.
     pub fn set_paused(&self, paused: bool) {
-        self.inner.lock().paused = paused;
-        if !paused {
-            let _ = self.queue_evts[1].write(1);
-        }
+        self.dev.set_paused(paused);
     }
 
+    /// The slot's state (pause first for a consistent snapshot).
     pub fn state(&self) -> FsState {
-        let g = self.inner.lock();
+        let g = self.dev.lock();
         FsState {
             transport: g.t.state(),
             volume: g.server.as_ref().map(VolumeServer::state),
@@ -196,106 +175,59 @@ impl FsDevice {
     }
 }
 
-impl Drop for FsDevice {
-    fn drop(&mut self) {
-        self.inner.lock().stopped = true;
-        let _ = self.wake.write(1);
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
-    }
-}
-
-fn worker(inner: &Mutex<Inner>, queue_evts: &[EventFd; 2], wake: &EventFd) {
-    let pollfd = |fd: i32| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let mut fds = [
-        pollfd(queue_evts[0].as_raw_fd()),
-        pollfd(queue_evts[1].as_raw_fd()),
-        pollfd(wake.as_raw_fd()),
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of three pollfd for the whole call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return;
-        }
-        for e in queue_evts {
-            let _ = e.read();
-        }
-        let _ = wake.read();
-        let mut g = inner.lock();
-        if g.stopped {
-            return;
-        }
-        if g.paused || !g.t.is_active() {
-            continue;
-        }
-        let used = process(&mut g, 0) | process(&mut g, 1);
-        if used {
-            g.t.interrupt.signal_used();
-        }
-    }
-}
-
-/// Serves every request queued on queue `q`. Returns whether buffers were used.
-fn process(g: &mut Inner, q: usize) -> bool {
-    let mem = g.t.mem.clone();
-    let mut used = false;
-    while let Some(chain) = g.t.queues[q].pop_descriptor_chain(&mem) {
-        let head = chain.head_index();
-        let written = serve(g, &mem, chain).unwrap_or(0);
-        let _ = g.t.queues[q].add_used(&mem, head, written);
-        used = true;
-    }
-    used
-}
-
-/// One FUSE request; returns the bytes written into the guest's buffers.
-fn serve(
-    g: &mut Inner,
-    mem: &GuestMemory,
-    chain: virtio_queue::DescriptorChain<&GuestMemory>,
-) -> Option<u32> {
-    let mut r = chain.clone().reader(mem).ok()?;
-    let mut w = chain.writer(mem).ok()?;
-    let len = r.available_bytes();
-    let Inner {
-        server,
-        request,
-        reply,
-        ..
-    } = g;
-    reply.clear();
-    if len > MAX_REQUEST {
-        // Never allocate what a hostile guest claims; answer from the header alone.
+impl Fs {
+    /// A request longer than the device serves: never read whole, answered `E2BIG` from its
+    /// header, if the guest left room for that.
+    fn refuse(&mut self, req: &mut Request<'_>) -> Option<u32> {
+        let Request {
+            reader: r,
+            writer: w,
+        } = req;
         let mut hdr = [0u8; size_of::<InHeader>()];
         r.read_exact(&mut hdr).ok()?;
-        error_reply(&hdr, libc::E2BIG, reply);
-    } else {
-        request.resize(len, 0);
+        error_reply(&hdr, libc::E2BIG, &mut self.reply);
+        if self.reply.is_empty() || self.reply.len() > w.available() {
+            return Some(0);
+        }
+        w.write_all(&self.reply).ok()?;
+        Some(self.reply.len() as u32)
+    }
+
+    /// One FUSE request (the shell keeps it within [`MAX_REQUEST`]); returns the bytes written
+    /// into the guest's buffers.
+    fn serve(&mut self, req: &mut Request<'_>) -> Option<u32> {
+        let Request {
+            reader: r,
+            writer: w,
+        } = req;
+        let Fs {
+            server,
+            request,
+            reply,
+            ..
+        } = self;
+        reply.clear();
+        request.resize(r.available().min(MAX_REQUEST), 0);
         r.read_exact(request).ok()?;
         match server {
             Some(s) => s.handle(request, reply),
             None => error_reply(request, libc::ENODEV, reply),
         }
-    }
-    if reply.is_empty() {
-        return Some(0);
-    }
-    if reply.len() > w.available_bytes() {
-        // The guest left no room for the answer: say so in the header, if that fits.
-        let hdr = reply[..size_of::<OutHeader>()].to_vec();
-        error_reply_from_out(&hdr, libc::EOVERFLOW, reply);
-        if reply.len() > w.available_bytes() {
+        if reply.is_empty() {
             return Some(0);
         }
+        if reply.len() > w.available() {
+            // The guest left no room for the answer: say so in the header, if that fits.
+            let mut hdr = [0u8; size_of::<OutHeader>()];
+            hdr.copy_from_slice(reply.get(..size_of::<OutHeader>())?);
+            error_reply_from_out(&hdr, libc::EOVERFLOW, reply);
+            if reply.len() > w.available() {
+                return Some(0);
+            }
+        }
+        w.write_all(reply).ok()?;
+        Some(reply.len() as u32)
     }
-    w.write_all(reply).ok()?;
-    Some(reply.len() as u32)
 }
 
 /// An error reply to the request whose header starts `req` (none for `FORGET`s).

@@ -17,15 +17,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{Interrupt, MmioTransport, TransportState, VirtioDevice};
+use super::device::{Chain, ChainReader, ChainWriter, Device, DeviceLogic, Queues};
+use super::mmio::{TransportState, VirtioDevice};
 use crate::vm::GuestMemory;
 
 const HOST_CID: u64 = 2;
@@ -41,6 +39,9 @@ const HOST_BUF: u32 = 256 * 1024;
 const OUT_MAX: usize = 256 * 1024;
 /// Largest payload accepted in one guest packet (Linux sends at most 64 KiB).
 const MAX_PKT: u32 = 64 * 1024;
+/// Most refusals (resets of packets that belong to no connection) waiting for the guest to
+/// post receive buffers; more are dropped (see [`ControlQueue::push_refusal`]).
+const CONTROL_MAX: usize = 256;
 /// First local port of host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -104,10 +105,16 @@ impl Header {
     }
 }
 
-/// The device as the transport sees it.
+/// The device model: the guest's context id, the host's connections and the control packets
+/// waiting for the guest.
 #[derive(Debug)]
 pub struct Vsock {
     cid: u64,
+    conns: HashMap<u32, Conn>,
+    control: ControlQueue,
+    next_port: u32,
+    /// A guest packet's payload, reused ([`MAX_PKT`] bytes).
+    packet: Vec<u8>,
 }
 
 impl VirtioDevice for Vsock {
@@ -184,7 +191,7 @@ impl Conn {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Control {
     local: u32,
     peer: u32,
@@ -192,25 +199,54 @@ struct Control {
     flags: u32,
 }
 
-struct Inner {
-    t: MmioTransport<Vsock>,
-    conns: HashMap<u32, Conn>,
-    control: VecDeque<Control>,
-    next_port: u32,
-    paused: bool,
-    stopped: bool,
+/// Control packets waiting for a guest receive buffer, in order. Bounded whatever the guest
+/// does: a connection's own packets are queued at most once each (an identical one already
+/// waiting is enough, and a credit update carries the counters of when it is sent), so they
+/// are bounded by the connections the host opened; refusals of stray guest packets are capped
+/// at [`CONTROL_MAX`].
+#[derive(Debug, Default)]
+struct ControlQueue {
+    q: VecDeque<Control>,
 }
 
-struct Shared {
-    inner: Mutex<Inner>,
-    cv: Condvar,
-    wake: EventFd,
+impl ControlQueue {
+    /// Queues a packet of one of the host's connections, unless the same one is waiting.
+    fn push_back(&mut self, ctl: Control) {
+        if !self.q.contains(&ctl) {
+            self.q.push_back(ctl);
+        }
+    }
+
+    /// Queues the reset that refuses a guest packet belonging to no connection, unless the
+    /// same one is waiting or [`CONTROL_MAX`] packets are. A guest that sends without posting
+    /// receive buffers therefore cannot grow host memory. Dropping such a reset loses nothing
+    /// the guest may rely on: its packet named no connection of ours, and a connection the
+    /// guest tried to open (dormant never accepts one) then times out in the guest instead of
+    /// being refused at once.
+    fn push_refusal(&mut self, ctl: Control) {
+        if self.q.len() < CONTROL_MAX {
+            self.push_back(ctl);
+        }
+    }
+
+    fn front(&self) -> Option<&Control> {
+        self.q.front()
+    }
+
+    fn pop_front(&mut self) -> Option<Control> {
+        self.q.pop_front()
+    }
 }
 
 /// Most connections (open and live together) a vsock state may hold: far more than a sandbox
 /// keeps (one agent connection, a few forwarded ports), few enough that restoring them (and the
 /// resets sent for open ones) stays small. Decoding and restoring refuse more.
 pub const MAX_SNAPSHOT_CONNS: usize = 4096;
+
+/// What the worker and the host's streams share.
+type Shared = super::device::Shared<Vsock>;
+/// The device behind its lock (the shell's state, dereferencing to [`Vsock`]).
+type Inner = super::device::Inner<Vsock>;
 
 /// The vsock device's state in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -277,11 +313,9 @@ pub struct LiveConn {
     pub credit_sent: u32,
 }
 
-/// The device: shared state plus its worker thread.
+/// The device and its worker thread.
 pub struct VsockDevice {
-    shared: Arc<Shared>,
-    queue_evts: Vec<EventFd>,
-    worker: Option<std::thread::JoinHandle<()>>,
+    dev: Device<Vsock>,
 }
 
 impl std::fmt::Debug for VsockDevice {
@@ -314,8 +348,7 @@ impl VsockDevice {
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         }
         let cid = state.map_or(GUEST_CID, |s| s.cid);
-        let mut t = MmioTransport::new(Vsock { cid }, mem, Interrupt::new(irq));
-        let mut control = VecDeque::new();
+        let mut control = ControlQueue::default();
         let mut next_port = FIRST_LOCAL_PORT;
         let mut conns = HashMap::new();
         if let Some(s) = state {
@@ -334,8 +367,6 @@ impl VsockDevice {
                     },
                 );
             }
-            t.restore(&s.transport)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             next_port = s.next_port;
             for &(local, peer) in &s.open {
                 control.push_back(Control {
@@ -346,90 +377,59 @@ impl VsockDevice {
                 });
             }
         }
-        let shared = Arc::new(Shared {
-            inner: Mutex::new(Inner {
-                t,
-                conns,
-                control,
-                next_port,
-                paused: false,
-                stopped: false,
-            }),
-            cv: Condvar::new(),
-            wake: EventFd::new(EFD_NONBLOCK)?,
-        });
-        let queue_evts = (0..QUEUE_SIZES.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let worker = {
-            let shared = shared.clone();
-            let evts = queue_evts
-                .iter()
-                .map(|e| e.try_clone())
-                .collect::<std::io::Result<Vec<_>>>()?;
-            std::thread::Builder::new()
-                .name("dormant-vsock".into())
-                .spawn(move || worker(&shared, &evts))?
+        let vsock = Vsock {
+            cid,
+            conns,
+            control,
+            next_port,
+            packet: vec![0; MAX_PKT as usize],
         };
-        let dev = VsockDevice {
-            shared,
-            queue_evts,
-            worker: Some(worker),
-        };
-        if state.is_some_and(|s| s.transport.interrupt_status != 0) {
-            dev.shared.inner.lock().t.interrupt.signal_used();
-        }
-        let _ = dev.shared.wake.write(1);
-        Ok(dev)
+        let dev = Device::new(
+            "dormant-vsock".into(),
+            vsock,
+            mem,
+            irq,
+            state.map(|s| &s.transport),
+        )?;
+        Ok(VsockDevice { dev })
     }
 
     /// The eventfd the guest's notifications of queue `i` should signal (registered as an
     /// ioeventfd by the VM owner).
     pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.dev.queue_evts()
     }
 
     /// The eventfd of the device's interrupt line (registered as an irqfd).
-    pub fn irq_fd(&self) -> EventFd {
-        let g = self.shared.inner.lock();
-        g.t.interrupt
-            .irq_fd()
-            .try_clone()
-            .expect("duplicate an eventfd")
+    pub fn irq_fd(&self) -> &EventFd {
+        self.dev.irq_fd()
     }
 
+    /// The host's handle for opening (and adopting) connections to the guest.
     pub fn host(&self) -> VsockHost {
         VsockHost {
-            shared: self.shared.clone(),
+            shared: self.dev.shared().clone(),
         }
     }
 
     /// An MMIO read from the vCPU.
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
-        self.shared.inner.lock().t.read(offset, data);
+        self.dev.mmio_read(offset, data);
     }
 
     /// An MMIO write from the vCPU.
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
-        let notified = self.shared.inner.lock().t.write(offset, data);
-        if let Some(q) = notified
-            && let Some(evt) = self.queue_evts.get(q as usize)
-        {
-            let _ = evt.write(1);
-        }
+        self.dev.mmio_write(offset, data);
     }
 
     /// Stops touching guest memory (for a consistent checkpoint) or starts again.
     pub fn set_paused(&self, paused: bool) {
-        self.shared.inner.lock().paused = paused;
-        if !paused {
-            let _ = self.shared.wake.write(1);
-        }
+        self.dev.set_paused(paused);
     }
 
     /// The device state (pause first for a consistent snapshot).
     pub fn state(&self) -> VsockState {
-        let g = self.shared.inner.lock();
+        let g = self.dev.lock();
         let mut open = Vec::new();
         let mut live = Vec::new();
         for (&local, c) in &g.conns {
@@ -458,7 +458,7 @@ impl VsockDevice {
         open.sort_unstable();
         live.sort_unstable_by_key(|c| c.local);
         VsockState {
-            cid: g.t.device.cid,
+            cid: g.cid,
             next_port: g.next_port,
             transport: g.t.state(),
             open,
@@ -469,152 +469,37 @@ impl VsockDevice {
 
 impl Drop for VsockDevice {
     fn drop(&mut self) {
-        {
-            let mut g = self.shared.inner.lock();
-            g.stopped = true;
-            for c in g.conns.values_mut() {
-                c.state = ConnState::Reset;
-            }
-        }
-        self.shared.cv.notify_all();
-        let _ = self.shared.wake.write(1);
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
+        // The shell then stops the worker and wakes the host's streams, which see the resets.
+        let mut g: parking_lot::MutexGuard<'_, Inner> = self.dev.lock();
+        g.stopped = true;
+        for c in g.conns.values_mut() {
+            c.state = ConnState::Reset;
         }
     }
 }
 
-fn worker(shared: &Shared, queue_evts: &[EventFd]) {
-    let mut fds: Vec<libc::pollfd> = queue_evts
-        .iter()
-        .chain(std::iter::once(&shared.wake))
-        .map(|e| libc::pollfd {
-            fd: e.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: `fds` is a valid array of pollfd of the given length, for the whole call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return;
-        }
-        for e in queue_evts.iter().chain(std::iter::once(&shared.wake)) {
-            let _ = e.read();
-        }
-        let mut g = shared.inner.lock();
-        if g.stopped {
-            return;
-        }
-        if g.paused || !g.t.is_active() {
-            continue;
-        }
-        let inner = &mut *g;
-        let mut used = process_tx(inner);
-        used |= process_rx(inner);
-        if used {
-            inner.t.interrupt.signal_used();
-        }
-        drop(g);
-        shared.cv.notify_all();
-        for f in &mut fds {
-            f.revents = 0;
-        }
+impl DeviceLogic for Vsock {
+    /// A packet's header and payload; a longer chain is dropped.
+    const MAX_READABLE: usize = HDR + MAX_PKT as usize;
+    /// A receive buffer (Linux posts 4 KiB ones); a larger one is returned unused.
+    const MAX_WRITABLE: usize = HDR + MAX_PKT as usize;
+
+    fn process(&mut self, queues: &mut Queues<'_>) {
+        self.process_tx(queues);
+        self.process_rx(queues);
     }
 }
 
-/// Takes the guest's packets. Returns whether buffers were used.
-fn process_tx(g: &mut Inner) -> bool {
-    let mem = g.t.mem.clone();
-    let mut used = false;
-    while let Some(chain) = g.t.queues[TX].pop_descriptor_chain(&mem) {
-        let head = chain.head_index();
-        let packet = chain.reader(&mem).ok().and_then(|mut r| {
-            let mut hdr = [0u8; HDR];
-            r.read_exact(&mut hdr).ok()?;
-            let h = Header::parse(&hdr);
-            if h.len > MAX_PKT {
-                return None;
-            }
-            let mut data = vec![0u8; h.len as usize];
-            r.read_exact(&mut data).ok()?;
-            Some((h, data))
-        });
-        let _ = g.t.queues[TX].add_used(&mem, head, 0);
-        used = true;
-        if let Some((h, data)) = packet {
-            handle_packet(g, h, data);
-        }
+/// A guest packet's header, its payload read into `payload`; `None` for a malformed one.
+fn read_packet(r: &mut ChainReader<'_>, payload: &mut [u8]) -> Option<Header> {
+    let mut hdr = [0u8; HDR];
+    r.read_exact(&mut hdr).ok()?;
+    let h = Header::parse(&hdr);
+    if h.len > MAX_PKT {
+        return None;
     }
-    used
-}
-
-fn handle_packet(g: &mut Inner, h: Header, data: Vec<u8>) {
-    // Anything but an answer on one of our connections is refused with a reset (never a reset
-    // answered with a reset).
-    let refuse = |g: &mut Inner| {
-        if h.op != OP_RST {
-            g.control.push_back(Control {
-                local: h.dst_port,
-                peer: h.src_port,
-                op: OP_RST,
-                flags: 0,
-            });
-        }
-    };
-    if h.dst_cid != HOST_CID || h.src_cid != g.t.device.cid || h.type_ != TYPE_STREAM {
-        refuse(g);
-        return;
-    }
-    let Some(c) = g
-        .conns
-        .get_mut(&h.dst_port)
-        .filter(|c| c.peer_port == h.src_port)
-    else {
-        // No such connection (or a guest-initiated one).
-        refuse(g);
-        return;
-    };
-    c.peer_buf_alloc = h.buf_alloc;
-    c.peer_fwd_cnt = h.fwd_cnt;
-    match h.op {
-        OP_RESPONSE if c.state == ConnState::Connecting => c.state = ConnState::Connected,
-        OP_RW if c.state == ConnState::Connected => {
-            // The guest honours our credit; anything beyond it is dropped rather than buffered.
-            let room = (HOST_BUF as usize).saturating_sub(c.inbound.len());
-            c.inbound.extend(&data[..data.len().min(room)]);
-        }
-        OP_CREDIT_UPDATE => {}
-        OP_CREDIT_REQUEST => g.control.push_back(Control {
-            local: h.dst_port,
-            peer: h.src_port,
-            op: OP_CREDIT_UPDATE,
-            flags: 0,
-        }),
-        OP_SHUTDOWN => {
-            if h.flags & SHUTDOWN_SEND != 0 {
-                c.peer_done = true;
-            }
-            if h.flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH && c.host_closed {
-                g.conns.remove(&h.dst_port);
-                g.control.push_back(Control {
-                    local: h.dst_port,
-                    peer: h.src_port,
-                    op: OP_RST,
-                    flags: 0,
-                });
-            }
-        }
-        OP_RST => {
-            if c.host_closed {
-                g.conns.remove(&h.dst_port);
-            } else {
-                c.state = ConnState::Reset;
-            }
-        }
-        _ => {}
-    }
+    r.read_exact(payload.get_mut(..h.len as usize)?).ok()?;
+    Some(h)
 }
 
 enum Next {
@@ -622,49 +507,140 @@ enum Next {
     Data(u32),
 }
 
-/// Fills the guest's receive buffers. Returns whether buffers were used.
-fn process_rx(g: &mut Inner) -> bool {
-    let mem = g.t.mem.clone();
-    let mut used = false;
-    // Connections the host closed send their shutdown once their data is out.
-    for (&local, c) in g.conns.iter_mut() {
-        if c.host_closed && !c.shutdown_sent && c.outbound.is_empty() {
-            c.shutdown_sent = true;
-            g.control.push_back(Control {
-                local,
-                peer: c.peer_port,
-                op: OP_SHUTDOWN,
-                flags: SHUTDOWN_BOTH,
-            });
+impl Vsock {
+    /// Takes the guest's packets.
+    fn process_tx(&mut self, queues: &mut Queues<'_>) {
+        loop {
+            let mut packet = None;
+            let buf = &mut self.packet;
+            if !queues.serve(TX, |c| {
+                if let Chain::Request(req) = c {
+                    packet = read_packet(&mut req.reader, buf);
+                }
+                0
+            }) {
+                break;
+            }
+            if let Some(h) = packet {
+                let data = std::mem::take(&mut self.packet);
+                self.handle_packet(h, data.get(..h.len as usize).unwrap_or_default());
+                self.packet = data;
+            }
         }
     }
-    g.conns
-        .retain(|_, c| !(c.host_closed && c.state == ConnState::Reset));
-    loop {
-        let next = if let Some(ctl) = g.control.front() {
-            Next::Control(*ctl)
-        } else if let Some((&local, _)) = g.conns.iter().find(|(_, c)| {
-            c.state == ConnState::Connected && !c.outbound.is_empty() && c.credit() > 0
-        }) {
-            Next::Data(local)
-        } else {
-            break;
+
+    fn handle_packet(&mut self, h: Header, data: &[u8]) {
+        // Anything but an answer on one of our connections is refused with a reset (never a
+        // reset answered with a reset).
+        let refuse = |control: &mut ControlQueue| {
+            if h.op != OP_RST {
+                control.push_refusal(Control {
+                    local: h.dst_port,
+                    peer: h.src_port,
+                    op: OP_RST,
+                    flags: 0,
+                });
+            }
         };
-        let Some(chain) = g.t.queues[RX].pop_descriptor_chain(&mem) else {
-            break;
+        if h.dst_cid != HOST_CID || h.src_cid != self.cid || h.type_ != TYPE_STREAM {
+            refuse(&mut self.control);
+            return;
+        }
+        let Some(c) = self
+            .conns
+            .get_mut(&h.dst_port)
+            .filter(|c| c.peer_port == h.src_port)
+        else {
+            // No such connection (or a guest-initiated one).
+            refuse(&mut self.control);
+            return;
         };
-        let head = chain.head_index();
-        let Ok(mut w) = chain.writer(&mem) else {
-            let _ = g.t.queues[RX].add_used(&mem, head, 0);
-            used = true;
-            continue;
-        };
-        let room = w.available_bytes().saturating_sub(HDR);
-        let cid = g.t.device.cid;
-        let (hdr, payload) = match next {
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = h.fwd_cnt;
+        match h.op {
+            OP_RESPONSE if c.state == ConnState::Connecting => c.state = ConnState::Connected,
+            OP_RW if c.state == ConnState::Connected => {
+                // The guest honours our credit; anything beyond it is dropped rather than
+                // buffered.
+                let room = (HOST_BUF as usize).saturating_sub(c.inbound.len());
+                c.inbound.extend(&data[..data.len().min(room)]);
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => self.control.push_back(Control {
+                local: h.dst_port,
+                peer: h.src_port,
+                op: OP_CREDIT_UPDATE,
+                flags: 0,
+            }),
+            OP_SHUTDOWN => {
+                if h.flags & SHUTDOWN_SEND != 0 {
+                    c.peer_done = true;
+                }
+                if h.flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH && c.host_closed {
+                    self.conns.remove(&h.dst_port);
+                    self.control.push_back(Control {
+                        local: h.dst_port,
+                        peer: h.src_port,
+                        op: OP_RST,
+                        flags: 0,
+                    });
+                }
+            }
+            OP_RST => {
+                if c.host_closed {
+                    self.conns.remove(&h.dst_port);
+                } else {
+                    c.state = ConnState::Reset;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Fills the guest's receive buffers with control packets and connection data.
+    fn process_rx(&mut self, queues: &mut Queues<'_>) {
+        // Connections the host closed send their shutdown once their data is out.
+        for (&local, c) in self.conns.iter_mut() {
+            if c.host_closed && !c.shutdown_sent && c.outbound.is_empty() {
+                c.shutdown_sent = true;
+                self.control.push_back(Control {
+                    local,
+                    peer: c.peer_port,
+                    op: OP_SHUTDOWN,
+                    flags: SHUTDOWN_BOTH,
+                });
+            }
+        }
+        self.conns
+            .retain(|_, c| !(c.host_closed && c.state == ConnState::Reset));
+        loop {
+            let next = if let Some(ctl) = self.control.front() {
+                Next::Control(*ctl)
+            } else if let Some((&local, _)) = self.conns.iter().find(|(_, c)| {
+                c.state == ConnState::Connected && !c.outbound.is_empty() && c.credit() > 0
+            }) {
+                Next::Data(local)
+            } else {
+                break;
+            };
+            let served = queues.serve(RX, |c| match c {
+                Chain::Request(req) => self.fill(next, &mut req.writer),
+                Chain::OverCaps(_) => 0,
+            });
+            if !served {
+                break;
+            }
+        }
+    }
+
+    /// Writes the next packet into one receive buffer; returns the bytes written.
+    fn fill(&mut self, next: Next, w: &mut ChainWriter<'_>) -> u32 {
+        let room = w.available().saturating_sub(HDR);
+        let cid = self.cid;
+        match next {
             Next::Control(ctl) => {
-                g.control.pop_front();
-                let fwd = g.conns.get_mut(&ctl.local).map_or(0, |c| {
+                self.control.pop_front();
+                let fwd = self.conns.get_mut(&ctl.local).map_or(0, |c| {
                     c.credit_sent = c.fwd_cnt;
                     c.fwd_cnt
                 });
@@ -680,16 +656,14 @@ fn process_rx(g: &mut Inner) -> bool {
                     fwd_cnt: fwd,
                     len: 0,
                 };
-                (h, Vec::new())
+                w.write_all(&h.bytes()).map_or(0, |_| HDR as u32)
             }
             Next::Data(local) => {
-                let Some(c) = g.conns.get_mut(&local) else {
+                let Some(c) = self.conns.get_mut(&local) else {
                     // Unreachable: chosen above under the same lock.
-                    let _ = g.t.queues[RX].add_used(&mem, head, 0);
-                    continue;
+                    return 0;
                 };
                 let n = c.outbound.len().min(c.credit() as usize).min(room);
-                let payload: Vec<u8> = c.outbound.drain(..n).collect();
                 c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                 c.credit_sent = c.fwd_cnt;
                 let h = Header {
@@ -704,18 +678,17 @@ fn process_rx(g: &mut Inner) -> bool {
                     fwd_cnt: c.fwd_cnt,
                     len: n as u32,
                 };
-                (h, payload)
+                let (a, b) = c.outbound.as_slices();
+                let from_a = n.min(a.len());
+                let sent = w
+                    .write_all(&h.bytes())
+                    .and_then(|_| w.write_all(&a[..from_a]))
+                    .and_then(|_| w.write_all(&b[..n - from_a]));
+                c.outbound.drain(..n);
+                sent.map_or(0, |_| (HDR + n) as u32)
             }
-        };
-        let written = w
-            .write_all(&hdr.bytes())
-            .and_then(|_| w.write_all(&payload))
-            .map(|_| HDR + payload.len())
-            .unwrap_or(0);
-        let _ = g.t.queues[RX].add_used(&mem, head, written as u32);
-        used = true;
+        }
     }
-    used
 }
 
 impl VsockHost {
@@ -981,5 +954,53 @@ mod tests {
         };
         // 111 bytes in flight across the counter wrap.
         assert_eq!(c.credit(), 889);
+    }
+
+    #[test]
+    fn control_packets_stay_bounded_whatever_the_guest_sends() {
+        let mut v = Vsock {
+            cid: GUEST_CID,
+            conns: HashMap::new(),
+            control: ControlQueue::default(),
+            next_port: FIRST_LOCAL_PORT,
+            packet: Vec::new(),
+        };
+        v.conns.insert(
+            FIRST_LOCAL_PORT,
+            Conn {
+                state: ConnState::Connected,
+                ..Conn::connecting(1024)
+            },
+        );
+        let from_guest = |src_port: u32, dst_port: u32, op: u16| Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            ..Header::default()
+        };
+        // Stray packets (guest connection requests, unknown ports, foreign types): refused,
+        // at most CONTROL_MAX refusals held, the same one once.
+        for port in 0..10_000 {
+            v.handle_packet(from_guest(port, 7, OP_REQUEST), &[]);
+            v.handle_packet(from_guest(5, 7, OP_RW), &[1, 2, 3]);
+        }
+        assert_eq!(v.control.q.len(), CONTROL_MAX);
+        // Credit requests on a live connection: one update waits, even past the cap.
+        for _ in 0..10_000 {
+            v.handle_packet(from_guest(1024, FIRST_LOCAL_PORT, OP_CREDIT_REQUEST), &[]);
+        }
+        assert_eq!(v.control.q.len(), CONTROL_MAX + 1);
+        let last = v.control.q.back().copied();
+        assert_eq!(
+            last.map(|c| (c.local, c.peer, c.op)),
+            Some((FIRST_LOCAL_PORT, 1024, OP_CREDIT_UPDATE))
+        );
+        // A reset is never answered.
+        v.control.q.clear();
+        v.handle_packet(from_guest(9, 9, OP_RST), &[]);
+        assert!(v.control.q.is_empty());
     }
 }

@@ -1788,14 +1788,14 @@ mod tests {
         assert_eq!(g.getattr(f.nodeid).unwrap_err(), libc::ESTALE);
     }
 
-    /// A snapshot's handle table is untrusted: reopening a handle never truncates or creates,
-    /// and on a volume granted read-only never opens for writing, whatever flags it records.
+    /// A snapshot's handle table is untrusted: a handle recorded with flags `OPEN` never keeps
+    /// (create, truncate) is refused with the whole state, and on a volume granted read-only a
+    /// handle recorded for writing is reopened for reading only.
     #[test]
     fn restored_handles_never_write_what_the_snapshot_says() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"keep me").unwrap();
-        let wanted = (libc::O_WRONLY | libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) as u32;
-        let forged = VolumeState {
+        let state = |flags: u32| VolumeState {
             root: dir.path().to_path_buf(),
             nodes: vec![NodeSnap {
                 id: 2,
@@ -1805,21 +1805,29 @@ mod tests {
             handles: vec![HandleSnap {
                 fh: 3,
                 path: b"f".to_vec(),
-                flags: wanted,
+                flags,
                 dir: false,
             }],
             next_id: 10,
         };
+        let truncating = (libc::O_WRONLY | libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) as u32;
+        for read_only in [true, false] {
+            let e =
+                VolumeServer::open(dir.path(), read_only, Some(&state(truncating))).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        }
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"keep me");
+        let appending = state((libc::O_WRONLY | libc::O_APPEND) as u32);
         let mut g = Guest {
-            s: VolumeServer::open(dir.path(), true, Some(&forged)).unwrap(),
+            s: VolumeServer::open(dir.path(), true, Some(&appending)).unwrap(),
             unique: 0,
         };
         assert_eq!(g.read(2, 3, 100).unwrap(), b"keep me", "opened for reading");
         assert_eq!(g.write(2, 3, 0, b"x").unwrap_err(), libc::EROFS);
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"keep me");
-        // Writable volume: the write mode stays, truncation does not.
+        // Writable volume: the write mode stays.
         let mut g = Guest {
-            s: VolumeServer::open(dir.path(), false, Some(&forged)).unwrap(),
+            s: VolumeServer::open(dir.path(), false, Some(&appending)).unwrap(),
             unique: 0,
         };
         assert_eq!(g.write(2, 3, 0, b"K").unwrap(), 1);

@@ -703,7 +703,9 @@ fn a_fork_of_the_host_process_does_not_hide_written_pages() {
         libc::waitpid(child, std::ptr::null_mut(), 0);
     }
     let id = id.unwrap();
-    let mut r = runtime().resume(env.store.clone(), &id).unwrap();
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &id, &env.toy_grants())
+        .unwrap();
     assert_eq!(i32_of(&r.call("marker", &[]).unwrap()), 2);
     assert_eq!(
         i32_of(&r.call("consistent", &[]).unwrap()),

@@ -15,9 +15,9 @@
 //! flight, and idle ones nobody adopts ([`VsockHost::reset_unadopted`]), are reset: the guest's
 //! sockets close and the host reconnects.
 //!
-//! No host wait is unbounded unless asked: a stream's reads *and* writes honour its deadline
-//! ([`VsockStream::set_deadline`]; a guest that never answers or never grants credit cannot
-//! hang a caller past it) and a cancel flag raised from another thread
+//! No host wait is unbounded unless asked: a stream's reads *and* writes honour its timeouts
+//! and its deadline ([`VsockStream::set_deadline`]; a guest that never answers or never grants
+//! credit cannot hang a caller past them) and a cancel flag raised from another thread
 //! ([`VsockStream::set_cancel`], then [`VsockWaker::wake`]), which `connect` honours too.
 
 use std::collections::{HashMap, VecDeque};
@@ -832,6 +832,7 @@ pub struct VsockStream {
     shared: Arc<Shared>,
     local: u32,
     read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
     /// Reads and writes fail with `TimedOut` from then on.
     deadline: Option<Instant>,
     /// Once raised, reads and writes fail with [`Cancelled`].
@@ -852,6 +853,7 @@ impl VsockStream {
             shared,
             local,
             read_timeout: None,
+            write_timeout: None,
             deadline: None,
             cancel: None,
         }
@@ -860,6 +862,12 @@ impl VsockStream {
     /// Reads fail with `TimedOut` after waiting this long (`None`: wait forever).
     pub fn set_read_timeout(&mut self, t: Option<Duration>) {
         self.read_timeout = t;
+    }
+
+    /// Writes fail with `TimedOut` after waiting this long for room (the guest grants credit
+    /// as it reads; `None`: wait forever).
+    pub fn set_write_timeout(&mut self, t: Option<Duration>) {
+        self.write_timeout = t;
     }
 
     /// From `deadline` on, reads *and* writes fail with `TimedOut`, whether they would wait
@@ -979,6 +987,7 @@ impl Write for VsockStream {
         if buf.is_empty() {
             return Ok(0);
         }
+        let until = self.write_timeout.map(|t| Instant::now() + t);
         let mut g = self.shared.inner.lock();
         loop {
             self.check()?;
@@ -998,7 +1007,7 @@ impl Write for VsockStream {
             }
             // Full: wait for the guest to take bytes (it grants credit as it reads).
             let _ = self.shared.wake.write(1);
-            self.wait(&mut g, None)?;
+            self.wait(&mut g, until)?;
         }
     }
 
@@ -1108,7 +1117,17 @@ mod tests {
 
         // No credit, ever: the write fills the host's buffer, then waits for the guest.
         stream.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
-        let written = within_a_minute(move || stream.write_all(&vec![7u8; 2 * OUT_MAX]));
+        let written = within_a_minute(move || {
+            let r = stream.write_all(&vec![7u8; 2 * OUT_MAX]);
+            (r, stream)
+        });
+        let (r, mut stream) = written.expect("the write hung");
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+
+        // The same with a timeout on the wait for room instead of a deadline.
+        stream.set_deadline(None);
+        stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let written = within_a_minute(move || stream.write_all(b"more"));
         let r = written.expect("the write hung");
         assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }

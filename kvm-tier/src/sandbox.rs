@@ -734,12 +734,15 @@ impl KvmSandbox {
     pub fn wait(&mut self, pid: u32, timeout: Option<Duration>) -> Result<Option<i32>> {
         let end = timeout.map(|t| Instant::now() + t);
         let what = pid.to_string();
+        // One call however many slices: an interrupt between two slices stops the next.
+        self.lifecycle.check(Operation::Exec)?;
+        self.calls.begin();
         loop {
             let slice = end.map_or(WAIT_SLICE, |e| {
                 e.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
             });
             let bound = slice + self.opts.request_timeout;
-            let client = self.agent(Operation::Exec)?;
+            let client = self.live_agent()?;
             client.get_mut().set_read_timeout(Some(bound));
             let r = client.wait(pid, Some(slice));
             match r.map_err(|e| self.failed(e, bound, "wait for", &what))? {
@@ -775,9 +778,10 @@ impl KvmSandbox {
     /// Bounded on every side: the agent kills the command at its timeout (`cmd.timeout`, else
     /// the spec's `call_timeout`: [`Error::Deadline`]); the host gives up [`EXEC_GRACE`] later
     /// if the agent has not reported (plus the bound of a request to send a non-empty stdin,
-    /// whose transfer may not stall for longer than [`KvmOptions::request_timeout`]); at most the spec's `output_limit` bytes per stream are delivered, past it the
-    /// command is killed and the call fails with [`Error::OutputLimit`]; the interrupter stops
-    /// it ([`Error::Interrupted`], the command killed). The sandbox stays running in each case.
+    /// whose transfer may not stall for longer than [`KvmOptions::request_timeout`]); at most
+    /// the spec's `output_limit` bytes per stream are delivered, past it the command is killed
+    /// and the call fails with [`Error::OutputLimit`]; the interrupter stops it
+    /// ([`Error::Interrupted`], the command killed). The sandbox stays running in each case.
     pub fn exec_streaming(
         &mut self,
         cmd: &Command,

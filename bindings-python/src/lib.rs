@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use dormant::kvm::{KvmOptions, KvmSandbox};
 use dormant::{
-    Command, Error, Grants, Interrupter, LocalStore, Managed, Sandbox, SandboxSpec, SnapshotId,
-    Tier, WasiRuntime, WasiSandbox,
+    Command, Error, Grants, Interrupt, LocalStore, Managed, Sandbox, SandboxSpec, SnapshotId, Tier,
+    WasiRuntime, WasiSandbox,
 };
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -192,11 +192,12 @@ impl Inner {
 }
 
 /// Runs `f` off the calling thread with the GIL released, looking for Ctrl-C meanwhile. On a
-/// signal, the running call is interrupted when the tier can (`interrupter`) and waited for;
-/// otherwise it is left to finish in the background. The signal's exception is raised.
+/// signal, the running call is interrupted when the tier can (`interrupter`) and waited for
+/// (an interrupted call returns within moments and releases the sandbox); otherwise it is
+/// left to finish in the background. The signal's exception is raised.
 fn interruptible<T: Send + 'static>(
     py: Python<'_>,
-    interrupter: Option<&Interrupter>,
+    interrupter: Option<&Arc<dyn Interrupt>>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> PyResult<T> {
     let (tx, mut rx) = mpsc::channel();
@@ -243,23 +244,25 @@ fn interruptible<T: Send + 'static>(
 #[pyclass(frozen, module = "dormant._native")]
 struct NativeSandbox {
     inner: Inner,
-    interrupter: Option<Interrupter>,
+    /// Stops the running call (Ctrl-C), reachable while the call holds the sandbox.
+    interrupter: Option<Arc<dyn Interrupt>>,
 }
 
 impl NativeSandbox {
     fn wasi(sb: WasiSandbox, idle: Option<Duration>) -> NativeSandbox {
-        let interrupter = Some(sb.interrupter());
-        NativeSandbox {
-            inner: Inner::Wasi(Managed::new(sb, idle)),
-            interrupter,
-        }
+        Self::from_managed(Inner::Wasi(Managed::new(sb, idle)))
     }
 
     fn kvm(sb: KvmSandbox, idle: Option<Duration>) -> NativeSandbox {
-        NativeSandbox {
-            inner: Inner::Kvm(Managed::new(sb, idle)),
-            interrupter: None,
-        }
+        Self::from_managed(Inner::Kvm(Managed::new(sb, idle)))
+    }
+
+    fn from_managed(inner: Inner) -> NativeSandbox {
+        let interrupter = match &inner {
+            Inner::Wasi(m) => m.interrupter(),
+            Inner::Kvm(m) => m.interrupter(),
+        };
+        NativeSandbox { inner, interrupter }
     }
 
     /// A call with the GIL released, its error raised as dormant's exception.
@@ -306,7 +309,7 @@ fn command(
 #[pymethods]
 impl NativeSandbox {
     #[staticmethod]
-    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes))]
+    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes, output_limit=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -317,6 +320,7 @@ impl NativeSandbox {
         idle_standby: Option<f64>,
         env: Vec<(String, String)>,
         volumes: Vec<(PathBuf, String, bool)>,
+        output_limit: Option<usize>,
     ) -> PyResult<NativeSandbox> {
         let tier: Tier = match tier {
             "wasi" => Tier::Wasi,
@@ -340,6 +344,9 @@ impl NativeSandbox {
         }
         if let Some(t) = seconds("timeout", timeout)? {
             spec = spec.call_timeout(t);
+        }
+        if let Some(bytes) = output_limit {
+            spec = spec.output_limit(bytes);
         }
         let idle = seconds("idle_standby", idle_standby)?;
         spec.env = env;
@@ -456,7 +463,13 @@ impl NativeSandbox {
         // The first exception a callback raised, re-raised after the command.
         let failed: Arc<Mutex<Option<PyErr>>> = Arc::default();
         let failed2 = failed.clone();
-        let r = interruptible(py, None, move || {
+        // Ctrl-C stops a KVM command (killed in the guest, the sandbox stays usable); a WASI
+        // command runs on to its deadline.
+        let interrupter = match &self.inner {
+            Inner::Kvm(_) => self.interrupter.as_ref(),
+            Inner::Wasi(_) => None,
+        };
+        let r = interruptible(py, interrupter, move || {
             let deliver = |cb: &Option<Py<PyAny>>, chunk: &[u8]| {
                 if let Some(cb) = cb
                     && !chunk.is_empty()
@@ -470,6 +483,8 @@ impl NativeSandbox {
             };
             match &inner {
                 Inner::Kvm(m) => {
+                    // At most the spec's output_limit per stream: `exec_streaming` stops the
+                    // command past it (`Error::OutputLimit`).
                     let (mut out, mut err) = (Vec::new(), Vec::new());
                     let code = m.with(|s| {
                         s.exec_streaming(
@@ -522,7 +537,10 @@ impl NativeSandbox {
         let m = self.kvm_only(py, "background commands")?;
         let timeout = seconds("timeout", timeout)?;
         let m = m.clone();
-        interruptible(py, None, move || m.with(|s| s.wait(pid, timeout)))?.map_err(|e| to_py(py, e))
+        interruptible(py, self.interrupter.as_ref(), move || {
+            m.with(|s| s.wait(pid, timeout))
+        })?
+        .map_err(|e| to_py(py, e))
     }
 
     /// A background process's output since the last call: `(stdout, stderr, running)`.
@@ -599,21 +617,12 @@ impl NativeSandbox {
                 Inner::Wasi(m) => m
                     .fork(n)?
                     .into_iter()
-                    .map(|c| {
-                        let interrupter = c.with(|s| Ok(s.interrupter())).ok();
-                        NativeSandbox {
-                            inner: Inner::Wasi(c),
-                            interrupter,
-                        }
-                    })
+                    .map(|c| NativeSandbox::from_managed(Inner::Wasi(c)))
                     .collect(),
                 Inner::Kvm(m) => m
                     .fork(n)?
                     .into_iter()
-                    .map(|c| NativeSandbox {
-                        inner: Inner::Kvm(c),
-                        interrupter: None,
-                    })
+                    .map(|c| NativeSandbox::from_managed(Inner::Kvm(c)))
                     .collect(),
             })
         });

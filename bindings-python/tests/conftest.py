@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pathlib
+import signal
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,3 +36,15 @@ def kvm_store(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 @pytest.fixture
 def hello_wasm() -> bytes:
     return (DATA / "hello.wasm").read_bytes()
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test, as in an interactive session, even where
+    this process started with SIGINT ignored (a background job of a non-interactive shell,
+    nohup: Python then never raises it). The previous disposition comes back afterwards."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -52,7 +52,12 @@ def test_bad_values_are_invalid_arguments(store: pathlib.Path, sb: dormant.Sandb
     with pytest.raises(dormant.InvalidArgument) as e:
         dormant.Sandbox.create("docker", store=store)  # type: ignore[arg-type]
     assert isinstance(e.value, ValueError) and "'wasi'" in str(e.value)
-    for kw in ({"memory_mib": 0}, {"timeout": -1}, {"idle_standby": float("nan")}):
+    for kw in (
+        {"memory_mib": 0},
+        {"timeout": -1},
+        {"idle_standby": float("nan")},
+        {"output_limit": 0},
+    ):
         with pytest.raises(dormant.InvalidArgument):
             dormant.Sandbox.create(store=store, **kw)
     with pytest.raises(dormant.InvalidArgument):

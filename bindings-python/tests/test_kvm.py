@@ -3,9 +3,12 @@ where this host has no usable /dev/kvm."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -48,6 +51,60 @@ def test_commands(kvm_store: pathlib.Path) -> None:
     assert h.wait(timeout=120).exit_code == 128 + 9
     with pytest.raises(dormant.Unsupported):
         sb.run_code("print(1)")
+
+
+def answers_within(sb: dormant.Sandbox, cmd: str, seconds: float) -> str | None:
+    """The stdout of ``cmd``, or ``None`` if the sandbox did not answer within ``seconds``
+    (the call then goes on in a daemon thread)."""
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(sb.commands.run(cmd).stdout), daemon=True)
+    t.start()
+    t.join(seconds)
+    return out[0] if out else None
+
+
+@pytest.mark.usefixtures("sigint_raises")
+def test_ctrl_c_stops_a_command_and_the_sandbox_answers(kvm_store: pathlib.Path) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach only the main thread")
+    sb = make(kvm_store)
+    pids: list[str] = []
+    started = threading.Event()
+
+    def on_stdout(chunk: str) -> None:
+        pids.append(chunk)
+        started.set()
+
+    def ctrl_c_once_started() -> None:
+        if started.wait(300):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ctrl_c = threading.Thread(target=ctrl_c_once_started)
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sb.commands.run("echo $$; exec sleep 600", on_stdout=on_stdout)
+    finally:
+        started.set()
+        ctrl_c.join()
+    pid = int("".join(pids))
+    # The sandbox is not held by the interrupted command (before, the next call waited for the
+    # command's timeout), and the command was killed in the guest.
+    gone = f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; echo gone"
+    assert answers_within(sb, gone, 120) == "gone\n"
+    assert sb.state == "running"
+
+
+def test_output_past_the_limit_raises_and_stops_the_command(kvm_store: pathlib.Path) -> None:
+    sb = make(kvm_store, output_limit=65536)
+    # Before, the streamed output was collected without a limit until the command's timeout.
+    with pytest.raises(dormant.LimitExceeded):
+        sb.commands.run("echo $$ > /tmp/yes.pid; exec yes", timeout=120)
+    gone = "p=$(cat /tmp/yes.pid); while kill -0 $p 2>/dev/null; do sleep 0.1; done; echo gone"
+    assert sb.commands.run(gone).stdout == "gone\n"
+    chunks: list[str] = []
+    r = sb.commands.run("yes | head -c 65536", on_stdout=chunks.append)
+    assert r.stdout == "".join(chunks) == "y\n" * 32768
 
 
 def test_files_and_volumes(kvm_store: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -49,10 +49,13 @@ def test_two_sandboxes_in_two_threads_run_at_once(
     assert results == {"a": "met\n", "b": "met\n"}
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_interrupts_a_long_run_code(store: pathlib.Path) -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach only the main thread")
-    sb = dormant.Sandbox.create(store=store, idle_standby=None, timeout=600)
+    # The call's own deadline bounds the test too, should the interrupt not work.
+    sb = dormant.Sandbox.create(store=store, idle_standby=None, timeout=120)
     sb.run_code("kept = 'yes'")
     good = sb.checkpoint()
     timer = threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGINT))

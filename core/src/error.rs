@@ -151,8 +151,9 @@ pub enum Error {
         limit: Duration,
         last_good: Option<SnapshotId>,
     },
-    /// The call was interrupted on request (`WasiSandbox::interrupter`, Ctrl-C in the Python
-    /// module); like a trap, it leaves the sandbox poisoned.
+    /// The call was interrupted on request (`Sandbox::interrupter`, Ctrl-C in the Python
+    /// module). On the WASI tier, like a trap, it leaves the sandbox poisoned; on the KVM tier
+    /// the guest command is killed and the sandbox stays running.
     #[error("the call was interrupted")]
     Interrupted { last_good: Option<SnapshotId> },
     /// The guest wrote more output than the sandbox allows per call.

@@ -29,7 +29,7 @@ pub use grants::Grants;
 pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
-pub use sandbox::{Command, ExecOutput, Execution, ExecutionError, Sandbox};
+pub use sandbox::{Command, ExecOutput, Execution, ExecutionError, Interrupt, Sandbox};
 pub use snapshot::store::{
     CompactReport, Durability, GcReport, LocalStore, SnapshotInfo, SnapshotUsage,
 };

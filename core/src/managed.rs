@@ -10,6 +10,11 @@
 //! from its snapshot and runs as if it had never slept. A wake passes the sandbox's own grants
 //! (the host directories given at create or at the last resume, kept in memory): the snapshot
 //! it wakes from grants nothing.
+//!
+//! A running call holds the lock, so a caller that wants to stop it cannot reach the sandbox:
+//! [`Managed::interrupt`] goes through the sandbox's [`Interrupt`] handle, taken when it was
+//! wrapped and kept outside the lock. Every tier call is bounded (its deadline) and an
+//! interrupted call returns promptly, so the lock is never held past either.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -22,7 +27,7 @@ use crate::error::Result;
 use crate::grants::Grants;
 use crate::lifecycle::State;
 use crate::paths::DirEntry;
-use crate::sandbox::{Command, ExecOutput, Execution, Sandbox};
+use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Sandbox};
 use crate::snapshot::SnapshotId;
 
 /// Default idle time before auto-standby.
@@ -51,6 +56,8 @@ struct Slot<S> {
 struct Shared<S> {
     slot: Mutex<Slot<S>>,
     idle: Option<Duration>,
+    /// The sandbox's interrupter, reachable while a call holds `slot`.
+    interrupter: Option<Arc<dyn Interrupt>>,
 }
 
 /// A sandbox with auto-standby and transparent wake. Cheap to clone (clones share the sandbox).
@@ -196,8 +203,10 @@ impl Timer {
 impl<S: Sandbox + 'static> Managed<S> {
     /// Wraps `sb`; with `idle = Some(d)` it goes to standby after `d` without calls.
     pub fn new(sb: S, idle: Option<Duration>) -> Managed<S> {
+        let interrupter = sb.interrupter();
         let m = Managed {
             shared: Arc::new(Shared {
+                interrupter,
                 slot: Mutex::new(Slot {
                     sb,
                     standby_snapshot: None,
@@ -254,6 +263,19 @@ impl<S: Sandbox + 'static> Managed<S> {
 
     pub fn id(&self) -> String {
         self.shared.slot.lock().sb.id().to_owned()
+    }
+
+    /// Interrupts the call running now on this sandbox, from any thread, without waiting for
+    /// its lock (see [`Interrupt::interrupt`]); a no-op for a sandbox without an interrupter.
+    pub fn interrupt(&self) {
+        if let Some(i) = &self.shared.interrupter {
+            i.interrupt();
+        }
+    }
+
+    /// The wrapped sandbox's interrupter (`None` if it has none); usable while a call runs.
+    pub fn interrupter(&self) -> Option<Arc<dyn Interrupt>> {
+        self.shared.interrupter.clone()
     }
 
     /// The configured idle time (`None`: auto-standby disabled).

@@ -1,5 +1,6 @@
 //! The sandbox contract every tier implements.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,15 @@ pub struct ExecOutput {
     pub exit_code: i32,
 }
 
+/// Stops a sandbox's running call from another thread (what [`Sandbox::interrupter`] gives).
+pub trait Interrupt: Send + Sync + std::fmt::Debug {
+    /// Interrupts the call running now, if any: it fails promptly with
+    /// [`Error::Interrupted`](crate::Error::Interrupted). A call that starts later is not
+    /// affected. What the sandbox is afterwards depends on the tier (the WASI tier poisons it,
+    /// the KVM tier kills the guest command and stays running).
+    fn interrupt(&self);
+}
+
 /// The contract shared by the WASI and KVM tiers.
 ///
 /// Calls are synchronous and take `&mut self`: a checkpoint can only happen between calls, when
@@ -136,4 +146,11 @@ pub trait Sandbox: Send {
         Self: Sized;
     /// Ends the sandbox for good, releasing everything but its snapshots.
     fn kill(&mut self) -> Result<()>;
+
+    /// A handle that interrupts this sandbox's running call from another thread (while the
+    /// call holds `&mut self`), valid across resumes of this handle; `None` for a sandbox that
+    /// cannot be interrupted.
+    fn interrupter(&self) -> Option<Arc<dyn Interrupt>> {
+        None
+    }
 }

@@ -22,9 +22,9 @@
 
 pub use dormant_core::{
     Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Error, ExecOutput,
-    Execution, ExecutionError, GcReport, GrantError, Grants, LocalStore, Managed, ManagedStats,
-    Manifest, Mount, Operation, Result, Sandbox, SandboxSpec, SnapshotError, SnapshotId,
-    SnapshotInfo, SnapshotUsage, State, Tier, Workload,
+    Execution, ExecutionError, GcReport, GrantError, Grants, Interrupt, LocalStore, Managed,
+    ManagedStats, Manifest, Mount, Operation, Result, Sandbox, SandboxSpec, SnapshotError,
+    SnapshotId, SnapshotInfo, SnapshotUsage, State, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 
@@ -32,7 +32,7 @@ pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox
 /// underneath.
 pub mod kvm {
     pub use dormant_kvm::persist::SavedState;
-    pub use dormant_kvm::sandbox::{GuestImage, KvmOptions, KvmSandbox};
+    pub use dormant_kvm::sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
     pub use dormant_kvm::vm::{Exit, GuestRam, MicroVm, VmError, VmState};
     pub use dormant_kvm::{HostKvm, detect, machine, sandbox, snapshot};
 }

@@ -258,7 +258,8 @@ fn set_boot_registers(vm: &MicroVm, entry: u64) -> Result<(), BootError> {
 /// switch correctly. Programs that choose AVX on their own are not covered (see the guest
 /// README).
 pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,\
--AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VNNI,-AVX512_BF16,-AVX512_FP16,-AVX2,-AVX,-FMA,-AVX_VNNI";
+-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VNNI,-AVX512_BF16,-AVX512_FP16,-AVX2,-AVX,-FMA,-AVX_VNNI,\
+Prefer_ERMS,Prefer_FSRM";
 
 /// The kernel command line dormant boots with. On PVM hosts it hides the CPU features the
 /// emulated guest kernel cannot execute (see ENVIRONMENT.md) and keeps glibc off vector

@@ -13,9 +13,27 @@
 //!
 //! Guest randomness: every resumed copy (fork, base) gets fresh entropy from the host mixed
 //! into the guest's pool, so siblings do not share random streams.
+//!
+//! # No call waits for ever
+//!
+//! The guest is not trusted to answer. Every wait on the agent connection has a host-side
+//! deadline, for reads and for writes (a guest that never grants vsock credit): `exec` gets its
+//! command's timeout plus [`EXEC_GRACE`] (the agent kills the command at the timeout and
+//! reports), the other requests [`KvmOptions::request_timeout`] of silence at most (they move
+//! at most 16 MiB), `wait` asks the agent in slices of at most [`WAIT_SLICE`], connecting gets
+//! [`KvmOptions::connect_timeout`]; a checkpoint's quiesce is bounded by the vCPU thread's
+//! reply timeout. [`KvmSandbox::interrupter`] stops a running call from another thread.
+//!
+//! A call stopped by its deadline ([`Error::Deadline`]) or by the interrupter
+//! ([`Error::Interrupted`]) resets its agent connection: the agent kills the command of an
+//! `exec` whose connection goes away. The sandbox stays `running` and the next call connects
+//! anew; only when the agent does not accept that connection within the connect timeout (the
+//! guest hangs, or its VM stopped) is the sandbox poisoned, and resuming a snapshot (the error
+//! names the last good one) recovers it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dormant_agent::client::{Client, ClientError};
@@ -32,12 +50,22 @@ use crate::HostKvm;
 use crate::machine::{FS_IRQS, Machine, MachineConfig};
 use crate::snapshot;
 use crate::virtio::fs::VolumeAttach;
-use crate::virtio::vsock::VsockStream;
+use crate::virtio::vsock::{Cancelled, VsockStream, VsockWaker};
 
 /// The agent's vsock port.
 pub const AGENT_PORT: u32 = dormant_agent::proto::DEFAULT_PORT;
 /// Deepest chain of incremental snapshots before a checkpoint writes a full image again.
 const MAX_DEPTH: u32 = 16;
+/// How long past a command's timeout the host waits for the agent's report (the agent kills
+/// the command's process group at the timeout, then drains its pipes for up to 2 s): `exec`'s
+/// host-side deadline is the command's timeout plus this.
+pub const EXEC_GRACE: Duration = Duration::from_secs(10);
+/// `wait` asks the agent for at most this long at a time, so that each request has a
+/// host-side deadline even when the caller waits for ever.
+pub const WAIT_SLICE: Duration = Duration::from_secs(10);
+/// A request's host-side deadline in all, in units of [`KvmOptions::request_timeout`] (its
+/// bound on silence).
+const REQUEST_CAP: u32 = 10;
 
 /// The guest kernel and initramfs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,8 +136,16 @@ pub struct KvmOptions {
     pub console_echo: bool,
     /// Longest wait for a booting guest's agent. Default: 180 s on PVM hosts, 30 s otherwise.
     pub boot_timeout: Duration,
-    /// Longest wait for a resumed guest's agent. Default: 30 s.
+    /// Longest wait for a resumed guest's agent, and for a new connection after a call was
+    /// stopped (past it the sandbox is poisoned). Default: 30 s.
     pub connect_timeout: Duration,
+    /// Host-side bound of every agent request but `exec` (files, `spawn`, `signal`,
+    /// `output`, one slice of `wait`, mounts; each moves at most 16 MiB): the longest the
+    /// guest may keep the request waiting without moving a byte either way, and ten times
+    /// that in all (a guest that trickles bytes). Past it the call fails with
+    /// [`Error::Deadline`]. Default: 120 s on PVM hosts (guest kernel code is emulated; a
+    /// 16 MiB file took over 2 min on a busy 2-core host), 30 s otherwise.
+    pub request_timeout: Duration,
     /// Size of the sandbox's disk (`/dev/vda`, an ext2 filesystem mounted at `/data`), a
     /// multiple of 4 KiB. Sparse: only written blocks cost memory and snapshot bytes.
     /// Default: 512 MiB.
@@ -123,8 +159,46 @@ impl Default for KvmOptions {
             console_echo: std::env::var_os("DORMANT_GUEST_CONSOLE").is_some_and(|v| v == "1"),
             boot_timeout: Duration::from_secs(if slow { 180 } else { 30 }),
             connect_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(if slow { 120 } else { 30 }),
             disk_size: 512 << 20,
         }
+    }
+}
+
+/// What stops a running call: shared by a sandbox and its [`KvmInterrupter`]s.
+#[derive(Debug, Default)]
+struct CallControl {
+    /// Raised to stop the running call; every agent stream of the sandbox watches it.
+    flag: Arc<AtomicBool>,
+    /// Wakes the waits on the current machine's vsock device.
+    waker: parking_lot::Mutex<Option<VsockWaker>>,
+}
+
+impl CallControl {
+    /// A call starts: an interrupt requested before it does not stop it.
+    fn begin(&self) {
+        self.flag.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Stops a [`KvmSandbox`]'s running call from another thread (see [`KvmSandbox::interrupter`]).
+#[derive(Debug, Clone)]
+pub struct KvmInterrupter(Arc<CallControl>);
+
+impl KvmInterrupter {
+    /// Interrupts the call running now, if any: it fails with [`Error::Interrupted`] within
+    /// moments. A call that starts later is not affected.
+    pub fn interrupt(&self) {
+        self.0.flag.store(true, Ordering::SeqCst);
+        if let Some(w) = self.0.waker.lock().as_ref() {
+            w.wake();
+        }
+    }
+}
+
+impl dormant_core::Interrupt for KvmInterrupter {
+    fn interrupt(&self) {
+        KvmInterrupter::interrupt(self);
     }
 }
 
@@ -145,6 +219,8 @@ pub struct KvmSandbox {
     /// What the guest wrote since `parent` that no committed snapshot holds yet.
     unsaved: snapshot::Unsaved,
     opts: KvmOptions,
+    /// What [`KvmSandbox::interrupter`] raises.
+    calls: Arc<CallControl>,
 }
 
 impl std::fmt::Debug for KvmSandbox {
@@ -221,6 +297,7 @@ impl KvmSandbox {
             parent: None,
             unsaved: snapshot::Unsaved::default(),
             opts,
+            calls: Arc::default(),
         }
     }
 
@@ -490,7 +567,8 @@ impl KvmSandbox {
         self.lifecycle.last_good()
     }
 
-    /// Opens the agent connection, retrying until the guest's agent listens or `timeout`.
+    /// Opens the agent connection, retrying until the guest's agent listens or `timeout`
+    /// (the interrupter stops it too: `Error::Interrupted`).
     fn connect(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let machine = self.machine.as_ref().ok_or(Error::IllegalTransition {
@@ -498,19 +576,30 @@ impl KvmSandbox {
             state: State::Standby,
         })?;
         let host = machine.vsock();
+        *self.calls.waker.lock() = Some(host.waker());
+        let flag = self.calls.flag.clone();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = host
-                .connect(AGENT_PORT, left.min(Duration::from_secs(5)))
+                .connect_with(AGENT_PORT, left.min(Duration::from_secs(5)), Some(&flag))
                 .map_err(ClientError::Io)
-                .and_then(|s| {
+                .and_then(|mut s| {
+                    s.set_cancel(Some(flag.clone()));
+                    // The handshake waits no longer than the connection may take.
+                    s.set_deadline(Some(deadline));
                     let mut c = Client::new(s);
                     c.hello().map(|_| c)
                 });
             match attempt {
-                Ok(c) => {
+                Ok(mut c) => {
+                    c.get_mut().set_deadline(None);
                     self.agent = Some(c);
                     return Ok(());
+                }
+                Err(ClientError::Io(e)) if Cancelled::is_cause_of(&e) => {
+                    return Err(Error::Interrupted {
+                        last_good: self.lifecycle.last_good().cloned(),
+                    });
                 }
                 Err(e) => {
                     if !machine.is_running() {
@@ -539,10 +628,12 @@ impl KvmSandbox {
         }
     }
 
-    /// The agent client, reconnecting once if the previous connection broke.
+    /// The agent client for a call `op` that starts now, reconnecting if the previous
+    /// connection broke; its requests have the default deadline (see [`Self::live_agent`]).
     fn agent(&mut self, op: Operation) -> Result<&mut Client<VsockStream>> {
         self.lifecycle.check(op)?;
         self.check_memory()?;
+        self.calls.begin();
         self.live_agent()
     }
 
@@ -562,20 +653,85 @@ impl KvmSandbox {
     }
 
     /// The agent client of a live machine, whatever the lifecycle says (resume uses it before
-    /// the sandbox counts as running).
+    /// the sandbox counts as running), with the host-side bounds of a request (see
+    /// [`KvmOptions::request_timeout`]) and the interrupter attached.
+    ///
+    /// When the previous connection broke it connects anew; if the agent does not accept within
+    /// the connect timeout, a running sandbox is poisoned ([`Error::Poisoned`]).
     fn live_agent(&mut self) -> Result<&mut Client<VsockStream>> {
+        let machine = self.machine.as_ref().ok_or(Error::IllegalTransition {
+            op: Operation::Exec,
+            state: State::Standby,
+        })?;
+        *self.calls.waker.lock() = Some(machine.vsock().waker());
         if self.agent.as_ref().is_none_or(|c| c.is_broken()) {
-            self.agent = None;
-            self.connect(self.opts.connect_timeout)?;
+            if let Some(old) = self.agent.take() {
+                old.into_inner().abort();
+            }
+            match self.connect(self.opts.connect_timeout) {
+                Ok(()) => {}
+                Err(e @ Error::Interrupted { .. }) => return Err(e),
+                Err(e) if self.lifecycle.state() == State::Running => {
+                    let reason = format!("the guest agent stopped answering ({e})");
+                    self.lifecycle.poison(reason.clone());
+                    return Err(Error::Poisoned {
+                        reason,
+                        last_good: self.lifecycle.last_good().cloned(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
-        self.agent.as_mut().ok_or(Error::Runtime {
+        let silence = self.opts.request_timeout;
+        let deadline = Instant::now().checked_add(silence.saturating_mul(REQUEST_CAP));
+        let flag = self.calls.flag.clone();
+        let client = self.agent.as_mut().ok_or(Error::Runtime {
             op: "reach the guest agent",
             message: "no connection".into(),
-        })
+        })?;
+        let stream = client.get_mut();
+        stream.set_cancel(Some(flag));
+        stream.set_read_timeout(Some(silence));
+        stream.set_write_timeout(Some(silence));
+        stream.set_deadline(deadline);
+        Ok(client)
+    }
+
+    /// The error of a failed agent request (`op` on `path`): [`Error::Interrupted`] when the
+    /// interrupter stopped it, [`Error::Deadline`] (with `limit`) when the host-side deadline
+    /// passed, else the agent's error. A connection left mid-response is reset, so that the
+    /// agent stops the work it did for it; the next call connects anew.
+    fn failed(&mut self, e: ClientError, limit: Duration, op: &'static str, path: &str) -> Error {
+        let last_good = self.lifecycle.last_good().cloned();
+        let stopped = match &e {
+            ClientError::Io(io) if Cancelled::is_cause_of(io) => {
+                Some(Error::Interrupted { last_good })
+            }
+            ClientError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                Some(Error::Deadline { limit, last_good })
+            }
+            _ => None,
+        };
+        if self.agent.as_ref().is_some_and(|c| c.is_broken())
+            && let Some(c) = self.agent.take()
+        {
+            c.into_inner().abort();
+        }
+        stopped.unwrap_or_else(|| agent_error(op, path, e))
+    }
+
+    /// A handle that stops this sandbox's running call from another thread: a call that
+    /// talks to the guest agent (`exec`, `spawn`, `wait`, files, connecting during a resume)
+    /// fails with [`Error::Interrupted`] within moments, the command an `exec` ran is killed
+    /// in the guest, and the sandbox stays running (see the module docs). A checkpoint's own
+    /// work is not interrupted. Valid across resumes of this handle.
+    pub fn interrupter(&self) -> KvmInterrupter {
+        KvmInterrupter(self.calls.clone())
     }
 
     fn release(&mut self) {
         self.agent = None;
+        *self.calls.waker.lock() = None;
         if let Some(m) = self.machine.take() {
             let _ = m.shutdown();
         }
@@ -687,40 +843,67 @@ impl KvmSandbox {
         }
         let env = self.env_for(cmd);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let pid = self
+        let r = self
             .agent(Operation::Exec)?
-            .spawn(&argv, &env, cmd.cwd.as_deref())
-            .map_err(|e| agent_error("spawn", &cmd.argv[0], e))?;
-        Ok(pid)
+            .spawn(&argv, &env, cmd.cwd.as_deref());
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "spawn", &cmd.argv[0]))
     }
 
-    /// Waits up to `timeout` for a background process: its exit code (128 + signal when
-    /// killed), or `None` while it runs.
+    /// Waits up to `timeout` (`None`: as long as it takes) for a background process: its exit
+    /// code (128 + signal when killed), or `None` while it runs. The agent is asked in slices
+    /// of at most [`WAIT_SLICE`], each under its own host-side deadline; the interrupter stops
+    /// the wait.
     pub fn wait(&mut self, pid: u32, timeout: Option<Duration>) -> Result<Option<i32>> {
-        let st = self
-            .agent(Operation::Exec)?
-            .wait(pid, timeout)
-            .map_err(|e| agent_error("wait for", &pid.to_string(), e))?;
-        Ok(st.map(|s| exit_code(s.code, s.signal)))
+        let end = timeout.map(|t| Instant::now() + t);
+        let what = pid.to_string();
+        // One call however many slices: an interrupt between two slices stops the next.
+        self.lifecycle.check(Operation::Exec)?;
+        self.calls.begin();
+        loop {
+            let slice = end.map_or(WAIT_SLICE, |e| {
+                e.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
+            });
+            let bound = slice + self.opts.request_timeout;
+            let client = self.live_agent()?;
+            client.get_mut().set_read_timeout(Some(bound));
+            let r = client.wait(pid, Some(slice));
+            match r.map_err(|e| self.failed(e, bound, "wait for", &what))? {
+                Some(s) => return Ok(Some(exit_code(s.code, s.signal))),
+                None if end.is_some_and(|e| Instant::now() >= e) => return Ok(None),
+                None => {}
+            }
+        }
     }
 
     /// Sends `signal` to a background process's group.
     pub fn signal(&mut self, pid: u32, signal: i32) -> Result<()> {
-        self.agent(Operation::Exec)?
-            .signal(pid, signal)
-            .map_err(|e| agent_error("signal", &pid.to_string(), e))
+        let r = self.agent(Operation::Exec)?.signal(pid, signal);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "signal", &pid.to_string()))
     }
 
     /// Takes a background process's output since the previous call: (stdout, stderr, running).
     pub fn output(&mut self, pid: u32) -> Result<(Vec<u8>, Vec<u8>, bool)> {
-        let o = self
-            .agent(Operation::Exec)?
-            .output(pid)
-            .map_err(|e| agent_error("read output of", &pid.to_string(), e))?;
+        let r = self.agent(Operation::Exec)?.output(pid);
+        let o = r.map_err(|e| {
+            self.failed(
+                e,
+                self.opts.request_timeout,
+                "read output of",
+                &pid.to_string(),
+            )
+        })?;
         Ok((o.stdout, o.stderr, o.running))
     }
 
     /// Runs `cmd` with streamed output: chunks go to `on_stdout` / `on_stderr` as they come.
+    ///
+    /// Bounded on every side: the agent kills the command at its timeout (`cmd.timeout`, else
+    /// the spec's `call_timeout`: [`Error::Deadline`]); the host gives up [`EXEC_GRACE`] later
+    /// if the agent has not reported (plus the bound of a request to send a non-empty stdin,
+    /// whose transfer may not stall for longer than [`KvmOptions::request_timeout`]); at most
+    /// the spec's `output_limit` bytes per stream are delivered, past it the command is killed
+    /// and the call fails with [`Error::OutputLimit`]; the interrupter stops it
+    /// ([`Error::Interrupted`], the command killed). The sandbox stays running in each case.
     pub fn exec_streaming(
         &mut self,
         cmd: &Command,
@@ -734,21 +917,55 @@ impl KvmSandbox {
         let env = self.env_for(cmd);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let limit = cmd.timeout.unwrap_or(self.spec.call_timeout);
-        let last_good = self.lifecycle.last_good().cloned();
-        let st = self
-            .agent(Operation::Exec)?
-            .exec(
-                &argv,
-                &env,
-                cmd.cwd.as_deref(),
-                &cmd.stdin,
-                Some(limit),
-                on_stdout,
-                on_stderr,
-            )
-            .map_err(|e| agent_error("exec", &cmd.argv[0], e))?;
+        let mut bound = limit.saturating_add(EXEC_GRACE);
+        if !cmd.stdin.is_empty() {
+            bound = bound.saturating_add(self.opts.request_timeout.saturating_mul(REQUEST_CAP));
+        }
+        let output_limit = self.spec.output_limit;
+        // Past the output limit, the stream is stopped through the call's cancel flag: the
+        // next read fails and the connection is reset, which kills the command.
+        let stop = self.calls.flag.clone();
+        let over: std::cell::Cell<Option<&'static str>> = std::cell::Cell::new(None);
+        let (mut out_len, mut err_len) = (0usize, 0usize);
+        let capped = |stream: &'static str, len: &mut usize, d: &[u8], f: &mut dyn FnMut(&[u8])| {
+            if over.get().is_some() {
+                return;
+            }
+            if len.saturating_add(d.len()) > output_limit {
+                over.set(Some(stream));
+                stop.store(true, Ordering::SeqCst);
+            } else {
+                *len += d.len();
+                f(d);
+            }
+        };
+        let client = self.agent(Operation::Exec)?;
+        let stream = client.get_mut();
+        // A silent command is fine until its timeout; a guest that takes no stdin is not.
+        stream.set_read_timeout(None);
+        stream.set_deadline(Instant::now().checked_add(bound));
+        let r = client.exec(
+            &argv,
+            &env,
+            cmd.cwd.as_deref(),
+            &cmd.stdin,
+            Some(limit),
+            &mut |d| capped("stdout", &mut out_len, d, on_stdout),
+            &mut |d| capped("stderr", &mut err_len, d, on_stderr),
+        );
+        let r = r.map_err(|e| self.failed(e, limit, "exec", &cmd.argv[0]));
+        if let Some(stream) = over.get() {
+            return Err(Error::OutputLimit {
+                stream,
+                limit: output_limit,
+            });
+        }
+        let st = r?;
         if st.timed_out {
-            return Err(Error::Deadline { limit, last_good });
+            return Err(Error::Deadline {
+                limit,
+                last_good: self.lifecycle.last_good().cloned(),
+            });
         }
         Ok(exit_code(st.code, st.signal))
     }
@@ -884,33 +1101,12 @@ impl Sandbox for KvmSandbox {
     }
 
     fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
-        let limit = self.spec.output_limit;
+        // `exec_streaming` enforces the output limit.
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        let (mut over_out, mut over_err) = (false, false);
-        let code = self.exec_streaming(
-            cmd,
-            &mut |d| {
-                if stdout.len() + d.len() > limit {
-                    over_out = true;
-                } else {
-                    stdout.extend_from_slice(d);
-                }
-            },
-            &mut |d| {
-                if stderr.len() + d.len() > limit {
-                    over_err = true;
-                } else {
-                    stderr.extend_from_slice(d);
-                }
-            },
-        )?;
-        if over_out || over_err {
-            return Err(Error::OutputLimit {
-                stream: if over_out { "stdout" } else { "stderr" },
-                limit,
-            });
-        }
+        let code = self.exec_streaming(cmd, &mut |d| stdout.extend_from_slice(d), &mut |d| {
+            stderr.extend_from_slice(d)
+        })?;
         Ok(ExecOutput {
             stdout,
             stderr,
@@ -920,25 +1116,23 @@ impl Sandbox for KvmSandbox {
 
     fn read_file(&mut self, path: &str) -> Result<Vec<u8>> {
         let p = check_path(path)?;
-        self.agent(Operation::Files)?
-            .read_file(p)
-            .map_err(|e| agent_error("read", path, e))
+        let r = self.agent(Operation::Files)?.read_file(p);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "read", path))
     }
 
     fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
         let p = check_path(path)?;
         self.check_writable(p)?;
-        self.agent(Operation::Files)?
-            .write_file(p, data, None, false)
-            .map_err(|e| agent_error("write", path, e))
+        let r = self
+            .agent(Operation::Files)?
+            .write_file(p, data, None, false);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "write", path))
     }
 
     fn list_dir(&mut self, path: &str) -> Result<Vec<DirEntry>> {
         let p = check_path(path)?;
-        let entries = self
-            .agent(Operation::Files)?
-            .list(p)
-            .map_err(|e| agent_error("list", path, e))?;
+        let r = self.agent(Operation::Files)?.list(p);
+        let entries = r.map_err(|e| self.failed(e, self.opts.request_timeout, "list", path))?;
         Ok(entries
             .into_iter()
             .map(|e| DirEntry {
@@ -952,16 +1146,14 @@ impl Sandbox for KvmSandbox {
     fn remove(&mut self, path: &str) -> Result<()> {
         let p = check_path(path)?;
         self.check_writable(p)?;
-        self.agent(Operation::Files)?
-            .remove(p, true)
-            .map_err(|e| agent_error("remove", path, e))
+        let r = self.agent(Operation::Files)?.remove(p, true);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "remove", path))
     }
 
     fn exists(&mut self, path: &str) -> Result<bool> {
         let p = check_path(path)?;
-        self.agent(Operation::Files)?
-            .exists(p)
-            .map_err(|e| agent_error("stat", path, e))
+        let r = self.agent(Operation::Files)?.exists(p);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "stat", path))
     }
 
     fn checkpoint(&mut self) -> Result<SnapshotId> {
@@ -982,6 +1174,7 @@ impl Sandbox for KvmSandbox {
 
     fn resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()> {
         self.lifecycle.check(Operation::Resume)?;
+        self.calls.begin();
         let manifest = self.store.manifest(id)?;
         let mounts = grants.resolve(id, &manifest.spec.mounts)?;
         self.load(id, &mounts)?;
@@ -1012,6 +1205,10 @@ impl Sandbox for KvmSandbox {
         self.lifecycle.check(Operation::Kill)?;
         self.release();
         self.lifecycle.complete(Operation::Kill)
+    }
+
+    fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {
+        Some(Arc::new(KvmSandbox::interrupter(self)))
     }
 }
 

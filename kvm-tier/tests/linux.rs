@@ -98,6 +98,176 @@ fn exec_returns_output_and_exit_codes() {
     assert_eq!(sh(&mut sb, "echo still here").0, "still here\n");
 }
 
+/// Runs `f` on its own thread; its result arrives on the returned channel.
+fn in_background<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::sync::mpsc::Receiver<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// A tiny static x86-64 program for the guest: it makes itself `SCHED_FIFO` priority 99, then
+/// spins for ever. With RT throttling off, nothing else runs again on the guest's only vCPU:
+/// not the agent, not the kernel's vsock worker. If the kernel refuses, it exits with the errno.
+fn cpu_hog_elf() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const CODE: u64 = 64 + 56;
+    #[rustfmt::skip]
+    let mut code: Vec<u8> = vec![
+        0xB8, 0x90, 0x00, 0x00, 0x00, // mov eax, 144 (sched_setscheduler)
+        0x31, 0xFF,                   // xor edi, edi (this process)
+        0xBE, 0x01, 0x00, 0x00, 0x00, // mov esi, 1 (SCHED_FIFO)
+        0x48, 0x8D, 0x15, 0, 0, 0, 0, // lea rdx, [rip + param]
+        0x0F, 0x05,                   // syscall
+        0x85, 0xC0,                   // test eax, eax
+        0x75, 0x02,                   // jnz fail
+        0xEB, 0xFE,                   // spin: jmp spin
+        0xF7, 0xD8,                   // fail: neg eax
+        0x89, 0xC7,                   // mov edi, eax
+        0xB8, 0x3C, 0x00, 0x00, 0x00, // mov eax, 60 (exit)
+        0x0F, 0x05,                   // syscall
+    ];
+    let param = code.len() as u32;
+    code.extend_from_slice(&99u32.to_le_bytes()); // struct sched_param { 99 }
+    code[15..19].copy_from_slice(&(param - 19).to_le_bytes()); // from the end of the lea
+    let size = CODE + code.len() as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, little-endian
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3Eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(BASE + CODE).to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 0, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R + X
+    for v in [0, BASE, BASE, size, size, 0x1000] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(elf.len() as u64, CODE);
+    elf.extend_from_slice(&code);
+    elf
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn a_guest_that_stops_answering_cannot_hang_a_call() {
+    let (_, id) = booted();
+    let mut sb = fresh();
+    sb.write_file("/root/hog", &cpu_hog_elf()).unwrap();
+    // The command takes the guest's only CPU for ever: the agent cannot even kill it at its
+    // timeout and report. The host gives up on its own (before, this call never returned).
+    // The timeout leaves the guest time to start the program (a fork+exec can take seconds
+    // where its kernel is emulated): killed before it spins, the hog would prove nothing.
+    let mut hog = Command::new([
+        "sh",
+        "-c",
+        "chmod +x /root/hog && echo -1 > /proc/sys/kernel/sched_rt_runtime_us && exec /root/hog",
+    ]);
+    hog.timeout = Some(Duration::from_secs(30));
+    let (r, mut sb) = in_background(move || (sb.exec(&hog), sb))
+        .recv_timeout(Duration::from_secs(300))
+        .expect("exec did not return although the guest hangs");
+    assert!(matches!(r, Err(Error::Deadline { .. })), "{r:?}");
+    // The next call cannot reach the agent: the sandbox is poisoned, naming its last snapshot.
+    let (r, mut sb) = in_background(move || (sb.exists("/root"), sb))
+        .recv_timeout(Duration::from_secs(300))
+        .expect("a call did not return although the guest hangs");
+    assert!(
+        matches!(&r, Err(Error::Poisoned { last_good: Some(s), .. }) if s == id),
+        "{r:?}"
+    );
+    assert_eq!(sb.state(), dormant_core::State::Poisoned);
+    // Resuming it brings the sandbox back.
+    sb.resume(id).unwrap();
+    assert_eq!(sh(&mut sb, "echo back").0, "back\n");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn an_interrupt_stops_a_long_exec_at_once_and_the_sandbox_answers_after() {
+    // Through `Managed`: the running call holds its lock, the interrupter needs none.
+    let m = dormant_core::Managed::new(fresh(), None);
+    let (started, pid) = std::sync::mpsc::channel();
+    let call = {
+        let m = m.clone();
+        in_background(move || {
+            let cmd = Command::new(["sh", "-c", "echo $$; exec sleep 600"]);
+            m.with(|sb| {
+                sb.exec_streaming(
+                    &cmd,
+                    &mut |d| {
+                        let _ = started.send(String::from_utf8_lossy(d).into_owned());
+                    },
+                    &mut |_| {},
+                )
+            })
+        })
+    };
+    let pid: u32 = pid
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the command did not start")
+        .trim()
+        .parse()
+        .unwrap();
+    m.interrupt();
+    let r = call
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the interrupted call did not return");
+    assert!(matches!(r, Err(Error::Interrupted { .. })), "{r:?}");
+    // The lock is free, the sandbox answers, and the command was killed in the guest.
+    assert_eq!(m.state(), dormant_core::State::Running);
+    let gone = format!("while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; echo gone");
+    let out = m.exec(&Command::new(["sh", "-c", &gone])).unwrap();
+    assert_eq!(out.stdout, b"gone\n");
+    // An interrupt between calls does not stop the next one.
+    m.interrupt();
+    let out = m.exec(&Command::new(["echo", "unaffected"])).unwrap();
+    assert_eq!(out.stdout, b"unaffected\n");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn output_past_the_limit_stops_the_command_at_once() {
+    let (store, _) = booted();
+    let limit = 64 << 10;
+    let spec = SandboxSpec::linux()
+        .memory_limit(RAM)
+        .call_timeout(Duration::from_secs(300))
+        .output_limit(limit);
+    let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
+    // Endless output is refused as soon as it passes the limit, and the command is killed
+    // (before, it ran to its timeout).
+    let mut endless = Command::new(["sh", "-c", "echo $$ > /tmp/yes.pid; exec yes"]);
+    endless.timeout = Some(Duration::from_secs(120));
+    match sb.exec(&endless) {
+        Err(Error::OutputLimit { stream, limit: l }) => assert_eq!((stream, l), ("stdout", limit)),
+        other => panic!("expected the output limit, got {other:?}"),
+    }
+    let gone = "p=$(cat /tmp/yes.pid); while kill -0 $p 2>/dev/null; do sleep 0.1; done; echo gone";
+    assert_eq!(sh(&mut sb, gone).0, "gone\n");
+    let too_much = Command::new(["sh", "-c", "head -c 65537 /dev/zero >&2"]);
+    assert!(matches!(
+        sb.exec(&too_much),
+        Err(Error::OutputLimit {
+            stream: "stderr",
+            ..
+        })
+    ));
+    // Up to the limit is fine.
+    let out = sb
+        .exec(&Command::new(["head", "-c", "65536", "/dev/zero"]))
+        .unwrap();
+    assert_eq!(out.stdout.len(), limit);
+}
+
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn files_api_and_guest_commands_see_the_same_files() {

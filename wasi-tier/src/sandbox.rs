@@ -162,6 +162,12 @@ impl Interrupter {
     }
 }
 
+impl dormant_core::Interrupt for Interrupter {
+    fn interrupt(&self) {
+        Interrupter::interrupt(self);
+    }
+}
+
 /// A verified filesystem archive waiting to be extracted.
 struct PendingFs {
     snapshot: SnapshotId,
@@ -1325,6 +1331,10 @@ impl Sandbox for WasiSandbox {
         self.lifecycle.check(Operation::Kill)?;
         self.release();
         self.lifecycle.complete(Operation::Kill)
+    }
+
+    fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {
+        Some(Arc::new(WasiSandbox::interrupter(self)))
     }
 }
 

@@ -119,7 +119,7 @@ _HINTS: dict[str, str] = {
     "snapshot_not_found": "dormant.list_snapshots() lists the snapshots in a store",
     "snapshot_corrupt": "resume another snapshot, or remove this one with dormant.delete_snapshot()",
     "timeout": "pass a larger timeout= to the call or to Sandbox.create()",
-    "limit_exceeded": "raise memory_mib= in Sandbox.create(), or produce less output",
+    "limit_exceeded": "raise memory_mib= or output_limit= in Sandbox.create(), or produce less output",
     "interrupted": "resume the sandbox from a snapshot with dormant.Sandbox.resume()",
     "store_full": "free space on the store's filesystem, then checkpoint again; the sandbox is "
     "still running and nothing was lost",

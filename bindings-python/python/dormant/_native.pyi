@@ -19,6 +19,7 @@ class NativeSandbox:
         idle_standby: float | None,
         env: list[tuple[str, str]],
         volumes: list[tuple[str, str, bool]],
+        output_limit: int | None = None,
     ) -> NativeSandbox: ...
     @staticmethod
     def resume(

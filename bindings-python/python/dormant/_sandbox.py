@@ -342,10 +342,12 @@ class Sandbox:
         idle_standby: float | None = 15.0,
         env: Mapping[str, str] | None = None,
         volumes: Mapping[str, StrPath | Volume] | None = None,
+        output_limit: int | None = None,
     ) -> Sandbox:
         """A new sandbox. ``memory_mib`` caps guest memory (WASI: 2 GiB by default; KVM: the
         guest's RAM, 256 MiB by default); ``timeout`` is the default deadline of each call in
-        seconds; after ``idle_standby`` seconds without calls the sandbox goes to standby by
+        seconds; ``output_limit`` caps the bytes a call may write to stdout and to stderr each
+        (16 MiB by default; past it the call raises :class:`LimitExceeded`); after ``idle_standby`` seconds without calls the sandbox goes to standby by
         itself and the next call wakes it (``None``: never); ``volumes`` maps guest paths to
         host directories (or :class:`Volume`)."""
         if not isinstance(tier, str):
@@ -359,6 +361,11 @@ class Sandbox:
                 raise TypeError(f"memory_mib must be an int, not {type(memory_mib).__name__}")
             if memory_mib <= 0:
                 raise InvalidArgument(f"memory_mib must be positive, not {memory_mib}")
+        if output_limit is not None:
+            if isinstance(output_limit, bool) or not isinstance(output_limit, int):
+                raise TypeError(f"output_limit must be an int, not {type(output_limit).__name__}")
+            if output_limit <= 0:
+                raise InvalidArgument(f"output_limit must be positive, not {output_limit}")
         vols = _volumes(volumes)
         root = _store(store)
         native = _native.NativeSandbox.create(
@@ -369,6 +376,7 @@ class Sandbox:
             _seconds("idle_standby", idle_standby),
             _env(env),
             vols,
+            output_limit,
         )
         return cls(native, root)
 

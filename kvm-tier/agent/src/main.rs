@@ -12,7 +12,7 @@ use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
 use dormant_agent::proto::DEFAULT_PORT;
-use dormant_agent::server::{ProcessTable, serve_connection};
+use dormant_agent::server::{ProcessTable, serve_socket};
 
 const USAGE: &str = "usage: dormant-agent [--vsock PORT | --unix PATH]";
 
@@ -102,7 +102,7 @@ impl VsockListener {
 
 fn serve<S, F>(mut accept: F, table: &'static ProcessTable)
 where
-    S: io::Read + io::Write + Send + 'static,
+    S: io::Read + io::Write + std::os::fd::AsFd + Send + 'static,
     F: FnMut() -> io::Result<S>,
 {
     loop {
@@ -111,7 +111,7 @@ where
                 let spawned = std::thread::Builder::new()
                     .name("conn".into())
                     .spawn(move || {
-                        if let Err(e) = serve_connection(stream, table) {
+                        if let Err(e) = serve_socket(stream, table) {
                             eprintln!("dormant-agent: connection ended: {e}");
                         }
                     });

@@ -1,8 +1,15 @@
 //! The agent side: the process table (with its reaper) and the per-connection request loop.
 //!
 //! [`serve_connection`] serves one connection until the peer closes it or a protocol error
-//! happens; the binary runs one per accepted connection, each on its own thread, all sharing
-//! [`ProcessTable::global`].
+//! happens; the binary runs one per accepted connection ([`serve_socket`]), each on its own
+//! thread, all sharing [`ProcessTable::global`].
+//!
+//! # A host that goes away during `exec`
+//!
+//! On a socket ([`serve_socket`]) an `exec` watches its connection while the command runs: when
+//! the host closes or resets it (an interrupted or timed-out call, a host process that died),
+//! the command's process group is killed at once rather than at its timeout, and the
+//! connection ends.
 //!
 //! # Children and their exit statuses
 //!
@@ -21,7 +28,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -474,7 +481,24 @@ fn killpg(pid: u32, signal: i32) -> io::Result<()> {
 
 /// Serves one connection: reads requests, answers them, until the peer closes the connection
 /// (`Ok`) or a protocol or I/O error (`Err`; the connection should then be dropped).
-pub fn serve_connection<S: Read + Write>(mut stream: S, table: &ProcessTable) -> io::Result<()> {
+pub fn serve_connection<S: Read + Write>(stream: S, table: &ProcessTable) -> io::Result<()> {
+    serve(stream, table, None)
+}
+
+/// [`serve_connection`] for a socket: an `exec` also watches the connection and kills its
+/// command as soon as the host closes or resets it (see the module docs).
+pub fn serve_socket<S: Read + Write + AsFd>(stream: S, table: &ProcessTable) -> io::Result<()> {
+    // Valid as long as `stream`, which `serve` owns until it returns.
+    let fd = stream.as_fd().as_raw_fd();
+    serve(stream, table, Some(fd))
+}
+
+/// The request loop; `hangup` is the connection's descriptor, watched during `exec`.
+fn serve<S: Read + Write>(
+    mut stream: S,
+    table: &ProcessTable,
+    hangup: Option<RawFd>,
+) -> io::Result<()> {
     loop {
         let (json, data) = match proto::read_raw_frame(&mut stream) {
             Ok(frame) => frame,
@@ -528,6 +552,7 @@ pub fn serve_connection<S: Read + Write>(mut stream: S, table: &ProcessTable) ->
                 timeout_ms,
             } => exec(
                 &mut stream,
+                hangup,
                 table,
                 &SpawnSpec {
                     argv: &argv,
@@ -733,9 +758,20 @@ fn unknown_pid(pid: u32) -> Failure {
     Failure::reply(error_kind::NOT_FOUND, format!("no process {pid}"))
 }
 
-/// Runs a command, streaming its output to `stream`, and returns its `exit`.
+/// The host closed or reset the connection of a running `exec`.
+fn hung_up() -> Failure {
+    Failure::Connection(io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the host closed the connection during exec; its command was killed",
+    ))
+}
+
+/// Runs a command, streaming its output to `stream`, and returns its `exit`. When `hangup`
+/// (the connection's descriptor) reports that the host closed or reset the connection, the
+/// command's group is killed (by the guard) and the connection ends.
 fn exec<S: Write>(
     stream: &mut S,
+    hangup: Option<RawFd>,
     table: &ProcessTable,
     spec: &SpawnSpec<'_>,
     timeout_ms: Option<u64>,
@@ -835,6 +871,15 @@ fn exec<S: Write>(
             });
             which.push(2);
         }
+        if let Some(h) = hangup {
+            // Only the peer's close or reset (POLLHUP and POLLERR are always reported).
+            fds.push(libc::pollfd {
+                fd: h,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            });
+            which.push(3);
+        }
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if n < 0 {
@@ -847,6 +892,9 @@ fn exec<S: Write>(
         for (pfd, &i) in fds.iter().zip(&which) {
             if pfd.revents == 0 {
                 continue;
+            }
+            if i == 3 {
+                return Err(hung_up());
             }
             if i == 2 {
                 exited_at = Some(Instant::now());
@@ -878,14 +926,11 @@ fn exec<S: Write>(
         } else {
             deadline
         };
-        exit = table.wait_exit(pid, limit).ok().flatten();
+        exit = wait_exit_watching(table, pid, &efd, hangup, limit)?;
         if exit.is_none() && !timed_out {
             // The deadline passed with the pipes closed and the process still running.
             kill(&mut timed_out, &mut killed_at);
-            exit = table
-                .wait_exit(pid, killed_at.map(|k| k + KILL_GRACE))
-                .ok()
-                .flatten();
+            exit = wait_exit_watching(table, pid, &efd, hangup, killed_at.map(|k| k + KILL_GRACE))?;
         }
     }
     guard.done = true;
@@ -898,6 +943,60 @@ fn exec<S: Write>(
         signal: exit.signal,
         timed_out,
     })
+}
+
+/// Waits until `pid` (an `exec` whose exit `efd` signals) has an exit status, at most until
+/// `limit` (`None`: for ever), watching `hangup` like the output loop does.
+fn wait_exit_watching(
+    table: &ProcessTable,
+    pid: u32,
+    efd: &OwnedFd,
+    hangup: Option<RawFd>,
+    limit: Option<Instant>,
+) -> Result<Option<ExitInfo>, Failure> {
+    let Some(h) = hangup else {
+        return Ok(table.wait_exit(pid, limit).ok().flatten());
+    };
+    loop {
+        // The reaper records the status before it signals `efd`: once `efd` is readable
+        // (it stays so), this sees the status.
+        if let Some(exit) = table.exit_of(pid) {
+            return Ok(Some(exit));
+        }
+        let now = Instant::now();
+        let timeout_ms: libc::c_int = match limit {
+            None => -1,
+            Some(l) if now >= l => return Ok(None),
+            Some(l) => {
+                let ms = (l - now).as_millis().saturating_add(1);
+                libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+            }
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: efd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: h,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Failure::io("poll", &e));
+        }
+        if fds[1].revents != 0 {
+            return Err(hung_up());
+        }
+    }
 }
 
 /// Removes an `exec` process from the table when the request ends; kills its group if the

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dormant_agent::client::{Client, ClientError};
 use dormant_agent::proto::{self, Request, Response};
-use dormant_agent::server::{ProcessTable, serve_connection};
+use dormant_agent::server::{ProcessTable, serve_connection, serve_socket};
 
 /// A client connected to a fresh in-process server thread.
 fn connect() -> Client<UnixStream> {
@@ -164,6 +164,48 @@ fn exec_timeout_kills_the_group() {
         )
         .unwrap();
     assert!(out.status.timed_out);
+}
+
+/// Whether any process of group `pgid` is left (the in-process reaper reaps every child).
+fn group_alive(pgid: i32) -> bool {
+    // SAFETY: plain syscall without pointers.
+    unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+#[test]
+fn exec_is_killed_when_the_host_closes_the_connection() {
+    // With its pipes open, and with both closed (then the agent waits for the exit status).
+    for script in [
+        "echo $$; exec sleep 600",
+        "echo $$; exec >&- 2>&-; exec sleep 600",
+    ] {
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || serve_socket(theirs, ProcessTable::global()));
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let req = Request::Exec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: vec![],
+            cwd: None,
+            timeout_ms: None,
+        };
+        proto::write_frame(&mut ours, &req, b"").unwrap();
+        let (resp, data) = proto::read_frame::<_, Response>(&mut ours).unwrap();
+        assert!(matches!(resp, Response::Stdout {}), "{resp:?}");
+        let pid: i32 = String::from_utf8(data).unwrap().trim().parse().unwrap();
+        assert!(group_alive(pid));
+        // The host goes away (an interrupted call) while the command runs.
+        drop(ours);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group_alive(pid) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !group_alive(pid),
+            "{script:?}: the command outlived its connection"
+        );
+        assert!(server.join().unwrap().is_err(), "the connection ends");
+    }
 }
 
 #[test]

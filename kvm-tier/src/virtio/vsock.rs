@@ -14,12 +14,19 @@
 //! back with [`VsockHost::adopt`], so the guest sees nothing happen. Connections with data in
 //! flight, and idle ones nobody adopts ([`VsockHost::reset_unadopted`]), are reset: the guest's
 //! sockets close and the host reconnects.
+//!
+//! No host wait is unbounded unless asked: a stream's reads *and* writes honour its timeouts
+//! and its deadline ([`VsockStream::set_deadline`]; a guest that never answers or never grants
+//! credit cannot hang a caller past them) and a cancel flag raised from another thread
+//! ([`VsockStream::set_cancel`], then [`VsockWaker::wake`]), which `connect` honours too.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use parking_lot::MutexGuard;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Chain, ChainReader, ChainWriter, Device, DeviceLogic, Queues};
@@ -701,11 +708,7 @@ impl VsockHost {
             .iter_mut()
             .find(|(_, c)| c.adoptable && c.peer_port == port)?;
         c.adoptable = false;
-        Some(VsockStream {
-            shared: self.shared.clone(),
-            local,
-            read_timeout: None,
-        })
+        Some(VsockStream::new(self.shared.clone(), local))
     }
 
     /// Resets the restored connections nobody adopted.
@@ -732,6 +735,17 @@ impl VsockHost {
 
     /// Opens a connection to guest port `port`, waiting up to `timeout` for the guest to accept.
     pub fn connect(&self, port: u32, timeout: Duration) -> std::io::Result<VsockStream> {
+        self.connect_with(port, timeout, None)
+    }
+
+    /// [`VsockHost::connect`] that also gives up, with a [`Cancelled`] error, once `cancel` is
+    /// raised (and the device's waiters woken with [`VsockWaker::wake`]).
+    pub fn connect_with(
+        &self,
+        port: u32,
+        timeout: Duration,
+        cancel: Option<&AtomicBool>,
+    ) -> std::io::Result<VsockStream> {
         let deadline = Instant::now() + timeout;
         let mut g = self.shared.inner.lock();
         if g.stopped {
@@ -750,11 +764,7 @@ impl VsockHost {
         loop {
             match g.conns.get(&local).map(|c| c.state) {
                 Some(ConnState::Connected) => {
-                    return Ok(VsockStream {
-                        shared: self.shared.clone(),
-                        local,
-                        read_timeout: None,
-                    });
+                    return Ok(VsockStream::new(self.shared.clone(), local));
                 }
                 Some(ConnState::Connecting) => {}
                 _ => {
@@ -764,6 +774,11 @@ impl VsockHost {
                         format!("the guest refused a connection to vsock port {port}"),
                     ));
                 }
+            }
+            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                // Forget it; a late answer is reset as unknown.
+                g.conns.remove(&local);
+                return Err(cancelled());
             }
             if g.stopped || self.shared.cv.wait_until(&mut g, deadline).timed_out() {
                 // Forget it; a late answer is reset as unknown.
@@ -777,6 +792,61 @@ impl VsockHost {
             }
         }
     }
+
+    /// A handle that wakes this device's waiting streams from any thread (see
+    /// [`VsockStream::set_cancel`]). It does not keep the device alive.
+    pub fn waker(&self) -> VsockWaker {
+        VsockWaker(Arc::downgrade(&self.shared))
+    }
+}
+
+/// Wakes the blocked waits of one device's streams (and of `connect_with`), so that they look
+/// at their cancel flags again. Usable from any thread; a no-op once the device is gone.
+#[derive(Clone)]
+pub struct VsockWaker(Weak<Shared>);
+
+impl std::fmt::Debug for VsockWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockWaker").finish_non_exhaustive()
+    }
+}
+
+impl VsockWaker {
+    /// Wakes every waiter of the device.
+    pub fn wake(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            // Taking the lock orders this wake after any waiter's look at its flag: a waiter
+            // either sees the raised flag or is already waiting and gets the notification.
+            drop(shared.inner.lock());
+            shared.cv.notify_all();
+        }
+    }
+}
+
+/// The error of a stream call (or `connect_with`) stopped by its raised cancel flag: the call
+/// was interrupted on request. Carried inside an `io::Error` of kind `ConnectionAborted`
+/// (not `Interrupted`, which `read_exact` and `write_all` would retry); see
+/// [`Cancelled::is_cause_of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the call was interrupted")]
+pub struct Cancelled;
+
+impl Cancelled {
+    /// Whether `e` is a stream failure caused by a raised cancel flag.
+    pub fn is_cause_of(e: &std::io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+    }
+}
+
+fn cancelled() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, Cancelled)
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer from the guest in time",
+    )
 }
 
 /// A host-side stream connection to a guest port.
@@ -784,6 +854,11 @@ pub struct VsockStream {
     shared: Arc<Shared>,
     local: u32,
     read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    /// Reads and writes fail with `TimedOut` from then on.
+    deadline: Option<Instant>,
+    /// Once raised, reads and writes fail with [`Cancelled`].
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for VsockStream {
@@ -795,9 +870,92 @@ impl std::fmt::Debug for VsockStream {
 }
 
 impl VsockStream {
+    fn new(shared: Arc<Shared>, local: u32) -> VsockStream {
+        VsockStream {
+            shared,
+            local,
+            read_timeout: None,
+            write_timeout: None,
+            deadline: None,
+            cancel: None,
+        }
+    }
+
     /// Reads fail with `TimedOut` after waiting this long (`None`: wait forever).
     pub fn set_read_timeout(&mut self, t: Option<Duration>) {
         self.read_timeout = t;
+    }
+
+    /// Writes fail with `TimedOut` after waiting this long for room (the guest grants credit
+    /// as it reads; `None`: wait forever).
+    pub fn set_write_timeout(&mut self, t: Option<Duration>) {
+        self.write_timeout = t;
+    }
+
+    /// From `deadline` on, reads *and* writes fail with `TimedOut`, whether they would wait
+    /// (for guest data, for guest credit) or not (`None`: no deadline). A guest that keeps
+    /// sending cannot stretch a call past it either.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// A flag that stops this stream from another thread: once it is raised (then the
+    /// device's waiters woken with [`VsockWaker::wake`]), every read and write fails with
+    /// [`Cancelled`] until it is lowered again.
+    pub fn set_cancel(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.cancel = flag;
+    }
+
+    /// Resets the connection now, dropping what is buffered either way: for a call abandoned
+    /// midway (the guest's end sees a reset, and the agent stops the work it did for it).
+    /// Unlike a plain drop, it does not wait for the guest to take buffered bytes.
+    pub fn abort(self) {
+        let mut g = self.shared.inner.lock();
+        if let Some(c) = g.conns.remove(&self.local)
+            && c.state != ConnState::Reset
+        {
+            g.control.push_back(Control {
+                local: self.local,
+                peer: c.peer_port,
+                op: OP_RST,
+                flags: 0,
+            });
+        }
+        drop(g);
+        // `Drop` finds the connection gone and only wakes the worker.
+    }
+
+    /// Fails when the call must stop: cancelled, or past its deadline.
+    fn check(&self) -> std::io::Result<()> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            return Err(cancelled());
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(timed_out());
+        }
+        Ok(())
+    }
+
+    /// Waits for the device's next change, at most until the earlier of `until` and the
+    /// stream's deadline: `Err(TimedOut)` when that passed.
+    fn wait(&self, g: &mut MutexGuard<'_, Inner>, until: Option<Instant>) -> std::io::Result<()> {
+        let until = match (until, self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match until {
+            Some(d) => {
+                if self.shared.cv.wait_until(g, d).timed_out() {
+                    return Err(timed_out());
+                }
+            }
+            None => self.shared.cv.wait(g),
+        }
+        Ok(())
     }
 }
 
@@ -810,9 +968,10 @@ fn gone() -> std::io::Error {
 
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let deadline = self.read_timeout.map(|t| Instant::now() + t);
+        let until = self.read_timeout.map(|t| Instant::now() + t);
         let mut g = self.shared.inner.lock();
         loop {
+            self.check()?;
             let Some(c) = g.conns.get_mut(&self.local) else {
                 return Err(gone());
             };
@@ -840,17 +999,7 @@ impl Read for VsockStream {
             if c.state == ConnState::Reset || g.stopped {
                 return Err(gone());
             }
-            match deadline {
-                Some(d) => {
-                    if self.shared.cv.wait_until(&mut g, d).timed_out() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no answer from the guest in time",
-                        ));
-                    }
-                }
-                None => self.shared.cv.wait(&mut g),
-            }
+            self.wait(&mut g, until)?;
         }
     }
 }
@@ -860,8 +1009,10 @@ impl Write for VsockStream {
         if buf.is_empty() {
             return Ok(0);
         }
+        let until = self.write_timeout.map(|t| Instant::now() + t);
         let mut g = self.shared.inner.lock();
         loop {
+            self.check()?;
             let stopped = g.stopped;
             let Some(c) = g.conns.get_mut(&self.local) else {
                 return Err(gone());
@@ -876,8 +1027,9 @@ impl Write for VsockStream {
                 let _ = self.shared.wake.write(1);
                 return Ok(n);
             }
+            // Full: wait for the guest to take bytes (it grants credit as it reads).
             let _ = self.shared.wake.write(1);
-            self.shared.cv.wait(&mut g);
+            self.wait(&mut g, until)?;
         }
     }
 
@@ -941,6 +1093,101 @@ mod tests {
         assert_eq!(&b[30..32], &OP_RW.to_le_bytes(), "op at offset 30");
         let p = Header::parse(&b);
         assert_eq!(p.bytes(), b);
+    }
+
+    /// A device without a driver (nothing ever answers) holding one idle connection restored
+    /// from a snapshot, to guest port 1024, that grants no credit; and the host's stream of it.
+    fn silent_guest() -> (VsockDevice, VsockStream) {
+        let ram = crate::vm::GuestRam::anonymous(1 << 20).unwrap();
+        let fresh = VsockDevice::new(ram.memory().clone(), EventFd::new(0).unwrap(), None).unwrap();
+        let mut state = fresh.state();
+        state.live.push(LiveConn {
+            local: FIRST_LOCAL_PORT,
+            peer: 1024,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            credit_sent: 0,
+        });
+        let dev =
+            VsockDevice::new(ram.memory().clone(), EventFd::new(0).unwrap(), Some(&state)).unwrap();
+        let stream = dev.host().adopt(1024).unwrap();
+        (dev, stream)
+    }
+
+    /// Runs `f` on another thread; its result, or `None` if it has not returned within a
+    /// minute (a hang).
+    fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(60)).ok()
+    }
+
+    #[test]
+    fn reads_and_writes_stop_at_the_deadline_when_the_guest_never_answers() {
+        let (_dev, mut stream) = silent_guest();
+        stream.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+        let read = within_a_minute(move || {
+            let r = stream.read(&mut [0u8; 16]);
+            (r, stream)
+        });
+        let (r, mut stream) = read.expect("the read hung");
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+
+        // No credit, ever: the write fills the host's buffer, then waits for the guest.
+        stream.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+        let written = within_a_minute(move || {
+            let r = stream.write_all(&vec![7u8; 2 * OUT_MAX]);
+            (r, stream)
+        });
+        let (r, mut stream) = written.expect("the write hung");
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+
+        // The same with a timeout on the wait for room instead of a deadline.
+        stream.set_deadline(None);
+        stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let written = within_a_minute(move || stream.write_all(b"more"));
+        let r = written.expect("the write hung");
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_raised_cancel_flag_stops_a_waiting_read_a_write_and_a_connect() {
+        let (dev, mut stream) = silent_guest();
+        let host = dev.host();
+        let flag = Arc::new(AtomicBool::new(false));
+        stream.set_cancel(Some(flag.clone()));
+        // No deadline: only the flag can end these waits.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let _ = tx.send(stream.read(&mut [0u8; 16]));
+            stream
+        });
+        // The read has not returned on its own.
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        flag.store(true, Ordering::SeqCst);
+        host.waker().wake();
+        let r = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the read hung");
+        assert!(Cancelled::is_cause_of(&r.unwrap_err()));
+        let mut stream = reader.join().unwrap();
+        // Still raised: a write fails at once, even with room to buffer.
+        let e = stream.write(b"x").unwrap_err();
+        assert!(Cancelled::is_cause_of(&e));
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted);
+        // A connect the guest never answers gives up too.
+        let cancel = flag.clone();
+        let connected = within_a_minute(move || {
+            host.connect_with(1024, Duration::from_secs(3600), Some(&cancel))
+                .map(|_| ())
+        });
+        let e = connected.expect("the connect hung").unwrap_err();
+        assert!(Cancelled::is_cause_of(&e));
+        stream.abort();
     }
 
     #[test]

@@ -111,10 +111,10 @@ fn list() -> Result<()> {
 
 fn check(ex: &dormant::Execution, what: &str) -> Result<()> {
     if let Some(e) = &ex.error {
-        return Err(Error::Runtime {
-            op: "demo",
-            message: format!("{what}: {}: {}\n{}", e.name, e.value, e.traceback),
-        });
+        return Err(Error::runtime(
+            "demo",
+            format!("{what}: {}: {}\n{}", e.name, e.value, e.traceback),
+        ));
     }
     Ok(())
 }
@@ -175,26 +175,20 @@ fn demo(rows: usize) -> Result<()> {
     );
 
     println!("\nrequest 2 — a new host process resumes the sandbox and answers a follow-up");
-    let exe = std::env::current_exe().map_err(|e| Error::Runtime {
-        op: "find own executable",
-        message: e.to_string(),
-    })?;
+    let exe = std::env::current_exe().map_err(|e| Error::runtime("find own executable", e))?;
     let t = Instant::now();
     let out = std::process::Command::new(exe)
         .args(["demo-resume", snap.as_str()])
         .env(LocalStore::ENV, store.root())
         .output()
-        .map_err(|e| Error::Runtime {
-            op: "start the resume process",
-            message: e.to_string(),
-        })?;
+        .map_err(|e| Error::runtime("start the resume process", e))?;
     let child_wall = ms(t);
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
-        return Err(Error::Runtime {
-            op: "resume in a new process",
-            message: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
+        return Err(Error::runtime(
+            "resume in a new process",
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let resume_ms: f64 = stdout

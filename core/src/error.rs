@@ -211,12 +211,55 @@ pub enum Error {
     /// A runtime component the sandbox needs is not installed; the message says how to get it.
     #[error("{what} not found: {hint}")]
     RuntimeMissing { what: &'static str, hint: String },
-    /// The sandbox runtime (engine, compiler, VMM) failed.
-    #[error("{op} failed: {message}")]
-    Runtime { op: &'static str, message: String },
+    /// The sandbox runtime (engine, compiler, VMM, guest agent) failed; `source` is the cause,
+    /// typed (a `wasmtime::Error`, the VMM's `MachineError`, the agent client's error, an I/O
+    /// error, or a [`RuntimeContext`] naming what it concerns), so callers can downcast it.
+    #[error("{op} failed")]
+    Runtime {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+/// A cause together with what it concerns (a path, a request), as the `source` of an
+/// [`Error::Runtime`].
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct RuntimeContext {
+    pub what: String,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync + 'static>,
 }
 
 impl Error {
+    /// A failure of the runtime doing `op`, keeping `cause` as the typed source (a plain
+    /// message, `String` or `&str`, becomes one too).
+    pub fn runtime(
+        op: &'static str,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Error::Runtime {
+            op,
+            source: cause.into(),
+        }
+    }
+
+    /// [`Error::runtime`] with what the cause concerns (a path, a request).
+    pub fn runtime_at(
+        op: &'static str,
+        what: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Error::Runtime {
+            op,
+            source: Box::new(RuntimeContext {
+                what: what.into(),
+                source: cause.into(),
+            }),
+        }
+    }
+
     /// Wraps a snapshot decoding error with the snapshot's id.
     pub fn snapshot(id: &SnapshotId, source: SnapshotError) -> Self {
         Error::Snapshot {

@@ -123,10 +123,7 @@ impl GuestImage {
 }
 
 fn runtime(op: &'static str) -> impl FnOnce(crate::machine::MachineError) -> Error {
-    move |e| Error::Runtime {
-        op,
-        message: e.to_string(),
-    }
+    move |e| Error::runtime(op, e)
 }
 
 /// Options of the KVM tier that are not part of the portable spec.
@@ -606,21 +603,20 @@ impl KvmSandbox {
                         let t = machine.console().text();
                         let tail: Vec<&str> = t.lines().rev().take(10).collect();
                         let tail: Vec<&str> = tail.into_iter().rev().collect();
-                        return Err(Error::Runtime {
-                            op: "start the guest",
-                            message: format!(
+                        return Err(Error::runtime(
+                            "start the guest",
+                            format!(
                                 "the VM stopped before its agent answered; console:\n{}",
                                 tail.join("\n")
                             ),
-                        });
+                        ));
                     }
                     if Instant::now() >= deadline {
-                        return Err(Error::Runtime {
-                            op: "reach the guest agent",
-                            message: format!(
-                                "no answer on vsock port {AGENT_PORT} in {timeout:?}: {e}"
-                            ),
-                        });
+                        return Err(Error::runtime_at(
+                            "reach the guest agent",
+                            format!("no answer on vsock port {AGENT_PORT} in {timeout:?}"),
+                            e,
+                        ));
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -685,10 +681,10 @@ impl KvmSandbox {
         let silence = self.opts.request_timeout;
         let deadline = Instant::now().checked_add(silence.saturating_mul(REQUEST_CAP));
         let flag = self.calls.flag.clone();
-        let client = self.agent.as_mut().ok_or(Error::Runtime {
-            op: "reach the guest agent",
-            message: "no connection".into(),
-        })?;
+        let client = self
+            .agent
+            .as_mut()
+            .ok_or_else(|| Error::runtime("reach the guest agent", "no connection"))?;
         let stream = client.get_mut();
         stream.set_cancel(Some(flag));
         stream.set_read_timeout(Some(silence));
@@ -759,14 +755,11 @@ impl KvmSandbox {
         let (vm, state, devices) = match quiesced {
             Ok(q) => q,
             Err(e) => {
-                let msg = e.to_string();
                 if running {
                     // Only capturing the state failed; the guest was let go again.
-                    return Err(Error::Runtime {
-                        op: "capture the guest's state",
-                        message: msg,
-                    });
+                    return Err(Error::runtime("capture the guest's state", e));
                 }
+                let msg = e.to_string();
                 self.lifecycle.poison(msg.clone());
                 return Err(Error::Trap {
                     message: msg,
@@ -998,10 +991,10 @@ fn format_disk(store: &LocalStore, size: usize) -> Result<PathBuf> {
         Ok(o) if o.status.success() => Ok(path),
         Ok(o) => {
             let _ = std::fs::remove_file(&path);
-            Err(Error::Runtime {
-                op: "format the sandbox's disk",
-                message: String::from_utf8_lossy(&o.stderr).into_owned(),
-            })
+            Err(Error::runtime(
+                "format the sandbox's disk",
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            ))
         }
         Err(e) => Err(Error::RuntimeMissing {
             what: "mke2fs",
@@ -1060,10 +1053,7 @@ fn agent_error(op: &'static str, path: &str, e: ClientError) -> Error {
                 source: std::io::Error::new(k, message),
             }
         }
-        other => Error::Runtime {
-            op: "talk to the guest agent",
-            message: format!("{op} {path}: {other}"),
-        },
+        other => Error::runtime_at("talk to the guest agent", format!("{op} {path}"), other),
     }
 }
 

@@ -431,10 +431,7 @@ pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
     if !base.is_full() {
         return Err(bad("the chain does not start with a full image".into()));
     }
-    let map_err = |e: crate::vm::VmError| Error::Runtime {
-        op: "map guest RAM",
-        message: e.to_string(),
-    };
+    let map_err = |e: crate::vm::VmError| Error::runtime("map guest RAM", e);
     let mut ram = GuestRam::from_layer(base).map_err(map_err)?;
     for (m, f) in chain.iter().zip(&files).skip(1) {
         ram.map_layer(f)
@@ -444,14 +441,9 @@ pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
         Some(layers) => Some(map_disk(store, &layers)?),
         None => None,
     };
-    let vm = MicroVm::new(ram, true).map_err(|e| Error::Runtime {
-        op: "create the VM",
-        message: e.to_string(),
-    })?;
-    vm.restore_state(&state).map_err(|e| Error::Runtime {
-        op: "restore the vCPU",
-        message: e.to_string(),
-    })?;
+    let vm = MicroVm::new(ram, true).map_err(|e| Error::runtime("create the VM", e))?;
+    vm.restore_state(&state)
+        .map_err(|e| Error::runtime("restore the vCPU", e))?;
     Ok(Loaded {
         vm,
         devices: st.devices,
@@ -506,15 +498,9 @@ fn disk_layers(
 
 /// Maps checked disk layers (base first) copy-on-write.
 fn map_disk(store: &LocalStore, layers: &[(SnapshotId, LayerFile)]) -> Result<GuestRam> {
-    let map_err = |e: crate::vm::VmError| Error::Runtime {
-        op: "map the disk",
-        message: e.to_string(),
-    };
+    let map_err = |e: crate::vm::VmError| Error::runtime("map the disk", e);
     let Some(((_, base), deltas)) = layers.split_first() else {
-        return Err(Error::Runtime {
-            op: "map the disk",
-            message: "no disk layers".into(),
-        });
+        return Err(Error::runtime("map the disk", "no disk layers"));
     };
     let mut disk = GuestRam::from_layer(base).map_err(map_err)?;
     for (sid, f) in deltas {

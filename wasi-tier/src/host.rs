@@ -150,9 +150,8 @@ pub fn build_ctx(p: CtxParams<'_>) -> Result<WasiP1Ctx> {
     b.stdout(p.stdout).stderr(p.stderr);
     let preopen_err = |path: &Path| {
         let path = path.to_owned();
-        move |e: wasmtime::Error| Error::Runtime {
-            op: "preopen directory",
-            message: format!("{}: {e:#}", path.display()),
+        move |e: wasmtime::Error| {
+            Error::runtime_at("preopen directory", path.display().to_string(), e)
         }
     };
     if let Some(lib) = p.lib {

@@ -152,22 +152,16 @@ impl ModuleCache {
             let t = std::time::Instant::now();
             let (_cx, out) = wasmtime_wizer::Wizer::new()
                 .instrument(&bytes)
-                .map_err(|e| Error::Runtime {
-                    op: "instrument module",
-                    message: format!("{e:#}"),
-                })?;
+                .map_err(|e| Error::runtime("instrument module", e))?;
             tracing::debug!(ms = t.elapsed().as_millis() as u64, "instrumented module");
             bytes = out;
         }
         tracing::info!(module = %&module_hash[..16], "compiling module (once; cached afterwards)");
-        let module = Module::new(engine, &bytes).map_err(|e| Error::Runtime {
-            op: "compile module",
-            message: format!("{e:#}"),
-        })?;
-        let ser = module.serialize().map_err(|e| Error::Runtime {
-            op: "serialize module",
-            message: format!("{e:#}"),
-        })?;
+        let module =
+            Module::new(engine, &bytes).map_err(|e| Error::runtime("compile module", e))?;
+        let ser = module
+            .serialize()
+            .map_err(|e| Error::runtime("serialize module", e))?;
         write_atomic(&path, &ser)?;
         drop(module);
         deserialize(engine, &path)
@@ -178,10 +172,8 @@ fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
     // SAFETY: the file is a wasmtime artifact this cache wrote (atomically, via rename) for an
     // engine with the same compatibility fingerprint; wasmtime also checks its header and
     // refuses an incompatible one. Nothing else writes into the cache directory.
-    unsafe { Module::deserialize_file(engine, path) }.map_err(|e| Error::Runtime {
-        op: "load compiled module",
-        message: format!("{}: {e:#}", path.display()),
-    })
+    unsafe { Module::deserialize_file(engine, path) }
+        .map_err(|e| Error::runtime_at("load compiled module", path.display().to_string(), e))
 }
 
 /// Writes `data` to `path` atomically (see [`dormant_core::fsutil::write_atomic`]).

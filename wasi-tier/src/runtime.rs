@@ -156,10 +156,8 @@ impl WasiRuntime {
     }
 
     pub fn with_config(cfg: RuntimeConfig) -> Result<WasiRuntime> {
-        let engine = Engine::new(&engine_config()).map_err(|e| Error::Runtime {
-            op: "create wasmtime engine",
-            message: format!("{e:#}"),
-        })?;
+        let engine = Engine::new(&engine_config())
+            .map_err(|e| Error::runtime("create wasmtime engine", e))?;
         let cache = ModuleCache::open(cfg.cache_dir.unwrap_or_else(ModuleCache::default_dir))?;
         let ticker = Ticker::start(engine.clone());
         Ok(WasiRuntime {
@@ -243,10 +241,7 @@ impl WasiRuntime {
 
     fn link(&self, module: &Module) -> Result<InstancePre<Host>> {
         let mut l: Linker<Host> = Linker::new(&self.inner.engine);
-        let err = |e: wasmtime::Error| Error::Runtime {
-            op: "link module",
-            message: format!("{e:#}"),
-        };
+        let err = |e: wasmtime::Error| Error::runtime("link module", e);
         wasmtime_wasi::p1::add_to_linker_sync(&mut l, |h: &mut Host| &mut h.wasi).map_err(err)?;
         // `fd_readdir` in linear time (wasmtime-wasi's is quadratic in the directory's size).
         crate::readdir::add_to_linker(&mut l, |h: &mut Host| (&mut h.wasi, &mut h.readdir))

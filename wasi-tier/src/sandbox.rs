@@ -188,10 +188,7 @@ impl std::fmt::Debug for WasiSandbox {
 }
 
 fn runtime_err(op: &'static str) -> impl FnOnce(wasmtime::Error) -> Error {
-    move |e| Error::Runtime {
-        op,
-        message: format!("{e:#}"),
-    }
+    move |e| Error::runtime(op, e)
 }
 
 /// The stdlib directory of a Python module.
@@ -360,13 +357,10 @@ impl WasiSandbox {
                 let (_, _) = sb.live_mut()?.out.take();
                 let (err, _) = sb.live_mut()?.err.take();
                 if rc != 0 {
-                    return Err(Error::Runtime {
-                        op: "start the Python session",
-                        message: format!(
-                            "bootstrap returned {rc}: {}",
-                            String::from_utf8_lossy(&err)
-                        ),
-                    });
+                    return Err(Error::runtime(
+                        "start the Python session",
+                        format!("bootstrap returned {rc}: {}", String::from_utf8_lossy(&err)),
+                    ));
                 }
             }
         }

@@ -122,6 +122,11 @@ struct Devices {
 struct DeviceModel(Arc<Devices>);
 
 impl ExitHandler for DeviceModel {
+    fn ended(&mut self) {
+        // Calls waiting on the guest's agent fail now rather than at their deadlines.
+        self.0.vsock.guest_gone();
+    }
+
     fn handle(&mut self, exit: ExitRef<'_>) -> Action {
         let d = &self.0;
         match exit {

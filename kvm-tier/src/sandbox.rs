@@ -713,6 +713,24 @@ impl KvmSandbox {
         {
             c.into_inner().abort();
         }
+        // A guest that can no longer run (or whose memory faulted) explains the failure better
+        // than the broken connection, and poisons the sandbox now rather than at its next call.
+        if let Err(gone) = self.check_memory() {
+            return gone;
+        }
+        if self.machine.as_ref().is_some_and(|m| !m.is_running()) {
+            let why = self
+                .machine
+                .take()
+                .and_then(Machine::shutdown)
+                .map_or_else(|| "the guest stopped".to_string(), |e| e.to_string());
+            self.release();
+            self.lifecycle.poison(why.clone());
+            return Error::Trap {
+                message: why,
+                last_good: self.lifecycle.last_good().cloned(),
+            };
+        }
         stopped.unwrap_or_else(|| agent_error(op, path, e))
     }
 
@@ -851,6 +869,7 @@ impl KvmSandbox {
         let what = pid.to_string();
         // One call however many slices: an interrupt between two slices stops the next.
         self.lifecycle.check(Operation::Exec)?;
+        self.check_memory()?;
         self.calls.begin();
         loop {
             let slice = end.map_or(WAIT_SLICE, |e| {

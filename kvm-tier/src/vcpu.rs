@@ -28,6 +28,10 @@ pub enum Action {
 /// data).
 pub trait ExitHandler: Send + 'static {
     fn handle(&mut self, exit: ExitRef<'_>) -> Action;
+
+    /// The guest will not run again: its vCPU failed (a crash, guest memory KVM could not
+    /// supply) or the handler stopped it. Not called when the owner stops the thread.
+    fn ended(&mut self) {}
 }
 
 impl<F: FnMut(ExitRef<'_>) -> Action + Send + 'static> ExitHandler for F {
@@ -262,11 +266,15 @@ fn run_thread(
         match vm.run_exit() {
             Ok(Some(exit)) => {
                 if handler.handle(exit) == Action::Stop {
+                    handler.ended();
                     return Ended::Stopped;
                 }
             }
             Ok(None) => {} // kicked out of KVM_RUN: serve the command that asked for it
-            Err(e) => return Ended::Failed(e),
+            Err(e) => {
+                handler.ended();
+                return Ended::Failed(e);
+            }
         }
     }
 }

@@ -434,6 +434,19 @@ impl VsockDevice {
         self.dev.set_paused(paused);
     }
 
+    /// The guest is gone (its vCPU crashed, or it reset itself): every connection is reset and
+    /// the host's streams and connects waiting on them return at once, not at their deadlines.
+    pub fn guest_gone(&self) {
+        {
+            let mut g = self.dev.lock();
+            g.stopped = true;
+            for c in g.conns.values_mut() {
+                c.state = ConnState::Reset;
+            }
+        }
+        self.dev.shared().cv.notify_all();
+    }
+
     /// The device state (pause first for a consistent snapshot).
     pub fn state(&self) -> VsockState {
         let g = self.dev.lock();

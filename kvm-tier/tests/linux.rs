@@ -1015,9 +1015,11 @@ fn sigkill_during_a_linux_checkpoint_leaves_only_complete_snapshots() {
     copy_chain(shared, &store, base);
     let mut committed: Vec<(SnapshotId, u64)> = Vec::new();
     let mut start = base.clone();
-    // At least four rounds, and more (up to 12) until a kill has landed inside a checkpoint.
+    // At least four rounds, and more (up to 30) until a kill has landed inside a checkpoint:
+    // each waits for two commits (timing one round of the child's loop), then kills at a
+    // different point of a later round.
     let mut interrupted = 0;
-    for round in 0..12u64 {
+    for round in 0..30u64 {
         if round >= 4 && interrupted > 0 {
             break;
         }
@@ -1035,20 +1037,22 @@ fn sigkill_during_a_linux_checkpoint_leaves_only_complete_snapshots() {
             .spawn()
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        // Let a few checkpoints commit, then kill at a varying point of a later one.
-        let mut seen = 0;
+        let mut seen = Vec::new();
         for line in lines.by_ref() {
             let line = line.unwrap();
             if let Some(rest) = line.strip_prefix("COMMITTED ") {
                 let (id, i) = rest.split_once(' ').unwrap();
                 committed.push((id.parse().unwrap(), i.trim().parse().unwrap()));
-                seen += 1;
-                if seen == 2 {
+                seen.push(std::time::Instant::now());
+                if seen.len() == 2 {
                     break;
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(7 * round + 3));
+        // A fraction of one round of the loop that differs from round to round.
+        let period = seen[1] - seen[0];
+        let fraction = (round as f64 * 0.618_034).fract();
+        std::thread::sleep(period.mul_f64(fraction));
         child.kill().unwrap();
         child.wait().unwrap();
         if std::fs::read_dir(store.root().join("tmp")).unwrap().count() > 0 {
@@ -1084,4 +1088,239 @@ fn sigkill_during_a_linux_checkpoint_leaves_only_complete_snapshots() {
             "{id}"
         );
     }
+}
+
+/// The guest-side checker (`tests/guest/memcheck.c`), compiled statically with the host's C
+/// compiler once per test run.
+fn memcheck_binary() -> &'static [u8] {
+    static BIN: OnceLock<Vec<u8>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/memcheck.c");
+        let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("memcheck-{}", std::process::id()));
+        let st = std::process::Command::new("cc")
+            .args(["-O2", "-static", "-mgeneral-regs-only", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("a C compiler (cc) builds the guest-side checker");
+        assert!(st.success(), "compile {}", src.display());
+        std::fs::read(&out).unwrap()
+    })
+}
+
+/// Pseudo-random data checked from inside the guest: 64 MiB in a process's memory, 2 MiB in
+/// a file in the page cache.
+const HELD_MIB: u32 = 64;
+const CACHED_MIB: u32 = 2;
+
+/// Starts the holder of `HELD_MIB` of data in `sb` and writes the page-cache file.
+fn hold_data(sb: &mut KvmSandbox) {
+    sb.write_file("/root/memcheck", memcheck_binary()).unwrap();
+    assert_eq!(
+        sh(
+            sb,
+            &format!("chmod +x /root/memcheck && mkdir -p /root/mc && /root/memcheck fill /root/pc 99 {CACHED_MIB}")
+        )
+        .1,
+        0
+    );
+    sb.spawn(&Command::new([
+        "/root/memcheck".to_string(),
+        "hold".into(),
+        "1234".into(),
+        HELD_MIB.to_string(),
+        "/root/mc".into(),
+    ]))
+    .unwrap();
+    let t = std::time::Instant::now();
+    while !sb.exists("/root/mc/pid").unwrap() {
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the holder did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Asks the holder to check its memory, checks the page-cache file, and adds a first
+/// command's output to compare from outside.
+const CHECK_DATA: &str = "n=$(($(cat /root/mc/n 2>/dev/null || echo 0) + 1)); echo $n > /root/mc/n; \
+    kill -USR1 $(cat /root/mc/pid) && while [ ! -e /root/mc/result.$n ]; do sleep 0.1; done; \
+    cat /root/mc/result.$n; /root/memcheck check /root/pc 99 2; seq 1 20000 | md5sum";
+
+/// What `CHECK_DATA` prints when every byte is right.
+fn data_ok() -> String {
+    let seq: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    let mut md5 = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    md5.stdin.take().unwrap().write_all(seq.as_bytes()).unwrap();
+    let sum = String::from_utf8(md5.wait_with_output().unwrap().stdout).unwrap();
+    format!("OK {HELD_MIB}\nOK {CACHED_MIB}\n{sum}")
+}
+
+/// Issue 11, "a resume gives back exactly what was saved": in a new sandbox (`create` resumes
+/// the base snapshot every sandbox starts from), a guest process holding 64 MiB of
+/// pseudo-random data and a file in the page cache, checkpointed and resumed ten times — in new
+/// processes, as forks, and at every link of a chain of incremental checkpoints — with every
+/// byte checked inside the guest and the first command's output compared from outside.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn every_resume_gives_back_exactly_what_was_saved() {
+    let (store, _) = booted();
+    let want = data_ok();
+    let spec = SandboxSpec::linux()
+        .memory_limit(RAM)
+        .call_timeout(Duration::from_secs(300));
+    let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
+    hold_data(&mut sb);
+    assert_eq!(sh(&mut sb, CHECK_DATA).0, want, "before any checkpoint");
+    let base = sb.checkpoint().unwrap();
+    // 1-3: in new processes.
+    for _ in 0..3 {
+        assert_eq!(in_new_process(store, &base, CHECK_DATA), want);
+    }
+    // 4-6: as forks.
+    for kid in &mut sb.fork(3).unwrap() {
+        assert_eq!(sh(kid, CHECK_DATA).0, want, "a fork");
+    }
+    drop(sb);
+    // 7-9: each link of a chain of incremental checkpoints, resumed in this process; 10: its
+    // end, in a new process.
+    let mut link = KvmSandbox::from_snapshot(store.clone(), &base).unwrap();
+    let mut last = base.clone();
+    for i in 0..3 {
+        link.write_file("/root/link", format!("{i}").as_bytes())
+            .unwrap();
+        last = link.checkpoint().unwrap();
+        link = KvmSandbox::from_snapshot(store.clone(), &last).unwrap();
+        assert_eq!(
+            link.read_file("/root/link").unwrap(),
+            format!("{i}").as_bytes()
+        );
+        assert_eq!(sh(&mut link, CHECK_DATA).0, want, "link {i}");
+    }
+    drop(link);
+    assert_eq!(
+        in_new_process(store, &last, CHECK_DATA),
+        want,
+        "the chain's end"
+    );
+}
+
+/// Fault 12 of issue 11: in new sandboxes, the first and second runs of a command with half a
+/// megabyte of output give exactly its output, and neither `dmesg` nor a background process
+/// crashes; the same after a checkpoint and a resume. (On PVM hosts guest vector registers were
+/// seen zeroed in the middle of glibc's copies: runs of NULs in the output, segfaults.)
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn new_sandboxes_give_exact_output_and_their_processes_do_not_crash() {
+    let (store, _) = booted();
+    let expected: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
+    let check = |sb: &mut KvmSandbox, what: &str| {
+        for run in ["first", "second"] {
+            let out = sb.exec(&Command::new(["seq", "1", "100000"])).unwrap();
+            assert_eq!(out.exit_code, 0, "{what}, {run} run");
+            if out.stdout != expected.as_bytes() {
+                let at = out
+                    .stdout
+                    .iter()
+                    .zip(expected.as_bytes())
+                    .position(|(a, b)| a != b);
+                panic!(
+                    "{what}, {run} run: {} bytes, first difference at {at:?}",
+                    out.stdout.len()
+                );
+            }
+        }
+        assert_eq!(
+            sh(sb, "set -o pipefail; dmesg | tail -1 > /dev/null").1,
+            0,
+            "{what}: dmesg"
+        );
+        let pid = sb.spawn(&Command::new(["seq", "1", "300000"])).unwrap();
+        assert_eq!(
+            sb.wait(pid, Some(Duration::from_secs(600))).unwrap(),
+            Some(0),
+            "{what}: a background seq"
+        );
+    };
+    let spec = SandboxSpec::linux()
+        .memory_limit(RAM)
+        .call_timeout(Duration::from_secs(300));
+    let mut last = None;
+    for i in 0..3 {
+        let mut sb = KvmSandbox::create(store.clone(), spec.clone()).unwrap();
+        check(&mut sb, &format!("new sandbox {i}"));
+        last = Some(sb);
+    }
+    let mut sb = last.unwrap();
+    let id = sb.checkpoint().unwrap();
+    let mut resumed = KvmSandbox::from_snapshot(store.clone(), &id).unwrap();
+    check(&mut resumed, "after a checkpoint and a resume");
+}
+
+/// Fault 10 of issue 11 on the KVM tier: the snapshot files a running Linux sandbox's RAM and
+/// disk are mapped from, truncated behind its back. The guest can no longer be given its pages
+/// (a device thread touching one gets SIGBUS, the vCPU an error from KVM): that sandbox fails
+/// with a typed error and is no longer running, while the process and another sandbox go on.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn snapshot_files_truncated_under_a_running_sandbox_fail_only_it() {
+    let (shared, base) = booted();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+    copy_chain(shared, &store, base);
+    let mut victim = KvmSandbox::from_snapshot(store.clone(), base).unwrap();
+    let mut other = fresh();
+    assert_eq!(sh(&mut victim, "echo before").0, "before\n");
+    for m in store.chain(base).unwrap() {
+        for f in std::fs::read_dir(store.snapshot_dir(&m.id))
+            .unwrap()
+            .flatten()
+        {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.starts_with("memory.") || name.starts_with("disk.") {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(f.path())
+                    .unwrap()
+                    .set_len(0)
+                    .unwrap();
+            }
+        }
+    }
+    // Commands that need pages the files no longer hold: the first that fails ends it.
+    let mut failed = None;
+    for _ in 0..5 {
+        match victim.exec(&Command::new([
+            "sh",
+            "-c",
+            "cat /bin/busybox | md5sum; ls -R / > /dev/null",
+        ])) {
+            Ok(_) => {}
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failed.expect("a sandbox whose memory is gone fails");
+    assert!(
+        matches!(
+            e,
+            Error::Trap { .. }
+                | Error::Poisoned { .. }
+                | Error::Runtime { .. }
+                | Error::Deadline { .. }
+        ),
+        "a typed failure of that sandbox: {e:?}"
+    );
+    assert_ne!(victim.state(), dormant_core::State::Running, "{e}");
+    // The process and the other sandbox are fine.
+    assert_eq!(sh(&mut other, "echo still here").0, "still here\n");
 }

@@ -713,3 +713,40 @@ fn a_fork_of_the_host_process_does_not_hide_written_pages() {
         "every page written before the checkpoint is in it"
     );
 }
+
+/// Fault 10 of issue 11: a snapshot file the live memory is mapped from, truncated behind the
+/// sandbox's back, used to end the whole process with SIGBUS at the next touch of its pages.
+/// Now the sandbox that faulted is poisoned with a typed error naming its last good snapshot,
+/// and the process and other sandboxes go on.
+#[test]
+fn a_snapshot_file_truncated_under_a_live_sandbox_poisons_only_it() {
+    let env = Env::new();
+    let mut victim = toy(&env);
+    let mut other = toy(&env);
+    victim.call("fill", &[Val::I32(3)]).unwrap();
+    let id = victim.checkpoint().unwrap();
+    other.call("fill", &[Val::I32(4)]).unwrap();
+    // The live memory is now a mapping of this image; cut it off.
+    let image = snapshot_dir(&env.store, &id).join("memory.img");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    match victim.call("consistent", &[]) {
+        Err(Error::Trap { message, last_good }) => {
+            assert!(message.contains("could not be read"), "{message}");
+            assert_eq!(last_good, Some(id.clone()));
+        }
+        other => panic!("expected a trap for the lost pages, got {other:?}"),
+    }
+    assert_eq!(victim.state(), State::Poisoned);
+    assert!(matches!(
+        victim.call("marker", &[]),
+        Err(Error::Poisoned { .. })
+    ));
+    // The process and the other sandbox are fine.
+    assert_eq!(i32_of(&other.call("consistent", &[]).unwrap()), 1);
+    assert_eq!(i32_of(&other.call("marker", &[]).unwrap()), 4);
+}

@@ -252,11 +252,14 @@ fn set_boot_registers(vm: &MicroVm, entry: u64) -> Result<(), BootError> {
 /// There the guest kernel must run with `noxsave`, so it switches tasks' vector registers with
 /// FXSAVE, which covers only x87 and XMM0-15; but user code sees the host's CPUID and XCR0 (PVM
 /// exposes both, and does not load the guest's XCR0), so glibc would pick its AVX2 and AVX-512
-/// routines, whose registers (YMM/ZMM upper halves, XMM16-31, opmasks) are then shared by every
-/// process of the guest. Measured here: 64-byte runs of zeros in `memcpy`'s output (issue 11,
-/// fault 12). These tunables keep glibc on its SSE2 routines, which the guest kernel does
-/// switch correctly. Programs that choose AVX on their own are not covered (see the guest
-/// README).
+/// routines, whose registers (YMM/ZMM upper halves, XMM16-31, opmasks) every process of the
+/// guest would then share. Beyond that, guest vector registers were measured zeroed in the
+/// middle of glibc's copies on our PVM hosts (issue 11, fault 12: 64-byte runs of NULs with
+/// AVX-512 `memcpy`, 16-byte runs with SSE2 `memcpy`, in a freshly booted guest as well as a
+/// resumed one, more under host load), which no guest-side setting explains: so `memcpy` and
+/// `memset` use `rep movsb`/`rep stosb` (`Prefer_ERMS`, `Prefer_FSRM`), which need no vector
+/// register at all, and AVX is off. Programs that choose vector code on their own are not
+/// covered (see the README).
 pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,\
 -AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VNNI,-AVX512_BF16,-AVX512_FP16,-AVX2,-AVX,-FMA,-AVX_VNNI,\
 Prefer_ERMS,Prefer_FSRM";

@@ -1005,24 +1005,59 @@ fn helper_checkpoint_loop() {
 /// A process killed (SIGKILL) at any point of a Linux sandbox's checkpoint leaves only complete
 /// snapshots in the store: every one the child reported as committed resumes with the data it
 /// had, and leftovers of the interrupted one are removed.
+///
+/// Rounds alternate between two kinds of kill. Even rounds kill at a fraction of one round of
+/// the child's loop that differs from round to round (anywhere: writing a file, pausing the
+/// guest, writing the snapshot). Odd rounds aim inside the write of a snapshot: they watch
+/// the store's `tmp/` with inotify and kill at a varying step of the snapshot being written
+/// (its directory created, then each of its files created or closed). A guest process keeps
+/// 8 MiB of memory dirty, so that writing each snapshot takes milliseconds.
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn sigkill_during_a_linux_checkpoint_leaves_only_complete_snapshots() {
     use std::io::BufRead;
     let (shared, base) = booted();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let store = LocalStore::open(dir.path()).unwrap();
+    let store = Arc::new(LocalStore::open(dir.path()).unwrap());
     copy_chain(shared, &store, base);
+    let tmp = store.root().join("tmp");
+    let parse = |line: &str| -> Option<(SnapshotId, u64)> {
+        let (id, i) = line.strip_prefix("COMMITTED ")?.split_once(' ')?;
+        Some((id.parse().unwrap(), i.trim().parse().unwrap()))
+    };
+    // A guest process rewrites 8 MiB of its memory all the time, so that each checkpoint
+    // writes that much (milliseconds to kill it in, instead of a fraction of one).
+    let mut sb = KvmSandbox::from_snapshot(store.clone(), base).unwrap();
+    sb.write_file("/root/memcheck", memcheck_binary()).unwrap();
+    assert_eq!(sh(&mut sb, "chmod +x /root/memcheck").1, 0);
+    sb.spawn(&Command::new([
+        "/root/memcheck",
+        "churn",
+        "8",
+        "/root/churn.ready",
+    ]))
+    .unwrap();
+    let t = std::time::Instant::now();
+    while !sb.exists("/root/churn.ready").unwrap() {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "the memory churner did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut start = sb.checkpoint().unwrap();
+    drop(sb);
     let mut committed: Vec<(SnapshotId, u64)> = Vec::new();
-    let mut start = base.clone();
-    // At least four rounds, and more (up to 30) until a kill has landed inside a checkpoint:
-    // each waits for two commits (timing one round of the child's loop), then kills at a
-    // different point of a later round.
     let mut interrupted = 0;
-    for round in 0..30u64 {
-        if round >= 4 && interrupted > 0 {
+    // Eight rounds, and more (up to 40) until at least two kills landed inside a checkpoint
+    // (a kill is sent within a fraction of a millisecond of the event, but on a loaded machine
+    // the child may still commit first).
+    for round in 0..40u64 {
+        if round >= 8 && interrupted >= 2 {
             break;
         }
+        // Set up before the child starts, so that no event of its checkpoints is missed.
+        let watch = (round % 2 == 1).then(|| CheckpointWatch::new(&tmp));
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "helper_checkpoint_loop",
@@ -1037,37 +1072,43 @@ fn sigkill_during_a_linux_checkpoint_leaves_only_complete_snapshots() {
             .spawn()
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut seen = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("COMMITTED ") {
-                let (id, i) = rest.split_once(' ').unwrap();
-                committed.push((id.parse().unwrap(), i.trim().parse().unwrap()));
-                seen.push(std::time::Instant::now());
-                if seen.len() == 2 {
-                    break;
+        match watch {
+            None => {
+                // Times one round of the child's loop from two commits, then kills at a
+                // fraction of a later round.
+                let mut seen = Vec::new();
+                for line in lines.by_ref() {
+                    if let Some(c) = parse(&line.unwrap()) {
+                        committed.push(c);
+                        seen.push(std::time::Instant::now());
+                        if seen.len() == 2 {
+                            break;
+                        }
+                    }
                 }
+                assert_eq!(seen.len(), 2, "the child checkpoints in a loop");
+                let fraction = (round as f64 * 0.618_034).fract();
+                std::thread::sleep((seen[1] - seen[0]).mul_f64(fraction));
+            }
+            Some(mut watch) => {
+                // The second checkpoint of this child, at step 0 to 3 of writing it.
+                watch.wait_for(&mut child, 2, (round / 2 % 4) as usize);
             }
         }
-        // A fraction of one round of the loop that differs from round to round.
-        let period = seen[1] - seen[0];
-        let fraction = (round as f64 * 0.618_034).fract();
-        std::thread::sleep(period.mul_f64(fraction));
         child.kill().unwrap();
         child.wait().unwrap();
-        if std::fs::read_dir(store.root().join("tmp")).unwrap().count() > 0 {
+        if std::fs::read_dir(&tmp).unwrap().count() > 0 {
             interrupted += 1;
         }
         // Reading the rest drains what the child printed before the kill.
-        for line in lines.map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("COMMITTED ") {
-                let (id, i) = rest.split_once(' ').unwrap();
-                committed.push((id.parse().unwrap(), i.trim().parse().unwrap()));
-            }
-        }
-        start = committed.last().unwrap().0.clone();
+        committed.extend(lines.map_while(Result::ok).filter_map(|l| parse(&l)));
+        start = committed.last().map_or(start, |c| c.0.clone());
     }
-    assert!(interrupted > 0, "no kill landed inside a checkpoint");
+    eprintln!("{interrupted} kills left a partial snapshot");
+    assert!(
+        interrupted >= 2,
+        "kills landed inside a checkpoint in only {interrupted} of 40 rounds"
+    );
     // Opening the store again removes the interrupted writers' leftovers.
     let store = Arc::new(LocalStore::open(dir.path()).unwrap());
     assert_eq!(
@@ -1087,6 +1128,92 @@ fn sigkill_during_a_linux_checkpoint_leaves_only_complete_snapshots() {
             format!("{i:08}").repeat(512).as_bytes(),
             "{id}"
         );
+    }
+}
+
+/// Follows, with inotify, the snapshots a child process writes into a store's `tmp/`.
+struct CheckpointWatch {
+    fd: std::os::fd::OwnedFd,
+    tmp_wd: i32,
+    tmp: std::path::PathBuf,
+}
+
+impl CheckpointWatch {
+    fn new(tmp: &std::path::Path) -> Self {
+        use rustix::fs::inotify;
+        let fd =
+            inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).unwrap();
+        let tmp_wd = inotify::add_watch(&fd, tmp, inotify::WatchFlags::CREATE).unwrap();
+        CheckpointWatch {
+            fd,
+            tmp_wd,
+            tmp: tmp.to_path_buf(),
+        }
+    }
+
+    /// Returns at step `step` of writing the `nth` snapshot (1-based) that appears in `tmp/`:
+    /// step 0 is its directory being created, each later step a file in it created or closed
+    /// after writing. Returns early if the snapshot is committed (its directory moved) first.
+    /// Panics if the child exits or nothing happens for ten minutes.
+    fn wait_for(&mut self, child: &mut std::process::Child, nth: usize, step: usize) {
+        use rustix::fs::inotify::{self, ReadFlags, WatchFlags};
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = inotify::Reader::new(&self.fd, &mut buf);
+        let (mut dirs, mut steps, mut inner) = (0, 0, None);
+        loop {
+            let ev = match reader.next() {
+                Ok(ev) => ev,
+                Err(rustix::io::Errno::AGAIN) => {
+                    assert!(
+                        child.try_wait().unwrap().is_none(),
+                        "the checkpointing child exited"
+                    );
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no checkpoint in ten minutes"
+                    );
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                Err(e) => panic!("inotify: {e}"),
+            };
+            if ev.wd() == self.tmp_wd {
+                if !ev.events().contains(ReadFlags::ISDIR) {
+                    continue;
+                }
+                dirs += 1;
+                if dirs < nth {
+                    continue;
+                }
+                if step == 0 {
+                    return;
+                }
+                let name = ev.file_name().unwrap().to_str().unwrap().to_owned();
+                let path = self.tmp.join(name);
+                match inotify::add_watch(
+                    &self.fd,
+                    &path,
+                    WatchFlags::CREATE | WatchFlags::CLOSE_WRITE | WatchFlags::MOVE_SELF,
+                ) {
+                    Ok(wd) => inner = Some(wd),
+                    // Already committed and moved away.
+                    Err(rustix::io::Errno::NOENT) => return,
+                    Err(e) => panic!("watch {}: {e}", path.display()),
+                }
+            } else if Some(ev.wd()) == inner {
+                if ev
+                    .events()
+                    .intersects(ReadFlags::MOVE_SELF | ReadFlags::IGNORED)
+                {
+                    return;
+                }
+                steps += 1;
+                if steps >= step {
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -6,6 +6,10 @@
  *                                (N counts the checks): "OK <MIB>" or "BAD at <offset>"
  *   memcheck fill FILE SEED MIB  write MIB MiB from SEED into FILE
  *   memcheck check FILE SEED MIB check FILE holds that data: prints "OK <MIB>" or "BAD at <off>"
+ *   memcheck churn MIB FILE      rewrite MIB MiB of this process's memory forever, a pass every
+ *                                20 ms, so that every checkpoint has that much memory to write;
+ *                                FILE is created once all of it is mapped (page faults run in
+ *                                the guest kernel, which a PVM host emulates: seconds per MiB)
  *
  * Integer code only (-mgeneral-regs-only): the data must not pass through vector registers,
  * which a guest on a PVM host does not reliably keep (dormant-kvm's boot.rs, PVM_GLIBC_TUNABLES).
@@ -102,6 +106,19 @@ int main(int argc, char **argv) {
         else printf("BAD at %zu\n", bad * 8);
         return 0;
     }
-    fprintf(stderr, "usage: memcheck hold SEED MIB DIR | fill FILE SEED MIB | check FILE SEED MIB\n");
+    if (argc == 4 && strcmp(argv[1], "churn") == 0) {
+        size_t mib = strtoull(argv[2], 0, 10), words = mib << 17;
+        uint64_t *p = mmap(0, mib << 20, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (p == MAP_FAILED) { perror("mmap"); return 1; }
+        fill(p, words, 1);
+        put(argv[3], "ready\n");
+        for (uint64_t seed = 2;; seed++) {
+            usleep(20000);
+            fill(p, words, seed);
+        }
+    }
+    fprintf(stderr, "usage: memcheck hold SEED MIB DIR | fill FILE SEED MIB | check FILE SEED MIB"
+                    " | churn MIB FILE\n");
     return 2;
 }

@@ -79,3 +79,57 @@ def test_a_full_store_raises_store_full_and_loses_nothing(small_tmpfs: pathlib.P
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "1048576 255 True kept\n"
+
+
+@pytest.mark.timeout(1500)
+def test_a_full_store_on_the_kvm_tier_raises_store_full_and_loses_nothing(
+    small_tmpfs: pathlib.Path, kvm_store: pathlib.Path
+) -> None:
+    # A Linux sandbox whose snapshots live on the small filesystem: its first snapshot (a delta
+    # on the base snapshot every sandbox starts from) and that base are copied there, holes
+    # kept, so that no second guest boots.
+    first = dormant.Sandbox.create(
+        "kvm", store=kvm_store, idle_standby=None, memory_mib=128, timeout=300
+    )
+    snap = first.standby()
+    bases = [
+        p
+        for p in (kvm_store / "bases").iterdir()
+        if "-128m-" in p.name and not p.name.endswith(".lock")
+    ]
+    assert len(bases) == 1, bases
+    base = bases[0].read_text().strip()
+    store = small_tmpfs / "store"
+    (store / "snapshots").mkdir(parents=True)
+    for sid in (base, snap):
+        subprocess.run(
+            ["cp", "-r", "--sparse=always", str(kvm_store / "snapshots" / sid), str(store / "snapshots")],
+            check=True,
+        )
+    sb = dormant.Sandbox.resume(snap, store=store, idle_standby=None)
+    check = "md5sum /tmp/a /data/a /tmp/b /data/b"
+    write = "seq {0} {1} > /tmp/{2} && seq {0} {1} > /data/{2} && sync"
+    assert sb.commands.run(write.format(1, 100_000, "a")).exit_code == 0
+    filler = fill(small_tmpfs)
+    with pytest.raises(dormant.StoreFull) as info:
+        sb.checkpoint()
+    assert "store is full" in str(info.value)
+    assert sb.state == "running"
+    assert sb.commands.run("echo still here").stdout == "still here\n"
+    filler.unlink()
+    assert sb.commands.run(write.format(200_000, 300_000, "b")).exit_code == 0
+    sums = sb.commands.run(check).stdout
+    snap = sb.checkpoint()
+    code = (
+        "import sys, dormant\n"
+        "sb = dormant.Sandbox.resume(sys.argv[1], store=sys.argv[2], idle_standby=None)\n"
+        "print(sb.commands.run(sys.argv[3]).stdout, end='')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, snap, str(store), check],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == sums

@@ -1,0 +1,755 @@
+//! Requests in flight across a checkpoint: tiny hand-written guests drive the disk, vsock and a
+//! volume slot of a real [`Machine`] through their MMIO registers (as in `tests/hostile.rs`);
+//! at the checkpoint, chains sit in a virtqueue's avail ring that the device has not served
+//! yet. (The guest's avail-index store is made by the test into the quiesced guest's RAM, on
+//! its driver's behalf: with the vCPU stopped and the devices paused, that is the one moment
+//! where a published chain is certain not to have been served, without racing the device's
+//! worker.)
+//! The machine is written to a real store (`snapshot::save_machine`), stopped, loaded into a
+//! brand-new VM (`snapshot::load_machine`) and rebuilt (`Machine::restore`). Each pending
+//! chain must then complete exactly once, with the right answer, and nothing served before the
+//! checkpoint may be served again: used-ring indices, used entries and `next_avail` are
+//! checked along with the answers. Skipped, with a message, where /dev/kvm is missing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::time::Duration;
+
+use dormant_core::{LocalStore, SandboxSpec, SnapshotId, Tier, Workload};
+use dormant_kvm::machine::{BLK_MMIO_BASE, DevicesState, FS_MMIO_BASE, Machine, VSOCK_MMIO_BASE};
+use dormant_kvm::snapshot::{self, Unsaved};
+use dormant_kvm::virtio::fs::VolumeAttach;
+use dormant_kvm::vm::{GuestMemory, GuestRam, MicroVm};
+use kvm_bindings::{kvm_regs, kvm_segment};
+use virtio_bindings::virtio_mmio::*;
+use vm_memory::{Bytes, GuestAddress};
+
+const RAM: u64 = 8 << 20;
+const GDT: u64 = 0x500;
+const PML4: u64 = 0x1000;
+const CODE: u64 = 0x10000;
+const SCRIPT: u64 = 0x11000;
+/// Bytes the script prints.
+const TEXT: u64 = 0x20000;
+/// Queue `n`'s descriptor table, avail ring and used ring: `QUEUES + n * 0x10000` (+0, +0x1000,
+/// +0x2000).
+const QUEUES: u64 = 0x100000;
+/// Request buffers.
+const BUFS: u64 = 0x200000;
+const QSIZE: u16 = 16;
+/// Generous: the tiny guests answer in milliseconds, but the host may be loaded.
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// The script interpreter of `tests/hostile.rs`: reads 32-byte entries `(op, a, b, c)` from
+/// `SCRIPT` and runs them: 1 `mov dword [a], b`; 2 `mov word [a], b`; 3 wait until
+/// `word [a] == b`; 4 `out 0x3f8, byte [a] + b`; 5 forever `word [a] = word [b] + c`; anything
+/// else halts.
+const INTERP: &[u8] = &[
+    0x48, 0xc7, 0xc6, 0x00, 0x10, 0x01, 0x00, 0x48, 0x8b, 0x06, 0x48, 0x8b, 0x7e, 0x08, 0x48, 0x8b,
+    0x56, 0x10, 0x48, 0x8b, 0x4e, 0x18, 0x48, 0x83, 0xc6, 0x20, 0x83, 0xf8, 0x01, 0x74, 0x17, 0x83,
+    0xf8, 0x02, 0x74, 0x16, 0x83, 0xf8, 0x03, 0x74, 0x16, 0x83, 0xf8, 0x04, 0x74, 0x18, 0x83, 0xf8,
+    0x05, 0x74, 0x1e, 0xf4, 0xeb, 0xfd, 0x89, 0x17, 0xeb, 0xcd, 0x66, 0x89, 0x17, 0xeb, 0xc8, 0x66,
+    0x39, 0x17, 0x75, 0xfb, 0xeb, 0xc1, 0x8a, 0x07, 0x00, 0xd0, 0x66, 0xba, 0xf8, 0x03, 0xee, 0xeb,
+    0xb6, 0x66, 0x8b, 0x02, 0x66, 0x01, 0xc8, 0x66, 0x89, 0x07, 0xeb, 0xf5,
+];
+
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+/// A tiny guest being put together: its RAM (written before it runs, as if the guest had
+/// prepared it) and its script.
+struct Guest {
+    ram: GuestRam,
+    ops: Vec<[u64; 4]>,
+    text: u64,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        Guest {
+            ram: GuestRam::anonymous(RAM as usize).unwrap(),
+            ops: Vec::new(),
+            text: TEXT,
+        }
+    }
+
+    fn mem(&self) -> &GuestMemory {
+        self.ram.memory()
+    }
+
+    fn bytes(&self, at: u64, b: &[u8]) {
+        self.mem().write_slice(b, GuestAddress(at)).unwrap();
+    }
+
+    fn store32(&mut self, at: u64, v: u32) {
+        self.ops.push([1, at, u64::from(v), 0]);
+    }
+
+    fn store16(&mut self, at: u64, v: u16) {
+        self.ops.push([2, at, u64::from(v), 0]);
+    }
+
+    fn wait16(&mut self, at: u64, v: u16) {
+        self.ops.push([3, at, u64::from(v), 0]);
+    }
+
+    fn putc(&mut self, at: u64, add: u8) {
+        self.ops.push([4, at, u64::from(add), 0]);
+    }
+
+    fn print(&mut self, s: &str) {
+        for b in s.bytes() {
+            self.bytes(self.text, &[b]);
+            self.putc(self.text, 0);
+            self.text += 1;
+        }
+    }
+
+    /// Brings the device at MMIO `base` up, as a driver does, with queues `qs` (device queue
+    /// index, our queue slot), each of `QSIZE` entries.
+    fn bring_up(&mut self, base: u64, qs: &[(u32, u64)]) {
+        let r = |off: u32| base + u64::from(off);
+        self.store32(r(VIRTIO_MMIO_STATUS), 0);
+        self.store32(r(VIRTIO_MMIO_STATUS), 1 | 2);
+        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 1);
+        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES), 1);
+        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 0);
+        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES), 0);
+        self.store32(r(VIRTIO_MMIO_STATUS), 1 | 2 | 8);
+        for &(q, slot) in qs {
+            let qb = QUEUES + slot * 0x10000;
+            self.store32(r(VIRTIO_MMIO_QUEUE_SEL), q);
+            self.store32(r(VIRTIO_MMIO_QUEUE_NUM), u32::from(QSIZE));
+            self.store32(r(VIRTIO_MMIO_QUEUE_DESC_LOW), qb as u32);
+            self.store32(r(VIRTIO_MMIO_QUEUE_AVAIL_LOW), (qb + 0x1000) as u32);
+            self.store32(r(VIRTIO_MMIO_QUEUE_USED_LOW), (qb + 0x2000) as u32);
+            self.store32(r(VIRTIO_MMIO_QUEUE_READY), 1);
+        }
+        self.store32(r(VIRTIO_MMIO_STATUS), 1 | 2 | 8 | 4);
+    }
+
+    /// Descriptor `i` of queue `slot`.
+    fn desc(&self, slot: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = QUEUES + slot * 0x10000 + 16 * u64::from(i);
+        let mem = self.mem();
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Puts `heads` in the avail ring of queue `slot` from entry 0 on (not yet published).
+    fn ring(&self, slot: u64, heads: &[u16]) {
+        let avail = QUEUES + slot * 0x10000 + 0x1000;
+        for (i, &h) in heads.iter().enumerate() {
+            self.mem()
+                .write_obj(h, GuestAddress(avail + 4 + 2 * i as u64))
+                .unwrap();
+        }
+    }
+
+    /// Publishes avail index `idx` of queue `slot` and notifies queue `q` of the device at
+    /// `base`.
+    fn publish(&mut self, base: u64, q: u32, slot: u64, idx: u16) {
+        self.store16(avail_idx(slot), idx);
+        self.store32(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), q);
+    }
+
+    /// Waits until the used index of queue `slot` is `idx`.
+    fn wait_used(&mut self, slot: u64, idx: u16) {
+        self.wait16(used_idx(slot), idx);
+    }
+
+    /// Loads the interpreter, the script and long-mode page tables (identity, first GiB and
+    /// the fourth, where the MMIO windows are) and starts a machine with fresh devices.
+    fn start(mut self, disk: Option<GuestRam>, volumes: &[VolumeAttach]) -> Machine {
+        self.ops.push([0; 4]);
+        {
+            let m = self.ram.as_mut_slice();
+            let put = |m: &mut [u8], at: u64, v: u64| {
+                m[at as usize..at as usize + 8].copy_from_slice(&v.to_le_bytes())
+            };
+            for (i, e) in [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
+                .into_iter()
+                .enumerate()
+            {
+                put(m, GDT + i as u64 * 8, e);
+            }
+            put(m, PML4, 0x2000 | 3);
+            put(m, 0x2000, 0x3000 | 3);
+            put(m, 0x2000 + 3 * 8, 0x4000 | 3);
+            for j in 0..512u64 {
+                put(m, 0x3000 + j * 8, (j << 21) | 0x83);
+                put(m, 0x4000 + j * 8, ((3 << 30) + (j << 21)) | 0x83);
+            }
+            m[CODE as usize..CODE as usize + INTERP.len()].copy_from_slice(INTERP);
+            for (i, op) in self.ops.iter().enumerate() {
+                for (k, v) in op.iter().enumerate() {
+                    put(m, SCRIPT + i as u64 * 32 + k as u64 * 8, *v);
+                }
+            }
+        }
+        assert!(
+            SCRIPT + self.ops.len() as u64 * 32 <= TEXT,
+            "the script fits"
+        );
+        let vm = MicroVm::new(self.ram, false).unwrap();
+        let mut s = vm.vcpu().get_sregs().unwrap();
+        let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db,
+            s: 1,
+            l,
+            g: 1,
+            ..Default::default()
+        };
+        let ds = seg(0x10, 3, 0, 1);
+        s.cs = seg(0x08, 11, 1, 0);
+        (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
+        s.tr = kvm_segment {
+            limit: 103,
+            type_: 11,
+            present: 1,
+            ..Default::default()
+        };
+        s.gdt.base = GDT;
+        s.gdt.limit = 23;
+        s.idt.base = 0;
+        s.idt.limit = 0;
+        s.cr0 = 0x8005_0033;
+        s.cr3 = PML4;
+        s.cr4 = 0x20 | 0x200 | 0x400;
+        s.efer = 0xd01;
+        vm.vcpu().set_sregs(&s).unwrap();
+        vm.vcpu()
+            .set_regs(&kvm_regs {
+                rip: CODE,
+                rsp: 0x8000,
+                rflags: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        Machine::start_loaded(vm, disk, volumes.len(), volumes, false).unwrap()
+    }
+}
+
+fn avail_idx(slot: u64) -> u64 {
+    QUEUES + slot * 0x10000 + 0x1000 + 2
+}
+
+fn used_idx(slot: u64) -> u64 {
+    QUEUES + slot * 0x10000 + 0x2000 + 2
+}
+
+/// The used index of queue `slot`.
+fn used(mem: &GuestMemory, slot: u64) -> u16 {
+    mem.read_obj(GuestAddress(used_idx(slot))).unwrap()
+}
+
+/// Used entry `i` of queue `slot`: (head, length written).
+fn used_entry(mem: &GuestMemory, slot: u64, i: u16) -> (u32, u32) {
+    let at = QUEUES + slot * 0x10000 + 0x2000 + 4 + 8 * u64::from(i % QSIZE);
+    (
+        mem.read_obj(GuestAddress(at)).unwrap(),
+        mem.read_obj(GuestAddress(at + 4)).unwrap(),
+    )
+}
+
+/// The guest's driver publishes avail index `idx` of queue `slot` (no notification: the device
+/// is paused anyway).
+fn publish(mem: &GuestMemory, slot: u64, idx: u16) {
+    mem.write_obj(idx, GuestAddress(avail_idx(slot))).unwrap();
+}
+
+fn read(mem: &GuestMemory, at: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+    v
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn spec() -> SandboxSpec {
+    SandboxSpec::new(Tier::Kvm, Workload::Files)
+}
+
+/// The checkpoint: quiesces `m` (vCPU stopped, devices paused); `pending` then writes into the
+/// paused guest's RAM what its driver published in the avail rings just before (so the device
+/// never saw it); the whole machine is written to `store` as a full snapshot, and `m` is
+/// stopped. Returns the snapshot and the device state it holds.
+fn checkpoint(
+    mut m: Machine,
+    store: &LocalStore,
+    pending: impl FnOnce(&GuestMemory),
+) -> (SnapshotId, DevicesState) {
+    let (vm, state, devices) = m.quiesce().unwrap();
+    pending(vm.ram().memory());
+    let id = snapshot::save_machine(
+        store,
+        &vm,
+        &state,
+        Some(&devices),
+        m.disk(),
+        None,
+        &Unsaved::default(),
+        "inflight",
+        &spec(),
+    )
+    .unwrap();
+    drop(vm);
+    drop(m);
+    (id, devices)
+}
+
+/// The snapshot `id` loaded into a brand-new VM and rebuilt into a running machine, `volumes`
+/// attached to its first volume slots.
+fn restore(store: &LocalStore, id: &SnapshotId, volumes: &[VolumeAttach]) -> Machine {
+    let l = snapshot::load_machine(store, id).unwrap();
+    let devices = l.devices.expect("the snapshot has device state");
+    Machine::restore(l.vm, &devices, l.disk, false, volumes).unwrap()
+}
+
+/// Waits for the guest to print `text`; if it does not, says where the used indices of the
+/// queues in `slots` stand (its script waits for exact values: a device that serves a chain
+/// twice, or loses one, makes it wait forever).
+fn wait_print(m: &mut Machine, text: &str, slots: &[u64]) {
+    if m.console().wait_for(text, DEADLINE) {
+        return;
+    }
+    let printed = m.console().text();
+    let used: Vec<(u64, u16)> = match m.quiesce() {
+        Ok((vm, _, _)) => slots
+            .iter()
+            .map(|&s| (s, used(vm.ram().memory(), s)))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    panic!(
+        "the guest printed {printed:?}, not {text:?}, within {DEADLINE:?}; used indices (queue \
+         slot, index): {used:?}"
+    );
+}
+
+const SECTOR: u64 = 512;
+const BLK_OUT: u32 = 1;
+const BLK_IN: u32 = 0;
+
+/// A 4 KiB block of pattern `seed`.
+fn block(seed: u8) -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn disk_requests_pending_at_a_checkpoint_complete_once_after_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(tmp.path()).unwrap();
+    // The disk as the guest found it: a block at sector 8.
+    let disk = GuestRam::anonymous(1 << 20).unwrap();
+    disk.memory()
+        .write_slice(&block(1), GuestAddress(8 * SECTOR))
+        .unwrap();
+    let (w1, w2) = (block(2), block(3));
+
+    // Chain k (head 3k): header at BUFS + 0x100k, 4 KiB of data at BUFS + 0x10000 + 0x1000k,
+    // status at BUFS + 0x800 + 0x10k.
+    let mut g = Guest::new();
+    let data = |k: u16| BUFS + 0x10000 + 0x1000 * u64::from(k);
+    let status = |k: u16| BUFS + 0x800 + 0x10 * u64::from(k);
+    let chain = |g: &Guest, k: u16, kind: u32, sector: u64| {
+        let hdr = BUFS + 0x100 * u64::from(k);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        g.bytes(hdr, &h);
+        g.bytes(status(k), &[0xee]);
+        let dflags = if kind == BLK_IN { WRITE } else { 0 };
+        g.desc(0, 3 * k, hdr, 16, NEXT, 3 * k + 1);
+        g.desc(0, 3 * k + 1, data(k), 4096, dflags | NEXT, 3 * k + 2);
+        g.desc(0, 3 * k + 2, status(k), 1, WRITE, 0);
+    };
+    // 0: served before the checkpoint: writes w1 at sector 16.
+    g.bytes(data(0), &w1);
+    chain(&g, 0, BLK_OUT, 16);
+    // Pending at the checkpoint: 1 reads sector 16 (w1, from the snapshot's disk), 2 reads
+    // sector 8 (the disk as it was at boot), 3 writes w2 at sector 32.
+    chain(&g, 1, BLK_IN, 16);
+    chain(&g, 2, BLK_IN, 8);
+    g.bytes(data(3), &w2);
+    chain(&g, 3, BLK_OUT, 32);
+    g.ring(0, &[0, 3, 6, 9]);
+    g.bring_up(BLK_MMIO_BASE, &[(0, 0)]);
+    g.publish(BLK_MMIO_BASE, 0, 0, 1);
+    g.wait_used(0, 1);
+    g.print("w");
+    g.wait_used(0, 4);
+    g.print("!");
+    let mut m = g.start(Some(disk), &[]);
+    wait_print(&mut m, "w", &[0]);
+
+    let (id, at_checkpoint) = checkpoint(m, &store, |mem| {
+        assert_eq!(used(mem, 0), 1, "only the first chain was served");
+        publish(mem, 0, 4);
+    });
+    let q = &at_checkpoint.block.as_ref().unwrap().transport.queues[0];
+    assert_eq!((q.next_avail, q.next_used), (1, 1));
+
+    let mut m = restore(&store, &id, &[]);
+    wait_print(&mut m, "!", &[0]);
+    let (vm, state, devices) = m.quiesce().unwrap();
+    let mem = vm.ram().memory();
+    assert_eq!(used(mem, 0), 4, "each pending chain used once, none twice");
+    let entries: Vec<_> = (0..4).map(|i| used_entry(mem, 0, i)).collect();
+    assert_eq!(
+        entries,
+        [(0, 1), (3, 4097), (6, 4097), (9, 1)],
+        "used entries (head, length): the pending chains in order after the one served before"
+    );
+    for k in 0..4 {
+        assert_eq!(read(mem, status(k), 1), [0], "chain {k}'s status is OK");
+    }
+    assert_eq!(
+        read(mem, data(1), 4096),
+        w1,
+        "the read of sector 16 gives the block written before the checkpoint"
+    );
+    assert_eq!(
+        read(mem, data(2), 4096),
+        block(1),
+        "the read of sector 8 gives the disk's block from boot"
+    );
+    let q = &devices.block.as_ref().unwrap().transport.queues[0];
+    assert_eq!((q.next_avail, q.next_used), (4, 4));
+    let disk = m.disk().unwrap().memory();
+    assert_eq!(
+        read(disk, 32 * SECTOR, 4096),
+        w2,
+        "the write reached the disk"
+    );
+    assert_eq!(read(disk, 16 * SECTOR, 4096), w1);
+
+    // The write is in the next checkpoint, an incremental one on the first.
+    let mut unsaved = Unsaved::default();
+    unsaved.collect(&vm, m.disk());
+    let next = snapshot::save_machine(
+        &store,
+        &vm,
+        &state,
+        Some(&devices),
+        m.disk(),
+        Some(&store.manifest(&id).unwrap()),
+        &unsaved,
+        "inflight",
+        &spec(),
+    )
+    .unwrap();
+    assert_eq!(store.manifest(&next).unwrap().parent.as_ref(), Some(&id));
+    drop(vm);
+    drop(m);
+    let l = snapshot::load_machine(&store, &next).unwrap();
+    let disk = l.disk.as_ref().unwrap().memory();
+    assert_eq!(
+        read(disk, 32 * SECTOR, 4096),
+        w2,
+        "the write is in the next checkpoint"
+    );
+    assert_eq!(read(disk, 16 * SECTOR, 4096), w1);
+    assert_eq!(read(disk, 8 * SECTOR, 4096), block(1));
+}
+
+/// A guest→host vsock packet header.
+fn packet(src_port: u32, dst_port: u32, op: u16) -> [u8; 44] {
+    let mut b = [0u8; 44];
+    b[0..8].copy_from_slice(&3u64.to_le_bytes());
+    b[8..16].copy_from_slice(&2u64.to_le_bytes());
+    b[16..20].copy_from_slice(&src_port.to_le_bytes());
+    b[20..24].copy_from_slice(&dst_port.to_le_bytes());
+    b[28..30].copy_from_slice(&1u16.to_le_bytes());
+    b[30..32].copy_from_slice(&op.to_le_bytes());
+    b[36..40].copy_from_slice(&65536u32.to_le_bytes());
+    b
+}
+
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_RW: u16 = 5;
+/// The host's first connection's port (the next ones count up).
+const HOST_PORT: u32 = 1 << 30;
+
+/// A host→guest packet's header fields: (src port, dst port, len, type, op), after checking
+/// the context ids.
+fn host_packet(b: &[u8]) -> (u32, u32, u32, u16, u16) {
+    assert_eq!((u64_at(b, 0), u64_at(b, 8)), (2, 3), "host to guest");
+    (
+        u32_at(b, 16),
+        u32_at(b, 20),
+        u32_at(b, 24),
+        u16::from_le_bytes([b[28], b[29]]),
+        u16::from_le_bytes([b[30], b[31]]),
+    )
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn vsock_buffers_and_packets_pending_at_a_checkpoint_are_used_once_after_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(tmp.path()).unwrap();
+    let v = BUFS;
+    let rx = |i: u16| v + 0x10000 + 0x2000 * u64::from(i);
+    const RX_LEN: u32 = 44 + 4096;
+    let mut g = Guest::new();
+    // RX (queue 0) in slot 1: five receive buffers, two posted before the checkpoint.
+    for i in 0..5 {
+        g.desc(1, i, rx(i), RX_LEN, WRITE, 0);
+    }
+    g.ring(1, &[0, 1, 2, 3, 4]);
+    // TX (queue 1) in slot 2: accepting the host's two connections before the checkpoint;
+    // pending at the checkpoint, a connection request to the host (refused with a reset).
+    g.bytes(v, &packet(1234, HOST_PORT, OP_RESPONSE));
+    g.bytes(v + 0x100, &packet(1235, HOST_PORT + 1, OP_RESPONSE));
+    g.bytes(v + 0x200, &packet(77, 88, OP_REQUEST));
+    for i in 0..3u16 {
+        g.desc(2, i, v + 0x100 * u64::from(i), 44, 0, 0);
+    }
+    g.ring(2, &[0, 1, 2]);
+    g.bring_up(VSOCK_MMIO_BASE, &[(0, 1), (1, 2)]);
+    g.publish(VSOCK_MMIO_BASE, 0, 1, 2);
+    g.wait_used(1, 1);
+    g.publish(VSOCK_MMIO_BASE, 1, 2, 1);
+    g.wait_used(2, 1);
+    g.wait_used(1, 2);
+    g.publish(VSOCK_MMIO_BASE, 1, 2, 2);
+    g.wait_used(2, 2);
+    g.print("c");
+    g.wait_used(1, 5);
+    g.wait_used(2, 3);
+    g.print("!");
+    let mut m = g.start(None, &[]);
+    let idle = m.vsock().connect(1234, DEADLINE).unwrap();
+    let mut busy = m.vsock().connect(1235, DEADLINE).unwrap();
+    wait_print(&mut m, "c", &[1, 2]);
+    // No receive buffer is left: these bytes are still in the host's buffer at the checkpoint.
+    busy.write_all(b"in flight").unwrap();
+
+    let (id, at_checkpoint) = checkpoint(m, &store, |mem| {
+        assert_eq!((used(mem, 1), used(mem, 2)), (2, 2));
+        // Three more receive buffers and the connection request.
+        publish(mem, 1, 5);
+        publish(mem, 2, 3);
+    });
+    drop((idle, busy));
+    let vs = &at_checkpoint.vsock;
+    assert_eq!(
+        vs.open,
+        [(HOST_PORT + 1, 1235)],
+        "the busy connection is reset"
+    );
+    assert_eq!(
+        vs.live
+            .iter()
+            .map(|c| (c.local, c.peer))
+            .collect::<Vec<_>>(),
+        [(HOST_PORT, 1234)],
+        "the idle connection survives"
+    );
+    let qs = &vs.transport.queues;
+    assert_eq!((qs[0].next_avail, qs[1].next_avail), (2, 2));
+
+    let mut m = restore(&store, &id, &[]);
+    let mut idle = m.vsock().adopt(1234).expect("the idle connection is back");
+    idle.write_all(b"after restore").unwrap();
+    wait_print(&mut m, "!", &[1, 2]);
+    let (vm, _, devices) = m.quiesce().unwrap();
+    let mem = vm.ram().memory();
+    assert_eq!(
+        (used(mem, 1), used(mem, 2)),
+        (5, 3),
+        "each pending buffer and packet used once, none twice"
+    );
+    assert_eq!(
+        (2..5).map(|i| used_entry(mem, 1, i)).collect::<Vec<_>>(),
+        [(2, 44), (3, 44), (4, 44 + 13)],
+        "the receive buffers posted at the checkpoint, in order"
+    );
+    assert_eq!(used_entry(mem, 2, 2), (2, 0), "the pending packet consumed");
+    assert_eq!(
+        host_packet(&read(mem, rx(2), 44)),
+        (HOST_PORT + 1, 1235, 0, 1, OP_RST),
+        "the reset of the connection that had data in flight"
+    );
+    assert_eq!(
+        host_packet(&read(mem, rx(3), 44)),
+        (88, 77, 0, 1, OP_RST),
+        "the refusal of the connection request pending at the checkpoint"
+    );
+    assert_eq!(
+        host_packet(&read(mem, rx(4), 44)),
+        (HOST_PORT, 1234, 13, 1, OP_RW),
+        "the adopted connection's data"
+    );
+    assert_eq!(read(mem, rx(4) + 44, 13), b"after restore");
+    let qs = &devices.vsock.transport.queues;
+    assert_eq!(
+        (
+            qs[0].next_avail,
+            qs[0].next_used,
+            qs[1].next_avail,
+            qs[1].next_used
+        ),
+        (5, 5, 3, 3)
+    );
+}
+
+const FUSE_LOOKUP: u32 = 1;
+const FUSE_GETATTR: u32 = 3;
+const FUSE_OPEN: u32 = 14;
+const FUSE_READ: u32 = 15;
+
+/// A FUSE request: its header and `body`.
+fn fuse(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
+    b.extend_from_slice(&opcode.to_le_bytes());
+    b.extend_from_slice(&unique.to_le_bytes());
+    b.extend_from_slice(&nodeid.to_le_bytes());
+    b.extend_from_slice(&[0u8; 16]);
+    b.extend_from_slice(body);
+    b
+}
+
+/// A FUSE reply's header (len, error, unique) and its body.
+fn fuse_reply(mem: &GuestMemory, at: u64) -> (u32, i32, u64, Vec<u8>) {
+    let h = read(mem, at, 16);
+    let len = u32_at(&h, 0);
+    let body = read(mem, at + 16, (len as usize).saturating_sub(16).min(4080));
+    (len, u32_at(&h, 4) as i32, u64_at(&h, 8), body)
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn fuse_requests_pending_at_a_checkpoint_are_answered_once_after_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(tmp.path().join("store")).unwrap();
+    let dir = tmp.path().join("volume");
+    std::fs::create_dir(&dir).unwrap();
+    const CONTENT: &[u8] = b"hello from the volume\n";
+    std::fs::write(dir.join("hello.txt"), CONTENT).unwrap();
+    let volumes = [VolumeAttach {
+        host: dir.clone(),
+        read_only: false,
+    }];
+    // Request queue (queue 1) in slot 4, hiprio (queue 0) in slot 3. Chain k (head 2k): the
+    // request at BUFS + 0x100k, 4 KiB of room for the reply at BUFS + 0x1000 + 0x1000k.
+    let req = |k: u16| BUFS + 0x100 * u64::from(k);
+    let reply = |k: u16| BUFS + 0x1000 + 0x1000 * u64::from(k);
+    let chain = |mem: &GuestMemory, k: u16, request: &[u8]| {
+        mem.write_slice(request, GuestAddress(req(k))).unwrap();
+        let at = QUEUES + 4 * 0x10000 + 32 * u64::from(k);
+        for (i, (addr, len, flags, next)) in [
+            (req(k), request.len() as u32, NEXT, 2 * k + 1),
+            (reply(k), 4096, WRITE, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = at + 16 * i as u64;
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+        }
+    };
+    let mut g = Guest::new();
+    chain(g.mem(), 0, &fuse(FUSE_LOOKUP, 1, 1, b"hello.txt\0"));
+    g.ring(4, &[0, 2, 4, 6]);
+    g.bring_up(FS_MMIO_BASE, &[(0, 3), (1, 4)]);
+    g.publish(FS_MMIO_BASE, 1, 4, 1);
+    g.wait_used(4, 1);
+    g.print("l");
+    g.wait_used(4, 2);
+    g.print("o");
+    g.wait_used(4, 4);
+    g.print("!");
+    let mut m = g.start(None, &volumes);
+    wait_print(&mut m, "l", &[4]);
+
+    // The driver opens the file it looked up (published while paused, served after).
+    let (vm, _, _) = m.quiesce().unwrap();
+    let mem = vm.ram().memory();
+    let (len, err, unique, entry) = fuse_reply(mem, reply(0));
+    assert_eq!((len, err, unique), (16 + 128, 0, 1), "LOOKUP answered");
+    let node = u64_at(&entry, 0);
+    assert_eq!(u64_at(&entry, 48), CONTENT.len() as u64, "the file's size");
+    chain(mem, 1, &fuse(FUSE_OPEN, 2, node, &[0u8; 8]));
+    publish(mem, 4, 2);
+    m.unquiesce(vm).unwrap();
+    wait_print(&mut m, "o", &[4]);
+
+    let (id, at_checkpoint) = checkpoint(m, &store, |mem| {
+        assert_eq!(used(mem, 4), 2);
+        let (len, err, unique, open) = fuse_reply(mem, reply(1));
+        assert_eq!((len, err, unique), (32, 0, 2), "OPEN answered");
+        let fh = u64_at(&open, 0);
+        // Pending: a READ of the opened file and a GETATTR of its node.
+        let mut read_in = Vec::new();
+        read_in.extend_from_slice(&fh.to_le_bytes());
+        read_in.extend_from_slice(&0u64.to_le_bytes());
+        read_in.extend_from_slice(&4096u32.to_le_bytes());
+        read_in.extend_from_slice(&[0u8; 20]);
+        chain(mem, 2, &fuse(FUSE_READ, 3, node, &read_in));
+        chain(mem, 3, &fuse(FUSE_GETATTR, 4, node, &[0u8; 16]));
+        publish(mem, 4, 4);
+    });
+    let fs = &at_checkpoint.fs[0];
+    assert_eq!(fs.transport.queues[1].next_avail, 2);
+    let volume = fs.volume.as_ref().expect("the volume's state is saved");
+    assert_eq!(volume.handles.len(), 1, "the open file is in the snapshot");
+
+    let mut m = restore(&store, &id, &volumes);
+    wait_print(&mut m, "!", &[4]);
+    let (vm, _, devices) = m.quiesce().unwrap();
+    let mem = vm.ram().memory();
+    assert_eq!(
+        used(mem, 4),
+        4,
+        "each pending request answered once, none twice"
+    );
+    let (len, err, unique, data) = fuse_reply(mem, reply(2));
+    assert_eq!((err, unique), (0, 3), "READ answered");
+    assert_eq!(len, 16 + CONTENT.len() as u32);
+    assert_eq!(
+        data, CONTENT,
+        "the file's bytes through the re-attached volume"
+    );
+    let (attr_len, err, unique, attr) = fuse_reply(mem, reply(3));
+    assert_eq!((err, unique), (0, 4), "GETATTR answered");
+    assert_eq!(u64_at(&attr, 16 + 8), CONTENT.len() as u64, "attr.size");
+    assert_eq!(
+        (2..4).map(|i| used_entry(mem, 4, i)).collect::<Vec<_>>(),
+        [(4, len), (6, attr_len)],
+        "used entries (head, length) of the pending requests"
+    );
+    let volume = devices.fs[0].volume.as_ref().unwrap();
+    assert_eq!(
+        volume.handles.len(),
+        1,
+        "the OPEN served before the checkpoint is not served again"
+    );
+    let q = &devices.fs[0].transport.queues[1];
+    assert_eq!((q.next_avail, q.next_used), (4, 4));
+}

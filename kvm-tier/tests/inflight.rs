@@ -13,253 +13,21 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::Write;
 use std::time::Duration;
 
+use common::*;
 use dormant_core::{LocalStore, SandboxSpec, SnapshotId, Tier, Workload};
 use dormant_kvm::machine::{BLK_MMIO_BASE, DevicesState, FS_MMIO_BASE, Machine, VSOCK_MMIO_BASE};
 use dormant_kvm::snapshot::{self, Unsaved};
 use dormant_kvm::virtio::fs::VolumeAttach;
-use dormant_kvm::vm::{GuestMemory, GuestRam, MicroVm};
-use kvm_bindings::{kvm_regs, kvm_segment};
-use virtio_bindings::virtio_mmio::*;
+use dormant_kvm::vm::{GuestMemory, GuestRam};
 use vm_memory::{Bytes, GuestAddress};
 
-const RAM: u64 = 8 << 20;
-const GDT: u64 = 0x500;
-const PML4: u64 = 0x1000;
-const CODE: u64 = 0x10000;
-const SCRIPT: u64 = 0x11000;
-/// Bytes the script prints.
-const TEXT: u64 = 0x20000;
-/// Queue `n`'s descriptor table, avail ring and used ring: `QUEUES + n * 0x10000` (+0, +0x1000,
-/// +0x2000).
-const QUEUES: u64 = 0x100000;
-/// Request buffers.
-const BUFS: u64 = 0x200000;
-const QSIZE: u16 = 16;
 /// Generous: the tiny guests answer in milliseconds, but the host may be loaded.
 const DEADLINE: Duration = Duration::from_secs(180);
-
-/// The script interpreter of `tests/hostile.rs`: reads 32-byte entries `(op, a, b, c)` from
-/// `SCRIPT` and runs them: 1 `mov dword [a], b`; 2 `mov word [a], b`; 3 wait until
-/// `word [a] == b`; 4 `out 0x3f8, byte [a] + b`; 5 forever `word [a] = word [b] + c`; anything
-/// else halts.
-const INTERP: &[u8] = &[
-    0x48, 0xc7, 0xc6, 0x00, 0x10, 0x01, 0x00, 0x48, 0x8b, 0x06, 0x48, 0x8b, 0x7e, 0x08, 0x48, 0x8b,
-    0x56, 0x10, 0x48, 0x8b, 0x4e, 0x18, 0x48, 0x83, 0xc6, 0x20, 0x83, 0xf8, 0x01, 0x74, 0x17, 0x83,
-    0xf8, 0x02, 0x74, 0x16, 0x83, 0xf8, 0x03, 0x74, 0x16, 0x83, 0xf8, 0x04, 0x74, 0x18, 0x83, 0xf8,
-    0x05, 0x74, 0x1e, 0xf4, 0xeb, 0xfd, 0x89, 0x17, 0xeb, 0xcd, 0x66, 0x89, 0x17, 0xeb, 0xc8, 0x66,
-    0x39, 0x17, 0x75, 0xfb, 0xeb, 0xc1, 0x8a, 0x07, 0x00, 0xd0, 0x66, 0xba, 0xf8, 0x03, 0xee, 0xeb,
-    0xb6, 0x66, 0x8b, 0x02, 0x66, 0x01, 0xc8, 0x66, 0x89, 0x07, 0xeb, 0xf5,
-];
-
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
-
-/// A tiny guest being put together: its RAM (written before it runs, as if the guest had
-/// prepared it) and its script.
-struct Guest {
-    ram: GuestRam,
-    ops: Vec<[u64; 4]>,
-    text: u64,
-}
-
-impl Guest {
-    fn new() -> Guest {
-        Guest {
-            ram: GuestRam::anonymous(RAM as usize).unwrap(),
-            ops: Vec::new(),
-            text: TEXT,
-        }
-    }
-
-    fn mem(&self) -> &GuestMemory {
-        self.ram.memory()
-    }
-
-    fn bytes(&self, at: u64, b: &[u8]) {
-        self.mem().write_slice(b, GuestAddress(at)).unwrap();
-    }
-
-    fn store32(&mut self, at: u64, v: u32) {
-        self.ops.push([1, at, u64::from(v), 0]);
-    }
-
-    fn store16(&mut self, at: u64, v: u16) {
-        self.ops.push([2, at, u64::from(v), 0]);
-    }
-
-    fn wait16(&mut self, at: u64, v: u16) {
-        self.ops.push([3, at, u64::from(v), 0]);
-    }
-
-    fn putc(&mut self, at: u64, add: u8) {
-        self.ops.push([4, at, u64::from(add), 0]);
-    }
-
-    fn print(&mut self, s: &str) {
-        for b in s.bytes() {
-            self.bytes(self.text, &[b]);
-            self.putc(self.text, 0);
-            self.text += 1;
-        }
-    }
-
-    /// Brings the device at MMIO `base` up, as a driver does, with queues `qs` (device queue
-    /// index, our queue slot), each of `QSIZE` entries.
-    fn bring_up(&mut self, base: u64, qs: &[(u32, u64)]) {
-        let r = |off: u32| base + u64::from(off);
-        self.store32(r(VIRTIO_MMIO_STATUS), 0);
-        self.store32(r(VIRTIO_MMIO_STATUS), 1 | 2);
-        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 1);
-        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES), 1);
-        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 0);
-        self.store32(r(VIRTIO_MMIO_DRIVER_FEATURES), 0);
-        self.store32(r(VIRTIO_MMIO_STATUS), 1 | 2 | 8);
-        for &(q, slot) in qs {
-            let qb = QUEUES + slot * 0x10000;
-            self.store32(r(VIRTIO_MMIO_QUEUE_SEL), q);
-            self.store32(r(VIRTIO_MMIO_QUEUE_NUM), u32::from(QSIZE));
-            self.store32(r(VIRTIO_MMIO_QUEUE_DESC_LOW), qb as u32);
-            self.store32(r(VIRTIO_MMIO_QUEUE_AVAIL_LOW), (qb + 0x1000) as u32);
-            self.store32(r(VIRTIO_MMIO_QUEUE_USED_LOW), (qb + 0x2000) as u32);
-            self.store32(r(VIRTIO_MMIO_QUEUE_READY), 1);
-        }
-        self.store32(r(VIRTIO_MMIO_STATUS), 1 | 2 | 8 | 4);
-    }
-
-    /// Descriptor `i` of queue `slot`.
-    fn desc(&self, slot: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = QUEUES + slot * 0x10000 + 16 * u64::from(i);
-        let mem = self.mem();
-        mem.write_obj(addr, GuestAddress(at)).unwrap();
-        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-    }
-
-    /// Puts `heads` in the avail ring of queue `slot` from entry 0 on (not yet published).
-    fn ring(&self, slot: u64, heads: &[u16]) {
-        let avail = QUEUES + slot * 0x10000 + 0x1000;
-        for (i, &h) in heads.iter().enumerate() {
-            self.mem()
-                .write_obj(h, GuestAddress(avail + 4 + 2 * i as u64))
-                .unwrap();
-        }
-    }
-
-    /// Publishes avail index `idx` of queue `slot` and notifies queue `q` of the device at
-    /// `base`.
-    fn publish(&mut self, base: u64, q: u32, slot: u64, idx: u16) {
-        self.store16(avail_idx(slot), idx);
-        self.store32(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), q);
-    }
-
-    /// Waits until the used index of queue `slot` is `idx`.
-    fn wait_used(&mut self, slot: u64, idx: u16) {
-        self.wait16(used_idx(slot), idx);
-    }
-
-    /// Loads the interpreter, the script and long-mode page tables (identity, first GiB and
-    /// the fourth, where the MMIO windows are) and starts a machine with fresh devices.
-    fn start(mut self, disk: Option<GuestRam>, volumes: &[VolumeAttach]) -> Machine {
-        self.ops.push([0; 4]);
-        {
-            let m = self.ram.as_mut_slice();
-            let put = |m: &mut [u8], at: u64, v: u64| {
-                m[at as usize..at as usize + 8].copy_from_slice(&v.to_le_bytes())
-            };
-            for (i, e) in [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
-                .into_iter()
-                .enumerate()
-            {
-                put(m, GDT + i as u64 * 8, e);
-            }
-            put(m, PML4, 0x2000 | 3);
-            put(m, 0x2000, 0x3000 | 3);
-            put(m, 0x2000 + 3 * 8, 0x4000 | 3);
-            for j in 0..512u64 {
-                put(m, 0x3000 + j * 8, (j << 21) | 0x83);
-                put(m, 0x4000 + j * 8, ((3 << 30) + (j << 21)) | 0x83);
-            }
-            m[CODE as usize..CODE as usize + INTERP.len()].copy_from_slice(INTERP);
-            for (i, op) in self.ops.iter().enumerate() {
-                for (k, v) in op.iter().enumerate() {
-                    put(m, SCRIPT + i as u64 * 32 + k as u64 * 8, *v);
-                }
-            }
-        }
-        assert!(
-            SCRIPT + self.ops.len() as u64 * 32 <= TEXT,
-            "the script fits"
-        );
-        let vm = MicroVm::new(self.ram, false).unwrap();
-        let mut s = vm.vcpu().get_sregs().unwrap();
-        let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 0,
-            db,
-            s: 1,
-            l,
-            g: 1,
-            ..Default::default()
-        };
-        let ds = seg(0x10, 3, 0, 1);
-        s.cs = seg(0x08, 11, 1, 0);
-        (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
-        s.tr = kvm_segment {
-            limit: 103,
-            type_: 11,
-            present: 1,
-            ..Default::default()
-        };
-        s.gdt.base = GDT;
-        s.gdt.limit = 23;
-        s.idt.base = 0;
-        s.idt.limit = 0;
-        s.cr0 = 0x8005_0033;
-        s.cr3 = PML4;
-        s.cr4 = 0x20 | 0x200 | 0x400;
-        s.efer = 0xd01;
-        vm.vcpu().set_sregs(&s).unwrap();
-        vm.vcpu()
-            .set_regs(&kvm_regs {
-                rip: CODE,
-                rsp: 0x8000,
-                rflags: 2,
-                ..Default::default()
-            })
-            .unwrap();
-        Machine::start_loaded(vm, disk, volumes.len(), volumes, false).unwrap()
-    }
-}
-
-fn avail_idx(slot: u64) -> u64 {
-    QUEUES + slot * 0x10000 + 0x1000 + 2
-}
-
-fn used_idx(slot: u64) -> u64 {
-    QUEUES + slot * 0x10000 + 0x2000 + 2
-}
-
-/// The used index of queue `slot`.
-fn used(mem: &GuestMemory, slot: u64) -> u16 {
-    mem.read_obj(GuestAddress(used_idx(slot))).unwrap()
-}
-
-/// Used entry `i` of queue `slot`: (head, length written).
-fn used_entry(mem: &GuestMemory, slot: u64, i: u16) -> (u32, u32) {
-    let at = QUEUES + slot * 0x10000 + 0x2000 + 4 + 8 * u64::from(i % QSIZE);
-    (
-        mem.read_obj(GuestAddress(at)).unwrap(),
-        mem.read_obj(GuestAddress(at + 4)).unwrap(),
-    )
-}
 
 /// The guest's driver publishes avail index `idx` of queue `slot` (no notification: the device
 /// is paused anyway).
@@ -391,7 +159,7 @@ fn disk_requests_pending_at_a_checkpoint_complete_once_after_restore() {
     chain(&g, 2, BLK_IN, 8);
     g.bytes(data(3), &w2);
     chain(&g, 3, BLK_OUT, 32);
-    g.ring(0, &[0, 3, 6, 9]);
+    g.ring(0, 0, &[0, 3, 6, 9]);
     g.bring_up(BLK_MMIO_BASE, &[(0, 0)]);
     g.publish(BLK_MMIO_BASE, 0, 0, 1);
     g.wait_used(0, 1);
@@ -517,7 +285,7 @@ fn vsock_buffers_and_packets_pending_at_a_checkpoint_are_used_once_after_restore
     for i in 0..5 {
         g.desc(1, i, rx(i), RX_LEN, WRITE, 0);
     }
-    g.ring(1, &[0, 1, 2, 3, 4]);
+    g.ring(1, 0, &[0, 1, 2, 3, 4]);
     // TX (queue 1) in slot 2: accepting the host's two connections before the checkpoint;
     // pending at the checkpoint, a connection request to the host (refused with a reset).
     g.bytes(v, &packet(1234, HOST_PORT, OP_RESPONSE));
@@ -526,7 +294,7 @@ fn vsock_buffers_and_packets_pending_at_a_checkpoint_are_used_once_after_restore
     for i in 0..3u16 {
         g.desc(2, i, v + 0x100 * u64::from(i), 44, 0, 0);
     }
-    g.ring(2, &[0, 1, 2]);
+    g.ring(2, 0, &[0, 1, 2]);
     g.bring_up(VSOCK_MMIO_BASE, &[(0, 1), (1, 2)]);
     g.publish(VSOCK_MMIO_BASE, 0, 1, 2);
     g.wait_used(1, 1);
@@ -676,7 +444,7 @@ fn fuse_requests_pending_at_a_checkpoint_are_answered_once_after_restore() {
     };
     let mut g = Guest::new();
     chain(g.mem(), 0, &fuse(FUSE_LOOKUP, 1, 1, b"hello.txt\0"));
-    g.ring(4, &[0, 2, 4, 6]);
+    g.ring(4, 0, &[0, 2, 4, 6]);
     g.bring_up(FS_MMIO_BASE, &[(0, 3), (1, 4)]);
     g.publish(FS_MMIO_BASE, 1, 4, 1);
     g.wait_used(4, 1);

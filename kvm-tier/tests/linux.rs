@@ -821,20 +821,26 @@ fn a_snapshot_never_grants_host_directories() {
     );
 }
 
+/// In a child-process helper: resumes the snapshot `DORMANT_TEST_SNAPSHOT` of the store
+/// `DORMANT_TEST_STORE` (set by the parent test).
+fn resume_from_env() -> KvmSandbox {
+    let dir = std::env::var("DORMANT_TEST_STORE").expect("started by a parent test");
+    let id: SnapshotId = std::env::var("DORMANT_TEST_SNAPSHOT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store = Arc::new(LocalStore::open(dir).unwrap());
+    KvmSandbox::from_snapshot(store, &id).unwrap()
+}
+
 /// Helper process: resumes the snapshot `DORMANT_TEST_SNAPSHOT` of the store
 /// `DORMANT_TEST_STORE` in this new process, runs the shell script `DORMANT_TEST_SCRIPT` in the
 /// guest and prints its output between `CHILD-OUT:` and `CHILD-END`.
 #[test]
 #[ignore = "child-process helper of the tests that resume a snapshot in a new process"]
 fn helper_resume_and_run() {
-    let dir = std::env::var("DORMANT_TEST_STORE").expect("started by a parent test");
-    let id: SnapshotId = std::env::var("DORMANT_TEST_SNAPSHOT")
-        .unwrap()
-        .parse()
-        .unwrap();
     let script = std::env::var("DORMANT_TEST_SCRIPT").unwrap();
-    let store = Arc::new(LocalStore::open(dir).unwrap());
-    let mut sb = KvmSandbox::from_snapshot(store, &id).unwrap();
+    let mut sb = resume_from_env();
     let (out, code) = sh(&mut sb, &script);
     assert_eq!(code, 0, "{out}");
     print!("CHILD-OUT:{out}CHILD-END");
@@ -986,13 +992,7 @@ fn deleting_the_parent_snapshot_under_a_running_sandbox_loses_nothing() {
 #[test]
 #[ignore = "child-process helper of sigkill_during_a_linux_checkpoint_leaves_only_complete_snapshots"]
 fn helper_checkpoint_loop() {
-    let dir = std::env::var("DORMANT_TEST_STORE").expect("started by the parent test");
-    let id: SnapshotId = std::env::var("DORMANT_TEST_SNAPSHOT")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let store = Arc::new(LocalStore::open(dir).unwrap());
-    let mut sb = KvmSandbox::from_snapshot(store, &id).unwrap();
+    let mut sb = resume_from_env();
     for i in 0u64.. {
         // A page of new data in guest RAM each round.
         let data = format!("{i:08}").repeat(512);

@@ -123,7 +123,13 @@ impl SmallFs {
     }
 
     /// Grows or shrinks the filler file so that about `bytes` stay free (to the block).
+    ///
+    /// The filesystem is flushed first (`syncfs`): data written but not yet allocated (ext4
+    /// allocates at writeback: a sandbox's own files, left-overs being freed) would otherwise
+    /// take or give back blocks after the free count was read, by a block or two at random
+    /// moments, enough to skip the one size at which only a commit's directory entry fails.
     pub fn leave_free(&mut self, bytes: u64) -> io::Result<()> {
+        rustix::fs::syncfs(File::open(&self.mount)?)?;
         let (free, _) = self.free()?;
         let f = self.filler()?.try_clone()?;
         let f = &f;

@@ -137,8 +137,11 @@ def test_files_and_volumes(kvm_store: pathlib.Path, tmp_path: pathlib.Path) -> N
 def test_lifecycle_and_a_fresh_process(kvm_store: pathlib.Path) -> None:
     with make(kvm_store) as sb:
         sb.files.write("/root/state.txt", "before")
+        # The counter is replaced by a rename, never truncated in place: a reader must never
+        # see it empty (`echo $i > /root/count` truncates first, and a concurrent read got '').
         sb.commands.run(
-            "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 1; done",
+            "i=0; while true; do i=$((i+1)); echo $i > /root/count.new;"
+            " mv /root/count.new /root/count; sleep 1; done",
             background=True,
         )
         # The loop has started (a guest fork+exec can take a second where it is emulated).

@@ -4,16 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use dormant_core::memimage;
 use dormant_kvm::vm::{Exit, GuestRam, MicroVm, VmError};
-use kvm_bindings::{kvm_regs, kvm_segment};
 
 const RAM: usize = 8 << 20;
-const GDT: usize = 0x500;
-const PML4: usize = 0x1000;
-const CODE: usize = 0x10000;
+const CODE: usize = common::CODE as usize;
 const COUNTER: usize = 0x20_0000;
 
 /// `mov rdi, 0x200000; 1: inc qword [rdi]; mov rax, [rdi]; out 0x10, eax; jmp 1b`
@@ -39,77 +38,10 @@ const TOUCH_TWO: &[u8] = &[
 fn boot(code: &[u8], dirty_log: bool) -> MicroVm {
     let mut ram = GuestRam::anonymous(RAM).unwrap();
     let m = ram.as_mut_slice();
-    let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-    for (i, e) in gdt.iter().enumerate() {
-        m[GDT + i * 8..GDT + i * 8 + 8].copy_from_slice(&e.to_le_bytes());
-    }
-    let put = |m: &mut [u8], at: usize, v: u64| m[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    put(m, PML4, 0x2000 | 3);
-    put(m, 0x2000, 0x3000 | 3);
-    for j in 0..512u64 {
-        put(m, 0x3000 + j as usize * 8, (j << 21) | 0x83);
-    }
+    common::write_long_mode_tables(m, false);
     m[CODE..CODE + code.len()].copy_from_slice(code);
     let vm = MicroVm::new(ram, dirty_log).unwrap();
-    let mut s = vm.vcpu().get_sregs().unwrap();
-    let cs = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x08,
-        type_: 11,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        ..Default::default()
-    };
-    let ds = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x10,
-        type_: 3,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        ..Default::default()
-    };
-    s.cs = cs;
-    s.ds = ds;
-    s.es = ds;
-    s.fs = ds;
-    s.gs = ds;
-    s.ss = ds;
-    s.tr = kvm_segment {
-        base: 0,
-        limit: 103,
-        selector: 0,
-        type_: 11,
-        present: 1,
-        s: 0,
-        ..Default::default()
-    };
-    s.gdt.base = GDT as u64;
-    s.gdt.limit = 23;
-    s.idt.base = 0;
-    s.idt.limit = 0;
-    s.cr0 = 0x8005_0033;
-    s.cr3 = PML4 as u64;
-    s.cr4 = 0x20 | 0x200 | 0x400;
-    s.efer = 0xd01;
-    vm.vcpu().set_sregs(&s).unwrap();
-    vm.vcpu()
-        .set_regs(&kvm_regs {
-            rip: CODE as u64,
-            rsp: 0x8000,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
+    common::enter_long_mode(&vm);
     vm
 }
 

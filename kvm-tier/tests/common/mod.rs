@@ -1,7 +1,9 @@
-//! Tiny hand-written guests that drive a real [`Machine`]'s virtio devices through their MMIO
-//! registers, as a guest driver would (used by `tests/hostile.rs` and `tests/inflight.rs`): a
-//! few dozen bytes of long-mode code interpret a script of stores, waits and prints; the test
-//! lays out descriptor tables, rings and buffers in guest RAM before the guest runs.
+//! Tiny hand-written guests. Every one runs in long mode set up by `write_long_mode_tables` and
+//! `enter_long_mode` (`tests/tiny.rs`, `tests/golden.rs`, and the guests here). `Guest` builds
+//! the ones that drive a real [`Machine`]'s virtio devices through their MMIO registers, as a
+//! guest driver would (`tests/hostile.rs`, `tests/inflight.rs`): a few dozen bytes of code
+//! interpret a script of stores, waits and prints; the test lays out descriptor tables, rings
+//! and buffers in guest RAM before the guest runs.
 
 #![allow(dead_code, clippy::unwrap_used)] // each test binary uses a part of it
 
@@ -183,22 +185,7 @@ impl Guest {
         self.ops.push([0; 4]);
         {
             let m = self.ram.as_mut_slice();
-            let put = |m: &mut [u8], at: u64, v: u64| {
-                m[at as usize..at as usize + 8].copy_from_slice(&v.to_le_bytes())
-            };
-            for (i, e) in [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
-                .into_iter()
-                .enumerate()
-            {
-                put(m, GDT + i as u64 * 8, e);
-            }
-            put(m, PML4, 0x2000 | 3);
-            put(m, 0x2000, 0x3000 | 3);
-            put(m, 0x2000 + 3 * 8, 0x4000 | 3);
-            for j in 0..512u64 {
-                put(m, 0x3000 + j * 8, (j << 21) | 0x83);
-                put(m, 0x4000 + j * 8, ((3 << 30) + (j << 21)) | 0x83);
-            }
+            write_long_mode_tables(m, true);
             m[CODE as usize..CODE as usize + INTERP.len()].copy_from_slice(INTERP);
             for (i, op) in self.ops.iter().enumerate() {
                 for (k, v) in op.iter().enumerate() {
@@ -211,48 +198,82 @@ impl Guest {
             "the script fits"
         );
         let vm = MicroVm::new(self.ram, false).unwrap();
-        let mut s = vm.vcpu().get_sregs().unwrap();
-        let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 0,
-            db,
-            s: 1,
-            l,
-            g: 1,
-            ..Default::default()
-        };
-        let ds = seg(0x10, 3, 0, 1);
-        s.cs = seg(0x08, 11, 1, 0);
-        (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
-        s.tr = kvm_segment {
-            limit: 103,
-            type_: 11,
-            present: 1,
-            ..Default::default()
-        };
-        s.gdt.base = GDT;
-        s.gdt.limit = 23;
-        s.idt.base = 0;
-        s.idt.limit = 0;
-        s.cr0 = 0x8005_0033;
-        s.cr3 = PML4;
-        s.cr4 = 0x20 | 0x200 | 0x400;
-        s.efer = 0xd01;
-        vm.vcpu().set_sregs(&s).unwrap();
-        vm.vcpu()
-            .set_regs(&kvm_regs {
-                rip: CODE,
-                rsp: 0x8000,
-                rflags: 2,
-                ..Default::default()
-            })
-            .unwrap();
+        enter_long_mode(&vm);
         Machine::start_loaded(vm, disk, volumes.len(), volumes, false).unwrap()
     }
+}
+
+fn put(m: &mut [u8], at: u64, v: u64) {
+    m[at as usize..at as usize + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Writes a flat GDT (null, 64-bit code at 0x08, data at 0x10) at `GDT` and long-mode page
+/// tables at `PML4` into guest RAM `m`: 2 MiB pages mapping the first GiB to itself and, with
+/// `mmio`, the fourth GiB too (where the MMIO windows are).
+pub fn write_long_mode_tables(m: &mut [u8], mmio: bool) {
+    for (i, e) in [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
+        .into_iter()
+        .enumerate()
+    {
+        put(m, GDT + i as u64 * 8, e);
+    }
+    put(m, PML4, 0x2000 | 3);
+    put(m, 0x2000, 0x3000 | 3);
+    for j in 0..512u64 {
+        put(m, 0x3000 + j * 8, (j << 21) | 0x83);
+    }
+    if mmio {
+        put(m, 0x2000 + 3 * 8, 0x4000 | 3);
+        for j in 0..512u64 {
+            put(m, 0x4000 + j * 8, ((3 << 30) + (j << 21)) | 0x83);
+        }
+    }
+}
+
+/// Puts the vCPU of `vm` in 64-bit long mode with flat segments, paging on the tables of
+/// [`write_long_mode_tables`] and no IDT (an exception triple-faults), to run from `CODE`
+/// with its stack below 0x8000.
+pub fn enter_long_mode(vm: &MicroVm) {
+    let mut s = vm.vcpu().get_sregs().unwrap();
+    let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        ..Default::default()
+    };
+    let ds = seg(0x10, 3, 0, 1);
+    s.cs = seg(0x08, 11, 1, 0);
+    (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
+    s.tr = kvm_segment {
+        limit: 103,
+        type_: 11,
+        present: 1,
+        ..Default::default()
+    };
+    s.gdt.base = GDT;
+    s.gdt.limit = 23;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = 0x8005_0033;
+    s.cr3 = PML4;
+    s.cr4 = 0x20 | 0x200 | 0x400;
+    s.efer = 0xd01;
+    vm.vcpu().set_sregs(&s).unwrap();
+    vm.vcpu()
+        .set_regs(&kvm_regs {
+            rip: CODE,
+            rsp: 0x8000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
 }
 
 /// Where queue `slot`'s avail index lives.

@@ -45,6 +45,26 @@ def fill(mnt: pathlib.Path) -> pathlib.Path:
     return filler
 
 
+def in_new_process(
+    snap: str, store: pathlib.Path, body: str, *args: str, timeout: float
+) -> str:
+    """Resumes `snap` of `store` as `sb` in a new Python process, runs `body` there (with
+    `args` from `sys.argv[3]` on; the process may take `timeout` seconds) and returns what it
+    printed."""
+    code = (
+        "import sys, dormant\n"
+        "sb = dormant.Sandbox.resume(sys.argv[1], store=sys.argv[2], idle_standby=None)\n" + body
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, snap, str(store), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 @pytest.mark.timeout(900)
 def test_a_full_store_raises_store_full_and_loses_nothing(small_tmpfs: pathlib.Path) -> None:
     store = small_tmpfs / "store"
@@ -65,20 +85,11 @@ def test_a_full_store_raises_store_full_and_loses_nothing(small_tmpfs: pathlib.P
     filler.unlink()
     sb.run_code("after = sum(between)")
     snap = sb.checkpoint()
-    code = (
-        "import sys, dormant\n"
-        "sb = dormant.Sandbox.resume(sys.argv[1], store=sys.argv[2])\n"
+    body = (
         "print(sb.run_code(\"print(len(before), before[-1], sum(between) == after, "
         "open('/tmp/a.txt').read())\").stdout, end='')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, snap, str(store)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == "1048576 255 True kept\n"
+    assert in_new_process(snap, store, body, timeout=600) == "1048576 255 True kept\n"
 
 
 @pytest.mark.timeout(1500)
@@ -102,10 +113,8 @@ def test_a_full_store_on_the_kvm_tier_raises_store_full_and_loses_nothing(
     store = small_tmpfs / "store"
     (store / "snapshots").mkdir(parents=True)
     for sid in (base, snap):
-        subprocess.run(
-            ["cp", "-r", "--sparse=always", str(kvm_store / "snapshots" / sid), str(store / "snapshots")],
-            check=True,
-        )
+        src = str(kvm_store / "snapshots" / sid)
+        subprocess.run(["cp", "-r", "--sparse=always", src, str(store / "snapshots")], check=True)
     sb = dormant.Sandbox.resume(snap, store=store, idle_standby=None)
     check = "md5sum /tmp/a /data/a /tmp/b /data/b"
     write = "seq {0} {1} > /tmp/{2} && seq {0} {1} > /data/{2} && sync"
@@ -120,16 +129,5 @@ def test_a_full_store_on_the_kvm_tier_raises_store_full_and_loses_nothing(
     assert sb.commands.run(write.format(200_000, 300_000, "b")).exit_code == 0
     sums = sb.commands.run(check).stdout
     snap = sb.checkpoint()
-    code = (
-        "import sys, dormant\n"
-        "sb = dormant.Sandbox.resume(sys.argv[1], store=sys.argv[2], idle_standby=None)\n"
-        "print(sb.commands.run(sys.argv[3]).stdout, end='')\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, snap, str(store), check],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == sums
+    body = "print(sb.commands.run(sys.argv[3]).stdout, end='')\n"
+    assert in_new_process(snap, store, body, check, timeout=900) == sums

@@ -20,30 +20,6 @@ use dormant_kvm::vm::GuestRam;
 const TABLES: u64 = 0x300000;
 const INDIRECT: u16 = 4;
 
-/// A guest→host vsock packet header.
-fn packet(src_port: u32, dst_port: u32, type_: u16, op: u16) -> [u8; 44] {
-    let mut b = [0u8; 44];
-    b[0..8].copy_from_slice(&3u64.to_le_bytes());
-    b[8..16].copy_from_slice(&2u64.to_le_bytes());
-    b[16..20].copy_from_slice(&src_port.to_le_bytes());
-    b[20..24].copy_from_slice(&dst_port.to_le_bytes());
-    b[28..30].copy_from_slice(&type_.to_le_bytes());
-    b[30..32].copy_from_slice(&op.to_le_bytes());
-    b[36..40].copy_from_slice(&65536u32.to_le_bytes());
-    b
-}
-
-/// A FUSE request header.
-fn fuse(len: u32, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&len.to_le_bytes());
-    b.extend_from_slice(&opcode.to_le_bytes());
-    b.extend_from_slice(&unique.to_le_bytes());
-    b.extend_from_slice(&nodeid.to_le_bytes());
-    b.extend_from_slice(&[0u8; 16]);
-    b
-}
-
 const OP_RST: u16 = 3;
 
 /// The hostile guest: on each device, malicious chains, then a good request whose answer it
@@ -115,9 +91,9 @@ fn hostile() -> Guest {
 
     // virtio-fs slot 0: hiprio in slot 3, requests in slot 4.
     let f = BUFS + 0x20000;
-    g.bytes(f, &fuse(u32::MAX, 16, 5, 1));
-    g.bytes(f + 0x100, &fuse(40, 999, 6, 1));
-    let mut getattr = fuse(56, 3, 7, 1);
+    g.bytes(f, &fuse_header(u32::MAX, 16, 5, 1));
+    g.bytes(f + 0x100, &fuse_header(40, 999, 6, 1));
+    let mut getattr = fuse_header(56, 3, 7, 1);
     getattr.extend_from_slice(&[0u8; 16]);
     g.bytes(f + 0x200, &getattr);
     // 0: 4080 MiB of request; 1: a loop; 2: outside memory; 3: an unknown opcode; 4: GETATTR.

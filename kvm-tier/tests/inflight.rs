@@ -239,19 +239,6 @@ fn disk_requests_pending_at_a_checkpoint_complete_once_after_restore() {
     assert_eq!(read(disk, 8 * SECTOR, 4096), block(1));
 }
 
-/// A guest→host vsock packet header.
-fn packet(src_port: u32, dst_port: u32, op: u16) -> [u8; 44] {
-    let mut b = [0u8; 44];
-    b[0..8].copy_from_slice(&3u64.to_le_bytes());
-    b[8..16].copy_from_slice(&2u64.to_le_bytes());
-    b[16..20].copy_from_slice(&src_port.to_le_bytes());
-    b[20..24].copy_from_slice(&dst_port.to_le_bytes());
-    b[28..30].copy_from_slice(&1u16.to_le_bytes());
-    b[30..32].copy_from_slice(&op.to_le_bytes());
-    b[36..40].copy_from_slice(&65536u32.to_le_bytes());
-    b
-}
-
 const OP_REQUEST: u16 = 1;
 const OP_RESPONSE: u16 = 2;
 const OP_RST: u16 = 3;
@@ -288,9 +275,9 @@ fn vsock_buffers_and_packets_pending_at_a_checkpoint_are_used_once_after_restore
     g.ring(1, 0, &[0, 1, 2, 3, 4]);
     // TX (queue 1) in slot 2: accepting the host's two connections before the checkpoint;
     // pending at the checkpoint, a connection request to the host (refused with a reset).
-    g.bytes(v, &packet(1234, HOST_PORT, OP_RESPONSE));
-    g.bytes(v + 0x100, &packet(1235, HOST_PORT + 1, OP_RESPONSE));
-    g.bytes(v + 0x200, &packet(77, 88, OP_REQUEST));
+    g.bytes(v, &packet(1234, HOST_PORT, 1, OP_RESPONSE));
+    g.bytes(v + 0x100, &packet(1235, HOST_PORT + 1, 1, OP_RESPONSE));
+    g.bytes(v + 0x200, &packet(77, 88, 1, OP_REQUEST));
     for i in 0..3u16 {
         g.desc(2, i, v + 0x100 * u64::from(i), 44, 0, 0);
     }
@@ -390,12 +377,7 @@ const FUSE_READ: u32 = 15;
 
 /// A FUSE request: its header and `body`.
 fn fuse(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
-    b.extend_from_slice(&opcode.to_le_bytes());
-    b.extend_from_slice(&unique.to_le_bytes());
-    b.extend_from_slice(&nodeid.to_le_bytes());
-    b.extend_from_slice(&[0u8; 16]);
+    let mut b = fuse_header(40 + body.len() as u32, opcode, unique, nodeid);
     b.extend_from_slice(body);
     b
 }

@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -760,17 +762,6 @@ fn fs() -> Fs {
     }
 }
 
-/// A FUSE request header.
-fn fuse(len: u32, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(40);
-    b.extend_from_slice(&len.to_le_bytes());
-    b.extend_from_slice(&opcode.to_le_bytes());
-    b.extend_from_slice(&unique.to_le_bytes());
-    b.extend_from_slice(&nodeid.to_le_bytes());
-    b.extend_from_slice(&[0u8; 16]);
-    b
-}
-
 impl Fs {
     /// Posts `c` on queue `q`, then a good `GETATTR` of the root; returns its reply's error
     /// and whether the reply answers that request.
@@ -779,7 +770,7 @@ impl Fs {
         d.post_chain(q, c);
         self.unique += 1;
         let (req, reply) = (GOOD, GOOD + 0x1000);
-        let mut r = fuse(56, GETATTR, self.unique, 1);
+        let mut r = common::fuse_header(56, GETATTR, self.unique, 1);
         r.extend_from_slice(&[0u8; 16]);
         d.mem.write_slice(&r, GuestAddress(req)).unwrap();
         let size = FS_SIZES[REQUESTS];
@@ -807,7 +798,7 @@ fn fuse_header() -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(any::<u8>(), 0..160),
     )
         .prop_map(|(len, op, node, body)| {
-            let mut b = fuse(len, op, 7, node);
+            let mut b = common::fuse_header(len, op, 7, node);
             b.extend(body);
             b
         })
@@ -845,7 +836,7 @@ fn fs_refuses_requests_larger_than_it_serves_without_allocating_them() {
         ],
         table: vec![],
         head: 0,
-        bytes: fuse(u32::MAX, 16, 9, 1),
+        bytes: common::fuse_header(u32::MAX, 16, 9, 1),
     };
     let (error, answers) = bounded(FS, || f.attack(REQUESTS, &c));
     assert_eq!((error, answers), (0, true));

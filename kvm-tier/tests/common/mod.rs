@@ -276,6 +276,30 @@ pub fn enter_long_mode(vm: &MicroVm) {
         .unwrap();
 }
 
+/// A guest→host vsock packet header (`type_` 1 is a stream), with 64 KiB of buffer space.
+pub fn packet(src_port: u32, dst_port: u32, type_: u16, op: u16) -> [u8; 44] {
+    let mut b = [0u8; 44];
+    b[0..8].copy_from_slice(&3u64.to_le_bytes());
+    b[8..16].copy_from_slice(&2u64.to_le_bytes());
+    b[16..20].copy_from_slice(&src_port.to_le_bytes());
+    b[20..24].copy_from_slice(&dst_port.to_le_bytes());
+    b[28..30].copy_from_slice(&type_.to_le_bytes());
+    b[30..32].copy_from_slice(&op.to_le_bytes());
+    b[36..40].copy_from_slice(&65536u32.to_le_bytes());
+    b
+}
+
+/// A FUSE request header claiming `len` bytes in all.
+pub fn fuse_header(len: u32, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(40);
+    b.extend_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(&opcode.to_le_bytes());
+    b.extend_from_slice(&unique.to_le_bytes());
+    b.extend_from_slice(&nodeid.to_le_bytes());
+    b.extend_from_slice(&[0u8; 16]);
+    b
+}
+
 /// Where queue `slot`'s avail index lives.
 pub fn avail_idx(slot: u64) -> u64 {
     QUEUES + slot * 0x10000 + 0x1000 + 2

@@ -28,13 +28,12 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, GrantError, Result, SnapshotError};
-use crate::paths::GuestPath;
-use crate::snapshot::SnapshotId;
+use crate::ids::SnapshotId;
+use crate::paths::guest::GuestPath;
 use crate::snapshot::store::LocalStore;
-use crate::spec::{Mount, SandboxSpec, Workload};
+use crate::spec::{Mount, SandboxSpec, Workload, check_mounts};
 
-/// Most mount points a sandbox (or a snapshot's record of one) may have.
-pub const MAX_MOUNTS: usize = 64;
+pub use crate::spec::MAX_MOUNTS;
 
 /// The host access a caller grants to a resumed sandbox. Default: nothing (no host directory,
 /// no module file; a recorded mount point without a grant is an error).
@@ -175,32 +174,6 @@ impl Grants {
         }
         Ok(out)
     }
-}
-
-/// Checks mounts given by a caller: host directories that exist, valid distinct mount points
-/// other than the root, at most [`MAX_MOUNTS`]. The error is a sentence for the caller.
-pub(crate) fn check_mounts(mounts: &[Mount]) -> std::result::Result<(), String> {
-    if mounts.len() > MAX_MOUNTS {
-        return Err(format!("{} mounts (at most {MAX_MOUNTS})", mounts.len()));
-    }
-    let mut seen = std::collections::HashSet::new();
-    for m in mounts {
-        let g =
-            GuestPath::parse(&m.guest).map_err(|e| format!("mount point {:?}: {e}", m.guest))?;
-        if g.is_root() {
-            return Err("a mount cannot replace the sandbox root".into());
-        }
-        if !seen.insert(g.as_str().to_owned()) {
-            return Err(format!("mount point {:?} given twice", m.guest));
-        }
-        if m.is_detached() || !m.host.is_dir() {
-            return Err(format!(
-                "mount source {:?} is not a directory",
-                m.host.display().to_string()
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Name of the store's directory that detached mount points show.

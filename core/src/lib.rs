@@ -13,6 +13,7 @@ pub mod error;
 pub mod fsarchive;
 pub mod fsutil;
 pub mod grants;
+pub mod ids;
 pub mod lifecycle;
 pub mod managed;
 pub mod memguard;

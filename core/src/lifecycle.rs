@@ -12,38 +12,16 @@
 //! Every operation is checked against the current state before it runs; an operation the state
 //! does not allow is an [`crate::Error::IllegalTransition`], never a
 //! surprise further down.
-
-use std::fmt;
+//!
+//! [`State`] and [`Operation`] themselves are plain types of [`crate::ids`] (errors name them);
+//! the rules that tie them together are here.
 
 use crate::error::{Error, Result};
-use crate::snapshot::SnapshotId;
+use crate::ids::SnapshotId;
 
-/// Where a sandbox is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    /// A live instance holds memory and answers calls.
-    Running,
-    /// Only a snapshot on disk; no compute and no memory held. `resume` brings it back.
-    Standby,
-    /// A call failed in a way that left the live instance unusable (trap, deadline, memory cap).
-    /// The instance is gone; only `resume` (or `kill`) is allowed.
-    Poisoned,
-    /// Final. Nothing is allowed.
-    Killed,
-}
+pub use crate::ids::{Operation, State};
 
 impl State {
-    /// The lower-case name used in messages and in the Python bindings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Running => "running",
-            State::Standby => "standby",
-            State::Poisoned => "poisoned",
-            State::Killed => "killed",
-        }
-    }
-
     /// Whether `op` may run in this state.
     pub fn allows(self, op: Operation) -> bool {
         use Operation::*;
@@ -71,38 +49,6 @@ impl State {
             Operation::Resume => State::Running,
             Operation::Kill => State::Killed,
             _ => self,
-        })
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The operations of the sandbox contract, as far as the lifecycle is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    RunCode,
-    Exec,
-    Files,
-    Checkpoint,
-    Standby,
-    Resume,
-    Kill,
-}
-
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Operation::RunCode => "run code in",
-            Operation::Exec => "exec in",
-            Operation::Files => "access files of",
-            Operation::Checkpoint => "checkpoint",
-            Operation::Standby => "put in standby",
-            Operation::Resume => "resume",
-            Operation::Kill => "kill",
         })
     }
 }

@@ -17,8 +17,9 @@ use std::sync::OnceLock;
 
 use crate::snapshot::layer::LayerFile;
 
-/// The host page size this module assumes (x86-64 Linux).
-pub const PAGE: usize = 4096;
+/// The host page size this module assumes (x86-64 Linux), which is the page of the snapshot
+/// format's memory layers.
+pub use crate::snapshot::format::PAGE;
 
 fn is_zero(page: &[u8]) -> bool {
     // Compare as u64 words; the compiler vectorises this.

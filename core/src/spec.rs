@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::paths::guest::GuestPath;
 
 /// Which isolation technology runs the sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -86,6 +87,35 @@ impl Mount {
     }
 }
 
+/// Most mount points a sandbox (or a snapshot's record of one) may have.
+pub const MAX_MOUNTS: usize = 64;
+
+/// Checks mounts given by a caller: host directories that exist, valid distinct mount points
+/// other than the root, at most [`MAX_MOUNTS`]. The error is a sentence for the caller.
+pub(crate) fn check_mounts(mounts: &[Mount]) -> std::result::Result<(), String> {
+    if mounts.len() > MAX_MOUNTS {
+        return Err(format!("{} mounts (at most {MAX_MOUNTS})", mounts.len()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for m in mounts {
+        let g =
+            GuestPath::parse(&m.guest).map_err(|e| format!("mount point {:?}: {e}", m.guest))?;
+        if g.is_root() {
+            return Err("a mount cannot replace the sandbox root".into());
+        }
+        if !seen.insert(g.as_str().to_owned()) {
+            return Err(format!("mount point {:?} given twice", m.guest));
+        }
+        if m.is_detached() || !m.host.is_dir() {
+            return Err(format!(
+                "mount source {:?} is not a directory",
+                m.host.display().to_string()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Everything needed to create a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxSpec {
@@ -99,7 +129,7 @@ pub struct SandboxSpec {
     pub output_limit: usize,
     /// Environment variables the guest sees, in this order. Default: none beyond the tier's own.
     pub env: Vec<(String, String)>,
-    /// Host directories granted to the guest, at most [`MAX_MOUNTS`](crate::grants::MAX_MOUNTS)
+    /// Host directories granted to the guest, at most [`MAX_MOUNTS`]
     /// (a KVM sandbox: 4). Default: none. A snapshot keeps only their mount points.
     pub mounts: Vec<Mount>,
 }
@@ -194,7 +224,7 @@ impl SandboxSpec {
                 )));
             }
         }
-        crate::grants::check_mounts(&self.mounts).map_err(Error::InvalidSpec)?;
+        check_mounts(&self.mounts).map_err(Error::InvalidSpec)?;
         Ok(())
     }
 }

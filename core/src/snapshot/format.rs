@@ -16,6 +16,10 @@
 
 use crate::error::SnapshotError;
 
+/// Size of a page of a memory layer, in bytes: the host page size (x86-64 Linux), so that a
+/// layer is mapped page by page. Page `i` of a full image is at offset `i * PAGE`.
+pub const PAGE: usize = 4096;
+
 /// First bytes of every snapshot manifest.
 pub const MAGIC: [u8; 8] = *b"DRMNTSNP";
 /// The format version this build writes and reads.

@@ -18,8 +18,8 @@
 use std::fs::File;
 
 use crate::error::SnapshotError;
-use crate::memimage::PAGE;
 use crate::snapshot::chunks;
+use crate::snapshot::format::PAGE;
 use crate::snapshot::{FileRecord, LayerKind, MemoryRecord};
 
 /// Most pages a layer may have: page indices are `u32`, and a run of pages must not reach

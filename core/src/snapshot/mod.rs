@@ -28,69 +28,7 @@ use serde_json::value::RawValue;
 use crate::error::SnapshotError;
 use crate::spec::{SandboxSpec, Tier};
 
-/// Identifies a snapshot: `s-<creation ms, hex>-<random, hex>`. Sorts by creation time.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct SnapshotId(String);
-
-impl SnapshotId {
-    /// A fresh id.
-    pub fn generate() -> SnapshotId {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        SnapshotId(format!("s-{ms:016x}-{:032x}", rand::random::<u128>()))
-    }
-
-    /// Parses an id; anything but the exact shape is refused (ids name directories).
-    pub fn parse(s: &str) -> Result<SnapshotId, SnapshotError> {
-        let ok = s.len() == 2 + 16 + 1 + 32
-            && s.starts_with("s-")
-            && s.as_bytes()[18] == b'-'
-            && s[2..18]
-                .bytes()
-                .chain(s[19..].bytes())
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-        if ok {
-            Ok(SnapshotId(s.to_owned()))
-        } else {
-            Err(SnapshotError::Malformed(format!(
-                "{s:?} is not a snapshot id"
-            )))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for SnapshotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for SnapshotId {
-    type Error = SnapshotError;
-    fn try_from(s: String) -> Result<Self, SnapshotError> {
-        SnapshotId::parse(&s)
-    }
-}
-
-impl From<SnapshotId> for String {
-    fn from(id: SnapshotId) -> String {
-        id.0
-    }
-}
-
-impl std::str::FromStr for SnapshotId {
-    type Err = SnapshotError;
-    fn from_str(s: &str) -> Result<Self, SnapshotError> {
-        SnapshotId::parse(s)
-    }
-}
+pub use crate::ids::SnapshotId;
 
 /// A data file of a snapshot, as the manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,66 +15,9 @@ use cap_std::fs::Dir;
 use crate::error::{Error, Result};
 use crate::spec::Mount;
 
-/// A normalised absolute guest path.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct GuestPath {
-    norm: String,
-}
+pub(crate) mod guest;
 
-impl GuestPath {
-    /// Parses and normalises `path`. `..` that would climb above `/` is a
-    /// [`Error::PathEscape`].
-    pub fn parse(path: &str) -> Result<GuestPath> {
-        if path.is_empty() {
-            return Err(Error::InvalidPath {
-                path: path.into(),
-                reason: "empty path",
-            });
-        }
-        if path.contains('\0') {
-            return Err(Error::InvalidPath {
-                path: path.into(),
-                reason: "contains a NUL byte",
-            });
-        }
-        let mut parts: Vec<&str> = Vec::new();
-        for c in path.split('/') {
-            match c {
-                "" | "." => {}
-                ".." => {
-                    if parts.pop().is_none() {
-                        return Err(Error::PathEscape { path: path.into() });
-                    }
-                }
-                c => parts.push(c),
-            }
-        }
-        Ok(GuestPath {
-            norm: format!("/{}", parts.join("/")),
-        })
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.norm
-    }
-
-    pub fn is_root(&self) -> bool {
-        self.norm == "/"
-    }
-
-    /// The path relative to `prefix` if it is at or below it.
-    fn strip(&self, prefix: &GuestPath) -> Option<&str> {
-        if prefix.is_root() {
-            return Some(&self.norm[1..]);
-        }
-        let rest = self.norm.strip_prefix(prefix.as_str())?;
-        if rest.is_empty() {
-            Some("")
-        } else {
-            rest.strip_prefix('/')
-        }
-    }
-}
+pub use guest::GuestPath;
 
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -241,23 +184,6 @@ impl SandboxFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn normalises() {
-        assert_eq!(
-            GuestPath::parse("a/./b//c/../d").unwrap().as_str(),
-            "/a/b/d"
-        );
-        assert_eq!(GuestPath::parse("/").unwrap().as_str(), "/");
-        assert!(matches!(
-            GuestPath::parse("../x"),
-            Err(Error::PathEscape { .. })
-        ));
-        assert!(matches!(
-            GuestPath::parse("/a/../../etc"),
-            Err(Error::PathEscape { .. })
-        ));
-    }
 
     #[test]
     fn escapes_are_refused() {

@@ -30,9 +30,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, GrantError, Result, SnapshotError};
 use crate::ids::SnapshotId;
 use crate::paths::guest::GuestPath;
-use crate::snapshot::store::LocalStore;
 use crate::spec::{Mount, SandboxSpec, Workload, check_mounts};
 
+pub use crate::sandbox_dirs::detached_dir;
 pub use crate::spec::MAX_MOUNTS;
 
 /// The host access a caller grants to a resumed sandbox. Default: nothing (no host directory,
@@ -174,25 +174,6 @@ impl Grants {
         }
         Ok(out)
     }
-}
-
-/// Name of the store's directory that detached mount points show.
-const DETACHED_DIR: &str = "detached";
-
-/// The directory a detached mount point shows: `<store>/detached`, empty, always attached
-/// read-only. Created on first use; refused if something put files in it.
-pub fn detached_dir(store: &LocalStore) -> Result<PathBuf> {
-    let dir = store.root().join(DETACHED_DIR);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::store("create", &dir, e))?;
-    let mut entries = std::fs::read_dir(&dir).map_err(|e| Error::store("list", &dir, e))?;
-    if entries.next().is_some() {
-        return Err(Error::store(
-            "use as the empty directory of detached mounts",
-            &dir,
-            std::io::Error::new(std::io::ErrorKind::DirectoryNotEmpty, "not empty"),
-        ));
-    }
-    Ok(dir)
 }
 
 /// The mounts to attach for `mounts`: each attached one as it is, each detached one as
@@ -375,16 +356,5 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_store_directory_of_detached_mounts_is_empty() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(tmp.path()).unwrap();
-        let d = detached_dir(&store).unwrap();
-        assert!(d.is_dir() && d.starts_with(store.root()));
-        assert_eq!(detached_dir(&store).unwrap(), d);
-        std::fs::write(d.join("planted"), b"x").unwrap();
-        assert!(detached_dir(&store).is_err(), "never shows planted files");
     }
 }

@@ -20,6 +20,7 @@ pub mod memguard;
 pub mod memimage;
 pub mod paths;
 pub mod sandbox;
+pub mod sandbox_dirs;
 pub mod snapshot;
 pub mod spec;
 #[cfg(feature = "testing")]

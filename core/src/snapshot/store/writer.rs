@@ -1,0 +1,118 @@
+//! Writing a snapshot: [`LocalStore::begin`] opens a [`SnapshotWriter`] in `tmp/`, the tier
+//! creates the snapshot's files in it, and [`SnapshotWriter::commit`] writes the manifest,
+//! flushes and renames the directory into `snapshots/` (the commit; see the
+//! [store](super)).
+
+use std::fs::{self, File};
+use std::path::PathBuf;
+
+use super::{Durability, LocalStore, MANIFEST, sync_dir};
+use crate::error::{Error, Result};
+use crate::snapshot::{Manifest, SnapshotId};
+
+impl LocalStore {
+    /// Starts writing a snapshot. Nothing is visible until [`SnapshotWriter::commit`].
+    pub fn begin(&self, id: &SnapshotId) -> Result<SnapshotWriter<'_>> {
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{}", std::process::id(), id));
+        fs::create_dir(&dir).map_err(|e| Error::store("create", &dir, e))?;
+        Ok(SnapshotWriter {
+            store: self,
+            id: id.clone(),
+            dir,
+            files: Vec::new(),
+            committed: false,
+        })
+    }
+}
+
+/// A snapshot being written. Dropped without [`commit`](Self::commit), it leaves nothing.
+#[derive(Debug)]
+pub struct SnapshotWriter<'a> {
+    store: &'a LocalStore,
+    id: SnapshotId,
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+    committed: bool,
+}
+
+impl SnapshotWriter<'_> {
+    pub fn id(&self) -> &SnapshotId {
+        &self.id
+    }
+
+    /// Creates a data file of the snapshot (read-write, so it can be mapped back).
+    pub fn create(&mut self, name: &str) -> Result<File> {
+        let path = self.dir.join(name);
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::store("create", &path, e))?;
+        self.files.push(path);
+        Ok(f)
+    }
+
+    /// Hard-links a data file from another committed snapshot (content known to be identical).
+    pub fn link_from(&mut self, other: &SnapshotId, name: &str) -> Result<()> {
+        let src = self.store.snapshot_dir(other).join(name);
+        let dst = self.dir.join(name);
+        fs::hard_link(&src, &dst).map_err(|e| Error::store("link", &dst, e))?;
+        Ok(())
+    }
+
+    /// Path of a file in the snapshot being written.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes the manifest, flushes, and atomically publishes the snapshot.
+    pub fn commit(mut self, manifest: &Manifest) -> Result<()> {
+        assert_eq!(manifest.id, self.id, "manifest of another snapshot");
+        let path = self.dir.join(MANIFEST);
+        let bytes = manifest.encode();
+        let sync = self.store.durability == Durability::Sync;
+        {
+            use std::io::Write;
+            let mut f = File::create(&path).map_err(|e| Error::store("create", &path, e))?;
+            f.write_all(&bytes)
+                .map_err(|e| Error::store("write", &path, e))?;
+            if sync {
+                f.sync_all().map_err(|e| Error::store("sync", &path, e))?;
+            }
+        }
+        if sync {
+            for p in &self.files {
+                File::open(p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::store("sync", p, e))?;
+            }
+            sync_dir(&self.dir)?;
+        }
+        let dst = self.store.snapshot_dir(&self.id);
+        let lock = self.store.store_lock()?;
+        if let Some(parent) = &manifest.parent
+            && !self.store.contains(parent)
+        {
+            return Err(Error::SnapshotNotFound(parent.clone()));
+        }
+        fs::rename(&self.dir, &dst).map_err(|e| Error::store("commit", &dst, e))?;
+        drop(lock);
+        self.committed = true;
+        if sync {
+            sync_dir(&self.store.root.join("snapshots"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SnapshotWriter<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //!
 //! Start with [`Sandbox`] and [`snapshot::store::LocalStore`].
 
+pub mod default_dirs;
 pub mod error;
 pub mod fsarchive;
 pub mod fsutil;

@@ -12,7 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use dormant_core::{Error, Result};
+use dormant_core::{Error, Result, default_dirs};
 use wasmtime::{Engine, Module};
 
 /// Bumped when the instrumentation applied before compiling changes.
@@ -53,16 +53,12 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 
 impl ModuleCache {
     /// Environment variable naming the cache directory.
-    pub const ENV: &'static str = "DORMANT_CACHE";
+    pub const ENV: &'static str = default_dirs::CACHE_ENV;
 
-    /// `$DORMANT_CACHE`, else `<user cache dir>/dormant` (`~/.cache/dormant`).
+    /// `$DORMANT_CACHE`, else `<user cache dir>/dormant` (`~/.cache/dormant`):
+    /// [`default_dirs::cache_dir`].
     pub fn default_dir() -> PathBuf {
-        if let Some(p) = std::env::var_os(Self::ENV).filter(|p| !p.is_empty()) {
-            return PathBuf::from(p);
-        }
-        dirs::cache_dir()
-            .unwrap_or_else(|| std::env::temp_dir().join("dormant-cache"))
-            .join("dormant")
+        default_dirs::cache_dir()
     }
 
     pub fn open(dir: impl Into<PathBuf>) -> Result<ModuleCache> {

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 
+use crate::default_dirs;
 use crate::error::{Error, Result, SnapshotError};
 use crate::fsutil::FileLock;
 use crate::snapshot::chunks::Chunks;
@@ -111,17 +112,12 @@ fn sync_dir(path: &Path) -> Result<()> {
 
 impl LocalStore {
     /// Environment variable naming the default store directory.
-    pub const ENV: &'static str = "DORMANT_STORE";
+    pub const ENV: &'static str = default_dirs::STORE_ENV;
 
-    /// `$DORMANT_STORE`, else `<user data dir>/dormant/store` (`~/.local/share/dormant/store`).
+    /// `$DORMANT_STORE`, else `<user data dir>/dormant/store` (`~/.local/share/dormant/store`):
+    /// [`default_dirs::store_root`].
     pub fn default_root() -> PathBuf {
-        if let Some(p) = std::env::var_os(Self::ENV).filter(|p| !p.is_empty()) {
-            return PathBuf::from(p);
-        }
-        dirs::data_dir()
-            .unwrap_or_else(|| std::env::temp_dir().join("dormant-data"))
-            .join("dormant")
-            .join("store")
+        default_dirs::store_root()
     }
 
     /// Opens the store at [`LocalStore::default_root`].

@@ -1,13 +1,42 @@
 //! # dormant-core
 //!
 //! The tier-independent half of dormant: the [`Sandbox`] contract both tiers implement, the
-//! [`SandboxSpec`] a sandbox is created from, its explicit [lifecycle] (illegal
-//! transitions are typed errors), the typed [`Error`]s, and snapshots: a versioned,
-//! self-checking [format](snapshot::format), a crash-safe [local store](snapshot::store), and the
-//! [memory image](memimage) machinery that lets a resume map memory copy-on-write and an
-//! incremental checkpoint store only the pages written since the last one.
+//! [`SandboxSpec`] a sandbox is created from, its explicit [lifecycle] (illegal transitions are
+//! typed errors), the typed [`Error`]s, and snapshots: a versioned, self-checking on-disk
+//! format, a crash-safe local store, and the [memory image](memimage) machinery that lets a
+//! resume map memory copy-on-write and an incremental checkpoint store only the pages written
+//! since the last one.
 //!
-//! Start with [`Sandbox`] and [`snapshot::store::LocalStore`].
+//! Start with [`Sandbox`] and [`LocalStore`]. What a snapshot is on disk (the files of a
+//! snapshot directory, the manifest's fields and version, layer and chunk files, checksums) is
+//! in one file: [`snapshot::format`].
+//!
+//! The modules:
+//!
+//! - [`sandbox`]: the [`Sandbox`] trait and its call types; [`managed`]: [`Managed`], the
+//!   auto-standby handle around any sandbox.
+//! - [`spec`]: [`SandboxSpec`], [`Tier`], [`Workload`], [`Mount`]; [`grants`]: the host access a
+//!   caller passes to a resume ([`Grants`]), never taken from a snapshot.
+//! - [`lifecycle`]: the state machine ([`Lifecycle`]); [`ids`]: the plain ids and states every
+//!   module names ([`SnapshotId`], [`State`], [`Operation`]).
+//! - [`error`]: [`Error`] and the causes it carries ([`SnapshotError`], [`GrantError`]).
+//! - [`paths`]: guest paths ([`GuestPath`]) and the confined view of a sandbox's files
+//!   ([`SandboxFs`]).
+//! - [`snapshot`]: the [`Manifest`] and tier-state helpers; [`snapshot::format`]: the on-disk
+//!   format and the manifest's container; [`snapshot::layer`]: checked memory and disk layers;
+//!   [`snapshot::chunks`]: the compact form's chunks; [`snapshot::store`]: [`LocalStore`]
+//!   (commit, read, delete; compaction, GC and usage in its own files).
+//! - [`sandbox_dirs`]: the store's directories that hold no snapshot (volumes, live working
+//!   directories, the directory detached mount points show); [`default_dirs`]: where the store
+//!   and the cache are when the caller names no directory.
+//! - [`memimage`]: writing memory layers, finding written pages, mapping layers copy-on-write;
+//!   [`memguard`]: a memory fault becomes an error of one sandbox, not the process's end;
+//!   [`fsarchive`]: the sandbox's own filesystem as a tar archive; [`fsutil`]: atomic writes
+//!   and lock files; `testing` (feature `testing`): a store that runs out of space, for tests.
+//!
+//! There is no import cycle between modules. At the bottom, `error/snapshot.rs`
+//! ([`SnapshotError`]) names nothing of the crate, [`ids`] names only it, and [`error`] only
+//! `ids`: every other module can name them.
 
 pub mod default_dirs;
 pub mod error;

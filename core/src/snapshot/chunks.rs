@@ -10,6 +10,8 @@
 //! Chunks are written atomically (temp file + rename) under a shared lock; garbage collection
 //! takes the lock exclusively, so it never removes a chunk that a compaction in progress has
 //! just written or decided to reuse.
+//!
+//! Where compact files sit among a snapshot's files: [`super::format`].
 
 use std::fs::{self, File};
 use std::io;

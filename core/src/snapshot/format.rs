@@ -1,4 +1,39 @@
-//! The snapshot container format: one self-checking file per snapshot (`manifest.dsnp`).
+//! # The on-disk snapshot format
+//!
+//! Everything a snapshot is on disk, in one place: the files of a snapshot directory, the
+//! manifest (its container, sections, fields and version), the layer and chunk files, and the
+//! checksums that guard them. Each part links to the code that writes and checks it; the code
+//! of the manifest's container is this module's own.
+//!
+//! Everything read back is untrusted input (whoever can write the store's files can write a
+//! snapshot): nothing is interpreted before it is checked, every length is capped before it is
+//! allocated, and only checked layers can be mapped.
+//!
+//! ## A snapshot directory
+//!
+//! A committed snapshot is the directory `<store>/snapshots/<id>/` (the store's own layout, and
+//! how a snapshot is committed atomically, are in [`store`](super::store)); its id is a
+//! [`SnapshotId`](super::SnapshotId), `s-<creation ms, 16 hex>-<random, 32 hex>`.
+//!
+//! ```text
+//! manifest.dsnp          the manifest: what the snapshot is, its parent, the tier's state, and
+//!                        the name, length and CRC of every file below (the container below)
+//! memory.img             memory layer, full: the whole memory, page i at offset i × 4096,
+//!                        zero pages left as holes (a sparse file)
+//! memory.delta           memory layer, delta: only the pages written since the parent, packed
+//!                        in page order; their indices are the manifest's PAGE section
+//! memory.cidx            memory layer, compact: a chunk index (see Chunks below)
+//! fs.tar                 the sandbox's own filesystem (WASI tier): a tar archive of its root
+//!                        directory (crate::fsarchive)
+//! fs.cidx                the same archive in compact form: a chunk index
+//! disk.img, disk.delta   the KVM tier's guest disk: a full or delta layer like the memory's,
+//!                        recorded in the tier state, not in the fields below
+//! ```
+//!
+//! A snapshot has exactly one memory layer file and at most one filesystem file; which one is
+//! in the manifest. Other files beside them are the tier's (a KVM disk), recorded in its state.
+//!
+//! ## The manifest container: `manifest.dsnp`
 //!
 //! ```text
 //! offset 0   magic    8 bytes  "DRMNTSNP"
@@ -9,10 +44,84 @@
 //!       end  trailer  "DEND", crc32 u32 LE of every byte before the trailer
 //! ```
 //!
-//! Decoding checks, in order: the file size against the caller's cap, the magic, the version,
-//! the whole-file CRC, then each section's length and CRC. Nothing is interpreted before it is
-//! checked. Large memory data lives beside this file (page-aligned, mappable); this file records
-//! their lengths and checksums.
+//! Decoding ([`decode`]) checks, in order: the file size against the caller's cap, the magic,
+//! the version, the whole-file CRC, then each section's length and CRC. Nothing is interpreted
+//! before it is checked. Large memory data lives beside this file (page-aligned, mappable);
+//! this file records their lengths and checksums. [`encode`] writes it.
+//!
+//! ## The manifest's sections
+//!
+//! [`Manifest::encode`](super::Manifest::encode) writes two sections and
+//! [`Manifest::decode`](super::Manifest::decode) reads and checks them (the file at most
+//! [`MAX_MANIFEST_LEN`](super::MAX_MANIFEST_LEN); decoding allocates at most
+//! [`MAX_DECODE_ALLOC_FACTOR`](super::MAX_DECODE_ALLOC_FACTOR) times its length):
+//!
+//! - `META`: the [`Manifest`](super::Manifest) as JSON, an object with the fields
+//!   - `id`, `parent` (the snapshot a delta layer is layered on, or `null`), `sandbox_id`,
+//!     `tier` (`"wasi"` or `"kvm"`), `created_unix_ms`;
+//!   - `spec`: the [`SandboxSpec`](crate::SandboxSpec) the sandbox was created from; its mounts
+//!     keep only mount points (guest path, read-only flag), never a host directory;
+//!   - `memory`: the [`MemoryRecord`](super::MemoryRecord): logical `size` in bytes, `kind`
+//!     (`"full"`, `"delta"` or `"compact"`, see [`LayerKind`](super::LayerKind)), `file`, and
+//!     `depth` (delta layers down to the nearest full or compact image);
+//!   - `fs`: the filesystem file, or `null`; `fs_compact_len` (present only when `fs` is a
+//!     chunk index): the length of the archive the index rebuilds;
+//!   - `tier_state`: the tier's own JSON object (WASI: globals, clock, module identity; KVM:
+//!     vCPU, devices, disk layer), decoded by the tier into its own versioned struct
+//!     ([`TierState`](super::TierState)).
+//!
+//!   Every file is named by a [`FileRecord`](super::FileRecord): `name` (a plain file name in
+//!   the snapshot directory), `len` (logical length), `crc32` (CRC-32 of the logical content,
+//!   holes read as zeros) and `stored` (bytes actually stored: the non-zero pages of a sparse
+//!   image).
+//! - `PAGE`: a delta layer's page indices, `u32` LE each, strictly increasing (empty for a full
+//!   or compact layer).
+//!
+//! ## Versions
+//!
+//! The container's [`FORMAT_VERSION`] (1) covers the container and the manifest's sections and
+//! fields: a build reads only its own version ([`SnapshotError::UnsupportedVersion`]). The
+//! golden file `core/tests/golden/manifest-v1.dsnp` pins the encoding (the manifest's test
+//! `golden_v1_still_loads_and_encodes_identically`): a change of it needs a version bump and a
+//! decoder for the old version. Tier states, and the vCPU and device states inside the KVM
+//! tier's, carry their own `version` field (absent: version 1, see
+//! [`unversioned`](super::unversioned)), checked by [`TierState::decode`](super::TierState::decode)
+//! ([`SnapshotError::UnsupportedStateVersion`]).
+//!
+//! ## Layers and chains
+//!
+//! A memory (or KVM disk) layer is full, delta or compact ([`LayerKind`](super::LayerKind)).
+//! Its structure is checked before it is used, by [`Layer::new`](super::layer::Layer::new):
+//! a size that is a multiple of [`PAGE`] (at most
+//! [`MAX_LAYER_PAGES`](super::layer::MAX_LAYER_PAGES) pages); for a delta, pages strictly
+//! increasing and below `size / 4096`, a file of `pages × 4096` bytes and a depth above 0; for
+//! a full image a file of `size` bytes, for a compact index one of `⌈size / 64 KiB⌉ × 32`
+//! bytes, both at depth 0. A delta's `parent` is the snapshot below it;
+//! [`LocalStore::chain`](super::store::LocalStore::chain) follows parents down to depth 0
+//! (depth strictly decreasing), and a resume maps the chain from its base up. Only a checked
+//! layer with its open, length-checked file ([`LayerFile`](super::layer::LayerFile)) can be
+//! mapped ([`memimage::map_layer`](crate::memimage::map_layer)).
+//!
+//! ## Chunks: the compact form
+//!
+//! A compact file (`memory.cidx`, `fs.cidx`) is an index: one 32-byte blake3 hash per 64 KiB
+//! chunk of its logical content, all zeros for a chunk of zeros (never stored). Each chunk is
+//! stored once per store, zstd-compressed, at `<store>/chunks/<2 hex>/<62 hex>` of its hash,
+//! and shared by every snapshot that contains it. A resume rebuilds the full file once into
+//! `<store>/rehydrated/<id>.img` (or `.tar`). See [`chunks`](super::chunks);
+//! [`LocalStore::compact`](super::store::LocalStore::compact) converts a snapshot.
+//!
+//! ## Checksums, and when they are checked
+//!
+//! - The manifest: its whole-file CRC-32 and each section's, on every read, before anything
+//!   in it is interpreted ([`decode`]).
+//! - Data files: the length on every open; the CRC-32 of the logical content (`crc32` of its
+//!   [`FileRecord`](super::FileRecord)) the first time a process opens the file
+//!   ([`LocalStore::open_file`](super::store::LocalStore::open_file); a store opened
+//!   [`with_data_verification(false)`](super::store::LocalStore::with_data_verification)
+//!   skips it).
+//! - Chunks: a chunk's name is the blake3 hash of its content, checked on every read
+//!   ([`Chunks::get`](super::chunks::Chunks::get)).
 
 use crate::error::SnapshotError;
 

@@ -14,6 +14,8 @@
 //! - [`LayerFile`]: a checked layer with its open file, whose real length was checked against
 //!   the layer. The mapping functions ([`crate::memimage::map_layer`] and the tiers' wrappers)
 //!   take only this type.
+//!
+//! Where layers sit among a snapshot's files, and their rules in short: [`super::format`].
 
 use std::fs::File;
 

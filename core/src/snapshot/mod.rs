@@ -1,11 +1,11 @@
-//! Snapshots: ids, the manifest that describes one, its file format and the store that keeps
-//! them.
+//! Snapshots: the manifest that describes one, the checked layers a resume maps, the compact
+//! form's chunks, and the store that keeps them.
 //!
-//! A snapshot is a directory in the store holding `manifest.dsnp` (this module's format: what
-//! the snapshot is, its parent, tier state, and the length and CRC of every other file), a
-//! memory layer (`memory.img`, a sparse page-aligned full image, or `memory.delta`, the pages
-//! written since the parent, packed and page-aligned) and optionally `fs.tar`, the sandbox's own
-//! filesystem.
+//! The on-disk format, all of it (files of a snapshot directory, manifest fields and version,
+//! layer and chunk files, checksums), is documented in one place: [`format`]. This module holds
+//! the manifest's types ([`Manifest`], [`FileRecord`], [`MemoryRecord`], [`LayerKind`]) and the
+//! helpers tiers use for their own state ([`TierState`], [`bounded_vec`]); [`layer`] the
+//! checked layers, [`chunks`] the compact form, [`store`] the local store.
 //!
 //! Everything read back from a snapshot is untrusted input (whoever can write the store's files
 //! can write it): the container checks itself ([`format`]), the manifest checks its structure

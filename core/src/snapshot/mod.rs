@@ -2,16 +2,17 @@
 //! form's chunks, and the store that keeps them.
 //!
 //! The on-disk format, all of it (files of a snapshot directory, manifest fields and version,
-//! layer and chunk files, checksums), is documented in one place: [`format`]. This module holds
-//! the manifest's types ([`Manifest`], [`FileRecord`], [`MemoryRecord`], [`LayerKind`]) and the
-//! helpers tiers use for their own state ([`TierState`], [`bounded_vec`]); [`layer`] the
-//! checked layers, [`chunks`] the compact form, [`store`] the local store.
+//! layer and chunk files, checksums), is documented in one place: [`format`](mod@format). This
+//! module holds the manifest's types ([`Manifest`], [`FileRecord`], [`MemoryRecord`],
+//! [`LayerKind`]) and the helpers tiers use for their own state ([`TierState`],
+//! [`bounded_vec`]); [`layer`] the checked layers, [`chunks`] the compact form, [`store`] the
+//! local store.
 //!
 //! Everything read back from a snapshot is untrusted input (whoever can write the store's files
-//! can write it): the container checks itself ([`format`]), the manifest checks its structure
-//! ([`Manifest::decode`]), layers are mapped only once checked ([`layer`]), and tiers decode
-//! their own state into typed, versioned structs ([`TierState::decode`]) whose sequences are
-//! bounded ([`bounded_vec`]).
+//! can write it): the container checks itself ([`format`](mod@format)), the manifest checks its
+//! structure ([`Manifest::decode`]), layers are mapped only once checked ([`layer`]), and tiers
+//! decode their own state into typed, versioned structs ([`TierState::decode`]) whose sequences
+//! are bounded ([`bounded_vec`]).
 
 pub mod chunks;
 pub mod format;

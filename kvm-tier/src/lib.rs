@@ -16,16 +16,55 @@
 
 use std::path::Path;
 
-pub mod boot;
-pub mod machine;
-pub mod persist;
 pub mod sandbox;
-pub mod serial;
-pub mod snapshot;
-pub mod vcpu;
-pub mod virtio;
-pub mod vm;
 pub mod volume;
+
+pub use sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
+
+// The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The
+// crate's integration tests, examples and the criterion benches reach the VMM through the
+// `testing` feature, which makes these modules public; without it, what only they use is
+// dead code here, hence the `allow`.
+#[cfg(feature = "testing")]
+pub mod boot;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod boot;
+#[cfg(feature = "testing")]
+pub mod machine;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod machine;
+#[cfg(feature = "testing")]
+pub mod persist;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod persist;
+#[cfg(feature = "testing")]
+pub mod serial;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod serial;
+#[cfg(feature = "testing")]
+pub mod snapshot;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod snapshot;
+#[cfg(feature = "testing")]
+pub mod vcpu;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod vcpu;
+#[cfg(feature = "testing")]
+pub mod virtio;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod virtio;
+#[cfg(feature = "testing")]
+pub mod vm;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod vm;
 
 #[cfg(test)]
 mod restore_tests;

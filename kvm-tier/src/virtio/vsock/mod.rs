@@ -36,6 +36,7 @@ pub use packet::GUEST_CID;
 pub use persist::{LiveConn, MAX_SNAPSHOT_CONNS, VsockState};
 
 use super::device::Device;
+use crate::persist::Persist;
 use crate::vm::GuestMemory;
 use connection::ConnState;
 use muxer::Inner;
@@ -133,5 +134,21 @@ impl Drop for VsockDevice {
         for c in g.conns.values_mut() {
             c.state = ConnState::Reset;
         }
+    }
+}
+
+/// The device's muxer and transport ([`VsockState`]); restoring needs the new guest's memory and
+/// the device's interrupt line.
+impl Persist for VsockDevice {
+    type State = VsockState;
+    type Context<'a> = (GuestMemory, EventFd);
+    type Error = std::io::Error;
+
+    fn save(&self) -> std::io::Result<VsockState> {
+        Ok(self.state())
+    }
+
+    fn restore((mem, irq): (GuestMemory, EventFd), state: &VsockState) -> std::io::Result<Self> {
+        VsockDevice::new(mem, irq, Some(state))
     }
 }

@@ -35,8 +35,8 @@
 //! 3. `snapshot::load_machine`: reads and checks the chain of layers, maps RAM copy-on-write
 //!    (`GuestRam::from_layer`, `map_layer`) and the disk (`map_disk`), decodes the vCPU/VM
 //!    state (`SavedState::to_state`).
-//! 4. `MicroVm::new` then `MicroVm::restore_state`: a brand-new VM takes the vCPU, irqchip,
-//!    PIT and clock state.
+//! 4. `MicroVm::restore` (its `Persist` seam: `MicroVm::new`, then `restore_state`): a
+//!    brand-new VM over that RAM takes the vCPU, irqchip, PIT and clock state.
 //! 5. `Machine::restore`: every device is restored from its own state through
 //!    `Persist::restore` (UART, vsock, block, fs slots, each with its transport), then
 //!    `Machine::start` wires interrupts and doorbells and starts the vCPU.

@@ -54,46 +54,46 @@ pub use sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
 // The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The
 // crate's integration tests, examples and the criterion benches reach the VMM through the
 // `testing` feature, which makes these modules public; without it, what only they use is
-// dead code here, hence the `allow`.
+// dead code (or an unused re-export) here, hence the `allow`.
 #[cfg(feature = "testing")]
 pub mod boot;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod boot;
 #[cfg(feature = "testing")]
 pub mod machine;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod machine;
 #[cfg(feature = "testing")]
 pub mod persist;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod persist;
 #[cfg(feature = "testing")]
 pub mod serial;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod serial;
 #[cfg(feature = "testing")]
 pub mod snapshot;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod snapshot;
 #[cfg(feature = "testing")]
 pub mod vcpu;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod vcpu;
 #[cfg(feature = "testing")]
 pub mod virtio;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod virtio;
 #[cfg(feature = "testing")]
 pub mod vm;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 pub(crate) mod vm;
 
 #[cfg(test)]

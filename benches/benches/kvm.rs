@@ -10,7 +10,8 @@
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use dormant::kvm::{GuestRam, MicroVm, SavedState};
+use dormant_kvm::persist::SavedState;
+use dormant_kvm::vm::{GuestRam, MicroVm};
 
 const CODE: usize = 0x10000;
 /// `mov rdi, 0x200000; 1: inc qword [rdi]; mov rax, [rdi]; out 0x10, eax; jmp 1b`

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dormant::kvm::sandbox::{GuestImage, KvmOptions, KvmSandbox};
+use dormant::kvm::{GuestImage, KvmOptions, KvmSandbox};
 use dormant::{Command, LocalStore, Sandbox, SandboxSpec};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -92,9 +92,9 @@ fn main() {
             resume.push(t.elapsed());
             drop(sb);
             let t = Instant::now();
-            let loaded = dormant::kvm::snapshot::load_machine(&store, &id).expect("load");
+            let loaded = dormant_kvm::snapshot::load_machine(&store, &id).expect("load");
             let devices = loaded.devices.expect("devices");
-            let m = dormant::kvm::machine::Machine::restore(
+            let m = dormant_kvm::machine::Machine::restore(
                 loaded.vm,
                 &devices,
                 loaded.disk,

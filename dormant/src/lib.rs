@@ -28,13 +28,10 @@ pub use dormant_core::{
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 
-/// The KVM tier: Linux microVMs ([`KvmSandbox`](kvm::KvmSandbox)), host detection and the VMM
-/// underneath.
+/// The KVM tier: Linux microVMs ([`KvmSandbox`](kvm::KvmSandbox)), their options, and host
+/// detection. The VMM underneath is private to `dormant-kvm`.
 pub mod kvm {
-    pub use dormant_kvm::persist::SavedState;
-    pub use dormant_kvm::sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
-    pub use dormant_kvm::vm::{Exit, GuestRam, MicroVm, VmError, VmState};
-    pub use dormant_kvm::{HostKvm, detect, machine, sandbox, snapshot};
+    pub use dormant_kvm::{GuestImage, HostKvm, KvmInterrupter, KvmOptions, KvmSandbox, detect};
 }
 
 /// Memory-image helpers shared by the tiers.

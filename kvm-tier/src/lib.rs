@@ -3,29 +3,98 @@
 //! The KVM tier of dormant: microVMs booting a real Linux guest behind the same sandbox
 //! contract as the WASI tier.
 //!
-//! - [`detect`]: hardware virtualization, PVM (guest kernel emulated), or none.
-//! - [`vm`], [`vcpu`], [`persist`]: the VMM core — a VM with copy-on-write guest RAM and one
-//!   vCPU on its own thread, its whole state captured and restored into a brand-new VM,
-//!   dirty-page tracking.
-//! - [`boot`], [`serial`], [`virtio`], [`machine`]: direct boot of an ELF `vmlinux`, the 16550
-//!   console, virtio-mmio devices (vsock to the guest agent, a block device for `/data`, and
-//!   virtio-fs volume slots served by [`volume`]), wired into a [`machine::Machine`].
-//! - [`snapshot`]: checkpoints in dormant's snapshot store (full or incremental RAM, device
+//! ## Layout
+//!
+//! What a user of the crate sees:
+//!
+//! - [`KvmSandbox`] with [`KvmOptions`], [`GuestImage`] and [`KvmInterrupter`], in `sandbox/`:
+//!   the handle in `mod.rs`, the guest image in `image.rs`, live calls through the guest agent
+//!   in `live.rs`, checkpoints in `checkpoint.rs`, resuming in `restore.rs` (start there).
+//! - [`detect`] and [`HostKvm`]: hardware virtualization, PVM (guest kernel emulated), or none.
+//! - `volume/`: the FUSE server behind virtio-fs volume slots (ABI, server, node and handle
+//!   tables), with no VMM dependency.
+//!
+//! The VMM, private to this crate (public only with the `testing` feature, for this crate's
+//! tests and examples and for the benchmarks):
+//!
+//! - `vm`, `vcpu`: a VM with copy-on-write guest RAM and one vCPU on its own thread, dirty-page
+//!   tracking; `persist`: the `Persist` seam every stateful component implements, and the
+//!   vCPU/VM's saved form.
+//! - `boot`, `serial`, `virtio/`, `machine`: direct boot of an ELF `vmlinux`, the 16550
+//!   console, virtio-mmio devices (`mmio` the transport, `device` the shared worker shell,
+//!   `vsock/` to the guest agent, `block` for `/data`, `fs` for volume slots), wired into a
+//!   `machine::Machine`.
+//! - `snapshot`: checkpoints in dormant's snapshot store (full or incremental RAM, device
 //!   state, disk layers).
-//! - [`sandbox`]: [`sandbox::KvmSandbox`], the `Sandbox` contract over the guest agent.
+//!
+//! ## The restore path, in the order it runs
+//!
+//! 1. `KvmSandbox::from_snapshot` (→ `from_snapshot_with` → `from_snapshot_granted`): reads
+//!    the manifest, resolves the grants for its mount points, makes a handle.
+//! 2. `KvmSandbox::load`: asks the snapshot module for the machine, then the devices.
+//! 3. `snapshot::load_machine`: reads and checks the chain of layers, maps RAM copy-on-write
+//!    (`GuestRam::from_layer`, `map_layer`) and the disk (`map_disk`), decodes the vCPU/VM
+//!    state (`SavedState::to_state`).
+//! 4. `MicroVm::restore` (its `Persist` seam: `MicroVm::new`, then `restore_state`): a
+//!    brand-new VM over that RAM takes the vCPU, irqchip, PIT and clock state.
+//! 5. `Machine::restore`: every device is restored from its own state through
+//!    `Persist::restore` (UART, vsock, block, fs slots, each with its transport), then
+//!    `Machine::start` wires interrupts and doorbells and starts the vCPU.
+//! 6. Back in `KvmSandbox::load`: `VsockHost::adopt` takes back the agent connection of the
+//!    checkpoint (else `connect`), `reset_unadopted` resets the others, and `refresh_guest`
+//!    gives the guest fresh entropy and the wall clock.
 
 use std::path::Path;
 
-pub mod boot;
-pub mod machine;
-pub mod persist;
 pub mod sandbox;
-pub mod serial;
-pub mod snapshot;
-pub mod vcpu;
-pub mod virtio;
-pub mod vm;
 pub mod volume;
+
+pub use sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
+
+// The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The
+// crate's integration tests, examples and the criterion benches reach the VMM through the
+// `testing` feature, which makes these modules public; without it, what only they use is
+// dead code (or an unused re-export) here, hence the `allow`.
+#[cfg(feature = "testing")]
+pub mod boot;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod boot;
+#[cfg(feature = "testing")]
+pub mod machine;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod machine;
+#[cfg(feature = "testing")]
+pub mod persist;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod persist;
+#[cfg(feature = "testing")]
+pub mod serial;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod serial;
+#[cfg(feature = "testing")]
+pub mod snapshot;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod snapshot;
+#[cfg(feature = "testing")]
+pub mod vcpu;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod vcpu;
+#[cfg(feature = "testing")]
+pub mod virtio;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod virtio;
+#[cfg(feature = "testing")]
+pub mod vm;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code, unused_imports)]
+pub(crate) mod vm;
 
 #[cfg(test)]
 mod restore_tests;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootError, BootSpec};
+use crate::persist::Persist;
 use crate::serial::{COM1, COM1_IRQ, ConsoleLog, IrqLine, Uart, UartState};
 use crate::vcpu::{Action, Ended, ExitHandler, VcpuThread};
 use crate::virtio::block::{BlockDevice, BlockState};
@@ -251,13 +252,11 @@ fn volume_devices(
     (0..slots)
         .map(|i| {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(device("fs"))?;
-            FsDevice::new(
-                i,
-                vm.ram().memory().clone(),
-                irq,
-                volumes.get(i),
-                states.and_then(|s| s.get(i)),
-            )
+            let mem = vm.ram().memory().clone();
+            match states.and_then(|s| s.get(i)) {
+                Some(state) => FsDevice::restore((i, mem, irq, volumes.get(i)), state),
+                None => FsDevice::new(i, mem, irq, volumes.get(i), None),
+            }
             .map_err(device("fs"))
         })
         .collect()
@@ -359,21 +358,20 @@ impl Machine {
         let console = ConsoleLog::new(console_echo);
         let uart_irq = EventFd::new(EFD_NONBLOCK).map_err(device("serial"))?;
         vm.register_irqfd(&uart_irq, COM1_IRQ)?;
-        let uart = state
-            .uart
-            .restore(IrqLine(uart_irq), console.clone())
-            .map_err(|message| MachineError::Device {
+        let uart = Uart::restore((IrqLine(uart_irq), console.clone()), &state.uart).map_err(
+            |message| MachineError::Device {
                 device: "serial",
                 message,
-            })?;
+            },
+        )?;
         let vsock_irq = EventFd::new(EFD_NONBLOCK).map_err(device("vsock"))?;
-        let vsock = VsockDevice::new(vm.ram().memory().clone(), vsock_irq, Some(&state.vsock))
+        let vsock = VsockDevice::restore((vm.ram().memory().clone(), vsock_irq), &state.vsock)
             .map_err(device("vsock"))?;
         let block = match (disk, &state.block) {
             (Some(disk), Some(bs)) => {
                 let irq = EventFd::new(EFD_NONBLOCK).map_err(device("block"))?;
                 Some(
-                    BlockDevice::new(vm.ram().memory().clone(), disk, irq, Some(bs))
+                    BlockDevice::restore((vm.ram().memory().clone(), disk, irq), bs)
                         .map_err(device("block"))?,
                 )
             }
@@ -502,22 +500,44 @@ impl Machine {
             return Err(why);
         }
         self.pause_devices(true);
-        match vm.save_state() {
-            Ok(state) => {
-                let devices = DevicesState {
-                    version: DEVICES_VERSION,
-                    uart: UartState::capture(&self.devices.uart.lock()),
-                    vsock: self.devices.vsock.state(),
-                    block: self.devices.block.as_ref().map(BlockDevice::state),
-                    fs: self.devices.fs.iter().map(FsDevice::state).collect(),
-                };
-                Ok((vm, state, devices))
-            }
+        match vm.save().map_err(MachineError::from).and_then(|state| {
+            let devices = self.save_devices()?;
+            Ok((state, devices))
+        }) {
+            Ok((state, devices)) => Ok((vm, state, devices)),
             Err(e) => {
                 self.unquiesce(vm)?;
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// Every device's state, each through its [`Persist`] seam (the devices paused).
+    fn save_devices(&self) -> Result<DevicesState> {
+        let io = |device: &'static str| self::device(device);
+        Ok(DevicesState {
+            version: DEVICES_VERSION,
+            uart: self
+                .devices
+                .uart
+                .lock()
+                .save()
+                .map_err(|message| MachineError::Device {
+                    device: "serial",
+                    message,
+                })?,
+            vsock: self.devices.vsock.save().map_err(io("vsock"))?,
+            block: match &self.devices.block {
+                Some(b) => Some(b.save().map_err(io("block"))?),
+                None => None,
+            },
+            fs: self
+                .devices
+                .fs
+                .iter()
+                .map(|f| f.save().map_err(io("fs")))
+                .collect::<Result<_>>()?,
+        })
     }
 
     fn pause_devices(&self, paused: bool) {

@@ -12,7 +12,48 @@ use dormant_core::SnapshotError;
 use dormant_core::snapshot::bounded_vec;
 use serde::{Deserialize, Serialize};
 
-use crate::vm::VmState;
+use crate::vm::{GuestRam, MicroVm, VmError, VmState};
+
+/// One stateful component's save/restore seam (the model is Firecracker's `Persist`): its
+/// saved form is a plain-data type of ours ([`Persist::State`], versioned: the vCPU/VM's by
+/// [`STATE_VERSION`], each device's by `machine::DEVICES_VERSION` of the device state that
+/// holds it), never a dependency's type serialized as-is. Every component implements it next
+/// to its code: the VM with its vCPU, irqchip, PIT and clock (here), the UART (`serial`), and
+/// each virtio device with its transport (`virtio::vsock`, `virtio::block`, `virtio::fs`);
+/// `Machine::quiesce` pauses them all and saves each, `Machine::restore` restores each.
+pub trait Persist: Sized {
+    /// The component's saved form.
+    type State;
+    /// What restoring needs besides the state: the new VM's memory, its interrupt line, ...
+    type Context<'a>;
+    /// Why saving or restoring failed.
+    type Error;
+
+    /// The component's state; pause it first for a consistent one.
+    fn save(&self) -> Result<Self::State, Self::Error>;
+
+    /// A new component in `ctx` with `state`. The state is untrusted (it comes from a
+    /// snapshot file): a state it cannot hold is an error, never a panic.
+    fn restore(ctx: Self::Context<'_>, state: &Self::State) -> Result<Self, Self::Error>;
+}
+
+/// The VM with its vCPU: registers, MSRs, LAPIC, events, and the VM-wide irqchip, PIT and
+/// clock. Restoring builds a brand-new VM over `ram` (dirty logging on).
+impl Persist for MicroVm {
+    type State = VmState;
+    type Context<'a> = GuestRam;
+    type Error = VmError;
+
+    fn save(&self) -> Result<VmState, VmError> {
+        self.save_state()
+    }
+
+    fn restore(ram: GuestRam, state: &VmState) -> Result<MicroVm, VmError> {
+        let vm = MicroVm::new(ram, true)?;
+        vm.restore_state(state)?;
+        Ok(vm)
+    }
+}
 
 /// Why a saved state cannot be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,8 @@ use parking_lot::{Condvar, Mutex};
 use vm_superio::{Serial, SerialState, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::Persist;
+
 /// COM1's base port.
 pub const COM1: u16 = 0x3f8;
 /// COM1's interrupt line.
@@ -154,5 +156,21 @@ impl UartState {
         };
         Serial::from_state(&s, irq, vm_superio::serial::NoEvents, log)
             .map_err(|e| format!("invalid UART state: {e:?}"))
+    }
+}
+
+/// The UART's registers and input FIFO ([`UartState`]); restoring needs its interrupt line and
+/// the console log it writes to.
+impl Persist for Uart {
+    type State = UartState;
+    type Context<'a> = (IrqLine, ConsoleLog);
+    type Error = String;
+
+    fn save(&self) -> Result<UartState, String> {
+        Ok(UartState::capture(self))
+    }
+
+    fn restore((irq, log): (IrqLine, ConsoleLog), state: &UartState) -> Result<Uart, String> {
+        state.restore(irq, log)
     }
 }

@@ -21,6 +21,7 @@ use dormant_core::{Error, Result, SandboxSpec, SnapshotError, Tier};
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{DEVICES_VERSIONS, DevicesState};
+use crate::persist::Persist;
 use crate::persist::{STATE_VERSIONS, SavedState};
 use crate::vm::{GuestRam, MicroVm, VmState};
 
@@ -441,9 +442,8 @@ pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
         Some(layers) => Some(map_disk(store, &layers)?),
         None => None,
     };
-    let vm = MicroVm::new(ram, true).map_err(|e| Error::runtime("create the VM", e))?;
-    vm.restore_state(&state)
-        .map_err(|e| Error::runtime("restore the vCPU", e))?;
+    let vm = MicroVm::restore(ram, &state)
+        .map_err(|e| Error::runtime("restore the VM and its vCPU", e))?;
     Ok(Loaded {
         vm,
         devices: st.devices,

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Chain, Device, DeviceLogic, Queues, Request};
 use super::mmio::{TransportState, VirtioDevice};
+use crate::persist::Persist;
 use crate::vm::{GuestMemory, GuestRam};
 
 use virtio_bindings::virtio_blk::{
@@ -223,5 +224,23 @@ impl Blk {
         let _ = w.write_zeros(pad);
         w.write_all(&[status]).ok()?;
         Some((data_len + pad + 1) as u32)
+    }
+}
+/// The disk device's transport ([`BlockState`]; the disk's contents are a snapshot layer of
+/// their own); restoring needs the new guest's memory, the restored disk and the interrupt line.
+impl Persist for BlockDevice {
+    type State = BlockState;
+    type Context<'a> = (GuestMemory, GuestRam, EventFd);
+    type Error = std::io::Error;
+
+    fn save(&self) -> std::io::Result<BlockState> {
+        Ok(self.state())
+    }
+
+    fn restore(
+        (mem, disk, irq): (GuestMemory, GuestRam, EventFd),
+        state: &BlockState,
+    ) -> std::io::Result<Self> {
+        BlockDevice::new(mem, disk, irq, Some(state))
     }
 }

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Chain, Device, DeviceLogic, Queues, Request};
 use super::mmio::{TransportState, VirtioDevice};
+use crate::persist::Persist;
 use crate::vm::GuestMemory;
 use crate::volume::{BATCH_FORGET, FORGET, InHeader, MAX_IO, OutHeader, VolumeServer, VolumeState};
 
@@ -262,4 +263,20 @@ fn push_error(unique: u64, errno: i32, reply: &mut Vec<u8>) {
         }
         .as_bytes(),
     );
+}
+/// A volume slot's transport and its volume server's state ([`FsState`]; the volume's files
+/// are host directories in no snapshot); restoring needs the slot's number, the new guest's
+/// memory, the interrupt line, and the volume granted to the slot (if any).
+impl Persist for FsDevice {
+    type State = FsState;
+    type Context<'a> = (usize, GuestMemory, EventFd, Option<&'a VolumeAttach>);
+    type Error = std::io::Error;
+
+    fn save(&self) -> std::io::Result<FsState> {
+        Ok(self.state())
+    }
+
+    fn restore((n, mem, irq, volume): Self::Context<'_>, state: &FsState) -> std::io::Result<Self> {
+        FsDevice::new(n, mem, irq, volume, Some(state))
+    }
 }

@@ -7,9 +7,9 @@
 //!
 //! What a user of the crate sees:
 //!
-//! - [`KvmSandbox`] with [`KvmOptions`], [`GuestImage`] and [`KvmInterrupter`], in `sandbox/`:
-//!   the handle in `mod.rs`, the guest image in `image.rs`, live calls through the guest agent
-//!   in `live.rs`, checkpoints in `checkpoint.rs`, resuming in `restore.rs` (start there).
+//! - [`KvmSandbox`] with [`KvmOptions`], [`GuestImage`] and [`KvmInterrupter`], in
+//!   `sandbox.rs`: the handle, the guest image, live calls through the guest agent,
+//!   checkpoints and resuming (`load`; the restore path below).
 //! - [`detect`] and [`HostKvm`]: hardware virtualization, PVM (guest kernel emulated), or none.
 //! - `volume/`: the FUSE server behind virtio-fs volume slots (ABI, server, node and handle
 //!   tables), with no VMM dependency.

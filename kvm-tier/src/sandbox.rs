@@ -76,14 +76,11 @@ pub struct GuestImage {
 
 impl GuestImage {
     /// The image `kvm-tier/guest/build.sh` built: `$DORMANT_GUEST_KERNEL` and
-    /// `$DORMANT_GUEST_INITRAMFS` when set, else `$DORMANT_CACHE/guest/current/` (default cache
-    /// `~/.cache/dormant`).
+    /// `$DORMANT_GUEST_INITRAMFS` when set, else `<cache>/guest/current/`, the cache being
+    /// [`default_dirs::cache_dir`](dormant_core::default_dirs::cache_dir) (`$DORMANT_CACHE` when
+    /// set and not empty, as build.sh reads it, else `~/.cache/dormant`).
     pub fn locate() -> Result<GuestImage> {
-        let current = std::env::var_os("DORMANT_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| dirs::cache_dir().map(|d| d.join("dormant")))
-            .unwrap_or_else(|| PathBuf::from(".dormant-cache"))
-            .join("guest/current");
+        let current = dormant_core::default_dirs::cache_dir().join("guest/current");
         let pick = |var: &str, name: &str| {
             std::env::var_os(var)
                 .map(PathBuf::from)

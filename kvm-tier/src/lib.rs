@@ -55,46 +55,16 @@ pub use sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
 // crate's integration tests, examples and the criterion benches reach the VMM through the
 // `testing` feature, which makes these modules public; without it, what only they use is
 // dead code (or an unused re-export) here, hence the `allow`.
-#[cfg(feature = "testing")]
-pub mod boot;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod boot;
-#[cfg(feature = "testing")]
-pub mod machine;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod machine;
-#[cfg(feature = "testing")]
-pub mod persist;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod persist;
-#[cfg(feature = "testing")]
-pub mod serial;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod serial;
-#[cfg(feature = "testing")]
-pub mod snapshot;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod snapshot;
-#[cfg(feature = "testing")]
-pub mod vcpu;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod vcpu;
-#[cfg(feature = "testing")]
-pub mod virtio;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod virtio;
-#[cfg(feature = "testing")]
-pub mod vm;
-#[cfg(not(feature = "testing"))]
-#[allow(dead_code, unused_imports)]
-pub(crate) mod vm;
+macro_rules! vmm_modules {
+    ($($name:ident),* $(,)?) => {$(
+        #[cfg(feature = "testing")]
+        pub mod $name;
+        #[cfg(not(feature = "testing"))]
+        #[allow(dead_code, unused_imports)]
+        pub(crate) mod $name;
+    )*};
+}
+vmm_modules!(boot, machine, persist, serial, snapshot, vcpu, virtio, vm);
 
 #[cfg(test)]
 mod restore_tests;

@@ -7,14 +7,18 @@
 //! resume map memory copy-on-write and an incremental checkpoint store only the pages written
 //! since the last one.
 //!
-//! Start with [`Sandbox`] and [`LocalStore`]. What a snapshot is on disk (the files of a
+//! Start with [`Sandbox`], [`Runtime`] and [`LocalStore`]. What a snapshot is on disk (the files of a
 //! snapshot directory, the manifest's fields and version, layer and chunk files, checksums) is
 //! in one file: [`snapshot::format`].
 //!
 //! The modules:
 //!
-//! - [`sandbox`]: the [`Sandbox`] trait and its call types; [`managed`]: [`Managed`], the
-//!   auto-standby handle around any sandbox.
+//! - [`sandbox`]: the [`Sandbox`] trait, which `Box<dyn Sandbox>` implements too; [`command`]:
+//!   its call types ([`Command`], [`Execution`], ...); [`capability`]: what a tier may lack
+//!   ([`Processes`], [`StreamingExec`], [`Interrupt`]); [`runtime`]: [`Runtime`], a tier's
+//!   create, resume and fork, giving `Box<dyn Sandbox>`; [`managed`]: [`Managed`], the
+//!   auto-standby handle around any sandbox, with every call of the contract and its
+//!   capabilities.
 //! - [`spec`]: [`SandboxSpec`], [`Tier`], [`Workload`], [`Mount`]; [`grants`]: the host access a
 //!   caller passes to a resume ([`Grants`]), never taken from a snapshot.
 //! - [`lifecycle`]: the state machine ([`Lifecycle`]); [`ids`]: the plain ids and states every
@@ -38,6 +42,8 @@
 //! ([`SnapshotError`]) names nothing of the crate, [`ids`] names only it, and [`error`] only
 //! `ids`: every other module can name them.
 
+pub mod capability;
+pub mod command;
 pub mod default_dirs;
 pub mod error;
 pub mod fsarchive;
@@ -49,6 +55,7 @@ pub mod managed;
 pub mod memguard;
 pub mod memimage;
 pub mod paths;
+pub mod runtime;
 pub mod sandbox;
 pub mod sandbox_dirs;
 pub mod snapshot;
@@ -61,7 +68,10 @@ pub use grants::Grants;
 pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
-pub use sandbox::{Command, ExecOutput, Execution, ExecutionError, Interrupt, Sandbox};
+pub use runtime::Runtime;
+pub use sandbox::{
+    Command, ExecOutput, Execution, ExecutionError, Interrupt, Processes, Sandbox, StreamingExec,
+};
 pub use snapshot::store::{
     CompactReport, Durability, GcReport, LocalStore, SnapshotInfo, SnapshotUsage,
 };

@@ -15,6 +15,11 @@
 //! [`Managed::interrupt`] goes through the sandbox's [`Interrupt`] handle, taken when it was
 //! wrapped and kept outside the lock. Every tier call is bounded (its deadline) and an
 //! interrupted call returns promptly, so the lock is never held past either.
+//!
+//! A front end that must not name a tier wraps a `Box<dyn Sandbox>` (what a
+//! [`Runtime`](crate::Runtime) gives): `Managed<Box<dyn Sandbox>>` has every call of the
+//! contract and of its [capabilities](crate::capability), each answering
+//! [`Error::Unsupported`](crate::Error::Unsupported) where the tier lacks it.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -29,6 +34,7 @@ use crate::lifecycle::State;
 use crate::paths::DirEntry;
 use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Sandbox};
 use crate::snapshot::SnapshotId;
+use crate::spec::Tier;
 
 /// Default idle time before auto-standby.
 pub const DEFAULT_IDLE_STANDBY: Duration = Duration::from_secs(15);
@@ -265,6 +271,10 @@ impl<S: Sandbox + 'static> Managed<S> {
         self.shared.slot.lock().sb.id().to_owned()
     }
 
+    pub fn tier(&self) -> Tier {
+        self.shared.slot.lock().sb.tier()
+    }
+
     /// Interrupts the call running now on this sandbox, from any thread, without waiting for
     /// its lock (see [`Interrupt::interrupt`]); a no-op for a sandbox without an interrupter.
     pub fn interrupt(&self) {
@@ -287,8 +297,73 @@ impl<S: Sandbox + 'static> Managed<S> {
         self.with(|sb| sb.run_code(code))
     }
 
+    /// Runs code with its own deadline (see [`Sandbox::run_code_with_timeout`]).
+    pub fn run_code_with_timeout(
+        &self,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Execution> {
+        self.with(|sb| sb.run_code_with_timeout(code, timeout))
+    }
+
     pub fn exec(&self, cmd: &Command) -> Result<ExecOutput> {
         self.with(|sb| sb.exec(cmd))
+    }
+
+    /// Runs a command to completion, giving its output to the callbacks: chunk by chunk as it
+    /// comes where the tier streams ([`Sandbox::streaming`]), otherwise each stream whole when
+    /// the command has ended, after the sandbox's lock is released (an empty stream gives no
+    /// call). Returns the exit code; errors as [`Sandbox::exec`].
+    pub fn exec_streaming(
+        &self,
+        cmd: &Command,
+        on_stdout: &mut dyn FnMut(&[u8]),
+        on_stderr: &mut dyn FnMut(&[u8]),
+    ) -> Result<i32> {
+        enum Ran {
+            Streamed(i32),
+            Whole(ExecOutput),
+        }
+        let ran = self.with(|sb| match sb.streaming() {
+            Some(s) => s
+                .exec_streaming(cmd, on_stdout, on_stderr)
+                .map(Ran::Streamed),
+            None => sb.exec(cmd).map(Ran::Whole),
+        })?;
+        match ran {
+            Ran::Streamed(code) => Ok(code),
+            Ran::Whole(out) => {
+                if !out.stdout.is_empty() {
+                    on_stdout(&out.stdout);
+                }
+                if !out.stderr.is_empty() {
+                    on_stderr(&out.stderr);
+                }
+                Ok(out.exit_code)
+            }
+        }
+    }
+
+    /// Starts a background process (see [`Processes::spawn`](crate::Processes::spawn));
+    /// [`Error::Unsupported`](crate::Error::Unsupported) on a tier without them.
+    pub fn spawn(&self, cmd: &Command) -> Result<u32> {
+        self.with(|sb| sb.processes()?.spawn(cmd))
+    }
+
+    /// Waits for a background process (see [`Processes::wait`](crate::Processes::wait)).
+    pub fn wait(&self, pid: u32, timeout: Option<Duration>) -> Result<Option<i32>> {
+        self.with(|sb| sb.processes()?.wait(pid, timeout))
+    }
+
+    /// A background process's output since the previous call (see
+    /// [`Processes::output`](crate::Processes::output)).
+    pub fn output(&self, pid: u32) -> Result<(Vec<u8>, Vec<u8>, bool)> {
+        self.with(|sb| sb.processes()?.output(pid))
+    }
+
+    /// Signals a background process (see [`Processes::signal`](crate::Processes::signal)).
+    pub fn signal(&self, pid: u32, signal: i32) -> Result<()> {
+        self.with(|sb| sb.processes()?.signal(pid, signal))
     }
 
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {

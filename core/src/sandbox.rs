@@ -1,103 +1,29 @@
-//! The sandbox contract every tier implements.
+//! The sandbox contract every tier implements: [`Sandbox`], with its call types (from
+//! [`crate::command`]) and the capabilities a tier may lack (from [`crate::capability`]).
+//!
+//! `Box<dyn Sandbox>` is a sandbox too: what a [`Runtime`](crate::Runtime) gives, and what a
+//! front end holds when it must not name a tier.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::error::Result;
+pub use crate::capability::{Interrupt, Processes, StreamingExec};
+pub use crate::command::{Command, ExecOutput, Execution, ExecutionError};
+use crate::error::{Error, Result};
 use crate::grants::Grants;
 use crate::lifecycle::State;
 use crate::paths::DirEntry;
 use crate::snapshot::SnapshotId;
 use crate::spec::Tier;
 
-/// An exception raised by code run in an interpreter session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecutionError {
-    /// The exception's type name, e.g. `ZeroDivisionError`.
-    pub name: String,
-    /// Its message (`str(exc)`).
-    pub value: String,
-    /// The formatted traceback.
-    pub traceback: String,
-}
-
-/// What one `run_code` produced.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Execution {
-    pub stdout: String,
-    pub stderr: String,
-    /// `None` when the code ran to completion.
-    pub error: Option<ExecutionError>,
-}
-
-/// A command for `exec`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Command {
-    /// `argv[0]` names the program (for the WASI tier: a `.wasm` command module in the sandbox).
-    pub argv: Vec<String>,
-    /// Extra environment variables for this command (after the sandbox's own).
-    pub env: Vec<(String, String)>,
-    /// Bytes fed to standard input.
-    pub stdin: Vec<u8>,
-    /// Deadline for this command; the sandbox's call timeout when `None`.
-    pub timeout: Option<Duration>,
-    /// Working directory (absolute guest path); the tier's default when `None`. The WASI tier
-    /// refuses it (`Error::Unsupported`).
-    pub cwd: Option<String>,
-}
-
-impl Command {
-    pub fn new<I, S>(argv: I) -> Command
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        Command {
-            argv: argv.into_iter().map(Into::into).collect(),
-            ..Default::default()
-        }
-    }
-
-    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
-        self.stdin = data.into();
-        self
-    }
-
-    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
-        self.cwd = Some(dir.into());
-        self
-    }
-}
-
-/// What `exec` produced. A non-zero exit code is a result, not an error.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ExecOutput {
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub exit_code: i32,
-}
-
-/// Stops a sandbox's running call from another thread (what [`Sandbox::interrupter`] gives).
-pub trait Interrupt: Send + Sync + std::fmt::Debug {
-    /// Interrupts the call running now, if any: it fails promptly with
-    /// [`Error::Interrupted`](crate::Error::Interrupted). A call that starts later is not
-    /// affected. What the sandbox is afterwards depends on the tier (the WASI tier poisons it,
-    /// the KVM tier kills the guest command and stays running).
-    fn interrupt(&self);
-}
-
 /// The contract shared by the WASI and KVM tiers.
 ///
 /// Calls are synchronous and take `&mut self`: a checkpoint can only happen between calls, when
-/// the guest is quiescent. Resuming a snapshot in another process is the tier runtime's job
-/// (e.g. `WasiRuntime::resume_with`); `resume` here reloads this handle from any snapshot.
+/// the guest is quiescent. Creating a sandbox and resuming a snapshot in another process is
+/// the tier's [`Runtime`](crate::Runtime)'s job; `resume` here reloads this handle from any
+/// snapshot. Calls a tier may not have are capabilities ([`processes`](Sandbox::processes),
+/// [`streaming`](Sandbox::streaming), [`interrupter`](Sandbox::interrupter)) that answer
+/// [`Error::Unsupported`] or `None` where it has not.
 /// Host access (mounted directories, a module file) always comes from the caller, never from a
 /// snapshot: see [`Grants`].
 pub trait Sandbox: Send {
@@ -108,6 +34,22 @@ pub trait Sandbox: Send {
 
     /// Runs code in the sandbox's interpreter session; state persists between calls.
     fn run_code(&mut self, code: &str) -> Result<Execution>;
+    /// Runs code like [`run_code`](Sandbox::run_code) with `timeout` as its deadline instead
+    /// of the sandbox's call timeout (`None`: the call timeout). A tier that cannot take a
+    /// deadline per call answers a `Some` timeout with [`Error::Unsupported`] (the default).
+    fn run_code_with_timeout(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Execution> {
+        match timeout {
+            None => self.run_code(code),
+            Some(_) => Err(Error::Unsupported {
+                op: "run_code with a timeout of its own",
+                what: format!("the {} tier", self.tier()),
+            }),
+        }
+    }
     /// Runs a command to completion.
     fn exec(&mut self, cmd: &Command) -> Result<ExecOutput>;
 
@@ -144,6 +86,8 @@ pub trait Sandbox: Send {
     fn fork(&mut self, n: usize) -> Result<Vec<Self>>
     where
         Self: Sized;
+    /// [`fork`](Sandbox::fork) for a caller that holds `dyn Sandbox`: the same children, boxed.
+    fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>>;
     /// Ends the sandbox for good, releasing everything but its snapshots.
     fn kill(&mut self) -> Result<()>;
 
@@ -152,5 +96,106 @@ pub trait Sandbox: Send {
     /// cannot be interrupted.
     fn interrupter(&self) -> Option<Arc<dyn Interrupt>> {
         None
+    }
+
+    /// Background processes ([`Processes`]), or [`Error::Unsupported`] from a tier whose
+    /// commands run to completion (the default).
+    fn processes(&mut self) -> Result<&mut dyn Processes> {
+        Err(Error::Unsupported {
+            op: "background commands",
+            what: format!("the {} tier", self.tier()),
+        })
+    }
+
+    /// `exec` with output as it comes ([`StreamingExec`]); `None` for a tier that gives a
+    /// command's output only when it ends (the default).
+    fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
+        None
+    }
+}
+
+/// A sandbox of any tier prints its tier, id and state.
+impl std::fmt::Debug for dyn Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("tier", &self.tier())
+            .field("id", &self.id())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+/// Any sandbox, boxed: every call goes to the sandbox inside, and [`fork`](Sandbox::fork)
+/// gives boxed children.
+impl Sandbox for Box<dyn Sandbox> {
+    fn id(&self) -> &str {
+        (**self).id()
+    }
+    fn tier(&self) -> Tier {
+        (**self).tier()
+    }
+    fn state(&self) -> State {
+        (**self).state()
+    }
+    fn run_code(&mut self, code: &str) -> Result<Execution> {
+        (**self).run_code(code)
+    }
+    fn run_code_with_timeout(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Execution> {
+        (**self).run_code_with_timeout(code, timeout)
+    }
+    fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
+        (**self).exec(cmd)
+    }
+    fn read_file(&mut self, path: &str) -> Result<Vec<u8>> {
+        (**self).read_file(path)
+    }
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
+        (**self).write_file(path, data)
+    }
+    fn list_dir(&mut self, path: &str) -> Result<Vec<DirEntry>> {
+        (**self).list_dir(path)
+    }
+    fn remove(&mut self, path: &str) -> Result<()> {
+        (**self).remove(path)
+    }
+    fn exists(&mut self, path: &str) -> Result<bool> {
+        (**self).exists(path)
+    }
+    fn checkpoint(&mut self) -> Result<SnapshotId> {
+        (**self).checkpoint()
+    }
+    fn standby(&mut self) -> Result<SnapshotId> {
+        (**self).standby()
+    }
+    fn grants(&self) -> &Grants {
+        (**self).grants()
+    }
+    fn resume(&mut self, id: &SnapshotId) -> Result<()> {
+        (**self).resume(id)
+    }
+    fn resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()> {
+        (**self).resume_with(id, grants)
+    }
+    fn fork(&mut self, n: usize) -> Result<Vec<Self>> {
+        (**self).fork_boxed(n)
+    }
+    fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>> {
+        (**self).fork_boxed(n)
+    }
+    fn kill(&mut self) -> Result<()> {
+        (**self).kill()
+    }
+    fn interrupter(&self) -> Option<Arc<dyn Interrupt>> {
+        (**self).interrupter()
+    }
+    fn processes(&mut self) -> Result<&mut dyn Processes> {
+        (**self).processes()
+    }
+    fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
+        (**self).streaming()
     }
 }

@@ -31,6 +31,23 @@ impl Tier {
     }
 }
 
+/// A tier by name: `"wasi"` or `"kvm"` (what [`Tier::as_str`] gives); any other name is
+/// [`Error::InvalidArgument`], with the names to use.
+impl std::str::FromStr for Tier {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Tier> {
+        match name {
+            "wasi" => Ok(Tier::Wasi),
+            "kvm" => Ok(Tier::Kvm),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown tier {other:?}: use \"wasi\" (Python sessions) or \"kvm\" (Linux \
+                 microVMs)"
+            ))),
+        }
+    }
+}
+
 impl std::fmt::Display for Tier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -169,6 +186,15 @@ impl SandboxSpec {
         Self::new(Tier::Kvm, Workload::Linux).memory_limit(Self::DEFAULT_LINUX_MEMORY)
     }
 
+    /// The default sandbox of `tier`: [`python`](Self::python) for the WASI tier,
+    /// [`linux`](Self::linux) for the KVM tier.
+    pub fn default_for(tier: Tier) -> Self {
+        match tier {
+            Tier::Wasi => Self::python(),
+            Tier::Kvm => Self::linux(),
+        }
+    }
+
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = bytes;
         self
@@ -232,6 +258,26 @@ impl SandboxSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiers_parse_by_name_and_unknown_names_list_the_tiers() {
+        for tier in [Tier::Wasi, Tier::Kvm] {
+            assert_eq!(tier.as_str().parse::<Tier>().unwrap(), tier);
+            assert_eq!(SandboxSpec::default_for(tier).tier, tier);
+            SandboxSpec::default_for(tier).validate().unwrap();
+        }
+        match "firecracker".parse::<Tier>() {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(
+                    m.contains("\"firecracker\"") && m.contains("\"wasi\""),
+                    "{m}"
+                )
+            }
+            other => panic!("want InvalidArgument, got {other:?}"),
+        }
+        assert_eq!(SandboxSpec::default_for(Tier::Kvm), SandboxSpec::linux());
+        assert_eq!(SandboxSpec::default_for(Tier::Wasi), SandboxSpec::python());
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -1,0 +1,80 @@
+//! The call types of the sandbox contract: what `run_code` and `exec` take and give.
+//!
+//! A leaf module: it names nothing else of the crate, so the contract ([`crate::sandbox`]) and
+//! the capability traits ([`crate::capability`]) can both name it.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// An exception raised by code run in an interpreter session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionError {
+    /// The exception's type name, e.g. `ZeroDivisionError`.
+    pub name: String,
+    /// Its message (`str(exc)`).
+    pub value: String,
+    /// The formatted traceback.
+    pub traceback: String,
+}
+
+/// What one `run_code` produced.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Execution {
+    pub stdout: String,
+    pub stderr: String,
+    /// `None` when the code ran to completion.
+    pub error: Option<ExecutionError>,
+}
+
+/// A command for `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Command {
+    /// `argv[0]` names the program (for the WASI tier: a `.wasm` command module in the sandbox).
+    pub argv: Vec<String>,
+    /// Extra environment variables for this command (after the sandbox's own).
+    pub env: Vec<(String, String)>,
+    /// Bytes fed to standard input.
+    pub stdin: Vec<u8>,
+    /// Deadline for this command; the sandbox's call timeout when `None`.
+    pub timeout: Option<Duration>,
+    /// Working directory (absolute guest path); the tier's default when `None`. The WASI tier
+    /// refuses it (`Error::Unsupported`).
+    pub cwd: Option<String>,
+}
+
+impl Command {
+    pub fn new<I, S>(argv: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Command {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = data.into();
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+}
+
+/// What `exec` produced. A non-zero exit code is a result, not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+}

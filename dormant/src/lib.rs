@@ -20,18 +20,60 @@
 //! # Ok::<(), dormant::Error>(())
 //! ```
 
+use std::sync::{Arc, OnceLock};
+
 pub use dormant_core::{
     Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Error, ExecOutput,
     Execution, ExecutionError, GcReport, GrantError, Grants, Interrupt, LocalStore, Managed,
-    ManagedStats, Manifest, Mount, Operation, Result, Sandbox, SandboxSpec, SnapshotError,
-    SnapshotId, SnapshotInfo, SnapshotUsage, State, Tier, Workload,
+    ManagedStats, Manifest, Mount, Operation, Processes, Result, Runtime, Sandbox, SandboxSpec,
+    SnapshotError, SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 
-/// The KVM tier: Linux microVMs ([`KvmSandbox`](kvm::KvmSandbox)), their options, and host
-/// detection. The VMM underneath is private to `dormant-kvm`.
+/// The KVM tier: Linux microVMs ([`KvmSandbox`](kvm::KvmSandbox)), their options, their
+/// [`Runtime`] ([`KvmRuntime`](kvm::KvmRuntime)), and host detection. The VMM underneath is
+/// private to `dormant-kvm`.
 pub mod kvm {
-    pub use dormant_kvm::{GuestImage, HostKvm, KvmInterrupter, KvmOptions, KvmSandbox, detect};
+    pub use dormant_kvm::{
+        GuestImage, HostKvm, KvmInterrupter, KvmOptions, KvmRuntime, KvmSandbox, detect,
+    };
+}
+
+/// This process's [`Runtime`] of `tier`, with default settings, made on first use and shared
+/// from then on (the WASI tier's holds the process's one wasmtime engine). To choose settings,
+/// build a runtime yourself ([`WasiRuntime::with_config`], [`kvm::KvmRuntime::new`]).
+///
+/// Errors: the WASI engine could not be made ([`Error::RuntimeMissing`] and kin); a later call
+/// tries again. The KVM runtime is always made; its sandboxes need `/dev/kvm`
+/// ([`kvm::detect`]).
+pub fn runtime(tier: Tier) -> Result<Arc<dyn Runtime>> {
+    static WASI: OnceLock<Arc<dyn Runtime>> = OnceLock::new();
+    static KVM: OnceLock<Arc<dyn Runtime>> = OnceLock::new();
+    Ok(match tier {
+        Tier::Wasi => match WASI.get() {
+            Some(rt) => rt.clone(),
+            // Two first calls may both make an engine; one is kept.
+            None => {
+                let made = WasiRuntime::new()?;
+                WASI.get_or_init(|| Arc::new(made)).clone()
+            }
+        },
+        Tier::Kvm => KVM
+            .get_or_init(|| Arc::new(kvm::KvmRuntime::default()))
+            .clone(),
+    })
+}
+
+/// Resumes snapshot `id` of `store` with the runtime of the tier it was taken on
+/// ([`runtime`]) and `grants` as its host access (see [`Runtime::resume`]); the way to resume a
+/// snapshot whose tier the caller does not know.
+pub fn resume(
+    store: Arc<LocalStore>,
+    id: &SnapshotId,
+    grants: &Grants,
+) -> Result<Box<dyn Sandbox>> {
+    let tier = store.manifest(id)?.spec.tier;
+    runtime(tier)?.resume(store, id, grants)
 }
 
 /// Memory-image helpers shared by the tiers.

@@ -46,9 +46,11 @@
 
 use std::path::Path;
 
+mod runtime;
 pub mod sandbox;
 pub mod volume;
 
+pub use runtime::KvmRuntime;
 pub use sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
 
 // The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The

@@ -42,8 +42,8 @@ use dormant_core::paths::DirEntry;
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{
-    Command, Error, ExecOutput, Execution, Grants, Mount, Result, Sandbox, SandboxSpec, Tier,
-    Workload, grants,
+    Command, Error, ExecOutput, Execution, Grants, Mount, Processes, Result, Sandbox, SandboxSpec,
+    StreamingExec, Tier, Workload, grants,
 };
 
 use crate::HostKvm;
@@ -193,6 +193,11 @@ impl KvmInterrupter {
 impl dormant_core::Interrupt for KvmInterrupter {
     fn interrupt(&self) {
         KvmInterrupter::interrupt(self);
+    }
+
+    /// An interrupted `exec` kills the guest command; the sandbox stays running.
+    fn stops_commands(&self) -> bool {
+        true
     }
 }
 
@@ -1083,6 +1088,28 @@ fn check_path(path: &str) -> Result<&str> {
     Ok(path)
 }
 
+impl KvmSandbox {
+    /// `n` new sandboxes from snapshot `id`, each with an id of its own (the children of
+    /// [`fork`](Sandbox::fork) and of [`KvmRuntime::fork`](crate::KvmRuntime)). On an error the
+    /// children made so far are released.
+    pub(crate) fn children(
+        store: &Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+        opts: &KvmOptions,
+        n: usize,
+    ) -> Result<Vec<KvmSandbox>> {
+        (0..n)
+            .map(|_| {
+                let mut child =
+                    Self::from_snapshot_granted(store.clone(), id, grants, opts.clone())?;
+                child.id = new_id();
+                Ok(child)
+            })
+            .collect()
+    }
+}
+
 impl Sandbox for KvmSandbox {
     fn id(&self) -> &str {
         &self.id
@@ -1104,6 +1131,11 @@ impl Sandbox for KvmSandbox {
                    [\"sh\", \"-c\", code])"
                 .into(),
         })
+    }
+
+    /// `run_code` is not supported here, with or without a deadline of its own.
+    fn run_code_with_timeout(&mut self, code: &str, _: Option<Duration>) -> Result<Execution> {
+        self.run_code(code)
     }
 
     fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
@@ -1193,18 +1225,7 @@ impl Sandbox for KvmSandbox {
 
     fn fork(&mut self, n: usize) -> Result<Vec<KvmSandbox>> {
         let base = self.do_checkpoint()?;
-        (0..n)
-            .map(|_| {
-                let mut child = Self::from_snapshot_granted(
-                    self.store.clone(),
-                    &base,
-                    &self.grants,
-                    self.opts.clone(),
-                )?;
-                child.id = new_id();
-                Ok(child)
-            })
-            .collect()
+        Self::children(&self.store, &base, &self.grants, &self.opts, n)
     }
 
     fn kill(&mut self) -> Result<()> {
@@ -1213,8 +1234,24 @@ impl Sandbox for KvmSandbox {
         self.lifecycle.complete(Operation::Kill)
     }
 
+    fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>> {
+        let children = self.fork(n)?;
+        Ok(children
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Sandbox>)
+            .collect())
+    }
+
     fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {
         Some(Arc::new(KvmSandbox::interrupter(self)))
+    }
+
+    fn processes(&mut self) -> Result<&mut dyn Processes> {
+        Ok(self)
+    }
+
+    fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
+        Some(self)
     }
 }
 

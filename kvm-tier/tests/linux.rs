@@ -9,8 +9,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dormant_core::{
-    Command, Error, GrantError, Grants, LocalStore, Sandbox, SandboxSpec, SnapshotId,
+    Command, Error, GrantError, Grants, LocalStore, Managed, Runtime, Sandbox, SandboxSpec,
+    SnapshotId, Tier,
 };
+use dormant_kvm::KvmRuntime;
 use dormant_kvm::sandbox::{KvmOptions, KvmSandbox};
 
 /// Guest RAM for the tests (boot time grows with it on PVM hosts).
@@ -433,6 +435,61 @@ fn the_guest_clock_continues_after_resume() {
         later > after + 0.5,
         "the clock runs after resume: {after} -> {later}"
     );
+}
+
+/// The KVM tier as a front end holds it, without naming it: its `Runtime` gives a
+/// `Box<dyn Sandbox>`, and `Managed` reaches every capability through the contract.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn the_kvm_runtime_gives_sandboxes_with_every_capability_behind_the_contract() {
+    let (store, id) = booted();
+    let rt: &dyn Runtime = &KvmRuntime::default();
+    assert_eq!(rt.tier(), Tier::Kvm);
+    let m = Managed::new(rt.resume(store.clone(), id, &Grants::new()).unwrap(), None);
+    assert_eq!(m.tier(), Tier::Kvm);
+
+    // Output as it comes.
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = m
+        .exec_streaming(
+            &Command::new(["sh", "-c", "echo one; echo two >&2; exit 4"]),
+            &mut |c| out.extend_from_slice(c),
+            &mut |c| err.extend_from_slice(c),
+        )
+        .unwrap();
+    assert_eq!(
+        (code, &out[..], &err[..]),
+        (4, &b"one\n"[..], &b"two\n"[..])
+    );
+
+    // Background processes.
+    let pid = m
+        .spawn(&Command::new([
+            "sh",
+            "-c",
+            "echo from the background; exit 5",
+        ]))
+        .unwrap();
+    assert_eq!(
+        m.wait(pid, Some(Duration::from_secs(300))).unwrap(),
+        Some(5)
+    );
+    let (o, _, running) = m.output(pid).unwrap();
+    assert_eq!((&o[..], running), (&b"from the background\n"[..], false));
+
+    // Its interrupt kills a command and keeps the sandbox; run_code is not here yet.
+    assert!(m.interrupter().unwrap().stops_commands());
+    let r = m.run_code_with_timeout("1", Some(Duration::from_secs(5)));
+    assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+
+    // Children of a stored snapshot: ids of their own, the snapshot's files, apart.
+    m.write_file("/root/mark", b"parent").unwrap();
+    let snap = m.checkpoint().unwrap();
+    let mut kids = rt.fork(store.clone(), &snap, &Grants::new(), 2).unwrap();
+    assert!(kids[0].id() != kids[1].id() && kids[0].id() != m.id());
+    kids[0].write_file("/root/mark", b"child").unwrap();
+    assert_eq!(kids[1].read_file("/root/mark").unwrap(), b"parent");
+    assert_eq!(m.read_file("/root/mark").unwrap(), b"parent");
 }
 
 #[test]

@@ -313,3 +313,43 @@ impl WasiRuntime {
         WasiSandbox::from_snapshot(self.clone(), store, id, grants, None)
     }
 }
+
+/// The WASI tier under dormant's tier-independent contract: what [`WasiRuntime::create`] and
+/// [`WasiRuntime::resume_with`] give, boxed, and [`WasiSandbox::fork`]'s children of a stored
+/// snapshot.
+impl dormant_core::Runtime for WasiRuntime {
+    fn tier(&self) -> Tier {
+        Tier::Wasi
+    }
+
+    fn create(
+        &self,
+        store: Arc<LocalStore>,
+        spec: SandboxSpec,
+    ) -> Result<Box<dyn dormant_core::Sandbox>> {
+        Ok(Box::new(WasiRuntime::create(self, store, spec)?))
+    }
+
+    fn resume(
+        &self,
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+    ) -> Result<Box<dyn dormant_core::Sandbox>> {
+        Ok(Box::new(self.resume_with(store, id, grants)?))
+    }
+
+    fn fork(
+        &self,
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+        n: usize,
+    ) -> Result<Vec<Box<dyn dormant_core::Sandbox>>> {
+        let children = WasiSandbox::children(self, &store, id, grants, None, n)?;
+        Ok(children
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn dormant_core::Sandbox>)
+            .collect())
+    }
+}

@@ -1142,6 +1142,29 @@ fn classify(
     }
 }
 
+impl WasiSandbox {
+    /// `n` new sandboxes from snapshot `id`, each with an id of its own (the children of
+    /// [`fork`](Sandbox::fork) and of the runtime's `fork`); `current` as in `from_snapshot`.
+    /// On an error the children made so far are released.
+    pub(crate) fn children(
+        rt: &WasiRuntime,
+        store: &Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+        current: Option<Current<'_>>,
+        n: usize,
+    ) -> Result<Vec<WasiSandbox>> {
+        (0..n)
+            .map(|_| {
+                let mut child =
+                    Self::from_snapshot(rt.clone(), store.clone(), id, grants, current)?;
+                child.id = Self::new_id();
+                Ok(child)
+            })
+            .collect()
+    }
+}
+
 impl Sandbox for WasiSandbox {
     fn id(&self) -> &str {
         &self.id
@@ -1157,6 +1180,14 @@ impl Sandbox for WasiSandbox {
 
     fn run_code(&mut self, code: &str) -> Result<Execution> {
         self.run_code_with_timeout(code, None)
+    }
+
+    fn run_code_with_timeout(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Execution> {
+        WasiSandbox::run_code_with_timeout(self, code, timeout)
     }
 
     fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
@@ -1306,19 +1337,14 @@ impl Sandbox for WasiSandbox {
     fn fork(&mut self, n: usize) -> Result<Vec<WasiSandbox>> {
         self.lifecycle.check(Operation::Checkpoint)?;
         let base = self.do_checkpoint()?;
-        (0..n)
-            .map(|_| {
-                let mut child = Self::from_snapshot(
-                    self.rt.clone(),
-                    self.store.clone(),
-                    &base,
-                    &self.grants,
-                    self.current(),
-                )?;
-                child.id = Self::new_id();
-                Ok(child)
-            })
-            .collect()
+        Self::children(
+            &self.rt,
+            &self.store,
+            &base,
+            &self.grants,
+            self.current(),
+            n,
+        )
     }
 
     fn kill(&mut self) -> Result<()> {
@@ -1327,8 +1353,26 @@ impl Sandbox for WasiSandbox {
         self.lifecycle.complete(Operation::Kill)
     }
 
+    fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>> {
+        let children = self.fork(n)?;
+        Ok(children
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Sandbox>)
+            .collect())
+    }
+
     fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {
         Some(Arc::new(WasiSandbox::interrupter(self)))
+    }
+
+    /// Unsupported: a WASI command runs to completion within its call.
+    fn processes(&mut self) -> Result<&mut dyn dormant_core::Processes> {
+        Err(Error::Unsupported {
+            op: "background commands",
+            what: "the WASI tier (its commands run to completion; use tier=\"kvm\" for \
+                   background processes)"
+                .into(),
+        })
     }
 }
 

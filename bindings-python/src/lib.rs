@@ -1,19 +1,19 @@
 //! `dormant._native`: the Rust half of dormant's Python module.
 //!
-//! A thin layer over the `dormant` crate: every sandbox is a [`Managed`] sandbox of one tier
-//! (auto-standby included), every call releases the GIL, and every error becomes an exception
-//! of the hierarchy in `dormant/_errors.py` (built there by `_from_native`, from a kind this
-//! module names). The public Python API is the pure-Python package around it.
+//! A thin layer over the `dormant` crate: every sandbox is a [`Managed`] `Box<dyn Sandbox>`
+//! (auto-standby included) made by its tier's [`Runtime`](dormant::Runtime), so nothing here
+//! names a tier: calls a tier lacks answer `Error::Unsupported` from the tier itself. Every
+//! call releases the GIL, and every error becomes an exception of the hierarchy in
+//! `dormant/_errors.py` (built there by `_from_native`, from a kind this module names). The
+//! public Python API is the pure-Python package around it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, mpsc};
 use std::time::Duration;
 
-use dormant::kvm::{KvmOptions, KvmSandbox};
 use dormant::{
     Command, Error, Grants, Interrupt, LocalStore, Managed, Sandbox, SandboxSpec, SnapshotId, Tier,
-    WasiRuntime, WasiSandbox,
 };
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -22,8 +22,6 @@ use pyo3::types::PyBytes;
 /// Open stores, one per root, shared by every sandbox of this process.
 static STORES: LazyLock<Mutex<HashMap<PathBuf, Arc<LocalStore>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
-/// The process's WASI runtime (one wasmtime engine), created on first use.
-static RUNTIME: LazyLock<Mutex<Option<WasiRuntime>>> = LazyLock::new(|| Mutex::new(None));
 /// How often a waiting call looks for a pending signal (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
@@ -35,16 +33,6 @@ fn store(root: PathBuf) -> Result<Arc<LocalStore>, Error> {
     let s = Arc::new(LocalStore::open(&root)?);
     stores.insert(root, s.clone());
     Ok(s)
-}
-
-fn runtime() -> Result<WasiRuntime, Error> {
-    let mut rt = RUNTIME.lock();
-    if let Some(rt) = rt.as_ref() {
-        return Ok(rt.clone());
-    }
-    let new = WasiRuntime::new()?;
-    *rt = Some(new.clone());
-    Ok(new)
 }
 
 /// The exception kind `_errors._from_native` turns into a class, with errno and path for
@@ -175,21 +163,8 @@ fn snapshot_id(py: Python<'_>, id: &str) -> PyResult<SnapshotId> {
 /// `(stdout, stderr, error)` of `run_code`, `error` being `(name, value, traceback)`.
 type ExecutionTuple = (String, String, Option<(String, String, String)>);
 
-/// A managed sandbox of either tier.
-#[derive(Clone)]
-enum Inner {
-    Wasi(Managed<WasiSandbox>),
-    Kvm(Managed<KvmSandbox>),
-}
-
-impl Inner {
-    fn with<T>(&self, f: impl FnOnce(&mut dyn Sandbox) -> Result<T, Error>) -> Result<T, Error> {
-        match self {
-            Inner::Wasi(m) => m.with(|s| f(s)),
-            Inner::Kvm(m) => m.with(|s| f(s)),
-        }
-    }
-}
+/// A managed sandbox of any tier.
+type Inner = Managed<Box<dyn Sandbox>>;
 
 /// Runs `f` off the calling thread with the GIL released, looking for Ctrl-C meanwhile. On a
 /// signal, the running call is interrupted when the tier can (`interrupter`) and waited for
@@ -249,19 +224,12 @@ struct NativeSandbox {
 }
 
 impl NativeSandbox {
-    fn wasi(sb: WasiSandbox, idle: Option<Duration>) -> NativeSandbox {
-        Self::from_managed(Inner::Wasi(Managed::new(sb, idle)))
-    }
-
-    fn kvm(sb: KvmSandbox, idle: Option<Duration>) -> NativeSandbox {
-        Self::from_managed(Inner::Kvm(Managed::new(sb, idle)))
+    fn new(sb: Box<dyn Sandbox>, idle: Option<Duration>) -> NativeSandbox {
+        Self::from_managed(Managed::new(sb, idle))
     }
 
     fn from_managed(inner: Inner) -> NativeSandbox {
-        let interrupter = match &inner {
-            Inner::Wasi(m) => m.interrupter(),
-            Inner::Kvm(m) => m.interrupter(),
-        };
+        let interrupter = inner.interrupter();
         NativeSandbox { inner, interrupter }
     }
 
@@ -272,22 +240,7 @@ impl NativeSandbox {
         f: impl FnOnce(&mut dyn Sandbox) -> Result<T, Error> + Send,
     ) -> PyResult<T> {
         let inner = &self.inner;
-        py.detach(|| inner.with(f)).map_err(|e| to_py(py, e))
-    }
-
-    fn kvm_only(&self, py: Python<'_>, op: &'static str) -> PyResult<&Managed<KvmSandbox>> {
-        match &self.inner {
-            Inner::Kvm(m) => Ok(m),
-            Inner::Wasi(_) => Err(to_py(
-                py,
-                Error::Unsupported {
-                    op,
-                    what: "the WASI tier (its commands run to completion; use tier=\"kvm\" for \
-                           background processes)"
-                        .into(),
-                },
-            )),
-        }
+        py.detach(|| inner.with(|s| f(s))).map_err(|e| to_py(py, e))
     }
 }
 
@@ -322,20 +275,8 @@ impl NativeSandbox {
         volumes: Vec<(PathBuf, String, bool)>,
         output_limit: Option<usize>,
     ) -> PyResult<NativeSandbox> {
-        let tier: Tier = match tier {
-            "wasi" => Tier::Wasi,
-            "kvm" => Tier::Kvm,
-            other => {
-                return Err(invalid(&format!(
-                    "unknown tier {other:?}: use \"wasi\" (Python sessions) or \"kvm\" (Linux \
-                     microVMs)"
-                )));
-            }
-        };
-        let mut spec = match tier {
-            Tier::Wasi => SandboxSpec::python(),
-            Tier::Kvm => SandboxSpec::linux(),
-        };
+        let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
+        let mut spec = SandboxSpec::default_for(tier);
         if let Some(mib) = memory_mib {
             spec = spec.memory_limit(
                 mib.checked_mul(1 << 20)
@@ -355,10 +296,8 @@ impl NativeSandbox {
         }
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
             let store = store(store_root)?;
-            Ok(match tier {
-                Tier::Wasi => NativeSandbox::wasi(runtime()?.create(store, spec)?, idle),
-                Tier::Kvm => NativeSandbox::kvm(KvmSandbox::create(store, spec)?, idle),
-            })
+            let sb = dormant::runtime(tier)?.create(store, spec)?;
+            Ok(NativeSandbox::new(sb, idle))
         });
         made.map_err(|e| to_py(py, e))
     }
@@ -382,44 +321,25 @@ impl NativeSandbox {
             grants = grants.mount(host, guest, read_only);
         }
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
-            let store = store(store_root)?;
-            let tier = store.manifest(&id)?.spec.tier;
-            Ok(match tier {
-                Tier::Wasi => {
-                    NativeSandbox::wasi(runtime()?.resume_with(store, &id, &grants)?, idle)
-                }
-                Tier::Kvm => NativeSandbox::kvm(
-                    KvmSandbox::from_snapshot_granted(store, &id, &grants, KvmOptions::default())?,
-                    idle,
-                ),
-            })
+            let sb = dormant::resume(store(store_root)?, &id, &grants)?;
+            Ok(NativeSandbox::new(sb, idle))
         });
         made.map_err(|e| to_py(py, e))
     }
 
     #[getter]
     fn id(&self) -> String {
-        match &self.inner {
-            Inner::Wasi(m) => m.id(),
-            Inner::Kvm(m) => m.id(),
-        }
+        self.inner.id()
     }
 
     #[getter]
     fn tier(&self) -> &'static str {
-        match &self.inner {
-            Inner::Wasi(_) => "wasi",
-            Inner::Kvm(_) => "kvm",
-        }
+        self.inner.tier().as_str()
     }
 
     #[getter]
     fn state(&self, py: Python<'_>) -> String {
-        py.detach(|| match &self.inner {
-            Inner::Wasi(m) => m.state(),
-            Inner::Kvm(m) => m.state(),
-        })
-        .to_string()
+        py.detach(|| self.inner.state()).to_string()
     }
 
     /// `(stdout, stderr, error)`, `error` being `(name, value, traceback)` or `None`.
@@ -432,9 +352,8 @@ impl NativeSandbox {
     ) -> PyResult<ExecutionTuple> {
         let timeout = seconds("timeout", timeout)?;
         let inner = self.inner.clone();
-        let r = interruptible(py, self.interrupter.as_ref(), move || match &inner {
-            Inner::Wasi(m) => m.with(|s| s.run_code_with_timeout(&code, timeout)),
-            Inner::Kvm(m) => m.run_code(&code),
+        let r = interruptible(py, self.interrupter.as_ref(), move || {
+            inner.run_code_with_timeout(&code, timeout)
         })?;
         let ex = r.map_err(|e| to_py(py, e))?;
         Ok((
@@ -445,7 +364,7 @@ impl NativeSandbox {
     }
 
     /// `(stdout, stderr, exit_code)`; output chunks also go to the callbacks as they come
-    /// (all at once at the end on the WASI tier).
+    /// (each stream whole at the end where the tier does not stream).
     #[pyo3(signature = (argv, env, cwd, timeout, on_stdout, on_stderr))]
     #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
@@ -463,12 +382,9 @@ impl NativeSandbox {
         // The first exception a callback raised, re-raised after the command.
         let failed: Arc<Mutex<Option<PyErr>>> = Arc::default();
         let failed2 = failed.clone();
-        // Ctrl-C stops a KVM command (killed in the guest, the sandbox stays usable); a WASI
-        // command runs on to its deadline.
-        let interrupter = match &self.inner {
-            Inner::Kvm(_) => self.interrupter.as_ref(),
-            Inner::Wasi(_) => None,
-        };
+        // Ctrl-C stops a command where that leaves the sandbox usable (a KVM command is killed
+        // in the guest); elsewhere (WASI, whose interrupt poisons) it runs on to its deadline.
+        let interrupter = self.interrupter.as_ref().filter(|i| i.stops_commands());
         let r = interruptible(py, interrupter, move || {
             let deliver = |cb: &Option<Py<PyAny>>, chunk: &[u8]| {
                 if let Some(cb) = cb
@@ -481,33 +397,21 @@ impl NativeSandbox {
                     });
                 }
             };
-            match &inner {
-                Inner::Kvm(m) => {
-                    // At most the spec's output_limit per stream: `exec_streaming` stops the
-                    // command past it (`Error::OutputLimit`).
-                    let (mut out, mut err) = (Vec::new(), Vec::new());
-                    let code = m.with(|s| {
-                        s.exec_streaming(
-                            &cmd,
-                            &mut |c| {
-                                out.extend_from_slice(c);
-                                deliver(&on_stdout, c);
-                            },
-                            &mut |c| {
-                                err.extend_from_slice(c);
-                                deliver(&on_stderr, c);
-                            },
-                        )
-                    })?;
-                    Ok((out, err, code))
-                }
-                Inner::Wasi(m) => {
-                    let o = m.exec(&cmd)?;
-                    deliver(&on_stdout, &o.stdout);
-                    deliver(&on_stderr, &o.stderr);
-                    Ok((o.stdout, o.stderr, o.exit_code))
-                }
-            }
+            // At most the spec's output_limit per stream: the tier stops the command past it
+            // (`Error::OutputLimit`).
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let code = inner.exec_streaming(
+                &cmd,
+                &mut |c| {
+                    out.extend_from_slice(c);
+                    deliver(&on_stdout, c);
+                },
+                &mut |c| {
+                    err.extend_from_slice(c);
+                    deliver(&on_stderr, c);
+                },
+            )?;
+            Ok((out, err, code))
         })?;
         if let Some(e) = failed.lock().take() {
             return Err(e);
@@ -516,7 +420,7 @@ impl NativeSandbox {
         Ok((PyBytes::new(py, &out), PyBytes::new(py, &err), code))
     }
 
-    /// Starts a background process (KVM tier); returns its pid.
+    /// Starts a background process (where the tier has them); returns its pid.
     #[pyo3(signature = (argv, env, cwd))]
     fn spawn(
         &self,
@@ -525,22 +429,18 @@ impl NativeSandbox {
         env: Vec<(String, String)>,
         cwd: Option<String>,
     ) -> PyResult<u32> {
-        let m = self.kvm_only(py, "background commands")?;
         let cmd = command(argv, env, cwd, None);
-        py.detach(|| m.with(|s| s.spawn(&cmd)))
+        py.detach(|| self.inner.spawn(&cmd))
             .map_err(|e| to_py(py, e))
     }
 
     /// Waits for a background process: its exit code, or `None` if it still runs.
     #[pyo3(signature = (pid, timeout))]
     fn wait(&self, py: Python<'_>, pid: u32, timeout: Option<f64>) -> PyResult<Option<i32>> {
-        let m = self.kvm_only(py, "background commands")?;
         let timeout = seconds("timeout", timeout)?;
-        let m = m.clone();
-        interruptible(py, self.interrupter.as_ref(), move || {
-            m.with(|s| s.wait(pid, timeout))
-        })?
-        .map_err(|e| to_py(py, e))
+        let m = self.inner.clone();
+        interruptible(py, self.interrupter.as_ref(), move || m.wait(pid, timeout))?
+            .map_err(|e| to_py(py, e))
     }
 
     /// A background process's output since the last call: `(stdout, stderr, running)`.
@@ -549,16 +449,14 @@ impl NativeSandbox {
         py: Python<'py>,
         pid: u32,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, bool)> {
-        let m = self.kvm_only(py, "background commands")?;
         let (o, e, running) = py
-            .detach(|| m.with(|s| s.output(pid)))
+            .detach(|| self.inner.output(pid))
             .map_err(|e| to_py(py, e))?;
         Ok((PyBytes::new(py, &o), PyBytes::new(py, &e), running))
     }
 
     fn signal(&self, py: Python<'_>, pid: u32, signal: i32) -> PyResult<()> {
-        let m = self.kvm_only(py, "background commands")?;
-        py.detach(|| m.with(|s| s.signal(pid, signal)))
+        py.detach(|| self.inner.signal(pid, signal))
             .map_err(|e| to_py(py, e))
     }
 
@@ -593,10 +491,7 @@ impl NativeSandbox {
     }
 
     fn standby(&self, py: Python<'_>) -> PyResult<String> {
-        let r = py.detach(|| match &self.inner {
-            Inner::Wasi(m) => m.standby(),
-            Inner::Kvm(m) => m.standby(),
-        });
+        let r = py.detach(|| self.inner.standby());
         Ok(r.map_err(|e| to_py(py, e))?.to_string())
     }
 
@@ -604,36 +499,23 @@ impl NativeSandbox {
     /// host directories this sandbox holds.
     fn restore(&self, py: Python<'_>, snapshot_id: &str) -> PyResult<()> {
         let id = self::snapshot_id(py, snapshot_id)?;
-        let r = py.detach(|| match &self.inner {
-            Inner::Wasi(m) => m.resume(&id),
-            Inner::Kvm(m) => m.resume(&id),
-        });
+        let r = py.detach(|| self.inner.resume(&id));
         r.map_err(|e| to_py(py, e))
     }
 
     fn fork(&self, py: Python<'_>, n: usize) -> PyResult<Vec<NativeSandbox>> {
         let r = py.detach(|| -> Result<Vec<NativeSandbox>, Error> {
-            Ok(match &self.inner {
-                Inner::Wasi(m) => m
-                    .fork(n)?
-                    .into_iter()
-                    .map(|c| NativeSandbox::from_managed(Inner::Wasi(c)))
-                    .collect(),
-                Inner::Kvm(m) => m
-                    .fork(n)?
-                    .into_iter()
-                    .map(|c| NativeSandbox::from_managed(Inner::Kvm(c)))
-                    .collect(),
-            })
+            let children = self.inner.fork(n)?;
+            Ok(children
+                .into_iter()
+                .map(NativeSandbox::from_managed)
+                .collect())
         });
         r.map_err(|e| to_py(py, e))
     }
 
     fn kill(&self, py: Python<'_>) -> PyResult<()> {
-        let r = py.detach(|| match &self.inner {
-            Inner::Wasi(m) => m.kill(),
-            Inner::Kvm(m) => m.kill(),
-        });
+        let r = py.detach(|| self.inner.kill());
         r.map_err(|e| to_py(py, e))
     }
 }

@@ -114,6 +114,15 @@ pub trait Sandbox: Send {
     }
 }
 
+/// `sandboxes`, each boxed: what a tier's [`fork_boxed`](Sandbox::fork_boxed) and
+/// [`Runtime::fork`](crate::Runtime::fork) give.
+pub fn boxed<S: Sandbox + 'static>(sandboxes: Vec<S>) -> Vec<Box<dyn Sandbox>> {
+    sandboxes
+        .into_iter()
+        .map(|s| Box::new(s) as Box<dyn Sandbox>)
+        .collect()
+}
+
 /// A sandbox of any tier prints its tier, id and state.
 impl std::fmt::Debug for dyn Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

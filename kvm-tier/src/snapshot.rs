@@ -11,11 +11,11 @@
 //! bounds, file lengths, depths) and opened before anything is mapped, and only checked layers
 //! can be mapped ([`GuestRam::map_layer`]).
 
-use dormant_core::memimage::{self, Written};
+use dormant_core::memimage;
 use dormant_core::snapshot::layer::Layer;
-use dormant_core::snapshot::store::{LayerFile, LocalStore};
+use dormant_core::snapshot::store::{LayerFile, LayerWrite, LocalStore};
 use dormant_core::snapshot::{
-    FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId, TierState, check_version,
+    FileRecord, LayerKind, Manifest, SnapshotId, TierState, check_version,
 };
 use dormant_core::{Error, Result, SandboxSpec, SnapshotError, Tier};
 use serde::{Deserialize, Serialize};
@@ -138,7 +138,6 @@ fn disk_layer(m: &Manifest) -> Result<Option<DiskLayer>> {
 /// Writes the disk layer: a delta of the blocks `written` since the parent's disk, or a full
 /// image when the parent has no disk of this size.
 fn write_disk(
-    store: &LocalStore,
     w: &mut dormant_core::snapshot::store::SnapshotWriter<'_>,
     disk: &GuestRam,
     written: &[u32],
@@ -148,49 +147,20 @@ fn write_disk(
         Some(p) => disk_layer(p)?.filter(|d| d.0.size() == disk.size() as u64),
         None => None,
     };
-    let bytes = disk.as_slice();
-    let id = w.id().clone();
-    let layer = |size, kind, file, depth, blocks| {
-        Layer::new(size, kind, file, depth, blocks)
-            .map(DiskLayer)
-            .map_err(|e| Error::snapshot(&id, e))
-    };
-    match parent_disk {
+    let (how, blocks) = match &parent_disk {
         Some(pd) => {
-            let f = w.create("disk.delta")?;
-            let Written { len, stored, crc32 } =
-                memimage::write_delta(&f, bytes, written).map_err(io("write disk", store))?;
-            layer(
-                bytes.len() as u64,
-                LayerKind::Delta,
-                FileRecord {
-                    name: "disk.delta".into(),
-                    len,
-                    crc32,
-                    stored,
-                },
-                pd.0.depth() + 1,
-                written.to_vec(),
-            )
+            let how = LayerWrite::Delta {
+                pages: written,
+                parent_depth: pd.0.depth(),
+            };
+            (how, written.to_vec())
         }
-        None => {
-            let f = w.create("disk.img")?;
-            let Written { len, stored, crc32 } =
-                memimage::write_full(&f, bytes).map_err(io("write disk", store))?;
-            layer(
-                bytes.len() as u64,
-                LayerKind::Full,
-                FileRecord {
-                    name: "disk.img".into(),
-                    len,
-                    crc32,
-                    stored,
-                },
-                0,
-                Vec::new(),
-            )
-        }
-    }
+        None => (LayerWrite::Full, Vec::new()),
+    };
+    let (r, _) = w.write_layer("disk", disk.as_slice(), how)?;
+    Layer::new(r.size, r.kind, r.file, r.depth, blocks)
+        .map(DiskLayer)
+        .map_err(|e| Error::snapshot(w.id(), e))
 }
 
 /// What a VM wrote since its parent snapshot and no committed snapshot holds yet: RAM pages
@@ -245,10 +215,6 @@ impl Unsaved {
     }
 }
 
-fn io<'a>(op: &'static str, store: &'a LocalStore) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |e| Error::store(op, store.root(), e)
-}
-
 /// Writes a snapshot of a VM that is not running (state captured while paused). With
 /// `parent`, the VM must have dirty logging on and its RAM must equal `parent` plus the writes
 /// logged since (true after [`load`] of `parent` or a previous `save` that returned `parent`);
@@ -301,51 +267,19 @@ pub fn save_machine(
     let parent = parent.filter(|_| unsaved.is_known());
     let disk_fault = disk.and_then(GuestRam::fault);
     let disk = match disk {
-        Some(d) => Some(write_disk(store, &mut w, d, unsaved.disk_blocks(), parent)?),
+        Some(d) => Some(write_disk(&mut w, d, unsaved.disk_blocks(), parent)?),
         None => None,
     };
     let (memory, pages) = match parent {
         Some(p) => {
             let pages = unsaved.ram_pages().to_vec();
-            let f = w.create("memory.delta")?;
-            let Written { len, stored, crc32 } =
-                memimage::write_delta(&f, ram, &pages).map_err(io("write memory", store))?;
-            let rec = FileRecord {
-                name: "memory.delta".into(),
-                len,
-                crc32,
-                stored,
+            let how = LayerWrite::Delta {
+                pages: &pages,
+                parent_depth: p.memory.depth,
             };
-            (
-                MemoryRecord {
-                    size: ram.len() as u64,
-                    kind: LayerKind::Delta,
-                    file: rec,
-                    depth: p.memory.depth + 1,
-                },
-                pages,
-            )
+            (w.write_layer("memory", ram, how)?.0, pages)
         }
-        None => {
-            let f = w.create("memory.img")?;
-            let Written { len, stored, crc32 } =
-                memimage::write_full(&f, ram).map_err(io("write memory", store))?;
-            let rec = FileRecord {
-                name: "memory.img".into(),
-                len,
-                crc32,
-                stored,
-            };
-            (
-                MemoryRecord {
-                    size: ram.len() as u64,
-                    kind: LayerKind::Full,
-                    file: rec,
-                    depth: 0,
-                },
-                Vec::new(),
-            )
-        }
+        None => (w.write_layer("memory", ram, LayerWrite::Full)?.0, Vec::new()),
     };
     let tier_state = KvmState {
         version: KVM_STATE_VERSIONS[KVM_STATE_VERSIONS.len() - 1],
@@ -403,15 +337,9 @@ pub struct Loaded {
 /// (memory and disk) is checked and opened before anything is mapped or a VM is created: a
 /// hostile or damaged snapshot is refused with [`Error::Snapshot`].
 pub fn load_machine(store: &LocalStore, id: &SnapshotId) -> Result<Loaded> {
-    let chain = store.chain(id)?;
+    let chain = store.chain_for(id, Tier::Kvm)?;
     let leaf = chain.last().expect("chain is never empty");
     let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
-    if leaf.tier != Tier::Kvm {
-        return Err(Error::snapshot(
-            id,
-            SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier)),
-        ));
-    }
     let st = kvm_state(leaf)?;
     if st.ram_size == 0 || chain.iter().any(|m| m.memory.size != st.ram_size) {
         return Err(bad("layers of different RAM sizes".into()));

@@ -346,10 +346,6 @@ impl dormant_core::Runtime for WasiRuntime {
         grants: &Grants,
         n: usize,
     ) -> Result<Vec<Box<dyn dormant_core::Sandbox>>> {
-        let children = WasiSandbox::children(self, &store, id, grants, None, n)?;
-        Ok(children
-            .into_iter()
-            .map(|c| Box::new(c) as Box<dyn dormant_core::Sandbox>)
-            .collect())
+        WasiSandbox::children(self, &store, id, grants, None, n).map(dormant_core::sandbox::boxed)
     }
 }

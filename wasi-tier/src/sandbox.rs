@@ -1354,11 +1354,7 @@ impl Sandbox for WasiSandbox {
     }
 
     fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>> {
-        let children = self.fork(n)?;
-        Ok(children
-            .into_iter()
-            .map(|c| Box::new(c) as Box<dyn Sandbox>)
-            .collect())
+        self.fork(n).map(dormant_core::sandbox::boxed)
     }
 
     fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {

@@ -44,10 +44,11 @@ use crate::snapshot::chunks::Chunks;
 use crate::snapshot::layer::Layer;
 pub use crate::snapshot::layer::LayerFile;
 use crate::snapshot::{FileRecord, LayerKind, Manifest, SnapshotId};
+use crate::spec::Tier;
 
 pub use compact::CompactReport;
 pub use gc::{GcReport, SnapshotUsage};
-pub use writer::SnapshotWriter;
+pub use writer::{LayerWrite, SnapshotWriter};
 
 /// How hard a commit pushes data to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +218,21 @@ impl LocalStore {
             ));
         }
         Ok(m)
+    }
+
+    /// The chain of `id` (as [`chain`](Self::chain)) for a resume on `tier`: where every
+    /// tier's restore starts. A snapshot taken on another tier is [`Error::Snapshot`]
+    /// ([`SnapshotError::Incompatible`]).
+    pub fn chain_for(&self, id: &SnapshotId, tier: Tier) -> Result<Vec<Manifest>> {
+        let chain = self.chain(id)?;
+        let leaf = chain.last().expect("chain is never empty");
+        if leaf.tier != tier {
+            return Err(Error::snapshot(
+                id,
+                SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier)),
+            ));
+        }
+        Ok(chain)
     }
 
     /// The manifests from the nearest full memory image up to `id` (root first).

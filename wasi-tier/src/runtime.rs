@@ -1,22 +1,20 @@
 //! The WASI runtime: one wasmtime engine per process (or per configuration), the epoch ticker
-//! that enforces call deadlines, and the loaded modules.
+//! that enforces call deadlines, and the loaded modules. [`WasiRuntime::create`] and
+//! [`WasiRuntime::resume_with`] are defined beside the sandbox they build (sandbox/create.rs,
+//! sandbox/restore.rs): this module does not depend on the sandbox.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use dormant_core::{Error, Grants, LocalStore, Result, SandboxSpec, SnapshotId, Tier, Workload};
+use dormant_core::{Error, Result, Workload};
 use parking_lot::{Condvar, Mutex};
 use wasmtime::{Config, Engine, ExternType, InstancePre, Linker, Module, Val};
 
+pub(crate) use crate::engine_params::{MEMORY_RESERVATION, TICK};
 use crate::host::Host;
 use crate::modcache::ModuleCache;
 use crate::python::PythonDist;
-use crate::sandbox::WasiSandbox;
-
-/// Granularity of call deadlines.
-pub(crate) const TICK: Duration = Duration::from_millis(10);
 
 /// Drives the engine's epoch while at least one call is running, and sleeps otherwise.
 #[derive(Debug, Default)]
@@ -129,10 +127,6 @@ impl std::fmt::Debug for WasiRuntime {
             .finish_non_exhaustive()
     }
 }
-
-/// Address space reserved for each linear memory (a wasm32 memory never grows past it, so the
-/// whole range belongs to one instance).
-pub(crate) const MEMORY_RESERVATION: usize = 4 << 30;
 
 /// The engine configuration every dormant WASI sandbox runs under. Part of the compiled-module
 /// cache key (through wasmtime's compatibility hash).
@@ -278,74 +272,5 @@ impl WasiRuntime {
             }
         }
         l.instantiate_pre(module).map_err(err)
-    }
-
-    /// Creates a sandbox from `spec` (WASI tier).
-    pub fn create(&self, store: Arc<LocalStore>, spec: SandboxSpec) -> Result<WasiSandbox> {
-        spec.validate()?;
-        if spec.tier != Tier::Wasi {
-            return Err(Error::InvalidSpec(format!(
-                "the WASI runtime cannot create a {} sandbox",
-                spec.tier
-            )));
-        }
-        WasiSandbox::create(self.clone(), store, spec)
-    }
-
-    /// Resumes a snapshot into a new sandbox handle (in this process or any other), granting
-    /// it no host access: for a snapshot with mount points or a module workload, use
-    /// [`resume_with`](Self::resume_with).
-    pub fn resume(&self, store: Arc<LocalStore>, id: &SnapshotId) -> Result<WasiSandbox> {
-        self.resume_with(store, id, &Grants::new())
-    }
-
-    /// Resumes a snapshot into a new sandbox handle with `grants` as its host access: the host
-    /// directories for the snapshot's mount points and, for a `Workload::Module` snapshot, the
-    /// module file (checked against the module hash the snapshot recorded). Nothing in the
-    /// snapshot grants host access; grants that do not fit it are
-    /// [`Error::Grant`](dormant_core::Error::Grant) (see [`Grants`]).
-    pub fn resume_with(
-        &self,
-        store: Arc<LocalStore>,
-        id: &SnapshotId,
-        grants: &Grants,
-    ) -> Result<WasiSandbox> {
-        WasiSandbox::from_snapshot(self.clone(), store, id, grants, None)
-    }
-}
-
-/// The WASI tier under dormant's tier-independent contract: what [`WasiRuntime::create`] and
-/// [`WasiRuntime::resume_with`] give, boxed, and [`WasiSandbox::fork`]'s children of a stored
-/// snapshot.
-impl dormant_core::Runtime for WasiRuntime {
-    fn tier(&self) -> Tier {
-        Tier::Wasi
-    }
-
-    fn create(
-        &self,
-        store: Arc<LocalStore>,
-        spec: SandboxSpec,
-    ) -> Result<Box<dyn dormant_core::Sandbox>> {
-        Ok(Box::new(WasiRuntime::create(self, store, spec)?))
-    }
-
-    fn resume(
-        &self,
-        store: Arc<LocalStore>,
-        id: &SnapshotId,
-        grants: &Grants,
-    ) -> Result<Box<dyn dormant_core::Sandbox>> {
-        Ok(Box::new(self.resume_with(store, id, grants)?))
-    }
-
-    fn fork(
-        &self,
-        store: Arc<LocalStore>,
-        id: &SnapshotId,
-        grants: &Grants,
-        n: usize,
-    ) -> Result<Vec<Box<dyn dormant_core::Sandbox>>> {
-        WasiSandbox::children(self, &store, id, grants, None, n).map(dormant_core::sandbox::boxed)
     }
 }

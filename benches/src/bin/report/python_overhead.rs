@@ -1,0 +1,112 @@
+//! Scenario 7, the overhead of the Python bindings: one pandas session snapshot resumed through
+//! the Rust API and through the `dormant` Python module (in a Python process started with
+//! `--python`), timed to the handle and to the first `run_code` result; the Rust samples are
+//! taken half before and half after the Python ones.
+
+use std::time::{Duration, Instant};
+
+use dormant::{Sandbox, SandboxSpec};
+
+use crate::Res;
+use crate::ctx::Ctx;
+use crate::stats::{Stats, fmt};
+use crate::workloads::{SMALL_SESSION, run_ok};
+
+const PY_SIDE: &str = r#"
+import statistics, sys, time
+import dormant
+store, snap, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+resume, first = [], []
+for _ in range(n):
+    t = time.perf_counter()
+    sb = dormant.Sandbox.resume(snap, store=store, idle_standby=None)
+    resume.append(time.perf_counter() - t)
+    out = sb.run_code("print(len(df))").stdout
+    first.append(time.perf_counter() - t)
+    assert out == "200000\n", out
+    sb.kill()
+print(statistics.median(resume), statistics.median(first))
+"#;
+
+pub fn run(cx: &mut Ctx) -> Res<()> {
+    cx.report.section(
+        "7. Overhead of the Python bindings",
+        "The same pandas session snapshot resumed through the Rust API (`WasiRuntime::resume`, \
+         then `run_code`) and through the Python module (`dormant.Sandbox.resume`, then \
+         `run_code`, in a Python process that imported dormant beforehand): time to the \
+         handle, and to the first `run_code` result. Medians, side by side in one run.",
+    );
+    let Some(py) = &cx.opts.python else {
+        cx.report.note(
+            "Skipped: no Python with the dormant module (`--python`; scripts/bench.sh sets it up).",
+        );
+        return Ok(());
+    };
+    let mut sb = cx.rt.create(cx.store.clone(), SandboxSpec::python())?;
+    run_ok(&mut sb, SMALL_SESSION)?;
+    let snap = sb.standby()?;
+    let n = if cx.opts.quick { 10 } else { 30 };
+    let (mut resume, mut first) = (Vec::new(), Vec::new());
+    let mut rust_side = |k: usize| -> Res<()> {
+        for _ in 0..k {
+            let t = Instant::now();
+            let mut sb = cx.rt.resume(cx.store.clone(), &snap)?;
+            resume.push(t.elapsed());
+            assert_eq!(run_ok(&mut sb, "print(len(df))")?, "200000\n");
+            first.push(t.elapsed());
+            sb.kill()?;
+        }
+        Ok(())
+    };
+    // Half of the Rust samples before the Python run and half after, so that neither side
+    // alone enjoys a warmer machine.
+    rust_side(n / 2)?;
+    let out = std::process::Command::new(py)
+        .args([
+            "-c",
+            PY_SIDE,
+            &cx.opts.store.display().to_string(),
+            &snap.to_string(),
+            &n.to_string(),
+        ])
+        .output()?;
+    rust_side(n - n / 2)?;
+    if !out.status.success() {
+        return Err(format!("python side: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(|s| s.parse::<f64>());
+    let (Some(Ok(py_resume)), Some(Ok(py_first))) = (it.next(), it.next()) else {
+        return Err(format!("python side printed {text:?}").into());
+    };
+    let (py_resume, py_first) = (
+        Duration::from_secs_f64(py_resume),
+        Duration::from_secs_f64(py_first),
+    );
+    let (resume, first) = (Stats::of(resume), Stats::of(first));
+    let over =
+        |p: Duration, r: Duration| format!("{:+.2} ms", (p.as_secs_f64() - r.as_secs_f64()) * 1e3);
+    cx.report.table(
+        &["", "Rust API", "Python module", "Python − Rust"],
+        &[
+            vec![
+                "resume → handle".into(),
+                resume.cell(),
+                fmt(py_resume),
+                over(py_resume, resume.median()),
+            ],
+            vec![
+                "resume → first run_code result".into(),
+                first.cell(),
+                fmt(py_first),
+                over(py_first, first.median()),
+            ],
+        ],
+    );
+    cx.report.headline(
+        "resume → first run_code, Rust vs Python",
+        format!("{} vs {}", fmt(first.median()), fmt(py_first)),
+        "scenario 7",
+    );
+    Ok(())
+}

@@ -4,9 +4,9 @@
 //! untouched since); then the manifest with the tier state (state.rs). After a checkpoint the
 //! live memory is re-mapped on what was just written, so the next delta stays small.
 
-use dormant_core::memimage::{self, Written};
-use dormant_core::snapshot::store::{LayerFile, SnapshotWriter};
-use dormant_core::snapshot::{FileRecord, LayerKind, MemoryRecord, TierState};
+use dormant_core::memimage;
+use dormant_core::snapshot::store::{LayerFile, LayerWrite, SnapshotWriter};
+use dormant_core::snapshot::{FileRecord, MemoryRecord, TierState};
 use dormant_core::{Error, LocalStore, Manifest, Operation, Result, SnapshotId, Tier, fsarchive};
 
 use super::state::{WasiState, global_value};
@@ -61,20 +61,11 @@ impl WasiSandbox {
             let dirty = memimage::dirty_pages(data.as_ptr(), size).map_err(io)?;
             let pages = memimage::union(&older, &dirty);
             if pages.len() * memimage::PAGE * 2 <= size {
-                let f = w.create("memory.delta")?;
-                let Written { len, stored, crc32 } =
-                    memimage::write_delta(&f, data, &pages).map_err(io)?;
-                let record = MemoryRecord {
-                    size: size as u64,
-                    kind: LayerKind::Delta,
-                    file: FileRecord {
-                        name: "memory.delta".into(),
-                        len,
-                        crc32,
-                        stored,
-                    },
-                    depth: parent.depth + 1,
+                let how = LayerWrite::Delta {
+                    pages: &pages,
+                    parent_depth: parent.depth,
                 };
+                let (record, f) = w.write_layer("memory", data, how)?;
                 return Ok(WrittenLayer {
                     record,
                     pages,
@@ -84,19 +75,7 @@ impl WasiSandbox {
                 });
             }
         }
-        let f = w.create("memory.img")?;
-        let Written { len, stored, crc32 } = memimage::write_full(&f, data).map_err(io)?;
-        let record = MemoryRecord {
-            size: size as u64,
-            kind: LayerKind::Full,
-            file: FileRecord {
-                name: "memory.img".into(),
-                len,
-                crc32,
-                stored,
-            },
-            depth: 0,
-        };
+        let (record, f) = w.write_layer("memory", data, LayerWrite::Full)?;
         Ok(WrittenLayer {
             record,
             pages: Vec::new(),
@@ -141,19 +120,8 @@ impl WasiSandbox {
                 )
             }
             None => {
-                let f = w.create("memory.img")?;
-                let rec = MemoryRecord {
-                    size: 0,
-                    kind: LayerKind::Full,
-                    file: FileRecord {
-                        name: "memory.img".into(),
-                        len: 0,
-                        crc32: 0,
-                        stored: 0,
-                    },
-                    depth: 0,
-                };
-                drop(f);
+                // No instance (a files-only sandbox): an empty memory image.
+                let (rec, _) = w.write_layer("memory", &[], LayerWrite::Full)?;
                 (
                     rec,
                     Vec::new(),

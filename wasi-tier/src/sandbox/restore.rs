@@ -162,15 +162,9 @@ impl WasiSandbox {
         grants: &Grants,
         current: Option<Current<'_>>,
     ) -> Result<Restored> {
-        let chain = store.chain(id)?;
+        let chain = store.chain_for(id, Tier::Wasi)?;
         let leaf = chain.last().expect("chain is never empty");
         let bad = |m: String| Error::snapshot(id, SnapshotError::Malformed(m));
-        if leaf.tier != Tier::Wasi {
-            return Err(Error::snapshot(
-                id,
-                SnapshotError::Incompatible(format!("a {} snapshot", leaf.tier)),
-            ));
-        }
         let state: WasiState = leaf
             .tier_state
             .decode("WASI state", WASI_STATE_VERSIONS)

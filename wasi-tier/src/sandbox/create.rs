@@ -1,6 +1,7 @@
 //! Creating a sandbox ([`WasiRuntime::create`]): its root directory and, for a module or
-//! Python workload, a fresh instance of the module, initialized (and for Python, bootstrapped). `instantiate` is also
-//! where every restore starts: it builds the fresh instance a snapshot's memory is mapped over.
+//! Python workload, a fresh instance of the module, initialized (and for Python,
+//! bootstrapped). `instantiate` is also where every restore starts: it builds the fresh
+//! instance a snapshot's memory is mapped over.
 
 use std::path::Path;
 use std::sync::Arc;

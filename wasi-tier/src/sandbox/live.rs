@@ -162,7 +162,8 @@ impl WasiSandbox {
         })
     }
 
-    /// Runs a WASI command module found in the sandbox's filesystem (see [`Sandbox::exec`]).
+    /// Runs a WASI command module found in the sandbox's filesystem (see
+    /// [`Sandbox::exec`](dormant_core::Sandbox::exec)).
     pub(super) fn do_exec(&mut self, cmd: &Command) -> Result<ExecOutput> {
         self.lifecycle.check(Operation::Exec)?;
         if cmd.cwd.is_some() {

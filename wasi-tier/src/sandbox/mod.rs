@@ -2,15 +2,16 @@
 //!
 //! This file holds the handle ([`WasiSandbox`]), the state it keeps between calls (the live
 //! instance, the memory layer under it, a filesystem archive not yet extracted), the
-//! [`Interrupter`], and the [`Sandbox`] implementation, which forwards to the rooms below,
-//! each named after what it holds:
+//! [`Interrupter`], the [`Sandbox`] implementation (standby, kill and fork made of
+//! `dormant_core::lifecycle`'s steps) and the contract's `Runtime` for [`WasiRuntime`]. They
+//! forward to the rooms below, each named after what it holds:
 //!
 //! - `create`: a new sandbox, and the fresh instance of its module that create and restore
 //!   both start from;
 //! - `live`: the calls a live sandbox answers (`run_code`, `call`, `exec`, the files API),
 //!   each under the call deadline;
-//! - `checkpoint`: checkpoint and standby, which write a snapshot (memory layer, filesystem
-//!   archive, manifest);
+//! - `checkpoint`: the checkpoint that checkpoint, standby and fork write (memory layer,
+//!   filesystem archive, manifest);
 //! - `restore`: resume and fork, which load a snapshot into a handle (open it first: it
 //!   walks the restore path in the order it runs);
 //! - `state`: the tier state a WASI snapshot records (module hashes, clock, globals);

@@ -2,15 +2,18 @@
 //! to follow a WASI resume; the path, in the order it runs:
 //!
 //! 1. **Entry.** [`WasiRuntime::resume`] (no grants) and [`WasiRuntime::resume_with`] (at the
-//!    top of this file) call [`WasiSandbox::from_snapshot`] for a new handle. `Sandbox::resume_with` on an
-//!    existing handle (mod.rs) forwards to [`WasiSandbox::do_resume_with`], which checks the
-//!    lifecycle and passes [`WasiSandbox::current`] (the module it runs, to reuse).
-//!    `Sandbox::fork` forwards to [`WasiSandbox::do_fork`]: `do_checkpoint` (checkpoint.rs),
-//!    then `from_snapshot` once per child.
+//!    top of this file; the contract's `Runtime::resume` in mod.rs boxes the latter) call
+//!    [`WasiSandbox::from_snapshot`] for a new handle. `Sandbox::resume_with` on an existing
+//!    handle (mod.rs) forwards to [`WasiSandbox::do_resume_with`], which checks the lifecycle
+//!    and passes [`WasiSandbox::current`] (the module it runs, to reuse). `Sandbox::fork`
+//!    (mod.rs, through `dormant_core::lifecycle::fork`) writes a checkpoint (`do_checkpoint`,
+//!    checkpoint.rs), then [`WasiSandbox::children`] calls `from_snapshot` once per child;
+//!    the contract's `Runtime::fork` calls `children` on a stored snapshot.
 //! 2. **Load, without touching the handle.** [`WasiSandbox::load`] builds every live part
 //!    first, so a failed resume leaves the handle as it was:
-//!    - `LocalStore::chain` reads and checks the manifests from the snapshot down to its full
-//!      image; the leaf's tier state is decoded as a `WasiState` (state.rs);
+//!    - `LocalStore::chain_for` reads and checks the manifests from the snapshot down to its
+//!      full image and refuses another tier's snapshot; the leaf's tier state is decoded as a
+//!      `WasiState` (state.rs);
 //!    - the spec is validated and its mount points resolved against the caller's `Grants`
 //!      (never the snapshot's paths); [`WasiSandbox::granted_module`] finds a module
 //!      workload's file (or `WasiRuntime::workload_module` loads Python); the module and
@@ -64,7 +67,7 @@ impl WasiRuntime {
     /// directories for the snapshot's mount points and, for a `Workload::Module` snapshot, the
     /// module file (checked against the module hash the snapshot recorded). Nothing in the
     /// snapshot grants host access; grants that do not fit it are
-    /// [`Error::Grant`](dormant_core::Error::Grant) (see [`Grants`]).
+    /// [`Error::Grant`] (see [`Grants`]).
     pub fn resume_with(
         &self,
         store: Arc<LocalStore>,
@@ -76,7 +79,8 @@ impl WasiRuntime {
 }
 
 impl WasiSandbox {
-    /// Resumes `id` into this handle (see [`Sandbox::resume_with`]): loads it beside the
+    /// Resumes `id` into this handle (see
+    /// [`Sandbox::resume_with`](dormant_core::Sandbox::resume_with)): loads it beside the
     /// running instance, which is released only once the load succeeded.
     pub(super) fn do_resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()> {
         self.lifecycle.check(Operation::Resume)?;
@@ -96,9 +100,9 @@ impl WasiSandbox {
     }
 
     /// Resumes snapshot `id` `n` times into new handles, each with an id of its own: the
-    /// children of [`Sandbox::fork`] (a checkpoint, then this) and of the runtime's `fork`;
-    /// `current` as in [`from_snapshot`](Self::from_snapshot). On an error the children made
-    /// so far are released.
+    /// children of [`Sandbox::fork`](dormant_core::Sandbox::fork) (a checkpoint, then this)
+    /// and of the runtime's `fork`; `current` as in [`from_snapshot`](Self::from_snapshot). On
+    /// an error the children made so far are released.
     pub(crate) fn children(
         rt: &WasiRuntime,
         store: &Arc<LocalStore>,

@@ -21,8 +21,9 @@
 //!   capabilities.
 //! - [`spec`]: [`SandboxSpec`], [`Tier`], [`Workload`], [`Mount`]; [`grants`]: the host access a
 //!   caller passes to a resume ([`Grants`]), never taken from a snapshot.
-//! - [`lifecycle`]: the state machine ([`Lifecycle`]); [`ids`]: the plain ids and states every
-//!   module names ([`SnapshotId`], [`State`], [`Operation`]).
+//! - [`lifecycle`]: the state machine ([`Lifecycle`]) and the contract's standby, kill and fork
+//!   sequences, written once over a tier's [`Steps`](lifecycle::Steps); [`ids`]: the plain ids
+//!   and states every module names ([`SnapshotId`], [`State`], [`Operation`]).
 //! - [`error`]: [`Error`] and the causes it carries ([`SnapshotError`], [`GrantError`]).
 //! - [`paths`]: guest paths ([`GuestPath`]) and the confined view of a sandbox's files
 //!   ([`SandboxFs`]).
@@ -33,14 +34,18 @@
 //! - [`sandbox_dirs`]: the store's directories that hold no snapshot (volumes, live working
 //!   directories, the directory detached mount points show); [`default_dirs`]: where the store
 //!   and the cache are when the caller names no directory.
-//! - [`memimage`]: writing memory layers, finding written pages, mapping layers copy-on-write;
+//! - [`memimage`]: finding written pages and mapping layers copy-on-write; its leaf `file.rs`
+//!   writes and checks the bytes of layer files (the store writes every layer through it, in
+//!   [`SnapshotWriter::write_layer`](snapshot::store::SnapshotWriter::write_layer));
 //!   [`memguard`]: a memory fault becomes an error of one sandbox, not the process's end;
 //!   [`fsarchive`]: the sandbox's own filesystem as a tar archive; [`fsutil`]: atomic writes
 //!   and lock files; `testing` (feature `testing`): a store that runs out of space, for tests.
 //!
 //! There is no import cycle between modules. At the bottom, `error/snapshot.rs`
 //! ([`SnapshotError`]) names nothing of the crate, [`ids`] names only it, and [`error`] only
-//! `ids`: every other module can name them.
+//! `ids`: every other module can name them. Likewise [`command`] (the call types) and
+//! `memimage/file.rs` (layer file bytes) are leaves, so the contract and the store can name
+//! them without naming what names them.
 
 pub mod capability;
 pub mod command;

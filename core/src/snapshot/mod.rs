@@ -375,7 +375,7 @@ mod tests {
     }
 
     fn arb_manifest() -> impl Strategy<Value = Manifest> {
-        let page = crate::memimage::PAGE as u64;
+        let page = crate::snapshot::format::PAGE as u64;
         (
             any::<bool>(),
             prop_oneof![

@@ -166,10 +166,10 @@ fn copy_nonzero(src: &File, dst: &File, len: u64) -> io::Result<()> {
 /// Applies a packed delta layer onto a full image file.
 fn apply_delta(delta: &File, dst: &File, pages: &[u32]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let page = crate::memimage::PAGE;
+    let page = crate::snapshot::format::PAGE;
     let mut buf = Vec::new();
     let mut off = 0u64;
-    for run in crate::memimage::runs(pages) {
+    for run in crate::memimage::file::runs(pages) {
         let len = run.count as usize * page;
         buf.resize(len, 0);
         delta.read_exact_at(&mut buf, off)?;

@@ -306,12 +306,13 @@ impl LocalStore {
         if verify && self.verify_data {
             let key = (id.clone(), rec.name.clone());
             if !self.verified.lock().contains(&key) {
-                let ok = crate::memimage::verify_file(&f, rec.len, rec.crc32).map_err(|e| {
-                    bad(SnapshotError::Io {
-                        file: path.clone(),
-                        source: e,
-                    })
-                })?;
+                let ok =
+                    crate::memimage::file::verify_file(&f, rec.len, rec.crc32).map_err(|e| {
+                        bad(SnapshotError::Io {
+                            file: path.clone(),
+                            source: e,
+                        })
+                    })?;
                 if !ok {
                     return Err(bad(SnapshotError::Checksum {
                         what: rec.name.clone(),

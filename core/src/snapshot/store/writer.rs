@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use super::{Durability, LocalStore, MANIFEST, sync_dir};
 use crate::error::{Error, Result};
-use crate::memimage::{self, Written};
+use crate::memimage::file::{self as image, Written};
 use crate::snapshot::{FileRecord, LayerKind, Manifest, MemoryRecord, SnapshotId};
 
 /// How [`SnapshotWriter::write_layer`] writes a layer: all of the image, or only some pages
@@ -68,7 +68,7 @@ impl SnapshotWriter<'_> {
         Ok(f)
     }
 
-    /// Writes `image` (its size a multiple of [`memimage::PAGE`]) as a layer of this snapshot
+    /// Writes `image` (its size a multiple of [`PAGE`](crate::snapshot::format::PAGE)) as a layer of this snapshot
     /// named after `stem` (`"memory"`, `"disk"`), the one way every layer is written (file
     /// names and record fields in [`format`](crate::snapshot::format)). Returns the layer's
     /// record and its file, for a caller that maps it back. Errors: [`Error::Store`] or
@@ -87,8 +87,8 @@ impl SnapshotWriter<'_> {
         };
         let f = self.create(&name)?;
         let written = match how {
-            LayerWrite::Full => memimage::write_full(&f, image),
-            LayerWrite::Delta { pages, .. } => memimage::write_delta(&f, image, pages),
+            LayerWrite::Full => image::write_full(&f, image),
+            LayerWrite::Delta { pages, .. } => image::write_delta(&f, image, pages),
         };
         let Written { len, stored, crc32 } =
             written.map_err(|e| Error::store("write", self.dir.join(&name), e))?;

@@ -5,10 +5,10 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{CHUNK, OUTPUT_BUFFER, lock};
+use super::{CHUNK, OUTPUT_BUFFER, lock, wait_while_until};
 
 /// The last [`OUTPUT_BUFFER`] bytes of one stream, and how many were dropped before them.
 #[derive(Debug, Default)]
@@ -75,18 +75,10 @@ pub(super) fn capture_loop(mut file: File, capture: &Capture, is_stdout: bool) {
 /// Waits (at most `limit`) until both capture threads have reached EOF.
 pub(super) fn wait_captured(capture: &Capture, limit: Duration) {
     let deadline = Instant::now() + limit;
-    let mut c = lock(&capture.state);
-    while c.open > 0 {
-        let now = Instant::now();
-        if now >= deadline {
-            return;
-        }
-        c = capture
-            .closed
-            .wait_timeout(c, deadline - now)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
-    }
+    let c = lock(&capture.state);
+    drop(wait_while_until(&capture.closed, c, Some(deadline), |c| {
+        c.open > 0
+    }));
 }
 
 #[cfg(test)]

@@ -93,14 +93,6 @@ pub(super) fn exec<S: Write>(
             }
             break;
         }
-        let timeout_ms: libc::c_int = match until {
-            None => -1,
-            Some(u) => {
-                let ms = (u - now).as_millis().saturating_add(1);
-                libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
-            }
-        };
-
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
         let mut which: Vec<usize> = Vec::with_capacity(3);
         for (i, p) in pipes.iter().enumerate() {
@@ -130,14 +122,8 @@ pub(super) fn exec<S: Write>(
             });
             which.push(3);
         }
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Failure::io("poll", &e));
+        if !poll_until(&mut fds, until)? {
+            continue;
         }
         for (pfd, &i) in fds.iter().zip(&which) {
             if pfd.revents == 0 {
@@ -213,15 +199,9 @@ fn wait_exit_watching(
         if let Some(exit) = table.exit_of(pid) {
             return Ok(Some(exit));
         }
-        let now = Instant::now();
-        let timeout_ms: libc::c_int = match limit {
-            None => -1,
-            Some(l) if now >= l => return Ok(None),
-            Some(l) => {
-                let ms = (l - now).as_millis().saturating_add(1);
-                libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
-            }
-        };
+        if limit.is_some_and(|l| Instant::now() >= l) {
+            return Ok(None);
+        }
         let mut fds = [
             libc::pollfd {
                 fd: efd.as_raw_fd(),
@@ -234,19 +214,38 @@ fn wait_exit_watching(
                 revents: 0,
             },
         ];
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Failure::io("poll", &e));
+        if !poll_until(&mut fds, limit)? {
+            continue;
         }
         if fds[1].revents != 0 {
             return Err(hung_up());
         }
     }
+}
+
+/// Waits in `poll(2)` until one of `fds` is ready or `until` passes (`None`: no limit).
+/// `Ok(false)`: a signal interrupted the wait; the caller looks again and calls again.
+fn poll_until(fds: &mut [libc::pollfd], until: Option<Instant>) -> Result<bool, Failure> {
+    let timeout_ms: libc::c_int = match until {
+        None => -1,
+        Some(u) => {
+            let ms = u
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .saturating_add(1);
+            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+        }
+    };
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(Failure::io("poll", &e));
+    }
+    Ok(true)
 }
 
 /// Removes an `exec` process from the table when the request ends; kills its group if the

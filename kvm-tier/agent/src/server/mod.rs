@@ -52,8 +52,8 @@ mod table;
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::proto::{self, FrameError, PROTOCOL_VERSION, Request, Response, error_kind};
 
@@ -96,6 +96,26 @@ const CHUNK: usize = 64 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waits on `cv` while `waiting` holds, at most until `deadline` (`None`: for ever), and
+/// gives the guard back: `waiting` is false then unless the deadline passed.
+fn wait_while_until<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    deadline: Option<Instant>,
+    waiting: impl FnMut(&mut T) -> bool,
+) -> MutexGuard<'a, T> {
+    match deadline {
+        None => cv
+            .wait_while(guard, waiting)
+            .unwrap_or_else(PoisonError::into_inner),
+        Some(d) => {
+            cv.wait_timeout_while(guard, d.saturating_duration_since(Instant::now()), waiting)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        }
+    }
 }
 
 /// Serves one connection: reads requests, answers them, until the peer closes the connection

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::capture::{Capture, Captured};
 use super::reply::Failure;
-use super::{MAX_EXITED_KEPT, lock};
+use super::{MAX_EXITED_KEPT, lock, wait_while_until};
 use crate::proto::error_kind;
 
 /// How a process ended.
@@ -130,17 +130,11 @@ impl ProcessTable {
                     Some(libc::EINTR) => {}
                     Some(libc::ECHILD) => {
                         // No children: sleep until one is registered (or a second passes).
-                        let mut state = lock(&self.state);
-                        while state.generation == generation {
-                            let (s, timeout) = self
-                                .kick
-                                .wait_timeout(state, Duration::from_secs(1))
-                                .unwrap_or_else(PoisonError::into_inner);
-                            state = s;
-                            if timeout.timed_out() {
-                                break;
-                            }
-                        }
+                        let state = lock(&self.state);
+                        let until = Instant::now() + Duration::from_secs(1);
+                        drop(wait_while_until(&self.kick, state, Some(until), |s| {
+                            s.generation == generation
+                        }));
                     }
                     _ => thread::sleep(Duration::from_millis(100)),
                 }
@@ -284,32 +278,10 @@ impl ProcessTable {
         pid: u32,
         deadline: Option<Instant>,
     ) -> Result<Option<ExitInfo>, ()> {
-        let mut state = lock(&self.state);
-        loop {
-            let p = state.procs.get(&pid).ok_or(())?;
-            if let Some(exit) = p.exit {
-                return Ok(Some(exit));
-            }
-            match deadline {
-                None => {
-                    state = self
-                        .exited
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner)
-                }
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(None);
-                    }
-                    state = self
-                        .exited
-                        .wait_timeout(state, d - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
-            }
-        }
+        let running = |s: &mut State| s.procs.get(&pid).is_some_and(|p| p.exit.is_none());
+        let state = wait_while_until(&self.exited, lock(&self.state), deadline, running);
+        // Not tracked (`Err`), exited, or still running at the deadline.
+        Ok(state.procs.get(&pid).ok_or(())?.exit)
     }
 
     pub(super) fn capture_of(&self, pid: u32) -> Option<(Arc<Capture>, Option<ExitInfo>)> {

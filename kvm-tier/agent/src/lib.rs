@@ -11,8 +11,9 @@
 //! - [`proto`]: the wire protocol v1 (frames, [`proto::Request`], [`proto::Response`]);
 //!   the full description is in `kvm-tier/agent/PROTOCOL.md`;
 //! - [`client`]: the host-side [`client::Client`] over any `Read + Write` stream;
-//! - [`server`]: the agent's request loop and process table (used by the binary, and by
-//!   tests in-process).
+//! - [`server`]: the agent's side (used by the binary, and by tests in-process), in
+//!   `server/`: the request loop and its dispatch, the process table with its reaper, and one
+//!   module per family of operations (background processes, `exec`, files, the guest system).
 //!
 //! Binary usage: `dormant-agent [--vsock PORT | --unix PATH]` (default `--vsock 1024`).
 //! It prints `dormant-agent ready on vsock port N` (or `... on unix socket PATH`) to stderr

@@ -33,9 +33,10 @@
 //!
 //! # Layout
 //!
-//! This file holds the handle: [`KvmSandbox`], its accessors and its [`Sandbox`]
-//! implementation, whose methods are a few lines each over the rooms below (the file calls and
-//! `exec` over `live`, `standby` over `checkpoint`, `resume_with` and `fork` over `restore`).
+//! This file holds the handle: [`KvmSandbox`], its accessors, its [`Sandbox`] implementation
+//! and its `lifecycle::Steps` (from which dormant-core builds standby, kill and fork). Their
+//! methods are a few lines each over the rooms below: the file calls and `exec` over `live`,
+//! the checkpoint over `checkpoint`, `resume_with` and the children of a fork over `restore`.
 //! The rest lives in rooms named after what they hold:
 //!
 //! - `image`: the guest image ([`GuestImage`]) and the tier's options ([`KvmOptions`]).

@@ -6,10 +6,12 @@
 //!    checks for `/dev/kvm`, reads the snapshot's manifest from the store, resolves the
 //!    caller's grants against its mount points (`Grants::resolve`: one host directory per
 //!    volume slot, or detached) and makes a handle with the snapshot's sandbox id and spec.
-//!    The same path serves the other ways in: `Sandbox::resume_with` (in `mod.rs`) resumes
-//!    into an existing handle, `Sandbox::fork` checkpoints and resumes that snapshot once per
-//!    child under new ids, and `create` (in `create.rs`) resumes the base snapshot of its
-//!    image under a new id.
+//!    `KvmRuntime::resume` (`runtime.rs`) comes this way, and so do forks: `Sandbox::fork`
+//!    (`dormant_core::lifecycle::fork`: a checkpoint, then the children) and
+//!    `KvmRuntime::fork` both end in `KvmSandbox::children` (below), which resumes the
+//!    snapshot once per child under a new id. Two ways in join at step 2 with a handle of
+//!    their own: `Sandbox::resume_with` (in `mod.rs`) resumes into an existing handle, and
+//!    `create` (in `create.rs`) resumes the base snapshot of its image under a new id.
 //! 2. **`KvmSandbox::load`** (below) drives the rest: it asks the snapshot module for the
 //!    machine (3 and 4), refuses a bare VM snapshot without device state, and turns the mounts
 //!    into the host directories of the volume slots (a detached one gets the store's empty
@@ -73,7 +75,7 @@ impl KvmSandbox {
     /// Resumes a snapshot as a new handle with `grants` as its host access: the host
     /// directories for the snapshot's mount points (its volume slots). Nothing in the snapshot
     /// grants host access; grants that do not fit it are
-    /// [`Error::Grant`](dormant_core::Error::Grant) (see [`Grants`]).
+    /// [`Error::Grant`] (see [`Grants`]).
     pub fn from_snapshot_granted(
         store: Arc<LocalStore>,
         id: &SnapshotId,

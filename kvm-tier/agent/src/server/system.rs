@@ -1,0 +1,64 @@
+//! The guest system's state that the host sets: the wall clock (`set_time`, after a resume),
+//! mounts (`mount`, the virtio-fs volumes) and `sync`.
+
+use std::fs;
+use std::io;
+
+use super::files::check_path;
+use super::reply::{Failure, OpResult, ok};
+use crate::proto::Response;
+
+pub(super) fn sync() -> OpResult {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    ok(Response::Ok {})
+}
+
+pub(super) fn set_time(unix_ns: u64) -> OpResult {
+    let ts = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the duration of the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(Failure::io("CLOCK_REALTIME", &e));
+    }
+    ok(Response::Ok {})
+}
+
+pub(super) fn mount(source: &str, target: &str, fstype: &str, read_only: bool) -> OpResult {
+    check_path(target)?;
+    fs::create_dir_all(target).map_err(|e| Failure::io(target, &e))?;
+    sys_mount(source, target, fstype, read_only).map_err(|e| Failure::io(target, &e))?;
+    ok(Response::Ok {})
+}
+
+/// `mount(2)`, `nosuid,nodev`, read-only if asked.
+fn sys_mount(source: &str, target: &str, fstype: &str, read_only: bool) -> io::Result<()> {
+    let c = |s: &str| {
+        std::ffi::CString::new(s)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument"))
+    };
+    let (source, target, fstype) = (c(source)?, c(target)?, c(fstype)?);
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    // SAFETY: the three strings are valid NUL-terminated C strings for the whole call, and a
+    // null `data` is allowed.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,322 @@
+//! The agent's [`ProcessTable`]: every process it started (background ones and running
+//! `exec`s), the reaper thread that collects every child's exit status (see the module docs
+//! of `server`), spawning a command into its own process group, and `killpg`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, RwLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::capture::{Capture, Captured};
+use super::reply::Failure;
+use super::{MAX_EXITED_KEPT, lock, wait_while_until};
+use crate::proto::error_kind;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Terminating signal, when killed by one.
+    pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    fn from_wait_status(status: libc::c_int) -> Self {
+        if libc::WIFEXITED(status) {
+            Self {
+                code: Some(libc::WEXITSTATUS(status)),
+                signal: None,
+            }
+        } else if libc::WIFSIGNALED(status) {
+            Self {
+                code: None,
+                signal: Some(libc::WTERMSIG(status)),
+            }
+        } else {
+            Self {
+                code: None,
+                signal: None,
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Proc {
+    pub(super) argv: Vec<String>,
+    pub(super) background: bool,
+    seq: u64,
+    pub(super) exit: Option<ExitInfo>,
+    pub(super) stdin: Arc<Mutex<Option<ChildStdin>>>,
+    capture: Arc<Capture>,
+    /// `exec`: an eventfd the reaper signals when the exit status is recorded.
+    notify: Option<Arc<OwnedFd>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct State {
+    pub(super) procs: BTreeMap<u32, Proc>,
+    /// Bumped at every registration (wakes an idle reaper).
+    generation: u64,
+    seq: u64,
+}
+
+/// The agent's processes: shared by all connections, alive as long as the agent (the host
+/// reconnects after a snapshot/restore and finds its processes again).
+#[derive(Debug)]
+pub struct ProcessTable {
+    pub(super) state: Mutex<State>,
+    /// Signalled when an exit status is recorded.
+    exited: Condvar,
+    /// Signalled when a child is registered (the reaper idles when there are no children).
+    kick: Condvar,
+    /// Read: spawning + registering; write: the reaper reaping one child.
+    gate: RwLock<()>,
+}
+
+pub(super) struct Started {
+    pub(super) pid: u32,
+    pub(super) stdout: File,
+    pub(super) stderr: File,
+    pub(super) stdin: Option<ChildStdin>,
+}
+
+/// What to spawn.
+pub(super) struct SpawnSpec<'a> {
+    pub(super) argv: &'a [String],
+    pub(super) env: &'a [(String, String)],
+    pub(super) cwd: Option<&'a str>,
+}
+
+impl ProcessTable {
+    /// The process-wide table; the first call starts the reaper thread. From then on the
+    /// reaper reaps every child of this process (see the module docs).
+    pub fn global() -> &'static ProcessTable {
+        static TABLE: OnceLock<ProcessTable> = OnceLock::new();
+        static REAPER: OnceLock<()> = OnceLock::new();
+        let table = TABLE.get_or_init(|| ProcessTable {
+            state: Mutex::new(State::default()),
+            exited: Condvar::new(),
+            kick: Condvar::new(),
+            gate: RwLock::new(()),
+        });
+        REAPER.get_or_init(|| {
+            if let Err(e) = thread::Builder::new()
+                .name("reaper".into())
+                .spawn(move || table.reap_forever())
+            {
+                eprintln!("dormant-agent: cannot start the reaper thread: {e}");
+            }
+        });
+        table
+    }
+
+    fn reap_forever(&self) {
+        loop {
+            let generation = lock(&self.state).generation;
+            // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is a valid, writable siginfo_t; WNOWAIT leaves the child waitable.
+            let r =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if r == -1 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::ECHILD) => {
+                        // No children: sleep until one is registered (or a second passes).
+                        let state = lock(&self.state);
+                        let until = Instant::now() + Duration::from_secs(1);
+                        drop(wait_while_until(&self.kick, state, Some(until), |s| {
+                            s.generation == generation
+                        }));
+                    }
+                    _ => thread::sleep(Duration::from_millis(100)),
+                }
+                continue;
+            }
+            // SAFETY: waitid succeeded with WEXITED, so the child fields of `info` are set.
+            let pid = unsafe { info.si_pid() };
+            if pid <= 0 {
+                continue;
+            }
+            // No spawn is between fork and registration while we hold this.
+            let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+            let mut status: libc::c_int = 0;
+            // SAFETY: `status` is a valid, writable int.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                self.record(pid as u32, ExitInfo::from_wait_status(status));
+            }
+        }
+    }
+
+    fn record(&self, pid: u32, exit: ExitInfo) {
+        let mut state = lock(&self.state);
+        if let Some(p) = state.procs.get_mut(&pid) {
+            p.exit = Some(exit);
+            if let Some(fd) = &p.notify {
+                let one: u64 = 1;
+                // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own.
+                unsafe {
+                    libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8);
+                }
+            }
+            self.exited.notify_all();
+        }
+    }
+
+    /// Spawns `spec` in its own process group and registers it.
+    pub(super) fn start(
+        &self,
+        spec: &SpawnSpec<'_>,
+        stdin: Option<Stdio>,
+        background: bool,
+        notify: Option<Arc<OwnedFd>>,
+    ) -> Result<Started, Failure> {
+        let Some(program) = spec.argv.first() else {
+            return Err(Failure::reply(error_kind::INVALID, "empty argv"));
+        };
+        if program.is_empty() {
+            return Err(Failure::reply(error_kind::INVALID, "empty program name"));
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(&spec.argv[1..])
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(stdin.unwrap_or_else(Stdio::piped))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if let Some(cwd) = spec.cwd {
+            cmd.current_dir(cwd);
+        }
+
+        let mut attempt = 0;
+        let (mut child, _spawning) = loop {
+            let spawning = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+            match cmd.spawn() {
+                Ok(child) => break (child, spawning),
+                // A file just written (write_file) may still be open in a child forked
+                // concurrently by another connection, until that child execs.
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 8 => {
+                    drop(spawning);
+                    attempt += 1;
+                    thread::sleep(Duration::from_millis(10 << attempt.min(5)));
+                }
+                Err(e) => {
+                    let what = match spec.cwd {
+                        Some(cwd) => format!("cannot start {program:?} in {cwd:?}"),
+                        None => format!("cannot start {program:?}"),
+                    };
+                    return Err(Failure::io(&what, &e));
+                }
+            }
+        };
+        let pid = child.id();
+        let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(Failure::reply(error_kind::IO, "child pipes missing"));
+        };
+        let child_stdin = child.stdin.take();
+        // Dropping `child` does not wait for it; the reaper will.
+        drop(child);
+        let (stdin_keep, stdin_ret) = if background {
+            (child_stdin, None)
+        } else {
+            (None, child_stdin)
+        };
+        let mut state = lock(&self.state);
+        state.seq += 1;
+        let seq = state.seq;
+        state.procs.insert(
+            pid,
+            Proc {
+                argv: spec.argv.to_vec(),
+                background,
+                seq,
+                exit: None,
+                stdin: Arc::new(Mutex::new(stdin_keep)),
+                capture: Arc::new(Capture {
+                    state: Mutex::new(Captured {
+                        open: if background { 2 } else { 0 },
+                        ..Captured::default()
+                    }),
+                    closed: Condvar::new(),
+                }),
+                notify,
+            },
+        );
+        state.generation += 1;
+        if background {
+            prune_exited(&mut state);
+        }
+        self.kick.notify_all();
+        Ok(Started {
+            pid,
+            stdout: File::from(OwnedFd::from(out)),
+            stderr: File::from(OwnedFd::from(err)),
+            stdin: stdin_ret,
+        })
+    }
+
+    pub(super) fn forget(&self, pid: u32) {
+        lock(&self.state).procs.remove(&pid);
+    }
+
+    pub(super) fn exit_of(&self, pid: u32) -> Option<ExitInfo> {
+        lock(&self.state).procs.get(&pid).and_then(|p| p.exit)
+    }
+
+    /// Waits until `pid` has an exit status, at most until `deadline` (`None`: forever).
+    /// `Err` when the pid is not tracked.
+    pub(super) fn wait_exit(
+        &self,
+        pid: u32,
+        deadline: Option<Instant>,
+    ) -> Result<Option<ExitInfo>, ()> {
+        let running = |s: &mut State| s.procs.get(&pid).is_some_and(|p| p.exit.is_none());
+        let state = wait_while_until(&self.exited, lock(&self.state), deadline, running);
+        // Not tracked (`Err`), exited, or still running at the deadline.
+        Ok(state.procs.get(&pid).ok_or(())?.exit)
+    }
+
+    pub(super) fn capture_of(&self, pid: u32) -> Option<(Arc<Capture>, Option<ExitInfo>)> {
+        lock(&self.state)
+            .procs
+            .get(&pid)
+            .map(|p| (p.capture.clone(), p.exit))
+    }
+}
+
+fn prune_exited(state: &mut State) {
+    let mut exited: Vec<(u64, u32)> = state
+        .procs
+        .iter()
+        .filter(|(_, p)| p.background && p.exit.is_some())
+        .map(|(pid, p)| (p.seq, *pid))
+        .collect();
+    if exited.len() > MAX_EXITED_KEPT {
+        exited.sort_unstable();
+        for (_, pid) in &exited[..exited.len() - MAX_EXITED_KEPT] {
+            state.procs.remove(pid);
+        }
+    }
+}
+
+pub(super) fn killpg(pid: u32, signal: i32) -> io::Result<()> {
+    let Ok(pgid) = libc::pid_t::try_from(pid) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    if pgid <= 1 {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    // SAFETY: plain syscall without pointers.
+    if unsafe { libc::killpg(pgid, signal) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

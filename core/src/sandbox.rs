@@ -77,7 +77,7 @@ pub trait Sandbox: Send {
     /// Replaces this handle's state with the snapshot's, with `grants` as its host access: the
     /// host directories for the snapshot's mount points and, for a module workload, the module
     /// file (see [`Grants`]). The handle keeps them for later resumes. Grants that do not fit
-    /// the snapshot are [`Error::Grant`](crate::Error::Grant) and leave the handle as it was.
+    /// the snapshot are [`Error::Grant`] and leave the handle as it was.
     fn resume_with(&mut self, id: &SnapshotId, grants: &Grants) -> Result<()>;
     /// Turns this sandbox into a parent of `n` independent children: a checkpoint, then `n`
     /// resumes of it, each with its own id, freshly seeded randomness and the parent's grants. Children share the

@@ -4,7 +4,13 @@
 //! between an agent's invocations, sleeps to a snapshot on disk when idle, and wakes in
 //! milliseconds, in this process or another.
 //!
-//! This crate is the public face: it re-exports the contract from `dormant-core` and the tiers.
+//! This crate is the public face: it re-exports the contract from `dormant-core` (the
+//! [`Sandbox`] trait, its call types and capabilities, [`Runtime`], [`Managed`], snapshots and
+//! the [`LocalStore`]), the WASI tier ([`WasiRuntime`], [`WasiSandbox`]) and the KVM tier
+//! ([`kvm`]), and gives each tier's shared [`runtime`] and a [`resume`] that finds a snapshot's
+//! tier.
+//!
+//! With a tier named:
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -17,6 +23,24 @@
 //! let snap = sb.standby()?;
 //! let mut sb = rt.resume(store, &snap)?;
 //! assert_eq!(sb.run_code("x + 1")?.stdout, "42\n");
+//! # Ok::<(), dormant::Error>(())
+//! ```
+//!
+//! Without naming one (a front end, an agent adapter): a `Box<dyn Sandbox>`, and the calls a
+//! tier may lack through [`Managed`], each [`Error::Unsupported`] where the tier has not:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use dormant::{Command, Grants, LocalStore, Managed, SandboxSpec, Tier};
+//!
+//! let tier: Tier = "kvm".parse()?;
+//! let store = Arc::new(LocalStore::open_default()?);
+//! let sb = dormant::runtime(tier)?.create(store.clone(), SandboxSpec::default_for(tier))?;
+//! let sb = Managed::new(sb, Some(dormant::DEFAULT_IDLE_STANDBY));
+//! let pid = sb.spawn(&Command::new(["sleep", "60"]))?; // Unsupported on the WASI tier
+//! let snap = sb.standby()?;
+//! let back = dormant::resume(store, &snap, &Grants::new())?; // on the tier it was taken on
+//! # let _ = (pid, back);
 //! # Ok::<(), dormant::Error>(())
 //! ```
 

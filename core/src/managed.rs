@@ -32,7 +32,7 @@ use crate::error::Result;
 use crate::grants::Grants;
 use crate::lifecycle::State;
 use crate::paths::DirEntry;
-use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Sandbox};
+use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Processes, Sandbox};
 use crate::snapshot::SnapshotId;
 use crate::spec::Tier;
 
@@ -344,26 +344,33 @@ impl<S: Sandbox + 'static> Managed<S> {
         }
     }
 
+    /// Runs `f` on the sandbox's background processes, waking it first; a tier without them
+    /// answers [`Error::Unsupported`](crate::Error::Unsupported) without a wake.
+    fn with_processes<T>(&self, f: impl FnOnce(&mut dyn Processes) -> Result<T>) -> Result<T> {
+        self.shared.slot.lock().sb.processes()?;
+        self.with(|sb| f(sb.processes()?))
+    }
+
     /// Starts a background process (see [`Processes::spawn`](crate::Processes::spawn));
     /// [`Error::Unsupported`](crate::Error::Unsupported) on a tier without them.
     pub fn spawn(&self, cmd: &Command) -> Result<u32> {
-        self.with(|sb| sb.processes()?.spawn(cmd))
+        self.with_processes(|p| p.spawn(cmd))
     }
 
     /// Waits for a background process (see [`Processes::wait`](crate::Processes::wait)).
     pub fn wait(&self, pid: u32, timeout: Option<Duration>) -> Result<Option<i32>> {
-        self.with(|sb| sb.processes()?.wait(pid, timeout))
+        self.with_processes(|p| p.wait(pid, timeout))
     }
 
     /// A background process's output since the previous call (see
     /// [`Processes::output`](crate::Processes::output)).
     pub fn output(&self, pid: u32) -> Result<(Vec<u8>, Vec<u8>, bool)> {
-        self.with(|sb| sb.processes()?.output(pid))
+        self.with_processes(|p| p.output(pid))
     }
 
     /// Signals a background process (see [`Processes::signal`](crate::Processes::signal)).
     pub fn signal(&self, pid: u32, signal: i32) -> Result<()> {
-        self.with(|sb| sb.processes()?.signal(pid, signal))
+        self.with_processes(|p| p.signal(pid, signal))
     }
 
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {

@@ -102,6 +102,12 @@ fn managed_box_answers_what_the_tier_lacks() {
         }
     }
 
+    // A sandbox in standby is not woken for a call its tier cannot answer.
+    m.standby().unwrap();
+    let r = m.spawn(&Command::new(["/bin/copy.wasm"]));
+    assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+    assert_eq!((m.state(), m.stats().wakes), (State::Standby, 0));
+
     // Its interrupt poisons, so it does not stop commands.
     assert!(!m.interrupter().unwrap().stops_commands());
 

@@ -257,8 +257,7 @@ pub fn stage_of(e: &Error) -> Option<Stage> {
         .unwrap_or_default();
     Some(match *op {
         "commit" | "sync directory" => Stage::Commit,
-        "write disk" => Stage::Disk,
-        "write memory" | "write memory of" => Stage::Memory,
+        "write memory of" => Stage::Memory,
         "archive" => Stage::Files,
         _ if file.starts_with("disk.") => Stage::Disk,
         _ if file.starts_with("memory.") => Stage::Memory,

@@ -68,11 +68,7 @@ impl Runtime for KvmRuntime {
         grants: &Grants,
         n: usize,
     ) -> Result<Vec<Box<dyn Sandbox>>> {
-        KvmSandbox::children(&store, id, grants, &self.opts, n).map(|c| {
-            c.into_iter()
-                .map(|c| Box::new(c) as Box<dyn Sandbox>)
-                .collect()
-        })
+        KvmSandbox::children(&store, id, grants, &self.opts, n).map(dormant_core::sandbox::boxed)
     }
 }
 

@@ -68,9 +68,9 @@ impl SnapshotWriter<'_> {
         Ok(f)
     }
 
-    /// Writes `image` (its size a multiple of [`PAGE`](crate::snapshot::format::PAGE)) as a layer of this snapshot
-    /// named after `stem` (`"memory"`, `"disk"`), the one way every layer is written (file
-    /// names and record fields in [`format`](crate::snapshot::format)). Returns the layer's
+    /// Writes `image` (its size a multiple of [`PAGE`](crate::snapshot::format::PAGE)) as a
+    /// layer of this snapshot named after `stem` (`"memory"`, `"disk"`), the one way every
+    /// layer is written (file names and record fields in [`format`](crate::snapshot::format)). Returns the layer's
     /// record and its file, for a caller that maps it back. Errors: [`Error::Store`] or
     /// [`Error::StoreFull`] naming the file.
     pub fn write_layer(

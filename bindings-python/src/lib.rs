@@ -249,6 +249,7 @@ fn command(
     env: Vec<(String, String)>,
     cwd: Option<String>,
     timeout: Option<Duration>,
+    shell: bool,
 ) -> Command {
     Command {
         argv,
@@ -256,6 +257,7 @@ fn command(
         stdin: Vec::new(),
         timeout,
         cwd,
+        shell,
     }
 }
 
@@ -365,7 +367,7 @@ impl NativeSandbox {
 
     /// `(stdout, stderr, exit_code)`; output chunks also go to the callbacks as they come
     /// (each stream whole at the end where the tier does not stream).
-    #[pyo3(signature = (argv, env, cwd, timeout, on_stdout, on_stderr))]
+    #[pyo3(signature = (argv, env, cwd, timeout, on_stdout, on_stderr, shell=false))]
     #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
         &self,
@@ -376,8 +378,9 @@ impl NativeSandbox {
         timeout: Option<f64>,
         on_stdout: Option<Py<PyAny>>,
         on_stderr: Option<Py<PyAny>>,
+        shell: bool,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, i32)> {
-        let cmd = command(argv, env, cwd, seconds("timeout", timeout)?);
+        let cmd = command(argv, env, cwd, seconds("timeout", timeout)?, shell);
         let inner = self.inner.clone();
         // The first exception a callback raised, re-raised after the command.
         let failed: Arc<Mutex<Option<PyErr>>> = Arc::default();
@@ -421,15 +424,16 @@ impl NativeSandbox {
     }
 
     /// Starts a background process (where the tier has them); returns its pid.
-    #[pyo3(signature = (argv, env, cwd))]
+    #[pyo3(signature = (argv, env, cwd, shell=false))]
     fn spawn(
         &self,
         py: Python<'_>,
         argv: Vec<String>,
         env: Vec<(String, String)>,
         cwd: Option<String>,
+        shell: bool,
     ) -> PyResult<u32> {
-        let cmd = command(argv, env, cwd, None);
+        let cmd = command(argv, env, cwd, None, shell);
         py.detach(|| self.inner.spawn(&cmd))
             .map_err(|e| to_py(py, e))
     }

@@ -41,6 +41,10 @@ pub struct Command {
     /// Working directory (absolute guest path); the tier's default when `None`. The WASI tier
     /// refuses it (`Error::Unsupported`).
     pub cwd: Option<String>,
+    /// `argv` is one shell script, run by the guest's shell: `bash -c` where the image has
+    /// bash, else `sh -c` (see [`Command::shell`]). The WASI tier has no shell and refuses it
+    /// (`Error::Unsupported`).
+    pub shell: bool,
 }
 
 impl Command {
@@ -51,6 +55,16 @@ impl Command {
     {
         Command {
             argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A shell command line (`git clone … && cd app`), run by the guest's shell: `/bin/bash
+    /// -c` where the image has bash (the Debian images), else `/bin/sh -c` (busybox).
+    pub fn shell(script: impl Into<String>) -> Command {
+        Command {
+            argv: vec![script.into()],
+            shell: true,
             ..Default::default()
         }
     }

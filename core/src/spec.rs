@@ -149,6 +149,13 @@ pub struct SandboxSpec {
     /// Host directories granted to the guest, at most [`MAX_MOUNTS`]
     /// (a KVM sandbox: 4). Default: none. A snapshot keeps only their mount points.
     pub mounts: Vec<Mount>,
+    /// The root filesystem of a Linux sandbox (KVM tier): a built-in image name (`"minimal"`,
+    /// `"base"`, `"coding"`), an image of the user's built by `dormant image build`, or a path
+    /// to an ext4 image file. `None` is the tier's default, `"minimal"` (busybox in RAM). The
+    /// WASI tier takes none. Recorded in snapshots only when set, so manifests without it keep
+    /// their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl SandboxSpec {
@@ -169,6 +176,7 @@ impl SandboxSpec {
             output_limit: Self::DEFAULT_OUTPUT_LIMIT,
             env: Vec::new(),
             mounts: Vec::new(),
+            image: None,
         }
     }
 
@@ -215,6 +223,12 @@ impl SandboxSpec {
         self
     }
 
+    /// The Linux root filesystem image ([`SandboxSpec::image`]).
+    pub fn image(mut self, image: impl Into<String>) -> Self {
+        self.image = Some(image.into());
+        self
+    }
+
     pub fn mount(
         mut self,
         host: impl Into<PathBuf>,
@@ -251,6 +265,17 @@ impl SandboxSpec {
             }
         }
         check_mounts(&self.mounts).map_err(Error::InvalidSpec)?;
+        match &self.image {
+            Some(_) if self.tier != Tier::Kvm => {
+                return Err(Error::InvalidSpec(
+                    "an image is a Linux root filesystem: only the KVM tier takes one".into(),
+                ));
+            }
+            Some(i) if i.is_empty() || i.contains('\0') => {
+                return Err(Error::InvalidSpec(format!("invalid image name {i:?}")));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -277,6 +302,26 @@ mod tests {
         }
         assert_eq!(SandboxSpec::default_for(Tier::Kvm), SandboxSpec::linux());
         assert_eq!(SandboxSpec::default_for(Tier::Wasi), SandboxSpec::python());
+    }
+
+    #[test]
+    fn only_the_kvm_tier_takes_an_image_and_an_unset_one_is_not_serialized() {
+        SandboxSpec::linux().image("coding").validate().unwrap();
+        let e = SandboxSpec::python()
+            .image("coding")
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidSpec(ref m) if m.contains("KVM")),
+            "{e:?}"
+        );
+        assert!(SandboxSpec::linux().image("").validate().is_err());
+        let json = serde_json::to_string(&SandboxSpec::linux()).unwrap();
+        assert!(!json.contains("image"), "{json}");
+        let spec = SandboxSpec::linux().image("base");
+        let back: SandboxSpec =
+            serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]

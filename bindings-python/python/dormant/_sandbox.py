@@ -251,26 +251,29 @@ class Commands:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> CommandResult | CommandHandle:
-        """Runs ``cmd``: a string is run by the guest shell (``sh -c`` on the KVM tier; split
+        """Runs ``cmd``: a string is run by the guest shell (``bash -c`` on the KVM tier where the
+        image has bash, else ``sh -c``; split
         into arguments on the WASI tier, whose commands are ``.wasm`` modules in the sandbox),
         a list is the argv. Returns a :class:`CommandResult`, or with ``background=True``
         (KVM tier) a :class:`CommandHandle`. ``on_stdout``/``on_stderr`` receive output as it
         comes (WASI tier: at the end; background commands: when ``wait`` collects it)."""
         native = self._sb._native
+        shell = False
         if isinstance(cmd, str):
-            argv = ["/bin/sh", "-c", cmd] if native.tier == "kvm" else shlex.split(cmd)
+            shell = native.tier == "kvm"
+            argv = [cmd] if shell else shlex.split(cmd)
         elif isinstance(cmd, Sequence) and all(isinstance(a, str) for a in cmd):
             argv = list(cmd)
         else:
             raise TypeError("cmd must be a str or a sequence of str")
-        if not argv:
+        if not argv or not argv[0]:
             raise InvalidArgument("cmd is empty")
         if cwd is not None and not isinstance(cwd, str):
             raise TypeError("cwd must be a str")
         t = _seconds("timeout", timeout)
         pairs = _env(env)
         if background:
-            pid = native.spawn(argv, pairs, cwd)
+            pid = native.spawn(argv, pairs, cwd, shell)
             return CommandHandle(native, pid, on_stdout, on_stderr)
         out, err, code = native.exec(
             argv,
@@ -279,6 +282,7 @@ class Commands:
             t,
             _text_callback(on_stdout, "on_stdout"),
             _text_callback(on_stderr, "on_stderr"),
+            shell,
         )
         return CommandResult(_decode(out), _decode(err), code)
 

@@ -298,8 +298,26 @@ impl<S: Read + Write> Client<S> {
             env: env_pairs(env),
             cwd: cwd.map(str::to_string),
             timeout_ms: timeout.map(millis),
+            shell: false,
         };
-        self.send(&req, stdin)?;
+        self.exec_request(&req, stdin, on_stdout, on_stderr)
+    }
+
+    /// [`Client::exec`] of a request built by the caller (a [`Request::Exec`], e.g. with
+    /// `shell` set).
+    pub fn exec_request(
+        &mut self,
+        req: &Request,
+        stdin: &[u8],
+        on_stdout: &mut dyn FnMut(&[u8]),
+        on_stderr: &mut dyn FnMut(&[u8]),
+    ) -> Result<ExitStatus, ClientError> {
+        if !matches!(req, Request::Exec { .. }) {
+            return Err(ClientError::Protocol(format!(
+                "exec_request takes an exec request, not {req:?}"
+            )));
+        }
+        self.send(req, stdin)?;
         loop {
             match self.recv()? {
                 (Response::Stdout {}, data) => on_stdout(&data),
@@ -358,12 +376,17 @@ impl<S: Read + Write> Client<S> {
         env: &[(&str, &str)],
         cwd: Option<&str>,
     ) -> Result<u32, ClientError> {
-        let req = Request::Spawn {
+        self.spawn_request(&Request::Spawn {
             argv: strings(argv),
             env: env_pairs(env),
             cwd: cwd.map(str::to_string),
-        };
-        match self.request(&req, &[])? {
+            shell: false,
+        })
+    }
+
+    /// [`Client::spawn`] of a request built by the caller (a [`Request::Spawn`]).
+    pub fn spawn_request(&mut self, req: &Request) -> Result<u32, ClientError> {
+        match self.request(req, &[])? {
             (Response::Spawned { pid }, _) => Ok(pid),
             (other, _) => Err(self.unexpected("spawn", &other)),
         }

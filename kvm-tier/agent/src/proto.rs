@@ -56,6 +56,10 @@ pub enum Request {
         /// Kill the process group with SIGKILL after this long.
         #[serde(default)]
         timeout_ms: Option<u64>,
+        /// `argv` is one shell script, run as `SHELL -c script` by the guest's shell
+        /// (`/bin/bash` where it exists, else `/bin/sh`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shell: bool,
     },
     /// Start a background process; answered by [`Response::Spawned`].
     Spawn {
@@ -67,6 +71,9 @@ pub enum Request {
         /// Working directory.
         #[serde(default)]
         cwd: Option<String>,
+        /// As for `exec`: `argv` is one script for the guest's shell.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shell: bool,
     },
     /// Drain the captured output of a background process; answered by [`Response::Output`].
     Output {

@@ -188,6 +188,7 @@ fn exec_is_killed_when_the_host_closes_the_connection() {
             env: vec![],
             cwd: None,
             timeout_ms: None,
+            shell: false,
         };
         proto::write_frame(&mut ours, &req, b"").unwrap();
         let (resp, data) = proto::read_frame::<_, Response>(&mut ours).unwrap();
@@ -613,7 +614,8 @@ fn frames_roundtrip() {
             argv: vec!["true".into()],
             env: vec![],
             cwd: None,
-            timeout_ms: None
+            timeout_ms: None,
+            shell: false
         }
     );
     // A truncated frame is an error, an empty stream is Closed.
@@ -657,11 +659,60 @@ fn pipelined_requests_answer_in_order_and_errors_stay_per_request() {
                 argv: vec!["true".into()],
                 env: vec![],
                 cwd: None,
-                timeout_ms: None
+                timeout_ms: None,
+                shell: false
             },
             b""
         )])
         .is_err()
     );
     assert!(c.hello().is_ok());
+}
+
+#[test]
+fn a_shell_request_runs_its_script_in_bash_where_it_exists() {
+    let mut c = connect();
+    let exec = |shell: bool, argv: &[&str]| Request::Exec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("WHO".into(), "world".into())],
+        cwd: None,
+        timeout_ms: None,
+        shell,
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let script = "echo \"hello $WHO\" && echo ${BASH_VERSION:+bash}";
+    let status = c
+        .exec_request(
+            &exec(true, &[script]),
+            b"",
+            &mut |d| out.extend_from_slice(d),
+            &mut |d| err.extend_from_slice(d),
+        )
+        .unwrap();
+    assert!(
+        status.success(),
+        "{status:?} {}",
+        String::from_utf8_lossy(&err)
+    );
+    let want = if std::path::Path::new("/bin/bash").exists() {
+        "hello world\nbash\n"
+    } else {
+        "hello world\n\n"
+    };
+    assert_eq!(String::from_utf8_lossy(&out), want);
+    // A shell request is one script; more arguments are refused, and the connection goes on.
+    let e = c
+        .exec_request(&exec(true, &["true", "x"]), b"", &mut |_| {}, &mut |_| {})
+        .unwrap_err();
+    assert_eq!(agent_kind(&e), "invalid");
+    let pid = c
+        .spawn_request(&Request::Spawn {
+            argv: vec!["exit 7".into()],
+            env: vec![],
+            cwd: None,
+            shell: true,
+        })
+        .unwrap();
+    let code = c.wait(pid, Some(Duration::from_secs(30))).unwrap();
+    assert!(format!("{code:?}").contains('7'), "{code:?}");
 }

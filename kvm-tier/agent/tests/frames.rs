@@ -121,13 +121,15 @@ fn requests() -> impl Strategy<Value = Request> {
         (
             proptest::collection::vec(".{0,12}", 0..4),
             proptest::option::of(".{0,12}"),
-            proptest::option::of(any::<u64>())
+            proptest::option::of(any::<u64>()),
+            any::<bool>()
         )
-            .prop_map(|(argv, cwd, timeout_ms)| Request::Exec {
+            .prop_map(|(argv, cwd, timeout_ms, shell)| Request::Exec {
                 argv,
                 env: vec![("K".into(), "V".into())],
                 cwd,
                 timeout_ms,
+                shell,
             }),
     ]
 }

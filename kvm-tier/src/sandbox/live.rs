@@ -261,13 +261,8 @@ impl KvmSandbox {
         on_stdout: &mut dyn FnMut(&[u8]),
         on_stderr: &mut dyn FnMut(&[u8]),
     ) -> Result<i32> {
-        let argv: Vec<&str> = cmd.argv.iter().map(String::as_str).collect();
-        if argv.is_empty() {
-            return Err(Error::InvalidArgument("exec needs a non-empty argv".into()));
-        }
-        let env = self.env_for(cmd);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let limit = cmd.timeout.unwrap_or(self.spec.call_timeout);
+        let req = self.request_for(cmd, Some(limit))?;
         let mut bound = limit.saturating_add(EXEC_GRACE);
         if !cmd.stdin.is_empty() {
             bound = bound.saturating_add(self.opts.request_timeout.saturating_mul(REQUEST_CAP));
@@ -295,12 +290,9 @@ impl KvmSandbox {
         // A silent command is fine until its timeout; a guest that takes no stdin is not.
         stream.set_read_timeout(None);
         stream.set_deadline(Instant::now().checked_add(bound));
-        let r = client.exec(
-            &argv,
-            &env,
-            cmd.cwd.as_deref(),
+        let r = client.exec_request(
+            &req,
             &cmd.stdin,
-            Some(limit),
             &mut |d| capped("stdout", &mut out_len, d, on_stdout),
             &mut |d| capped("stderr", &mut err_len, d, on_stderr),
         );
@@ -321,10 +313,47 @@ impl KvmSandbox {
         Ok(exit_code(st.code, st.signal))
     }
 
-    pub(super) fn env_for(&self, cmd: &Command) -> Vec<(String, String)> {
+    /// The agent request that runs `cmd`: an `exec` with this `timeout`, or with `None` a
+    /// `spawn`. Its environment is the spec's, then the command's.
+    pub(super) fn request_for(
+        &self,
+        cmd: &Command,
+        timeout: Option<Duration>,
+    ) -> Result<dormant_agent::proto::Request> {
+        use dormant_agent::proto::Request;
+        let what = if timeout.is_some() { "exec" } else { "spawn" };
+        match cmd.argv.first() {
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} needs a non-empty argv"
+                )));
+            }
+            Some(_) if cmd.shell && cmd.argv.len() != 1 => {
+                return Err(Error::InvalidArgument(format!(
+                    "a shell {what} takes one script, not {} arguments",
+                    cmd.argv.len()
+                )));
+            }
+            Some(_) => {}
+        }
         let mut env = self.spec.env.clone();
         env.extend(cmd.env.iter().cloned());
-        env
+        let (argv, cwd, shell) = (cmd.argv.clone(), cmd.cwd.clone(), cmd.shell);
+        Ok(match timeout {
+            Some(t) => Request::Exec {
+                argv,
+                env,
+                cwd,
+                timeout_ms: Some(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                shell,
+            },
+            None => Request::Spawn {
+                argv,
+                env,
+                cwd,
+                shell,
+            },
+        })
     }
 
     /// Refuses a files-API change under a read-only or detached volume (the guest's mount

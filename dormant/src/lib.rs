@@ -59,7 +59,8 @@ pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox
 /// private to `dormant-kvm`.
 pub mod kvm {
     pub use dormant_kvm::{
-        GuestImage, HostKvm, KvmInterrupter, KvmOptions, KvmRuntime, KvmSandbox, detect,
+        BUILTIN_IMAGES, GuestImage, HostKvm, ImageSource, KvmInterrupter, KvmOptions, KvmRuntime,
+        KvmSandbox, RootDisk, build_image, detect,
     };
 }
 

@@ -58,7 +58,10 @@ pub mod sandbox;
 pub mod volume;
 
 pub use runtime::KvmRuntime;
-pub use sandbox::{GuestImage, KvmInterrupter, KvmOptions, KvmSandbox};
+pub use sandbox::{
+    BUILTIN_IMAGES, GuestImage, ImageSource, KvmInterrupter, KvmOptions, KvmSandbox, RootDisk,
+    build_image,
+};
 
 // The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The
 // crate's integration tests, examples and the criterion benches reach the VMM through the

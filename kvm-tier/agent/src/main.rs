@@ -159,15 +159,22 @@ fn main() {
         }
     };
     let pid1 = std::process::id() == 1;
-    // The environment children inherit (requests' `env` adds to it).
-    for (key, value) in [("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), ("HOME", "/root")] {
+    // The environment children inherit (requests' `env` adds to it): a login environment.
+    for (key, value) in [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOME", "/root"),
+        ("LANG", "C.UTF-8"),
+    ] {
         if pid1 || std::env::var_os(key).is_none() {
             // SAFETY: no other thread exists yet (the reaper and connection threads start
             // below), so nothing reads the environment concurrently.
             unsafe { std::env::set_var(key, value) };
         }
     }
-    if pid1 {
+    if pid1 && std::env::set_current_dir("/root").is_err() {
         let _ = std::env::set_current_dir("/");
     }
     let table = ProcessTable::global();

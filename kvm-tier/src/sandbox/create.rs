@@ -42,11 +42,12 @@ impl KvmSandbox {
             )));
         }
         require_kvm()?;
-        let image = GuestImage::locate()?;
+        let image = GuestImage::for_image(spec.image.as_deref())?;
         let base = Self::base_snapshot(&store, &image, &spec, &opts)?;
         let grants = Grants::of_spec(&spec);
         let mut merged = store.manifest(&base)?.spec;
         merged.env = spec.env;
+        merged.image = spec.image;
         merged.call_timeout = spec.call_timeout;
         merged.output_limit = spec.output_limit;
         // The base snapshot has no mount points: the spec's volumes take the first slots and
@@ -60,7 +61,9 @@ impl KvmSandbox {
     }
 
     /// Boots the guest image in a fresh VM (with every volume slot, `spec.mounts` attached and
-    /// mounted) and waits for its agent.
+    /// mounted) and waits for its agent. With a root filesystem image the guest mounts it as
+    /// `/` (`dormant.root=/dev/vda`); without one its disk is a fresh ext2 `/data` of
+    /// `opts.disk_size`.
     pub fn boot(
         store: Arc<LocalStore>,
         image: &GuestImage,
@@ -70,19 +73,27 @@ impl KvmSandbox {
         require_kvm()?;
         let mem_size = usize::try_from(spec.memory_limit)
             .map_err(|_| Error::InvalidSpec("memory_limit does not fit this host".into()))?;
+        let (disk_image, cmdline) = match &image.root {
+            // The image is mapped copy-on-write: the guest's writes never reach the file.
+            Some(root) => (root.path.clone(), root_cmdline()),
+            None => (
+                format_disk(&store, opts.disk_size)?,
+                crate::boot::base_cmdline(crate::detect().is_slow()),
+            ),
+        };
         let cfg = MachineConfig {
             kernel: image.kernel.clone(),
             initramfs: Some(image.initramfs.clone()),
             mem_size,
-            cmdline: crate::boot::base_cmdline(crate::detect().is_slow()),
+            cmdline,
             console_echo: opts.console_echo,
-            disk_image: Some(format_disk(&store, opts.disk_size)?),
+            disk_image: Some(disk_image),
             volume_slots: FS_IRQS.len(),
             volumes: volumes(&store, &spec.mounts)?,
         };
         let booted = Machine::boot(&cfg).map_err(runtime("boot the guest"));
-        if let Some(p) = &cfg.disk_image {
-            // The VM maps it; the name is no longer needed.
+        if let (Some(p), None) = (&cfg.disk_image, &image.root) {
+            // The VM maps the formatted disk; its name is no longer needed.
             let _ = std::fs::remove_file(p);
         }
         let machine = booted?;
@@ -103,12 +114,18 @@ impl KvmSandbox {
     ) -> Result<SnapshotId> {
         // The command line is part of what was booted (a base booted with another one, e.g.
         // before a workaround was added to it, is not this base).
-        let cmdline = crate::boot::base_cmdline(crate::detect().is_slow());
+        let (cmdline, disk_size) = match &image.root {
+            Some(_) => (root_cmdline(), 0),
+            None => (
+                crate::boot::base_cmdline(crate::detect().is_slow()),
+                opts.disk_size,
+            ),
+        };
         let key = format!(
             "kvm-{}-{}m-{}d-{}v-{}",
             image.fingerprint()?,
             spec.memory_limit >> 20,
-            opts.disk_size >> 20,
+            disk_size >> 20,
             FS_IRQS.len(),
             &blake3::hash(cmdline.as_bytes()).to_hex()[..8]
         );
@@ -167,6 +184,14 @@ impl KvmSandbox {
         }
         Ok(())
     }
+}
+
+/// The command line of a guest whose root filesystem is its disk.
+fn root_cmdline() -> String {
+    format!(
+        "{} dormant.root=/dev/vda",
+        crate::boot::base_cmdline(crate::detect().is_slow())
+    )
 }
 
 /// A fresh ext2 filesystem image of `size` bytes (sparse) in the store's scratch space, made by

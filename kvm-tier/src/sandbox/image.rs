@@ -1,20 +1,243 @@
 //! What a KVM sandbox is made from and tuned by: the guest image ([`GuestImage`], the kernel
-//! and initramfs `kvm-tier/guest/build.sh` builds) and the options of the tier that are not
-//! part of the portable spec ([`KvmOptions`]), with their defaults.
+//! and initramfs `kvm-tier/guest/build.sh` builds, and the root filesystem image
+//! `kvm-tier/guest/build-image.sh` builds, [`RootDisk`]) and the options of the tier that are
+//! not part of the portable spec ([`KvmOptions`]), with their defaults.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dormant_core::{Error, Result};
 
-/// The guest kernel and initramfs.
+/// The guest kernel and initramfs, and the root filesystem image when the sandbox has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestImage {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The disk mounted as `/` (the `base` and `coding` images, an image of the user's);
+    /// `None` for the `minimal` image, whose root is the initramfs in RAM and whose disk is a
+    /// fresh ext2 filesystem at `/data`.
+    pub root: Option<RootDisk>,
+}
+
+/// A root filesystem image: an ext4 file the guest mounts as `/` (mapped copy-on-write by the
+/// VMM, never written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootDisk {
+    /// The image's name (`base`, `coding`, a user image's name, or the file's path).
+    pub name: String,
+    /// The ext4 file.
+    pub path: PathBuf,
+    /// What identifies its contents (the recipe hash of a built image, a content hash of a
+    /// file given by path): base snapshots are keyed by it.
+    pub fingerprint: String,
+}
+
+/// The built-in Debian images (package lists in `kvm-tier/guest/images/`).
+pub const BUILTIN_IMAGES: [&str; 2] = ["base", "coding"];
+
+/// The recipe of root filesystem images (`kvm-tier/guest/build-image.sh`), run by
+/// [`build_image`]; the package lists of the built-in images go with it.
+const BUILD_IMAGE_SH: &str = include_str!("../../guest/build-image.sh");
+const BASE_PACKAGES: &str = include_str!("../../guest/images/base.packages");
+const CODING_PACKAGES: &str = include_str!("../../guest/images/coding.packages");
+
+/// How [`build_image`] makes an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// A built-in image (`base`, `coding`).
+    Builtin,
+    /// `base` plus these Debian packages.
+    Packages(Vec<String>),
+    /// A root filesystem: a directory, or a tar archive (`docker export`'s output).
+    Rootfs(PathBuf),
+}
+
+/// Builds the root filesystem image `name` (or finds it already built: images are cached by
+/// content hash of their recipe under `<cache>/images/`) and returns its [`RootDisk`].
+///
+/// Debian images are made by `mmdebstrap --variant=minbase` from the host's Debian mirror
+/// (suite `stable`) and `mke2fs -t ext4 -d`, which needs root and apt (the recipe installs
+/// mmdebstrap when missing); the first build of `coding` takes about a minute. Errors:
+/// [`Error::InvalidArgument`] for a bad name, [`Error::RuntimeMissing`] when the recipe cannot
+/// run here (not root, no apt), [`Error::Runtime`] with the recipe's output when it fails.
+pub fn build_image(name: &str, source: &ImageSource) -> Result<RootDisk> {
+    check_image_name(name)?;
+    let dir = tempfile::Builder::new()
+        .prefix("dormant-image-recipe")
+        .tempdir()
+        .map_err(|e| Error::runtime("prepare the image recipe", e))?;
+    let script = dir.path().join("build-image.sh");
+    let lists = dir.path().join("images");
+    let written = std::fs::create_dir(&lists)
+        .and_then(|()| std::fs::write(&script, BUILD_IMAGE_SH))
+        .and_then(|()| std::fs::write(lists.join("base.packages"), BASE_PACKAGES))
+        .and_then(|()| std::fs::write(lists.join("coding.packages"), CODING_PACKAGES));
+    written.map_err(|e| Error::runtime("prepare the image recipe", e))?;
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(&script).arg(name);
+    match source {
+        ImageSource::Builtin => {
+            if !BUILTIN_IMAGES.contains(&name) {
+                return Err(Error::InvalidArgument(format!(
+                    "no built-in image {name:?} (built-in: {BUILTIN_IMAGES:?}); give Debian                      packages or a root filesystem"
+                )));
+            }
+        }
+        ImageSource::Packages(p) => {
+            if let Some(bad) = p.iter().find(|p| !is_package_name(p)) {
+                return Err(Error::InvalidArgument(format!(
+                    "{bad:?} is not a Debian package name"
+                )));
+            }
+            cmd.arg("--packages").arg(p.join(" "));
+        }
+        ImageSource::Rootfs(path) => {
+            cmd.arg("--rootfs").arg(path);
+        }
+    }
+    let out = cmd
+        .env("DORMANT_CACHE", dormant_core::default_dirs::cache_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::RuntimeMissing {
+            what: "bash",
+            hint: format!("building an image runs its recipe with bash ({e})"),
+        })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let tail: String = tail_lines(&stderr, 30);
+        if stderr.contains("needs root") || stderr.contains("apt-get install") {
+            return Err(Error::RuntimeMissing {
+                what: "an image build (root, apt, mmdebstrap)",
+                hint: tail,
+            });
+        }
+        return Err(Error::runtime(
+            "build the root filesystem image",
+            format!("{name}: {tail}"),
+        ));
+    }
+    RootDisk::built(name)?.ok_or_else(|| {
+        Error::runtime(
+            "build the root filesystem image",
+            format!(
+                "{name}: the recipe ended without an image: {}",
+                tail_lines(&stderr, 10)
+            ),
+        )
+    })
+}
+
+/// An image name: letters, digits, `.`, `_`, `-`, at most 64, not starting with a dot.
+fn check_image_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok && name != "minimal" {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "image name {name:?}: 1-64 letters, digits, '.', '_' or '-' (and not \"minimal\", \
+             the initramfs image)"
+        )))
+    }
+}
+
+fn is_package_name(p: &str) -> bool {
+    p.len() >= 2
+        && p.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && p.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.:=".contains(&b))
+}
+
+fn tail_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl RootDisk {
+    /// The image `name` as last built into `<cache>/images/` (`None` when it never was).
+    pub fn built(name: &str) -> Result<Option<RootDisk>> {
+        check_image_name(name)?;
+        let link = dormant_core::default_dirs::cache_dir()
+            .join("images")
+            .join(name);
+        let Ok(target) = std::fs::read_link(&link) else {
+            return Ok(None);
+        };
+        let path = link.join("rootfs.ext4");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let fingerprint = target
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.rsplit_once('-'))
+            .map(|(_, h)| h.to_owned())
+            .ok_or_else(|| {
+                Error::runtime(
+                    "read the image cache",
+                    format!("{}: not a link to NAME-HASH", link.display()),
+                )
+            })?;
+        Ok(Some(RootDisk {
+            name: name.to_owned(),
+            path,
+            fingerprint,
+        }))
+    }
+
+    /// An ext4 image file given by path; its fingerprint is a hash of its contents.
+    pub fn file(path: &Path) -> Result<RootDisk> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::File {
+            op: "open the root filesystem image",
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        if !meta.is_file() || meta.len() == 0 || !meta.len().is_multiple_of(4096) {
+            return Err(Error::InvalidSpec(format!(
+                "root filesystem image {}: not a file whose size is a positive multiple of 4 KiB",
+                path.display()
+            )));
+        }
+        let mut h = blake3::Hasher::new();
+        h.update_mmap(path).map_err(|e| Error::File {
+            op: "hash",
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Ok(RootDisk {
+            name: path.display().to_string(),
+            path: path.to_owned(),
+            fingerprint: h.finalize().to_hex()[..16].to_string(),
+        })
+    }
 }
 
 impl GuestImage {
+    /// The guest image for [`SandboxSpec::image`](dormant_core::SandboxSpec::image): `None`
+    /// or `"minimal"` is [`GuestImage::locate`]'s; `"base"` and `"coding"` add that built-in
+    /// root filesystem, built on first use ([`build_image`]); another name, an image built by
+    /// `dormant image build NAME` ([`RootDisk::built`]); a path (with a `/`), that ext4 file.
+    pub fn for_image(image: Option<&str>) -> Result<GuestImage> {
+        let mut g = GuestImage::locate()?;
+        g.root = match image {
+            None | Some("minimal") => None,
+            Some(p) if p.contains('/') => Some(RootDisk::file(Path::new(p))?),
+            Some(name) => match RootDisk::built(name).map_err(|_| unknown_image(name))? {
+                Some(d) => Some(d),
+                None if BUILTIN_IMAGES.contains(&name) => {
+                    Some(build_image(name, &ImageSource::Builtin)?)
+                }
+                None => return Err(unknown_image(name)),
+            },
+        };
+        Ok(g)
+    }
+
     /// The image `kvm-tier/guest/build.sh` built: `$DORMANT_GUEST_KERNEL` and
     /// `$DORMANT_GUEST_INITRAMFS` when set, else `<cache>/guest/current/`, the cache being
     /// [`default_dirs::cache_dir`](dormant_core::default_dirs::cache_dir) (`$DORMANT_CACHE` when
@@ -29,6 +252,7 @@ impl GuestImage {
         let image = GuestImage {
             kernel: pick("DORMANT_GUEST_KERNEL", "vmlinux"),
             initramfs: pick("DORMANT_GUEST_INITRAMFS", "initramfs.cpio"),
+            root: None,
         };
         for p in [&image.kernel, &image.initramfs] {
             if !p.is_file() {
@@ -55,8 +279,18 @@ impl GuestImage {
                 source: e,
             })?;
         }
+        if let Some(root) = &self.root {
+            h.update(b"root ");
+            h.update(root.fingerprint.as_bytes());
+        }
         Ok(h.finalize().to_hex()[..16].to_string())
     }
+}
+
+fn unknown_image(name: &str) -> Error {
+    Error::InvalidSpec(format!(
+        "no image {name:?}: the images are \"minimal\", {BUILTIN_IMAGES:?}, images built with          `dormant image build NAME`, or a path to an ext4 file"
+    ))
 }
 
 /// Options of the KVM tier that are not part of the portable spec.
@@ -76,9 +310,9 @@ pub struct KvmOptions {
     /// [`Error::Deadline`]. Default: 120 s on PVM hosts (guest kernel code is emulated; a
     /// 16 MiB file took over 2 min on a busy 2-core host), 30 s otherwise.
     pub request_timeout: Duration,
-    /// Size of the sandbox's disk (`/dev/vda`, an ext2 filesystem mounted at `/data`), a
-    /// multiple of 4 KiB. Sparse: only written blocks cost memory and snapshot bytes.
-    /// Default: 512 MiB.
+    /// Size of the `minimal` image's disk (`/dev/vda`, an ext2 filesystem mounted at `/data`),
+    /// a multiple of 4 KiB. Sparse: only written blocks cost memory and snapshot bytes.
+    /// Default: 512 MiB. An image with a root filesystem has that image's size instead.
     pub disk_size: usize,
 }
 

@@ -73,7 +73,7 @@ use crate::machine::Machine;
 use crate::snapshot;
 use crate::virtio::vsock::VsockStream;
 
-pub use image::{GuestImage, KvmOptions};
+pub use image::{BUILTIN_IMAGES, GuestImage, ImageSource, KvmOptions, RootDisk, build_image};
 pub use live::KvmInterrupter;
 use live::{CallControl, check_path};
 

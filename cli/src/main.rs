@@ -7,9 +7,13 @@
 //! dormant delete ID            delete a snapshot
 //! dormant compact ID           convert a snapshot to its compact form (chunked, deduplicated, zstd)
 //! dormant gc                   remove data no snapshot references
+//! dormant image build NAME …   build a Linux root filesystem image (see `image.rs`)
+//! dormant image list           the images built into the cache
 //! ```
 //! The store is `$DORMANT_STORE` or the user's data directory; the cache `$DORMANT_CACHE` or the
 //! user's cache directory.
+
+mod image;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,7 +26,10 @@ fn ms(t: Instant) -> f64 {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: dormant prepare | demo [--rows N] | snapshots | delete ID | compact ID | gc");
+    eprintln!(
+        "usage: dormant prepare | demo [--rows N] | snapshots | delete ID | compact ID | gc | {}",
+        image::USAGE
+    );
     ExitCode::from(2)
 }
 
@@ -55,6 +62,7 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
+        Some("image") => image::command(&args[1..]),
         Some("gc") => LocalStore::open_default()
             .and_then(|s| s.gc())
             .map(|r| println!("removed {} chunks, freed {} bytes", r.chunks_removed, r.bytes_freed)),

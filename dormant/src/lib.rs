@@ -60,7 +60,7 @@ pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox
 pub mod kvm {
     pub use dormant_kvm::{
         BUILTIN_IMAGES, GuestImage, HostKvm, ImageSource, KvmInterrupter, KvmOptions, KvmRuntime,
-        KvmSandbox, RootDisk, build_image, detect,
+        KvmSandbox, RootDisk, build_image, detect, list_images,
     };
 }
 

@@ -59,7 +59,7 @@ main() {
             [[ -f "$list" ]] || { log "build-image.sh: no built-in image '$name' (built-in: base, coding); give --packages or --rootfs"; exit 2; }
         fi
         mirror="$(host_mirror)"
-        recipe="debian $suite $mirror $(base_packages) $(list_packages "$list" 2>/dev/null) $packages"
+        recipe="debian $suite $mirror $(base_packages) $(list_packages "$list") $packages"
     fi
     local hash
     hash="$( { echo "recipe $RECIPE free $free_mib"; echo "$recipe"; cat "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-16)"
@@ -83,7 +83,7 @@ main() {
             fi
         else
             local all
-            all="$(base_packages) $(list_packages "$list" 2>/dev/null) $packages"
+            all="$(base_packages) $(list_packages "$list") $packages"
             log "==> image $name: mmdebstrap --variant=minbase $suite from $mirror: $(echo $all)"
             mmdebstrap --quiet --variant=minbase --include="$(echo $all | tr ' ' ',')" \
                 --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
@@ -126,8 +126,11 @@ main() {
 # findutils, grep, sed, tar, gzip).
 base_packages() { list_packages "$here/images/base.packages"; }
 
-# A package list file: one package per line, `#` comments.
-list_packages() { sed -e 's/#.*//' "$1" | tr -s ' \n' ' ' | sed -e 's/^ //' -e 's/ $//'; }
+# A package list file: one package per line, `#` comments (nothing when there is no such file).
+list_packages() {
+    [[ -f "$1" ]] || return 0
+    sed -e 's/#.*//' "$1" | tr -s ' \n' ' ' | sed -e 's/^ //' -e 's/ $//'
+}
 
 # The Debian mirror the host's apt uses (deb822 or one-line sources), else deb.debian.org.
 host_mirror() {

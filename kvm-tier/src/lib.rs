@@ -60,7 +60,7 @@ pub mod volume;
 pub use runtime::KvmRuntime;
 pub use sandbox::{
     BUILTIN_IMAGES, GuestImage, ImageSource, KvmInterrupter, KvmOptions, KvmSandbox, RootDisk,
-    build_image,
+    build_image, list_images,
 };
 
 // The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The

@@ -158,6 +158,25 @@ fn tail_lines(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The root filesystem images built into the cache (`<cache>/images/`), by name.
+pub fn list_images() -> Result<Vec<RootDisk>> {
+    let dir = dormant_core::default_dirs::cache_dir().join("images");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| check_image_name(n).is_ok())
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        out.extend(RootDisk::built(&name)?);
+    }
+    Ok(out)
+}
+
 impl RootDisk {
     /// The image `name` as last built into `<cache>/images/` (`None` when it never was).
     pub fn built(name: &str) -> Result<Option<RootDisk>> {

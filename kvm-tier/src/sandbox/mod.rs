@@ -73,7 +73,9 @@ use crate::machine::Machine;
 use crate::snapshot;
 use crate::virtio::vsock::VsockStream;
 
-pub use image::{BUILTIN_IMAGES, GuestImage, ImageSource, KvmOptions, RootDisk, build_image};
+pub use image::{
+    BUILTIN_IMAGES, GuestImage, ImageSource, KvmOptions, RootDisk, build_image, list_images,
+};
 pub use live::KvmInterrupter;
 use live::{CallControl, check_path};
 

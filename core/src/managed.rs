@@ -374,8 +374,8 @@ impl<S: Sandbox + 'static> Managed<S> {
     }
 
     /// Whether something in the guest accepts TCP connections on `127.0.0.1:port` (see
-    /// [`Processes::listening`](crate::Processes::listening)); [`Error::Unsupported`](crate::Error::Unsupported)
-    /// on a tier without background processes.
+    /// [`Processes::listening`]); [`Error::Unsupported`](crate::Error::Unsupported) on a tier
+    /// without background processes.
     pub fn listening(&self, port: u16) -> Result<bool> {
         self.with_processes(|p| p.listening(port))
     }

@@ -8,7 +8,7 @@
 //! [`Sandbox`] trait, its call types and capabilities, [`Runtime`], [`Managed`], snapshots and
 //! the [`LocalStore`]), the WASI tier ([`WasiRuntime`], [`WasiSandbox`]) and the KVM tier
 //! ([`kvm`]), and gives each tier's shared [`runtime`] and a [`resume`] that finds a snapshot's
-//! tier. [`Template`]s (in [`template`]) prepare an environment once and give new sandboxes
+//! tier. [`Template`]s (in [`template`](mod@template)) prepare an environment once and give new sandboxes
 //! from it ([`create_from_template`]).
 //!
 //! With a tier named:

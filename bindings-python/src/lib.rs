@@ -13,7 +13,8 @@ use std::sync::{Arc, LazyLock, mpsc};
 use std::time::Duration;
 
 use dormant::{
-    Command, Error, Grants, Interrupt, LocalStore, Managed, Sandbox, SandboxSpec, SnapshotId, Tier,
+    Command, Error, Grants, Interrupt, LocalStore, Managed, Ready, Sandbox, SandboxSpec,
+    SnapshotId, Template, Tier,
 };
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -58,6 +59,7 @@ fn kind(e: &Error) -> (&'static str, Option<i32>, Option<String>) {
             ("invalid_state", None, None)
         }
         Error::MemoryLimit { .. } | Error::OutputLimit { .. } => ("limit_exceeded", None, None),
+        Error::TemplateStep(_) => ("template_step", None, None),
         Error::Deadline { .. } => ("timeout", None, None),
         Error::Interrupted { .. } => ("interrupted", None, None),
         Error::Unsupported { .. } => ("unsupported", None, None),
@@ -264,7 +266,7 @@ fn command(
 #[pymethods]
 impl NativeSandbox {
     #[staticmethod]
-    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes, output_limit=None))]
+    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes, output_limit=None, image=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -276,14 +278,13 @@ impl NativeSandbox {
         env: Vec<(String, String)>,
         volumes: Vec<(PathBuf, String, bool)>,
         output_limit: Option<usize>,
+        image: Option<String>,
     ) -> PyResult<NativeSandbox> {
         let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
         let mut spec = SandboxSpec::default_for(tier);
+        spec.image = image;
         if let Some(mib) = memory_mib {
-            spec = spec.memory_limit(
-                mib.checked_mul(1 << 20)
-                    .ok_or_else(|| invalid("memory_mib is too large"))?,
-            );
+            spec = spec.memory_limit(mebibytes(mib)?);
         }
         if let Some(t) = seconds("timeout", timeout)? {
             spec = spec.call_timeout(t);
@@ -318,12 +319,42 @@ impl NativeSandbox {
     ) -> PyResult<NativeSandbox> {
         let id = self::snapshot_id(py, snapshot_id)?;
         let idle = seconds("idle_standby", idle_standby)?;
-        let mut grants = Grants::new().detach_missing(detach_missing);
-        for (host, guest, read_only) in volumes {
-            grants = grants.mount(host, guest, read_only);
-        }
+        let grants = grants(volumes, detach_missing);
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
             let sb = dormant::resume(store(store_root)?, &id, &grants)?;
+            Ok(NativeSandbox::new(sb, idle))
+        });
+        made.map_err(|e| to_py(py, e))
+    }
+
+    /// A new sandbox from template `name` (its snapshot resumed under a new id), with
+    /// `volumes` for the template's mount points (those left out are detached). `tier`, when
+    /// given, must be the template's.
+    #[staticmethod]
+    #[pyo3(signature = (name, store_root, idle_standby, volumes, tier=None))]
+    fn from_template(
+        py: Python<'_>,
+        name: &str,
+        store_root: PathBuf,
+        idle_standby: Option<f64>,
+        volumes: Vec<(PathBuf, String, bool)>,
+        tier: Option<&str>,
+    ) -> PyResult<NativeSandbox> {
+        let tier: Option<Tier> = tier.map(str::parse).transpose().map_err(|e| to_py(py, e))?;
+        let idle = seconds("idle_standby", idle_standby)?;
+        let grants = grants(volumes, false);
+        let made = py.detach(move || -> Result<NativeSandbox, Error> {
+            let store = store(store_root)?;
+            let rec = dormant::template(&store, name)?;
+            if let Some(t) = tier
+                && t != rec.tier
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "template {name:?} runs on the {} tier, not {t}; leave tier= out",
+                    rec.tier
+                )));
+            }
+            let sb = dormant::create_from_template(store, name, &grants)?;
             Ok(NativeSandbox::new(sb, idle))
         });
         made.map_err(|e| to_py(py, e))
@@ -524,6 +555,86 @@ impl NativeSandbox {
     }
 }
 
+/// `memory_mib` in bytes.
+fn mebibytes(mib: u64) -> PyResult<u64> {
+    mib.checked_mul(1 << 20)
+        .ok_or_else(|| invalid("memory_mib is too large"))
+}
+
+/// Host access for a resume: `volumes` as `(host, guest, read_only)`.
+fn grants(volumes: Vec<(PathBuf, String, bool)>, detach_missing: bool) -> Grants {
+    volumes.into_iter().fold(
+        Grants::new().detach_missing(detach_missing),
+        |g, (host, guest, ro)| g.mount(host, guest, ro),
+    )
+}
+
+/// Builds (or reuses) a template; returns `(snapshot_id, built_now)`. Ctrl-C returns at once
+/// (the build goes on in the background, holding the template's lock, and records it or not).
+#[pyfunction]
+#[pyo3(signature = (name, tier, store_root, image, memory_mib, env, volumes, files, run, start, ready_port, ready_cmd))]
+#[allow(clippy::too_many_arguments)]
+fn build_template(
+    py: Python<'_>,
+    name: String,
+    tier: &str,
+    store_root: PathBuf,
+    image: Option<String>,
+    memory_mib: Option<u64>,
+    env: Vec<(String, String)>,
+    volumes: Vec<(PathBuf, String, bool)>,
+    files: Vec<(String, Vec<u8>)>,
+    run: Vec<String>,
+    start: Option<String>,
+    ready_port: Option<u16>,
+    ready_cmd: Option<String>,
+) -> PyResult<(String, bool)> {
+    let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
+    let mut t = Template::new(name, tier);
+    t.image = image;
+    t.memory_limit = memory_mib.map(mebibytes).transpose()?;
+    t.env = env;
+    for (host, guest, read_only) in volumes {
+        t = t.mount(host, guest, read_only);
+    }
+    t.files = files;
+    t.run = run;
+    t.start = start;
+    t.ready = match (ready_port, ready_cmd) {
+        (Some(_), Some(_)) => return Err(invalid("give ready_port or ready_cmd, not both")),
+        (Some(port), None) => Some(Ready::Port(port)),
+        (None, Some(cmd)) => Some(Ready::Command(cmd)),
+        (None, None) => None,
+    };
+    let r = interruptible(py, None, move || -> Result<_, Error> {
+        let b = t.build(store(store_root)?)?;
+        Ok((b.record.snapshot.to_string(), b.built))
+    })?;
+    r.map_err(|e| to_py(py, e))
+}
+
+/// `[(name, tier, snapshot_id, created_unix_ms)]` of the store's templates, by name.
+#[pyfunction]
+fn list_templates(
+    py: Python<'_>,
+    store_root: PathBuf,
+) -> PyResult<Vec<(String, String, String, u64)>> {
+    let r = py.detach(|| -> Result<_, Error> {
+        Ok(dormant::templates(&*store(store_root)?)?
+            .into_iter()
+            .map(|r| {
+                (
+                    r.name,
+                    r.tier.to_string(),
+                    r.snapshot.to_string(),
+                    r.created_unix_ms,
+                )
+            })
+            .collect())
+    });
+    r.map_err(|e| to_py(py, e))
+}
+
 /// `[(id, tier, created_unix_ms, bytes_stored)]` of every snapshot in the store, oldest first.
 #[pyfunction]
 fn list_snapshots(
@@ -578,6 +689,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_status, m)?)?;
+    m.add_function(wrap_pyfunction!(build_template, m)?)?;
+    m.add_function(wrap_pyfunction!(list_templates, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

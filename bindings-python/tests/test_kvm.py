@@ -24,6 +24,15 @@ def make(kvm_store: pathlib.Path, **kw: object) -> dormant.Sandbox:
     return dormant.Sandbox.create("kvm", store=kvm_store, **kw)  # type: ignore[arg-type]
 
 
+def test_image_implies_the_kvm_tier(kvm_store: pathlib.Path) -> None:
+    sb = dormant.Sandbox.create(
+        image="minimal", store=kvm_store, memory_mib=128, timeout=300, idle_standby=None
+    )
+    assert sb.tier == "kvm"
+    assert sb.commands.run("echo $((6 * 7))").stdout == "42\n"
+    sb.kill()
+
+
 def test_commands(kvm_store: pathlib.Path) -> None:
     sb = make(kvm_store)
     assert sb.tier == "kvm" and sb.state == "running"

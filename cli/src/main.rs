@@ -9,6 +9,8 @@
 //! dormant gc                   remove data no snapshot references
 //! dormant image build NAME …   build a Linux root filesystem image (see `image.rs`)
 //! dormant image list           the images built into the cache
+//! dormant template build FILE  build (or reuse) the template a TOML file describes
+//! dormant template list        list the store's templates
 //! ```
 //! The store is `$DORMANT_STORE` or the user's data directory; the cache `$DORMANT_CACHE` or the
 //! user's cache directory.
@@ -21,13 +23,16 @@ use std::time::Instant;
 
 use dormant::{Error, LocalStore, Result, Sandbox, SandboxSpec, SnapshotId, WasiRuntime};
 
+mod template_file;
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dormant prepare | demo [--rows N] | snapshots | delete ID | compact ID | gc | {}",
+        "usage: dormant prepare | demo [--rows N] | snapshots | delete ID | compact ID | gc | \
+         template build FILE | template list | {}",
         image::USAGE
     );
     ExitCode::from(2)
@@ -66,6 +71,11 @@ fn main() -> ExitCode {
         Some("gc") => LocalStore::open_default()
             .and_then(|s| s.gc())
             .map(|r| println!("removed {} chunks, freed {} bytes", r.chunks_removed, r.bytes_freed)),
+        Some("template") => match (args.get(1).map(String::as_str), args.len()) {
+            (Some("build"), 3) => template_build(std::path::Path::new(&args[2])),
+            (Some("list"), 2) => template_list(),
+            _ => return usage(),
+        },
         _ => return usage(),
     };
     match r {
@@ -112,6 +122,42 @@ fn list() -> Result<()> {
             u.stored_bytes,
             u.shared_bytes,
             if u.compact { "compact" } else { "fast" }
+        );
+    }
+    Ok(())
+}
+
+fn template_build(file: &std::path::Path) -> Result<()> {
+    let template = template_file::load(file)?;
+    let store = Arc::new(LocalStore::open_default()?);
+    let t = Instant::now();
+    let b = template.build(store)?;
+    if b.built {
+        println!(
+            "built template {} in {:.1} s: snapshot {}",
+            b.record.name,
+            t.elapsed().as_secs_f64(),
+            b.record.snapshot
+        );
+    } else {
+        println!(
+            "template {} is up to date: snapshot {}",
+            b.record.name, b.record.snapshot
+        );
+    }
+    Ok(())
+}
+
+fn template_list() -> Result<()> {
+    let store = LocalStore::open_default()?;
+    println!(
+        "{:<24} {:<5} {:<52} built (unix ms)",
+        "template", "tier", "snapshot"
+    );
+    for r in dormant::templates(&store)? {
+        println!(
+            "{:<24} {:<5} {:<52} {}",
+            r.name, r.tier, r.snapshot, r.created_unix_ms
         );
     }
     Ok(())

@@ -52,6 +52,17 @@ pub trait Processes {
     fn output(&mut self, pid: u32) -> Result<(Vec<u8>, Vec<u8>, bool)>;
     /// Sends `signal` (a Linux signal number, e.g. 15 for SIGTERM) to process `pid`'s group.
     fn signal(&mut self, pid: u32, signal: i32) -> Result<()>;
+    /// Whether something in the guest accepts TCP connections on `127.0.0.1:port` now (a
+    /// server started in the background is ready): one connection attempt, closed at once.
+    /// A tier that cannot tell answers [`Error::Unsupported`](crate::Error::Unsupported) (the
+    /// default).
+    fn listening(&mut self, port: u16) -> Result<bool> {
+        let _ = port;
+        Err(crate::error::Error::Unsupported {
+            op: "asking whether a guest port is open",
+            what: "this sandbox's background processes".into(),
+        })
+    }
 }
 
 /// `exec` with its output delivered in chunks as the command writes it.

@@ -68,7 +68,7 @@ pub mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use error::{Error, GrantError, Result, RuntimeContext, SnapshotError};
+pub use error::{Error, GrantError, Result, RuntimeContext, SnapshotError, TemplateStepError};
 pub use grants::Grants;
 pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};

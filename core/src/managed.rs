@@ -373,6 +373,13 @@ impl<S: Sandbox + 'static> Managed<S> {
         self.with_processes(|p| p.signal(pid, signal))
     }
 
+    /// Whether something in the guest accepts TCP connections on `127.0.0.1:port` (see
+    /// [`Processes::listening`]); [`Error::Unsupported`](crate::Error::Unsupported) on a tier
+    /// without background processes.
+    pub fn listening(&self, port: u16) -> Result<bool> {
+        self.with_processes(|p| p.listening(port))
+    }
+
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         self.with(|sb| sb.read_file(path))
     }

@@ -22,6 +22,13 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// The tier this runtime runs.
     fn tier(&self) -> Tier;
 
+    /// What a sandbox of `spec` starts from, as a short string that changes whenever that
+    /// does: the WASI tier's Python build (or module) and engine, the KVM tier's guest image
+    /// and boot parameters (the key of its base snapshot). Templates put it in their cache key,
+    /// so that a new runtime rebuilds them. Errors: what [`create`](Runtime::create) would
+    /// report about a missing runtime component ([`Error::RuntimeMissing`](crate::Error::RuntimeMissing)).
+    fn fingerprint(&self, spec: &SandboxSpec) -> Result<String>;
+
     /// A new sandbox from `spec`, keeping its snapshots in `store`. Errors: a spec that does not
     /// validate, or whose `tier` is not [`tier`](Runtime::tier), is
     /// [`Error::InvalidSpec`](crate::Error::InvalidSpec); a host without what the tier needs is

@@ -13,18 +13,23 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::snapshot::store::LocalStore;
 
+/// Whether `name` may name something the store keeps in a file or directory of its own (a
+/// volume, a template): 1–64 characters of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 impl LocalStore {
     /// The host directory of the named volume, created if it does not exist yet. Volumes hold
     /// files that outlive every sandbox and snapshot: mount one with
     /// [`SandboxSpec::mount`](crate::SandboxSpec::mount). Names are 1–64 characters of
     /// `[A-Za-z0-9._-]`, not starting with a dot.
     pub fn volume(&self, name: &str) -> Result<PathBuf> {
-        let ok = (1..=64).contains(&name.len())
-            && !name.starts_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if !ok {
+        if !valid_name(name) {
             return Err(Error::InvalidArgument(format!(
                 "{name:?} is not a valid volume name"
             )));

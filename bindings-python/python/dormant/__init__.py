@@ -12,7 +12,8 @@ snapshot on disk when idle, and wakes in milliseconds, in this process or anothe
     sb = dormant.Sandbox.resume(sb.snapshot_id)    # later, in any process
     print(sb.run_code("print(df.x.sum())").stdout)  # 10
 
-``tier="kvm"`` gives a Linux microVM instead (shell, processes, dev servers).
+``tier="kvm"`` gives a Linux microVM instead (shell, processes, dev servers), and
+:class:`Template` prepares an environment once for every sandbox created from it.
 """
 
 import importlib.util as _importlib_util
@@ -53,6 +54,7 @@ from ._errors import (  # noqa: E402
     SnapshotCorrupt,
     SnapshotNotFound,
     StoreFull,
+    TemplateBuildError,
     Unsupported,
 )
 from ._native import __version__  # noqa: E402
@@ -66,11 +68,14 @@ from ._sandbox import (  # noqa: E402
     Files,
     Sandbox,
     SnapshotInfo,
+    Template,
+    TemplateInfo,
     Volume,
     default_store,
     delete_snapshot,
     kvm_available,
     list_snapshots,
+    list_templates,
 )
 
 __all__ = [
@@ -101,6 +106,9 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotNotFound",
     "StoreFull",
+    "Template",
+    "TemplateBuildError",
+    "TemplateInfo",
     "Unsupported",
     "Volume",
     "__version__",
@@ -108,4 +116,5 @@ __all__ = [
     "delete_snapshot",
     "kvm_available",
     "list_snapshots",
+    "list_templates",
 ]

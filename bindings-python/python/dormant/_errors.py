@@ -50,6 +50,12 @@ class InvalidArgument(SandboxError, ValueError):
     """An argument is invalid (unknown tier, bad path, bad spec)."""
 
 
+class TemplateBuildError(SandboxError):
+    """A template's build failed at a step: a ``run`` step (a command that exited non-zero on
+    KVM, code that raised on WASI), the ``start`` command, or the wait for it to be ready. The
+    message names the step and ends with its output; nothing was recorded."""
+
+
 class PathEscape(SandboxError, PermissionError):
     """A path would leave the sandbox."""
 
@@ -104,6 +110,7 @@ _BY_KIND: dict[str, type[SandboxError]] = {
     "path_escape": PathEscape,
     "read_only": ReadOnly,
     "store_full": StoreFull,
+    "template_step": TemplateBuildError,
 }
 
 _BY_ERRNO: dict[int, type[SandboxIOError]] = {

@@ -4,7 +4,15 @@ import builtins
 from collections.abc import Callable
 from typing import final
 
-__all__ = ["NativeSandbox", "list_snapshots", "delete_snapshot", "kvm_status", "__version__"]
+__all__ = [
+    "NativeSandbox",
+    "list_snapshots",
+    "delete_snapshot",
+    "kvm_status",
+    "build_template",
+    "list_templates",
+    "__version__",
+]
 
 __version__: str
 
@@ -20,6 +28,15 @@ class NativeSandbox:
         env: list[tuple[str, str]],
         volumes: list[tuple[str, str, bool]],
         output_limit: int | None = None,
+        image: str | None = None,
+    ) -> NativeSandbox: ...
+    @staticmethod
+    def from_template(
+        name: str,
+        store_root: str,
+        idle_standby: float | None,
+        volumes: list[tuple[str, str, bool]],
+        tier: str | None = None,
     ) -> NativeSandbox: ...
     @staticmethod
     def resume(
@@ -68,3 +85,18 @@ class NativeSandbox:
 def list_snapshots(store_root: str) -> list[tuple[str, str, int, int]]: ...
 def delete_snapshot(snapshot_id: str, store_root: str) -> None: ...
 def kvm_status() -> tuple[bool, str]: ...
+def build_template(
+    name: str,
+    tier: str,
+    store_root: str,
+    image: str | None,
+    memory_mib: int | None,
+    env: list[tuple[str, str]],
+    volumes: list[tuple[str, str, bool]],
+    files: list[tuple[str, bytes]],
+    run: list[str],
+    start: str | None,
+    ready_port: int | None,
+    ready_cmd: str | None,
+) -> tuple[str, bool]: ...
+def list_templates(store_root: str) -> list[tuple[str, str, str, int]]: ...

@@ -59,6 +59,16 @@ def _path(path: object) -> str:
     return path
 
 
+def _positive_int(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise InvalidArgument(f"{name} must be positive, not {value}")
+    return value
+
+
 def _env(env: Mapping[str, str] | None) -> list[tuple[str, str]]:
     if env is None:
         return []
@@ -338,8 +348,10 @@ class Sandbox:
     @classmethod
     def create(
         cls,
-        tier: Tier = "wasi",
+        tier: Tier | None = None,
         *,
+        template: str | None = None,
+        image: str | None = None,
         store: StrPath | None = None,
         memory_mib: int | None = None,
         timeout: float | None = None,
@@ -348,39 +360,72 @@ class Sandbox:
         volumes: Mapping[str, StrPath | Volume] | None = None,
         output_limit: int | None = None,
     ) -> Sandbox:
-        """A new sandbox. ``memory_mib`` caps guest memory (WASI: 2 GiB by default; KVM: the
+        """A new sandbox: a Python session (``tier="wasi"``, the default) or a Linux microVM
+        (``tier="kvm"``). ``image`` names the microVM's root filesystem (``"minimal"``, the
+        default, ``"base"``, ``"coding"``, an image of yours, or a path) and implies
+        ``tier="kvm"``. ``memory_mib`` caps guest memory (WASI: 2 GiB by default; KVM: the
         guest's RAM, 256 MiB by default); ``timeout`` is the default deadline of each call in
         seconds; ``output_limit`` caps the bytes a call may write to stdout and to stderr each
-        (16 MiB by default; past it the call raises :class:`LimitExceeded`); after ``idle_standby`` seconds without calls the sandbox goes to standby by
-        itself and the next call wakes it (``None``: never); ``volumes`` maps guest paths to
-        host directories (or :class:`Volume`)."""
-        if not isinstance(tier, str):
-            raise TypeError(f"tier must be a str, not {type(tier).__name__}")
-        if tier not in _TIERS:
-            raise InvalidArgument(
-                f"unknown tier {tier!r}: use 'wasi' (Python sessions) or 'kvm' (Linux microVMs)"
-            )
-        if memory_mib is not None:
-            if isinstance(memory_mib, bool) or not isinstance(memory_mib, int):
-                raise TypeError(f"memory_mib must be an int, not {type(memory_mib).__name__}")
-            if memory_mib <= 0:
-                raise InvalidArgument(f"memory_mib must be positive, not {memory_mib}")
-        if output_limit is not None:
-            if isinstance(output_limit, bool) or not isinstance(output_limit, int):
-                raise TypeError(f"output_limit must be an int, not {type(output_limit).__name__}")
-            if output_limit <= 0:
-                raise InvalidArgument(f"output_limit must be positive, not {output_limit}")
+        (16 MiB by default; past it the call raises :class:`LimitExceeded`); after
+        ``idle_standby`` seconds without calls the sandbox goes to standby by itself and the next
+        call wakes it (``None``: never); ``volumes`` maps guest paths to host directories (or
+        :class:`Volume`).
+
+        ``template`` names a built :class:`Template`: the sandbox resumes its snapshot under a
+        new id, on the template's tier (a different ``tier`` is an :class:`InvalidArgument`),
+        with everything else the template's; ``volumes`` then grants host directories to the
+        template's mount points (those left out show an empty, read-only directory)."""
+        if tier is not None:
+            if not isinstance(tier, str):
+                raise TypeError(f"tier must be a str, not {type(tier).__name__}")
+            if tier not in _TIERS:
+                raise InvalidArgument(
+                    f"unknown tier {tier!r}: use 'wasi' (Python sessions) or 'kvm' (Linux "
+                    "microVMs)"
+                )
         vols = _volumes(volumes)
         root = _store(store)
+        idle = _seconds("idle_standby", idle_standby)
+        if template is not None:
+            if not isinstance(template, str):
+                raise TypeError(f"template must be a str, not {type(template).__name__}")
+            given = [
+                name
+                for name, value in (
+                    ("image", image),
+                    ("memory_mib", memory_mib),
+                    ("timeout", timeout),
+                    ("env", env),
+                    ("output_limit", output_limit),
+                )
+                if value is not None
+            ]
+            if given:
+                raise InvalidArgument(
+                    f"{', '.join(given)} cannot be given with template=: a sandbox from a "
+                    "template has the template's; build a template with them"
+                )
+            return cls(_native.NativeSandbox.from_template(template, root, idle, vols, tier), root)
+        if image is not None:
+            if not isinstance(image, str):
+                raise TypeError(f"image must be a str, not {type(image).__name__}")
+            if tier is None:
+                tier = "kvm"
+            elif tier != "kvm":
+                raise InvalidArgument(
+                    f"image= is a Linux root filesystem, for tier='kvm', not {tier!r} (leave "
+                    "tier out)"
+                )
         native = _native.NativeSandbox.create(
-            tier,
+            tier or "wasi",
             root,
-            memory_mib,
+            _positive_int("memory_mib", memory_mib),
             _seconds("timeout", timeout),
-            _seconds("idle_standby", idle_standby),
+            idle,
             _env(env),
             vols,
-            output_limit,
+            _positive_int("output_limit", output_limit),
+            image,
         )
         return cls(native, root)
 
@@ -514,3 +559,147 @@ def delete_snapshot(snapshot_id: str, store: StrPath | None = None) -> None:
 def kvm_available() -> tuple[bool, str]:
     """Whether this host can run the KVM tier, and what it offers or lacks."""
     return _native.kvm_status()
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A built template, as :func:`list_templates` reports it."""
+
+    name: str
+    tier: Tier
+    snapshot_id: str
+    created: _dt.datetime
+
+
+class Template:
+    """An environment prepared once and resumed by every sandbox created from it
+    (``Sandbox.create(template=name)``)::
+
+        tpl = dormant.Template("www", image="minimal",
+                               files={"/www/index.html": "hello"},
+                               run=["mkdir -p /www/logs"],
+                               start="httpd -f -p 8080 -h /www", ready_port=8080)
+        tpl.build()                                   # cached by content hash
+        sb = dormant.Sandbox.create(template="www")   # a new sandbox from it
+
+    ``tier`` defaults to ``"kvm"`` when ``image`` is given, else ``"wasi"``. ``files`` maps
+    absolute guest paths to contents (``str`` or ``bytes``), written first. ``run`` steps are
+    shell commands on KVM (a non-zero exit fails the build) and code cells on WASI (an
+    exception fails it; variables and imports stay in the template). ``start`` is a shell
+    command left running in the background (KVM only); ``ready_port`` (something accepts TCP
+    on ``127.0.0.1:PORT`` in the guest) or ``ready_cmd`` (a shell command exits 0) says when it
+    is ready. ``volumes`` (as in :meth:`Sandbox.create`) are mounted while building; a sandbox
+    from the template gets them only where its ``volumes=`` grants them again. ``env`` and
+    ``memory_mib`` are as in :meth:`Sandbox.create`.
+
+    Names are 1-64 characters of letters, digits, ``.``, ``_`` and ``-``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        tier: Tier | None = None,
+        image: str | None = None,
+        files: Mapping[str, str | bytes] | None = None,
+        run: Sequence[str] | None = None,
+        start: str | None = None,
+        ready_port: int | None = None,
+        ready_cmd: str | None = None,
+        volumes: Mapping[str, StrPath | Volume] | None = None,
+        env: Mapping[str, str] | None = None,
+        memory_mib: int | None = None,
+    ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        if tier is None:
+            tier = "kvm" if image is not None else "wasi"
+        if not isinstance(tier, str) or tier not in _TIERS:
+            raise InvalidArgument(f"unknown tier {tier!r}: use 'wasi' or 'kvm'")
+        for what, value in (("image", image), ("start", start), ("ready_cmd", ready_cmd)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+        if isinstance(run, (str, bytes)):
+            raise TypeError("run must be a list of steps (str), not a single str")
+        steps = list(run or [])
+        if not all(isinstance(s, str) for s in steps):
+            raise TypeError("run steps must be str")
+        contents: list[tuple[str, bytes]] = []
+        if files is not None:
+            if not isinstance(files, Mapping):
+                raise TypeError("files must map guest paths to str or bytes")
+            for path, data in files.items():
+                if isinstance(data, str):
+                    data = data.encode()
+                elif not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"file {path!r}: contents must be str or bytes")
+                contents.append((_path(path), bytes(data)))
+        if ready_port is not None:
+            if isinstance(ready_port, bool) or not isinstance(ready_port, int):
+                raise TypeError(f"ready_port must be an int, not {type(ready_port).__name__}")
+            if not 1 <= ready_port <= 65535:
+                raise InvalidArgument(f"ready_port must be a TCP port (1-65535), not {ready_port}")
+        if ready_port is not None and ready_cmd is not None:
+            raise InvalidArgument("give ready_port or ready_cmd, not both")
+        self.name = name
+        self.tier: Tier = "kvm" if tier == "kvm" else "wasi"
+        self._image = image
+        self._files = contents
+        self._run = steps
+        self._start = start
+        self._ready_port = ready_port
+        self._ready_cmd = ready_cmd
+        self._volumes = _volumes(volumes)
+        self._env = _env(env)
+        self._memory_mib = _positive_int("memory_mib", memory_mib)
+        self._snapshot_id: str | None = None
+        self._built: bool | None = None
+
+    def build(self, store: StrPath | None = None) -> str:
+        """Builds the template into ``store`` and returns its snapshot id, or returns at once
+        when the same recipe (and the same runtime) was built before and its snapshot is still
+        there. A failing step raises :class:`TemplateBuildError` with the step and the end of
+        its output; nothing is recorded then."""
+        snapshot_id, built = _native.build_template(
+            self.name,
+            self.tier,
+            _store(store),
+            self._image,
+            self._memory_mib,
+            self._env,
+            self._volumes,
+            self._files,
+            self._run,
+            self._start,
+            self._ready_port,
+            self._ready_cmd,
+        )
+        self._snapshot_id = snapshot_id
+        self._built = built
+        return snapshot_id
+
+    @property
+    def snapshot_id(self) -> str | None:
+        """The snapshot of the last :meth:`build` (None before one)."""
+        return self._snapshot_id
+
+    @property
+    def built(self) -> bool | None:
+        """Whether the last :meth:`build` built the template (``False``: it reused the recorded
+        build; None before one)."""
+        return self._built
+
+    def __repr__(self) -> str:
+        return f"<dormant.Template {self.name!r} tier={self.tier} snapshot={self._snapshot_id}>"
+
+
+def list_templates(store: StrPath | None = None) -> list[TemplateInfo]:
+    """The templates built in the store, by name."""
+    return [
+        TemplateInfo(
+            name,
+            "kvm" if tier == "kvm" else "wasi",
+            snapshot_id,
+            _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc),
+        )
+        for name, tier, snapshot_id, ms in _native.list_templates(_store(store))
+    ]

@@ -169,6 +169,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A step of a template's build failed: a `run` step (a command that exited non-zero, code
+    /// that raised), the `start` command, or the wait for it to be ready. The build recorded
+    /// nothing and killed its sandbox. The details (boxed: they carry output) say which step
+    /// and how.
+    #[error("{0}")]
+    TemplateStep(Box<TemplateStepError>),
     /// A runtime component the sandbox needs is not installed; the message says how to get it.
     #[error("{what} not found: {hint}")]
     RuntimeMissing { what: &'static str, hint: String },
@@ -181,6 +187,52 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+}
+
+/// Most bytes of each output stream a [`Error::TemplateStep`] keeps (its end).
+pub const TEMPLATE_OUTPUT_TAIL: usize = 4096;
+
+/// Which step of a template's build failed, and how (the details of
+/// [`Error::TemplateStep`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateStepError {
+    /// The template's name.
+    pub template: String,
+    /// Which part of the recipe: `"run"`, `"start"` or `"ready"`.
+    pub stage: &'static str,
+    /// The failing `run` step's position in the recipe (0-based); `None` for the others.
+    pub index: Option<usize>,
+    /// The step as the recipe gives it (a shell command, code, the start command, or the
+    /// readiness check).
+    pub step: String,
+    /// The exit code of a command that exited non-zero.
+    pub exit_code: Option<i32>,
+    /// What went wrong, as a phrase: `exited with code 3`, `raised ZeroDivisionError:
+    /// division by zero`, `was not open after 300 s`.
+    pub reason: String,
+    /// The end of the step's output (standard output, then standard error), at most
+    /// [`TEMPLATE_OUTPUT_TAIL`] bytes of each.
+    pub output: String,
+}
+
+impl std::fmt::Display for TemplateStepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = match self.index {
+            Some(i) => format!("{}[{i}]", self.stage),
+            None => self.stage.to_owned(),
+        };
+        write!(
+            f,
+            "building template {:?} failed: {at} {:?} {}",
+            self.template, self.step, self.reason
+        )?;
+        if self.output.trim().is_empty() {
+            f.write_str(" (no output)")?;
+        } else {
+            write!(f, "; its output ends with:\n{}", self.output.trim_end())?;
+        }
+        f.write_str("\nNothing was recorded; fix the step and build again.")
+    }
 }
 
 /// A cause together with what it concerns (a path, a request), as the `source` of an

@@ -533,6 +533,14 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
+    /// Whether something in the guest accepts TCP connections on `127.0.0.1:port`.
+    pub fn port_open(&mut self, port: u16) -> Result<bool, ClientError> {
+        match self.request(&Request::PortOpen { port }, &[])? {
+            (Response::Exists { value }, _) => Ok(value),
+            (other, _) => Err(self.unexpected("port_open", &other)),
+        }
+    }
+
     /// `mkdir -p`.
     pub fn mkdir(&mut self, path: &str) -> Result<(), ClientError> {
         let req = Request::Mkdir {

@@ -152,6 +152,12 @@ pub enum Request {
     /// epoch; answered by `ok`. The host sends it after a resume (the guest's clock stood still
     /// while it slept).
     SetTime { unix_ns: u64 },
+    /// Whether something in the guest accepts TCP connections on `127.0.0.1:port`: one
+    /// connection attempt (at most 1 s), closed at once; answered by [`Response::Exists`].
+    PortOpen {
+        /// The TCP port.
+        port: u16,
+    },
     /// Mount a filesystem at `target` (created first, like `mkdir -p`); answered by `ok`.
     /// The host mounts its volumes (`fstype` `virtiofs`, `source` the slot's tag) this way.
     Mount {
@@ -229,9 +235,9 @@ pub enum Response {
         /// Directory entries, sorted by name.
         list: Vec<Entry>,
     },
-    /// Answer to `exists`.
+    /// Answer to `exists` and `port_open`.
     Exists {
-        /// Whether the path exists.
+        /// Whether the path exists (the port is open).
         value: bool,
     },
     /// A request failed; this is its final response and the connection stays usable (unless

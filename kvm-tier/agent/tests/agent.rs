@@ -367,6 +367,18 @@ fn background_output_is_bounded() {
 }
 
 #[test]
+fn port_open_tells_whether_a_local_server_listens() {
+    let mut c = connect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert!(c.port_open(port).unwrap());
+    drop(listener);
+    assert!(!c.port_open(port).unwrap());
+    // The connection is still usable.
+    assert!(c.hello().is_ok());
+}
+
+#[test]
 fn files() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_str().unwrap().to_string();

@@ -105,13 +105,14 @@ impl KvmSandbox {
         Ok(sb)
     }
 
-    /// Boots the image once per (image, RAM size) and keeps the booted guest as a snapshot.
-    fn base_snapshot(
-        store: &Arc<LocalStore>,
+    /// What a base snapshot is keyed by: everything that was booted (image contents, RAM,
+    /// disk, volume slots, kernel command line). Also the KVM runtime's
+    /// [`fingerprint`](dormant_core::Runtime::fingerprint), which templates' cache keys hold.
+    pub(crate) fn base_key(
         image: &GuestImage,
         spec: &SandboxSpec,
         opts: &KvmOptions,
-    ) -> Result<SnapshotId> {
+    ) -> Result<String> {
         // The command line is part of what was booted (a base booted with another one, e.g.
         // before a workaround was added to it, is not this base).
         let (cmdline, disk_size) = match &image.root {
@@ -121,14 +122,24 @@ impl KvmSandbox {
                 opts.disk_size,
             ),
         };
-        let key = format!(
+        Ok(format!(
             "kvm-{}-{}m-{}d-{}v-{}",
             image.fingerprint()?,
             spec.memory_limit >> 20,
             disk_size >> 20,
             FS_IRQS.len(),
             &blake3::hash(cmdline.as_bytes()).to_hex()[..8]
-        );
+        ))
+    }
+
+    /// Boots the image once per (image, RAM size) and keeps the booted guest as a snapshot.
+    fn base_snapshot(
+        store: &Arc<LocalStore>,
+        image: &GuestImage,
+        spec: &SandboxSpec,
+        opts: &KvmOptions,
+    ) -> Result<SnapshotId> {
+        let key = Self::base_key(image, spec, opts)?;
         let dir = store.root().join("bases");
         let record = dir.join(&key);
         let _lock = {

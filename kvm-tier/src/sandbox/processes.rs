@@ -1,6 +1,7 @@
 //! Background processes in the guest: [`KvmSandbox::spawn`], [`KvmSandbox::wait`] (asked in
 //! slices of at most [`WAIT_SLICE`], each under its own host-side deadline),
-//! [`KvmSandbox::signal`] and [`KvmSandbox::output`]. The guest agent keeps them in its
+//! [`KvmSandbox::signal`] and [`KvmSandbox::output`]; [`KvmSandbox::listening`] tells when a
+//! server among them accepts connections. The guest agent keeps them in its
 //! process table, which snapshots keep: a resumed sandbox still knows them.
 
 use std::time::{Duration, Instant};
@@ -50,6 +51,20 @@ impl KvmSandbox {
     pub fn signal(&mut self, pid: u32, signal: i32) -> Result<()> {
         let r = self.agent(Operation::Exec)?.signal(pid, signal);
         r.map_err(|e| self.failed(e, self.opts.request_timeout, "signal", &pid.to_string()))
+    }
+
+    /// Whether something in the guest accepts TCP connections on `127.0.0.1:port` (one
+    /// connection attempt by the agent, closed at once).
+    pub fn listening(&mut self, port: u16) -> Result<bool> {
+        let r = self.agent(Operation::Exec)?.port_open(port);
+        r.map_err(|e| {
+            self.failed(
+                e,
+                self.opts.request_timeout,
+                "probe port",
+                &port.to_string(),
+            )
+        })
     }
 
     /// Takes a background process's output since the previous call: (stdout, stderr, running).

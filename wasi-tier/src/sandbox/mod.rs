@@ -310,6 +310,10 @@ impl Runtime for WasiRuntime {
         Tier::Wasi
     }
 
+    fn fingerprint(&self, spec: &SandboxSpec) -> Result<String> {
+        WasiRuntime::fingerprint(self, &spec.workload)
+    }
+
     fn create(&self, store: Arc<LocalStore>, spec: SandboxSpec) -> Result<Box<dyn Sandbox>> {
         Ok(Box::new(WasiRuntime::create(self, store, spec)?))
     }

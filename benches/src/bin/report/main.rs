@@ -14,6 +14,7 @@
 mod analysis;
 mod checkpoint_cost;
 mod coding_agent;
+mod coding_image;
 mod criterion;
 mod ctx;
 mod density;
@@ -45,6 +46,13 @@ struct Opts {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("child-kvm") && args.len() == 5 {
+        if let Err(e) = coding_image::child_kvm(&args[2], &args[3], &args[4]) {
+            eprintln!("child: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("child-wasi") {
         if let Err(e) = analysis::child_wasi(&args[2], &args[3]) {
             eprintln!("child: {e}");
@@ -97,6 +105,7 @@ fn run(o: Opts) -> Res<()> {
     fork::run(&mut cx)?;
     density::run(&mut cx)?;
     python_overhead::run(&mut cx)?;
+    coding_image::run(&mut cx)?;
     criterion::run(&mut cx);
     let (o, r) = (&cx.opts, &cx.report);
 

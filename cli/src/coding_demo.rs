@@ -18,13 +18,14 @@ use dormant::{
 
 const APP: &str = r#"import http.server, json, subprocess
 
+HEAD = subprocess.run(["git", "-C", "/root/app", "log", "-1", "--format=%h %s"],
+                      capture_output=True, text=True).stdout.strip()
+
 class Shop(http.server.BaseHTTPRequestHandler):
     hits = 0
     def do_GET(self):
         Shop.hits += 1
-        head = subprocess.run(["git", "-C", "/root/app", "log", "-1", "--format=%h %s"],
-                              capture_output=True, text=True).stdout.strip()
-        body = json.dumps({"service": "shop-api", "hits": Shop.hits, "commit": head}).encode()
+        body = json.dumps({"service": "shop-api", "hits": Shop.hits, "commit": HEAD}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()

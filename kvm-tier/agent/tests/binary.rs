@@ -74,9 +74,13 @@ fn binary_serves_a_unix_socket() {
     assert_eq!(info.pid, agent.child.id());
 
     let out = c
-        .exec_collect(&["sh", "-c", "echo $PATH $HOME"], &[], None, b"", None)
+        .exec_collect(&["sh", "-c", "echo $PATH $HOME $LANG"], &[], None, b"", None)
         .unwrap();
-    assert_eq!(out.stdout, b"/usr/sbin:/usr/bin:/sbin:/bin /root\n");
+    // A login environment where none was given.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin /root C.UTF-8\n"
+    );
     let out = c
         .exec_collect(&["echo", "hello"], &[], None, b"", None)
         .unwrap();

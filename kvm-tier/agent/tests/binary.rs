@@ -74,7 +74,13 @@ fn binary_serves_a_unix_socket() {
     assert_eq!(info.pid, agent.child.id());
 
     let out = c
-        .exec_collect(&["sh", "-c", "echo $PATH $HOME $LANG"], &[], None, b"", None)
+        .exec_collect(
+            &["sh", "-c", "echo $PATH $HOME $LANG"],
+            &[],
+            None,
+            b"",
+            None,
+        )
         .unwrap();
     // A login environment where none was given.
     assert_eq!(

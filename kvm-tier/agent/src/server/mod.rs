@@ -41,11 +41,14 @@
 //! - `files`: the file operations (`read_file`, `write_file`, `list`, `remove`, `exists`,
 //!   `mkdir`).
 //! - `system`: the guest's clock, mounts and `sync`.
+//! - `python`: `run_code`, cells in the agent's persistent Python interpreter (with its driver,
+//!   `python/repl.py`, and the pipe protocol to it, `python/pipe.rs`).
 
 mod capture;
 mod exec;
 mod files;
 mod processes;
+pub mod python;
 mod reply;
 mod system;
 mod table;
@@ -85,6 +88,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "sync",
     "set_time",
     "mount",
+    "run_code",
 ];
 
 /// Once a process has exited, how long to keep reading output that grandchildren holding its
@@ -203,6 +207,10 @@ fn serve<S: Read + Write>(
                 timeout_ms,
                 data,
             ),
+            Request::RunCode {
+                timeout_ms,
+                output_limit,
+            } => python::run_code(table, hangup, data, timeout_ms, output_limit),
             other => handle(table, other, data),
         };
         match result {
@@ -230,6 +238,7 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
         }
         // Served by `serve_connection` (it streams).
         Request::Exec { .. } => Err(Failure::reply(error_kind::INVALID, "exec not here")),
+        Request::RunCode { .. } => Err(Failure::reply(error_kind::INVALID, "run_code not here")),
         Request::Spawn {
             argv,
             env,
@@ -318,6 +327,10 @@ mod tests {
                 target: "/x".into(),
                 fstype: "virtiofs".into(),
                 read_only: false,
+            },
+            Request::RunCode {
+                timeout_ms: None,
+                output_limit: None,
             },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());

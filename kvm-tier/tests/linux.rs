@@ -477,7 +477,8 @@ fn the_kvm_runtime_gives_sandboxes_with_every_capability_behind_the_contract() {
     let (o, _, running) = m.output(pid).unwrap();
     assert_eq!((&o[..], running), (&b"from the background\n"[..], false));
 
-    // Its interrupt kills a command and keeps the sandbox; run_code is not here yet.
+    // Its interrupt kills a command and keeps the sandbox; run_code needs an image with
+    // python3, which the minimal one lacks.
     assert!(m.interrupter().unwrap().stops_commands());
     let r = m.run_code_with_timeout("1", Some(Duration::from_secs(5)));
     assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
@@ -490,6 +491,25 @@ fn the_kvm_runtime_gives_sandboxes_with_every_capability_behind_the_contract() {
     kids[0].write_file("/root/mark", b"child").unwrap();
     assert_eq!(kids[1].read_file("/root/mark").unwrap(), b"parent");
     assert_eq!(m.read_file("/root/mark").unwrap(), b"parent");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn run_code_on_an_image_without_python_is_unsupported_and_names_one_with_it() {
+    let mut sb = fresh();
+    for timeout in [None, Some(Duration::from_secs(30))] {
+        match sb.run_code_with_timeout("1 + 1", timeout) {
+            Err(e @ Error::Unsupported { op: "run_code", .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("\"minimal\" image"), "{msg}");
+                assert!(msg.contains("no python3"), "{msg}");
+                assert!(msg.contains("image=\"coding\""), "{msg}");
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+    // The sandbox goes on.
+    assert_eq!(sh(&mut sb, "echo still here"), ("still here\n".into(), 0));
 }
 
 #[test]

@@ -267,6 +267,25 @@ impl<S: Read + Write> Client<S> {
         Ok(out)
     }
 
+    /// Splits an answer's payload: `stdout_len` bytes of stdout, then stderr.
+    fn split_streams(
+        &mut self,
+        op: &str,
+        stdout_len: u32,
+        mut data: Vec<u8>,
+    ) -> Result<(Vec<u8>, Vec<u8>), ClientError> {
+        let split = stdout_len as usize;
+        if split > data.len() {
+            self.broken = true;
+            return Err(ClientError::Protocol(format!(
+                "the answer to {op} claims {split} bytes of stdout in a payload of {}",
+                data.len()
+            )));
+        }
+        let stderr = data.split_off(split);
+        Ok((data, stderr))
+    }
+
     fn expect_ok(&mut self, op: &str, req: &Request, data: &[u8]) -> Result<(), ClientError> {
         match self.request(req, data)? {
             (Response::Ok {}, _) => Ok(()),
@@ -412,24 +431,12 @@ impl<S: Read + Write> Client<S> {
                     timed_out,
                     lost,
                 },
-                mut data,
+                data,
             ) => {
-                let split = stdout_len as usize;
-                if split > data.len() {
-                    let resp = Response::Executed {
-                        error,
-                        stdout_len,
-                        stdout_over,
-                        stderr_over,
-                        timed_out,
-                        lost,
-                    };
-                    return Err(self.unexpected("run_code", &resp));
-                }
-                let stderr = data.split_off(split);
+                let (stdout, stderr) = self.split_streams("run_code", stdout_len, data)?;
                 Ok(CellOutput {
                     error,
-                    stdout: data,
+                    stdout,
                     stderr,
                     stdout_over,
                     stderr_over,
@@ -475,22 +482,12 @@ impl<S: Read + Write> Client<S> {
                     dropped_stderr,
                     stdout_len,
                 },
-                mut data,
+                data,
             ) => {
-                let split = stdout_len as usize;
-                if split > data.len() {
-                    let resp = Response::Output {
-                        running,
-                        dropped_stdout,
-                        dropped_stderr,
-                        stdout_len,
-                    };
-                    return Err(self.unexpected("output", &resp));
-                }
-                let stderr = data.split_off(split);
+                let (stdout, stderr) = self.split_streams("output", stdout_len, data)?;
                 Ok(ProcessOutput {
                     running,
-                    stdout: data,
+                    stdout,
                     stderr,
                     dropped_stdout,
                     dropped_stderr,

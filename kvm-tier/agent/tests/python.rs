@@ -33,6 +33,18 @@ fn run(c: &mut Client<UnixStream>, code: &str) -> CellOutput {
         .unwrap()
 }
 
+/// Waits (generously) until a cell has created `path`.
+fn wait_for(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path:?} never appeared"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn stdout(out: &CellOutput) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
@@ -137,15 +149,10 @@ fn a_timeout_interrupts_the_cell_and_keeps_the_session() {
     let mut c = connect();
     run(&mut c, "timeout_v = 5");
     let out = c
-        .run_code(
-            "print('started', flush=True)\nwhile True: pass",
-            Some(Duration::from_millis(300)),
-            None,
-        )
+        .run_code("while True: pass", Some(Duration::from_millis(300)), None)
         .unwrap();
     assert!(out.timed_out && !out.lost, "{out:?}");
     assert_eq!(out.error.clone().unwrap().name, "KeyboardInterrupt");
-    assert_eq!(stdout(&out), "started\n");
     assert_eq!(stdout(&run(&mut c, "timeout_v")), "5\n");
     // A cell in a child process: the interrupt goes to the whole group.
     let out = c
@@ -163,13 +170,12 @@ fn a_timeout_interrupts_the_cell_and_keeps_the_session() {
 fn a_cell_that_ignores_its_interrupt_is_killed_and_the_next_starts_afresh() {
     let _s = serial();
     let mut c = connect();
-    run(&mut c, "ignore_v = 1");
+    run(
+        &mut c,
+        "ignore_v = 1\nimport signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)",
+    );
     let out = c
-        .run_code(
-            "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
-            Some(Duration::from_millis(200)),
-            None,
-        )
+        .run_code("while True: pass", Some(Duration::from_millis(200)), None)
         .unwrap();
     assert!(out.timed_out && out.lost, "{out:?}");
     let err = out.error.unwrap();
@@ -219,8 +225,11 @@ fn a_host_that_goes_away_interrupts_its_cell() {
         timeout_ms: None,
         output_limit: None,
     };
-    proto::write_frame(&mut raw, &req, b"hang_v = 10\nwhile True: pass").unwrap();
-    thread::sleep(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("running");
+    let code = format!("hang_v = 10\nopen({marker:?}, 'w').close()\nwhile True: pass");
+    proto::write_frame(&mut raw, &req, code.as_bytes()).unwrap();
+    wait_for(&marker);
     drop(raw);
     // The next connection's cell waits for the interrupted one, then sees the session.
     let mut c = connect();
@@ -242,11 +251,15 @@ fn bad_code_is_refused_and_cells_wait_their_turn() {
         .unwrap_err();
     assert_eq!(err.agent_kind(), Some("invalid"));
     // Two connections at once: the second cell waits for the first.
-    let t = thread::spawn(|| {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("running");
+    let code =
+        format!("import time\nopen({marker:?}, 'w').close()\ntime.sleep(0.5)\nturn_v = 'first'");
+    let t = thread::spawn(move || {
         let mut c = connect();
-        run(&mut c, "import time\ntime.sleep(0.5)\nturn_v = 'first'")
+        run(&mut c, &code)
     });
-    thread::sleep(Duration::from_millis(100));
+    wait_for(&marker);
     let out = run(&mut c, "turn_v");
     assert_eq!(t.join().unwrap().error, None);
     assert_eq!(stdout(&out), "'first'\n");

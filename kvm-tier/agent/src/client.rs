@@ -420,8 +420,24 @@ impl<S: Read + Write> Client<S> {
         let req = Request::RunCode {
             timeout_ms: timeout.map(millis),
             output_limit: output_limit.map(|l| u64::try_from(l).unwrap_or(u64::MAX)),
+            reseed: false,
         };
-        match self.request(&req, code.as_bytes())? {
+        self.run_code_request(&req, code)
+    }
+
+    /// [`Client::run_code`] of a request built by the caller (a [`Request::RunCode`], e.g. with
+    /// `reseed` set).
+    pub fn run_code_request(
+        &mut self,
+        req: &Request,
+        code: &str,
+    ) -> Result<CellOutput, ClientError> {
+        if !matches!(req, Request::RunCode { .. }) {
+            return Err(ClientError::Protocol(format!(
+                "run_code_request takes a run_code request, not {req:?}"
+            )));
+        }
+        match self.request(req, code.as_bytes())? {
             (
                 Response::Executed {
                     error,

@@ -182,6 +182,11 @@ pub enum Request {
         /// flagged. At most (and by default) [`RUN_CODE_OUTPUT_MAX`].
         #[serde(default)]
         output_limit: Option<u64>,
+        /// Before the cell, reseed the interpreter's `random` (and numpy's, if imported) from
+        /// the guest's entropy pool: the host sets it on the first cell after a resume, so
+        /// that forks and repeated resumes of one snapshot do not share random streams.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reseed: bool,
     },
 }
 

@@ -224,6 +224,7 @@ fn a_host_that_goes_away_interrupts_its_cell() {
     let req = Request::RunCode {
         timeout_ms: None,
         output_limit: None,
+        reseed: false,
     };
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("running");
@@ -245,6 +246,7 @@ fn bad_code_is_refused_and_cells_wait_their_turn() {
             &Request::RunCode {
                 timeout_ms: None,
                 output_limit: None,
+                reseed: false,
             },
             b"\xff\xfe",
         )
@@ -268,4 +270,31 @@ fn bad_code_is_refused_and_cells_wait_their_turn() {
     thread::spawn(move || serve_connection(theirs, ProcessTable::global()));
     let mut c = Client::new(ours);
     assert_eq!(stdout(&run(&mut c, "turn_v")), "'first'\n");
+}
+
+#[test]
+fn a_reseeding_cell_gets_fresh_random_streams() {
+    let _s = serial();
+    let mut c = connect();
+    let draw = |c: &mut Client<UnixStream>, reseed: bool| {
+        run(c, "import random\nrandom.seed(7)");
+        let req = Request::RunCode {
+            timeout_ms: None,
+            output_limit: None,
+            reseed,
+        };
+        let out = c.run_code_request(&req, "random.random()").unwrap();
+        assert_eq!(out.error, None);
+        stdout(&out)
+    };
+    let seeded = draw(&mut c, false);
+    assert_eq!(
+        draw(&mut c, false),
+        seeded,
+        "the same seed, the same stream"
+    );
+    assert_ne!(draw(&mut c, true), seeded, "reseeded from the entropy pool");
+    // Not a run_code request: refused without sending.
+    assert!(c.run_code_request(&Request::Sync {}, "1").is_err());
+    assert_eq!(stdout(&run(&mut c, "1")), "1\n");
 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use dormant_agent::client::ClientError;
-use dormant_agent::proto::{MAX_DATA, RUN_CODE_OUTPUT_MAX, error_kind};
+use dormant_agent::proto::{MAX_DATA, RUN_CODE_OUTPUT_MAX, Request, error_kind};
 use dormant_core::lifecycle::Operation;
 use dormant_core::{Error, Execution, ExecutionError, Result};
 
@@ -34,14 +34,23 @@ impl KvmSandbox {
         let bound = limit
             .saturating_add(EXEC_GRACE)
             .saturating_add(self.opts.request_timeout.saturating_mul(REQUEST_CAP));
+        let req = Request::RunCode {
+            timeout_ms: Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
+            output_limit: Some(u64::try_from(output_limit).unwrap_or(u64::MAX)),
+            reseed: self.reseed,
+        };
         let client = self.agent(Operation::RunCode)?;
         let stream = client.get_mut();
         // A quiet cell is fine until its timeout.
         stream.set_read_timeout(None);
         stream.set_deadline(Instant::now().checked_add(bound));
-        let r = client.run_code(code, Some(limit), Some(output_limit));
+        let r = client.run_code_request(&req, code);
         let out = match r {
-            Ok(out) => out,
+            Ok(out) => {
+                // The agent ran the cell, so it reseeded if asked.
+                self.reseed = false;
+                out
+            }
             Err(e) if e.is_not_found() => return Err(self.no_python()),
             Err(e) if e.agent_kind() == Some(error_kind::UNSUPPORTED) => {
                 return Err(Error::Unsupported {

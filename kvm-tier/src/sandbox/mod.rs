@@ -112,6 +112,8 @@ pub struct KvmSandbox {
     opts: KvmOptions,
     /// What [`KvmSandbox::interrupter`] raises.
     calls: Arc<CallControl>,
+    /// The next `run_code` reseeds the guest interpreter's PRNGs (set by every resume).
+    reseed: bool,
 }
 
 impl std::fmt::Debug for KvmSandbox {
@@ -151,6 +153,7 @@ impl KvmSandbox {
             unsaved: snapshot::Unsaved::default(),
             opts,
             calls: Arc::default(),
+            reseed: false,
         }
     }
 

@@ -210,7 +210,17 @@ fn serve<S: Read + Write>(
             Request::RunCode {
                 timeout_ms,
                 output_limit,
-            } => python::run_code(table, hangup, data, timeout_ms, output_limit),
+                reseed,
+            } => python::run_code(
+                table,
+                hangup,
+                data,
+                &python::Cell {
+                    timeout_ms,
+                    output_limit,
+                    reseed,
+                },
+            ),
             other => handle(table, other, data),
         };
         match result {
@@ -331,6 +341,7 @@ mod tests {
             Request::RunCode {
                 timeout_ms: None,
                 output_limit: None,
+                reseed: false,
             },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());

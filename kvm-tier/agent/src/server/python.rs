@@ -59,13 +59,19 @@ const MAX_TRACEBACK: usize = 64 << 10;
 /// The agent's interpreter, when one is running; the lock is what lets one cell run at a time.
 static SESSION: Mutex<Option<Interpreter>> = Mutex::new(None);
 
+/// A `run_code` request's settings (see [`crate::proto::Request::RunCode`]).
+pub(super) struct Cell {
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) output_limit: Option<u64>,
+    pub(super) reseed: bool,
+}
+
 /// Runs `code` as one cell (see the module docs).
 pub(super) fn run_code(
     table: &ProcessTable,
     hangup: Option<RawFd>,
     code: Vec<u8>,
-    timeout_ms: Option<u64>,
-    output_limit: Option<u64>,
+    cell: &Cell,
 ) -> OpResult {
     let Ok(code) = String::from_utf8(code) else {
         return Err(Failure::reply(
@@ -73,13 +79,13 @@ pub(super) fn run_code(
             "run_code's code is not valid UTF-8",
         ));
     };
-    let Some(message) = pipe::request(&code) else {
+    let Some(message) = pipe::request(&code, cell.reseed) else {
         return Err(Failure::reply(
             error_kind::INVALID,
             "run_code's code is too long",
         ));
     };
-    let limit = output_limit.map_or(RUN_CODE_OUTPUT_MAX, |l| {
+    let limit = cell.output_limit.map_or(RUN_CODE_OUTPUT_MAX, |l| {
         usize::try_from(l).map_or(RUN_CODE_OUTPUT_MAX, |l| l.min(RUN_CODE_OUTPUT_MAX))
     });
     let mut session = lock(&SESSION);
@@ -107,7 +113,9 @@ pub(super) fn run_code(
     if let Err(e) = spawned {
         return Err(Failure::io("starting the run_code input thread", &e));
     }
-    let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    let deadline = cell
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
     let ended = interp.wait(table, hangup, deadline);
     let (stdout, stderr) = {
         let mut st = lock(&interp.shared.state);

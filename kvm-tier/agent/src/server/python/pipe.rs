@@ -2,11 +2,11 @@
 //! length-prefixed message:
 //!
 //! ```text
-//! agent → driver (a cell):   u32 LE len | len bytes of Python source (UTF-8)
+//! agent → driver (a cell):   u32 LE len | u8 flags | len bytes of Python source (UTF-8)
 //! driver → agent (its end):  u32 LE len | len bytes of JSON {"error": null | {name, value, traceback}}
 //! ```
 //!
-//! Before the first cell the agent also sends the driver itself, unframed (the interpreter's
+//! `flags` bit 0 ([`RESEED`]): reseed the interpreter's PRNGs before the cell. Before the first cell the agent also sends the driver itself, unframed (the interpreter's
 //! bootstrap reads exactly its length). The driver is code in the guest that the guest's user
 //! can change (it runs in the same interpreter as their cells), so what it sends is untrusted:
 //! a reply longer than [`MAX_REPLY`] is refused before anything is allocated for it, and
@@ -106,12 +106,16 @@ impl ReplyDecoder {
     }
 }
 
-/// The message that hands `code` to the driver. `None` when it is longer than a `u32` can say
-/// (the agent's frames cap it far lower).
-pub(crate) fn request(code: &str) -> Option<Vec<u8>> {
+/// The request flag that has the driver reseed `random` (and numpy's) before the cell.
+const RESEED: u8 = 1;
+
+/// The message that hands `code` to the driver (`reseed`: see [`RESEED`]). `None` when it is
+/// longer than a `u32` can say (the agent's frames cap it far lower).
+pub(crate) fn request(code: &str, reseed: bool) -> Option<Vec<u8>> {
     let len = u32::try_from(code.len()).ok()?;
-    let mut msg = Vec::with_capacity(4 + code.len());
+    let mut msg = Vec::with_capacity(5 + code.len());
     msg.extend_from_slice(&len.to_le_bytes());
+    msg.push(if reseed { RESEED } else { 0 });
     msg.extend_from_slice(code.as_bytes());
     Some(msg)
 }
@@ -158,8 +162,10 @@ mod tests {
 
     #[test]
     fn requests_carry_their_length() {
-        let r = request("print(1)").unwrap();
+        let r = request("print(1)", false).unwrap();
         assert_eq!(&r[..4], &8u32.to_le_bytes());
-        assert_eq!(&r[4..], b"print(1)");
+        assert_eq!(r[4], 0);
+        assert_eq!(&r[5..], b"print(1)");
+        assert_eq!(request("", true).unwrap(), [0, 0, 0, 0, RESEED]);
     }
 }

@@ -2,7 +2,8 @@
 #
 # The agent starts `python3 -u -c BOOTSTRAP`, whose bootstrap reads this file from the request
 # pipe (descriptor _R) and runs it in __main__, with _R and _W (the reply pipe) set as globals.
-# The protocol is in python/pipe.rs: a cell arrives as `u32 LE len | UTF-8 source`; the answer
+# The protocol is in python/pipe.rs: a cell arrives as `u32 LE len | u8 flags | UTF-8 source`
+# (flags bit 0: reseed the PRNGs first, the first cell after a resume); the answer
 # is `u32 LE len | JSON {"error": ...}`. The cell's output is not in the answer: it goes to
 # descriptors 1 and 2 (unbuffered, `-u`), which the agent reads, so `print`, `os.write(1, ...)`
 # and subprocesses all land in the cell's stdout/stderr in the order they were written. The
@@ -117,9 +118,22 @@ def _dormant_serve():
                     pass
         return error
 
+    def reseed():
+        # As the WASI tier's `reseed`: fresh PRNG state from the (host-refreshed) entropy pool.
+        mods = _sys.modules
+        if "random" in mods:
+            mods["random"].seed()
+        if "numpy" in mods:
+            try:
+                mods["numpy"].random.seed()
+            except Exception:
+                pass
+
     while True:
-        (n,) = struct.unpack("<I", read_exact(4))
+        n, flags = struct.unpack("<IB", read_exact(5))
         src = read_exact(n).decode("utf-8", "replace")
+        if flags & 1:
+            reseed()
         in_cell[0] = True
         try:
             error = run(src)

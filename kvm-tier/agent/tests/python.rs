@@ -137,8 +137,10 @@ fn output_over_the_limit_is_dropped_and_flagged() {
     assert_eq!(stderr(&out), format!("{}\n", "y".repeat(10)));
     // The cell ran to its end, and the session goes on.
     assert_eq!(stdout(&run(&mut c, "over_v")), "1\n");
-    // A limit above the agent's cap is lowered to it.
-    let out = c.run_code("print('ok')", None, Some(usize::MAX)).unwrap();
+    // A limit above the agent's cap is lowered to it; a timeout past any clock is none.
+    let out = c
+        .run_code("print('ok')", Some(Duration::MAX), Some(usize::MAX))
+        .unwrap();
     assert_eq!(stdout(&out), "ok\n");
     const { assert!(RUN_CODE_OUTPUT_MAX <= 8 << 20) };
 }

@@ -11,6 +11,9 @@ use dormant_core::{Error, Execution, ExecutionError, Result};
 
 use super::{EXEC_GRACE, KvmSandbox, REQUEST_CAP};
 
+/// Code longer than this may take a request's bound to send (the guest grants vsock credit
+/// as it reads); shorter code goes out at once.
+const LARGE_CODE: usize = 64 << 10;
 /// The image a sandbox runs when its spec names none.
 const DEFAULT_IMAGE: &str = "minimal";
 
@@ -30,10 +33,12 @@ impl KvmSandbox {
         let limit = timeout.unwrap_or(self.spec.call_timeout);
         let output_limit = self.spec.output_limit.min(RUN_CODE_OUTPUT_MAX);
         // As for `exec`: the agent interrupts the cell at `limit` and answers; the host gives it
-        // EXEC_GRACE more, plus the bound of a request to send the code.
-        let bound = limit
-            .saturating_add(EXEC_GRACE)
-            .saturating_add(self.opts.request_timeout.saturating_mul(REQUEST_CAP));
+        // EXEC_GRACE more, plus, for code larger than one vsock credit window, the bound of a
+        // request to send it (as `exec` does for its stdin).
+        let mut bound = limit.saturating_add(EXEC_GRACE);
+        if code.len() > LARGE_CODE {
+            bound = bound.saturating_add(self.opts.request_timeout.saturating_mul(REQUEST_CAP));
+        }
         let req = Request::RunCode {
             timeout_ms: Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
             output_limit: Some(u64::try_from(output_limit).unwrap_or(u64::MAX)),

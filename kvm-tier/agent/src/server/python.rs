@@ -113,9 +113,10 @@ pub(super) fn run_code(
     if let Err(e) = spawned {
         return Err(Failure::io("starting the run_code input thread", &e));
     }
+    // A timeout too far to represent is none.
     let deadline = cell
         .timeout_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
+        .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
     let ended = interp.wait(table, hangup, deadline);
     let (stdout, stderr) = {
         let mut st = lock(&interp.shared.state);

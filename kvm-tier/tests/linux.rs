@@ -521,15 +521,17 @@ fn two_resumes_of_one_snapshot_are_independent() {
     let (a, b) = kids.split_at_mut(1);
     let (a, b) = (&mut a[0], &mut b[0]);
     assert_ne!(a.id(), b.id());
+    // Their randomness differs at once (the entropy from the host mixed in on resume reseeds
+    // the kernel's CRNG; before it did, two forks read the same bytes until the CRNG's own
+    // reseed came, up to a minute later).
+    let ra = sh(a, "head -c 16 /dev/urandom | od -An -tx1").0;
+    let rb = sh(b, "head -c 16 /dev/urandom | od -An -tx1").0;
+    assert_ne!(ra, rb);
     a.write_file("/root/shared.txt", b"changed by a").unwrap();
     sh(a, "echo only in a > /root/a-only");
     assert_eq!(b.read_file("/root/shared.txt").unwrap(), b"before");
     assert!(!b.exists("/root/a-only").unwrap());
     assert_eq!(sb.read_file("/root/shared.txt").unwrap(), b"before");
-    // Their randomness differs (entropy from the host mixed in on resume).
-    let ra = sh(a, "head -c 16 /dev/urandom | od -An -tx1").0;
-    let rb = sh(b, "head -c 16 /dev/urandom | od -An -tx1").0;
-    assert_ne!(ra, rb);
 }
 
 #[test]

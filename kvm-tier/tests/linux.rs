@@ -477,7 +477,8 @@ fn the_kvm_runtime_gives_sandboxes_with_every_capability_behind_the_contract() {
     let (o, _, running) = m.output(pid).unwrap();
     assert_eq!((&o[..], running), (&b"from the background\n"[..], false));
 
-    // Its interrupt kills a command and keeps the sandbox; run_code is not here yet.
+    // Its interrupt kills a command and keeps the sandbox; run_code needs an image with
+    // python3, which the minimal one lacks.
     assert!(m.interrupter().unwrap().stops_commands());
     let r = m.run_code_with_timeout("1", Some(Duration::from_secs(5)));
     assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
@@ -494,6 +495,25 @@ fn the_kvm_runtime_gives_sandboxes_with_every_capability_behind_the_contract() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn run_code_on_an_image_without_python_is_unsupported_and_names_one_with_it() {
+    let mut sb = fresh();
+    for timeout in [None, Some(Duration::from_secs(30))] {
+        match sb.run_code_with_timeout("1 + 1", timeout) {
+            Err(e @ Error::Unsupported { op: "run_code", .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("\"minimal\" image"), "{msg}");
+                assert!(msg.contains("no python3"), "{msg}");
+                assert!(msg.contains("image=\"coding\""), "{msg}");
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+    // The sandbox goes on.
+    assert_eq!(sh(&mut sb, "echo still here"), ("still here\n".into(), 0));
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn two_resumes_of_one_snapshot_are_independent() {
     let mut sb = fresh();
     sb.write_file("/root/shared.txt", b"before").unwrap();
@@ -501,15 +521,17 @@ fn two_resumes_of_one_snapshot_are_independent() {
     let (a, b) = kids.split_at_mut(1);
     let (a, b) = (&mut a[0], &mut b[0]);
     assert_ne!(a.id(), b.id());
+    // Their randomness differs at once (the entropy from the host mixed in on resume reseeds
+    // the kernel's CRNG; before it did, two forks read the same bytes until the CRNG's own
+    // reseed came, up to a minute later).
+    let ra = sh(a, "head -c 16 /dev/urandom | od -An -tx1").0;
+    let rb = sh(b, "head -c 16 /dev/urandom | od -An -tx1").0;
+    assert_ne!(ra, rb);
     a.write_file("/root/shared.txt", b"changed by a").unwrap();
     sh(a, "echo only in a > /root/a-only");
     assert_eq!(b.read_file("/root/shared.txt").unwrap(), b"before");
     assert!(!b.exists("/root/a-only").unwrap());
     assert_eq!(sb.read_file("/root/shared.txt").unwrap(), b"before");
-    // Their randomness differs (entropy from the host mixed in on resume).
-    let ra = sh(a, "head -c 16 /dev/urandom | od -An -tx1").0;
-    let rb = sh(b, "head -c 16 /dev/urandom | od -An -tx1").0;
-    assert_ne!(ra, rb);
 }
 
 #[test]

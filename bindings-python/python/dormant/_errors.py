@@ -39,7 +39,7 @@ class KvmUnavailable(SandboxError):
 
 
 class Unsupported(SandboxError):
-    """This tier does not support the operation."""
+    """This tier (or this sandbox's image) does not support the operation."""
 
 
 class RuntimeMissing(SandboxError):

@@ -485,9 +485,13 @@ class Sandbox:
         return self._store
 
     def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
-        """Runs Python code in the session (WASI tier); variables, imports and data persist
-        between calls. An exception in the code is a result (``.error``), not raised.
-        Ctrl-C interrupts it (the sandbox is then poisoned: resume a snapshot)."""
+        """Runs Python code in the session; variables, imports and data persist between calls
+        (and across standby and resume). On the KVM tier the session is a ``python3`` in the
+        guest, started by the first call; an image without python3 raises
+        :class:`Unsupported` (create the sandbox with ``image="coding"``). An exception in the
+        code is a result (``.error``), not raised; ``timeout`` raises :class:`SandboxTimeout`.
+        Ctrl-C interrupts it (WASI: the sandbox is then poisoned, resume a snapshot; KVM: the
+        cell gets a ``KeyboardInterrupt`` and the session goes on)."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         out, err, error = self._native.run_code(code, _seconds("timeout", timeout))

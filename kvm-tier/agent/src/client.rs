@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::time::Duration;
 
 use crate::proto::{
-    self, Entry, FrameError, MAX_DATA, PROTOCOL_VERSION, ProcessInfo, Request, Response,
+    self, CellError, Entry, FrameError, MAX_DATA, PROTOCOL_VERSION, ProcessInfo, Request, Response,
 };
 
 /// A failed client call.
@@ -115,6 +115,26 @@ pub struct ProcessOutput {
     pub dropped_stdout: u64,
     /// Stderr bytes dropped so far, cumulative.
     pub dropped_stderr: u64,
+}
+
+/// What `run_code` returns: one cell's output and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellOutput {
+    /// The exception the cell raised (with `lost`: why the session ended), or `None`.
+    pub error: Option<CellError>,
+    /// The cell's stdout (at most the request's output limit).
+    pub stdout: Vec<u8>,
+    /// Its stderr.
+    pub stderr: Vec<u8>,
+    /// More stdout than the limit was written; the rest was dropped.
+    pub stdout_over: bool,
+    /// More stderr than the limit was written.
+    pub stderr_over: bool,
+    /// The cell ran past its timeout and was interrupted (or, with `lost`, killed).
+    pub timed_out: bool,
+    /// The interpreter ended during the cell: its variables are gone, the next `run_code`
+    /// starts a fresh one.
+    pub lost: bool,
 }
 
 /// A blocking protocol-v1 client.
@@ -247,6 +267,25 @@ impl<S: Read + Write> Client<S> {
         Ok(out)
     }
 
+    /// Splits an answer's payload: `stdout_len` bytes of stdout, then stderr.
+    fn split_streams(
+        &mut self,
+        op: &str,
+        stdout_len: u32,
+        mut data: Vec<u8>,
+    ) -> Result<(Vec<u8>, Vec<u8>), ClientError> {
+        let split = stdout_len as usize;
+        if split > data.len() {
+            self.broken = true;
+            return Err(ClientError::Protocol(format!(
+                "the answer to {op} claims {split} bytes of stdout in a payload of {}",
+                data.len()
+            )));
+        }
+        let stderr = data.split_off(split);
+        Ok((data, stderr))
+    }
+
     fn expect_ok(&mut self, op: &str, req: &Request, data: &[u8]) -> Result<(), ClientError> {
         match self.request(req, data)? {
             (Response::Ok {}, _) => Ok(()),
@@ -368,6 +407,63 @@ impl<S: Read + Write> Client<S> {
         })
     }
 
+    /// Runs `code` (Python) as one cell in the agent's persistent interpreter (see
+    /// [`Request::RunCode`]). `timeout` interrupts it; `output_limit` caps each stream (at
+    /// most, and by default, [`proto::RUN_CODE_OUTPUT_MAX`]). A guest without the interpreter
+    /// is `Agent{kind:"not_found"}`.
+    pub fn run_code(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+        output_limit: Option<usize>,
+    ) -> Result<CellOutput, ClientError> {
+        let req = Request::RunCode {
+            timeout_ms: timeout.map(millis),
+            output_limit: output_limit.map(|l| u64::try_from(l).unwrap_or(u64::MAX)),
+            reseed: false,
+        };
+        self.run_code_request(&req, code)
+    }
+
+    /// [`Client::run_code`] of a request built by the caller (a [`Request::RunCode`], e.g. with
+    /// `reseed` set).
+    pub fn run_code_request(
+        &mut self,
+        req: &Request,
+        code: &str,
+    ) -> Result<CellOutput, ClientError> {
+        if !matches!(req, Request::RunCode { .. }) {
+            return Err(ClientError::Protocol(format!(
+                "run_code_request takes a run_code request, not {req:?}"
+            )));
+        }
+        match self.request(req, code.as_bytes())? {
+            (
+                Response::Executed {
+                    error,
+                    stdout_len,
+                    stdout_over,
+                    stderr_over,
+                    timed_out,
+                    lost,
+                },
+                data,
+            ) => {
+                let (stdout, stderr) = self.split_streams("run_code", stdout_len, data)?;
+                Ok(CellOutput {
+                    error,
+                    stdout,
+                    stderr,
+                    stdout_over,
+                    stderr_over,
+                    timed_out,
+                    lost,
+                })
+            }
+            (other, _) => Err(self.unexpected("run_code", &other)),
+        }
+    }
+
     /// Starts a background process (own process group, stdin a pipe, output captured in
     /// bounded buffers) and returns its pid.
     pub fn spawn(
@@ -402,22 +498,12 @@ impl<S: Read + Write> Client<S> {
                     dropped_stderr,
                     stdout_len,
                 },
-                mut data,
+                data,
             ) => {
-                let split = stdout_len as usize;
-                if split > data.len() {
-                    let resp = Response::Output {
-                        running,
-                        dropped_stdout,
-                        dropped_stderr,
-                        stdout_len,
-                    };
-                    return Err(self.unexpected("output", &resp));
-                }
-                let stderr = data.split_off(split);
+                let (stdout, stderr) = self.split_streams("output", stdout_len, data)?;
                 Ok(ProcessOutput {
                     running,
-                    stdout: data,
+                    stdout,
                     stderr,
                     dropped_stdout,
                     dropped_stderr,

@@ -30,9 +30,12 @@ pub const DEFAULT_PORT: u32 = 1024;
 pub const MAX_JSON: usize = 1 << 20;
 /// Largest payload accepted in a frame (16 MiB).
 pub const MAX_DATA: usize = 16 << 20;
+/// Most bytes of each stream (stdout, stderr) a `run_code` answer carries (8 MiB): both fit in
+/// one frame's payload. A request's `output_limit` above it is lowered to it.
+pub const RUN_CODE_OUTPUT_MAX: usize = MAX_DATA / 2;
 
 /// A request header (host → agent). The frame's payload is the stdin for `exec`, the bytes
-/// to write for `write_file` and `stdin`, and empty otherwise.
+/// to write for `write_file` and `stdin`, the code for `run_code`, and empty otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -171,6 +174,26 @@ pub enum Request {
         #[serde(default)]
         read_only: bool,
     },
+    /// Run the payload (Python source, UTF-8) as one cell in the agent's persistent `python3`
+    /// interpreter (started on the first `run_code`, restarted if it died); answered by
+    /// [`Response::Executed`], or `error{kind:"not_found"}` when the guest has no `python3`.
+    /// One cell runs at a time: another connection's `run_code` waits for it.
+    RunCode {
+        /// Interrupt the cell (SIGINT to the interpreter's process group: a
+        /// `KeyboardInterrupt`) after this long; one that does not stop within 3 s more is
+        /// killed with its group, and the session is lost.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// Most bytes of stdout (and, separately, of stderr) to keep; more is dropped and
+        /// flagged. At most (and by default) [`RUN_CODE_OUTPUT_MAX`].
+        #[serde(default)]
+        output_limit: Option<u64>,
+        /// Before the cell, reseed the interpreter's `random` (and numpy's, if imported) from
+        /// the guest's entropy pool: the host sets it on the first cell after a resume, so
+        /// that forks and repeated resumes of one snapshot do not share random streams.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reseed: bool,
+    },
 }
 
 /// A response header (agent → host).
@@ -240,6 +263,30 @@ pub enum Response {
         /// Whether the path exists (the port is open).
         value: bool,
     },
+    /// Answer to `run_code`: payload = `stdout_len` bytes of the cell's stdout, then its
+    /// stderr (both as the interpreter and its children wrote them to their descriptors 1 and
+    /// 2 during the cell).
+    Executed {
+        /// The exception the cell raised (`KeyboardInterrupt` when it was interrupted), or
+        /// with `lost`, why the session ended. `None`: the cell ran to completion.
+        error: Option<CellError>,
+        /// How many payload bytes are stdout; the rest is stderr.
+        stdout_len: u32,
+        /// The cell wrote more stdout than the request's `output_limit`: the rest was dropped.
+        #[serde(default)]
+        stdout_over: bool,
+        /// The same for stderr.
+        #[serde(default)]
+        stderr_over: bool,
+        /// The cell ran past the request's `timeout_ms` and was interrupted (or, with `lost`,
+        /// killed).
+        #[serde(default)]
+        timed_out: bool,
+        /// The interpreter ended during the cell (it exited, was killed, or broke its pipe to
+        /// the agent): its variables are gone, and the next `run_code` starts a fresh one.
+        #[serde(default)]
+        lost: bool,
+    },
     /// A request failed; this is its final response and the connection stays usable (unless
     /// the failure was a protocol error, after which the agent closes the connection).
     Error {
@@ -262,6 +309,19 @@ pub mod error_kind {
     pub const UNSUPPORTED: &str = "unsupported";
     /// Any other I/O failure.
     pub const IO: &str = "io";
+}
+
+/// The exception a `run_code` cell raised ([`Response::Executed`]). The agent shortens long
+/// fields (the value to its first 16 KiB, the traceback to its last 64 KiB) so that the
+/// answer's header stays far below [`MAX_JSON`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellError {
+    /// The exception's type name, e.g. `ZeroDivisionError`.
+    pub name: String,
+    /// Its message (`str(exc)`).
+    pub value: String,
+    /// The formatted traceback (also written to the cell's stderr).
+    pub traceback: String,
 }
 
 /// One directory entry of [`Response::Entries`].

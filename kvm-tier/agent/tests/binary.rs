@@ -18,6 +18,11 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
+        Agent::start_with(&[])
+    }
+
+    /// The agent with these environment variables (on top of a bare environment).
+    fn start_with(env: &[(&str, &str)]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         // A bare environment: the agent supplies PATH and HOME.
@@ -25,6 +30,7 @@ impl Agent {
             .arg("--unix")
             .arg(&socket)
             .env_clear()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -161,4 +167,17 @@ fn binary_rejects_bad_arguments() {
         String::from_utf8(out.stdout).unwrap().trim(),
         format!("dormant-agent {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+#[test]
+fn run_code_without_python_is_not_found_and_names_it() {
+    for python in ["/nonexistent/python3", "dormant-no-such-python"] {
+        let agent = Agent::start_with(&[("DORMANT_AGENT_PYTHON", python)]);
+        let mut c = agent.connect();
+        let err = c.run_code("1 + 1", None, None).unwrap_err();
+        assert!(err.is_not_found(), "{err:?}");
+        assert!(err.to_string().contains(python), "{err}");
+        // The connection and the agent go on.
+        assert!(c.hello().is_ok());
+    }
 }

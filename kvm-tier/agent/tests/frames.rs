@@ -12,6 +12,7 @@ use std::cell::Cell;
 use dormant_agent::proto::{
     FrameError, MAX_DATA, MAX_JSON, Request, Response, read_frame, write_frame,
 };
+use dormant_agent::server::python::{MAX_REPLY, PipeError, ReplyDecoder};
 use proptest::prelude::*;
 
 /// Records the largest single allocation made by the current thread while `TRACK` is set.
@@ -112,6 +113,42 @@ fn lengths_over_the_caps_are_typed_errors() {
     ));
 }
 
+/// Feeds `bytes` to a reply decoder in chunks of the given sizes (each at most what it
+/// wants), until an error or the bytes run out; returns how many replies it decoded.
+fn decode_replies(bytes: &[u8], chunks: &[usize]) -> Result<usize, PipeError> {
+    let mut d = ReplyDecoder::default();
+    let (mut at, mut replies) = (0, 0);
+    for &size in chunks.iter().cycle() {
+        if at == bytes.len() {
+            break;
+        }
+        let n = size.clamp(1, d.wanted()).min(bytes.len() - at);
+        if d.feed(&bytes[at..at + n])?.is_some() {
+            replies += 1;
+        }
+        at += n;
+    }
+    Ok(replies)
+}
+
+#[test]
+fn a_driver_reply_claiming_much_does_not_make_the_agent_allocate_it() {
+    for claim in [MAX_REPLY as u32, u32::MAX] {
+        let mut bytes = claim.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        let (r, largest) = largest_allocation(|| decode_replies(&bytes, &[1 << 16]));
+        if claim as usize > MAX_REPLY {
+            assert!(matches!(r, Err(PipeError::TooLarge { .. })), "{r:?}");
+        } else {
+            assert_eq!(r.unwrap(), 0, "an incomplete reply is not one");
+        }
+        assert!(
+            largest <= 4096,
+            "{largest} bytes allocated for a {claim} claim"
+        );
+    }
+}
+
 fn requests() -> impl Strategy<Value = Request> {
     prop_oneof![
         any::<u32>().prop_map(|version| Request::Hello { version }),
@@ -152,6 +189,31 @@ proptest! {
             });
             prop_assert!(largest <= BOUND + bytes.len(), "{} bytes allocated", largest);
         }
+    }
+
+    /// What the Python driver's pipe may carry (the guest controls it): any bytes, in any
+    /// chunks, give replies or a typed error, never a panic, and the decoder holds no more than
+    /// what arrived.
+    #[test]
+    fn driver_replies_never_panic_or_allocate_what_they_claim(
+        bytes in proptest::collection::vec(any::<u8>(), 0..512),
+        chunks in proptest::collection::vec(1usize..64, 1..8),
+        reply in proptest::option::of(".{0,40}"),
+    ) {
+        let (_, largest) = largest_allocation(|| decode_replies(&bytes, &chunks));
+        prop_assert!(largest <= BOUND + 2 * bytes.len(), "{} bytes allocated", largest);
+        // A valid reply, then the random bytes: the reply decodes first.
+        let json = match &reply {
+            Some(v) => serde_json::json!({"error": {"name": "E", "value": v, "traceback": ""}}),
+            None => serde_json::json!({"error": null}),
+        };
+        let body = serde_json::to_vec(&json).unwrap();
+        let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        let prefix = framed.len();
+        framed.extend_from_slice(&bytes);
+        prop_assert_eq!(decode_replies(&framed[..prefix], &chunks).unwrap(), 1);
+        let _ = decode_replies(&framed, &chunks);
     }
 
     /// A valid frame round-trips; every mutation of one byte of it decodes or fails typed.

@@ -17,9 +17,9 @@
 //! # No call waits for ever
 //!
 //! The guest is not trusted to answer. Every wait on the agent connection has a host-side
-//! deadline, for reads and for writes (a guest that never grants vsock credit): `exec` gets its
-//! command's timeout plus [`EXEC_GRACE`] (the agent kills the command at the timeout and
-//! reports), the other requests [`KvmOptions::request_timeout`] of silence at most (they move
+//! deadline, for reads and for writes (a guest that never grants vsock credit): `exec` and
+//! `run_code` get their timeout plus [`EXEC_GRACE`] (the agent kills the command, or
+//! interrupts the cell, at the timeout and reports), the other requests [`KvmOptions::request_timeout`] of silence at most (they move
 //! at most 16 MiB), `wait` asks the agent in slices of at most [`WAIT_SLICE`], connecting gets
 //! [`KvmOptions::connect_timeout`]; a checkpoint's quiesce is bounded by the vCPU thread's
 //! reply timeout. [`KvmSandbox::interrupter`] stops a running call from another thread.
@@ -36,7 +36,7 @@
 //! This file holds the handle: [`KvmSandbox`], its accessors, its [`Sandbox`] implementation
 //! and its `lifecycle::Steps` (from which dormant-core builds standby, kill and fork). Their
 //! methods are a few lines each over the rooms below: the file calls and `exec` over `live`,
-//! the checkpoint over `checkpoint`, `resume_with` and the children of a fork over `restore`.
+//! `run_code` over `code`, the checkpoint over `checkpoint`, `resume_with` and the children of a fork over `restore`.
 //! The rest lives in rooms named after what they hold:
 //!
 //! - `image`: the guest image ([`GuestImage`]) and the tier's options ([`KvmOptions`]).
@@ -44,11 +44,13 @@
 //!   [`KvmSandbox::boot`].
 //! - `live`: the connection to the guest agent with its deadlines and the interrupter
 //!   ([`KvmInterrupter`]), how a failed call ends, and `exec`.
+//! - `code`: `run_code`, a cell in the guest agent's persistent Python interpreter.
 //! - `processes`: background processes (spawn, wait, signal, output).
 //! - `checkpoint`: the failure-atomic checkpoint of the live machine.
 //! - `restore`: resuming a snapshot into a new VM, the restore path in the order it runs.
 
 mod checkpoint;
+mod code;
 mod create;
 mod image;
 mod live;
@@ -82,8 +84,9 @@ use live::{CallControl, check_path};
 /// The agent's vsock port.
 pub const AGENT_PORT: u32 = dormant_agent::proto::DEFAULT_PORT;
 /// How long past a command's timeout the host waits for the agent's report (the agent kills
-/// the command's process group at the timeout, then drains its pipes for up to 2 s): `exec`'s
-/// host-side deadline is the command's timeout plus this.
+/// the command's process group at the timeout, then drains its pipes for up to 2 s; a
+/// `run_code` cell is interrupted at its timeout and killed 3 s later): the host-side deadline
+/// of `exec` and `run_code` is their timeout plus this.
 pub const EXEC_GRACE: Duration = Duration::from_secs(10);
 /// `wait` asks the agent for at most this long at a time, so that each request has a
 /// host-side deadline even when the caller waits for ever.
@@ -111,6 +114,8 @@ pub struct KvmSandbox {
     opts: KvmOptions,
     /// What [`KvmSandbox::interrupter`] raises.
     calls: Arc<CallControl>,
+    /// The next `run_code` reseeds the guest interpreter's PRNGs (set by every resume).
+    reseed: bool,
 }
 
 impl std::fmt::Debug for KvmSandbox {
@@ -150,6 +155,7 @@ impl KvmSandbox {
             unsaved: snapshot::Unsaved::default(),
             opts,
             calls: Arc::default(),
+            reseed: false,
         }
     }
 
@@ -210,19 +216,33 @@ impl Sandbox for KvmSandbox {
         self.lifecycle.state()
     }
 
-    fn run_code(&mut self, _code: &str) -> Result<Execution> {
-        self.lifecycle.check(Operation::RunCode)?;
-        Err(Error::Unsupported {
-            op: "run_code",
-            what: "the KVM tier's guest image (it has no language interpreter; use exec, e.g. \
-                   [\"sh\", \"-c\", code])"
-                .into(),
-        })
+    /// Runs `code` in the guest's persistent Python interpreter (`python3`, started by the
+    /// first call, one per sandbox): its variables live in the guest, so they survive
+    /// checkpoint, standby and resume (in another process too), and every fork has its own.
+    /// The cell's output is what the interpreter and its children write to stdout and stderr
+    /// (`print`, `os.system`, subprocesses), at most the spec's `output_limit` per stream
+    /// (and at most 8 MiB here; more: [`Error::OutputLimit`], the cell having run on).
+    ///
+    /// At the timeout the cell is interrupted (`KeyboardInterrupt`) and the call fails with
+    /// [`Error::Deadline`]; the session keeps its variables, unless the cell did not stop
+    /// within 3 s, when the interpreter is killed and the next call starts a fresh one. An
+    /// interpreter that ends during a cell (`os._exit`, killed) gives an [`Execution`] whose
+    /// `error` is `SessionLost` with the reason; the next call starts a fresh one. The
+    /// interrupter stops a cell the same way ([`Error::Interrupted`]). The sandbox stays
+    /// running in each case. An image without `python3` (the default `"minimal"`):
+    /// [`Error::Unsupported`], naming the `"coding"` image.
+    fn run_code(&mut self, code: &str) -> Result<Execution> {
+        self.run_cell(code, None)
     }
 
-    /// `run_code` is not supported here, with or without a deadline of its own.
-    fn run_code_with_timeout(&mut self, code: &str, _: Option<Duration>) -> Result<Execution> {
-        self.run_code(code)
+    /// [`Sandbox::run_code`] with `timeout` as the cell's deadline (`None`: the spec's
+    /// `call_timeout`).
+    fn run_code_with_timeout(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Execution> {
+        self.run_cell(code, timeout)
     }
 
     fn exec(&mut self, cmd: &Command) -> Result<ExecOutput> {

@@ -40,7 +40,8 @@
 //!    within [`KvmOptions::connect_timeout`].
 //! 7. **`refresh_guest`**, in one round trip to the agent: host entropy mixed into the guest's
 //!    pool (forks and repeated resumes of one snapshot must not share random streams) and the
-//!    wall clock set (it stood still while the snapshot slept; the monotonic clock continues).
+//!    wall clock set (it stood still while the snapshot slept; the monotonic clock continues);
+//!    the next `run_code` reseeds the guest's Python PRNGs from that pool.
 
 use std::sync::Arc;
 
@@ -150,7 +151,8 @@ impl KvmSandbox {
 
     /// After a resume, in one round trip: mixes host entropy into the guest's pool (forks and
     /// repeated resumes must not share random streams) and sets its wall clock (it stood still
-    /// while the guest slept; the monotonic clock simply continues).
+    /// while the guest slept; the monotonic clock simply continues). The next `run_code` then
+    /// reseeds the guest's Python PRNGs from that pool.
     fn refresh_guest(&mut self) -> Result<()> {
         use dormant_agent::proto::Request;
         let seed: [u8; 64] = rand::random();
@@ -187,6 +189,9 @@ impl KvmSandbox {
                 }
             }
         }
+        // The Python session's PRNGs were seeded before the snapshot: the next cell reseeds
+        // them from the pool just refreshed.
+        self.reseed = true;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +72,9 @@ pub(super) fn write_file(path: &str, mode: Option<u32>, append: bool, data: &[u8
                 .map_err(|e| Failure::io(path, &e))?;
         }
         file.write_all(data).map_err(|e| Failure::io(path, &e))?;
+        if matches!(path, "/dev/urandom" | "/dev/random") {
+            reseed_crng(&file);
+        }
         return ok(Response::Ok {});
     }
     let Some(name) = target.file_name() else {
@@ -154,4 +158,17 @@ pub(super) fn mkdir(path: &str) -> OpResult {
     check_path(path)?;
     fs::create_dir_all(path).map_err(|e| Failure::io(path, &e))?;
     ok(Response::Ok {})
+}
+
+/// Has the kernel reseed its CRNG from the input pool now (`ioctl(RNDRESEEDCRNG)`), so that
+/// bytes just written to the random device change the very next reads: a write only mixes
+/// them into the pool, which the CRNG takes in on its own schedule (up to a minute later), and
+/// the host writes fresh entropy after every resume precisely so that forks of one snapshot
+/// stop sharing random streams at once. Failure (an older kernel, no `CAP_SYS_ADMIN`) leaves
+/// the schedule as it was.
+fn reseed_crng(file: &File) {
+    /// `_IO('R', 0x07)` of `linux/random.h`.
+    const RNDRESEEDCRNG: u32 = 0x5207;
+    // SAFETY: an ioctl that takes no argument, on a descriptor `file` keeps open.
+    unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG as _) };
 }

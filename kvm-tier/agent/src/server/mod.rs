@@ -41,11 +41,14 @@
 //! - `files`: the file operations (`read_file`, `write_file`, `list`, `remove`, `exists`,
 //!   `mkdir`).
 //! - `system`: the guest's clock, mounts, `sync`, and whether a local TCP port is open.
+//! - `python`: `run_code`, cells in the agent's persistent Python interpreter (with its driver,
+//!   `python/repl.py`, and the pipe protocol to it, `python/pipe.rs`).
 
 mod capture;
 mod exec;
 mod files;
 mod processes;
+pub mod python;
 mod reply;
 mod system;
 mod table;
@@ -86,6 +89,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "set_time",
     "mount",
     "port_open",
+    "run_code",
 ];
 
 /// Once a process has exited, how long to keep reading output that grandchildren holding its
@@ -204,6 +208,20 @@ fn serve<S: Read + Write>(
                 timeout_ms,
                 data,
             ),
+            Request::RunCode {
+                timeout_ms,
+                output_limit,
+                reseed,
+            } => python::run_code(
+                table,
+                hangup,
+                data,
+                &python::Cell {
+                    timeout_ms,
+                    output_limit,
+                    reseed,
+                },
+            ),
             other => handle(table, other, data),
         };
         match result {
@@ -231,6 +249,7 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
         }
         // Served by `serve_connection` (it streams).
         Request::Exec { .. } => Err(Failure::reply(error_kind::INVALID, "exec not here")),
+        Request::RunCode { .. } => Err(Failure::reply(error_kind::INVALID, "run_code not here")),
         Request::Spawn {
             argv,
             env,
@@ -322,6 +341,11 @@ mod tests {
                 read_only: false,
             },
             Request::PortOpen { port: 1 },
+            Request::RunCode {
+                timeout_ms: None,
+                output_limit: None,
+                reseed: false,
+            },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());
         for s in samples {

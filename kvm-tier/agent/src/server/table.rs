@@ -194,6 +194,19 @@ impl ProcessTable {
         background: bool,
         notify: Option<Arc<OwnedFd>>,
     ) -> Result<Started, Failure> {
+        self.start_with(spec, stdin, background, notify, &mut |_| {})
+    }
+
+    /// [`Self::start`], with `configure` given the command before it is spawned (e.g. to keep
+    /// more descriptors open in the child).
+    pub(super) fn start_with(
+        &self,
+        spec: &SpawnSpec<'_>,
+        stdin: Option<Stdio>,
+        background: bool,
+        notify: Option<Arc<OwnedFd>>,
+        configure: &mut dyn FnMut(&mut Command),
+    ) -> Result<Started, Failure> {
         let Some(program) = spec.argv.first() else {
             return Err(Failure::reply(error_kind::INVALID, "empty argv"));
         };
@@ -223,6 +236,7 @@ impl ProcessTable {
         if let Some(cwd) = spec.cwd {
             cmd.current_dir(cwd);
         }
+        configure(&mut cmd);
 
         let mut attempt = 0;
         let (mut child, _spawning) = loop {

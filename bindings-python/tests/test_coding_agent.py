@@ -80,6 +80,7 @@ RESUME = textwrap.dedent(
 
 
 @pytest.mark.skipif(not KVM_OK, reason=f"SKIPPED: the KVM tier cannot run here: {KVM_WHY}")
+@pytest.mark.timeout(2400)
 def test_a_coding_agent_session_survives_standby_and_a_new_process(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -185,7 +185,7 @@ fn an_image_from_a_root_filesystem_tar_boots_and_commands_fall_back_to_sh() {
     let spec = SandboxSpec::linux()
         .image("dormant-test-rootfs-tar")
         .call_timeout(Duration::from_secs(600));
-    let mut sb = KvmSandbox::create(store, spec).unwrap();
+    let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
     let (out, code) = sh(
         &mut sb,
         "cat /etc/motd; echo \"shell=${BASH_VERSION:-sh} pid1=$(cat /proc/1/comm) cwd=$(pwd)\"",
@@ -196,6 +196,17 @@ fn an_image_from_a_root_filesystem_tar_boots_and_commands_fall_back_to_sh() {
         "a user's root filesystem\nshell=sh pid1=dormant-agent cwd=/root\n"
     );
     sb.kill().unwrap();
+    // The same image given by its path (an ext4 file of the user's): keyed by its contents.
+    let by_path = from_tar.path.display().to_string();
+    let spec = SandboxSpec::linux()
+        .image(by_path.as_str())
+        .call_timeout(Duration::from_secs(600));
+    let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
+    assert_eq!(sh(&mut sb, "cat /etc/motd").0, "a user's root filesystem\n");
+    sb.kill().unwrap();
+    let e =
+        KvmSandbox::create(store, SandboxSpec::linux().image("/no/such/rootfs.ext4")).unwrap_err();
+    assert!(matches!(&e, dormant_core::Error::File { .. }), "{e:?}");
     // An image name that was never built is a clear error.
     let e = KvmSandbox::create(
         Arc::new(LocalStore::open(dir.path().join("store2")).unwrap()),
@@ -206,4 +217,49 @@ fn an_image_from_a_root_filesystem_tar_boots_and_commands_fall_back_to_sh() {
         matches!(&e, dormant_core::Error::InvalidSpec(m) if m.contains("dormant image build")),
         "{e:?}"
     );
+}
+
+/// `run_code` on the `coding` image: one persistent python3 in the guest, whose variables
+/// survive checkpoint and standby, and of which every fork has its own copy.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(not_root, ignore = "building the Debian image needs root")]
+fn run_code_on_the_coding_image_keeps_its_session_and_forks_get_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+    let spec = SandboxSpec::linux()
+        .image("coding")
+        .memory_limit(512 << 20)
+        .call_timeout(Duration::from_secs(600));
+    let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
+    let ex = sb
+        .run_code(
+            "import sys, json\ntotal = sum(range(10))\nprint('py', sys.version_info[0])\ntotal",
+        )
+        .unwrap();
+    assert_eq!(ex.error, None);
+    assert_eq!(ex.stdout, "py 3\n45\n");
+    let ex = sb.run_code("1 / 0").unwrap();
+    let err = ex.error.expect("an exception is a result");
+    assert_eq!(err.name, "ZeroDivisionError");
+    assert!(
+        err.traceback.contains("ZeroDivisionError"),
+        "{}",
+        err.traceback
+    );
+
+    // Checkpoint, then standby and resume: the session is guest memory.
+    sb.checkpoint().unwrap();
+    assert_eq!(sb.run_code("total += 1\ntotal").unwrap().stdout, "46\n");
+    let snap = sb.standby().unwrap();
+    let mut back = KvmSandbox::from_snapshot(store.clone(), &snap).unwrap();
+    assert_eq!(back.run_code("total").unwrap().stdout, "46\n");
+
+    // Forks: each child has its own interpreter state.
+    let mut kids = back.fork(2).unwrap();
+    kids[0].run_code("total = 'first'").unwrap();
+    kids[1].run_code("total = 'second'").unwrap();
+    assert_eq!(kids[0].run_code("total").unwrap().stdout, "'first'\n");
+    assert_eq!(kids[1].run_code("total").unwrap().stdout, "'second'\n");
+    assert_eq!(back.run_code("total").unwrap().stdout, "46\n");
 }

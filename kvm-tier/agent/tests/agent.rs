@@ -728,3 +728,34 @@ fn a_shell_request_runs_its_script_in_bash_where_it_exists() {
     let code = c.wait(pid, Some(Duration::from_secs(30))).unwrap();
     assert!(format!("{code:?}").contains('7'), "{code:?}");
 }
+
+#[test]
+fn a_timeout_too_far_to_represent_is_no_timeout() {
+    let mut c = connect();
+    let req = Request::Exec {
+        argv: vec!["echo".into(), "fine".into()],
+        env: vec![],
+        cwd: None,
+        timeout_ms: Some(u64::MAX),
+        shell: false,
+    };
+    let mut out = Vec::new();
+    let status = c
+        .exec_request(&req, b"", &mut |d| out.extend_from_slice(d), &mut |_| {})
+        .unwrap();
+    assert!(status.success() && out == b"fine\n", "{status:?}");
+    let pid = c.spawn(&["true"], &[], None).unwrap();
+    let r = c.request(
+        &Request::Wait {
+            pid,
+            timeout_ms: Some(u64::MAX),
+        },
+        &[],
+    );
+    assert!(
+        matches!(r, Ok((Response::Exit { code: Some(0), .. }, _))),
+        "{r:?}"
+    );
+    // The connection is still served.
+    assert!(c.hello().is_ok());
+}

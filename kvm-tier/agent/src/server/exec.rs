@@ -58,7 +58,8 @@ pub(super) fn exec<S: Write>(
         }
     }
 
-    let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    // A deadline too far to represent is none (never a panic on a huge `timeout_ms`).
+    let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
     let mut pipes: [Option<File>; 2] = [Some(started.stdout), Some(started.stderr)];
     let mut timed_out = false;
     let mut killed_at: Option<Instant> = None;

@@ -53,7 +53,8 @@ pub(super) fn output(table: &ProcessTable, pid: u32) -> OpResult {
 }
 
 pub(super) fn wait(table: &ProcessTable, pid: u32, timeout_ms: Option<u64>) -> OpResult {
-    let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    // A deadline too far to represent is none (never a panic on a huge `timeout_ms`).
+    let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
     match table.wait_exit(pid, deadline) {
         Err(()) => Err(unknown_pid(pid)),
         Ok(None) => ok(Response::Running { pid }),

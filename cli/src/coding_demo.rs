@@ -155,26 +155,9 @@ pub fn run() -> Result<()> {
     );
 
     println!("\nrequest 2: a new host process resumes the sandbox and fetches the page again");
-    let exe = std::env::current_exe().map_err(|e| Error::runtime("find own executable", e))?;
     let t = Instant::now();
-    let out = std::process::Command::new(exe)
-        .args(["demo-coding-resume", snap.as_str()])
-        .env(LocalStore::ENV, store.root())
-        .output()
-        .map_err(|e| Error::runtime("start the resume process", e))?;
+    let resumed = crate::resume_in_child("demo-coding-resume", &snap, &store, "RESUME_TO_PAGE_S ")?;
     let child_wall = secs(t);
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    if !out.status.success() {
-        return Err(Error::runtime(
-            "resume in a new process",
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
-    }
-    let resumed: f64 = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("RESUME_TO_PAGE_S "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(f64::NAN);
 
     println!("\nsummary (one run; medians are in the benchmarks)");
     let row = |what: &str, s: f64| println!("  {what:<66} {s:>8.2} s");

@@ -235,27 +235,9 @@ fn demo(rows: usize) -> Result<()> {
     );
 
     println!("\nrequest 2 — a new host process resumes the sandbox and answers a follow-up");
-    let exe = std::env::current_exe().map_err(|e| Error::runtime("find own executable", e))?;
     let t = Instant::now();
-    let out = std::process::Command::new(exe)
-        .args(["demo-resume", snap.as_str()])
-        .env(LocalStore::ENV, store.root())
-        .output()
-        .map_err(|e| Error::runtime("start the resume process", e))?;
+    let resume_ms = resume_in_child("demo-resume", &snap, &store, "RESUME_TO_ANSWER_MS ")?;
     let child_wall = ms(t);
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    if !out.status.success() {
-        return Err(Error::runtime(
-            "resume in a new process",
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let resume_ms: f64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("RESUME_TO_ANSWER_MS "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(f64::NAN);
 
     println!("\nrequest 2 again — in this process, from the same snapshot");
     let t = Instant::now();
@@ -320,4 +302,28 @@ fn demo_resume(id: &str) -> Result<()> {
     println!("RESUME_TO_ANSWER_MS {:.3}", ms(t0));
     sb.kill()?;
     Ok(())
+}
+
+/// Runs this binary as `MODE SNAPSHOT` on `store` (a new host process resuming the snapshot),
+/// echoes its output, and returns the figure it printed after `figure` (NaN if none).
+fn resume_in_child(mode: &str, snap: &SnapshotId, store: &LocalStore, figure: &str) -> Result<f64> {
+    let exe = std::env::current_exe().map_err(|e| Error::runtime("find own executable", e))?;
+    let out = std::process::Command::new(exe)
+        .args([mode, snap.as_str()])
+        .env(LocalStore::ENV, store.root())
+        .output()
+        .map_err(|e| Error::runtime("start the resume process", e))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    if !out.status.success() {
+        return Err(Error::runtime(
+            "resume in a new process",
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    Ok(stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(figure))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN))
 }

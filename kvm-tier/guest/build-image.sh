@@ -21,6 +21,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # The recipe's version: bump it when the steps below change what an image holds.
 RECIPE=1
+# The build's scratch directory, removed on exit (global: the EXIT trap runs after main returns).
+work=""
+trap 'rm -rf "${work:-}"' EXIT
 main() {
     local name="${1:-}"
     shift || true
@@ -59,7 +62,7 @@ main() {
             [[ -f "$list" ]] || { log "build-image.sh: no built-in image '$name' (built-in: base, coding); give --packages or --rootfs"; exit 2; }
         fi
         mirror="$(host_mirror)"
-        recipe="debian $suite $mirror $(base_packages) $(list_packages "$list") $packages"
+        recipe="debian $suite $mirror $(all_packages "$list" "$packages")"
     fi
     local hash
     hash="$( { echo "recipe $RECIPE free $free_mib"; echo "$recipe"; cat "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-16)"
@@ -70,9 +73,10 @@ main() {
     flock 9
     if [[ ! -f "$image" ]]; then
         need_tools
-        local work start=$SECONDS
+        local start=$SECONDS
+        # Scratch left by a build that was killed (no EXIT trap ran): we hold the lock.
+        rm -rf "$cache/.build-$name".*
         work="$(mktemp -d "$cache/.build-$name.XXXXXX")"
-        trap 'rm -rf "${work:-}"' EXIT
         if [[ -n "$rootfs" ]]; then
             log "==> image $name: root filesystem from $rootfs"
             mkdir "$work/root"
@@ -83,9 +87,9 @@ main() {
             fi
         else
             local all
-            all="$(base_packages) $(list_packages "$list") $packages"
-            log "==> image $name: mmdebstrap --variant=minbase $suite from $mirror: $(echo $all)"
-            mmdebstrap --quiet --variant=minbase --include="$(echo $all | tr ' ' ',')" \
+            all="$(all_packages "$list" "$packages")"
+            log "==> image $name: mmdebstrap --variant=minbase $suite from $mirror: $all"
+            mmdebstrap --quiet --variant=minbase --include="${all// /,}" \
                 --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
                 --dpkgopt='path-include=/usr/share/doc/*/copyright' \
                 --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
@@ -122,9 +126,13 @@ main() {
     echo "$image"
 }
 
-# What every Debian image holds (the `base` list; minbase already has bash, coreutils,
-# findutils, grep, sed, tar, gzip).
-base_packages() { list_packages "$here/images/base.packages"; }
+# The packages of an image: the `base` list (what every Debian image holds; minbase already
+# has bash, coreutils, findutils, grep, sed, tar, gzip), the image's list file, the extra ones;
+# each once, in that order.
+all_packages() {
+    { list_packages "$here/images/base.packages"; echo; list_packages "$1"; echo; echo "$2"; } |
+        tr -s ' \n' '\n\n' | awk 'NF && !seen[$0]++' | paste -sd' ' -
+}
 
 # A package list file: one package per line, `#` comments (nothing when there is no such file).
 list_packages() {

@@ -166,6 +166,15 @@ fn an_image_from_a_root_filesystem_tar_boots_and_commands_fall_back_to_sh() {
         build_image("dormant-test-rootfs-tar", &ImageSource::Rootfs(tar)).unwrap(),
         from_tar
     );
+    // A build leaves nothing behind but the image (its scratch directory is removed).
+    let cache = from_tar.path.parent().unwrap().parent().unwrap();
+    let scratch: Vec<_> = std::fs::read_dir(cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".build-dormant-test-rootfs-"))
+        .collect();
+    assert!(scratch.is_empty(), "left behind: {scratch:?}");
     let names: Vec<String> = list_images().unwrap().into_iter().map(|d| d.name).collect();
     assert!(
         names.contains(&"dormant-test-rootfs-tar".to_string()),

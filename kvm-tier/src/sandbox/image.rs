@@ -128,6 +128,32 @@ pub fn build_image(name: &str, source: &ImageSource) -> Result<RootDisk> {
     })
 }
 
+/// The built-in image `name` as this library's recipe makes it: the recipe runs once per
+/// process and image (it answers at once when its build is cached, and rebuilds when the
+/// recipe, the package lists or the host's mirror changed). Where it cannot run (a cache this
+/// user cannot write), the image last built is used, with a warning.
+fn builtin_image(name: &str) -> Result<RootDisk> {
+    static CHECKED: std::sync::Mutex<Vec<RootDisk>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(d) = checked.iter().find(|d| d.name == name) {
+        return Ok(d.clone());
+    }
+    let disk = match build_image(name, &ImageSource::Builtin) {
+        Ok(d) => d,
+        Err(e) => match RootDisk::built(name)? {
+            Some(d) => {
+                tracing::warn!(image = name, error = %e, "the image recipe could not run; using the image last built");
+                d
+            }
+            None => return Err(e),
+        },
+    };
+    checked.push(disk.clone());
+    Ok(disk)
+}
+
 /// An image name: letters, digits, `.`, `_`, `-`, at most 64, not starting with a dot.
 fn check_image_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -239,18 +265,17 @@ impl RootDisk {
 impl GuestImage {
     /// The guest image for [`SandboxSpec::image`](dormant_core::SandboxSpec::image): `None`
     /// or `"minimal"` is [`GuestImage::locate`]'s; `"base"` and `"coding"` add that built-in
-    /// root filesystem, built on first use ([`build_image`]); another name, an image built by
-    /// `dormant image build NAME` ([`RootDisk::built`]); a path (with a `/`), that ext4 file.
+    /// root filesystem as this library's recipe makes it ([`builtin_image`]: built on first
+    /// use, rebuilt when the recipe changed); another name, an image built by `dormant image
+    /// build NAME` ([`RootDisk::built`]); a path (with a `/`), that ext4 file.
     pub fn for_image(image: Option<&str>) -> Result<GuestImage> {
         let mut g = GuestImage::locate()?;
         g.root = match image {
             None | Some("minimal") => None,
             Some(p) if p.contains('/') => Some(RootDisk::file(Path::new(p))?),
+            Some(name) if BUILTIN_IMAGES.contains(&name) => Some(builtin_image(name)?),
             Some(name) => match RootDisk::built(name).map_err(|_| unknown_image(name))? {
                 Some(d) => Some(d),
-                None if BUILTIN_IMAGES.contains(&name) => {
-                    Some(build_image(name, &ImageSource::Builtin)?)
-                }
                 None => return Err(unknown_image(name)),
             },
         };

@@ -68,7 +68,9 @@ fn main() {
     println!("|---|---|---|---|---|");
     let mut first_snapshot = None;
     for mib in &sizes {
-        let spec = SandboxSpec::linux().memory_limit(mib << 20);
+        let spec = SandboxSpec::linux()
+            .image("minimal")
+            .memory_limit(mib << 20);
         let t = Instant::now();
         let mut booted =
             KvmSandbox::boot(store.clone(), &image, spec.clone(), KvmOptions::default())

@@ -100,7 +100,7 @@ def test_a_full_store_on_the_kvm_tier_raises_store_full_and_loses_nothing(
     # on the base snapshot every sandbox starts from) and that base are copied there, holes
     # kept, so that no second guest boots.
     first = dormant.Sandbox.create(
-        "kvm", store=kvm_store, idle_standby=None, memory_mib=128, timeout=300
+        "kvm", store=kvm_store, image="minimal", idle_standby=None, memory_mib=128, timeout=300
     )
     snap = first.standby()
     bases = [

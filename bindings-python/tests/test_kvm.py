@@ -18,6 +18,8 @@ import dormant
 
 def make(kvm_store: pathlib.Path, **kw: object) -> dormant.Sandbox:
     kw.setdefault("idle_standby", None)
+    # busybox's httpd, wget and applets: the tests of the tier's calls use the smallest image.
+    kw.setdefault("image", "minimal")
     kw.setdefault("memory_mib", 128)
     # Generous: guest kernel code may be emulated (PVM hosts) on a busy machine.
     kw.setdefault("timeout", 300)

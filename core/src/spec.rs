@@ -151,7 +151,7 @@ pub struct SandboxSpec {
     pub mounts: Vec<Mount>,
     /// The root filesystem of a Linux sandbox (KVM tier): a built-in image name (`"minimal"`,
     /// `"base"`, `"coding"`), an image of the user's built by `dormant image build`, or a path
-    /// to an ext4 image file. `None` is the tier's default, `"minimal"` (busybox in RAM). The
+    /// to an ext4 image file. `None` is the tier's default, `"base"` (Debian). The
     /// WASI tier takes none. Recorded in snapshots only when set, so manifests without it keep
     /// their bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -66,8 +66,8 @@ pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox
 /// private to `dormant-kvm`.
 pub mod kvm {
     pub use dormant_kvm::{
-        BUILTIN_IMAGES, GuestImage, HostKvm, ImageSource, KvmInterrupter, KvmOptions, KvmRuntime,
-        KvmSandbox, RootDisk, build_image, detect, list_images,
+        BUILTIN_IMAGES, DEFAULT_IMAGE, GuestImage, HostKvm, ImageSource, KvmInterrupter,
+        KvmOptions, KvmRuntime, KvmSandbox, RootDisk, build_image, detect, list_images,
     };
 }
 

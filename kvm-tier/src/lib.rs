@@ -59,8 +59,8 @@ pub mod volume;
 
 pub use runtime::KvmRuntime;
 pub use sandbox::{
-    BUILTIN_IMAGES, GuestImage, ImageSource, KvmInterrupter, KvmOptions, KvmSandbox, RootDisk,
-    build_image, list_images,
+    BUILTIN_IMAGES, DEFAULT_IMAGE, GuestImage, ImageSource, KvmInterrupter, KvmOptions, KvmSandbox,
+    RootDisk, build_image, list_images,
 };
 
 // The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The

@@ -37,11 +37,13 @@ fn the_base_image_is_the_root_filesystem_and_each_sandbox_writes_its_own_layer()
         .root
         .clone()
         .expect("base has a root filesystem image");
+    // `base` is the default image: a spec that names none gets it.
+    assert_eq!(GuestImage::for_image(None).unwrap(), image);
+    assert_eq!(dormant_kvm::DEFAULT_IMAGE, "base");
     let image_bytes = std::fs::read(&root.path).unwrap().len();
     let image_mtime = std::fs::metadata(&root.path).unwrap().modified().unwrap();
-    let spec = SandboxSpec::linux()
-        .image("base")
-        .call_timeout(Duration::from_secs(600));
+    // No image named: the default, base.
+    let spec = SandboxSpec::linux().call_timeout(Duration::from_secs(600));
     let t = std::time::Instant::now();
     let mut sb = KvmSandbox::create(store.clone(), spec.clone()).unwrap();
     eprintln!("base image booted in {:?}", t.elapsed());

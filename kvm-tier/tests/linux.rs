@@ -39,6 +39,7 @@ fn booted() -> &'static (Arc<LocalStore>, SnapshotId) {
         // Generous deadlines: tests check behaviour, and guest kernel code may be emulated on a
         // busy host.
         let spec = SandboxSpec::linux()
+            .image("minimal")
             .memory_limit(RAM)
             .call_timeout(Duration::from_secs(300));
         let mut sb = KvmSandbox::create(store.clone(), spec)
@@ -241,6 +242,7 @@ fn output_past_the_limit_stops_the_command_at_once() {
     let (store, _) = booted();
     let limit = 64 << 10;
     let spec = SandboxSpec::linux()
+        .image("minimal")
         .memory_limit(RAM)
         .call_timeout(Duration::from_secs(300))
         .output_limit(limit);
@@ -682,6 +684,7 @@ fn volumes_share_host_directories_live_and_across_resumes() {
     std::fs::write(host("from-host.txt"), "hello from the host\n").unwrap();
     std::fs::write(reference.path().join("ref.txt"), "reference\n").unwrap();
     let spec = SandboxSpec::linux()
+        .image("minimal")
         .memory_limit(RAM)
         .call_timeout(Duration::from_secs(300))
         .mount(work.path(), "/mnt/work", false)
@@ -826,6 +829,7 @@ fn a_snapshot_never_grants_host_directories() {
     std::fs::write(work.path().join("mine.txt"), "mine\n").unwrap();
     std::fs::write(secret.path().join("secret.txt"), "top secret\n").unwrap();
     let spec = SandboxSpec::linux()
+        .image("minimal")
         .memory_limit(RAM)
         .call_timeout(Duration::from_secs(300))
         .mount(work.path(), "/mnt/work", false);
@@ -1380,6 +1384,7 @@ fn every_resume_gives_back_exactly_what_was_saved() {
     let (store, _) = booted();
     let want = data_ok();
     let spec = SandboxSpec::linux()
+        .image("minimal")
         .memory_limit(RAM)
         .call_timeout(Duration::from_secs(300));
     let mut sb = KvmSandbox::create(store.clone(), spec).unwrap();
@@ -1456,6 +1461,7 @@ fn new_sandboxes_give_exact_output_and_their_processes_do_not_crash() {
         );
     };
     let spec = SandboxSpec::linux()
+        .image("minimal")
         .memory_limit(RAM)
         .call_timeout(Duration::from_secs(300));
     let mut last = None;

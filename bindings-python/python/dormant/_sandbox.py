@@ -361,8 +361,8 @@ class Sandbox:
         output_limit: int | None = None,
     ) -> Sandbox:
         """A new sandbox: a Python session (``tier="wasi"``, the default) or a Linux microVM
-        (``tier="kvm"``). ``image`` names the microVM's root filesystem (``"minimal"``, the
-        default, ``"base"``, ``"coding"``, an image of yours, or a path) and implies
+        (``tier="kvm"``). ``image`` names the microVM's root filesystem (``"base"``, Debian, the
+        default; ``"coding"``; ``"minimal"``, busybox; an image of yours; or a path) and implies
         ``tier="kvm"``. ``memory_mib`` caps guest memory (WASI: 2 GiB by default; KVM: the
         guest's RAM, 256 MiB by default); ``timeout`` is the default deadline of each call in
         seconds; ``output_limit`` caps the bytes a call may write to stdout and to stderr each

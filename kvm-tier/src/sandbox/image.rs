@@ -35,6 +35,10 @@ pub struct RootDisk {
 /// The built-in Debian images (package lists in `kvm-tier/guest/images/`).
 pub const BUILTIN_IMAGES: [&str; 2] = ["base", "coding"];
 
+/// The image of a Linux sandbox whose spec names none: Debian `base`. (`"minimal"`, busybox in
+/// the initramfs, was the default until the Debian images were proven in CI.)
+pub const DEFAULT_IMAGE: &str = "base";
+
 /// The recipe of root filesystem images (`kvm-tier/guest/build-image.sh`), run by
 /// [`build_image`]; the package lists of the built-in images go with it.
 const BUILD_IMAGE_SH: &str = include_str!("../../guest/build-image.sh");
@@ -263,15 +267,17 @@ impl RootDisk {
 }
 
 impl GuestImage {
-    /// The guest image for [`SandboxSpec::image`](dormant_core::SandboxSpec::image): `None`
-    /// or `"minimal"` is [`GuestImage::locate`]'s; `"base"` and `"coding"` add that built-in
+    /// The guest image for [`SandboxSpec::image`](dormant_core::SandboxSpec::image): `None` is
+    /// [`DEFAULT_IMAGE`] (`"base"`); `"minimal"` is [`GuestImage::locate`]'s (busybox in the
+    /// initramfs, no root filesystem image); `"base"` and `"coding"` add that built-in
     /// root filesystem as this library's recipe makes it ([`builtin_image`]: built on first
     /// use, rebuilt when the recipe changed); another name, an image built by `dormant image
     /// build NAME` ([`RootDisk::built`]); a path (with a `/`), that ext4 file.
     pub fn for_image(image: Option<&str>) -> Result<GuestImage> {
         let mut g = GuestImage::locate()?;
         g.root = match image {
-            None | Some("minimal") => None,
+            Some("minimal") => None,
+            None => Some(builtin_image(DEFAULT_IMAGE)?),
             Some(p) if p.contains('/') => Some(RootDisk::file(Path::new(p))?),
             Some(name) if BUILTIN_IMAGES.contains(&name) => Some(builtin_image(name)?),
             Some(name) => match RootDisk::built(name).map_err(|_| unknown_image(name))? {
@@ -333,7 +339,8 @@ impl GuestImage {
 
 fn unknown_image(name: &str) -> Error {
     Error::InvalidSpec(format!(
-        "no image {name:?}: the images are \"minimal\", {BUILTIN_IMAGES:?}, images built with          `dormant image build NAME`, or a path to an ext4 file"
+        "no image {name:?}: the images are \"minimal\", {BUILTIN_IMAGES:?}, images built with \
+         `dormant image build NAME`, or a path to an ext4 file"
     ))
 }
 

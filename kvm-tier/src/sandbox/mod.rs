@@ -76,7 +76,8 @@ use crate::snapshot;
 use crate::virtio::vsock::VsockStream;
 
 pub use image::{
-    BUILTIN_IMAGES, GuestImage, ImageSource, KvmOptions, RootDisk, build_image, list_images,
+    BUILTIN_IMAGES, DEFAULT_IMAGE, GuestImage, ImageSource, KvmOptions, RootDisk, build_image,
+    list_images,
 };
 pub use live::KvmInterrupter;
 use live::{CallControl, check_path};

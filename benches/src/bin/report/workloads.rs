@@ -53,6 +53,7 @@ pub fn sh(sb: &mut KvmSandbox, script: &str) -> Res<String> {
 
 pub fn linux_spec(mib: u64) -> SandboxSpec {
     SandboxSpec::linux()
+        .image("minimal")
         .memory_limit(mib << 20)
         .call_timeout(Duration::from_secs(600))
 }

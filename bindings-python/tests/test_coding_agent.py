@@ -1,6 +1,6 @@
 """A coding agent's session on the `coding` image, end to end, with the real tools: a git
 repository made by the host's git and shared on a volume, cloned and committed to in the guest;
-a wheel built here installed with pip; node; a Python HTTP server in the background; a run_code
+a wheel built here installed with pip; node, and npm installing a local package; a Python HTTP server in the background; a run_code
 variable. Then standby, and a resume **in a new host process** that finds all of it still there.
 
 Skipped, with the reason, where the KVM tier cannot run or the Debian image cannot be built
@@ -99,6 +99,13 @@ def test_a_coding_agent_session_survives_standby_and_a_new_process(
     git("add", "README.md", cwd=repo)
     git("commit", "-q", "-m", "initial import", cwd=repo)
     build_wheel(wheels)
+    # A local npm package (the sandbox has no network: npm installs it from the volume).
+    npm_pkg = src / "greet-js"
+    npm_pkg.mkdir()
+    (npm_pkg / "package.json").write_text(
+        json.dumps({"name": "greet-js", "version": "1.0.0", "main": "index.js"})
+    )
+    (npm_pkg / "index.js").write_text("exports.hi = () => 'hi from greet-js';\n")
 
     sb = dormant.Sandbox.create(
         image="coding",
@@ -122,6 +129,10 @@ def test_a_coding_agent_session_survives_standby_and_a_new_process(
     )
     run("pip install -q --no-index --no-cache-dir /mnt/wheels/greet-1.0-py3-none-any.whl")
     assert run("node -e 'console.log(6 * 7)'").stdout == "42\n"
+    run("cd /root/app && npm install --offline --no-audit --no-fund --install-links "
+        "/mnt/src/greet-js >/dev/null")
+    got = run("cd /root/app && node -e \"console.log(require('greet-js').hi())\"").stdout
+    assert got == "hi from greet-js\n"
     server = sb.commands.run(
         "exec python3 -m http.server 8000 --bind 127.0.0.1 -d /root/app", background=True
     )

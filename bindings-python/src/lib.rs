@@ -591,9 +591,11 @@ fn build_template(
 ) -> PyResult<(String, bool)> {
     let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
     let mut t = Template::new(name, tier);
-    t.image = image;
-    t.memory_limit = memory_mib.map(mebibytes).transpose()?;
-    t.env = env;
+    t.spec.image = image;
+    if let Some(mib) = memory_mib {
+        t.spec.memory_limit = mebibytes(mib)?;
+    }
+    t.spec.env = env;
     for (host, guest, read_only) in volumes {
         t = t.mount(host, guest, read_only);
     }

@@ -99,14 +99,13 @@ pub fn load(path: &Path) -> Result<Template> {
         None => Tier::Wasi,
     };
     let mut t = Template::new(f.name, tier);
-    t.image = f.image;
+    t.spec.image = f.image;
     if let Some(mib) = f.memory_mib {
-        t.memory_limit = Some(
-            mib.checked_mul(1 << 20)
-                .ok_or_else(|| bad(path, "memory_mib is too large"))?,
-        );
+        t.spec.memory_limit = mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| bad(path, "memory_mib is too large"))?;
     }
-    t.env = f.env.into_iter().collect();
+    t.spec.env = f.env.into_iter().collect();
     t.run = f.run;
     t.start = f.start;
     t.ready = match (f.ready_port, f.ready_cmd) {

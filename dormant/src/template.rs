@@ -48,7 +48,7 @@ use dormant_core::fsutil::{FileLock, write_atomic};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Command, Error, Grants, LocalStore, Mount, Result, Runtime, Sandbox, SandboxSpec, SnapshotId,
+    Command, Error, Grants, LocalStore, Result, Runtime, Sandbox, SandboxSpec, SnapshotId,
     TemplateStepError, Tier,
 };
 
@@ -69,20 +69,11 @@ pub enum Ready {
 pub struct Template {
     /// The template's name: 1–64 characters of `[A-Za-z0-9._-]`, not starting with a dot.
     pub name: String,
-    /// The tier its sandboxes run on.
-    pub tier: Tier,
-    /// The Linux root filesystem ([`SandboxSpec::image`]; KVM tier only). Default: the tier's.
-    pub image: Option<String>,
-    /// Guest memory cap in bytes ([`SandboxSpec::memory_limit`]). Default: the tier's.
-    pub memory_limit: Option<u64>,
-    /// Default deadline of each call of the sandboxes made from it
-    /// ([`SandboxSpec::call_timeout`]). Default: the spec's (60 s).
-    pub call_timeout: Option<Duration>,
-    /// Environment variables the guest sees ([`SandboxSpec::env`]).
-    pub env: Vec<(String, String)>,
-    /// Host directories mounted while building ([`SandboxSpec::mounts`]); in the template only
-    /// as mount points (see the [module docs](self#volumes)).
-    pub mounts: Vec<Mount>,
+    /// The sandbox a build creates, and so the spec of the sandboxes made from it: its tier
+    /// (`spec.tier`), image, memory, call deadline and environment, and the host directories
+    /// mounted while building (in the template only as mount points, see the
+    /// [module docs](self#volumes)). Default: [`SandboxSpec::default_for`] the tier.
+    pub spec: SandboxSpec,
     /// Files written first, in order: `(absolute guest path, contents)`; parents are created.
     pub files: Vec<(String, Vec<u8>)>,
     /// Setup steps run in order after the files: shell commands on the KVM tier (bash where the
@@ -145,12 +136,7 @@ impl Template {
     pub fn new(name: impl Into<String>, tier: Tier) -> Template {
         Template {
             name: name.into(),
-            tier,
-            image: None,
-            memory_limit: None,
-            call_timeout: None,
-            env: Vec::new(),
-            mounts: Vec::new(),
+            spec: SandboxSpec::default_for(tier),
             files: Vec::new(),
             run: Vec::new(),
             start: None,
@@ -160,27 +146,32 @@ impl Template {
         }
     }
 
-    /// Sets [`image`](Template::image).
+    /// The tier its sandboxes run on (`spec.tier`).
+    pub fn tier(&self) -> Tier {
+        self.spec.tier
+    }
+
+    /// Sets the spec's [`image`](SandboxSpec::image).
     pub fn image(mut self, image: impl Into<String>) -> Self {
-        self.image = Some(image.into());
+        self.spec = self.spec.image(image);
         self
     }
 
-    /// Sets [`memory_limit`](Template::memory_limit), in bytes.
+    /// Sets the spec's [`memory_limit`](SandboxSpec::memory_limit), in bytes.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
-        self.memory_limit = Some(bytes);
+        self.spec = self.spec.memory_limit(bytes);
         self
     }
 
-    /// Sets [`call_timeout`](Template::call_timeout).
+    /// Sets the spec's [`call_timeout`](SandboxSpec::call_timeout).
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.call_timeout = Some(timeout);
+        self.spec = self.spec.call_timeout(timeout);
         self
     }
 
     /// Adds an environment variable.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env.push((key.into(), value.into()));
+        self.spec = self.spec.env(key, value);
         self
     }
 
@@ -192,11 +183,7 @@ impl Template {
         guest: impl Into<String>,
         read_only: bool,
     ) -> Self {
-        self.mounts.push(Mount {
-            host: host.into(),
-            guest: guest.into(),
-            read_only,
-        });
+        self.spec = self.spec.mount(host, guest, read_only);
         self
     }
 
@@ -236,21 +223,6 @@ impl Template {
         self
     }
 
-    /// The spec of the sandbox a build creates.
-    pub fn spec(&self) -> SandboxSpec {
-        let mut spec = SandboxSpec::default_for(self.tier);
-        spec.image = self.image.clone();
-        if let Some(m) = self.memory_limit {
-            spec.memory_limit = m;
-        }
-        if let Some(t) = self.call_timeout {
-            spec.call_timeout = t;
-        }
-        spec.env = self.env.clone();
-        spec.mounts = self.mounts.clone();
-        spec
-    }
-
     /// Checks what can be checked without a sandbox: the name, the spec, the files' paths, and
     /// that a WASI template asks for nothing that tier lacks.
     fn check(&self, spec: &SandboxSpec) -> Result<()> {
@@ -265,7 +237,7 @@ impl Template {
                 )));
             }
         }
-        if self.tier == Tier::Wasi && (self.start.is_some() || self.ready.is_some()) {
+        if self.spec.tier == Tier::Wasi && (self.start.is_some() || self.ready.is_some()) {
             return Err(Error::Unsupported {
                 op: "a template's start command and readiness check",
                 what: "the WASI tier (its code runs to completion; build a KVM template, with \
@@ -285,9 +257,8 @@ impl Template {
     /// The cache key: a hash of the recipe and of what `runtime` starts from (see the
     /// [module docs](self#cache)), 64 hex digits.
     pub fn key(&self, runtime: &dyn Runtime) -> Result<String> {
-        let spec = self.spec();
-        self.check(&spec)?;
-        self.key_of(runtime, &spec)
+        self.check(&self.spec)?;
+        self.key_of(runtime, &self.spec)
     }
 
     fn key_of(&self, runtime: &dyn Runtime, spec: &SandboxSpec) -> Result<String> {
@@ -340,9 +311,9 @@ impl Template {
     /// failed ([`Error::TemplateStep`], with the step and the end of its output); anything the
     /// sandbox reports. On an error nothing is recorded and the build's sandbox is killed.
     pub fn build(&self, store: Arc<LocalStore>) -> Result<Built> {
-        let spec = self.spec();
+        let spec = self.spec.clone();
         self.check(&spec)?;
-        let rt = crate::runtime(self.tier)?;
+        let rt = crate::runtime(spec.tier)?;
         let key = self.key_of(&*rt, &spec)?;
         let dir = templates_dir(&store);
         std::fs::create_dir_all(&dir).map_err(|e| Error::store("create", &dir, e))?;
@@ -368,7 +339,7 @@ impl Template {
             name: self.name.clone(),
             key,
             snapshot: snapshot?,
-            tier: self.tier,
+            tier: self.spec.tier,
             created_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -435,7 +406,7 @@ impl Template {
             ),
             other => other,
         };
-        match self.tier {
+        match self.spec.tier {
             Tier::Kvm => {
                 let mut cmd = Command::shell(step);
                 cmd.timeout = Some(self.step_timeout);

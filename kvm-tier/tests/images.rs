@@ -274,3 +274,22 @@ fn run_code_on_the_coding_image_keeps_its_session_and_forks_get_their_own() {
     assert_eq!(kids[1].run_code("total").unwrap().stdout, "'second'\n");
     assert_eq!(back.run_code("total").unwrap().stdout, "46\n");
 }
+
+/// An image given by path is keyed by its contents: hashed once per process while the file
+/// stays the same, hashed again once it changed.
+#[test]
+fn an_image_files_fingerprint_follows_its_contents() {
+    use dormant_kvm::RootDisk;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root.ext4");
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let first = RootDisk::file(&path).unwrap();
+    assert_eq!(RootDisk::file(&path).unwrap(), first);
+    std::fs::write(&path, vec![2u8; 8192]).unwrap();
+    let changed = RootDisk::file(&path).unwrap();
+    assert_ne!(changed.fingerprint, first.fingerprint);
+    assert_eq!(RootDisk::file(&path).unwrap(), changed);
+    // Not a whole number of 4 KiB blocks: refused.
+    std::fs::write(&path, vec![2u8; 100]).unwrap();
+    assert!(RootDisk::file(&path).is_err());
+}

@@ -239,8 +239,13 @@ impl RootDisk {
         }))
     }
 
-    /// An ext4 image file given by path; its fingerprint is a hash of its contents.
+    /// An ext4 image file given by path; its fingerprint is a hash of its contents, computed
+    /// once per process for a file whose device, inode, size and modification time stay the
+    /// same (a template's key and the create it leads to ask for it twice).
     pub fn file(path: &Path) -> Result<RootDisk> {
+        use std::os::unix::fs::MetadataExt;
+        type Seen = (std::path::PathBuf, (u64, u64, u64, i64, i64), String);
+        static HASHED: std::sync::Mutex<Vec<Seen>> = std::sync::Mutex::new(Vec::new());
         let meta = std::fs::metadata(path).map_err(|e| Error::File {
             op: "open the root filesystem image",
             path: path.display().to_string(),
@@ -252,17 +257,39 @@ impl RootDisk {
                 path.display()
             )));
         }
+        let id = (
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
+        let disk = |fingerprint: String| RootDisk {
+            name: path.display().to_string(),
+            path: path.to_owned(),
+            fingerprint,
+        };
+        let known = HASHED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(p, i, _)| p == path && *i == id)
+            .map(|(_, _, f)| f.clone());
+        if let Some(f) = known {
+            return Ok(disk(f));
+        }
         let mut h = blake3::Hasher::new();
         h.update_mmap(path).map_err(|e| Error::File {
             op: "hash",
             path: path.display().to_string(),
             source: e,
         })?;
-        Ok(RootDisk {
-            name: path.display().to_string(),
-            path: path.to_owned(),
-            fingerprint: h.finalize().to_hex()[..16].to_string(),
-        })
+        let fingerprint = h.finalize().to_hex()[..16].to_string();
+        HASHED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((path.to_owned(), id, fingerprint.clone()));
+        Ok(disk(fingerprint))
     }
 }
 

@@ -73,19 +73,16 @@ impl KvmSandbox {
         require_kvm()?;
         let mem_size = usize::try_from(spec.memory_limit)
             .map_err(|_| Error::InvalidSpec("memory_limit does not fit this host".into()))?;
-        let (disk_image, cmdline) = match &image.root {
+        let disk_image = match &image.root {
             // The image is mapped copy-on-write: the guest's writes never reach the file.
-            Some(root) => (root.path.clone(), root_cmdline()),
-            None => (
-                format_disk(&store, opts.disk_size)?,
-                crate::boot::base_cmdline(crate::detect().is_slow()),
-            ),
+            Some(root) => root.path.clone(),
+            None => format_disk(&store, opts.disk_size)?,
         };
         let cfg = MachineConfig {
             kernel: image.kernel.clone(),
             initramfs: Some(image.initramfs.clone()),
             mem_size,
-            cmdline,
+            cmdline: cmdline(image),
             console_echo: opts.console_echo,
             disk_image: Some(disk_image),
             volume_slots: FS_IRQS.len(),
@@ -115,12 +112,12 @@ impl KvmSandbox {
     ) -> Result<String> {
         // The command line is part of what was booted (a base booted with another one, e.g.
         // before a workaround was added to it, is not this base).
-        let (cmdline, disk_size) = match &image.root {
-            Some(_) => (root_cmdline(), 0),
-            None => (
-                crate::boot::base_cmdline(crate::detect().is_slow()),
-                opts.disk_size,
-            ),
+        let cmdline = cmdline(image);
+        // A root filesystem image has its own size; `disk_size` is the minimal image's disk.
+        let disk_size = if image.root.is_some() {
+            0
+        } else {
+            opts.disk_size
         };
         Ok(format!(
             "kvm-{}-{}m-{}d-{}v-{}",
@@ -197,12 +194,14 @@ impl KvmSandbox {
     }
 }
 
-/// The command line of a guest whose root filesystem is its disk.
-fn root_cmdline() -> String {
-    format!(
-        "{} dormant.root=/dev/vda",
-        crate::boot::base_cmdline(crate::detect().is_slow())
-    )
+/// The kernel command line `image` boots with: the base one, plus `dormant.root=/dev/vda` when
+/// its disk is the root filesystem.
+fn cmdline(image: &GuestImage) -> String {
+    let base = crate::boot::base_cmdline(crate::detect().is_slow());
+    match image.root {
+        Some(_) => format!("{base} dormant.root=/dev/vda"),
+        None => base,
+    }
 }
 
 /// A fresh ext2 filesystem image of `size` bytes (sparse) in the store's scratch space, made by

@@ -12,6 +12,7 @@ pub use crate::command::{Command, ExecOutput, Execution, ExecutionError};
 use crate::error::{Error, Result};
 use crate::grants::Grants;
 use crate::lifecycle::State;
+use crate::network::{Egress, Ports};
 use crate::paths::DirEntry;
 use crate::snapshot::SnapshotId;
 use crate::spec::Tier;
@@ -104,6 +105,24 @@ pub trait Sandbox: Send {
         Err(Error::Unsupported {
             op: "background commands",
             what: format!("the {} tier", self.tier()),
+        })
+    }
+
+    /// Guest ports reachable from the host ([`Ports`]), or [`Error::Unsupported`] from a tier
+    /// without networking (the default; the WASI tier).
+    fn ports(&mut self) -> Result<&mut dyn Ports> {
+        Err(Error::Unsupported {
+            op: "exposing a port",
+            what: format!("the {} tier: WASI preview 1 has no sockets", self.tier()),
+        })
+    }
+
+    /// The egress policy of the running sandbox ([`Egress`]), or [`Error::Unsupported`] from a
+    /// tier without networking (the default; the WASI tier).
+    fn egress(&mut self) -> Result<&mut dyn Egress> {
+        Err(Error::Unsupported {
+            op: "setting the network policy",
+            what: format!("the {} tier: WASI preview 1 has no sockets", self.tier()),
         })
     }
 
@@ -203,6 +222,12 @@ impl Sandbox for Box<dyn Sandbox> {
     }
     fn processes(&mut self) -> Result<&mut dyn Processes> {
         (**self).processes()
+    }
+    fn ports(&mut self) -> Result<&mut dyn Ports> {
+        (**self).ports()
+    }
+    fn egress(&mut self) -> Result<&mut dyn Egress> {
+        (**self).egress()
     }
     fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
         (**self).streaming()

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::network::{NetworkPolicy, PortMapping};
 use crate::paths::guest::GuestPath;
 
 /// Which isolation technology runs the sandbox.
@@ -156,6 +157,15 @@ pub struct SandboxSpec {
     /// their bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Which destinations the guest may reach ([`NetworkPolicy`]). Default: none (off). Only
+    /// the KVM tier has networking. Recorded only when not off.
+    #[serde(default, skip_serializing_if = "NetworkPolicy::is_off")]
+    pub network: NetworkPolicy,
+    /// Guest ports exposed on the host, in the order they were exposed; a resume exposes them
+    /// again (on the same host ports when free). Default: none. Only the KVM tier has ports.
+    /// Recorded only when some are exposed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
 }
 
 impl SandboxSpec {
@@ -177,6 +187,8 @@ impl SandboxSpec {
             env: Vec::new(),
             mounts: Vec::new(),
             image: None,
+            network: NetworkPolicy::off(),
+            ports: Vec::new(),
         }
     }
 
@@ -243,6 +255,12 @@ impl SandboxSpec {
         self
     }
 
+    /// The egress policy ([`NetworkPolicy`]; KVM tier only).
+    pub fn network(mut self, policy: NetworkPolicy) -> Self {
+        self.network = policy;
+        self
+    }
+
     /// Checks the spec for values no tier can honour.
     pub fn validate(&self) -> Result<()> {
         if self.memory_limit < (1 << 20) {
@@ -275,6 +293,16 @@ impl SandboxSpec {
                 return Err(Error::InvalidSpec(format!("invalid image name {i:?}")));
             }
             _ => {}
+        }
+        self.network.validate()?;
+        if self.tier != Tier::Kvm && (!self.network.is_off() || !self.ports.is_empty()) {
+            return Err(Error::Unsupported {
+                op: "networking",
+                what: format!(
+                    "the {} tier: WASI preview 1 has no sockets (use the KVM tier)",
+                    self.tier
+                ),
+            });
         }
         Ok(())
     }
@@ -370,6 +398,32 @@ mod tests {
                 .mount("/tmp", "/a/../..", false)
                 .validate()
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn networking_is_refused_on_the_wasi_tier_and_kept_only_when_set() {
+        let pol = NetworkPolicy::parse(["host"], [""; 0]).unwrap();
+        let spec = SandboxSpec::python().network(pol.clone());
+        assert!(matches!(spec.validate(), Err(Error::Unsupported { .. })));
+        let mut spec = SandboxSpec::python();
+        spec.ports.push(PortMapping {
+            guest_port: 80,
+            host_port: 8080,
+        });
+        assert!(matches!(spec.validate(), Err(Error::Unsupported { .. })));
+        let linux = SandboxSpec::linux().network(pol);
+        linux.validate().unwrap();
+        let json = serde_json::to_string(&linux).unwrap();
+        assert!(
+            json.contains(r#""network":{"allow":["host"],"deny":[]}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<SandboxSpec>(&json).unwrap(), linux);
+        let plain = serde_json::to_string(&SandboxSpec::linux()).unwrap();
+        assert!(
+            !plain.contains("network") && !plain.contains("ports"),
+            "{plain}"
         );
     }
 }

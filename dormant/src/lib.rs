@@ -53,11 +53,12 @@ pub use template::{
 };
 
 pub use dormant_core::{
-    Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Error, ExecOutput,
-    Execution, ExecutionError, GcReport, GrantError, Grants, Interrupt, LocalStore, Managed,
-    ManagedStats, Manifest, Mount, Operation, Processes, Result, Runtime, Sandbox, SandboxSpec,
-    SnapshotError, SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec,
-    TemplateStepError, Tier, Workload,
+    Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Egress, Error, ExecOutput,
+    Execution, ExecutionError, GcReport, GrantError, Grants, HOST_ALIAS, Interrupt, IpNet,
+    LocalStore, Managed, ManagedStats, Manifest, Mount, NetworkPolicy, Operation, PortMapping,
+    PortWake, Ports, Processes, Result, Rule, Runtime, Sandbox, SandboxSpec, SnapshotError,
+    SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec, TemplateStepError, Tier,
+    Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

@@ -627,6 +627,16 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
+    /// Turns this connection into a byte pipe to TCP `port` on the guest's loopback
+    /// (`connect_tcp`) and gives the stream back: from then on it carries that TCP connection's
+    /// bytes both ways, and shutting down its writing half ends the guest socket's input.
+    /// Errors: [`ClientError::Agent`] with kind `refused` when nothing listens there (the
+    /// client, and its connection, are dropped either way).
+    pub fn connect_tcp(mut self, port: u16) -> Result<S, ClientError> {
+        self.expect_ok("connect_tcp", &Request::ConnectTcp { port }, &[])?;
+        Ok(self.stream)
+    }
+
     /// `mkdir -p`.
     pub fn mkdir(&mut self, path: &str) -> Result<(), ClientError> {
         let req = Request::Mkdir {

@@ -161,6 +161,17 @@ pub enum Request {
         /// The TCP port.
         port: u16,
     },
+    /// Connect to TCP `port` on the guest's loopback (`127.0.0.1`, else `[::1]` when that
+    /// refuses) and turn this connection into a byte pipe to it: answered by `ok`, after which
+    /// no more frames flow; every byte the host sends goes to the TCP socket and every byte it
+    /// answers comes back, with half-closes passed on (end of file one way shuts down that
+    /// direction of the other socket) until both directions end or one side fails. A port that
+    /// refuses: `error{kind:"refused"}`, the connection staying usable. The host's exposed
+    /// ports (`expose`) are carried this way, one connection each.
+    ConnectTcp {
+        /// The TCP port in the guest.
+        port: u16,
+    },
     /// Mount a filesystem at `target` (created first, like `mkdir -p`); answered by `ok`.
     /// The host mounts its volumes (`fstype` `virtiofs`, `source` the slot's tag) this way.
     Mount {
@@ -309,6 +320,8 @@ pub mod error_kind {
     pub const UNSUPPORTED: &str = "unsupported";
     /// Any other I/O failure.
     pub const IO: &str = "io";
+    /// Nothing accepts connections on the TCP port (`connect_tcp`).
+    pub const REFUSED: &str = "refused";
 }
 
 /// The exception a `run_code` cell raised ([`Response::Executed`]). The agent shortens long

@@ -759,3 +759,87 @@ fn a_timeout_too_far_to_represent_is_no_timeout() {
     // The connection is still served.
     assert!(c.hello().is_ok());
 }
+
+/// A client on a socket connection (`serve_socket`), as the VM's vsock connections are.
+fn connect_socket() -> Client<UnixStream> {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    thread::spawn(move || {
+        let _ = serve_socket(theirs, ProcessTable::global());
+    });
+    ours.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    Client::new(ours)
+}
+
+#[test]
+fn connect_tcp_pipes_both_ways_with_back_pressure_and_half_close() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // An echo server that ends its answer when the client ends its request.
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut r = s.try_clone().unwrap();
+        std::io::copy(&mut r, &mut s).unwrap();
+        s.write_all(b"bye").unwrap();
+    });
+    let pipe = connect_socket().connect_tcp(port).unwrap();
+    // More than every buffer on the way: the writer only progresses as the reader reads.
+    let sent: Vec<u8> = (0..6_000_000u32).map(|i| (i % 253) as u8).collect();
+    let mut w = pipe.try_clone().unwrap();
+    let body = sent.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(&body).unwrap();
+        // Half-close: the server sees end of file and still answers.
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    (&pipe).read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    server.join().unwrap();
+    assert_eq!(got.len(), sent.len() + 3);
+    assert!(got[..sent.len()] == sent[..]);
+    assert_eq!(&got[sent.len()..], b"bye");
+}
+
+#[test]
+fn connect_tcp_refused_answers_an_error_and_the_connection_stays_usable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut c = connect_socket();
+    let err = c.request(&Request::ConnectTcp { port }, &[]).unwrap_err();
+    assert_eq!(agent_kind(&err), "refused");
+    assert!(c.hello().is_ok());
+    let err = c
+        .request(&Request::ConnectTcp { port: 0 }, &[])
+        .unwrap_err();
+    assert_eq!(agent_kind(&err), "invalid");
+    // Without a socket to splice (a connection served by `serve_connection`): unsupported.
+    let err = connect().connect_tcp(port).unwrap_err();
+    assert_eq!(agent_kind(&err), "unsupported");
+}
+
+#[test]
+fn connect_tcp_either_side_closing_ends_the_other() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // The host goes away: the guest server's socket sees end of file.
+    let pipe = connect_socket().connect_tcp(port).unwrap();
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    (&pipe).write_all(b"hi").unwrap();
+    drop(pipe);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hi");
+    // The guest server goes away (without reading): the host's side ends too.
+    let pipe = connect_socket().connect_tcp(port).unwrap();
+    let (s, _) = listener.accept().unwrap();
+    drop(s);
+    let mut got = Vec::new();
+    match (&pipe).read_to_end(&mut got) {
+        Ok(_) => assert!(got.is_empty()),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}

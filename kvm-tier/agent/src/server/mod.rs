@@ -41,12 +41,15 @@
 //! - `files`: the file operations (`read_file`, `write_file`, `list`, `remove`, `exists`,
 //!   `mkdir`).
 //! - `system`: the guest's clock, mounts, `sync`, and whether a local TCP port is open.
+//! - `pipe`: `connect_tcp`, a connection turned into a byte pipe to a guest TCP port (the
+//!   host's exposed ports).
 //! - `python`: `run_code`, cells in the agent's persistent Python interpreter (with its driver,
 //!   `python/repl.py`, and the pipe protocol to it, `python/pipe.rs`).
 
 mod capture;
 mod exec;
 mod files;
+mod pipe;
 mod processes;
 pub mod python;
 mod reply;
@@ -90,6 +93,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "mount",
     "port_open",
     "run_code",
+    "connect_tcp",
 ];
 
 /// Once a process has exited, how long to keep reading output that grandchildren holding its
@@ -222,6 +226,14 @@ fn serve<S: Read + Write>(
                     reseed,
                 },
             ),
+            Request::ConnectTcp { port } => match pipe::connect(port, hangup) {
+                Ok(tcp) => {
+                    proto::write_frame(&mut stream, &Response::Ok {}, &[])?;
+                    // From here on the connection is a byte pipe; it ends with the splice.
+                    return pipe::splice(hangup, tcp);
+                }
+                Err(f) => Err(f),
+            },
             other => handle(table, other, data),
         };
         match result {
@@ -250,6 +262,9 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
         // Served by `serve_connection` (it streams).
         Request::Exec { .. } => Err(Failure::reply(error_kind::INVALID, "exec not here")),
         Request::RunCode { .. } => Err(Failure::reply(error_kind::INVALID, "run_code not here")),
+        Request::ConnectTcp { .. } => {
+            Err(Failure::reply(error_kind::INVALID, "connect_tcp not here"))
+        }
         Request::Spawn {
             argv,
             env,
@@ -346,6 +361,7 @@ mod tests {
                 output_limit: None,
                 reseed: false,
             },
+            Request::ConnectTcp { port: 1 },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());
         for s in samples {

@@ -36,6 +36,12 @@ pub(super) struct Conn {
     /// The host dropped its stream.
     pub(super) host_closed: bool,
     pub(super) shutdown_sent: bool,
+    /// The host will send nothing more ([`super::VsockStream::shutdown_write`]): a shutdown
+    /// of the guest's receiving side follows the buffered bytes.
+    pub(super) host_write_done: bool,
+    pub(super) write_shutdown_sent: bool,
+    /// Never kept by a snapshot: a restore resets it ([`super::VsockStream::set_transient`]).
+    pub(super) transient: bool,
     /// Restored from a snapshot and not yet taken by a host stream.
     pub(super) adoptable: bool,
 }
@@ -56,6 +62,9 @@ impl Conn {
             peer_done: false,
             host_closed: false,
             shutdown_sent: false,
+            host_write_done: false,
+            write_shutdown_sent: false,
+            transient: false,
             adoptable: false,
         }
     }

@@ -252,6 +252,28 @@ impl VsockStream {
         // `Drop` finds the connection gone and only wakes the worker.
     }
 
+    /// Shuts down the writing half: once the bytes written so far are out, the guest's reads
+    /// see end of file, while its writes still reach this stream's reads. Later writes fail
+    /// with `BrokenPipe`.
+    pub fn shutdown_write(&self) {
+        let mut g = self.shared.inner.lock();
+        if let Some(c) = g.conns.get_mut(&self.local) {
+            c.host_write_done = true;
+        }
+        drop(g);
+        let _ = self.shared.wake.write(1);
+    }
+
+    /// Marks the connection as one a snapshot does not keep: a checkpoint taken while it is
+    /// open records it as open, so the restored guest sees it reset (and
+    /// [`VsockHost::adopt`] never hands it out). For connections that carry something the
+    /// host cannot take back after a restore, such as a forwarded TCP connection.
+    pub fn set_transient(&self) {
+        if let Some(c) = self.shared.inner.lock().conns.get_mut(&self.local) {
+            c.transient = true;
+        }
+    }
+
     /// Fails when the call must stop: cancelled, or past its deadline.
     fn check(&self) -> std::io::Result<()> {
         if self
@@ -295,6 +317,25 @@ fn gone() -> std::io::Error {
 
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Write for VsockStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reading through a shared reference, as `&TcpStream` does: one thread may read while another
+/// writes (a forwarded port splices both ways at once). Timeouts, deadline and cancel flag are
+/// the stream's.
+impl Read for &VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let until = self.read_timeout.map(|t| Instant::now() + t);
         let mut g = self.shared.inner.lock();
         loop {
@@ -331,7 +372,8 @@ impl Read for VsockStream {
     }
 }
 
-impl Write for VsockStream {
+/// Writing through a shared reference (see `Read for &VsockStream`).
+impl Write for &VsockStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
@@ -346,6 +388,12 @@ impl Write for VsockStream {
             };
             if c.state == ConnState::Reset || stopped {
                 return Err(gone());
+            }
+            if c.host_write_done {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the vsock connection's writing half is shut down",
+                ));
             }
             let room = OUT_MAX.saturating_sub(c.outbound.len());
             if room > 0 {

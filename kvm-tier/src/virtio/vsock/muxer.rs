@@ -166,7 +166,8 @@ impl Vsock {
 
     /// Fills the guest's receive buffers with control packets and connection data.
     pub(super) fn process_rx(&mut self, queues: &mut Queues<'_>) {
-        // Connections the host closed send their shutdown once their data is out.
+        // Connections the host closed (or stopped writing to) send their shutdown once their
+        // data is out.
         for (&local, c) in self.conns.iter_mut() {
             if c.host_closed && !c.shutdown_sent && c.outbound.is_empty() {
                 c.shutdown_sent = true;
@@ -175,6 +176,20 @@ impl Vsock {
                     peer: c.peer_port,
                     op: OP_SHUTDOWN,
                     flags: SHUTDOWN_BOTH,
+                });
+            } else if c.host_write_done
+                && !c.host_closed
+                && !c.write_shutdown_sent
+                && c.state == ConnState::Connected
+                && c.outbound.is_empty()
+            {
+                // Half-close: the guest's reads see end of file, its writes still arrive.
+                c.write_shutdown_sent = true;
+                self.control.push_back(Control {
+                    local,
+                    peer: c.peer_port,
+                    op: OP_SHUTDOWN,
+                    flags: SHUTDOWN_SEND,
                 });
             }
         }

@@ -134,6 +134,8 @@ impl Vsock {
                 && c.inbound.is_empty()
                 && c.outbound.is_empty()
                 && !c.host_closed
+                && !c.host_write_done
+                && !c.transient
                 && !c.peer_done;
             if idle {
                 live.push(LiveConn {

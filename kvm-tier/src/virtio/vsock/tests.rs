@@ -191,3 +191,34 @@ fn control_packets_stay_bounded_whatever_the_guest_sends() {
     v.handle_packet(from_guest(9, 9, OP_RST), &[]);
     assert!(v.control.q.is_empty());
 }
+
+#[test]
+fn a_shared_stream_reads_and_writes_from_two_threads_and_transient_ones_are_not_kept() {
+    let (dev, stream) = silent_guest();
+    let stream = Arc::new(stream);
+    // A reader waits on one thread while another writes: the write does not wait for it.
+    let r = stream.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let _ = tx.send((&*r).read(&mut [0u8; 16]).map_err(|e| e.kind()));
+    });
+    (&*stream).write_all(b"request").unwrap();
+    assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+    // The guest going away ends the waiting read.
+    dev.guest_gone();
+    let r = rx.recv_timeout(Duration::from_secs(60)).expect("the read hung");
+    assert_eq!(r, Err(std::io::ErrorKind::ConnectionReset));
+    reader.join().unwrap();
+
+    // Idle and ordinary, a connection is kept by a snapshot; transient, it is not.
+    let (dev, stream) = silent_guest();
+    assert_eq!(dev.state().live.len(), 1);
+    stream.set_transient();
+    let s = dev.state();
+    assert!(s.live.is_empty());
+    assert_eq!(s.open, vec![(FIRST_LOCAL_PORT, 1024)]);
+    // Shut down for writing: further writes fail.
+    stream.shutdown_write();
+    let e = (&stream).write(b"x").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+}

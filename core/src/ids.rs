@@ -121,6 +121,8 @@ pub enum Operation {
     Standby,
     Resume,
     Kill,
+    /// Exposing or unexposing guest ports ([`Ports`](crate::network::Ports)).
+    Ports,
 }
 
 impl fmt::Display for Operation {
@@ -133,6 +135,7 @@ impl fmt::Display for Operation {
             Operation::Standby => "put in standby",
             Operation::Resume => "resume",
             Operation::Kill => "kill",
+            Operation::Ports => "expose ports of",
         })
     }
 }

@@ -16,6 +16,17 @@
 //! wrapped and kept outside the lock. Every tier call is bounded (its deadline) and an
 //! interrupted call returns promptly, so the lock is never held past either.
 //!
+//! # Exposed ports and wake on traffic
+//!
+//! Where the tier has [`Ports`] (the KVM tier), `Managed::new` installs [`PortWake`] hooks in
+//! the sandbox: its listeners then stay open while it sleeps, and a connection that arrives
+//! in standby wakes it exactly as a call would (the same resume, counted in
+//! [`ManagedStats::wakes`]) before it is served. Opening and closing forwarded connections
+//! counts as activity for the idle timer, and a sandbox with forwarded connections open is
+//! never put in standby by the timer (it looks again an idle period later). The hooks hold
+//! the handle's state weakly, and the forwarder calls them from its own threads, holding none
+//! of its locks.
+//!
 //! A front end that must not name a tier wraps a `Box<dyn Sandbox>` (what a
 //! [`Runtime`](crate::Runtime) gives): `Managed<Box<dyn Sandbox>>` has every call of the
 //! contract and of its [capabilities](crate::capability), each answering
@@ -23,14 +34,16 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::grants::Grants;
 use crate::lifecycle::State;
+use crate::network::{PortMapping, PortWake, Ports};
 use crate::paths::DirEntry;
 use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Processes, Sandbox};
 use crate::snapshot::SnapshotId;
@@ -64,6 +77,64 @@ struct Shared<S> {
     idle: Option<Duration>,
     /// The sandbox's interrupter, reachable while a call holds `slot`.
     interrupter: Option<Arc<dyn Interrupt>>,
+    /// When a forwarded connection last opened or closed ([`PortWake::activity`]): kept
+    /// outside `slot`, so that forwarding never waits for a running call.
+    port_activity: Mutex<Instant>,
+}
+
+impl<S: Sandbox + 'static> Shared<S> {
+    /// Resumes the sandbox from its standby snapshot if it sleeps: how every call, and a
+    /// connection to an exposed port, wakes it.
+    fn wake(&self, slot: &mut Slot<S>) -> Result<()> {
+        if slot.sb.state() == State::Standby
+            && let Some(id) = slot.standby_snapshot.clone()
+        {
+            slot.sb.resume(&id)?;
+            slot.standby_snapshot = None;
+            slot.stats.wakes += 1;
+        }
+        Ok(())
+    }
+
+    /// Records activity and makes sure the sandbox has an idle-timer entry.
+    fn touch(self: &Arc<Self>, slot: &mut Slot<S>) {
+        slot.last_activity = Instant::now();
+        if let Some(idle) = self.idle
+            && !slot.scheduled
+            && slot.sb.state() == State::Running
+        {
+            slot.scheduled = true;
+            let target: Arc<dyn IdleTarget> = self.clone();
+            Timer::get().schedule(slot.last_activity + idle, Arc::downgrade(&target));
+        }
+    }
+}
+
+/// The [`PortWake`] hooks a managed sandbox's exposed ports call.
+struct PortHooks<S: Sandbox + 'static>(Weak<Shared<S>>);
+
+impl<S: Sandbox + 'static> PortWake for PortHooks<S> {
+    fn wake(&self) -> Result<()> {
+        let shared = self.0.upgrade().ok_or_else(|| {
+            Error::runtime("wake the sandbox for a connection", "the sandbox is gone")
+        })?;
+        let mut slot = shared.slot.lock();
+        shared.wake(&mut slot)?;
+        if slot.sb.state() != State::Running {
+            return Err(Error::IllegalTransition {
+                op: crate::lifecycle::Operation::Resume,
+                state: slot.sb.state(),
+            });
+        }
+        shared.touch(&mut slot);
+        Ok(())
+    }
+
+    fn activity(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            *shared.port_activity.lock() = Instant::now();
+        }
+    }
 }
 
 /// A sandbox with auto-standby and transparent wake. Cheap to clone (clones share the sandbox).
@@ -103,9 +174,14 @@ impl<S: Sandbox + 'static> IdleTarget for Shared<S> {
             slot.scheduled = false;
             return None;
         }
-        let due = slot.last_activity + idle;
+        let last = slot.last_activity.max(*self.port_activity.lock());
+        let due = last + idle;
         if due > now {
             return Some(due);
+        }
+        // Forwarded connections are open: the sandbox serves them.
+        if slot.sb.ports().is_ok_and(|p| p.open_connections() > 0) {
+            return Some(now + idle);
         }
         slot.scheduled = false;
         match slot.sb.standby() {
@@ -207,12 +283,15 @@ impl Timer {
 }
 
 impl<S: Sandbox + 'static> Managed<S> {
-    /// Wraps `sb`; with `idle = Some(d)` it goes to standby after `d` without calls.
+    /// Wraps `sb`; with `idle = Some(d)` it goes to standby after `d` without calls (nor
+    /// forwarded connections). A sandbox with [`Ports`] gets the hooks that wake it when a
+    /// connection arrives while it sleeps (see the module docs).
     pub fn new(sb: S, idle: Option<Duration>) -> Managed<S> {
         let interrupter = sb.interrupter();
         let m = Managed {
             shared: Arc::new(Shared {
                 interrupter,
+                port_activity: Mutex::new(Instant::now()),
                 slot: Mutex::new(Slot {
                     sb,
                     standby_snapshot: None,
@@ -224,6 +303,9 @@ impl<S: Sandbox + 'static> Managed<S> {
             }),
         };
         let mut slot = m.shared.slot.lock();
+        if let Ok(ports) = slot.sb.ports() {
+            ports.set_wake(Some(Arc::new(PortHooks(Arc::downgrade(&m.shared)))));
+        }
         m.touch(&mut slot);
         drop(slot);
         m
@@ -231,28 +313,14 @@ impl<S: Sandbox + 'static> Managed<S> {
 
     /// Records activity and makes sure the sandbox has an idle-timer entry.
     fn touch(&self, slot: &mut Slot<S>) {
-        slot.last_activity = Instant::now();
-        if let Some(idle) = self.shared.idle
-            && !slot.scheduled
-            && slot.sb.state() == State::Running
-        {
-            slot.scheduled = true;
-            let target: Arc<dyn IdleTarget> = self.shared.clone();
-            Timer::get().schedule(slot.last_activity + idle, Arc::downgrade(&target));
-        }
+        self.shared.touch(slot);
     }
 
     /// Runs `f` on the sandbox, waking it first if it is in standby. This is how every call
     /// goes; use it for tier-specific calls too.
     pub fn with<T>(&self, f: impl FnOnce(&mut S) -> Result<T>) -> Result<T> {
         let mut slot = self.shared.slot.lock();
-        if slot.sb.state() == State::Standby
-            && let Some(id) = slot.standby_snapshot.clone()
-        {
-            slot.sb.resume(&id)?;
-            slot.standby_snapshot = None;
-            slot.stats.wakes += 1;
-        }
+        self.shared.wake(&mut slot)?;
         let r = f(&mut slot.sb);
         self.touch(&mut slot);
         r
@@ -378,6 +446,31 @@ impl<S: Sandbox + 'static> Managed<S> {
     /// without background processes.
     pub fn listening(&self, port: u16) -> Result<bool> {
         self.with_processes(|p| p.listening(port))
+    }
+
+    /// Runs `f` on the sandbox's ports, waking it first; a tier without them answers
+    /// [`Error::Unsupported`](crate::Error::Unsupported) without a wake.
+    fn with_ports<T>(&self, f: impl FnOnce(&mut dyn Ports) -> Result<T>) -> Result<T> {
+        self.shared.slot.lock().sb.ports()?;
+        self.with(|sb| f(sb.ports()?))
+    }
+
+    /// Exposes guest TCP port `guest_port` on the host's `127.0.0.1:host_port` (`0`: a free
+    /// port) and returns that address (see [`Ports::expose`]). The listener stays open while
+    /// the sandbox sleeps: a connection wakes it. [`Error::Unsupported`](crate::Error::Unsupported)
+    /// on a tier without networking.
+    pub fn expose(&self, guest_port: u16, host_port: u16) -> Result<SocketAddr> {
+        self.with_ports(|p| p.expose(guest_port, host_port))
+    }
+
+    /// Stops exposing `guest_port` (see [`Ports::unexpose`]).
+    pub fn unexpose(&self, guest_port: u16) -> Result<()> {
+        self.with_ports(|p| p.unexpose(guest_port))
+    }
+
+    /// The exposed ports, by guest port (see [`Ports::exposed`]).
+    pub fn exposed(&self) -> Result<Vec<PortMapping>> {
+        self.with_ports(|p| Ok(p.exposed()))
     }
 
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {

@@ -67,8 +67,9 @@ pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox
 /// private to `dormant-kvm`.
 pub mod kvm {
     pub use dormant_kvm::{
-        BUILTIN_IMAGES, DEFAULT_IMAGE, GuestImage, HostKvm, ImageSource, KvmInterrupter,
-        KvmOptions, KvmRuntime, KvmSandbox, RootDisk, build_image, detect, list_images,
+        BUILTIN_IMAGES, DEFAULT_IMAGE, FORWARD_CHUNK, GuestImage, HostKvm, ImageSource,
+        KvmInterrupter, KvmOptions, KvmRuntime, KvmSandbox, MAX_EXPOSED_PORTS,
+        MAX_FORWARDED_CONNECTIONS, RootDisk, build_image, detect, list_images,
     };
 }
 

@@ -59,8 +59,9 @@ pub mod volume;
 
 pub use runtime::KvmRuntime;
 pub use sandbox::{
-    BUILTIN_IMAGES, DEFAULT_IMAGE, GuestImage, ImageSource, KvmInterrupter, KvmOptions, KvmSandbox,
-    RootDisk, build_image, list_images,
+    BUILTIN_IMAGES, DEFAULT_IMAGE, FORWARD_CHUNK, GuestImage, ImageSource, KvmInterrupter,
+    KvmOptions, KvmSandbox, MAX_EXPOSED_PORTS, MAX_FORWARDED_CONNECTIONS, RootDisk, build_image,
+    list_images,
 };
 
 // The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The

@@ -50,6 +50,7 @@ impl KvmSandbox {
         merged.image = spec.image;
         merged.call_timeout = spec.call_timeout;
         merged.output_limit = spec.output_limit;
+        merged.ports = spec.ports;
         // The base snapshot has no mount points: the spec's volumes take the first slots and
         // are mounted in the guest now.
         merged.mounts = spec.mounts;
@@ -57,6 +58,7 @@ impl KvmSandbox {
         let mut sb = KvmSandbox::handle(store, new_id(), merged, grants, opts);
         sb.load(&base, &mounts)?;
         sb.mount_volumes()?;
+        sb.sync_ports();
         Ok(sb)
     }
 

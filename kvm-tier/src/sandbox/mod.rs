@@ -48,12 +48,14 @@
 //! - `processes`: background processes (spawn, wait, signal, output).
 //! - `checkpoint`: the failure-atomic checkpoint of the live machine.
 //! - `restore`: resuming a snapshot into a new VM, the restore path in the order it runs.
+//! - `ports`: exposed guest ports, host listeners forwarded over vsock ([`Ports`]).
 
 mod checkpoint;
 mod code;
 mod create;
 mod image;
 mod live;
+mod ports;
 mod processes;
 mod restore;
 
@@ -66,8 +68,8 @@ use dormant_core::paths::DirEntry;
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{
-    Command, Error, ExecOutput, Execution, Grants, Processes, Result, Sandbox, SandboxSpec,
-    StreamingExec, Tier,
+    Command, Error, ExecOutput, Execution, Grants, PortMapping, PortWake, Ports, Processes, Result,
+    Sandbox, SandboxSpec, StreamingExec, Tier,
 };
 
 use crate::HostKvm;
@@ -81,6 +83,7 @@ pub use image::{
 };
 pub use live::KvmInterrupter;
 use live::{CallControl, check_path};
+pub use ports::{CHUNK as FORWARD_CHUNK, MAX_EXPOSED_PORTS, MAX_FORWARDED_CONNECTIONS};
 
 /// The agent's vsock port.
 pub const AGENT_PORT: u32 = dormant_agent::proto::DEFAULT_PORT;
@@ -117,6 +120,8 @@ pub struct KvmSandbox {
     calls: Arc<CallControl>,
     /// The next `run_code` reseeds the guest interpreter's PRNGs (set by every resume).
     reseed: bool,
+    /// The exposed ports' listeners and connections (`spec.ports` says which).
+    ports: ports::Forwarder,
 }
 
 impl std::fmt::Debug for KvmSandbox {
@@ -157,6 +162,7 @@ impl KvmSandbox {
             opts,
             calls: Arc::default(),
             reseed: false,
+            ports: ports::Forwarder::new(),
         }
     }
 
@@ -184,6 +190,7 @@ impl KvmSandbox {
     }
 
     fn release(&mut self) {
+        self.ports.detach();
         self.agent = None;
         *self.calls.waker.lock() = None;
         if let Some(m) = self.machine.take() {
@@ -323,6 +330,7 @@ impl Sandbox for KvmSandbox {
         self.id = manifest.sandbox_id;
         self.spec = manifest.spec;
         self.spec.mounts = mounts;
+        self.sync_ports();
         self.grants = grants.clone();
         self.lifecycle.complete(Operation::Resume)
     }
@@ -336,7 +344,10 @@ impl Sandbox for KvmSandbox {
     }
 
     fn kill(&mut self) -> Result<()> {
-        lifecycle::kill(self)
+        let r = lifecycle::kill(self);
+        // With wake hooks the listeners outlive a release: not a kill.
+        self.ports.close_all();
+        r
     }
 
     fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {
@@ -349,6 +360,111 @@ impl Sandbox for KvmSandbox {
 
     fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
         Some(self)
+    }
+
+    fn ports(&mut self) -> Result<&mut dyn Ports> {
+        Ok(self)
+    }
+}
+
+/// Guest TCP ports on the host's loopback, carried over vsock (see `ports.rs` for the
+/// forwarding, its bounds and what standby does to it). The exposed ports are part of the
+/// sandbox's description (`spec.ports`, kept by every checkpoint): a resume exposes them
+/// again, on the same host ports when they are free, else on new ones ([`Ports::exposed`]
+/// says which); the children of a fork expose nothing. Open connections end (end of file or a
+/// reset for the host's client) when the machine goes away: standby, kill, a resume.
+impl Ports for KvmSandbox {
+    /// See [`Ports::expose`]. Errors also: the sandbox is not running
+    /// ([`Error::IllegalTransition`]); more than [`MAX_EXPOSED_PORTS`] ports
+    /// ([`Error::InvalidArgument`]); an exposed port asked for on another host port
+    /// ([`Error::InvalidArgument`]: unexpose it first).
+    fn expose(&mut self, guest_port: u16, host_port: u16) -> Result<std::net::SocketAddr> {
+        self.lifecycle.check(Operation::Ports)?;
+        let port = self.ports.listen(guest_port, host_port)?;
+        let mapping = PortMapping {
+            guest_port,
+            host_port: port,
+        };
+        match self
+            .spec
+            .ports
+            .iter_mut()
+            .find(|m| m.guest_port == guest_port)
+        {
+            Some(m) => *m = mapping,
+            None => self.spec.ports.push(mapping),
+        }
+        Ok(mapping.host_addr())
+    }
+
+    fn unexpose(&mut self, guest_port: u16) -> Result<()> {
+        self.lifecycle.check(Operation::Ports)?;
+        self.ports.close(guest_port);
+        self.spec.ports.retain(|m| m.guest_port != guest_port);
+        Ok(())
+    }
+
+    /// The exposed ports by guest port, from the sandbox's description: in standby without
+    /// wake hooks their listeners are closed, and the next resume opens them (on these host
+    /// ports when free).
+    fn exposed(&self) -> Vec<PortMapping> {
+        let mut v = self.spec.ports.clone();
+        v.sort_by_key(|m| m.guest_port);
+        v
+    }
+
+    fn set_wake(&mut self, wake: Option<Arc<dyn PortWake>>) {
+        let none = wake.is_none();
+        self.ports.set_wake(wake);
+        if none && self.machine.is_none() {
+            // Asleep without hooks: nothing may keep listening.
+            self.ports.detach();
+        }
+    }
+
+    fn open_connections(&self) -> usize {
+        self.ports.open_connections()
+    }
+}
+
+impl KvmSandbox {
+    /// Makes the listeners match `spec.ports` after a resume or a create: closes those of
+    /// ports the spec does not have, opens the missing ones on their recorded host port when
+    /// it is free (else on a free one) and records the ports they got. A port that cannot be
+    /// listened on at all (over the cap, no free port) is dropped from the spec, with a
+    /// warning.
+    fn sync_ports(&mut self) {
+        for m in self.ports.mappings() {
+            if !self.spec.ports.iter().any(|p| p.guest_port == m.guest_port) {
+                self.ports.close(m.guest_port);
+            }
+        }
+        let mut kept: Vec<PortMapping> = Vec::with_capacity(self.spec.ports.len());
+        for m in std::mem::take(&mut self.spec.ports) {
+            if kept.iter().any(|k| k.guest_port == m.guest_port) {
+                continue;
+            }
+            let port = match self.ports.host_port(m.guest_port) {
+                Some(p) => Ok(p),
+                None => self
+                    .ports
+                    .listen(m.guest_port, m.host_port)
+                    .or_else(|_| self.ports.listen(m.guest_port, 0)),
+            };
+            match port {
+                Ok(host_port) => kept.push(PortMapping {
+                    guest_port: m.guest_port,
+                    host_port,
+                }),
+                Err(e) => tracing::warn!(
+                    sandbox = %self.id,
+                    guest_port = m.guest_port,
+                    error = %e,
+                    "an exposed port could not be listened on again; it is no longer exposed"
+                ),
+            }
+        }
+        self.spec.ports = kept;
     }
 }
 

@@ -83,6 +83,20 @@ impl KvmSandbox {
         grants: &Grants,
         opts: KvmOptions,
     ) -> Result<KvmSandbox> {
+        let mut sb = Self::resumed(store, id, grants, opts)?;
+        // Its exposed ports come back with it.
+        sb.sync_ports();
+        Ok(sb)
+    }
+
+    /// [`from_snapshot_granted`](Self::from_snapshot_granted) without listening on the
+    /// snapshot's exposed ports (they stay in `spec.ports`).
+    fn resumed(
+        store: Arc<LocalStore>,
+        id: &SnapshotId,
+        grants: &Grants,
+        opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
         require_kvm()?;
         let manifest = store.manifest(id)?;
         let mounts = grants.resolve(id, &manifest.spec.mounts)?;
@@ -95,7 +109,8 @@ impl KvmSandbox {
 
     /// `n` new sandboxes from snapshot `id`, each with an id of its own: the children of
     /// [`fork`](dormant_core::Sandbox::fork) and of [`KvmRuntime::fork`](crate::KvmRuntime).
-    /// On an error the children made so far are released.
+    /// A child exposes no ports (its parent's stay the parent's) until asked. On an error the
+    /// children made so far are released.
     pub(crate) fn children(
         store: &Arc<LocalStore>,
         id: &SnapshotId,
@@ -105,9 +120,9 @@ impl KvmSandbox {
     ) -> Result<Vec<KvmSandbox>> {
         (0..n)
             .map(|_| {
-                let mut child =
-                    Self::from_snapshot_granted(store.clone(), id, grants, opts.clone())?;
+                let mut child = Self::resumed(store.clone(), id, grants, opts.clone())?;
                 child.id = super::new_id();
+                child.spec.ports.clear();
                 Ok(child)
             })
             .collect()
@@ -128,6 +143,7 @@ impl KvmSandbox {
         let machine = Machine::restore(vm, &devices, disk, self.opts.console_echo, &volumes)
             .map_err(runtime("restore the guest's devices"))?;
         self.release();
+        self.ports.attach(machine.vsock());
         self.machine = Some(machine);
         self.parent = Some(id.clone());
         // A fresh VM: its dirty log and the devices' bitmaps start empty on `id`.

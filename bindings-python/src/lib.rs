@@ -553,6 +553,28 @@ impl NativeSandbox {
         let r = py.detach(|| self.inner.kill());
         r.map_err(|e| to_py(py, e))
     }
+
+    /// Exposes guest TCP port `port` on the host's `127.0.0.1:host_port` (`0`: a free port),
+    /// waking the sandbox first; returns the host address, `"127.0.0.1:N"`.
+    fn expose(&self, py: Python<'_>, port: u16, host_port: u16) -> PyResult<String> {
+        let r = py.detach(|| self.inner.expose(port, host_port));
+        Ok(r.map_err(|e| to_py(py, e))?.to_string())
+    }
+
+    /// Stops exposing guest port `port` (not exposed: nothing to do).
+    fn unexpose(&self, py: Python<'_>, port: u16) -> PyResult<()> {
+        let r = py.detach(|| self.inner.unexpose(port));
+        r.map_err(|e| to_py(py, e))
+    }
+
+    /// The exposed ports: `[(guest_port, host_port)]` by guest port.
+    fn exposed(&self, py: Python<'_>) -> PyResult<Vec<(u16, u16)>> {
+        let r = py.detach(|| self.inner.exposed());
+        Ok(r.map_err(|e| to_py(py, e))?
+            .into_iter()
+            .map(|m| (m.guest_port, m.host_port))
+            .collect())
+    }
 }
 
 /// `memory_mib` in bytes.

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -189,3 +190,61 @@ def test_lifecycle_and_a_fresh_process(kvm_store: pathlib.Path) -> None:
     assert sb.state == "killed"
     with pytest.raises(dormant.InvalidState):
         sb.commands.run("true")
+
+
+def fetch(addr: str, path: str) -> bytes:
+    """GET ``path`` from the host address ``addr`` ("127.0.0.1:N")."""
+    with urllib.request.urlopen(f"http://{addr}{path}", timeout=300) as r:
+        body: bytes = r.read()
+        return body
+
+
+def test_expose_serves_a_guest_server_wakes_a_sleeping_sandbox_and_comes_back(
+    kvm_store: pathlib.Path,
+) -> None:
+    sb = make(kvm_store, idle_standby=2)
+    sb.files.write("/var/www/index.html", "hello from the guest\n")
+    sb.commands.run("httpd -f -p 127.0.0.1:8080 -h /var/www", background=True)
+    deadline = time.monotonic() + 300
+    while "hello" not in sb.commands.run("wget -qO- http://127.0.0.1:8080/index.html").stdout:
+        assert time.monotonic() < deadline, "httpd did not start"
+        time.sleep(0.2)
+    addr = sb.expose(8080)
+    assert addr.startswith("127.0.0.1:") and addr != "127.0.0.1:0"
+    assert sb.get_host(8080) == addr
+    assert sb.exposed == {8080: addr}
+    assert fetch(addr, "/index.html") == b"hello from the guest\n"
+    with pytest.raises(dormant.InvalidArgument):
+        sb.expose(0)
+    with pytest.raises(TypeError):
+        sb.expose("8080")  # type: ignore[arg-type]
+    # Asleep by itself, the sandbox still listens: a request wakes it and is served.
+    deadline = time.monotonic() + 300
+    while sb.state != "standby":
+        assert time.monotonic() < deadline, "no auto-standby"
+        time.sleep(0.1)
+    assert fetch(addr, "/index.html") == b"hello from the guest\n"
+    assert sb.state == "running"
+    # A fork exposes nothing.
+    kids = sb.fork(1)
+    assert kids[0].exposed == {}
+    kids[0].kill()
+    # The port is part of the sandbox: resumed in another process, it answers again.
+    snap = sb.standby()
+    sb.kill()
+    code = (
+        "import sys, urllib.request, dormant\n"
+        "sb = dormant.Sandbox.resume(sys.argv[1], store=sys.argv[2], idle_standby=None)\n"
+        "addr = sb.exposed[8080]\n"
+        "print(urllib.request.urlopen(f'http://{addr}/index.html', timeout=300).read().decode())\n"
+        "sb.unexpose(8080)\n"
+        "print(sb.exposed)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, snap, str(kvm_store)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello from the guest\n\n{}\n"

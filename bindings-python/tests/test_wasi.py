@@ -55,6 +55,11 @@ def test_commands_run_wasi_programs(store: pathlib.Path, hello_wasm: bytes) -> N
         sb.commands.run("/bin/hello.wasm", background=True)
     with pytest.raises(dormant.Unsupported):
         sb.commands.run("/bin/hello.wasm", cwd="/tmp")
+    # WASI preview 1 has no sockets: no ports to expose.
+    with pytest.raises(dormant.Unsupported):
+        sb.expose(8080)
+    with pytest.raises(dormant.Unsupported):
+        sb.exposed
 
 
 def test_files(store: pathlib.Path) -> None:

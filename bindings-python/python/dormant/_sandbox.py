@@ -69,6 +69,15 @@ def _positive_int(name: str, value: int | None) -> int | None:
     return value
 
 
+def _tcp_port(name: str, value: int, *, zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    low = 0 if zero else 1
+    if not low <= value <= 65535:
+        raise InvalidArgument(f"{name} must be a TCP port from {low} to 65535, not {value}")
+    return value
+
+
 def _env(env: Mapping[str, str] | None) -> list[tuple[str, str]]:
     if env is None:
         return []
@@ -519,6 +528,41 @@ class Sandbox:
     def kill(self) -> None:
         """Ends the sandbox for good (its snapshots stay in the store)."""
         self._native.kill()
+
+    def expose(self, port: int, *, host_port: int = 0) -> str:
+        """Makes the TCP server on guest port ``port`` reachable from this machine and returns
+        the address to connect to, ``"127.0.0.1:NNNNN"``: a listener on the host's loopback
+        (on ``host_port``, or a free port with ``0``) whose connections reach ``127.0.0.1:port``
+        inside the guest (a dev server bound to the guest's loopback works, with outbound
+        networking off). Exposing an exposed port again returns its address.
+
+        The exposed ports belong to the sandbox: they come back when it resumes (here or in
+        another process; on the same host port when free, else on a new one, which
+        :attr:`exposed` tells), and a sandbox asleep after ``idle_standby`` keeps listening:
+        a connection wakes it and is served. Connections open when the sandbox goes to standby
+        end (the client sees the connection closed). A fork's children expose nothing.
+
+        Raises :class:`Unsupported` on the WASI tier (WASI has no sockets), and
+        :class:`SandboxError` when ``host_port`` is in use."""
+        return self._native.expose(
+            _tcp_port("port", port), _tcp_port("host_port", host_port, zero=True)
+        )
+
+    def get_host(self, port: int) -> str:
+        """The host address of guest port ``port``, exposing it first if needed:
+        ``sb.expose(port)``."""
+        return self.expose(port)
+
+    def unexpose(self, port: int) -> None:
+        """Stops exposing guest port ``port``: its listener closes and its open connections
+        end. A port that is not exposed: nothing to do."""
+        self._native.unexpose(_tcp_port("port", port))
+
+    @property
+    def exposed(self) -> dict[int, str]:
+        """The exposed ports: ``{guest_port: "127.0.0.1:NNNNN"}``, by guest port. Raises
+        :class:`Unsupported` on the WASI tier."""
+        return {guest: f"127.0.0.1:{host}" for guest, host in self._native.exposed()}
 
     def __enter__(self) -> Sandbox:
         return self

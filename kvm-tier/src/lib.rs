@@ -11,7 +11,8 @@
 //!   `sandbox/`: the handle and its `Sandbox` implementation (`mod.rs`), the guest image and
 //!   options (`image.rs`), creating and booting (`create.rs`), live calls through the guest
 //!   agent and the interrupter (`live.rs`), background processes (`processes.rs`),
-//!   checkpoints (`checkpoint.rs`) and resuming (`restore.rs`: the restore path below).
+//!   checkpoints (`checkpoint.rs`), resuming (`restore.rs`: the restore path below) and
+//!   exposed guest ports, host listeners forwarded over vsock (`ports.rs`).
 //! - [`KvmRuntime`], in `runtime.rs`: the tier behind dormant's tier-independent `Runtime`
 //!   (create, resume, fork giving `Box<dyn Sandbox>`), and [`KvmSandbox`]'s capabilities
 //!   (background processes, streaming exec) as the contract's traits.

@@ -931,9 +931,20 @@ fn helper_resume_and_run() {
 
 /// Resumes `id` of `store` in a new process, runs `script` there and returns its output.
 fn in_new_process(store: &LocalStore, id: &SnapshotId, script: &str) -> String {
+    child_output(
+        "helper_resume_and_run",
+        store,
+        id,
+        &[("DORMANT_TEST_SCRIPT", script)],
+    )
+}
+
+/// Runs the child-process helper test `helper` on snapshot `id` of `store` (with `env` added)
+/// and returns what it printed between `CHILD-OUT:` and `CHILD-END`.
+fn child_output(helper: &str, store: &LocalStore, id: &SnapshotId, env: &[(&str, &str)]) -> String {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
-            "helper_resume_and_run",
+            helper,
             "--exact",
             "--ignored",
             "--nocapture",
@@ -941,7 +952,7 @@ fn in_new_process(store: &LocalStore, id: &SnapshotId, script: &str) -> String {
         ])
         .env("DORMANT_TEST_STORE", store.root())
         .env("DORMANT_TEST_SNAPSHOT", id.to_string())
-        .env("DORMANT_TEST_SCRIPT", script)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1672,23 +1683,8 @@ fn exposed_ports_reach_a_guest_server_across_standby_forks_and_a_new_process() {
     );
 
     // In a new process the snapshot exposes its port again, and it answers.
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "helper_resume_and_fetch_exposed",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("DORMANT_TEST_STORE", store.root())
-        .env("DORMANT_TEST_SNAPSHOT", id.to_string())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("CHILD-OUT:served through expose\nCHILD-END"),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let page = child_output("helper_resume_and_fetch_exposed", store, &id, &[]);
+    assert_eq!(page, "served through expose\n");
 
     // Resumed here while something else holds its host port: a new one, reported.
     let blocker = std::net::TcpListener::bind(addr).ok();

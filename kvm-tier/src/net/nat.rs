@@ -56,6 +56,8 @@ use super::{
 
 /// How long a guest connection waits for its host connection before it is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Seconds a connection with unacknowledged data waits for the guest before it is reset.
+const IDLE_PEER_TIMEOUT: u64 = 120;
 /// The longest DNS datagram taken from or sent to the guest (one unfragmented datagram).
 const MAX_DNS: usize = 1472;
 /// The longest the thread sleeps without a reason (the stack's own timers are shorter).
@@ -570,6 +572,8 @@ impl Stack {
                 tcp::SocketBuffer::new(vec![0; CONN_BUFFER]),
             );
             sock.set_nagle_enabled(false);
+            // A guest that stops answering (data unacknowledged this long) is reset.
+            sock.set_timeout(Some(smoltcp::time::Duration::from_secs(IDLE_PEER_TIMEOUT)));
             if sock
                 .listen(IpListenEndpoint {
                     addr: Some(IpAddress::Ipv4(t.2)),
@@ -677,15 +681,17 @@ impl Stack {
         moved
     }
 
-    /// Drops the connections that ended (the socket closed or in TIME-WAIT), and listeners
-    /// whose SYN never came.
+    /// Drops the connections that ended (the socket closed or in TIME-WAIT), and those whose
+    /// guest handshake did not complete within [`CONNECT_TIMEOUT`] (a listener whose SYN
+    /// never came, a SYN flood that never answers the SYN-ACK): their slots are free again.
     fn reap(&mut self) {
         let now = Instant::now();
         let mut gone = Vec::new();
         for (&h, c) in &self.conns {
             let state = self.sockets.get::<tcp::Socket>(h).state();
             let ended = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
-                || (state == tcp::State::Listen && now.duration_since(c.since) > CONNECT_TIMEOUT);
+                || (matches!(state, tcp::State::Listen | tcp::State::SynReceived)
+                    && now.duration_since(c.since) > CONNECT_TIMEOUT);
             if ended {
                 gone.push(h);
             }

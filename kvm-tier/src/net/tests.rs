@@ -16,6 +16,7 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::nat::CONNECT_TIMEOUT;
 use super::*;
 
 #[test]
@@ -288,5 +289,156 @@ fn connections_beyond_the_cap_are_refused_and_the_stack_keeps_working() {
     g.until("the stack forgets them", |g| g.nat.handle().stats().open == 0);
     let h = g.connect((GATEWAY_ADDR, port), 30000);
     g.until("a new connection", |g| g.sock(h).may_send());
+    drop(l);
+}
+
+/// A raw guest SYN from `src_port` to `dst`, as a flooding guest sends it (no socket behind
+/// it: the SYN-ACK is never answered).
+fn syn_frame(src_port: u16, dst: (std::net::Ipv4Addr, u16)) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
+        TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+    let tcp = TcpRepr {
+        src_port,
+        dst_port: dst.1,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: GUEST_ADDR,
+        dst_addr: dst.0,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(GUEST_MAC),
+        dst_addr: EthernetAddress(GATEWAY_MAC),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut f = vec![0u8; 14 + 20 + tcp.buffer_len()];
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+    ip.emit(
+        &mut Ipv4Packet::new_unchecked(&mut f[14..34]),
+        &ChecksumCapabilities::default(),
+    );
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(&mut f[34..]),
+        &IpAddress::Ipv4(GUEST_ADDR),
+        &IpAddress::Ipv4(dst.0),
+        &ChecksumCapabilities::default(),
+    );
+    f
+}
+
+/// Whether a frame for the guest is a TCP reset.
+fn is_rst(frame: &[u8]) -> bool {
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket};
+    EthernetFrame::new_checked(frame)
+        .ok()
+        .and_then(|e| {
+            let ip = Ipv4Packet::new_checked(e.payload()).ok()?;
+            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+            Some(tcp.rst())
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_syn_flood_gets_resets_beyond_the_cap_and_its_slots_come_back() {
+    let (l, port) = listener();
+    let frames = Arc::new(Mutex::new(Frames::default()));
+    let wake = EventFd::new(EFD_NONBLOCK).unwrap();
+    let nat = Nat::start(
+        frames.clone(),
+        wake.try_clone().unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    )
+    .unwrap();
+    let net = nat.handle();
+    net.set_policy(host_policy());
+    // The guest's ARP request for the gateway first: the stack learns its MAC from it.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&GUEST_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&GUEST_MAC);
+    arp.extend_from_slice(&GUEST_ADDR.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&GATEWAY_ADDR.octets());
+    frames.lock().from_guest.push_back(arp);
+    let total = 3000u16;
+    let mut resets = 0;
+    let drain = |resets: &mut usize| {
+        let mut f = frames.lock();
+        *resets += f.to_guest.iter().filter(|fr| is_rst(fr)).count();
+        f.to_guest.clear();
+        drop(f);
+        let _ = wake.write(1);
+    };
+    for batch in (1..=total).collect::<Vec<_>>().chunks(200) {
+        frames
+            .lock()
+            .from_guest
+            .extend(batch.iter().map(|&p| syn_frame(p, (GATEWAY_ADDR, port))));
+        let _ = wake.write(1);
+        std::thread::sleep(Duration::from_millis(5));
+        drain(&mut resets);
+        assert!(net.stats().open <= MAX_CONNECTIONS);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while net.stats().accepted + net.stats().refused < u64::from(total) {
+        assert!(Instant::now() < deadline, "every SYN answered: {:?}", net.stats());
+        drain(&mut resets);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let s = net.stats();
+    assert_eq!(s.accepted, MAX_CONNECTIONS as u64, "{s:?}");
+    assert_eq!(s.refused, u64::from(total) - MAX_CONNECTIONS as u64, "{s:?}");
+    // Resets the stack sent while the queue to the guest was full were dropped, as a link
+    // drops (the guest's SYN retransmit gets another); sent one at a time, each is answered.
+    assert!(resets > 0);
+    for p in 0..50 {
+        let before = resets;
+        frames
+            .lock()
+            .from_guest
+            .push_back(syn_frame(50000 + p, (GATEWAY_ADDR, port)));
+        let _ = wake.write(1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while resets == before {
+            assert!(Instant::now() < deadline, "a reset for SYN {p}");
+            drain(&mut resets);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(net.stats().open <= MAX_CONNECTIONS);
+    // The flood never completes a handshake: after the connect timeout its slots are free,
+    // and a new SYN is relayed again.
+    let deadline = Instant::now() + CONNECT_TIMEOUT + Duration::from_secs(30);
+    while net.stats().open > 0 {
+        assert!(Instant::now() < deadline, "slots freed: {:?}", net.stats());
+        drain(&mut resets);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    frames
+        .lock()
+        .from_guest
+        .push_back(syn_frame(60000, (GATEWAY_ADDR, port)));
+    let _ = wake.write(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while net.stats().accepted == MAX_CONNECTIONS as u64 {
+        assert!(Instant::now() < deadline, "a new connection relayed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     drop(l);
 }

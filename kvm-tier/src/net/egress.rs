@@ -124,15 +124,16 @@ impl EgressState {
         }
     }
 
-    /// Replaces the policy. Pins and cached answers of names it no longer allows are dropped,
-    /// so those addresses are refused from now on (unless an address entry allows them).
+    /// Replaces the policy. Pins of names it no longer allows are dropped, so those addresses
+    /// are refused from now on (unless an address entry allows them), and the cached answers
+    /// are forgotten (the next lookups ask the host again, under the new `deny` entries).
     /// Connections already open are the caller's to reset ([`Self::tcp_target`] says which
     /// destinations are still allowed).
     pub fn set_policy(&mut self, policy: NetworkPolicy) {
         self.policy = policy;
         let policy = &self.policy;
         self.pins.retain_names(|name| policy.allows_name(name));
-        self.cache.retain(|name, _| policy.allows_name(name));
+        self.cache.clear();
     }
 
     /// The policy in force.
@@ -202,7 +203,7 @@ impl EgressState {
         let Some(name) = query.name.clone() else {
             return DnsPlan::Reply(query.reply(RCODE::NameError, &[], 0));
         };
-        if name.as_ref() == HOST_ALIAS || name.ends_with(".dormant.internal") {
+        if name.as_ref() == HOST_ALIAS || is_internal(&name) {
             let allowed = name.as_ref() == HOST_ALIAS && self.policy.allows_host();
             return DnsPlan::Reply(match (allowed, query.wants_a) {
                 (false, _) => query.reply(RCODE::NameError, &[], 0),
@@ -364,6 +365,11 @@ struct Cached {
 
 fn ttl_secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
+}
+
+/// Whether `name` is under `dormant.internal`, whose names the VMM alone answers.
+fn is_internal(name: &str) -> bool {
+    name == "dormant.internal" || name.ends_with(".dormant.internal")
 }
 
 /// How an address may be reached at all.

@@ -13,7 +13,7 @@ use dormant_core::{Error, Grants, Mount, Result, Sandbox, SandboxSpec, Tier, Wor
 
 use super::live::agent_error;
 use super::{GuestImage, KvmOptions, KvmSandbox, new_id, require_kvm, runtime};
-use crate::machine::{FS_IRQS, Machine, MachineConfig};
+use crate::machine::{FS_IRQS, Machine, MachineConfig, device_cmdline};
 use crate::virtio::fs::VolumeAttach;
 
 impl KvmSandbox {
@@ -50,6 +50,8 @@ impl KvmSandbox {
         merged.image = spec.image;
         merged.call_timeout = spec.call_timeout;
         merged.output_limit = spec.output_limit;
+        // The base booted with the network off; the sandbox's policy applies from its resume.
+        merged.network = spec.network;
         // The base snapshot has no mount points: the spec's volumes take the first slots and
         // are mounted in the guest now.
         merged.mounts = spec.mounts;
@@ -95,6 +97,9 @@ impl KvmSandbox {
         }
         let machine = booted?;
         let grants = Grants::of_spec(&spec);
+        if let Some(net) = machine.net() {
+            net.set_policy(spec.network.clone());
+        }
         let mut sb = KvmSandbox::handle(store, new_id(), spec, grants, opts);
         sb.machine = Some(machine);
         sb.connect(sb.opts.boot_timeout)?;
@@ -103,7 +108,8 @@ impl KvmSandbox {
     }
 
     /// What a base snapshot is keyed by: everything that was booted (image contents, RAM,
-    /// disk, volume slots, kernel command line). Also the KVM runtime's
+    /// disk, volume slots, kernel command line with its device part, so a change of the
+    /// device set is a new base). Also the KVM runtime's
     /// [`fingerprint`](dormant_core::Runtime::fingerprint), which templates' cache keys hold.
     pub(crate) fn base_key(
         image: &GuestImage,
@@ -112,7 +118,7 @@ impl KvmSandbox {
     ) -> Result<String> {
         // The command line is part of what was booted (a base booted with another one, e.g.
         // before a workaround was added to it, is not this base).
-        let cmdline = cmdline(image);
+        let cmdline = format!("{} {}", cmdline(image), device_cmdline(true, FS_IRQS.len()));
         // A root filesystem image has its own size; `disk_size` is the minimal image's disk.
         let disk_size = if image.root.is_some() {
             0
@@ -152,6 +158,8 @@ impl KvmSandbox {
         }
         let mut base_spec = spec.clone();
         base_spec.mounts.clear();
+        // Shared by every sandbox of its key, whatever their policies.
+        base_spec.network = dormant_core::NetworkPolicy::off();
         let mut booted = Self::boot(store.clone(), image, base_spec, opts.clone())?;
         let id = booted.checkpoint()?;
         booted.release();

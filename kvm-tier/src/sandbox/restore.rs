@@ -128,6 +128,10 @@ impl KvmSandbox {
         let machine = Machine::restore(vm, &devices, disk, self.opts.console_echo, &volumes)
             .map_err(runtime("restore the guest's devices"))?;
         self.release();
+        // A fresh NAT (the checkpoint's connections are gone) under the sandbox's policy.
+        if let Some(net) = machine.net() {
+            net.set_policy(self.spec.network.clone());
+        }
         self.machine = Some(machine);
         self.parent = Some(id.clone());
         // A fresh VM: its dirty log and the devices' bitmaps start empty on `id`.

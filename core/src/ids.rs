@@ -121,6 +121,8 @@ pub enum Operation {
     Standby,
     Resume,
     Kill,
+    /// Changing the running sandbox's network policy ([`crate::network::Egress`]).
+    Network,
 }
 
 impl fmt::Display for Operation {
@@ -133,6 +135,7 @@ impl fmt::Display for Operation {
             Operation::Standby => "put in standby",
             Operation::Resume => "resume",
             Operation::Kill => "kill",
+            Operation::Network => "change the network policy of",
         })
     }
 }

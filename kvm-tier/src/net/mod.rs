@@ -1,7 +1,7 @@
 //! The guest's network: a virtio-net device (`virtio::net`) whose frames a userspace TCP/IP
 //! stack ([`nat`], the `smoltcp` crate) terminates in this process, relaying each guest TCP
 //! connection to a host socket (NAT) and answering the guest's DNS, under the sandbox's egress
-//! policy (the policy decision lives in [`EgressState`]).
+//! policy (the policy decision and the DNS answers live in [`egress`]).
 //!
 //! No root, no TAP device, no host firewall: the guest's packets never reach the host's network
 //! stack as packets, only as the payload of sockets this process opens.
@@ -27,13 +27,13 @@
 //! `MAX_CONNECTIONS × 2 × CONN_BUFFER + 2 × FRAME_QUEUE × MAX_FRAME` (32 MiB + 0.8 MiB),
 //! whatever the guest sends.
 
-mod adapter;
+pub mod egress;
 pub mod nat;
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
-pub use adapter::EgressState;
+pub use egress::EgressState;
 pub use nat::{Nat, NetHandle, NetStats};
 
 /// The guest's address on `eth0`.

@@ -46,12 +46,14 @@
 //!   ([`KvmInterrupter`]), how a failed call ends, and `exec`.
 //! - `code`: `run_code`, a cell in the guest agent's persistent Python interpreter.
 //! - `processes`: background processes (spawn, wait, signal, output).
+//! - `egress`: the network policy ([`Egress`]), kept in the spec.
 //! - `checkpoint`: the failure-atomic checkpoint of the live machine.
 //! - `restore`: resuming a snapshot into a new VM, the restore path in the order it runs.
 
 mod checkpoint;
 mod code;
 mod create;
+mod egress;
 mod image;
 mod live;
 mod processes;
@@ -66,7 +68,7 @@ use dormant_core::paths::DirEntry;
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{
-    Command, Error, ExecOutput, Execution, Grants, Processes, Result, Sandbox, SandboxSpec,
+    Command, Egress, Error, ExecOutput, Execution, Grants, Processes, Result, Sandbox, SandboxSpec,
     StreamingExec, Tier,
 };
 
@@ -344,6 +346,11 @@ impl Sandbox for KvmSandbox {
     }
 
     fn processes(&mut self) -> Result<&mut dyn Processes> {
+        Ok(self)
+    }
+
+    /// The egress policy (see `egress`: [`Egress`] for this sandbox).
+    fn egress(&mut self) -> Result<&mut dyn Egress> {
         Ok(self)
     }
 

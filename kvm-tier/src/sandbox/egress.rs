@@ -1,0 +1,29 @@
+//! The sandbox's egress policy ([`Egress`]): part of its spec, so every checkpoint records it
+//! and a resume or a fork starts under it, and in force in the running machine's network
+//! device (`net::egress` enforces it).
+
+use dormant_core::Result;
+use dormant_core::lifecycle::Operation;
+use dormant_core::network::{Egress, NetworkPolicy};
+
+use super::KvmSandbox;
+
+impl Egress for KvmSandbox {
+    /// Replaces the policy of the running sandbox: new connections and DNS answers follow it
+    /// at once, and the next checkpoint records it. Errors: a policy with too many entries
+    /// ([`Error::InvalidArgument`](dormant_core::Error::InvalidArgument)); a sandbox that is
+    /// not running ([`Error::IllegalTransition`](dormant_core::Error::IllegalTransition):
+    /// resume it first, or let [`Managed`](dormant_core::Managed) wake it).
+    fn set_network(&mut self, policy: NetworkPolicy) -> Result<()> {
+        policy.validate()?;
+        self.lifecycle.check(Operation::Network)?;
+        // The running machine's network device takes the policy here once the machine has
+        // one (net/: the virtio-net device and its NAT).
+        self.spec.network = policy;
+        Ok(())
+    }
+
+    fn network(&self) -> &NetworkPolicy {
+        &self.spec.network
+    }
+}

@@ -133,7 +133,25 @@ fn the_guest_reaches_the_host_only_when_its_policy_allows_it() {
             "{policy:?}: the fetch fails with a connection error: {out}"
         );
     }
-    // The allowed one still works after them.
+    // The allowed one still works after them, by name too (the VMM answers the guest's DNS),
+    // while a name the policy does not allow does not resolve.
+    assert_eq!(wget(&mut open, &url).0, FILE);
+    let by_name = format!("http://host.dormant.internal:{port}/file");
+    assert_eq!(wget(&mut open, &by_name), (FILE.to_string(), 0));
+    let (out, rc) = sh(&mut open, "nslookup example.com 2>&1");
+    assert_ne!(rc, 0, "a denied name does not resolve: {out}");
+
+    // The policy changes while the guest runs: refused at once, then allowed again.
+    open.egress()
+        .unwrap()
+        .set_network(NetworkPolicy::off())
+        .unwrap();
+    let (out, rc) = wget(&mut open, &url);
+    assert!(rc != 0 && out.to_lowercase().contains("refused"), "{out}");
+    open.egress()
+        .unwrap()
+        .set_network(allow(&["host"]))
+        .unwrap();
     assert_eq!(wget(&mut open, &url).0, FILE);
 }
 

@@ -20,8 +20,10 @@
 //!    send buffer, guest bytes leave its receive buffer only as the host socket takes them, so
 //!    a slow side slows the other (TCP windows), never grows a buffer. A FIN either way is
 //!    passed on as a half close; a reset or error either way resets the other side.
-//! 3. UDP: datagrams to [`DNS_ADDR`]`:53` are DNS queries, answered off this thread (at most
-//!    [`MAX_DNS_IN_FLIGHT`] at once, more are dropped); any other datagram gets an ICMP port
+//! 3. UDP: datagrams to [`DNS_ADDR`]`:53` are DNS queries, answered by the egress state
+//!    ([`EgressState::dns_plan`] at once; a name the host must resolve is resolved on a thread
+//!    of its own, at most [`MAX_DNS_IN_FLIGHT`] at once, more are dropped, then
+//!    [`EgressState::dns_finish`]); any other datagram gets an ICMP port
 //!    unreachable from the stack at once. ICMP to addresses other than the gateway and the DNS
 //!    server is dropped (so a ping elsewhere does not seem to work).
 //!
@@ -49,6 +51,7 @@ use smoltcp::wire::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::egress::{DnsLookup, DnsPlan, HostAnswer};
 use super::{
     CONN_BUFFER, DNS_ADDR, EgressState, FRAME_QUEUE, Frames, GATEWAY_ADDR, GATEWAY_MAC,
     GUEST_PREFIX, MAX_CONNECTIONS, MAX_DNS_IN_FLIGHT, MAX_FRAME,
@@ -282,6 +285,9 @@ struct Conn {
     since: Instant,
 }
 
+/// A DNS query the host resolved: who asked, the lookup, the host's answer.
+type Resolved = (IpEndpoint, DnsLookup, HostAnswer);
+
 /// What to do with a frame from the guest.
 enum Verdict {
     /// To the stack.
@@ -303,8 +309,8 @@ struct Stack {
     by_tuple: HashMap<Tuple, SocketHandle>,
     dns: SocketHandle,
     dns_in_flight: usize,
-    dns_done: mpsc::Receiver<(IpEndpoint, Option<Vec<u8>>)>,
-    dns_done_tx: mpsc::Sender<(IpEndpoint, Option<Vec<u8>>)>,
+    dns_done: mpsc::Receiver<Resolved>,
+    dns_done_tx: mpsc::Sender<Resolved>,
     policy_gen: u64,
     epoch: Instant,
 }
@@ -706,26 +712,39 @@ impl Stack {
         }
     }
 
-    /// Hands the guest's DNS queries to resolver threads (bounded).
+    /// Answers the guest's DNS queries: at once when the policy or the cache decides, else
+    /// on a resolver thread (bounded).
     fn serve_dns(&mut self) {
         loop {
             let s = self.sockets.get_mut::<udp::Socket>(self.dns);
             let Ok((query, meta)) = s.recv() else {
                 return;
             };
+            let from = meta.endpoint;
+            // Never blocks: the state is locked only to decide.
+            let plan = self.shared.egress.lock().dns_plan(query);
+            let lookup = match plan {
+                DnsPlan::Drop => {
+                    self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                DnsPlan::Reply(reply) => {
+                    self.send_dns(from, &reply);
+                    continue;
+                }
+                DnsPlan::Resolve(lookup) => lookup,
+            };
             if self.dns_in_flight >= MAX_DNS_IN_FLIGHT {
                 self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let query = query.to_vec();
             let shared = self.shared.clone();
             let done = self.dns_done_tx.clone();
-            let from = meta.endpoint;
             let spawned = std::thread::Builder::new()
                 .name("dormant-dns".into())
                 .spawn(move || {
-                    let answer = shared.egress.lock().answer_dns(&query);
-                    let _ = done.send((from, answer));
+                    let answer = lookup.resolve();
+                    let _ = done.send((from, lookup, answer));
                     let _ = shared.wake.write(1);
                 });
             match spawned {
@@ -738,15 +757,17 @@ impl Stack {
     }
 
     fn take_dns_answers(&mut self) {
-        while let Ok((to, answer)) = self.dns_done.try_recv() {
+        while let Ok((to, lookup, answer)) = self.dns_done.try_recv() {
             self.dns_in_flight = self.dns_in_flight.saturating_sub(1);
-            let s = self.sockets.get_mut::<udp::Socket>(self.dns);
-            match answer {
-                Some(a) if a.len() <= MAX_DNS && s.send_slice(&a, to).is_ok() => {}
-                _ => {
-                    self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let reply = self.shared.egress.lock().dns_finish(lookup, answer);
+            self.send_dns(to, &reply);
+        }
+    }
+
+    fn send_dns(&mut self, to: IpEndpoint, reply: &[u8]) {
+        let s = self.sockets.get_mut::<udp::Socket>(self.dns);
+        if reply.len() > MAX_DNS || s.send_slice(reply, to).is_err() {
+            self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 

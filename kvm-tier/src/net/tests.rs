@@ -33,6 +33,8 @@ fn the_agent_configures_the_addresses_the_stack_serves() {
 struct GuestPhy {
     frames: Arc<Mutex<Frames>>,
     wake: EventFd,
+    /// ICMP port-unreachable messages received.
+    port_unreachable: usize,
 }
 
 struct Rx(Vec<u8>);
@@ -59,6 +61,10 @@ impl phy::Device for GuestPhy {
     type TxToken<'a> = Tx<'a>;
     fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(Rx, Tx<'_>)> {
         let f = self.frames.lock().to_guest.pop_front()?;
+        // ICMP type 3 (destination unreachable), code 3 (port), after Ethernet and IPv4.
+        if f.len() > 35 && f[12..14] == [0x08, 0x00] && f[23] == 1 && f[34..36] == [3, 3] {
+            self.port_unreachable += 1;
+        }
         // Room freed for the stack.
         let _ = self.wake.write(1);
         Some((Rx(f), Tx(self)))
@@ -89,7 +95,11 @@ impl Guest {
         let device_wake = EventFd::new(EFD_NONBLOCK).unwrap();
         let nat = Nat::start(frames.clone(), wake.try_clone().unwrap(), device_wake).unwrap();
         nat.handle().set_policy(policy);
-        let mut phy = GuestPhy { frames, wake };
+        let mut phy = GuestPhy {
+            frames,
+            wake,
+            port_unreachable: 0,
+        };
         let epoch = Instant::now();
         let mut iface = Interface::new(
             Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
@@ -441,4 +451,71 @@ fn a_syn_flood_gets_resets_beyond_the_cap_and_its_slots_come_back() {
         std::thread::sleep(Duration::from_millis(2));
     }
     drop(l);
+}
+
+#[test]
+fn dns_queries_to_the_vmm_are_answered_under_the_policy_and_other_udp_is_refused() {
+    use simple_dns::rdata::RData;
+    use simple_dns::{CLASS, Name, Packet, QCLASS, QTYPE, Question, RCODE, TYPE};
+    use smoltcp::socket::udp;
+    let mut g = Guest::new(host_policy());
+    let mut s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    );
+    s.bind(5353).unwrap();
+    let h = g.sockets.add(s);
+    let ask = |g: &mut Guest, id: u16, name: &str| -> (RCODE, Vec<std::net::Ipv4Addr>) {
+        let mut q = Packet::new_query(id);
+        q.questions.push(Question::new(
+            Name::new_unchecked(name),
+            QTYPE::TYPE(TYPE::A),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        let q = q.build_bytes_vec().unwrap();
+        g.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(&q, (IpAddress::Ipv4(DNS_ADDR), 53))
+            .unwrap();
+        let mut reply = Vec::new();
+        g.until("the DNS reply", |g| {
+            if let Ok((r, _)) = g.sockets.get_mut::<udp::Socket>(h).recv() {
+                reply = r.to_vec();
+            }
+            !reply.is_empty()
+        });
+        let p = Packet::parse(&reply).unwrap();
+        assert_eq!(p.id(), id);
+        let addrs = p
+            .answers
+            .iter()
+            .filter_map(|rr| match &rr.rdata {
+                RData::A(a) => Some(std::net::Ipv4Addr::from(a.address)),
+                _ => None,
+            })
+            .collect();
+        (p.rcode(), addrs)
+    };
+    assert_eq!(
+        ask(&mut g, 1, "host.dormant.internal"),
+        (RCODE::NoError, vec![GATEWAY_ADDR])
+    );
+    assert_eq!(ask(&mut g, 2, "example.com").0, RCODE::NameError);
+    g.nat.handle().set_policy(NetworkPolicy::off());
+    assert_eq!(ask(&mut g, 3, "host.dormant.internal").0, RCODE::NameError);
+    // A datagram to any other port or address is refused at once with an ICMP port
+    // unreachable; nothing is relayed.
+    for to in [
+        (IpAddress::Ipv4(DNS_ADDR), 54),
+        (IpAddress::Ipv4(std::net::Ipv4Addr::new(192, 0, 2, 1)), 53),
+    ] {
+        let before = g.phy.port_unreachable;
+        g.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(b"x", to)
+            .unwrap();
+        g.until("the port unreachable", |g| g.phy.port_unreachable > before);
+    }
+    assert!(g.sockets.get_mut::<udp::Socket>(h).recv().is_err());
 }

@@ -17,8 +17,10 @@ impl Egress for KvmSandbox {
     fn set_network(&mut self, policy: NetworkPolicy) -> Result<()> {
         policy.validate()?;
         self.lifecycle.check(Operation::Network)?;
-        // The running machine's network device takes the policy here once the machine has
-        // one (net/: the virtio-net device and its NAT).
+        // The running machine's NAT resets the connections the new policy refuses.
+        if let Some(net) = self.machine.as_ref().and_then(crate::machine::Machine::net) {
+            net.set_policy(policy.clone());
+        }
         self.spec.network = policy;
         Ok(())
     }

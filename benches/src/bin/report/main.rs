@@ -21,6 +21,7 @@ mod density;
 mod fork;
 mod machine;
 mod markdown;
+mod network;
 mod probe;
 mod python_overhead;
 mod resume_latency;
@@ -102,7 +103,7 @@ fn main() {
 fn run(o: Opts) -> Res<()> {
     let started = Instant::now();
     type Scenario = fn(&mut Ctx) -> Res<()>;
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("analysis", analysis::run),
         ("coding_agent", coding_agent::run),
         ("resume_latency", resume_latency::run),
@@ -111,6 +112,7 @@ fn run(o: Opts) -> Res<()> {
         ("density", density::run),
         ("python_overhead", python_overhead::run),
         ("coding_image", coding_image::run),
+        ("network", network::run),
     ];
     if let Some(only) = &o.only
         && !scenarios.iter().any(|(n, _)| n == only)

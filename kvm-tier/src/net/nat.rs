@@ -54,7 +54,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::egress::{DnsLookup, DnsPlan, HostAnswer};
 use super::{
     CONN_BUFFER, DNS_ADDR, EgressState, FRAME_QUEUE, Frames, GATEWAY_ADDR, GATEWAY_MAC,
-    GUEST_PREFIX, MAX_CONNECTIONS, MAX_DNS_IN_FLIGHT, MAX_FRAME,
+    GUEST_ADDR, GUEST_MAC, GUEST_PREFIX, MAX_CONNECTIONS, MAX_DNS_IN_FLIGHT, MAX_FRAME,
 };
 
 /// How long a guest connection waits for its host connection before it is reset.
@@ -313,6 +313,8 @@ struct Stack {
     dns_done_tx: mpsc::Sender<Resolved>,
     policy_gen: u64,
     epoch: Instant,
+    /// When the guest's address was last put in the stack's neighbor cache.
+    seeded: Option<Instant>,
 }
 
 fn stack_now(epoch: Instant) -> smoltcp::time::Instant {
@@ -372,7 +374,33 @@ impl Stack {
             dns_done_tx,
             policy_gen,
             epoch,
+            seeded: None,
         }
+    }
+
+    /// Keeps the guest's fixed address in the stack's neighbor cache (whose entries live 60 s):
+    /// without it, the stack's first frame to a guest that has the gateway cached (after a
+    /// resume, or a quiet minute) would be an ARP request, the frame itself dropped — a lost
+    /// DNS answer costs the guest's resolver a 5 s retry. An ARP reply from the guest's
+    /// address to the gateway fills the cache and is answered with nothing.
+    fn seed_neighbor(&mut self) {
+        if self
+            .seeded
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+        {
+            return;
+        }
+        self.seeded = Some(Instant::now());
+        let mut f = Vec::with_capacity(42);
+        f.extend_from_slice(&GATEWAY_MAC);
+        f.extend_from_slice(&GUEST_MAC);
+        // ARP, Ethernet/IPv4, reply.
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 2]);
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&GUEST_ADDR.octets());
+        f.extend_from_slice(&GATEWAY_MAC);
+        f.extend_from_slice(&GATEWAY_ADDR.octets());
+        self.phy.inbound.push_back(f);
     }
 
     fn run(mut self) {
@@ -384,6 +412,7 @@ impl Stack {
                 return;
             }
             let _ = self.shared.wake.read();
+            self.seed_neighbor();
             self.take_frames();
             self.check_policy();
             self.finish_pending(&fds, &owners);
@@ -550,6 +579,8 @@ impl Stack {
             if let Owner::Pending(t) = owner
                 && fd.revents != 0
                 && let Some(p) = self.pending.get(t)
+                // Not a newer attempt of the same connection, made since the poll.
+                && p.host.as_raw_fd() == fd.fd
             {
                 let ok = fd.revents & (libc::POLLERR | libc::POLLHUP) == 0
                     && matches!(p.host.take_error(), Ok(None))
@@ -639,8 +670,10 @@ impl Stack {
                     Ok(Ok(n)) if n > 0 => moved = true,
                     Ok(Err(e)) if e.kind() == ErrorKind::WouldBlock => break,
                     Ok(Err(_)) | Ok(Ok(_)) => {
+                        // Polled again before the socket is reaped: its reset goes out.
                         s.abort();
                         c.host_eof = true;
+                        moved = true;
                         break;
                     }
                     Err(_) => break,
@@ -803,7 +836,7 @@ impl Stack {
     }
 }
 
-/// What a pollfd after the wake eventfd watches.
+/// What a pollfd after the wake eventfd watches (the pollfd holds its descriptor too).
 #[derive(Debug, Clone, Copy)]
 enum Owner {
     Pending(Tuple),

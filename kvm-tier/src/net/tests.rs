@@ -519,3 +519,31 @@ fn dns_queries_to_the_vmm_are_answered_under_the_policy_and_other_udp_is_refused
     }
     assert!(g.sockets.get_mut::<udp::Socket>(h).recv().is_err());
 }
+
+#[test]
+fn a_fresh_stack_answers_the_guests_first_frame_without_asking_for_its_address() {
+    // As after a resume: the guest has the gateway's MAC cached and sends at once; the stack's
+    // answer is its first frame (no ARP request first, which would cost the answer).
+    let frames = Arc::new(Mutex::new(Frames::default()));
+    let wake = EventFd::new(EFD_NONBLOCK).unwrap();
+    let _nat = Nat::start(
+        frames.clone(),
+        wake.try_clone().unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    )
+    .unwrap();
+    frames
+        .lock()
+        .from_guest
+        .push_back(syn_frame(40000, (GATEWAY_ADDR, 9)));
+    let _ = wake.write(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(first) = frames.lock().to_guest.front() {
+            assert!(is_rst(first), "the first frame is the reset: {first:02x?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "an answer");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -12,8 +12,8 @@ use std::net::TcpListener;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use dormant::kvm::KvmSandbox;
 use dormant::NetworkPolicy;
+use dormant::kvm::KvmSandbox;
 
 use crate::Res;
 use crate::ctx::Ctx;

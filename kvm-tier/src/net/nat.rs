@@ -1,6 +1,6 @@
 //! The NAT stack: one thread per sandbox driving a `smoltcp` interface over the network
 //! device's frame queues ([`Frames`]), relaying the guest's TCP connections to host sockets and
-//! its DNS queries to [`EgressState::answer_dns`].
+//! its DNS queries to [`EgressState::dns_plan`] (names to resolve on threads of their own).
 //!
 //! The interface owns the gateway ([`GATEWAY_ADDR`]) and the DNS server ([`DNS_ADDR`]) and
 //! accepts packets to any other address too (smoltcp's "any IP" mode, with a default route
@@ -49,6 +49,7 @@ use smoltcp::wire::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::egress::DnsPlan;
 use super::{
     CONN_BUFFER, DNS_ADDR, EgressState, FRAME_QUEUE, Frames, GATEWAY_ADDR, GATEWAY_MAC,
     GUEST_PREFIX, MAX_CONNECTIONS, MAX_DNS_IN_FLIGHT, MAX_FRAME,
@@ -700,26 +701,43 @@ impl Stack {
         }
     }
 
-    /// Hands the guest's DNS queries to resolver threads (bounded).
+    /// Answers the guest's DNS queries: at once where the policy decides (or the name is
+    /// cached), else on a resolver thread (at most [`MAX_DNS_IN_FLIGHT`]; more are dropped).
     fn serve_dns(&mut self) {
         loop {
             let s = self.sockets.get_mut::<udp::Socket>(self.dns);
             let Ok((query, meta)) = s.recv() else {
                 return;
             };
-            if self.dns_in_flight >= MAX_DNS_IN_FLIGHT {
-                self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let query = query.to_vec();
+            let from = meta.endpoint;
+            // The policy answers most queries at once; a name to resolve goes to a thread of
+            // its own, the state unlocked while the host's resolver blocks.
+            let plan = self.shared.egress.lock().dns_plan(query);
+            let lookup = match plan {
+                DnsPlan::Drop => {
+                    self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                DnsPlan::Reply(answer) => {
+                    if answer.len() > MAX_DNS || s.send_slice(&answer, from).is_err() {
+                        self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                DnsPlan::Resolve(_) if self.dns_in_flight >= MAX_DNS_IN_FLIGHT => {
+                    self.shared.dns_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                DnsPlan::Resolve(lookup) => lookup,
+            };
             let shared = self.shared.clone();
             let done = self.dns_done_tx.clone();
-            let from = meta.endpoint;
             let spawned = std::thread::Builder::new()
                 .name("dormant-dns".into())
                 .spawn(move || {
-                    let answer = shared.egress.lock().answer_dns(&query);
-                    let _ = done.send((from, answer));
+                    let found = lookup.resolve();
+                    let answer = shared.egress.lock().dns_finish(lookup, found);
+                    let _ = done.send((from, Some(answer)));
                     let _ = shared.wake.write(1);
                 });
             match spawned {

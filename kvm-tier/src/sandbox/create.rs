@@ -56,8 +56,9 @@ impl KvmSandbox {
         // are mounted in the guest now.
         merged.mounts = spec.mounts;
         let mounts = merged.mounts.clone();
+        let network = merged.network.clone();
         let mut sb = KvmSandbox::handle(store, new_id(), merged, grants, opts);
-        sb.load(&base, &mounts)?;
+        sb.load(&base, &mounts, &network)?;
         sb.mount_volumes()?;
         Ok(sb)
     }

@@ -321,7 +321,8 @@ impl Sandbox for KvmSandbox {
         self.calls.begin();
         let manifest = self.store.manifest(id)?;
         let mounts = grants.resolve(id, &manifest.spec.mounts)?;
-        self.load(id, &mounts)?;
+        // The snapshot's policy from the first instruction the guest runs.
+        self.load(id, &mounts, &manifest.spec.network)?;
         self.id = manifest.sandbox_id;
         self.spec = manifest.spec;
         self.spec.mounts = mounts;

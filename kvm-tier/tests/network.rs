@@ -163,6 +163,7 @@ fn the_guest_keeps_its_network_across_checkpoint_resume_and_fork() {
     let mut sb = create(allow(&["host"]));
     let (addr, _) = sh(&mut sb, "ip -4 addr show eth0; ip route");
     assert!(addr.contains("10.0.2.15/24"), "{addr}");
+    assert!(addr.contains("mtu 16384"), "the device's MTU: {addr}");
     assert!(addr.contains("default via 10.0.2.2"), "{addr}");
     assert_eq!(
         sb.read_file("/etc/resolv.conf").unwrap(),

@@ -109,8 +109,8 @@ impl KvmSandbox {
     }
 
     /// What a base snapshot is keyed by: everything that was booted (image contents, RAM,
-    /// disk, volume slots, kernel command line with its device part, so a change of the
-    /// device set is a new base). Also the KVM runtime's
+    /// disk, volume slots, kernel command line with its device part and the network's MTU, so
+    /// a change of the device set is a new base). Also the KVM runtime's
     /// [`fingerprint`](dormant_core::Runtime::fingerprint), which templates' cache keys hold.
     pub(crate) fn base_key(
         image: &GuestImage,
@@ -119,7 +119,13 @@ impl KvmSandbox {
     ) -> Result<String> {
         // The command line is part of what was booted (a base booted with another one, e.g.
         // before a workaround was added to it, is not this base).
-        let cmdline = format!("{} {}", cmdline(image), device_cmdline(true, FS_IRQS.len()));
+        // The network device's MTU too: the guest sizes its buffers by it at boot.
+        let cmdline = format!(
+            "{} {} net-mtu={}",
+            cmdline(image),
+            device_cmdline(true, FS_IRQS.len()),
+            crate::net::MTU
+        );
         // A root filesystem image has its own size; `disk_size` is the minimal image's disk.
         let disk_size = if image.root.is_some() {
             0

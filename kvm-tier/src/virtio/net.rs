@@ -1,8 +1,9 @@
 //! virtio-net: the guest's `eth0`, its frames carried to and from the NAT stack
 //! ([`crate::net::nat`]) running on a thread of its own.
 //!
-//! Features offered: `VIRTIO_NET_F_MAC` (the fixed [`GUEST_MAC`]) and `VERSION_1`; no checksum
-//! or segmentation offloads, no mergeable receive buffers, so every frame is one Ethernet frame
+//! Features offered: `VIRTIO_NET_F_MAC` (the fixed [`GUEST_MAC`]), `VIRTIO_NET_F_MTU` ([`MTU`],
+//! so Linux posts receive buffers of several pages) and `VERSION_1`; no checksum or
+//! segmentation offloads, no mergeable receive buffers, so every frame is one Ethernet frame
 //! of at most [`MAX_FRAME`] bytes behind a 12-byte `virtio_net_hdr_v1`, in one chain. A guest
 //! frame shorter than an Ethernet header, longer than [`MAX_FRAME`], or in a chain over the
 //! caps is dropped and counted ([`NetDevice::dropped`]), as is a frame for the guest that
@@ -27,12 +28,12 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::device::{Chain, ChainReader, ChainWriter, Device, DeviceLogic, Queues};
 use super::mmio::{TransportState, VirtioDevice};
-use crate::net::{FRAME_QUEUE, Frames, GUEST_MAC, MAX_FRAME, MIN_FRAME, Nat, NetHandle};
+use crate::net::{FRAME_QUEUE, Frames, GUEST_MAC, MAX_FRAME, MIN_FRAME, MTU, Nat, NetHandle};
 use crate::persist::Persist;
 use crate::vm::GuestMemory;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU};
 
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 const RX: usize = 0;
@@ -40,9 +41,9 @@ const TX: usize = 1;
 /// `struct virtio_net_hdr_v1`: flags, gso type, header length, gso size, checksum start and
 /// offset, number of buffers.
 pub const NET_HDR: usize = 12;
-/// The largest receive buffer used as one (Linux posts ~1.5 KiB ones without offloads); a
-/// larger one is returned unused.
-const MAX_RX_BUFFER: usize = 64 << 10;
+/// The largest receive buffer used as one (Linux posts [`MTU`] rounded up to pages, plus a
+/// page for the header); a larger one is returned unused.
+const MAX_RX_BUFFER: usize = 128 << 10;
 
 /// The device model: the frame queues it shares with the stack.
 #[derive(Debug)]
@@ -58,18 +59,18 @@ impl VirtioDevice for Net {
         VIRTIO_ID_NET
     }
     fn features(&self) -> u64 {
-        1 << VIRTIO_NET_F_MAC
+        (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU)
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // `mac` only (no VIRTIO_NET_F_STATUS, no multiqueue, no MTU field).
+        // `mac`, `status` and `max_virtqueue_pairs` (zero: not offered), `mtu`.
+        let mut cfg = [0u8; 12];
+        cfg[..6].copy_from_slice(&GUEST_MAC);
+        cfg[10..].copy_from_slice(&(MTU as u16).to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
-            *b = GUEST_MAC
-                .get(offset as usize + i)
-                .copied()
-                .unwrap_or_default();
+            *b = cfg.get(offset as usize + i).copied().unwrap_or_default();
         }
     }
     fn write_config(&mut self, _: u64, _: &[u8]) {}

@@ -1,7 +1,7 @@
 //! Scenario 9, the guest's network through the NAT (KVM tier, Linux guest, policy
 //! `allow=["host"]`, busybox tools on the `minimal` image, servers on the host's 127.0.0.1
-//! reached as `10.0.2.2`): guest→host throughput (`nc` sends 32 MiB, timed by the host server
-//! from its first byte to the last), host→guest throughput (`wget` of 32 MiB, timed by the host
+//! reached as `10.0.2.2`): guest→host throughput (`nc` sends 4 MiB, timed by the host server
+//! from its first byte to the last), host→guest throughput (`wget` of 4 MiB, timed by the host
 //! server from the request to the guest's close), and new connections (one `wget` fetching a
 //! tiny file from 20 URLs in turn, each over a new connection: the host server's time between
 //! consecutive accepts, i.e. connection setup through the NAT plus one small request and
@@ -22,7 +22,7 @@ use crate::workloads::{linux_spec, sh};
 
 const TITLE: &str = "9. Guest network through the NAT (KVM tier, Linux guest)";
 /// Bytes moved each way per run.
-const BULK: usize = 32 << 20;
+const BULK: usize = 4 << 20;
 /// New connections per `wget` run.
 const FETCHES: usize = 20;
 
@@ -31,9 +31,9 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
         TITLE,
         "A sandbox with `network=NetworkPolicy(allow=[\"host\"])` talks to servers on the host's \
          127.0.0.1 through the VMM's virtio-net device and userspace NAT (`10.0.2.2` in the \
-         guest). **guest→host**: busybox `nc` sends 32 MiB of zeros; the host server times it \
+         guest). **guest→host**: busybox `nc` sends 4 MiB of zeros; the host server times it \
          from its first byte to the last. **host→guest**: busybox `wget -O /dev/null` of \
-         32 MiB; the host server times it from the request to the guest's close. **new \
+         4 MiB; the host server times it from the request to the guest's close. **new \
          connection + small fetch**: one `wget` given 20 URLs fetches a 31-byte file over a new \
          connection each; the host server's time between consecutive accepts (connection \
          setup through the NAT, one request and its answer, wget's own per-URL work). Guest \
@@ -91,12 +91,12 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
         &["what", "time", "throughput"],
         &[
             vec![
-                "guest→host, 32 MiB (`nc`)".into(),
+                "guest→host, 4 MiB (`nc`)".into(),
                 up.cell(),
                 rate(up.median()),
             ],
             vec![
-                "host→guest, 32 MiB (`wget`)".into(),
+                "host→guest, 4 MiB (`wget`)".into(),
                 down.cell(),
                 rate(down.median()),
             ],

@@ -13,8 +13,8 @@ use std::sync::{Arc, LazyLock, mpsc};
 use std::time::Duration;
 
 use dormant::{
-    Command, Error, Grants, Interrupt, LocalStore, Managed, Ready, Sandbox, SandboxSpec,
-    SnapshotId, Template, Tier,
+    Command, Error, Grants, Interrupt, LocalStore, Managed, NetworkPolicy, Ready, Sandbox,
+    SandboxSpec, SnapshotId, Template, Tier,
 };
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -266,7 +266,7 @@ fn command(
 #[pymethods]
 impl NativeSandbox {
     #[staticmethod]
-    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes, output_limit=None, image=None))]
+    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes, output_limit=None, image=None, network=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -279,10 +279,14 @@ impl NativeSandbox {
         volumes: Vec<(PathBuf, String, bool)>,
         output_limit: Option<usize>,
         image: Option<String>,
+        network: Option<PolicyLists>,
     ) -> PyResult<NativeSandbox> {
         let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
         let mut spec = SandboxSpec::default_for(tier);
         spec.image = image;
+        if let Some(lists) = network {
+            spec.network = policy(py, lists)?;
+        }
         if let Some(mib) = memory_mib {
             spec = spec.memory_limit(mebibytes(mib)?);
         }
@@ -538,6 +542,20 @@ impl NativeSandbox {
         r.map_err(|e| to_py(py, e))
     }
 
+    /// Replaces the egress policy (`(allow, deny)` entry lists), waking the sandbox if it
+    /// sleeps.
+    fn set_network(&self, py: Python<'_>, allow: Vec<String>, deny: Vec<String>) -> PyResult<()> {
+        let policy = policy(py, (allow, deny))?;
+        let r = py.detach(|| self.inner.set_network(policy));
+        r.map_err(|e| to_py(py, e))
+    }
+
+    /// The egress policy as `(allow, deny)` entry lists, read without waking the sandbox.
+    fn network(&self, py: Python<'_>) -> PyResult<PolicyLists> {
+        let r = py.detach(|| self.inner.network());
+        r.map(policy_lists).map_err(|e| to_py(py, e))
+    }
+
     fn fork(&self, py: Python<'_>, n: usize) -> PyResult<Vec<NativeSandbox>> {
         let r = py.detach(|| -> Result<Vec<NativeSandbox>, Error> {
             let children = self.inner.fork(n)?;
@@ -577,6 +595,31 @@ impl NativeSandbox {
     }
 }
 
+/// A network policy as Python passes it: `(allow, deny)` entry strings.
+type PolicyLists = (Vec<String>, Vec<String>);
+
+/// Parses a policy's entries (see `dormant::NetworkPolicy`).
+fn policy(py: Python<'_>, (allow, deny): PolicyLists) -> PyResult<NetworkPolicy> {
+    NetworkPolicy::parse(allow, deny).map_err(|e| to_py(py, e))
+}
+
+/// A policy's entries in their canonical spelling.
+fn policy_lists(p: NetworkPolicy) -> PolicyLists {
+    let show = |rules: Vec<dormant::Rule>| rules.iter().map(ToString::to_string).collect();
+    (show(p.allow), show(p.deny))
+}
+
+/// Checks network policy entries and returns them in their canonical spelling (lowercase
+/// names, CIDRs with their host bits cleared, duplicates dropped): `(allow, deny)`.
+#[pyfunction]
+fn parse_network_policy(
+    py: Python<'_>,
+    allow: Vec<String>,
+    deny: Vec<String>,
+) -> PyResult<PolicyLists> {
+    policy(py, (allow, deny)).map(policy_lists)
+}
+
 /// `memory_mib` in bytes.
 fn mebibytes(mib: u64) -> PyResult<u64> {
     mib.checked_mul(1 << 20)
@@ -594,7 +637,7 @@ fn grants(volumes: Vec<(PathBuf, String, bool)>, detach_missing: bool) -> Grants
 /// Builds (or reuses) a template; returns `(snapshot_id, built_now)`. Ctrl-C returns at once
 /// (the build goes on in the background, holding the template's lock, and records it or not).
 #[pyfunction]
-#[pyo3(signature = (name, tier, store_root, image, memory_mib, env, volumes, files, run, start, ready_port, ready_cmd))]
+#[pyo3(signature = (name, tier, store_root, image, memory_mib, env, volumes, files, run, start, ready_port, ready_cmd, network=None))]
 #[allow(clippy::too_many_arguments)]
 fn build_template(
     py: Python<'_>,
@@ -610,10 +653,14 @@ fn build_template(
     start: Option<String>,
     ready_port: Option<u16>,
     ready_cmd: Option<String>,
+    network: Option<PolicyLists>,
 ) -> PyResult<(String, bool)> {
     let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
     let mut t = Template::new(name, tier);
     t.spec.image = image;
+    if let Some(lists) = network {
+        t.spec.network = policy(py, lists)?;
+    }
     if let Some(mib) = memory_mib {
         t.spec.memory_limit = mebibytes(mib)?;
     }
@@ -754,6 +801,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_templates, m)?)?;
     m.add_function(wrap_pyfunction!(build_image, m)?)?;
     m.add_function(wrap_pyfunction!(list_images, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_network_policy, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -123,6 +123,8 @@ pub enum Operation {
     Kill,
     /// Exposing or unexposing guest ports ([`Ports`](crate::network::Ports)).
     Ports,
+    /// Changing the running sandbox's network policy ([`crate::network::Egress`]).
+    Network,
 }
 
 impl fmt::Display for Operation {
@@ -136,6 +138,7 @@ impl fmt::Display for Operation {
             Operation::Resume => "resume",
             Operation::Kill => "kill",
             Operation::Ports => "expose ports of",
+            Operation::Network => "change the network policy of",
         })
     }
 }

@@ -44,6 +44,7 @@ use crate::error::{Error, Result};
 use crate::grants::Grants;
 use crate::lifecycle::State;
 use crate::network::{PortMapping, PortWake, Ports};
+use crate::network::NetworkPolicy;
 use crate::paths::DirEntry;
 use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Processes, Sandbox};
 use crate::snapshot::SnapshotId;
@@ -471,6 +472,20 @@ impl<S: Sandbox + 'static> Managed<S> {
     /// The exposed ports, by guest port (see [`Ports::exposed`]).
     pub fn exposed(&self) -> Result<Vec<PortMapping>> {
         self.with_ports(|p| Ok(p.exposed()))
+    /// Replaces the sandbox's egress policy (see
+    /// [`Egress::set_network`](crate::Egress::set_network)), waking it first;
+    /// [`Error::Unsupported`](crate::Error::Unsupported) without a wake on a tier without
+    /// networking.
+    pub fn set_network(&self, policy: NetworkPolicy) -> Result<()> {
+        self.shared.slot.lock().sb.egress()?;
+        self.with(|sb| sb.egress()?.set_network(policy))
+    }
+
+    /// The sandbox's egress policy (see [`Egress::network`](crate::Egress::network)), read
+    /// without waking it; [`Error::Unsupported`](crate::Error::Unsupported) on a tier without
+    /// networking.
+    pub fn network(&self) -> Result<NetworkPolicy> {
+        Ok(self.shared.slot.lock().sb.egress()?.network().clone())
     }
 
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {

@@ -78,7 +78,9 @@ macro_rules! vmm_modules {
         pub(crate) mod $name;
     )*};
 }
-vmm_modules!(boot, machine, persist, serial, snapshot, vcpu, virtio, vm);
+vmm_modules!(
+    boot, machine, net, persist, serial, snapshot, vcpu, virtio, vm
+);
 
 #[cfg(test)]
 mod restore_tests;

@@ -1,10 +1,11 @@
-//! A whole microVM: the VM and its vCPU thread, the serial console, and virtio-vsock, wired
-//! together (irqfds for interrupts, an ioeventfd per virtqueue), booted from a kernel or
+//! A whole microVM: the VM and its vCPU thread, the serial console, virtio-vsock, the disk, the
+//! volume slots and the network device, wired together (irqfds for interrupts, an ioeventfd per virtqueue), booted from a kernel or
 //! rebuilt from a snapshot.
 //!
 //! Guest physical layout: RAM from 0; the virtio-mmio windows of vsock at
 //! [`VSOCK_MMIO_BASE`] (IRQ [`VSOCK_IRQ`]), of the disk at [`BLK_MMIO_BASE`] (IRQ [`BLK_IRQ`])
-//! and of the volume slots from [`FS_MMIO_BASE`] (IRQs [`FS_IRQS`]); COM1 at port 0x3f8
+//! of the volume slots from [`FS_MMIO_BASE`] (IRQs [`FS_IRQS`]) and of the network device at
+//! [`NET_MMIO_BASE`] (IRQ [`NET_IRQ`]); COM1 at port 0x3f8
 //! (IRQ 4). The guest learns about the virtio devices from the kernel command line
 //! (`virtio_mmio.device=`), so every device, volume slots included, exists from boot.
 
@@ -23,7 +24,9 @@ use crate::vcpu::{Action, Ended, ExitHandler, VcpuThread};
 use crate::virtio::block::{BlockDevice, BlockState};
 use crate::virtio::fs::{FsDevice, FsState, VolumeAttach};
 use crate::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY};
+use crate::virtio::net::{NetDevice, NetState};
 use crate::virtio::vsock::{VsockDevice, VsockHost, VsockState};
+use crate::net::NetHandle;
 use crate::vm::{ExitRef, GuestRam, MicroVm, VmError, VmState};
 
 /// Guest physical address of the vsock device's virtio-mmio registers.
@@ -39,6 +42,11 @@ pub const BLK_IRQ: u32 = 6;
 pub const FS_MMIO_BASE: u64 = 0xd000_2000;
 /// The volume slots' interrupt lines: at most this many slots.
 pub const FS_IRQS: [u32; 4] = [7, 9, 10, 11];
+/// Guest physical address of the network device's virtio-mmio registers (after the last
+/// volume slot).
+pub const NET_MMIO_BASE: u64 = FS_MMIO_BASE + FS_IRQS.len() as u64 * MMIO_SIZE;
+/// Its interrupt line.
+pub const NET_IRQ: u32 = 12;
 /// Version of [`DevicesState`]'s layout, which covers every device state it holds (UART,
 /// vsock, block, fs slots with their transports and volumes): those are only ever stored inside
 /// it, so a change to any of them is a new version of it.
@@ -89,6 +97,10 @@ pub struct DevicesState {
         deserialize_with = "dormant_core::snapshot::bounded_vec::<_, _, { FS_IRQS.len() }>"
     )]
     pub fs: Vec<FsState>,
+    /// The network device's state (absent in snapshots of machines without one, which are
+    /// restored without one).
+    #[serde(default)]
+    pub net: Option<NetState>,
 }
 
 /// What to boot.
@@ -116,6 +128,7 @@ struct Devices {
     vsock: VsockDevice,
     block: Option<BlockDevice>,
     fs: Vec<FsDevice>,
+    net: Option<NetDevice>,
     /// The guest asked for a reset (its way to power off).
     reset: AtomicBool,
 }
@@ -183,6 +196,21 @@ impl ExitHandler for DeviceModel {
                     d.fs[i].mmio_write(off, data);
                 }
             }
+            ExitRef::MmioRead { addr, data }
+                if (NET_MMIO_BASE..NET_MMIO_BASE + MMIO_SIZE).contains(&addr)
+                    && d.net.is_some() =>
+            {
+                if let Some(n) = &d.net {
+                    n.mmio_read(addr - NET_MMIO_BASE, data);
+                }
+            }
+            ExitRef::MmioWrite { addr, data }
+                if (NET_MMIO_BASE..NET_MMIO_BASE + MMIO_SIZE).contains(&addr) =>
+            {
+                if let Some(n) = &d.net {
+                    n.mmio_write(addr - NET_MMIO_BASE, data);
+                }
+            }
             ExitRef::IoIn { data, .. } | ExitRef::MmioRead { data, .. } => data.fill(0xff),
             ExitRef::IoOut { .. } | ExitRef::MmioWrite { .. } | ExitRef::Hlt => {}
         }
@@ -216,7 +244,7 @@ fn fs_slot(addr: u64, slots: usize) -> Option<(usize, u64)> {
     (i < slots).then_some((i, off % MMIO_SIZE))
 }
 
-/// The kernel command line's device part.
+/// The kernel command line's device part (every machine booted has the network device).
 pub fn device_cmdline(disk: bool, volume_slots: usize) -> String {
     let mut c = format!("virtio_mmio.device=4K@{VSOCK_MMIO_BASE:#x}:{VSOCK_IRQ}");
     if disk {
@@ -228,6 +256,9 @@ pub fn device_cmdline(disk: bool, volume_slots: usize) -> String {
         let base = FS_MMIO_BASE + i as u64 * MMIO_SIZE;
         c.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
+    c.push_str(&format!(
+        " virtio_mmio.device=4K@{NET_MMIO_BASE:#x}:{NET_IRQ}"
+    ));
     c
 }
 
@@ -302,8 +333,9 @@ impl Machine {
 
     /// Starts a machine around `vm`, whose memory and vCPU registers the caller has loaded (a
     /// kernel, as [`Self::boot`] does, or any other guest code, such as the tiny hand-written
-    /// guests of the tests): fresh devices (vsock, the disk over `disk` if given, and
-    /// `volume_slots` volume slots with `volumes` attached to the first ones) are wired to
+    /// guests of the tests): fresh devices (vsock, the disk over `disk` if given,
+    /// `volume_slots` volume slots with `volumes` attached to the first ones, and the network
+    /// device with its policy off) are wired to
     /// their MMIO windows and interrupt lines (see the module's layout), then the vCPU starts.
     ///
     /// Errors: a device could not be created (`volumes` longer than the slots, more slots
@@ -333,7 +365,9 @@ impl Machine {
             None => None,
         };
         let fs = volume_devices(&vm, volume_slots, volumes, None)?;
-        Self::start(vm, uart, vsock, block, fs, console)
+        let net_irq = EventFd::new(EFD_NONBLOCK).map_err(device("net"))?;
+        let net = NetDevice::new(vm.ram().memory().clone(), net_irq, None).map_err(device("net"))?;
+        Self::start(vm, uart, vsock, block, fs, Some(net), console)
     }
 
     /// Rebuilds a machine around a VM restored from a snapshot (see `snapshot::load_machine`),
@@ -384,7 +418,17 @@ impl Machine {
             }
         };
         let fs = volume_devices(&vm, state.fs.len(), volumes, Some(&state.fs))?;
-        Self::start(vm, uart, vsock, block, fs, console)
+        let net = match &state.net {
+            Some(ns) => {
+                let irq = EventFd::new(EFD_NONBLOCK).map_err(device("net"))?;
+                Some(
+                    NetDevice::restore((vm.ram().memory().clone(), irq), ns)
+                        .map_err(device("net"))?,
+                )
+            }
+            None => None,
+        };
+        Self::start(vm, uart, vsock, block, fs, net, console)
     }
 
     fn start(
@@ -393,6 +437,7 @@ impl Machine {
         vsock: VsockDevice,
         block: Option<BlockDevice>,
         fs: Vec<FsDevice>,
+        net: Option<NetDevice>,
         console: ConsoleLog,
     ) -> Result<Machine> {
         vm.register_irqfd(vsock.irq_fd(), VSOCK_IRQ)?;
@@ -410,6 +455,12 @@ impl Machine {
                 vm.register_mmio_ioeventfd(evt, base + QUEUE_NOTIFY, q as u32)?;
             }
         }
+        if let Some(n) = &net {
+            vm.register_irqfd(n.irq_fd(), NET_IRQ)?;
+            for (q, evt) in n.queue_evts().iter().enumerate() {
+                vm.register_mmio_ioeventfd(evt, NET_MMIO_BASE + QUEUE_NOTIFY, q as u32)?;
+            }
+        }
         let mem_size = vm.ram().size();
         let ram_fault = vm.ram().fault_probe();
         let devices = Arc::new(Devices {
@@ -417,6 +468,7 @@ impl Machine {
             vsock,
             block,
             fs,
+            net,
             reset: AtomicBool::new(false),
         });
         let vcpu = VcpuThread::start(vm, DeviceModel(devices.clone())).map_err(|e| {
@@ -444,6 +496,17 @@ impl Machine {
 
     pub fn mem_size(&self) -> usize {
         self.mem_size
+    }
+
+    /// The network's handle (its egress policy and counters); `None` for a machine restored
+    /// from a snapshot taken without a network device.
+    pub fn net(&self) -> Option<NetHandle> {
+        self.devices.net.as_ref().map(NetDevice::handle)
+    }
+
+    /// Frames the network device dropped (malformed, oversized, over its caps); 0 without one.
+    pub fn net_dropped(&self) -> u64 {
+        self.devices.net.as_ref().map_or(0, NetDevice::dropped)
     }
 
     /// The disk's contents (consistent while quiesced).
@@ -537,6 +600,10 @@ impl Machine {
                 .iter()
                 .map(|f| f.save().map_err(io("fs")))
                 .collect::<Result<_>>()?,
+            net: match &self.devices.net {
+                Some(n) => Some(n.save().map_err(io("net"))?),
+                None => None,
+            },
         })
     }
 
@@ -547,6 +614,9 @@ impl Machine {
         }
         for f in &self.devices.fs {
             f.set_paused(paused);
+        }
+        if let Some(n) = &self.devices.net {
+            n.set_paused(paused);
         }
     }
 

@@ -149,6 +149,8 @@ fn golden_devices() -> DevicesState {
                 volume: None,
             },
         ],
+        // Written before machines had a network device: restored without one.
+        net: None,
     }
 }
 

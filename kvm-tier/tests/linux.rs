@@ -1737,4 +1737,59 @@ fn a_managed_sandbox_asleep_is_woken_by_a_connection_to_an_exposed_port() {
     assert_eq!(m.exposed().unwrap()[0].host_port, addr.port());
     m.kill().unwrap();
     assert!(std::net::TcpStream::connect(addr).is_err());
+/// The egress policy is part of the sandbox's description: set while running (through
+/// `Managed` too, which wakes a sleeping sandbox for it), kept by checkpoints, forks and
+/// resumes; refused on a sandbox in standby.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn the_network_policy_is_set_while_running_and_kept_by_checkpoints() {
+    use dormant_core::{Egress, NetworkPolicy};
+    let (store, _) = booted();
+    let host = NetworkPolicy::parse(["host", "pypi.org"], ["10.0.0.0/8"]).unwrap();
+    let mut sb = fresh();
+    assert_eq!(sb.network(), &NetworkPolicy::off());
+    sb.egress().unwrap().set_network(host.clone()).unwrap();
+    assert_eq!(sb.network(), &host);
+    assert_eq!(sb.spec().network, host);
+
+    // Checkpoints record it; a resume and the children of a fork start under it.
+    let snap = sb.checkpoint().unwrap();
+    let again = KvmSandbox::from_snapshot(store.clone(), &snap).unwrap();
+    assert_eq!(again.network(), &host);
+    drop(again);
+    let kids = sb.fork(1).unwrap();
+    assert_eq!(kids[0].network(), &host);
+    drop(kids);
+
+    // Not in standby (the sandbox's snapshot is already written); a policy too long is refused.
+    let slept = sb.standby().unwrap();
+    match sb.set_network(NetworkPolicy::open()) {
+        Err(Error::IllegalTransition { op, .. }) => {
+            assert_eq!(op.to_string(), "change the network policy of")
+        }
+        other => panic!("expected IllegalTransition, got {other:?}"),
+    }
+    sb.resume(&slept).unwrap();
+    assert_eq!(sb.network(), &host);
+    let m = Managed::new(sb, None);
+    let mut long = NetworkPolicy::off();
+    long.allow = vec![dormant_core::Rule::Any; dormant_core::network::MAX_POLICY_RULES + 1];
+    assert!(matches!(
+        m.set_network(long),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(m.network().unwrap(), host);
+
+    // Through Managed: a sleeping sandbox is woken, and the policy reads back.
+    m.standby().unwrap();
+    m.set_network(NetworkPolicy::open()).unwrap();
+    assert_eq!(m.state(), dormant_core::State::Running);
+    assert_eq!(m.network().unwrap(), NetworkPolicy::open());
+    let snap = m.standby().unwrap();
+    assert_eq!(
+        KvmSandbox::from_snapshot(store.clone(), &snap)
+            .unwrap()
+            .network(),
+        &NetworkPolicy::open()
+    );
 }

@@ -1,4 +1,4 @@
-//! Hostile descriptor chains fed to the virtio devices (blk, vsock, fs) through their registers
+//! Hostile descriptor chains fed to the virtio devices (blk, vsock, fs, net) through their registers
 //! and queues, over real guest memory, as a guest driver would post them: huge lengths,
 //! descriptor loops, addresses outside guest memory, indirect tables, unknown request types,
 //! random header bytes. The host never panics, every device still answers a good request after
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use dormant_kvm::virtio::block::BlockDevice;
 use dormant_kvm::virtio::device::GUEST_ALLOCATION_BOUND;
 use dormant_kvm::virtio::fs::{FsDevice, VolumeAttach};
+use dormant_kvm::virtio::net::{NET_HDR, NetDevice};
 use dormant_kvm::virtio::vsock::VsockDevice;
 use dormant_kvm::vm::{GuestMemory, GuestRam};
 use proptest::prelude::*;
@@ -30,8 +31,15 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 struct Counting;
 
 /// The devices' worker threads, by name.
-const WORKERS: [&[u8]; 3] = [b"dormant-blk", b"dormant-vsock", b"dormant-fs"];
-static LARGEST: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+/// The network device's frames also go through its NAT stack's thread (`dormant-nat`).
+const WORKERS: [&[u8]; 5] = [
+    b"dormant-blk",
+    b"dormant-vsock",
+    b"dormant-fs",
+    b"dormant-net",
+    b"dormant-nat",
+];
+static LARGEST: [AtomicUsize; 5] = [const { AtomicUsize::new(0) }; 5];
 
 fn record(size: usize) {
     thread_local!(static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
@@ -117,6 +125,12 @@ impl Mmio for BlockDevice {
 }
 
 impl Mmio for VsockDevice {
+    fn write_reg(&self, off: u64, data: &[u8]) {
+        self.mmio_write(off, data);
+    }
+}
+
+impl Mmio for NetDevice {
     fn write_reg(&self, off: u64, data: &[u8]) {
         self.mmio_write(off, data);
     }
@@ -354,16 +368,27 @@ impl Driver {
 const BLK: usize = 0;
 const VSOCK: usize = 1;
 const FS: usize = 2;
+const NET: usize = 3;
+const NAT: usize = 4;
 
 /// Checks the bound on the allocations device `worker` made while `f` ran.
 fn bounded<T>(worker: usize, f: impl FnOnce() -> T) -> T {
-    LARGEST[worker].store(0, Ordering::SeqCst);
+    bounded_all(&[worker], f)
+}
+
+/// Checks the bound on the allocations each of `workers` made while `f` ran.
+fn bounded_all<T>(workers: &[usize], f: impl FnOnce() -> T) -> T {
+    for &w in workers {
+        LARGEST[w].store(0, Ordering::SeqCst);
+    }
     let r = f();
-    let largest = LARGEST[worker].load(Ordering::SeqCst);
-    assert!(
-        largest <= GUEST_ALLOCATION_BOUND,
-        "a single allocation of {largest} bytes while serving hostile chains (bound {GUEST_ALLOCATION_BOUND})"
-    );
+    for &w in workers {
+        let largest = LARGEST[w].load(Ordering::SeqCst);
+        assert!(
+            largest <= GUEST_ALLOCATION_BOUND,
+            "a single allocation of {largest} bytes while serving hostile chains (bound {GUEST_ALLOCATION_BOUND})"
+        );
+    }
     r
 }
 
@@ -845,4 +870,166 @@ fn fs_refuses_requests_larger_than_it_serves_without_allocating_them() {
     let error: i32 = f.drv.mem.read_obj(GuestAddress(reply + 4)).unwrap();
     let unique: u64 = f.drv.mem.read_obj(GuestAddress(reply + 8)).unwrap();
     assert_eq!((error, unique), (-libc::E2BIG, 9));
+}
+
+// ---------------------------------------------------------------------------------------------
+// virtio-net (with its NAT stack behind it)
+
+const NET_SIZES: [u16; 2] = [256, 256];
+const NET_RX: usize = 0;
+const NET_TX: usize = 1;
+
+struct Net {
+    _ram: GuestRam,
+    dev: NetDevice,
+    drv: Driver,
+}
+
+fn net() -> Net {
+    let ram = GuestRam::anonymous(RAM).unwrap();
+    let dev = NetDevice::new(ram.memory().clone(), irq(), None).unwrap();
+    let drv = Driver::new(ram.memory(), &dev, &NET_SIZES);
+    Net {
+        _ram: ram,
+        dev,
+        drv,
+    }
+}
+
+/// A virtio-net header and the guest's ARP request for the gateway.
+fn arp_request() -> Vec<u8> {
+    let mut f = vec![0u8; NET_HDR];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&dormant_kvm::net::GUEST_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&dormant_kvm::net::GUEST_MAC);
+    f.extend_from_slice(&dormant_kvm::net::GUEST_ADDR.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&dormant_kvm::net::GATEWAY_ADDR.octets());
+    f
+}
+
+impl Net {
+    /// Posts `rx` as a receive buffer and `tx` as a frame, then two ARP requests for the
+    /// gateway and a good receive buffer; returns the frame the device put there (its
+    /// virtio-net header stripped). The hostile receive buffer takes at most one answer.
+    fn attack(&mut self, tx: &Chain, rx: &Chain) -> Vec<u8> {
+        let d = &mut self.drv;
+        d.post_chain(NET_RX, rx);
+        let good_rx = GOOD + 0x1000;
+        let size = NET_SIZES[NET_RX];
+        d.desc(NET_RX, size - 1, good_rx, 2048, WRITE, 0);
+        d.post(NET_RX, size - 1);
+        d.post_chain(NET_TX, tx);
+        let size = NET_SIZES[NET_TX];
+        let arp = arp_request();
+        for (i, head) in [size - 2, size - 1].into_iter().enumerate() {
+            let at = GOOD + 0x100 * i as u64;
+            d.mem.write_slice(&arp, GuestAddress(at)).unwrap();
+            d.desc(NET_TX, head, at, arp.len() as u32, 0, 0);
+            d.post(NET_TX, head);
+        }
+        d.notify(&self.dev, NET_TX);
+        d.notify(&self.dev, NET_RX);
+        d.wait_used(NET_TX, size - 1);
+        let len = d.wait_used(NET_RX, NET_SIZES[NET_RX] - 1) as usize;
+        assert!(len > NET_HDR, "a frame ({len} bytes)");
+        let mut out = vec![0u8; len - NET_HDR];
+        d.mem
+            .read_slice(&mut out, GuestAddress(good_rx + NET_HDR as u64))
+            .unwrap();
+        out
+    }
+}
+
+/// An ARP reply from the gateway to the guest.
+fn is_arp_reply(frame: &[u8]) -> bool {
+    frame.len() >= 42
+        && frame[0..6] == dormant_kvm::net::GUEST_MAC
+        && frame[12..14] == [0x08, 0x06]
+        && frame[20..22] == [0, 2]
+        && frame[28..32] == dormant_kvm::net::GATEWAY_ADDR.octets()
+}
+
+/// Frame bytes: a virtio-net header (random or zero), then random Ethernet, IPv4 and TCP/UDP
+/// looking bytes.
+fn net_header() -> impl Strategy<Value = Vec<u8>> {
+    let ethertype = prop_oneof![Just([0x08u8, 0x00]), Just([0x08, 0x06]), any::<[u8; 2]>()];
+    (
+        any::<bool>(),
+        ethertype,
+        prop::collection::vec(any::<u8>(), 0..200),
+    )
+        .prop_map(|(zero_hdr, ethertype, tail)| {
+            let mut b = if zero_hdr {
+                vec![0u8; NET_HDR]
+            } else {
+                vec![0x5a; NET_HDR]
+            };
+            b.extend_from_slice(&[0xff; 6]);
+            b.extend_from_slice(&dormant_kvm::net::GUEST_MAC);
+            b.extend_from_slice(&ethertype);
+            if ethertype == [0x08, 0x00] {
+                // An IPv4 header's first byte, so the stack parses further.
+                b.push(0x45);
+            }
+            b.extend(tail);
+            b
+        })
+}
+
+fn net_chain(q: usize) -> impl Strategy<Value = Chain> {
+    chain(NET_SIZES[q], net_header())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn net_serves_random_chains_without_large_allocations(
+        tx in net_chain(NET_TX),
+        rx in net_chain(NET_RX),
+    ) {
+        thread_local!(static DEV: std::cell::RefCell<Option<Net>> = const { std::cell::RefCell::new(None) });
+        DEV.with(|d| {
+            let mut d = d.borrow_mut();
+            let n = d.get_or_insert_with(net);
+            let frame = bounded_all(&[NET, NAT], || n.attack(&tx, &rx));
+            assert!(is_arp_reply(&frame), "the gateway answers ARP: {frame:02x?}");
+        });
+    }
+}
+
+#[test]
+fn net_drops_runt_and_oversized_frames_and_counts_them() {
+    let mut n = net();
+    let d = &mut n.drv;
+    let size = NET_SIZES[NET_TX];
+    // Shorter than a header and an Ethernet header; one byte over the largest frame; one
+    // byte over the device's readable cap.
+    let lens = [
+        NET_HDR as u32 + 13,
+        (NET_HDR + dormant_kvm::net::MAX_FRAME + 1) as u32,
+        64 << 10,
+    ];
+    for (i, len) in lens.into_iter().enumerate() {
+        d.desc(NET_TX, i as u16, BUFS, len, 0, 0);
+        d.post(NET_TX, i as u16);
+    }
+    let frame = arp_request();
+    d.mem.write_slice(&frame, GuestAddress(GOOD)).unwrap();
+    d.desc(NET_TX, size - 1, GOOD, frame.len() as u32, 0, 0);
+    d.post(NET_TX, size - 1);
+    d.desc(NET_RX, 0, GOOD + 0x1000, 2048, WRITE, 0);
+    d.post(NET_RX, 0);
+    d.notify(&n.dev, NET_TX);
+    d.notify(&n.dev, NET_RX);
+    d.wait_used(NET_TX, size - 1);
+    let len = d.wait_used(NET_RX, 0) as usize;
+    let mut out = vec![0u8; len - NET_HDR];
+    d.mem
+        .read_slice(&mut out, GuestAddress(GOOD + 0x1000 + NET_HDR as u64))
+        .unwrap();
+    assert!(is_arp_reply(&out), "{out:02x?}");
+    assert_eq!(n.dev.dropped(), 3);
 }

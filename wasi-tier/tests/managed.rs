@@ -132,3 +132,28 @@ fn manual_standby_and_kill_through_the_handle() {
     assert_eq!(m.state(), State::Killed);
     assert!(m.read_file("/x").is_err());
 }
+
+#[test]
+fn the_wasi_tier_has_no_network_policy_to_set_or_read() {
+    let env = Env::new();
+    let sb = runtime()
+        .create(env.store.clone(), SandboxSpec::python())
+        .unwrap();
+    let m = Managed::new(sb, Some(Duration::from_millis(200)));
+    let policy = dormant_core::NetworkPolicy::parse(["host"], [""; 0]).unwrap();
+    for r in [m.set_network(policy).map(|_| ()), m.network().map(|_| ())] {
+        match r {
+            Err(dormant_core::Error::Unsupported { op, what }) => {
+                assert!(what.contains("no sockets"), "{op}: {what}");
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+    // A spec asking for networking on this tier is refused before anything is created.
+    let spec = SandboxSpec::python().network(dormant_core::NetworkPolicy::open());
+    let r = runtime().create(env.store.clone(), spec);
+    assert!(
+        matches!(r, Err(dormant_core::Error::Unsupported { .. })),
+        "{r:?}"
+    );
+}

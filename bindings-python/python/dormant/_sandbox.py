@@ -118,6 +118,87 @@ def _volumes(volumes: Mapping[str, StrPath | Volume] | None) -> list[tuple[str, 
     return vols
 
 
+class NetworkPolicy:
+    """Which destinations a KVM sandbox's guest may reach (``network=`` of
+    :meth:`Sandbox.create` and :class:`Template`, :meth:`Sandbox.set_network`). Default: nothing
+    (networking off). A destination is reachable when an ``allow`` entry matches it and no
+    ``deny`` entry does. Entries:
+
+    - ``"*"``: every destination except the host's own loopback;
+    - ``"host"``: the host's ``127.0.0.1``, which the guest reaches as
+      ``host.dormant.internal``;
+    - a domain, ``"pypi.org"``, or every name under one, ``"*.github.com"``;
+    - an IP address, ``"10.1.2.3"``, or a CIDR block, ``"10.0.0.0/8"``.
+
+    Entries are checked here (:class:`InvalidArgument` names a bad one) and kept in their
+    canonical spelling (lowercase names, CIDRs with the host bits cleared, duplicates dropped).
+    ``NetworkPolicy.open()`` is ``allow=["*"]``."""
+
+    __slots__ = ("_allow", "_deny")
+
+    def __init__(self, allow: Sequence[str] = (), deny: Sequence[str] = ()) -> None:
+        lists = []
+        for what, entries in (("allow", allow), ("deny", deny)):
+            if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+                raise TypeError(f"{what} must be a list of str entries, not {type(entries).__name__}")
+            if not all(isinstance(e, str) for e in entries):
+                raise TypeError(f"{what} entries must be str")
+            lists.append(list(entries))
+        a, d = _native.parse_network_policy(lists[0], lists[1])
+        self._allow = tuple(a)
+        self._deny = tuple(d)
+
+    @classmethod
+    def open(cls) -> NetworkPolicy:
+        """Every destination except the host's loopback: ``allow=["*"]``."""
+        return cls(allow=["*"])
+
+    @property
+    def allow(self) -> tuple[str, ...]:
+        return self._allow
+
+    @property
+    def deny(self) -> tuple[str, ...]:
+        return self._deny
+
+    @property
+    def is_off(self) -> bool:
+        """Whether nothing is allowed."""
+        return not self._allow
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NetworkPolicy):
+            return NotImplemented
+        return (self._allow, self._deny) == (other._allow, other._deny)
+
+    def __hash__(self) -> int:
+        return hash((self._allow, self._deny))
+
+    def __repr__(self) -> str:
+        return f"NetworkPolicy(allow={list(self._allow)!r}, deny={list(self._deny)!r})"
+
+
+NetworkArg = Union[NetworkPolicy, Literal["open"], None]
+
+
+def _network(network: object) -> tuple[list[str], list[str]] | None:
+    """``network=`` as the native module takes it: ``(allow, deny)``, or None for off."""
+    if network is None:
+        return None
+    if isinstance(network, NetworkPolicy):
+        return list(network.allow), list(network.deny)
+    if isinstance(network, str):
+        if network == "open":
+            return ["*"], []
+        raise InvalidArgument(
+            f"network={network!r}: use None (off), \"open\", or dormant.NetworkPolicy(allow=[...], "
+            "deny=[...])"
+        )
+    raise TypeError(
+        f"network must be None, \"open\" or a dormant.NetworkPolicy, not {type(network).__name__}"
+    )
+
+
 @dataclass(frozen=True)
 class ExecutionError:
     """An exception raised by code in ``run_code``."""
@@ -368,6 +449,7 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         volumes: Mapping[str, StrPath | Volume] | None = None,
         output_limit: int | None = None,
+        network: NetworkArg = None,
     ) -> Sandbox:
         """A new sandbox: a Python session (``tier="wasi"``, the default) or a Linux microVM
         (``tier="kvm"``). ``image`` names the microVM's root filesystem (``"base"``, Debian, the
@@ -380,10 +462,17 @@ class Sandbox:
         call wakes it (``None``: never); ``volumes`` maps guest paths to host directories (or
         :class:`Volume`).
 
+        ``network`` is the egress policy of a Linux microVM: ``None``, the default, is no
+        network at all; ``"open"`` reaches everything but the host's loopback; a
+        :class:`NetworkPolicy` reaches what it allows (``NetworkPolicy(allow=["host"])``: the
+        host's ``127.0.0.1`` as ``host.dormant.internal``). The WASI tier has no sockets: a
+        network there raises :class:`Unsupported`. :meth:`set_network` changes it later.
+
         ``template`` names a built :class:`Template`: the sandbox resumes its snapshot under a
         new id, on the template's tier (a different ``tier`` is an :class:`InvalidArgument`),
         with everything else the template's; ``volumes`` then grants host directories to the
-        template's mount points (those left out show an empty, read-only directory)."""
+        template's mount points (those left out show an empty, read-only directory), and
+        ``network``, when given, replaces the template's policy."""
         if tier is not None:
             if not isinstance(tier, str):
                 raise TypeError(f"tier must be a str, not {type(tier).__name__}")
@@ -395,6 +484,7 @@ class Sandbox:
         vols = _volumes(volumes)
         root = _store(store)
         idle = _seconds("idle_standby", idle_standby)
+        net = _network(network)
         if template is not None:
             if not isinstance(template, str):
                 raise TypeError(f"template must be a str, not {type(template).__name__}")
@@ -414,7 +504,14 @@ class Sandbox:
                     f"{', '.join(given)} cannot be given with template=: a sandbox from a "
                     "template has the template's; build a template with them"
                 )
-            return cls(_native.NativeSandbox.from_template(template, root, idle, vols, tier), root)
+            native = _native.NativeSandbox.from_template(template, root, idle, vols, tier)
+            if net is not None:
+                try:
+                    native.set_network(*net)
+                except BaseException:
+                    native.kill()
+                    raise
+            return cls(native, root)
         if image is not None:
             if not isinstance(image, str):
                 raise TypeError(f"image must be a str, not {type(image).__name__}")
@@ -435,6 +532,7 @@ class Sandbox:
             vols,
             _positive_int("output_limit", output_limit),
             image,
+            net,
         )
         return cls(native, root)
 
@@ -492,6 +590,22 @@ class Sandbox:
     def store(self) -> str:
         """The snapshot store's directory."""
         return self._store
+
+    @property
+    def network(self) -> NetworkPolicy:
+        """The egress policy in force (``NetworkPolicy()``, allowing nothing, when networking
+        is off); reading it does not wake a sleeping sandbox. WASI tier:
+        :class:`Unsupported`."""
+        allow, deny = self._native.network()
+        return NetworkPolicy(allow, deny)
+
+    def set_network(self, network: NetworkArg) -> None:
+        """Replaces the egress policy (as ``network=`` of :meth:`create`; ``None`` turns the
+        network off) while the sandbox runs: new connections and DNS lookups follow it at
+        once, and its snapshots record it from now on. A sleeping sandbox is woken for it.
+        WASI tier: :class:`Unsupported`."""
+        allow, deny = _network(network) or ([], [])
+        self._native.set_network(allow, deny)
 
     def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
         """Runs Python code in the session; variables, imports and data persist between calls
@@ -638,7 +752,8 @@ class Template:
     on ``127.0.0.1:PORT`` in the guest) or ``ready_cmd`` (a shell command exits 0) says when it
     is ready. ``volumes`` (as in :meth:`Sandbox.create`) are mounted while building; a sandbox
     from the template gets them only where its ``volumes=`` grants them again. ``env`` and
-    ``memory_mib`` are as in :meth:`Sandbox.create`.
+    ``memory_mib`` are as in :meth:`Sandbox.create`; so is ``network`` (KVM only), the policy
+    of the build's steps and of the sandboxes created from the template.
 
     Names are 1-64 characters of letters, digits, ``.``, ``_`` and ``-``."""
 
@@ -656,6 +771,7 @@ class Template:
         volumes: Mapping[str, StrPath | Volume] | None = None,
         env: Mapping[str, str] | None = None,
         memory_mib: int | None = None,
+        network: NetworkArg = None,
     ) -> None:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
@@ -699,6 +815,7 @@ class Template:
         self._volumes = _volumes(volumes)
         self._env = _env(env)
         self._memory_mib = _positive_int("memory_mib", memory_mib)
+        self._network = _network(network)
         self._snapshot_id: str | None = None
         self._built: bool | None = None
 
@@ -720,6 +837,7 @@ class Template:
             self._start,
             self._ready_port,
             self._ready_cmd,
+            self._network,
         )
         self._snapshot_id = snapshot_id
         self._built = built

@@ -22,6 +22,7 @@
 //! once listening.
 
 pub mod client;
+pub mod netcfg;
 pub mod proto;
 pub mod server;
 

@@ -177,6 +177,9 @@ fn main() {
     if pid1 && std::env::set_current_dir("/root").is_err() {
         let _ = std::env::set_current_dir("/");
     }
+    if pid1 && let Err(e) = dormant_agent::netcfg::configure() {
+        eprintln!("dormant-agent: network set-up: {e}");
+    }
     let table = ProcessTable::global();
     loop {
         if let Err(e) = listen_and_serve(&mode, table) {

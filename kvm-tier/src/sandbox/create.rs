@@ -13,7 +13,7 @@ use dormant_core::{Error, Grants, Mount, Result, Sandbox, SandboxSpec, Tier, Wor
 
 use super::live::agent_error;
 use super::{GuestImage, KvmOptions, KvmSandbox, new_id, require_kvm, runtime};
-use crate::machine::{FS_IRQS, Machine, MachineConfig};
+use crate::machine::{FS_IRQS, Machine, MachineConfig, device_cmdline};
 use crate::virtio::fs::VolumeAttach;
 
 impl KvmSandbox {
@@ -51,12 +51,15 @@ impl KvmSandbox {
         merged.call_timeout = spec.call_timeout;
         merged.output_limit = spec.output_limit;
         merged.ports = spec.ports;
+        // The base booted with the network off; the sandbox's policy applies from its resume.
+        merged.network = spec.network;
         // The base snapshot has no mount points: the spec's volumes take the first slots and
         // are mounted in the guest now.
         merged.mounts = spec.mounts;
         let mounts = merged.mounts.clone();
+        let network = merged.network.clone();
         let mut sb = KvmSandbox::handle(store, new_id(), merged, grants, opts);
-        sb.load(&base, &mounts)?;
+        sb.load(&base, &mounts, &network)?;
         sb.mount_volumes()?;
         sb.sync_ports();
         Ok(sb)
@@ -97,6 +100,9 @@ impl KvmSandbox {
         }
         let machine = booted?;
         let grants = Grants::of_spec(&spec);
+        if let Some(net) = machine.net() {
+            net.set_policy(spec.network.clone());
+        }
         let mut sb = KvmSandbox::handle(store, new_id(), spec, grants, opts);
         sb.machine = Some(machine);
         sb.connect(sb.opts.boot_timeout)?;
@@ -105,7 +111,8 @@ impl KvmSandbox {
     }
 
     /// What a base snapshot is keyed by: everything that was booted (image contents, RAM,
-    /// disk, volume slots, kernel command line). Also the KVM runtime's
+    /// disk, volume slots, kernel command line with its device part and the network's MTU, so
+    /// a change of the device set is a new base). Also the KVM runtime's
     /// [`fingerprint`](dormant_core::Runtime::fingerprint), which templates' cache keys hold.
     pub(crate) fn base_key(
         image: &GuestImage,
@@ -114,7 +121,13 @@ impl KvmSandbox {
     ) -> Result<String> {
         // The command line is part of what was booted (a base booted with another one, e.g.
         // before a workaround was added to it, is not this base).
-        let cmdline = cmdline(image);
+        // The network device's MTU too: the guest sizes its buffers by it at boot.
+        let cmdline = format!(
+            "{} {} net-mtu={}",
+            cmdline(image),
+            device_cmdline(true, FS_IRQS.len()),
+            crate::net::MTU
+        );
         // A root filesystem image has its own size; `disk_size` is the minimal image's disk.
         let disk_size = if image.root.is_some() {
             0
@@ -154,6 +167,8 @@ impl KvmSandbox {
         }
         let mut base_spec = spec.clone();
         base_spec.mounts.clear();
+        // Shared by every sandbox of its key, whatever their policies.
+        base_spec.network = dormant_core::NetworkPolicy::off();
         let mut booted = Self::boot(store.clone(), image, base_spec, opts.clone())?;
         let id = booted.checkpoint()?;
         booted.release();

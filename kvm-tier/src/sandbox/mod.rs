@@ -46,6 +46,7 @@
 //!   ([`KvmInterrupter`]), how a failed call ends, and `exec`.
 //! - `code`: `run_code`, a cell in the guest agent's persistent Python interpreter.
 //! - `processes`: background processes (spawn, wait, signal, output).
+//! - `egress`: the network policy ([`Egress`]), kept in the spec.
 //! - `checkpoint`: the failure-atomic checkpoint of the live machine.
 //! - `restore`: resuming a snapshot into a new VM, the restore path in the order it runs.
 //! - `ports`: exposed guest ports, host listeners forwarded over vsock ([`Ports`]).
@@ -53,6 +54,7 @@
 mod checkpoint;
 mod code;
 mod create;
+mod egress;
 mod image;
 mod live;
 mod ports;
@@ -68,8 +70,8 @@ use dormant_core::paths::DirEntry;
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{
-    Command, Error, ExecOutput, Execution, Grants, PortMapping, PortWake, Ports, Processes, Result,
-    Sandbox, SandboxSpec, StreamingExec, Tier,
+    Command, Egress, Error, ExecOutput, Execution, Grants, PortMapping, PortWake, Ports, Processes,
+    Result, Sandbox, SandboxSpec, StreamingExec, Tier,
 };
 
 use crate::HostKvm;
@@ -326,7 +328,8 @@ impl Sandbox for KvmSandbox {
         self.calls.begin();
         let manifest = self.store.manifest(id)?;
         let mounts = grants.resolve(id, &manifest.spec.mounts)?;
-        self.load(id, &mounts)?;
+        // The snapshot's policy from the first instruction the guest runs.
+        self.load(id, &mounts, &manifest.spec.network)?;
         self.id = manifest.sandbox_id;
         self.spec = manifest.spec;
         self.spec.mounts = mounts;
@@ -355,6 +358,11 @@ impl Sandbox for KvmSandbox {
     }
 
     fn processes(&mut self) -> Result<&mut dyn Processes> {
+        Ok(self)
+    }
+
+    /// The egress policy (see `egress`: [`Egress`] for this sandbox).
+    fn egress(&mut self) -> Result<&mut dyn Egress> {
         Ok(self)
     }
 

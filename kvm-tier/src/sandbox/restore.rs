@@ -48,7 +48,7 @@ use std::sync::Arc;
 use dormant_agent::client::{Client, ClientError};
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
-use dormant_core::{Error, Grants, Mount, Result};
+use dormant_core::{Error, Grants, Mount, NetworkPolicy, Result};
 
 use super::create::volumes;
 use super::live::agent_error;
@@ -102,8 +102,9 @@ impl KvmSandbox {
         let mounts = grants.resolve(id, &manifest.spec.mounts)?;
         let mut spec = manifest.spec;
         spec.mounts = mounts.clone();
+        let network = spec.network.clone();
         let mut sb = KvmSandbox::handle(store, manifest.sandbox_id, spec, grants.clone(), opts);
-        sb.load(id, &mounts)?;
+        sb.load(id, &mounts, &network)?;
         Ok(sb)
     }
 
@@ -128,8 +129,15 @@ impl KvmSandbox {
             .collect()
     }
 
-    /// Restores snapshot `id` into a new VM, `mounts` attached to its volume slots in order.
-    pub(super) fn load(&mut self, id: &SnapshotId, mounts: &[Mount]) -> Result<()> {
+    /// Restores snapshot `id` into a new VM, `mounts` attached to its volume slots in order,
+    /// its network under `network` (the spec the sandbox will have: the snapshot's, or a new
+    /// sandbox's).
+    pub(super) fn load(
+        &mut self,
+        id: &SnapshotId,
+        mounts: &[Mount],
+        network: &NetworkPolicy,
+    ) -> Result<()> {
         let snapshot::Loaded { vm, devices, disk } = snapshot::load_machine(&self.store, id)?;
         let devices = devices.ok_or_else(|| {
             Error::snapshot(
@@ -144,6 +152,10 @@ impl KvmSandbox {
             .map_err(runtime("restore the guest's devices"))?;
         self.release();
         self.ports.attach(machine.vsock());
+        // A fresh NAT (the checkpoint's connections are gone) under the sandbox's policy.
+        if let Some(net) = machine.net() {
+            net.set_policy(network.clone());
+        }
         self.machine = Some(machine);
         self.parent = Some(id.clone());
         // A fresh VM: its dirty log and the devices' bitmaps start empty on `id`.

@@ -22,6 +22,7 @@ mod fork;
 mod machine;
 mod markdown;
 mod ports;
+mod network;
 mod probe;
 mod python_overhead;
 mod resume_latency;
@@ -113,6 +114,7 @@ fn run(o: Opts) -> Res<()> {
         ("python_overhead", python_overhead::run),
         ("coding_image", coding_image::run),
         ("ports", ports::run),
+        ("network", network::run),
     ];
     if let Some(only) = &o.only
         && !scenarios.iter().any(|(n, _)| n == only)

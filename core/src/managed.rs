@@ -43,8 +43,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{Error, Result};
 use crate::grants::Grants;
 use crate::lifecycle::State;
-use crate::network::{PortMapping, PortWake, Ports};
 use crate::network::NetworkPolicy;
+use crate::network::{PortMapping, PortWake, Ports};
 use crate::paths::DirEntry;
 use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Processes, Sandbox};
 use crate::snapshot::SnapshotId;
@@ -472,6 +472,8 @@ impl<S: Sandbox + 'static> Managed<S> {
     /// The exposed ports, by guest port (see [`Ports::exposed`]).
     pub fn exposed(&self) -> Result<Vec<PortMapping>> {
         self.with_ports(|p| Ok(p.exposed()))
+    }
+
     /// Replaces the sandbox's egress policy (see
     /// [`Egress::set_network`](crate::Egress::set_network)), waking it first;
     /// [`Error::Unsupported`](crate::Error::Unsupported) without a wake on a tier without

@@ -1737,6 +1737,8 @@ fn a_managed_sandbox_asleep_is_woken_by_a_connection_to_an_exposed_port() {
     assert_eq!(m.exposed().unwrap()[0].host_port, addr.port());
     m.kill().unwrap();
     assert!(std::net::TcpStream::connect(addr).is_err());
+}
+
 /// The egress policy is part of the sandbox's description: set while running (through
 /// `Managed` too, which wakes a sleeping sandbox for it), kept by checkpoints, forks and
 /// resumes; refused on a sandbox in standby.

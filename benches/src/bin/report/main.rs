@@ -21,8 +21,8 @@ mod density;
 mod fork;
 mod machine;
 mod markdown;
-mod ports;
 mod network;
+mod ports;
 mod probe;
 mod python_overhead;
 mod resume_latency;
@@ -104,7 +104,7 @@ fn main() {
 fn run(o: Opts) -> Res<()> {
     let started = Instant::now();
     type Scenario = fn(&mut Ctx) -> Res<()>;
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("analysis", analysis::run),
         ("coding_agent", coding_agent::run),
         ("resume_latency", resume_latency::run),

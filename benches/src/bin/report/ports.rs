@@ -176,7 +176,10 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
             vec![
                 "connect to first byte, sandbox in standby (woken by the connection)".into(),
                 asleep.cell(),
-                ratio(asleep.median(), awake.median()) + " slower",
+                format!(
+                    "{} the running case",
+                    ratio(asleep.median(), awake.median())
+                ),
             ],
         ],
     );

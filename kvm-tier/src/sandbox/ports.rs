@@ -26,7 +26,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -87,9 +86,8 @@ impl Listener {
     /// its listening state (so the port can be bound again) and wakes the blocked `accept`.
     fn close(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        // SAFETY: shutdown(2) on the descriptor of a socket that `self.socket` keeps open; no
-        // pointers. Failing (already shut down) leaves nothing to do.
-        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        // Failing (already shut down) leaves nothing to do.
+        let _ = rustix::net::shutdown(&*self.socket, rustix::net::Shutdown::Both);
     }
 }
 

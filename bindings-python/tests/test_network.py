@@ -1,15 +1,31 @@
 """Network policies: ``dormant.NetworkPolicy``, ``network=`` of ``Sandbox.create`` and
-``Template``, ``sb.set_network`` and ``sb.network``. The WASI tier has no sockets; the KVM tests
-skip, with the reason shown, only where this host has no usable /dev/kvm."""
+``Template``, ``sb.set_network`` and ``sb.network``; and end to end on the ``coding`` image, a
+guest fetching from an HTTP server of the test on the host's 127.0.0.1 (curl, git clone) only
+while its policy allows ``host``. The WASI tier has no sockets; the KVM tests skip, with the
+reason shown, only where this host has no usable /dev/kvm (the end-to-end test also where the
+coding image is not built and cannot be)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import os
 import pathlib
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
 
 import pytest
 
 import dormant
 from dormant import NetworkPolicy
+
+from conftest import KVM_OK, KVM_WHY
+
+# Generous: guest kernel code is emulated on PVM hosts, and the first create of the coding
+# image boots it.
+CODING_TIMEOUT = 900
 
 
 def test_policy_entries_are_checked_and_kept_canonical() -> None:
@@ -107,3 +123,101 @@ def test_the_policy_is_set_while_running_and_kept_by_snapshots_and_templates(
     )
     assert other.network == NetworkPolicy.open()
     other.kill()
+
+
+def _git(*args: str, cwd: pathlib.Path) -> None:
+    env = dict(os.environ, GIT_AUTHOR_NAME="host", GIT_AUTHOR_EMAIL="host@example.com",
+               GIT_COMMITTER_NAME="host", GIT_COMMITTER_EMAIL="host@example.com")
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+@pytest.fixture
+def host_server(tmp_path: pathlib.Path) -> Iterator[int]:
+    """An HTTP server on the host's 127.0.0.1 (a free port, given) serving a file and a git
+    repository over dumb HTTP (a bare repository with `git update-server-info`)."""
+    if shutil.which("git") is None:
+        pytest.skip("SKIPPED: the host has no git to make the repository with")
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "file.txt").write_text("served by the host\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "README.md").write_text("# over http\n")
+    _git("init", "-q", "-b", "main", cwd=work)
+    _git("add", "README.md", cwd=work)
+    _git("commit", "-q", "-m", "initial import", cwd=work)
+    _git("clone", "-q", "--bare", str(work), str(www / "repo.git"), cwd=tmp_path)
+    _git("update-server-info", cwd=www / "repo.git")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(www))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not KVM_OK, reason=f"SKIPPED: the KVM tier cannot run here: {KVM_WHY}")
+@pytest.mark.timeout(2400)
+def test_the_guest_reaches_the_host_only_while_the_policy_allows_it(
+    tmp_path: pathlib.Path, host_server: int
+) -> None:
+    if os.geteuid() != 0 and not any(i.name == "coding" for i in dormant.list_images()):
+        pytest.skip("SKIPPED: the coding image is not built and building it needs root")
+    port = host_server
+    url = f"http://host.dormant.internal:{port}"
+    sb = dormant.Sandbox.create(
+        image="coding",
+        store=tmp_path / "store",
+        memory_mib=512,
+        timeout=CODING_TIMEOUT,
+        idle_standby=None,
+        network=NetworkPolicy(allow=["host"]),
+    )
+
+    def run(cmd: str) -> dormant.CommandResult:
+        r = sb.commands.run(cmd, timeout=CODING_TIMEOUT)
+        assert isinstance(r, dormant.CommandResult)
+        return r
+
+    def ok(cmd: str) -> str:
+        r = run(cmd)
+        assert r.exit_code == 0, f"{cmd}: exit {r.exit_code}\n{r.stdout}\n{r.stderr}"
+        return r.stdout
+
+    # Allowed: the host's loopback by its name, with curl and git (dumb HTTP).
+    assert ok("getent hosts host.dormant.internal").split()[0] == "10.0.2.2"
+    assert ok(f"curl -sSf --max-time 60 {url}/file.txt") == "served by the host\n"
+    ok(f"git clone -q {url}/repo.git /root/clone")
+    assert ok("git -C /root/clone log --format=%s") == "initial import\n"
+    # Names the policy does not allow do not resolve.
+    for name in ("example.invalid", "pypi.org"):
+        r = run(f"getent hosts {name}")
+        assert r.exit_code != 0, f"{name} resolved: {r.stdout}"
+
+    def refused(what: str) -> None:
+        """The fetch fails with a connection error (curl 6: the name does not resolve; 7: the
+        connection is refused) well within curl's 5 s limit (28 would be that limit)."""
+        for target in (f"{url}/file.txt", f"http://10.0.2.2:{port}/file.txt"):
+            r = run(f"curl -sS --max-time 5 -o /dev/null {target}")
+            assert r.exit_code in (6, 7), f"{what}: {target}: exit {r.exit_code}: {r.stderr}"
+
+    # A policy without "host", set while the sandbox runs, and the default (off).
+    sb.set_network(NetworkPolicy(allow=["pypi.org"]))
+    refused('allow=["pypi.org"]')
+    sb.set_network(None)
+    refused("the default policy")
+    r = run("getent hosts host.dormant.internal")
+    assert r.exit_code != 0, r.stdout
+    # Back on: it works again, in the same running sandbox.
+    sb.set_network(NetworkPolicy(allow=["host"]))
+    assert ok(f"curl -sSf --max-time 60 {url}/file.txt") == "served by the host\n"
+    sb.kill()

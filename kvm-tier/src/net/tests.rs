@@ -547,3 +547,47 @@ fn a_fresh_stack_answers_the_guests_first_frame_without_asking_for_its_address()
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+#[test]
+fn an_upload_then_an_answer_and_a_half_close_reach_the_guest_in_order() {
+    let (l, port) = listener();
+    let mut g = Guest::new(host_policy());
+    let h = g.connect((GATEWAY_ADDR, port), 40020);
+    let n = 2 << 20;
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        while got < n {
+            got += c.read(&mut buf).unwrap();
+        }
+        c.write_all(b"HTTP/1.0 200 OK\r\n\r\n").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        while c.read(&mut buf).unwrap() > 0 {}
+    });
+    g.until("the connection", |g| g.sock(h).may_send());
+    let data = vec![7u8; n];
+    let mut sent = 0;
+    let mut answer = Vec::new();
+    g.until("the answer and the FIN", |g| {
+        let s = g.sock(h);
+        assert_ne!(s.state(), tcp::State::Closed, "reset");
+        if sent < n && s.can_send() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        if s.can_recv() {
+            s.recv(|b| {
+                answer.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        !s.may_recv() && s.state() == tcp::State::CloseWait
+    });
+    assert_eq!(answer, b"HTTP/1.0 200 OK\r\n\r\n");
+    g.sock(h).close();
+    g.until("closed", |g| {
+        matches!(g.sock(h).state(), tcp::State::Closed | tcp::State::TimeWait)
+    });
+    server.join().unwrap();
+}

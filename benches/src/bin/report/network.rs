@@ -20,7 +20,7 @@ use crate::ctx::Ctx;
 use crate::stats::{Stats, fmt};
 use crate::workloads::{linux_spec, sh};
 
-const TITLE: &str = "9. Guest network through the NAT (KVM tier, Linux guest)";
+const TITLE: &str = "10. Guest network through the NAT (KVM tier, Linux guest)";
 /// Bytes moved each way per run.
 const BULK: usize = 4 << 20;
 /// New connections per `wget` run.
@@ -115,7 +115,7 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
             rate(down.median()),
             fmt(conn.median())
         ),
-        "128 MiB guest, busybox nc/wget; scenario 9",
+        "128 MiB guest, busybox nc/wget; scenario 10",
     );
     Ok(())
 }

@@ -19,7 +19,10 @@
 //!    ([`CONN_BUFFER`] each way): host bytes are read only into free room of the socket's
 //!    send buffer, guest bytes leave its receive buffer only as the host socket takes them, so
 //!    a slow side slows the other (TCP windows), never grows a buffer. A FIN either way is
-//!    passed on as a half close; a reset or error either way resets the other side.
+//!    passed on as a half close. A reset from the guest resets the host socket. A failed host
+//!    socket (a server that closed with the upload unread resets it) resets the guest's side
+//!    only once the guest has acknowledged what the host sent before the failure: an answer
+//!    written before the close is not lost.
 //! 3. UDP: datagrams to [`DNS_ADDR`]`:53` are DNS queries, answered by the egress state
 //!    ([`EgressState::dns_plan`] at once; a name the host must resolve is resolved on a thread
 //!    of its own, at most [`MAX_DNS_IN_FLIGHT`] at once, more are dropped, then
@@ -282,6 +285,10 @@ struct Conn {
     host_eof: bool,
     /// The guest's FIN was passed on (host write side shut).
     guest_eof: bool,
+    /// The host connection failed (a write or read error, e.g. the server closed with the
+    /// upload unread and its kernel reset): what the guest sends is dropped, what the host
+    /// sent before the failure is still delivered, then the guest's side is reset.
+    host_failed: bool,
     since: Instant,
 }
 
@@ -631,6 +638,7 @@ impl Stack {
                     readable: false,
                     host_eof: false,
                     guest_eof: false,
+                    host_failed: false,
                     since: now,
                 },
             );
@@ -660,21 +668,27 @@ impl Stack {
         let mut moved = false;
         for (&h, c) in self.conns.iter_mut() {
             let s = self.sockets.get_mut::<tcp::Socket>(h);
-            // Guest to host.
+            // Guest to host; after a host failure, into the void (nobody reads it).
             while s.can_recv() {
-                let r = s.recv(|buf| match c.host.write(buf) {
-                    Ok(n) => (n, Ok(n)),
-                    Err(e) => (0, Err(e)),
+                let r = s.recv(|buf| {
+                    if c.host_failed {
+                        return (buf.len(), Ok(buf.len()));
+                    }
+                    match c.host.write(buf) {
+                        Ok(n) => (n, Ok(n)),
+                        Err(e) => (0, Err(e)),
+                    }
                 });
                 match r {
                     Ok(Ok(n)) if n > 0 => moved = true,
                     Ok(Err(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                    Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
                     Ok(Err(_)) | Ok(Ok(_)) => {
-                        // Polled again before the socket is reaped: its reset goes out.
-                        s.abort();
-                        c.host_eof = true;
+                        // What the host sent before it failed is still read and delivered
+                        // below; the reset follows it.
+                        c.host_failed = true;
+                        c.readable = true;
                         moved = true;
-                        break;
                     }
                     Err(_) => break,
                 }
@@ -710,11 +724,17 @@ impl Stack {
                     Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
                     Ok(Err(_)) => {
                         c.host_eof = true;
-                        s.abort();
+                        c.host_failed = true;
                         moved = true;
                     }
                     Err(_) => break,
                 }
+            }
+            // A failed host connection: once the guest has what the host sent before the
+            // failure (acknowledged), its side is reset, as the server's kernel reset ours.
+            if c.host_failed && c.host_eof && s.send_queue() == 0 && s.is_open() {
+                s.abort();
+                moved = true;
             }
         }
         moved

@@ -591,3 +591,47 @@ fn an_upload_then_an_answer_and_a_half_close_reach_the_guest_in_order() {
     });
     server.join().unwrap();
 }
+
+/// A host server that answers before it has read the whole upload and closes (its kernel
+/// resets the connection, the rest of the upload unread): the guest still gets the answer,
+/// then the reset, as it would from the server directly (an HTTP server refusing a large
+/// POST does this).
+#[test]
+fn an_answer_sent_before_the_host_resets_reaches_the_guest_before_the_reset() {
+    let (l, port) = listener();
+    let mut g = Guest::new(host_policy());
+    let h = g.connect((GATEWAY_ADDR, port), 40030);
+    let n = 2 << 20;
+    let answer_text = b"HTTP/1.0 413 Payload Too Large\r\n\r\ntoo large\n";
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 4 << 10];
+        let mut got = 0;
+        while got < 64 << 10 {
+            got += c.read(&mut buf).unwrap();
+        }
+        c.write_all(answer_text).unwrap();
+        // Closed with unread bytes: the host's kernel sends a reset.
+        drop(c);
+    });
+    g.until("the connection", |g| g.sock(h).may_send());
+    let data = vec![7u8; n];
+    let mut sent = 0;
+    let mut answer = Vec::new();
+    g.until("the answer, then the end", |g| {
+        let s = g.sock(h);
+        if sent < n && s.can_send() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        if s.can_recv() {
+            s.recv(|b| {
+                answer.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        matches!(s.state(), tcp::State::Closed | tcp::State::CloseWait)
+    });
+    assert_eq!(answer, answer_text, "{}", String::from_utf8_lossy(&answer));
+    server.join().unwrap();
+}

@@ -820,6 +820,55 @@ fn connect_tcp_refused_answers_an_error_and_the_connection_stays_usable() {
     assert_eq!(agent_kind(&err), "unsupported");
 }
 
+/// A guest server that answers before it has read the whole upload and closes (its kernel
+/// resets the connection, the rest unread): the host still gets the answer, then the end,
+/// as it would from the server directly (an HTTP server refusing a large POST does this).
+#[test]
+fn connect_tcp_an_answer_sent_before_a_reset_reaches_the_host() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer = b"HTTP/1.0 413 Payload Too Large\r\n\r\ntoo large\n";
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 4 << 10];
+        let mut got = 0;
+        while got < 64 << 10 {
+            got += s.read(&mut buf).unwrap();
+        }
+        s.write_all(answer).unwrap();
+        // Closed with unread bytes: the kernel resets the connection.
+    });
+    let pipe = connect_socket().connect_tcp(port).unwrap();
+    let mut w = pipe.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let chunk = vec![7u8; 64 << 10];
+        // Until the pipe refuses more: the upload is cut short.
+        for _ in 0..256 {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    pipe.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match (&pipe).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "hung: {e}");
+                break;
+            }
+        }
+    }
+    server.join().unwrap();
+    drop(pipe);
+    writer.join().unwrap();
+    assert_eq!(got, answer, "{}", String::from_utf8_lossy(&got));
+}
+
 #[test]
 fn connect_tcp_either_side_closing_ends_the_other() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

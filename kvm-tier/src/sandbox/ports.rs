@@ -371,7 +371,10 @@ fn forward(fwd: &Shared, id: u64, guest_port: u16, tcp: TcpStream, cancel: &Arc<
 }
 
 /// Splices `tcp` and `stream` both ways until both directions end (`true`) or one fails
-/// (`false`; both are stopped then).
+/// (`false`). A read error stops both directions at once; a write error stops only its own:
+/// the socket it could not write to is broken, so the other direction reads what that socket
+/// still holds (an answer the guest's server wrote before it closed with the upload unread),
+/// passes it on, then gets the error or the end and finishes.
 fn splice(stream: &VsockStream, tcp: &TcpStream, cancel: &AtomicBool, waker: &VsockWaker) -> bool {
     let stop = || {
         cancel.store(true, Ordering::SeqCst);
@@ -384,11 +387,11 @@ fn splice(stream: &VsockStream, tcp: &TcpStream, cancel: &AtomicBool, waker: &Vs
             .name("forward-up".into())
             .stack_size(THREAD_STACK)
             .spawn_scoped(s, || {
-                let ok = pump(tcp, stream, || stream.shutdown_write());
-                if !ok {
+                let ended = pump(tcp, stream, || stream.shutdown_write());
+                if ended == Ended::ReadFailed {
                     stop();
                 }
-                ok
+                ended == Ended::Eof
             });
         let Ok(up) = up else {
             stop();
@@ -397,17 +400,27 @@ fn splice(stream: &VsockStream, tcp: &TcpStream, cancel: &AtomicBool, waker: &Vs
         let down = pump(stream, tcp, || {
             let _ = tcp.shutdown(Shutdown::Write);
         });
-        if !down {
+        if down == Ended::ReadFailed {
             stop();
         }
         let up = up.join().unwrap_or(false);
-        up && down
+        up && down == Ended::Eof
     })
 }
 
-/// Moves bytes from `from` to `to` until end of file (then `eof`, `true`) or an error
-/// (`false`).
-fn pump<R, W>(mut from: R, mut to: W, eof: impl FnOnce()) -> bool
+/// How one direction of a spliced connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// End of file from the source (passed on with `eof`).
+    Eof,
+    /// The source failed (a reset, a cancel).
+    ReadFailed,
+    /// The destination refused bytes (it is broken).
+    WriteFailed,
+}
+
+/// Moves bytes from `from` to `to` until end of file (then `eof`) or an error.
+fn pump<R, W>(mut from: R, mut to: W, eof: impl FnOnce()) -> Ended
 where
     R: Read,
     W: Write,
@@ -417,15 +430,15 @@ where
         match from.read(&mut buf) {
             Ok(0) => {
                 eof();
-                return true;
+                return Ended::Eof;
             }
             Ok(n) => {
                 if to.write_all(&buf[..n]).is_err() {
-                    return false;
+                    return Ended::WriteFailed;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
+            Err(_) => return Ended::ReadFailed,
         }
     }
 }

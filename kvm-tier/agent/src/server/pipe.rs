@@ -6,8 +6,12 @@
 //!   writes, so a side that stops reading stops the other side's sender (no buffer grows);
 //! - half-close: end of file one way shuts down the writing half of the other socket, so a
 //!   client that closes its sending side still gets the server's answer;
-//! - failure: an error either way (a reset, the host going away) shuts both sockets down
-//!   completely, which ends the other direction too; nothing is left hanging.
+//! - failure: a read error (a reset, the host going away) shuts both sockets down completely,
+//!   which ends the other direction too; nothing is left hanging. A write error stops only
+//!   its own direction (it stops reading): the socket it could not write to is broken, so
+//!   the other direction reads what that socket still holds (a server's answer written
+//!   before it closed with the upload unread), passes it on, then gets the error and ends
+//!   both.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -101,28 +105,30 @@ impl Half for Sock {
     }
 }
 
-/// Moves bytes from `from` to `to` until end of file (then shuts down `to`'s writing half) or
-/// an error (then shuts both down completely, which ends the other direction too).
+/// Moves bytes from `from` to `to` until end of file (then shuts down `to`'s writing half), a
+/// read error (then shuts both down completely, which ends the other direction too) or a
+/// write error (then stops reading `from`: see the module docs).
 fn pump(mut from: impl Half, mut to: impl Half) {
     let mut buf = vec![0u8; PIPE_CHUNK];
-    let r = loop {
+    loop {
         match from.read(&mut buf) {
             Ok(0) => {
                 to.shut(Shutdown::Write);
-                break Ok(());
+                return;
             }
             Ok(n) => {
-                if let Err(e) = to.write_all(&buf[..n]) {
-                    break Err(e);
+                if to.write_all(&buf[..n]).is_err() {
+                    from.shut(Shutdown::Read);
+                    return;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
+            Err(_) => {
+                from.shut(Shutdown::Both);
+                to.shut(Shutdown::Both);
+                return;
+            }
         }
-    };
-    if r.is_err() {
-        from.shut(Shutdown::Both);
-        to.shut(Shutdown::Both);
     }
 }
 

@@ -162,6 +162,34 @@ impl Guest {
     fn sock(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(h)
     }
+
+    /// Sends `data` on connection `h` as the window allows while collecting what arrives,
+    /// until `done` holds for the socket (waiting as [`Guest::until`]); returns what arrived.
+    fn upload(
+        &mut self,
+        h: SocketHandle,
+        data: &[u8],
+        what: &str,
+        mut done: impl FnMut(&tcp::Socket<'static>) -> bool,
+    ) -> Vec<u8> {
+        let mut sent = 0;
+        let mut answer = Vec::new();
+        self.until(what, |g| {
+            let s = g.sock(h);
+            if sent < data.len() && s.can_send() {
+                sent += s.send_slice(&data[sent..]).unwrap();
+            }
+            if s.can_recv() {
+                s.recv(|b| {
+                    answer.extend_from_slice(b);
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            done(s)
+        });
+        answer
+    }
 }
 
 /// A host listener on 127.0.0.1 whose backlog holds every connection a test opens.
@@ -566,22 +594,8 @@ fn an_upload_then_an_answer_and_a_half_close_reach_the_guest_in_order() {
         while c.read(&mut buf).unwrap() > 0 {}
     });
     g.until("the connection", |g| g.sock(h).may_send());
-    let data = vec![7u8; n];
-    let mut sent = 0;
-    let mut answer = Vec::new();
-    g.until("the answer and the FIN", |g| {
-        let s = g.sock(h);
+    let answer = g.upload(h, &vec![7u8; n], "the answer and the FIN", |s| {
         assert_ne!(s.state(), tcp::State::Closed, "reset");
-        if sent < n && s.can_send() {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        if s.can_recv() {
-            s.recv(|b| {
-                answer.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
         !s.may_recv() && s.state() == tcp::State::CloseWait
     });
     assert_eq!(answer, b"HTTP/1.0 200 OK\r\n\r\n");
@@ -615,21 +629,7 @@ fn an_answer_sent_before_the_host_resets_reaches_the_guest_before_the_reset() {
         drop(c);
     });
     g.until("the connection", |g| g.sock(h).may_send());
-    let data = vec![7u8; n];
-    let mut sent = 0;
-    let mut answer = Vec::new();
-    g.until("the answer, then the end", |g| {
-        let s = g.sock(h);
-        if sent < n && s.can_send() {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        if s.can_recv() {
-            s.recv(|b| {
-                answer.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
+    let answer = g.upload(h, &vec![7u8; n], "the answer, then the end", |s| {
         matches!(s.state(), tcp::State::Closed | tcp::State::CloseWait)
     });
     assert_eq!(answer, answer_text, "{}", String::from_utf8_lossy(&answer));

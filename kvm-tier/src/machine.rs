@@ -98,8 +98,9 @@ pub struct DevicesState {
     )]
     pub fs: Vec<FsState>,
     /// The network device's state (absent in snapshots of machines without one, which are
-    /// restored without one).
-    #[serde(default)]
+    /// restored without one). Written only when there is one, so a state without a network
+    /// device keeps version 1's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetState>,
 }
 

@@ -3,7 +3,8 @@
 //! The app is a small Python web service kept in a git repository inside the sandbox, served by
 //! a background process. Three ways to the first answer, timed side by side:
 //! 1. cold: a new sandbox on the `coding` image, the agent writes the app, commits it, starts the
-//!    server, waits for it, and fetches a page (inside the guest: the sandbox has no network);
+//!    server, waits for it, and the host fetches a page through `expose` (the server listens on
+//!    the guest's 127.0.0.1; the sandbox has no outbound network);
 //! 2. from the template `dormant-demo-shop` (the same steps, prepared once and cached by
 //!    content hash): a new sandbox from it, and the page;
 //! 3. the sandbox of (1) after standby, resumed **in a new host process**, and the page.
@@ -39,7 +40,6 @@ const SETUP: &str = "cd /root/app && git init -q && git add -A && \
      git -c user.name=agent -c user.email=agent@example.com commit -qm 'shop-api: first version'";
 const START: &str = "exec python3 /root/app/main.py";
 const WAIT: &str = "for i in $(seq 600); do curl -sf -o /dev/null http://127.0.0.1:8000/ && exit 0; sleep 0.2; done; exit 1";
-const FETCH: &str = "curl -sS http://127.0.0.1:8000/";
 /// Guest RAM of the demo's sandboxes.
 const RAM: u64 = 512 << 20;
 /// Generous: guest kernel code is emulated on PVM hosts.
@@ -47,6 +47,34 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
+}
+
+/// The page, fetched by this host process from the guest's port 8000 exposed on the host's
+/// loopback (`expose` gives the address it has, or exposes it: after a resume the port is
+/// exposed again from the snapshot).
+fn fetch(sb: &mut dyn Sandbox) -> Result<String> {
+    use std::io::{Read, Write};
+    let addr = sb.ports()?.expose(8000, 0)?;
+    let failed = |e: std::io::Error| {
+        Error::runtime_at(
+            "fetch the page through the exposed port",
+            format!("GET http://{addr}/"),
+            e,
+        )
+    };
+    let mut conn = std::net::TcpStream::connect(addr).map_err(failed)?;
+    conn.set_read_timeout(Some(TIMEOUT)).map_err(failed)?;
+    write!(conn, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(failed)?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).map_err(failed)?;
+    let answer = String::from_utf8_lossy(&answer);
+    match answer.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.trim().to_string()),
+        _ => Err(Error::runtime(
+            "fetch the page through the exposed port",
+            format!("GET http://{addr}/ answered: {answer}"),
+        )),
+    }
 }
 
 fn shell(sb: &mut dyn Sandbox, script: &str) -> Result<String> {
@@ -128,7 +156,7 @@ pub fn run() -> Result<()> {
     shell(&mut *sb, WAIT)?;
     let t_work = secs(t);
     let t = Instant::now();
-    let page = shell(&mut *sb, FETCH)?;
+    let page = fetch(&mut *sb)?;
     let t_page = secs(t);
     let cold = secs(t_cold);
     println!("  {page}");
@@ -141,7 +169,7 @@ pub fn run() -> Result<()> {
     let mut from_tpl = dormant::create_from_template(store.clone(), &tpl.name, &Grants::new())?;
     let t_fork = secs(t);
     let t = Instant::now();
-    let page = shell(&mut *from_tpl, FETCH)?;
+    let page = fetch(&mut *from_tpl)?;
     let t_tpl_page = secs(t);
     println!("  {page}");
     println!("  create from template {t_fork:.2} s + page {t_tpl_page:.1} s");
@@ -195,7 +223,7 @@ pub fn resume(id: &str) -> Result<()> {
     let mut sb = dormant::resume(store, &id, &Grants::new())?;
     let t_resume = secs(t);
     let t = Instant::now();
-    let page = shell(&mut *sb, FETCH)?;
+    let page = fetch(&mut *sb)?;
     let t_page = secs(t);
     println!("  {page}");
     println!(

@@ -14,6 +14,7 @@ import pytest
 from deepagents.backends.protocol import FILE_NOT_FOUND, IS_DIRECTORY, INVALID_PATH
 from deepagents.backends.sandbox import BaseSandbox
 
+import dormant
 from dormant.deepagents import DormantSandbox
 
 # Generous: the session's first KVM sandbox boots Linux (minutes where the guest kernel is
@@ -73,3 +74,18 @@ def test_workspace_persists_across_standby_and_resume(kvm_store: pathlib.Path) -
     assert again.execute("git -C /root/proj log --format=%s").output == "first run\n"
     assert again.download_files(["/root/proj/data.bin"])[0].content == blob
     again.kill()
+
+
+@pytest.mark.timeout(120)
+def test_bad_arguments_are_refused(store: pathlib.Path) -> None:
+    # Runs without KVM: every check happens before a microVM would be created.
+    with pytest.raises(dormant.InvalidArgument, match="positive"):
+        DormantSandbox(store=store, timeout=0)
+    with pytest.raises(dormant.InvalidArgument, match="at most one"):
+        DormantSandbox(store=store, snapshot_id="s", template="t")
+    # A Python session's snapshot has no shell.
+    with dormant.Sandbox.create(store=store) as py:
+        pass
+    assert py.snapshot_id is not None
+    with pytest.raises(dormant.InvalidArgument, match="kvm tier"):
+        DormantSandbox(store=store, snapshot_id=py.snapshot_id)

@@ -86,7 +86,14 @@ def test_errors_reach_smolagents_as_agent_errors(store: pathlib.Path) -> None:
 
 
 def test_sandbox_failures_are_agent_errors(store: pathlib.Path) -> None:
-    ex = DormantExecutor(store=store, timeout=1.0)
-    with pytest.raises(AgentError, match="SandboxTimeout"):
+    ex = DormantExecutor(store=store, timeout=5.0)
+    ex("kept = 'before the checkpoint'")
+    snap = ex.checkpoint()
+    ex("lost = 'after it'")
+    with pytest.raises(AgentError, match="SandboxTimeout") as info:
         ex("while True:\n    pass")
+    assert snap in str(info.value)
+    # The session went back to the checkpoint and goes on.
+    assert ex("kept").output == "before the checkpoint"
+    assert ex("'lost' in globals()").output is False
     ex.delete()

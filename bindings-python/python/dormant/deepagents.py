@@ -46,6 +46,7 @@ from deepagents.backends.protocol import (
 )
 from deepagents.backends.sandbox import BaseSandbox
 
+from ._adapter import Persistent, open_sandbox
 from ._errors import InvalidArgument, LimitExceeded, SandboxError, SandboxTimeout
 from ._sandbox import Sandbox, StrPath
 
@@ -70,7 +71,7 @@ def _file_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-class DormantSandbox(BaseSandbox):
+class DormantSandbox(Persistent, BaseSandbox):
     """A Deep Agents sandbox backend on a dormant KVM-tier sandbox.
 
     - ``snapshot_id``: resume this snapshot (from :meth:`standby` or :meth:`checkpoint`).
@@ -80,9 +81,11 @@ class DormantSandbox(BaseSandbox):
     - otherwise a new sandbox on ``image`` (default ``"coding"``).
     - ``store``: the snapshot store (default: :func:`dormant.default_store`); ``memory_mib``:
       guest RAM for a new sandbox.
-    - ``cwd``: the directory commands run in (default: the guest's, ``/root``... as the image
-      sets it); ``timeout``: default seconds per command (Deep Agents may pass its own);
+    - ``cwd``: the directory commands run in (default: the guest agent's); ``timeout``: default
+      seconds per command (Deep Agents may pass its own; ``0`` there means no limit);
       ``max_output_bytes``: output shown per command, the rest cut (``truncated=True``).
+
+    :attr:`snapshot_id`, :meth:`checkpoint` and :meth:`standby` are the machine's.
 
     Raises :class:`dormant.InvalidArgument` for conflicting arguments or a WASI sandbox,
     :class:`dormant.KvmUnavailable` where the KVM tier cannot run, and dormant's errors for a
@@ -101,27 +104,13 @@ class DormantSandbox(BaseSandbox):
         timeout: float = DEFAULT_TIMEOUT,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
-        chosen = [n for n, v in (("snapshot_id", snapshot_id), ("template", template),
-                                 ("sandbox", sandbox)) if v is not None]
-        if len(chosen) > 1:
-            raise InvalidArgument(f"give at most one of snapshot_id, template and sandbox, not "
-                                  f"{' and '.join(chosen)}")
         if not timeout > 0:
             raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
         if max_output_bytes <= 0:
             raise InvalidArgument(f"max_output_bytes must be positive, not {max_output_bytes}")
-        if sandbox is not None:
-            self.sandbox = sandbox
-        elif snapshot_id is not None:
-            self.sandbox = Sandbox.resume(snapshot_id, store=store)
-        elif template is not None:
-            self.sandbox = Sandbox.create("kvm", template=template, store=store)
-        else:
-            self.sandbox = Sandbox.create(image=image, store=store, memory_mib=memory_mib)
-        if self.sandbox.tier != "kvm":
-            raise InvalidArgument(
-                f"DormantSandbox needs a shell: a KVM-tier sandbox, not {self.sandbox!r}"
-            )
+        self.sandbox = open_sandbox("kvm", snapshot_id=snapshot_id, template=template,
+                                    sandbox=sandbox, store=store, image=image,
+                                    memory_mib=memory_mib)
         self.cwd = cwd
         self.timeout = float(timeout)
         self.max_output_bytes = max_output_bytes
@@ -130,20 +119,6 @@ class DormantSandbox(BaseSandbox):
     def id(self) -> str:
         """The dormant sandbox's id (kept across standby and resume)."""
         return self.sandbox.id
-
-    @property
-    def snapshot_id(self) -> str | None:
-        """The latest snapshot (None before any checkpoint or standby)."""
-        return self.sandbox.snapshot_id
-
-    def checkpoint(self) -> str:
-        """Writes a snapshot of the whole machine and returns its id; it keeps running."""
-        return self.sandbox.checkpoint()
-
-    def standby(self) -> str:
-        """Puts the machine to sleep on disk (no CPU, no RAM) and returns the snapshot id to
-        pass as ``snapshot_id=`` to a later backend. The next call on this one wakes it too."""
-        return self.sandbox.standby()
 
     def kill(self) -> None:
         """Ends the sandbox for good (its snapshots stay in the store)."""
@@ -157,12 +132,18 @@ class DormantSandbox(BaseSandbox):
         if not command or not isinstance(command, str):
             return ExecuteResponse(output="Error: Command must be a non-empty string.",
                                    exit_code=1)
-        limit = self.timeout if timeout is None or timeout <= 0 else float(timeout)
+        if timeout is not None and timeout < 0:
+            return ExecuteResponse(
+                output=f"Error: timeout must be a non-negative number of seconds, not {timeout}.",
+                exit_code=1,
+            )
+        # None: the backend's default; 0: no limit (as Deep Agents' protocol allows).
+        limit = self.timeout if timeout is None else float(timeout) if timeout > 0 else None
         try:
             r = self.sandbox.commands.run(command, timeout=limit, cwd=self.cwd)
         except SandboxTimeout:
             return ExecuteResponse(
-                output=f"Error: Command timed out after {limit:g} seconds and was killed. For "
+                output=f"Error: Command timed out after {limit} seconds and was killed. For "
                 "long-running commands, re-run with a larger timeout or in the background "
                 "(`cmd > log 2>&1 &`).",
                 exit_code=124,

@@ -154,19 +154,24 @@ class DormantSandboxSession(BaseSandboxSession):
 
     async def _exec_internal(self, *command: str | Path, timeout: float | None = None) -> ExecResult:
         argv = [str(c) for c in command]
+        if not argv or not argv[0]:
+            raise ExecTransportError(command=command, message="empty command")
         root = self.state.manifest.root
-        cwd = root if self.state.workspace_root_ready or await self._is_dir(root) else None
+        # In the workspace once it exists (before the manifest is applied it may not).
+        cwd = root if self.state.workspace_root_ready or await self._exists(root) else None
         try:
-            r = await asyncio.to_thread(self.sandbox.commands.run, argv, timeout=timeout, cwd=cwd)
+            # The native call, for the output's exact bytes (sb.commands.run decodes them).
+            out, err, code = await asyncio.to_thread(
+                self.sandbox._native.exec, argv, [], cwd, timeout, None, None, False
+            )
         except SandboxTimeout as e:
             raise ExecTimeoutError(command=command, timeout_s=timeout, cause=e) from e
         except SandboxError as e:
             raise ExecTransportError(command=command, cause=e,
                                      message=f"{type(e).__name__}: {e}") from e
-        return ExecResult(stdout=r.stdout.encode(), stderr=r.stderr.encode(),
-                          exit_code=r.exit_code)
+        return ExecResult(stdout=out, stderr=err, exit_code=code)
 
-    async def _is_dir(self, path: str) -> bool:
+    async def _exists(self, path: str) -> bool:
         try:
             return await asyncio.to_thread(self.sandbox.files.exists, path)
         except SandboxError:

@@ -43,6 +43,7 @@ from smolagents.monitoring import AgentLogger, LogLevel  # type: ignore[import-u
 from smolagents.remote_executors import RemotePythonExecutor  # type: ignore[import-untyped]
 from smolagents.utils import AgentError  # type: ignore[import-untyped]
 
+from ._adapter import Persistent, open_sandbox
 from ._errors import SandboxError
 from ._sandbox import Execution, Sandbox, StrPath
 
@@ -101,7 +102,7 @@ def _capture_final_expression(code: str) -> tuple[str, bool]:
     return edited, True
 
 
-class DormantExecutor(RemotePythonExecutor):  # type: ignore[misc]  # smolagents is untyped
+class DormantExecutor(Persistent, RemotePythonExecutor):  # type: ignore[misc]  # untyped base
     """A smolagents remote Python executor backed by a dormant WASI sandbox.
 
     - ``snapshot_id``: resume this snapshot (from :meth:`standby` or :meth:`checkpoint`)
@@ -111,12 +112,15 @@ class DormantExecutor(RemotePythonExecutor):  # type: ignore[misc]  # smolagents
     - ``sandbox``: use this running :class:`dormant.Sandbox` (WASI tier) as it is.
     - ``store``: the snapshot store (default: :func:`dormant.default_store`).
     - ``timeout``: seconds one code cell may run (default: no limit); past it the cell fails
-      with ``AgentError`` and the session must be resumed from a snapshot.
+      with ``AgentError`` and the session goes back to its latest snapshot (the executor takes
+      one when it starts; :meth:`checkpoint` takes more).
     - ``additional_imports``, ``logger``, ``allow_pickle``: as for every smolagents remote
       executor (``logger`` defaults to an ``AgentLogger`` at ``LogLevel.INFO``).
 
-    Raises :class:`dormant.InvalidArgument` when both ``snapshot_id`` and ``template`` (or a
-    ``sandbox`` with either) are given or the sandbox is not on the WASI tier, and dormant's
+    :attr:`snapshot_id`, :meth:`checkpoint` and :meth:`standby` are the session's.
+
+    Raises :class:`dormant.InvalidArgument` when more than one of ``snapshot_id``,
+    ``template`` and ``sandbox`` is given or the sandbox is not on the WASI tier, and dormant's
     errors for a snapshot that cannot be resumed (:class:`dormant.SnapshotNotFound`, ...).
     """
 
@@ -132,55 +136,36 @@ class DormantExecutor(RemotePythonExecutor):  # type: ignore[misc]  # smolagents
         timeout: float | None = None,
         allow_pickle: bool = False,
     ) -> None:
-        from ._errors import InvalidArgument
-
-        chosen = [n for n, v in (("snapshot_id", snapshot_id), ("template", template),
-                                 ("sandbox", sandbox)) if v is not None]
-        if len(chosen) > 1:
-            raise InvalidArgument(f"give at most one of snapshot_id, template and sandbox, not "
-                                  f"{' and '.join(chosen)}")
         super().__init__(
             list(additional_imports or []),
             logger if logger is not None else AgentLogger(LogLevel.INFO),
             allow_pickle=allow_pickle,
         )
-        if sandbox is not None:
-            if sandbox.tier != "wasi":
-                raise InvalidArgument(
-                    f"DormantExecutor runs Python cells on the WASI tier; {sandbox!r} is a "
-                    f"{sandbox.tier} sandbox"
-                )
-            self.sandbox = sandbox
-        elif snapshot_id is not None:
-            self.sandbox = Sandbox.resume(snapshot_id, store=store)
-        else:
-            self.sandbox = Sandbox.create("wasi", template=template, store=store)
+        self.sandbox = open_sandbox("wasi", snapshot_id=snapshot_id, template=template,
+                                    sandbox=sandbox, store=store)
         self.timeout = timeout
         self._run(_ENCODER)
         self.installed_packages = self.install_packages(self.additional_imports)
-
-    @property
-    def snapshot_id(self) -> str | None:
-        """The latest snapshot of the session (None before any checkpoint or standby)."""
-        return self.sandbox.snapshot_id
-
-    def checkpoint(self) -> str:
-        """Writes a snapshot of the session and returns its id; the session keeps running."""
-        return self.sandbox.checkpoint()
-
-    def standby(self) -> str:
-        """Puts the session to sleep on disk (no CPU, no memory) and returns the snapshot id to
-        pass as ``snapshot_id=`` to a later executor. The next call on this executor wakes the
-        session too."""
-        return self.sandbox.standby()
+        if self.sandbox.snapshot_id is None:
+            # A snapshot to go back to should a cell poison the session.
+            self.sandbox.checkpoint()
 
     def _run(self, code: str) -> Execution:
-        """Runs a cell; dormant's failures become ``AgentError``."""
+        """Runs a cell; dormant's failures become ``AgentError``. A cell that leaves the
+        session unusable (past ``timeout``, past the memory cap) poisons it: the session is then
+        resumed from its latest snapshot, and the error says so."""
         try:
             return self.sandbox.run_code(code, timeout=self.timeout)
         except SandboxError as e:
-            raise AgentError(f"the dormant sandbox failed: {type(e).__name__}: {e}",
-                             self.logger) from e
+            message = f"the dormant sandbox failed: {type(e).__name__}: {e}"
+            snap = self.sandbox.snapshot_id
+            if self.sandbox.state == "poisoned" and snap is not None:
+                self.sandbox = Sandbox.resume(snap, store=self.sandbox.store)
+                message += (
+                    f". The Python session was restored to its snapshot {snap}: what code "
+                    "defined since then is gone"
+                )
+            raise AgentError(message, self.logger) from e
 
     def run_code_raise_errors(self, code: str) -> CodeOutput:
         """Runs ``code`` in the session. Returns ``CodeOutput`` with the cell's stdout as

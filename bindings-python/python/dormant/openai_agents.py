@@ -152,7 +152,9 @@ class DormantSandboxSession(BaseSandboxSession):
 
     # --- commands --------------------------------------------------------------------------
 
-    async def _exec_internal(self, *command: str | Path, timeout: float | None = None) -> ExecResult:
+    async def _exec_internal(
+        self, *command: str | Path, timeout: float | None = None
+    ) -> ExecResult:
         argv = [str(c) for c in command]
         if not argv or not argv[0]:
             raise ExecTransportError(command=command, message="empty command")
@@ -320,7 +322,9 @@ class DormantSandboxClient(BaseSandboxClient[DormantSandboxClientOptions | None]
         super().__init__()
         self.store = store
         self.idle_standby = idle_standby
-        self._instrumentation = instrumentation if instrumentation is not None else Instrumentation()
+        self._instrumentation = (
+            instrumentation if instrumentation is not None else Instrumentation()
+        )
         self._dependencies = dependencies
 
     async def create(

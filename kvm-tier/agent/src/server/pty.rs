@@ -20,7 +20,7 @@
 //! Bounds: at most [`MAX_TERMINALS`] terminals are kept; when a new one would exceed it,
 //! those whose output has ended are forgotten first.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -28,6 +28,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 
+use super::capture::Ring;
 use super::reply::{Failure, OpResult, ok, unknown_pid};
 use super::table::{ProcessTable, SpawnSpec, killpg, login_shell};
 use super::{CHUNK, lock};
@@ -36,36 +37,11 @@ use crate::proto::{MAX_TERMINAL_CELLS, Response, TERMINAL_BACKLOG, error_kind};
 /// Most terminals the agent keeps at once.
 pub const MAX_TERMINALS: usize = 64;
 
-/// The output nobody has received yet: the newest [`TERMINAL_BACKLOG`] bytes.
-#[derive(Debug, Default)]
-pub(super) struct Backlog {
-    pub(super) buf: VecDeque<u8>,
-    /// Bytes dropped from its front since the terminal opened.
-    pub(super) dropped: u64,
-}
-
-impl Backlog {
-    pub(super) fn push(&mut self, data: &[u8]) {
-        let data = match data.len().checked_sub(TERMINAL_BACKLOG) {
-            Some(skip) if skip > 0 => {
-                self.dropped += skip as u64;
-                &data[skip..]
-            }
-            _ => data,
-        };
-        let excess = (self.buf.len() + data.len()).saturating_sub(TERMINAL_BACKLOG);
-        if excess > 0 {
-            self.buf.drain(..excess);
-            self.dropped += excess as u64;
-        }
-        self.buf.extend(data);
-    }
-}
-
 /// Where a terminal's output goes.
 #[derive(Debug, Default)]
 struct Out {
-    backlog: Backlog,
+    /// The output nobody has received yet: the newest [`TERMINAL_BACKLOG`] bytes.
+    backlog: Ring,
     /// The attached connection (a descriptor of its own).
     sink: Option<Arc<File>>,
     /// The master reported the end: nothing more will come.
@@ -298,7 +274,7 @@ fn deliver(term: &Term, data: &[u8]) {
             *attached = None;
         }
     }
-    out.backlog.push(data);
+    out.backlog.push_within(data, TERMINAL_BACKLOG);
 }
 
 /// Serves an attachment on the connection `conn` (owned by the caller for the whole call)
@@ -360,20 +336,6 @@ pub(super) fn attach(pid: u32, conn: RawFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_backlog_keeps_the_newest_bytes() {
-        let mut b = Backlog::default();
-        b.push(&vec![1u8; TERMINAL_BACKLOG - 10]);
-        b.push(&[2u8; 20]);
-        assert_eq!(b.buf.len(), TERMINAL_BACKLOG);
-        assert_eq!(b.dropped, 10);
-        assert_eq!(b.buf.back(), Some(&2));
-        b.push(&vec![3u8; TERMINAL_BACKLOG + 5]);
-        assert_eq!(b.buf.len(), TERMINAL_BACKLOG);
-        assert_eq!(b.dropped, 10 + TERMINAL_BACKLOG as u64 + 5);
-        assert!(b.buf.iter().all(|&x| x == 3));
-    }
 
     #[test]
     fn sizes_out_of_range_are_refused() {

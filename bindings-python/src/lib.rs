@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use dormant::{
     Command, Error, Grants, Interrupt, LocalStore, Managed, NetworkPolicy, Ready, Sandbox,
-    SandboxSpec, SnapshotId, Template, Tier,
+    SandboxSpec, SnapshotId, Template, TerminalLink, TerminalSize, Tier,
 };
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -585,6 +585,29 @@ impl NativeSandbox {
         r.map_err(|e| to_py(py, e))
     }
 
+    /// Starts `argv` (empty: the sandbox's shell) on a new terminal of `cols`×`rows` cells,
+    /// waking the sandbox first; returns its pid.
+    fn pty_open(&self, py: Python<'_>, argv: Vec<String>, cols: u32, rows: u32) -> PyResult<u32> {
+        let size = TerminalSize::new(cols, rows).map_err(|e| to_py(py, e))?;
+        let r = py.detach(|| self.inner.open_terminal(&argv, size));
+        r.map_err(|e| to_py(py, e))
+    }
+
+    /// Sets terminal `pid`'s size.
+    fn pty_resize(&self, py: Python<'_>, pid: u32, cols: u32, rows: u32) -> PyResult<()> {
+        let size = TerminalSize::new(cols, rows).map_err(|e| to_py(py, e))?;
+        let r = py.detach(|| self.inner.resize_terminal(pid, size));
+        r.map_err(|e| to_py(py, e))
+    }
+
+    /// Attaches to terminal `pid` (the output nobody received yet comes first).
+    fn pty_attach(&self, py: Python<'_>, pid: u32) -> PyResult<NativeTerminal> {
+        let r = py.detach(|| self.inner.attach_terminal(pid));
+        Ok(NativeTerminal {
+            link: r.map_err(|e| to_py(py, e))?,
+        })
+    }
+
     /// The exposed ports: `[(guest_port, host_port)]` by guest port.
     fn exposed(&self, py: Python<'_>) -> PyResult<Vec<(u16, u16)>> {
         let r = py.detach(|| self.inner.exposed());
@@ -592,6 +615,40 @@ impl NativeSandbox {
             .into_iter()
             .map(|m| (m.guest_port, m.host_port))
             .collect())
+    }
+}
+
+/// Most bytes one [`NativeTerminal::read`] returns.
+const TERMINAL_READ_MAX: usize = 64 << 10;
+
+/// An attachment to a terminal: read by the Python package's reader thread, written by any
+/// thread; each call releases the GIL.
+#[pyclass(frozen, module = "dormant._native")]
+struct NativeTerminal {
+    link: Arc<dyn TerminalLink>,
+}
+
+#[pymethods]
+impl NativeTerminal {
+    /// The next output (at most `max` bytes, at most 64 KiB), waiting for it; `b""` once the
+    /// attachment has ended.
+    fn read<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let mut buf = vec![0u8; max.clamp(1, TERMINAL_READ_MAX)];
+        let link = self.link.clone();
+        let n = py.detach(|| link.read(&mut buf)).map_err(PyErr::from)?;
+        Ok(PyBytes::new(py, &buf[..n]))
+    }
+
+    /// Types `data` into the terminal. Raises `OSError` once the attachment has ended.
+    fn write(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<()> {
+        let link = self.link.clone();
+        py.detach(|| link.write(&data)).map_err(PyErr::from)
+    }
+
+    /// Detaches; the program runs on.
+    fn close(&self, py: Python<'_>) {
+        let link = self.link.clone();
+        py.detach(|| link.close());
     }
 }
 
@@ -794,6 +851,7 @@ fn kvm_status() -> (bool, String) {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeSandbox>()?;
+    m.add_class::<NativeTerminal>()?;
     m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_status, m)?)?;

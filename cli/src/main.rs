@@ -12,12 +12,14 @@
 //! dormant image list           the images built into the cache
 //! dormant template build FILE  build (or reuse) the template a TOML file describes
 //! dormant template list        list the store's templates
+//! dormant shell SNAPSHOT       an interactive terminal on the snapshot's sandbox (see shell.rs)
 //! ```
 //! The store is `$DORMANT_STORE` or the user's data directory; the cache `$DORMANT_CACHE` or the
 //! user's cache directory.
 
 mod coding_demo;
 mod image;
+mod shell;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,7 +36,7 @@ fn ms(t: Instant) -> f64 {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | delete ID | compact ID | gc | \
-         template build FILE | template list | {}",
+         template build FILE | template list | shell SNAPSHOT | {}",
         image::USAGE
     );
     ExitCode::from(2)
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Some("image") => image::command(&args[1..]),
+        Some("shell") if args.len() == 2 => shell::run(&args[1]),
         Some("gc") => LocalStore::open_default()
             .and_then(|s| s.gc())
             .map(|r| println!("removed {} chunks, freed {} bytes", r.chunks_removed, r.bytes_freed)),

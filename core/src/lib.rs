@@ -15,7 +15,8 @@
 //!
 //! - [`sandbox`]: the [`Sandbox`] trait, which `Box<dyn Sandbox>` implements too; [`command`]:
 //!   its call types ([`Command`], [`Execution`], ...); [`capability`]: what a tier may lack
-//!   ([`Processes`], [`StreamingExec`], [`Interrupt`]); [`runtime`]: [`Runtime`], a tier's
+//!   ([`Processes`], [`StreamingExec`], [`Interrupt`]); [`terminal`]: programs on
+//!   pseudo-terminals ([`Terminals`], a capability too); [`runtime`]: [`Runtime`], a tier's
 //!   create, resume and fork, giving `Box<dyn Sandbox>`; [`managed`]: [`Managed`], the
 //!   auto-standby handle around any sandbox, with every call of the contract and its
 //!   capabilities.
@@ -66,6 +67,7 @@ pub mod sandbox;
 pub mod sandbox_dirs;
 pub mod snapshot;
 pub mod spec;
+pub mod terminal;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -84,3 +86,4 @@ pub use snapshot::store::{
 };
 pub use snapshot::{Manifest, SnapshotId};
 pub use spec::{Mount, SandboxSpec, Tier, Workload};
+pub use terminal::{MAX_TERMINAL_CELLS, TerminalLink, TerminalSize, Terminals};

@@ -27,6 +27,13 @@
 //! the handle's state weakly, and the forwarder calls them from its own threads, holding none
 //! of its locks.
 //!
+//! # Terminals
+//!
+//! An attached terminal ([`Managed::attach_terminal`]) is someone at work: a sandbox with one
+//! is never put in standby by the timer either (it looks again an idle period later). A
+//! standby the caller asks for ends the attachments (the terminal's program runs on in the
+//! snapshot; attach again after the wake).
+//!
 //! A front end that must not name a tier wraps a `Box<dyn Sandbox>` (what a
 //! [`Runtime`](crate::Runtime) gives): `Managed<Box<dyn Sandbox>>` has every call of the
 //! contract and of its [capabilities](crate::capability), each answering
@@ -49,6 +56,7 @@ use crate::paths::DirEntry;
 use crate::sandbox::{Command, ExecOutput, Execution, Interrupt, Processes, Sandbox};
 use crate::snapshot::SnapshotId;
 use crate::spec::Tier;
+use crate::terminal::{TerminalLink, TerminalSize, Terminals};
 
 /// Default idle time before auto-standby.
 pub const DEFAULT_IDLE_STANDBY: Duration = Duration::from_secs(15);
@@ -180,8 +188,13 @@ impl<S: Sandbox + 'static> IdleTarget for Shared<S> {
         if due > now {
             return Some(due);
         }
-        // Forwarded connections are open: the sandbox serves them.
-        if slot.sb.ports().is_ok_and(|p| p.open_connections() > 0) {
+        // Forwarded connections are open, or a terminal is attached: the sandbox serves them.
+        if slot.sb.ports().is_ok_and(|p| p.open_connections() > 0)
+            || slot
+                .sb
+                .terminals()
+                .is_ok_and(|t| t.attached_terminals() > 0)
+        {
             return Some(now + idle);
         }
         slot.scheduled = false;
@@ -472,6 +485,32 @@ impl<S: Sandbox + 'static> Managed<S> {
     /// The exposed ports, by guest port (see [`Ports::exposed`]).
     pub fn exposed(&self) -> Result<Vec<PortMapping>> {
         self.with_ports(|p| Ok(p.exposed()))
+    }
+
+    /// Runs `f` on the sandbox's terminals, waking it first; a tier without them answers
+    /// [`Error::Unsupported`](crate::Error::Unsupported) without a wake.
+    fn with_terminals<T>(&self, f: impl FnOnce(&mut dyn Terminals) -> Result<T>) -> Result<T> {
+        self.shared.slot.lock().sb.terminals()?;
+        self.with(|sb| f(sb.terminals()?))
+    }
+
+    /// Starts `argv` (empty: the sandbox's shell) on a new terminal of `size`; returns its pid
+    /// (see [`Terminals::open_terminal`]). [`wait`](Managed::wait) and
+    /// [`signal`](Managed::signal) take the pid.
+    pub fn open_terminal(&self, argv: &[String], size: TerminalSize) -> Result<u32> {
+        self.with_terminals(|t| t.open_terminal(argv, size))
+    }
+
+    /// Resizes terminal `pid` (see [`Terminals::resize_terminal`]).
+    pub fn resize_terminal(&self, pid: u32, size: TerminalSize) -> Result<()> {
+        self.with_terminals(|t| t.resize_terminal(pid, size))
+    }
+
+    /// Attaches to terminal `pid` (see [`Terminals::attach_terminal`]): the link is used
+    /// without this handle's lock, so typing never waits for a running call. While it is
+    /// open the idle timer leaves the sandbox running.
+    pub fn attach_terminal(&self, pid: u32) -> Result<Arc<dyn TerminalLink>> {
+        self.with_terminals(|t| t.attach_terminal(pid))
     }
 
     /// Replaces the sandbox's egress policy (see

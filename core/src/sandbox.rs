@@ -16,6 +16,7 @@ use crate::network::{Egress, Ports};
 use crate::paths::DirEntry;
 use crate::snapshot::SnapshotId;
 use crate::spec::Tier;
+use crate::terminal::Terminals;
 
 /// The contract shared by the WASI and KVM tiers.
 ///
@@ -126,6 +127,15 @@ pub trait Sandbox: Send {
         })
     }
 
+    /// Programs on pseudo-terminals ([`Terminals`]), or [`Error::Unsupported`] from a tier
+    /// without them (the default; the WASI tier).
+    fn terminals(&mut self) -> Result<&mut dyn Terminals> {
+        Err(Error::Unsupported {
+            op: "a terminal",
+            what: format!("the {} tier: it has no pseudo-terminals", self.tier()),
+        })
+    }
+
     /// `exec` with output as it comes ([`StreamingExec`]); `None` for a tier that gives a
     /// command's output only when it ends (the default).
     fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
@@ -228,6 +238,9 @@ impl Sandbox for Box<dyn Sandbox> {
     }
     fn egress(&mut self) -> Result<&mut dyn Egress> {
         (**self).egress()
+    }
+    fn terminals(&mut self) -> Result<&mut dyn Terminals> {
+        (**self).terminals()
     }
     fn streaming(&mut self) -> Option<&mut dyn StreamingExec> {
         (**self).streaming()

@@ -57,8 +57,8 @@ pub use dormant_core::{
     Execution, ExecutionError, GcReport, GrantError, Grants, HOST_ALIAS, Interrupt, IpNet,
     LocalStore, Managed, ManagedStats, Manifest, Mount, NetworkPolicy, Operation, PortMapping,
     PortWake, Ports, Processes, Result, Rule, Runtime, Sandbox, SandboxSpec, SnapshotError,
-    SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec, TemplateStepError, Tier,
-    Workload,
+    SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec, TemplateStepError, TerminalLink,
+    TerminalSize, Terminals, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

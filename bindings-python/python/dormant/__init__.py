@@ -58,6 +58,7 @@ from ._errors import (  # noqa: E402
     Unsupported,
 )
 from ._native import __version__  # noqa: E402
+from ._pty import Pty, Ptys  # noqa: E402
 from ._sandbox import (  # noqa: E402
     CommandHandle,
     CommandResult,
@@ -97,6 +98,8 @@ __all__ = [
     "LimitExceeded",
     "NetworkPolicy",
     "PathEscape",
+    "Pty",
+    "Ptys",
     "ReadOnly",
     "RuntimeMissing",
     "Sandbox",

@@ -13,6 +13,7 @@ from typing import Literal, Union, overload
 
 from . import _native
 from ._errors import InvalidArgument, SandboxTimeout
+from ._pty import Ptys
 
 Tier = Literal["wasi", "kvm"]
 OutputCallback = Callable[[str], object]
@@ -434,6 +435,7 @@ class Sandbox:
         self._snapshot_id = snapshot_id
         self.commands = Commands(self)
         self.files = Files(self)
+        self.pty = Ptys(native)
 
     @classmethod
     def create(

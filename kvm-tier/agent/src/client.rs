@@ -637,6 +637,43 @@ impl<S: Read + Write> Client<S> {
         Ok(self.stream)
     }
 
+    /// Starts `argv` (empty: the guest's shell) on a new pseudo-terminal of `cols`×`rows`
+    /// character cells (`pty_open`); returns its pid, a background process for
+    /// [`Client::wait`] and [`Client::signal`]. Errors: a size out of 1 to
+    /// [`MAX_TERMINAL_CELLS`](proto::MAX_TERMINAL_CELLS) is `invalid`; an agent from before
+    /// terminals answers `unsupported`.
+    pub fn pty_open(
+        &mut self,
+        argv: &[&str],
+        env: &[(&str, &str)],
+        cwd: Option<&str>,
+        cols: u16,
+        rows: u16,
+    ) -> Result<u32, ClientError> {
+        let req = Request::PtyOpen {
+            argv: strings(argv),
+            env: env_pairs(env),
+            cwd: cwd.map(str::to_string),
+            cols,
+            rows,
+        };
+        self.spawn_request(&req)
+    }
+
+    /// Sets terminal `pid`'s size (`pty_resize`); an unknown pid is `not_found`.
+    pub fn pty_resize(&mut self, pid: u32, cols: u16, rows: u16) -> Result<(), ClientError> {
+        self.expect_ok("pty_resize", &Request::PtyResize { pid, cols, rows }, &[])
+    }
+
+    /// Attaches to terminal `pid` (`pty_attach`) and gives the stream back: from then on it
+    /// carries the terminal's output (first what nobody received yet) and takes its input;
+    /// end of file means the terminal ended. Errors: an unknown pid is `not_found` (the client,
+    /// and its connection, are dropped either way).
+    pub fn pty_attach(mut self, pid: u32) -> Result<S, ClientError> {
+        self.expect_ok("pty_attach", &Request::PtyAttach { pid }, &[])?;
+        Ok(self.stream)
+    }
+
     /// `mkdir -p`.
     pub fn mkdir(&mut self, path: &str) -> Result<(), ClientError> {
         let req = Request::Mkdir {

@@ -33,6 +33,11 @@ pub const MAX_DATA: usize = 16 << 20;
 /// Most bytes of each stream (stdout, stderr) a `run_code` answer carries (8 MiB): both fit in
 /// one frame's payload. A request's `output_limit` above it is lowered to it.
 pub const RUN_CODE_OUTPUT_MAX: usize = MAX_DATA / 2;
+/// Largest terminal width or height (`pty_open`, `pty_resize`), in character cells.
+pub const MAX_TERMINAL_CELLS: u16 = 4096;
+/// Output a terminal keeps while nobody is attached (64 KiB, the newest bytes): what the next
+/// `pty_attach` receives first.
+pub const TERMINAL_BACKLOG: usize = 64 << 10;
 
 /// A request header (host → agent). The frame's payload is the stdin for `exec`, the bytes
 /// to write for `write_file` and `stdin`, the code for `run_code`, and empty otherwise.
@@ -171,6 +176,47 @@ pub enum Request {
     ConnectTcp {
         /// The TCP port in the guest.
         port: u16,
+    },
+    /// Start a program on a new pseudo-terminal (its stdin, stdout, stderr and controlling
+    /// terminal, in a session of its own, `TERM=xterm-256color`); answered by
+    /// [`Response::Spawned`]. The process is a background process (`wait`, `signal`,
+    /// `processes`); its output is read all the time into a backlog of the last
+    /// [`TERMINAL_BACKLOG`] bytes that `pty_attach` delivers.
+    PtyOpen {
+        /// Program and arguments; empty: the guest's shell (`/bin/bash` where it exists, else
+        /// `/bin/sh`).
+        #[serde(default)]
+        argv: Vec<String>,
+        /// Added to (overriding) the agent's environment and `TERM`.
+        #[serde(default)]
+        env: Vec<(String, String)>,
+        /// Working directory (default: `/root` where it exists, else `/`).
+        #[serde(default)]
+        cwd: Option<String>,
+        /// Width in character cells, 1 to [`MAX_TERMINAL_CELLS`].
+        cols: u16,
+        /// Height in character cells, 1 to [`MAX_TERMINAL_CELLS`].
+        rows: u16,
+    },
+    /// Set a terminal's size (the kernel sends `SIGWINCH` to its foreground process group);
+    /// answered by `ok`.
+    PtyResize {
+        /// The terminal's process, as `pty_open` returned it.
+        pid: u32,
+        /// Width in character cells, 1 to [`MAX_TERMINAL_CELLS`].
+        cols: u16,
+        /// Height in character cells, 1 to [`MAX_TERMINAL_CELLS`].
+        rows: u16,
+    },
+    /// Attach to a terminal: answered by `ok`, after which the connection is a raw byte pipe
+    /// to it (no more frames either way): first the backlog (output nobody received yet),
+    /// then its output as it comes; every byte the host sends is typed into it. One
+    /// attachment at a time: a new one ends the previous. When the terminal's program and
+    /// every other holder of the terminal have ended, the agent sends what is left and closes
+    /// the connection; the host closing it detaches (the program runs on).
+    PtyAttach {
+        /// The terminal's process.
+        pid: u32,
     },
     /// Mount a filesystem at `target` (created first, like `mkdir -p`); answered by `ok`.
     /// The host mounts its volumes (`fstype` `virtiofs`, `source` the slot's tag) this way.

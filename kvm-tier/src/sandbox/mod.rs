@@ -50,6 +50,8 @@
 //! - `checkpoint`: the failure-atomic checkpoint of the live machine.
 //! - `restore`: resuming a snapshot into a new VM, the restore path in the order it runs.
 //! - `ports`: exposed guest ports, host listeners forwarded over vsock ([`Ports`]).
+//! - `terminal`: programs on pseudo-terminals in the guest and attachments to them over vsock
+//!   ([`Terminals`]).
 
 mod checkpoint;
 mod code;
@@ -60,6 +62,7 @@ mod live;
 mod ports;
 mod processes;
 mod restore;
+mod terminal;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +74,7 @@ use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{
     Command, Egress, Error, ExecOutput, Execution, Grants, PortMapping, PortWake, Ports, Processes,
-    Result, Sandbox, SandboxSpec, StreamingExec, Tier,
+    Result, Sandbox, SandboxSpec, StreamingExec, Terminals, Tier,
 };
 
 use crate::HostKvm;
@@ -124,6 +127,8 @@ pub struct KvmSandbox {
     reseed: bool,
     /// The exposed ports' listeners and connections (`spec.ports` says which).
     ports: ports::Forwarder,
+    /// The terminal attachments open now (they end with the machine).
+    terminals: terminal::Attachments,
 }
 
 impl std::fmt::Debug for KvmSandbox {
@@ -165,6 +170,7 @@ impl KvmSandbox {
             calls: Arc::default(),
             reseed: false,
             ports: ports::Forwarder::new(),
+            terminals: terminal::Attachments::default(),
         }
     }
 
@@ -193,6 +199,7 @@ impl KvmSandbox {
 
     fn release(&mut self) {
         self.ports.detach();
+        self.terminals.end_all();
         self.agent = None;
         *self.calls.waker.lock() = None;
         if let Some(m) = self.machine.take() {
@@ -371,6 +378,11 @@ impl Sandbox for KvmSandbox {
     }
 
     fn ports(&mut self) -> Result<&mut dyn Ports> {
+        Ok(self)
+    }
+
+    /// Programs on pseudo-terminals in the guest (see `terminal.rs`).
+    fn terminals(&mut self) -> Result<&mut dyn Terminals> {
         Ok(self)
     }
 }

@@ -1,6 +1,6 @@
 //! The output a background process keeps: one capture thread per pipe reads it into a
 //! [`Ring`] per stream (the last [`OUTPUT_BUFFER`] bytes, and how many were dropped), which
-//! `output` drains.
+//! `output` drains. A terminal's backlog is a [`Ring`] too.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::{CHUNK, OUTPUT_BUFFER, lock, wait_while_until};
 
-/// The last [`OUTPUT_BUFFER`] bytes of one stream, and how many were dropped before them.
+/// The last bytes of one stream ([`OUTPUT_BUFFER`] of them for a background process's), and how
+/// many were dropped before them.
 #[derive(Debug, Default)]
 pub(super) struct Ring {
     pub(super) buf: VecDeque<u8>,
@@ -19,14 +20,19 @@ pub(super) struct Ring {
 
 impl Ring {
     fn push(&mut self, data: &[u8]) {
-        let data = if data.len() > OUTPUT_BUFFER {
-            let skip = data.len() - OUTPUT_BUFFER;
+        self.push_within(data, OUTPUT_BUFFER);
+    }
+
+    /// Appends `data`, keeping the last `cap` bytes (the older ones counted in `dropped`).
+    pub(super) fn push_within(&mut self, data: &[u8], cap: usize) {
+        let data = if data.len() > cap {
+            let skip = data.len() - cap;
             self.dropped += skip as u64;
             &data[skip..]
         } else {
             data
         };
-        let excess = (self.buf.len() + data.len()).saturating_sub(OUTPUT_BUFFER);
+        let excess = (self.buf.len() + data.len()).saturating_sub(cap);
         if excess > 0 {
             self.buf.drain(..excess);
             self.dropped += excess as u64;
@@ -97,5 +103,25 @@ mod tests {
         assert_eq!(r.buf.len(), OUTPUT_BUFFER);
         assert_eq!(r.dropped, 10 + OUTPUT_BUFFER as u64 + 5);
         assert!(r.buf.iter().all(|&b| b == 3));
+    }
+
+    proptest::proptest! {
+        /// Whatever the pushes, the ring holds the newest `cap` bytes of everything pushed and
+        /// counts the rest as dropped.
+        #[test]
+        fn a_ring_holds_the_newest_bytes_and_counts_the_rest(
+            cap in 1usize..64,
+            pushes in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..100), 0..20),
+        ) {
+            let mut r = Ring::default();
+            let mut all = Vec::new();
+            for p in &pushes {
+                r.push_within(p, cap);
+                all.extend_from_slice(p);
+            }
+            let kept = all.len().min(cap);
+            proptest::prop_assert_eq!(r.buf.iter().copied().collect::<Vec<u8>>(), all[all.len() - kept..].to_vec());
+            proptest::prop_assert_eq!(r.dropped, (all.len() - kept) as u64);
+        }
     }
 }

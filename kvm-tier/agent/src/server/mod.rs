@@ -43,6 +43,9 @@
 //! - `system`: the guest's clock, mounts, `sync`, and whether a local TCP port is open.
 //! - `pipe`: `connect_tcp`, a connection turned into a byte pipe to a guest TCP port (the
 //!   host's exposed ports).
+//! - `pty`: terminals (`pty_open`, `pty_resize`, `pty_attach`): a program on a
+//!   pseudo-terminal whose output the agent reads all the time, and a connection turned into a
+//!   byte pipe to it.
 //! - `python`: `run_code`, cells in the agent's persistent Python interpreter (with its driver,
 //!   `python/repl.py`, and the pipe protocol to it, `python/pipe.rs`).
 
@@ -51,6 +54,7 @@ mod exec;
 mod files;
 mod pipe;
 mod processes;
+mod pty;
 pub mod python;
 mod reply;
 mod system;
@@ -94,6 +98,9 @@ pub const KNOWN_OPS: &[&str] = &[
     "port_open",
     "run_code",
     "connect_tcp",
+    "pty_open",
+    "pty_resize",
+    "pty_attach",
 ];
 
 /// Once a process has exited, how long to keep reading output that grandchildren holding its
@@ -234,6 +241,17 @@ fn serve<S: Read + Write>(
                 }
                 Err(f) => Err(f),
             },
+            Request::PtyAttach { pid } => match pty::attachable(pid, hangup) {
+                Ok(pid) => {
+                    proto::write_frame(&mut stream, &Response::Ok {}, &[])?;
+                    // From here on the connection is a byte pipe to the terminal.
+                    let Some(fd) = hangup else {
+                        return Ok(());
+                    };
+                    return pty::attach(pid, fd);
+                }
+                Err(f) => Err(f),
+            },
             other => handle(table, other, data),
         };
         match result {
@@ -265,6 +283,17 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
         Request::ConnectTcp { .. } => {
             Err(Failure::reply(error_kind::INVALID, "connect_tcp not here"))
         }
+        Request::PtyAttach { .. } => {
+            Err(Failure::reply(error_kind::INVALID, "pty_attach not here"))
+        }
+        Request::PtyOpen {
+            argv,
+            env,
+            cwd,
+            cols,
+            rows,
+        } => pty::open(table, &argv, &env, cwd.as_deref(), cols, rows),
+        Request::PtyResize { pid, cols, rows } => pty::resize(pid, cols, rows),
         Request::Spawn {
             argv,
             env,
@@ -362,6 +391,19 @@ mod tests {
                 reseed: false,
             },
             Request::ConnectTcp { port: 1 },
+            Request::PtyOpen {
+                argv: vec![],
+                env: vec![],
+                cwd: None,
+                cols: 80,
+                rows: 24,
+            },
+            Request::PtyResize {
+                pid: 1,
+                cols: 80,
+                rows: 24,
+            },
+            Request::PtyAttach { pid: 1 },
         ];
         assert_eq!(samples.len(), KNOWN_OPS.len());
         for s in samples {

@@ -207,39 +207,82 @@ impl ProcessTable {
         notify: Option<Arc<OwnedFd>>,
         configure: &mut dyn FnMut(&mut Command),
     ) -> Result<Started, Failure> {
-        let Some(program) = spec.argv.first() else {
-            return Err(Failure::reply(error_kind::INVALID, "empty argv"));
-        };
-        if program.is_empty() {
-            return Err(Failure::reply(error_kind::INVALID, "empty program name"));
-        }
-        let mut cmd = if spec.shell {
-            if spec.argv.len() != 1 {
-                return Err(Failure::reply(
-                    error_kind::INVALID,
-                    "a shell request's argv is one script",
-                ));
-            }
-            let mut c = Command::new(login_shell());
-            c.arg("-c").arg(program);
-            c
-        } else {
-            let mut c = Command::new(program);
-            c.args(&spec.argv[1..]);
-            c
-        };
-        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(stdin.unwrap_or_else(Stdio::piped))
+        let mut cmd = command(spec)?;
+        cmd.stdin(stdin.unwrap_or_else(Stdio::piped))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        if let Some(cwd) = spec.cwd {
-            cmd.current_dir(cwd);
-        }
         configure(&mut cmd);
+        let open = if background { 2 } else { 0 };
+        let mut child = self.launch(&mut cmd, spec, background, open, notify)?;
+        let pid = child.id();
+        let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(Failure::reply(error_kind::IO, "child pipes missing"));
+        };
+        let mut child_stdin = child.stdin.take();
+        if background {
+            // A background process's stdin is the table's (the `stdin` request writes it).
+            if let Some(p) = lock(&self.state).procs.get(&pid) {
+                *lock(&p.stdin) = child_stdin.take();
+            }
+        }
+        Ok(Started {
+            pid,
+            stdout: File::from(OwnedFd::from(out)),
+            stderr: File::from(OwnedFd::from(err)),
+            stdin: child_stdin,
+        })
+    }
 
+    /// Spawns `spec` on a terminal: `slave` (a pseudo-terminal's slave side) becomes its
+    /// stdin, stdout and stderr, and its controlling terminal, in a session of its own
+    /// (`setsid`: its pid is also its session and process-group id). Registered as a
+    /// background process without captured output (the terminal's master carries it).
+    pub(super) fn start_terminal(
+        &self,
+        spec: &SpawnSpec<'_>,
+        slave: &OwnedFd,
+    ) -> Result<u32, Failure> {
+        let mut cmd = command(spec)?;
+        let stdio = || {
+            slave
+                .try_clone()
+                .map(Stdio::from)
+                .map_err(|e| Failure::io("duplicating the terminal", &e))
+        };
+        cmd.stdin(stdio()?).stdout(stdio()?).stderr(stdio()?);
+        // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2)
+        // and ioctl(2), both async-signal-safe, on descriptor 0 (the terminal, set up before
+        // the closure runs); no memory is allocated or shared.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let child = self.launch(&mut cmd, spec, true, 0, None)?;
+        Ok(child.id())
+    }
+
+    /// Spawns `cmd` (built from `spec`) and registers it; `open` is how many capture threads
+    /// will read its output. Dropping the returned child does not wait for it (the reaper
+    /// does).
+    fn launch(
+        &self,
+        cmd: &mut Command,
+        spec: &SpawnSpec<'_>,
+        background: bool,
+        open: u8,
+        notify: Option<Arc<OwnedFd>>,
+    ) -> Result<std::process::Child, Failure> {
+        let program = spec.argv.first().map(String::as_str).unwrap_or_default();
         let mut attempt = 0;
-        let (mut child, _spawning) = loop {
+        let (child, _spawning) = loop {
             let spawning = self.gate.read().unwrap_or_else(PoisonError::into_inner);
             match cmd.spawn() {
                 Ok(child) => break (child, spawning),
@@ -260,17 +303,6 @@ impl ProcessTable {
             }
         };
         let pid = child.id();
-        let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
-            return Err(Failure::reply(error_kind::IO, "child pipes missing"));
-        };
-        let child_stdin = child.stdin.take();
-        // Dropping `child` does not wait for it; the reaper will.
-        drop(child);
-        let (stdin_keep, stdin_ret) = if background {
-            (child_stdin, None)
-        } else {
-            (None, child_stdin)
-        };
         let mut state = lock(&self.state);
         state.seq += 1;
         let seq = state.seq;
@@ -281,10 +313,10 @@ impl ProcessTable {
                 background,
                 seq,
                 exit: None,
-                stdin: Arc::new(Mutex::new(stdin_keep)),
+                stdin: Arc::new(Mutex::new(None)),
                 capture: Arc::new(Capture {
                     state: Mutex::new(Captured {
-                        open: if background { 2 } else { 0 },
+                        open,
                         ..Captured::default()
                     }),
                     closed: Condvar::new(),
@@ -297,12 +329,7 @@ impl ProcessTable {
             prune_exited(&mut state);
         }
         self.kick.notify_all();
-        Ok(Started {
-            pid,
-            stdout: File::from(OwnedFd::from(out)),
-            stderr: File::from(OwnedFd::from(err)),
-            stdin: stdin_ret,
-        })
+        Ok(child)
     }
 
     pub(super) fn forget(&self, pid: u32) {
@@ -332,6 +359,37 @@ impl ProcessTable {
             .get(&pid)
             .map(|p| (p.capture.clone(), p.exit))
     }
+}
+
+/// The command `spec` names: its program and arguments (or its script for the shell), its
+/// environment and working directory; stdio and the process group are the caller's.
+fn command(spec: &SpawnSpec<'_>) -> Result<Command, Failure> {
+    let Some(program) = spec.argv.first() else {
+        return Err(Failure::reply(error_kind::INVALID, "empty argv"));
+    };
+    if program.is_empty() {
+        return Err(Failure::reply(error_kind::INVALID, "empty program name"));
+    }
+    let mut cmd = if spec.shell {
+        if spec.argv.len() != 1 {
+            return Err(Failure::reply(
+                error_kind::INVALID,
+                "a shell request's argv is one script",
+            ));
+        }
+        let mut c = Command::new(login_shell());
+        c.arg("-c").arg(program);
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.args(&spec.argv[1..]);
+        c
+    };
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    Ok(cmd)
 }
 
 fn prune_exited(state: &mut State) {

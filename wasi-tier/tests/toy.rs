@@ -806,16 +806,14 @@ fn the_store_lists_sandboxes_by_id_and_forgets_retired_ones_until_they_checkpoin
     // Resumed by snapshot id and checkpointed after the kill, it is that sandbox again, with
     // only its new snapshot counted. (The kill is recorded to the millisecond: wait for the
     // clock to pass it.)
-    let killed_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    while std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        <= killed_ms
-    {
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let killed_ms = now_ms();
+    while now_ms() <= killed_ms {
         std::thread::sleep(Duration::from_millis(1));
     }
     let mut again = runtime()

@@ -746,13 +746,13 @@ fn list_snapshots(
     r.map_err(|e| to_py(py, e))
 }
 
-/// `[(sandbox_id, tier, latest_snapshot_id, latest_created_unix_ms, snapshots)]` of the
-/// store's sandboxes (killed ones left out), by sandbox id.
+/// A sandbox of a store as Python gets it: `(sandbox_id, tier, latest_snapshot_id,
+/// latest_created_unix_ms, snapshots)`.
+type SandboxRow = (String, String, String, u64, usize);
+
+/// The store's sandboxes (killed ones left out), by sandbox id.
 #[pyfunction]
-fn list_sandboxes(
-    py: Python<'_>,
-    store_root: PathBuf,
-) -> PyResult<Vec<(String, String, String, u64, usize)>> {
+fn list_sandboxes(py: Python<'_>, store_root: PathBuf) -> PyResult<Vec<SandboxRow>> {
     let r = py.detach(|| -> Result<_, Error> {
         Ok(store(store_root)?
             .sandboxes()?

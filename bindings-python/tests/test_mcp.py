@@ -324,3 +324,64 @@ def test_list_sandboxes_and_connect_by_id(store: pathlib.Path) -> None:
     assert dormant.Sandbox.resume(first, store=store).run_code("print(x)").stdout == "1\n"
     with pytest.raises(dormant.SandboxNotFound):
         dormant.Sandbox.connect("../etc", store=store)
+
+
+@pytest.mark.timeout(1200)
+def test_kvm_processes_and_ports_through_mcp(kvm_store: pathlib.Path) -> None:
+    """run_command in the background, process_output, kill_process and expose_port on one small
+    Linux guest (busybox), in the KVM tests' shared store."""
+    import urllib.request
+
+    async def until(what: str, check: Any) -> Any:
+        deadline = time.monotonic() + 300
+        while True:
+            got = await check()
+            if got:
+                return got
+            assert time.monotonic() < deadline, f"{what}: not within 300 s"
+            await anyio.sleep(0.2)
+
+    async def go() -> None:
+        async with stdio_session(kvm_store) as s:
+            sid = (await call(s, "create_sandbox", tier="kvm", image="minimal",
+                              memory_mib=128))["sandbox_id"]
+            ran = await call(s, "run_command", sandbox_id=sid, command="echo $((6 * 7)); exit 3")
+            assert (ran["stdout"], ran["exit_code"], ran["pid"]) == ("42\n", 3, None)
+            job = await call(s, "run_command", sandbox_id=sid,
+                             command="echo started; sleep 600", background=True)
+            pid = job["pid"]
+            assert isinstance(pid, int) and job["exit_code"] is None
+            seen: list[str] = []
+
+            async def started() -> bool:
+                o = await call(s, "process_output", sandbox_id=sid, pid=pid)
+                seen.append(o["stdout"])
+                return "started\n" in "".join(seen) and bool(o["running"])
+
+            await until("the background command's output", started)
+            await call(s, "kill_process", sandbox_id=sid, pid=pid)
+
+            async def ended() -> dict[str, Any] | None:
+                o = await call(s, "process_output", sandbox_id=sid, pid=pid)
+                return None if o["running"] else o
+
+            assert (await until("the killed command's end", ended))["exit_code"] == 128 + 9
+
+            await call(s, "write_file", sandbox_id=sid, path="/var/www/index.html",
+                       content="hello over mcp\n")
+            await call(s, "run_command", sandbox_id=sid, background=True,
+                       command="httpd -f -p 127.0.0.1:8080 -h /var/www")
+
+            async def serving() -> bool:
+                r = await call(s, "run_command", sandbox_id=sid,
+                               command="wget -qO- http://127.0.0.1:8080/index.html")
+                return "hello" in str(r["stdout"])
+
+            await until("httpd in the guest", serving)
+            addr = (await call(s, "expose_port", sandbox_id=sid, port=8080))["address"]
+            assert addr.startswith("127.0.0.1:")
+            with urllib.request.urlopen(f"http://{addr}/index.html", timeout=120) as page:
+                assert page.read() == b"hello over mcp\n"
+            await call(s, "kill_sandbox", sandbox_id=sid)
+
+    anyio.run(go)

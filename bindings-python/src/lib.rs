@@ -54,6 +54,7 @@ fn kind(e: &Error) -> (&'static str, Option<i32>, Option<String>) {
     };
     match e {
         Error::SnapshotNotFound(_) => ("snapshot_not_found", None, None),
+        Error::SandboxNotFound(_) => ("sandbox_not_found", None, None),
         Error::Snapshot { .. } => ("snapshot_corrupt", None, None),
         Error::SnapshotInUse { .. } | Error::IllegalTransition { .. } | Error::Poisoned { .. } => {
             ("invalid_state", None, None)
@@ -221,18 +222,24 @@ fn interruptible<T: Send + 'static>(
 #[pyclass(frozen, module = "dormant._native")]
 struct NativeSandbox {
     inner: Inner,
+    /// The store it was created in or resumed from: `kill` records the kill there.
+    store: Arc<LocalStore>,
     /// Stops the running call (Ctrl-C), reachable while the call holds the sandbox.
     interrupter: Option<Arc<dyn Interrupt>>,
 }
 
 impl NativeSandbox {
-    fn new(sb: Box<dyn Sandbox>, idle: Option<Duration>) -> NativeSandbox {
-        Self::from_managed(Managed::new(sb, idle))
+    fn new(sb: Box<dyn Sandbox>, idle: Option<Duration>, store: Arc<LocalStore>) -> NativeSandbox {
+        Self::from_managed(Managed::new(sb, idle), store)
     }
 
-    fn from_managed(inner: Inner) -> NativeSandbox {
+    fn from_managed(inner: Inner, store: Arc<LocalStore>) -> NativeSandbox {
         let interrupter = inner.interrupter();
-        NativeSandbox { inner, interrupter }
+        NativeSandbox {
+            inner,
+            store,
+            interrupter,
+        }
     }
 
     /// A call with the GIL released, its error raised as dormant's exception.
@@ -303,8 +310,8 @@ impl NativeSandbox {
         }
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
             let store = store(store_root)?;
-            let sb = dormant::runtime(tier)?.create(store, spec)?;
-            Ok(NativeSandbox::new(sb, idle))
+            let sb = dormant::runtime(tier)?.create(store.clone(), spec)?;
+            Ok(NativeSandbox::new(sb, idle, store))
         });
         made.map_err(|e| to_py(py, e))
     }
@@ -325,8 +332,9 @@ impl NativeSandbox {
         let idle = seconds("idle_standby", idle_standby)?;
         let grants = grants(volumes, detach_missing);
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
-            let sb = dormant::resume(store(store_root)?, &id, &grants)?;
-            Ok(NativeSandbox::new(sb, idle))
+            let store = store(store_root)?;
+            let sb = dormant::resume(store.clone(), &id, &grants)?;
+            Ok(NativeSandbox::new(sb, idle, store))
         });
         made.map_err(|e| to_py(py, e))
     }
@@ -358,8 +366,8 @@ impl NativeSandbox {
                     rec.tier
                 )));
             }
-            let sb = dormant::create_from_template(store, name, &grants)?;
-            Ok(NativeSandbox::new(sb, idle))
+            let sb = dormant::create_from_template(store.clone(), name, &grants)?;
+            Ok(NativeSandbox::new(sb, idle, store))
         });
         made.map_err(|e| to_py(py, e))
     }
@@ -561,14 +569,19 @@ impl NativeSandbox {
             let children = self.inner.fork(n)?;
             Ok(children
                 .into_iter()
-                .map(NativeSandbox::from_managed)
+                .map(|c| NativeSandbox::from_managed(c, self.store.clone()))
                 .collect())
         });
         r.map_err(|e| to_py(py, e))
     }
 
+    /// Kills the sandbox and retires its id in its store (it leaves `list_sandboxes` and
+    /// `latest_snapshot` no longer finds it; its snapshots stay).
     fn kill(&self, py: Python<'_>) -> PyResult<()> {
-        let r = py.detach(|| self.inner.kill());
+        let r = py.detach(|| {
+            self.inner.kill()?;
+            self.store.retire_sandbox(&self.inner.id())
+        });
         r.map_err(|e| to_py(py, e))
     }
 
@@ -790,6 +803,52 @@ fn list_snapshots(
     r.map_err(|e| to_py(py, e))
 }
 
+/// A sandbox of a store as Python gets it: `(sandbox_id, tier, latest_snapshot_id,
+/// latest_created_unix_ms, snapshots)`.
+type SandboxRow = (String, String, String, u64, usize);
+
+/// The store's sandboxes (killed ones left out), by sandbox id.
+#[pyfunction]
+fn list_sandboxes(py: Python<'_>, store_root: PathBuf) -> PyResult<Vec<SandboxRow>> {
+    let r = py.detach(|| -> Result<_, Error> {
+        Ok(store(store_root)?
+            .sandboxes()?
+            .into_iter()
+            .map(|s| {
+                (
+                    s.sandbox_id,
+                    s.tier.to_string(),
+                    s.latest.to_string(),
+                    s.latest_created_unix_ms,
+                    s.snapshots,
+                )
+            })
+            .collect())
+    });
+    r.map_err(|e| to_py(py, e))
+}
+
+/// The latest snapshot of sandbox `sandbox_id` in the store; `SandboxNotFound` when it has
+/// none there or was killed.
+#[pyfunction]
+fn latest_snapshot(py: Python<'_>, sandbox_id: &str, store_root: PathBuf) -> PyResult<String> {
+    let r = py.detach(|| -> Result<_, Error> {
+        match store(store_root)?.sandbox(sandbox_id)? {
+            Some(s) => Ok(s.latest.to_string()),
+            None => Err(Error::SandboxNotFound(sandbox_id.to_owned())),
+        }
+    });
+    r.map_err(|e| to_py(py, e))
+}
+
+/// Retires sandbox `sandbox_id` in the store (as a kill does): it leaves `list_sandboxes`
+/// until a snapshot is taken of it again.
+#[pyfunction]
+fn retire_sandbox(py: Python<'_>, sandbox_id: &str, store_root: PathBuf) -> PyResult<()> {
+    let r = py.detach(|| store(store_root)?.retire_sandbox(sandbox_id));
+    r.map_err(|e| to_py(py, e))
+}
+
 #[pyfunction]
 fn delete_snapshot(py: Python<'_>, snapshot_id: &str, store_root: PathBuf) -> PyResult<()> {
     let id = self::snapshot_id(py, snapshot_id)?;
@@ -854,6 +913,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeTerminal>()?;
     m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;
+    m.add_function(wrap_pyfunction!(latest_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(retire_sandbox, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_status, m)?)?;
     m.add_function(wrap_pyfunction!(build_template, m)?)?;
     m.add_function(wrap_pyfunction!(list_templates, m)?)?;

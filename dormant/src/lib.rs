@@ -56,9 +56,9 @@ pub use dormant_core::{
     Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Egress, Error, ExecOutput,
     Execution, ExecutionError, GcReport, GrantError, Grants, HOST_ALIAS, Interrupt, IpNet,
     LocalStore, Managed, ManagedStats, Manifest, Mount, NetworkPolicy, Operation, PortMapping,
-    PortWake, Ports, Processes, Result, Rule, Runtime, Sandbox, SandboxSpec, SnapshotError,
-    SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec, TemplateStepError, TerminalLink,
-    TerminalSize, Terminals, Tier, Workload,
+    PortWake, Ports, Processes, Result, Rule, Runtime, Sandbox, SandboxInfo, SandboxSpec,
+    SnapshotError, SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec,
+    TemplateStepError, TerminalLink, TerminalSize, Terminals, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

@@ -331,8 +331,9 @@ impl Template {
         }
         let mut sb = rt.create(store.clone(), spec)?;
         let snapshot = self.prepare(&mut sb).and_then(|()| sb.checkpoint());
-        // The build's sandbox has served its purpose (its snapshot stays in the store).
-        if let Err(e) = sb.kill() {
+        // The build's sandbox has served its purpose (its snapshot stays in the store) and is
+        // no sandbox of the store's listing.
+        if let Err(e) = sb.kill().and_then(|()| store.retire_sandbox(sb.id())) {
             tracing::debug!(template = %self.name, error = %e, "killing the build's sandbox failed");
         }
         let record = TemplateRecord {

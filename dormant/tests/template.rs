@@ -53,6 +53,14 @@ fn a_template_built_twice_is_built_once_and_sandboxes_from_it_are_independent() 
     );
     // A checkpoint of one, resumed, keeps its own state; the template is untouched.
     let snap = a.standby().unwrap();
+    // The store's sandboxes: the one that checkpointed, not the template's build sandbox.
+    let listed: Vec<String> = store
+        .sandboxes()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.sandbox_id)
+        .collect();
+    assert_eq!(listed, vec![a.id().to_string()]);
     let mut a2 = dormant::resume(store.clone(), &snap, &Grants::new()).unwrap();
     assert_eq!(a2.run_code("total").unwrap().stdout, "-1\n");
     let mut c = dormant::create_from_template(store.clone(), "sales", &Grants::new()).unwrap();

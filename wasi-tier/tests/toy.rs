@@ -750,3 +750,76 @@ fn a_snapshot_file_truncated_under_a_live_sandbox_poisons_only_it() {
     assert_eq!(i32_of(&other.call("consistent", &[]).unwrap()), 1);
     assert_eq!(i32_of(&other.call("marker", &[]).unwrap()), 4);
 }
+
+#[test]
+fn the_store_lists_sandboxes_by_id_and_forgets_retired_ones_until_they_checkpoint_again() {
+    let env = Env::new();
+    let mut a = toy(&env);
+    let mut b = toy(&env);
+    a.call("set_marker", &[Val::I32(1)]).unwrap();
+    a.checkpoint().unwrap();
+    a.call("set_marker", &[Val::I32(2)]).unwrap();
+    let a_latest = a.standby().unwrap();
+    let b_latest = b.checkpoint().unwrap();
+
+    let mut listed = env.store.sandboxes().unwrap();
+    listed.sort_by(|x, y| x.sandbox_id.cmp(&y.sandbox_id));
+    let mut want = vec![
+        (a.id().to_string(), a_latest.clone(), 2),
+        (b.id().to_string(), b_latest.clone(), 1),
+    ];
+    want.sort();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|s| (s.sandbox_id.clone(), s.latest.clone(), s.snapshots))
+            .collect::<Vec<_>>(),
+        want
+    );
+    assert!(listed.iter().all(|s| s.tier == dormant_core::Tier::Wasi));
+    let found = env.store.sandbox(a.id()).unwrap().unwrap();
+    assert_eq!(
+        found.latest, a_latest,
+        "a lookup by id finds the latest snapshot"
+    );
+    let mut r = runtime()
+        .resume_with(env.store.clone(), &found.latest, &env.toy_grants())
+        .unwrap();
+    assert_eq!(r.id(), a.id());
+    assert_eq!(i32_of(&r.call("marker", &[]).unwrap()), 2);
+    assert_eq!(env.store.sandbox("sb-none").unwrap(), None);
+
+    // Killed and retired: gone from the listing and the lookup; its snapshots stay.
+    r.kill().unwrap();
+    env.store.retire_sandbox(a.id()).unwrap();
+    let ids: Vec<String> = env
+        .store
+        .sandboxes()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.sandbox_id)
+        .collect();
+    assert_eq!(ids, vec![b.id().to_string()]);
+    assert_eq!(env.store.sandbox(a.id()).unwrap(), None);
+    assert!(env.store.contains(&a_latest));
+
+    // Resumed by snapshot id and checkpointed after the kill, it is that sandbox again, with
+    // only its new snapshot counted. (The kill is recorded to the millisecond: wait for the
+    // clock to pass it.)
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let killed_ms = now_ms();
+    while now_ms() <= killed_ms {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut again = runtime()
+        .resume_with(env.store.clone(), &a_latest, &env.toy_grants())
+        .unwrap();
+    let newest = again.checkpoint().unwrap();
+    let back = env.store.sandbox(a.id()).unwrap().unwrap();
+    assert_eq!((back.latest, back.snapshots), (newest, 1));
+}

@@ -18,6 +18,11 @@ class SnapshotNotFound(SandboxError):
     """No snapshot with this id is in the store."""
 
 
+class SandboxNotFound(SandboxError):
+    """No sandbox with this id is in the store: it was never checkpointed there, or it was
+    killed (its snapshots stay, resumable by snapshot id)."""
+
+
 class SnapshotCorrupt(SandboxError):
     """The snapshot exists but cannot be used (damaged, or written by an incompatible version)."""
 
@@ -98,6 +103,7 @@ class SandboxNotADirectoryError(SandboxIOError, NotADirectoryError):
 
 _BY_KIND: dict[str, type[SandboxError]] = {
     "snapshot_not_found": SnapshotNotFound,
+    "sandbox_not_found": SandboxNotFound,
     "snapshot_corrupt": SnapshotCorrupt,
     "limit_exceeded": LimitExceeded,
     "timeout": SandboxTimeout,
@@ -124,6 +130,7 @@ _BY_ERRNO: dict[int, type[SandboxIOError]] = {
 
 _HINTS: dict[str, str] = {
     "snapshot_not_found": "dormant.list_snapshots() lists the snapshots in a store",
+    "sandbox_not_found": "dormant.list_sandboxes() lists the sandboxes in a store",
     "snapshot_corrupt": "resume another snapshot, or remove this one with dormant.delete_snapshot()",
     "timeout": "pass a larger timeout= to the call or to Sandbox.create()",
     "limit_exceeded": "raise memory_mib= or output_limit= in Sandbox.create(), or produce less output",

@@ -9,6 +9,9 @@ __all__ = [
     "NativeTerminal",
     "list_snapshots",
     "delete_snapshot",
+    "list_sandboxes",
+    "latest_snapshot",
+    "retire_sandbox",
     "kvm_status",
     "build_template",
     "list_templates",
@@ -103,6 +106,9 @@ class NativeTerminal:
 
 def list_snapshots(store_root: str) -> list[tuple[str, str, int, int]]: ...
 def delete_snapshot(snapshot_id: str, store_root: str) -> None: ...
+def list_sandboxes(store_root: str) -> list[tuple[str, str, str, int, int]]: ...
+def latest_snapshot(sandbox_id: str, store_root: str) -> str: ...
+def retire_sandbox(sandbox_id: str, store_root: str) -> None: ...
 def kvm_status() -> tuple[bool, str]: ...
 def build_template(
     name: str,

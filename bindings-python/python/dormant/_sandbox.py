@@ -568,6 +568,36 @@ class Sandbox:
         )
         return cls(native, root, snapshot_id)
 
+    @classmethod
+    def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        store: StrPath | None = None,
+        idle_standby: float | None = 15.0,
+        volumes: Mapping[str, StrPath | Volume] | None = None,
+        detach_missing: bool = False,
+    ) -> Sandbox:
+        """The sandbox ``sandbox_id`` (its :attr:`id`), running again from its latest snapshot
+        in ``store``: :meth:`resume` of the snapshot :func:`list_sandboxes` reports for it, with
+        the same ``volumes`` and ``detach_missing``. A sandbox's state reaches the store when it
+        checkpoints or goes to standby (by itself after ``idle_standby``, or on leaving a
+        ``with`` block), so this finds what it had then.
+
+        Raises :class:`SandboxNotFound` when no snapshot of the sandbox is in the store, or when
+        the sandbox was killed (:meth:`kill`) and not checkpointed since. Two handles connected
+        to one sandbox run independently from the same snapshot (as two resumes do)."""
+        if not isinstance(sandbox_id, str):
+            raise TypeError(f"sandbox_id must be a str, not {type(sandbox_id).__name__}")
+        snapshot_id = _native.latest_snapshot(sandbox_id, _store(store))
+        return cls.resume(
+            snapshot_id,
+            store=store,
+            idle_standby=idle_standby,
+            volumes=volumes,
+            detach_missing=detach_missing,
+        )
+
     @property
     def id(self) -> str:
         """The sandbox's identity (kept across checkpoint, standby and resume)."""
@@ -642,7 +672,10 @@ class Sandbox:
         return [Sandbox(c, self._store) for c in self._native.fork(n)]
 
     def kill(self) -> None:
-        """Ends the sandbox for good (its snapshots stay in the store)."""
+        """Ends the sandbox for good. Its snapshots stay in the store (:meth:`resume` still
+        takes them by snapshot id), but the sandbox leaves :func:`list_sandboxes` and
+        :meth:`connect` no longer finds it, unless it is resumed from one of them and
+        checkpointed again."""
         self._native.kill()
 
     def expose(self, port: int, *, host_port: int = 0) -> str:
@@ -710,6 +743,35 @@ def list_snapshots(store: StrPath | None = None) -> list[SnapshotInfo]:
             size,
         )
         for id, tier, ms, size in _native.list_snapshots(_store(store))
+    ]
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox in a store, as :func:`list_sandboxes` reports it: ``id`` (what
+    :meth:`Sandbox.connect` takes), its ``tier``, its latest snapshot (``snapshot_id``, taken
+    at ``updated``) and how many of the store's snapshots were taken of it."""
+
+    id: str
+    tier: Tier
+    snapshot_id: str
+    updated: _dt.datetime
+    snapshots: int
+
+
+def list_sandboxes(store: StrPath | None = None) -> list[SandboxInfo]:
+    """The sandboxes whose snapshots are in the store, by id: every sandbox that checkpointed
+    or went to standby there, except killed ones (see :meth:`Sandbox.kill`). Templates' build
+    sandboxes are not listed. A sandbox that never wrote a snapshot is in no store."""
+    return [
+        SandboxInfo(
+            sandbox_id,
+            "kvm" if tier == "kvm" else "wasi",
+            snapshot_id,
+            _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc),
+            count,
+        )
+        for sandbox_id, tier, snapshot_id, ms, count in _native.list_sandboxes(_store(store))
     ]
 
 

@@ -129,6 +129,11 @@ pub enum Error {
     /// No snapshot with this id is in the store.
     #[error("snapshot {0} not found")]
     SnapshotNotFound(SnapshotId),
+    /// No sandbox with this id is in the store: none of its snapshots is there, or it was
+    /// killed ([`LocalStore::retire_sandbox`](crate::LocalStore::retire_sandbox)) and has no
+    /// snapshot taken since.
+    #[error("sandbox {0:?} not found in the store (never checkpointed, or killed)")]
+    SandboxNotFound(String),
     /// The snapshot exists but cannot be used.
     #[error("snapshot {id} is unusable")]
     Snapshot {

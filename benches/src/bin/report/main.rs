@@ -21,6 +21,7 @@ mod density;
 mod fork;
 mod machine;
 mod markdown;
+mod mcp_overhead;
 mod network;
 mod ports;
 mod probe;
@@ -104,7 +105,7 @@ fn main() {
 fn run(o: Opts) -> Res<()> {
     let started = Instant::now();
     type Scenario = fn(&mut Ctx) -> Res<()>;
-    let scenarios: [(&str, Scenario); 10] = [
+    let scenarios: [(&str, Scenario); 11] = [
         ("analysis", analysis::run),
         ("coding_agent", coding_agent::run),
         ("resume_latency", resume_latency::run),
@@ -115,6 +116,7 @@ fn run(o: Opts) -> Res<()> {
         ("coding_image", coding_image::run),
         ("ports", ports::run),
         ("network", network::run),
+        ("mcp_overhead", mcp_overhead::run),
     ];
     if let Some(only) = &o.only
         && !scenarios.iter().any(|(n, _)| n == only)

@@ -11,6 +11,7 @@
 //! <root>/live/<pid>-<nonce>/            working directories of live sandboxes
 //! <root>/volumes/<name>/                named volumes
 //! <root>/detached/                      the empty directory detached mount points show
+//! <root>/killed/<sandbox id>             when a sandbox was killed (see `sandboxes.rs`)
 //! ```
 //!
 //! A snapshot is written whole into `tmp/`, its files are flushed (with
@@ -22,12 +23,14 @@
 //! (rebuilding compact ones), listing and deleting. Writing a snapshot and its commit are in
 //! `writer.rs` ([`LocalStore::begin`], [`SnapshotWriter`]), compaction in `compact.rs`
 //! ([`LocalStore::compact`]), garbage collection and storage accounting in `gc.rs`
-//! ([`LocalStore::gc`], [`LocalStore::usage`]). `live/`, `volumes/` and `detached/` hold no
+//! ([`LocalStore::gc`], [`LocalStore::usage`]), the store's sandboxes (snapshots grouped by sandbox
+//! id, and killed sandboxes) in `sandboxes.rs` ([`LocalStore::sandboxes`]). `live/`, `volumes/` and `detached/` hold no
 //! snapshots: their helpers are in [`crate::sandbox_dirs`]. What the files of a snapshot
 //! directory hold is documented in [`crate::snapshot::format`].
 
 mod compact;
 mod gc;
+mod sandboxes;
 mod writer;
 
 use std::collections::HashSet;
@@ -48,6 +51,7 @@ use crate::spec::Tier;
 
 pub use compact::CompactReport;
 pub use gc::{GcReport, SnapshotUsage};
+pub use sandboxes::SandboxInfo;
 pub use writer::{LayerWrite, SnapshotWriter};
 
 /// How hard a commit pushes data to stable storage.
@@ -67,6 +71,8 @@ pub struct SnapshotInfo {
     pub id: SnapshotId,
     pub parent: Option<SnapshotId>,
     pub sandbox_id: String,
+    /// The tier of the sandbox the snapshot was taken of.
+    pub tier: Tier,
     pub created_unix_ms: u64,
     /// Logical memory size.
     pub memory_size: u64,
@@ -341,6 +347,7 @@ impl LocalStore {
                     id: m.id,
                     parent: m.parent,
                     sandbox_id: m.sandbox_id,
+                    tier: m.tier,
                     created_unix_ms: m.created_unix_ms,
                     memory_size: m.memory.size,
                 }),

@@ -7,7 +7,7 @@
 # Sourced by test.sh and bench.sh after setup.sh; sets VENV.
 set -euo pipefail
 VENV="target/python-venv"
-echo "==> Python module: pip install "./bindings-python[mcp,adapters]" (with pytest, pytest-timeout and mypy) into $VENV"
+echo "==> Python module: pip install './bindings-python[mcp,adapters]' (with pytest, pytest-timeout and mypy) into $VENV"
 if [ ! -x "$VENV/bin/python" ]; then
     "${DORMANT_PYTHON:-python3}" -m venv "$VENV"
 fi

@@ -239,13 +239,14 @@ pub const RESULTS_MARKER: &str = "\u{0}DORMANT-RESULTS\u{0}";
 /// Installed once in a fresh interpreter: the `_dormant` module that runs cells the way a
 /// notebook does (a final expression's value is printed) and reports exceptions as a record,
 /// and its rich results (the final value's representations, matplotlib figures as PNG) as
-/// another; and `_dormant_mpl`, the matplotlib backend (`MPLBACKEND`) whose `show()` turns the
-/// open figures into results. Sessions snapshotted before rich results keep the bootstrap they
-/// were made with: their cells give no results record.
+/// another; and `_dormant_mpl`, the matplotlib backend whose `show()` turns the open figures
+/// into results (made pyplot's backend as pyplot is imported, unless the cell chose one).
+/// Sessions snapshotted before rich results keep the bootstrap they were made with: their
+/// cells give no results record.
 pub const BOOTSTRAP: &str = r#"
 import sys as _sys, types as _types
 def _dormant_install():
-    import ast, json, traceback, os
+    import ast, json, traceback
     m = _types.ModuleType('_dormant')
     MAX_RESULTS = 64
     cell = {'results': None}
@@ -274,8 +275,11 @@ def _dormant_install():
                     traceback.print_exc()
         finally:
             plt.close('all')
+    def clean(s):
+        # Lone surrogates are not valid in the JSON the host reads.
+        return s.encode('utf-8', 'backslashreplace').decode('utf-8')
     def main_result(v, text):
-        r = {'text': text, 'is_main_result': True}
+        r = {'text': clean(text), 'is_main_result': True}
         for key, meth, kind in (('html', '_repr_html_', str), ('markdown', '_repr_markdown_', str),
                                 ('svg', '_repr_svg_', str), ('png', '_repr_png_', bytes),
                                 ('json', '_repr_json_', None)):
@@ -296,9 +300,8 @@ def _dormant_install():
                         r[key] = b64(bytes(d))
                 elif kind is str:
                     if isinstance(d, str):
-                        r[key] = d
-                else:
-                    json.dumps(d)
+                        r[key] = clean(d)
+                elif len(json.dumps(d, allow_nan=False)) <= 1 << 20:
                     r[key] = d
             except Exception:
                 pass
@@ -339,11 +342,25 @@ def _dormant_install():
             _sys.stderr.write('\x00DORMANT-ERROR\x00' + json.dumps({'name': type(e).__name__, 'value': str(e), 'traceback': text}))
         _sys.stdout.flush()
         _sys.stderr.flush()
-    # The matplotlib backend: Agg's canvas, and a show() that makes the open figures results.
-    # Made only when matplotlib loads it (matplotlib is imported by then).
     class Backend:
+        # `_dormant_mpl`, the matplotlib backend (Agg's canvas, a show() that makes the open
+        # figures results), made when matplotlib loads it; and as pyplot is first imported, it
+        # becomes matplotlib's backend unless one was chosen (MPLBACKEND, or matplotlib.use of
+        # another than the rc file's).
         @staticmethod
         def find_spec(name, path=None, target=None):
+            if name == 'matplotlib.pyplot':
+                mpl = _sys.modules.get('matplotlib')
+                try:
+                    import os
+                    now = dict.__getitem__(mpl.rcParams, 'backend')
+                    if not os.environ.get('MPLBACKEND') and (
+                            now is mpl.rcsetup._auto_backend_sentinel
+                            or now == dict.__getitem__(mpl.rcParamsOrig, 'backend')):
+                        mpl.rcParams['backend'] = 'module://_dormant_mpl'
+                except Exception:
+                    pass
+                return None
             if name != '_dormant_mpl':
                 return None
             import importlib.machinery
@@ -359,8 +376,7 @@ def _dormant_install():
             def show(*args, **kwargs):
                 flush_figures()
             module.show = show
-    _sys.meta_path.append(Backend)
-    os.environ.setdefault('MPLBACKEND', 'module://_dormant_mpl')
+    _sys.meta_path.insert(0, Backend)
     # Files opened with open() are tracked, so that after a resume (whose descriptor table holds
     # only the preopened directories) the ones left open can be closed instead of silently
     # aliasing descriptors the guest opens next.

@@ -114,6 +114,20 @@ fn a_final_value_gives_its_representations() {
     assert_eq!(r.json, Some(serde_json::json!({"k": [1, null]})));
     assert_eq!(r.html, None, "a repr method answering None gives nothing");
 
+    // What the host could not read is left out (NaN in JSON) or escaped (lone surrogates).
+    let ex = run(
+        &mut sb,
+        "class Odd:\n\
+        \x20   def __repr__(self): return 'Odd()'\n\
+        \x20   def _repr_html_(self): return '<p>\\udc80</p>'\n\
+        \x20   def _repr_json_(self): return [float('nan')]\n\
+        Odd()",
+    );
+    let r = &ex.results[0];
+    assert_eq!(r.text.as_deref(), Some("Odd()"));
+    assert_eq!(r.html.as_deref(), Some("<p>\\udc80</p>"));
+    assert_eq!(r.json, None);
+
     let ex = run(&mut sb, "1 + 1");
     assert_eq!(ex.results.len(), 1);
     assert_eq!(ex.results[0].text.as_deref(), Some("2"));

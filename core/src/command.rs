@@ -1,6 +1,6 @@
 //! The call types of the sandbox contract: what `run_code` and `exec` take and give.
 //!
-//! It names only the leaf [`crate::results`], so the contract ([`crate::sandbox`]) and the
+//! It names only [`crate::results`] (which names only a reader of `crate::snapshot`), so the contract ([`crate::sandbox`]) and the
 //! capability traits ([`crate::capability`]) can both name it.
 
 use std::time::Duration;

@@ -44,9 +44,10 @@
 //!
 //! There is no import cycle between modules. At the bottom, `error/snapshot.rs`
 //! ([`SnapshotError`]) names nothing of the crate, [`ids`] names only it, and [`error`] only
-//! `ids`: every other module can name them. Likewise [`results`], [`command`] (the call types, naming only `results`) and
-//! `memimage/file.rs` (layer file bytes) are leaves, so the contract and the store can name
-//! them without naming what names them.
+//! `ids`: every other module can name them. Likewise [`command`] (the call types) and
+//! `memimage/file.rs` (layer file bytes) are leaves but for [`results`] (a cell's rich results,
+//! which names only `snapshot::bounded_vec`), so the contract and the store can name them
+//! without naming what names them.
 
 pub mod capability;
 pub mod command;

@@ -4,11 +4,10 @@
 //!
 //! The guest's interpreter sends them as one JSON record (a list of [`RichResult`]s in their
 //! serde form: PNG bytes as standard base64); [`RichResult::decode_list`] reads it with the
-//! caps below checked before anything is allocated from it, since a guest is untrusted. A leaf
-//! module: it names nothing else of the crate.
+//! caps below checked before anything is allocated from it, since a guest is untrusted. It
+//! names only the snapshot module's bounded-sequence reader, which names nothing of it.
 
 use base64::Engine as _;
-use serde::de::{SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -90,26 +89,6 @@ struct Wire {
     is_main_result: bool,
 }
 
-/// Reads a sequence of at most [`MAX_RESULTS`] elements, refusing the next one as it comes.
-struct Bounded;
-
-impl<'de> Visitor<'de> for Bounded {
-    type Value = Vec<Wire>;
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "a list of at most {MAX_RESULTS} results")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Wire>, A::Error> {
-        let mut out = Vec::new();
-        while let Some(x) = seq.next_element()? {
-            if out.len() == MAX_RESULTS {
-                return Err(serde::de::Error::invalid_length(MAX_RESULTS + 1, &self));
-            }
-            out.push(x);
-        }
-        Ok(out)
-    }
-}
-
 impl RichResult {
     /// Decodes a results record (a JSON list of results), checking [`MAX_RECORD_BYTES`] before
     /// parsing, [`MAX_RESULTS`] as the list is read and [`MAX_JSON_BYTES`] before any `json`
@@ -120,7 +99,8 @@ impl RichResult {
         }
         let bad = |e: serde_json::Error| ResultsError::Malformed(e.to_string());
         let mut de = serde_json::Deserializer::from_slice(record);
-        let wire = de.deserialize_seq(Bounded).map_err(bad)?;
+        let wire: Vec<Wire> =
+            crate::snapshot::bounded_vec::<_, _, MAX_RESULTS>(&mut de).map_err(bad)?;
         de.end().map_err(bad)?;
         let json_bytes: usize = wire
             .iter()
@@ -211,7 +191,7 @@ mod tests {
         let too_many = format!("[{}]", vec![item; MAX_RESULTS + 1].join(","));
         assert!(matches!(
             RichResult::decode_list(too_many.as_bytes()),
-            Err(ResultsError::Malformed(m)) if m.contains("at most 64")
+            Err(ResultsError::Malformed(m)) if m.contains("at most 64 elements")
         ));
         let just = format!("[{}]", vec![item; MAX_RESULTS].join(","));
         assert_eq!(RichResult::decode_list(just.as_bytes()).unwrap().len(), 64);

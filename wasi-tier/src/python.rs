@@ -446,7 +446,7 @@ pub fn split_records(stderr: &str) -> Result<(String, Option<ExecutionError>, Ve
     let Some(at) = rest.rfind(RESULTS_MARKER) else {
         return Ok((rest, error, Vec::new()));
     };
-    let results = RichResult::decode_list(rest[at + RESULTS_MARKER.len()..].as_bytes())
+    let results = RichResult::decode_list(&rest.as_bytes()[at + RESULTS_MARKER.len()..])
         .map_err(|e| Error::runtime("read the cell's rich results", e))?;
     Ok((rest[..at].to_owned(), error, results))
 }

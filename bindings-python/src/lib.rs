@@ -163,8 +163,25 @@ fn snapshot_id(py: Python<'_>, id: &str) -> PyResult<SnapshotId> {
     })
 }
 
-/// `(stdout, stderr, error)` of `run_code`, `error` being `(name, value, traceback)`.
-type ExecutionTuple = (String, String, Option<(String, String, String)>);
+/// One rich result of `run_code`: `(text, html, markdown, png, svg, json, is_main_result)`,
+/// `json` as JSON text.
+type ResultTuple<'py> = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<Bound<'py, PyBytes>>,
+    Option<String>,
+    Option<String>,
+    bool,
+);
+
+/// `(stdout, stderr, error, results)` of `run_code`, `error` being `(name, value, traceback)`.
+type ExecutionTuple<'py> = (
+    String,
+    String,
+    Option<(String, String, String)>,
+    Vec<ResultTuple<'py>>,
+);
 
 /// A managed sandbox of any tier.
 type Inner = Managed<Box<dyn Sandbox>>;
@@ -387,14 +404,16 @@ impl NativeSandbox {
         py.detach(|| self.inner.state()).to_string()
     }
 
-    /// `(stdout, stderr, error)`, `error` being `(name, value, traceback)` or `None`.
+    /// `(stdout, stderr, error, results)`, `error` being `(name, value, traceback)` or `None`,
+    /// each result `(text, html, markdown, png, svg, json, is_main_result)` with `json` as
+    /// JSON text.
     #[pyo3(signature = (code, timeout=None))]
-    fn run_code(
+    fn run_code<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         code: String,
         timeout: Option<f64>,
-    ) -> PyResult<ExecutionTuple> {
+    ) -> PyResult<ExecutionTuple<'py>> {
         let timeout = seconds("timeout", timeout)?;
         let inner = self.inner.clone();
         let r = interruptible(py, self.interrupter.as_ref(), move || {
@@ -405,6 +424,20 @@ impl NativeSandbox {
             ex.stdout,
             ex.stderr,
             ex.error.map(|e| (e.name, e.value, e.traceback)),
+            ex.results
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.text,
+                        r.html,
+                        r.markdown,
+                        r.png.map(|b| PyBytes::new(py, &b)),
+                        r.svg,
+                        r.json.map(|j| j.to_string()),
+                        r.is_main_result,
+                    )
+                })
+                .collect(),
         ))
     }
 

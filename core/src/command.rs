@@ -1,11 +1,13 @@
 //! The call types of the sandbox contract: what `run_code` and `exec` take and give.
 //!
-//! A leaf module: it names nothing else of the crate, so the contract ([`crate::sandbox`]) and
-//! the capability traits ([`crate::capability`]) can both name it.
+//! It names only [`crate::results`] (which names only a reader of `crate::snapshot`), so the contract ([`crate::sandbox`]) and the
+//! capability traits ([`crate::capability`]) can both name it.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::results::RichResult;
 
 /// An exception raised by code run in an interpreter session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,10 +23,19 @@ pub struct ExecutionError {
 /// What one `run_code` produced.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Execution {
+    /// What the cell printed; a final expression's `repr` is printed too, as a notebook shows it.
     pub stdout: String,
     pub stderr: String,
     /// `None` when the code ran to completion.
     pub error: Option<ExecutionError>,
+    /// The cell's rich results, in the order they were made: each matplotlib figure shown with
+    /// `plt.show()` as it was called, then the final expression's value (the one with
+    /// `is_main_result`, when the value is not `None`), then each figure left open at the end
+    /// (figures are closed after the cell, also when it raised). Empty when the interpreter
+    /// predates rich results (a session snapshotted by an older dormant). Left out of the
+    /// serde form when empty, so encodings without results keep their bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<RichResult>,
 }
 
 /// A command for `exec`.

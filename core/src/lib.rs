@@ -14,9 +14,10 @@
 //! The modules:
 //!
 //! - [`sandbox`]: the [`Sandbox`] trait, which `Box<dyn Sandbox>` implements too; [`command`]:
-//!   its call types ([`Command`], [`Execution`], ...); [`capability`]: what a tier may lack
-//!   ([`Processes`], [`StreamingExec`], [`Interrupt`]); [`terminal`]: programs on
-//!   pseudo-terminals ([`Terminals`], a capability too); [`runtime`]: [`Runtime`], a tier's
+//!   its call types ([`Command`], [`Execution`], ...), with [`results`]: a cell's rich results
+//!   ([`RichResult`]) and the checked decoding of the guest's record of them; [`capability`]:
+//!   what a tier may lack ([`Processes`], [`StreamingExec`], [`Interrupt`]); [`terminal`]:
+//!   programs on pseudo-terminals ([`Terminals`], a capability too); [`runtime`]: [`Runtime`], a tier's
 //!   create, resume and fork, giving `Box<dyn Sandbox>`; [`managed`]: [`Managed`], the
 //!   auto-standby handle around any sandbox, with every call of the contract and its
 //!   capabilities.
@@ -45,8 +46,9 @@
 //! There is no import cycle between modules. At the bottom, `error/snapshot.rs`
 //! ([`SnapshotError`]) names nothing of the crate, [`ids`] names only it, and [`error`] only
 //! `ids`: every other module can name them. Likewise [`command`] (the call types) and
-//! `memimage/file.rs` (layer file bytes) are leaves, so the contract and the store can name
-//! them without naming what names them.
+//! `memimage/file.rs` (layer file bytes) are leaves but for [`results`] (a cell's rich results,
+//! which names only `snapshot::bounded_vec`), so the contract and the store can name them
+//! without naming what names them.
 
 pub mod capability;
 pub mod command;
@@ -62,6 +64,7 @@ pub mod memguard;
 pub mod memimage;
 pub mod network;
 pub mod paths;
+pub mod results;
 pub mod runtime;
 pub mod sandbox;
 pub mod sandbox_dirs;
@@ -77,6 +80,7 @@ pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
 pub use network::{Egress, HOST_ALIAS, IpNet, NetworkPolicy, PortMapping, PortWake, Ports, Rule};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
+pub use results::RichResult;
 pub use runtime::Runtime;
 pub use sandbox::{
     Command, ExecOutput, Execution, ExecutionError, Interrupt, Processes, Sandbox, StreamingExec,

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dormant_core::{Command, LocalStore, Sandbox, SandboxSpec};
+use dormant_core::{Command, LocalStore, RichResult, Sandbox, SandboxSpec};
 use dormant_kvm::{GuestImage, KvmSandbox};
 
 fn sh(sb: &mut KvmSandbox, script: &str) -> (String, i32) {
@@ -250,6 +250,34 @@ fn run_code_on_the_coding_image_keeps_its_session_and_forks_get_their_own() {
         .unwrap();
     assert_eq!(ex.error, None);
     assert_eq!(ex.stdout, "py 3\n45\n");
+    let main = RichResult {
+        text: Some("45".into()),
+        is_main_result: true,
+        ..Default::default()
+    };
+    assert_eq!(ex.results, [main], "the final value is the main result");
+    // Rich representations come through the driver's reply and the agent's answer.
+    let ex = sb
+        .run_code(
+            "class Chart:\n\
+             \x20   def __repr__(self): return 'Chart()'\n\
+             \x20   def _repr_html_(self): return '<b>chart</b>'\n\
+             \x20   def _repr_svg_(self): return '<svg/>'\n\
+             \x20   def _repr_png_(self): return bytes(range(256)) * 4\n\
+             print('no results from print')\n\
+             Chart()",
+        )
+        .unwrap();
+    assert_eq!(ex.stdout, "no results from print\nChart()\n");
+    assert_eq!(ex.results.len(), 1, "{:?}", ex.results);
+    let r = &ex.results[0];
+    assert!(r.is_main_result);
+    assert_eq!(r.text.as_deref(), Some("Chart()"));
+    assert_eq!(r.html.as_deref(), Some("<b>chart</b>"));
+    assert_eq!(r.svg.as_deref(), Some("<svg/>"));
+    let png: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
+    assert_eq!(r.png.as_deref(), Some(&png[..]));
+    assert!(sb.run_code("x = 1").unwrap().results.is_empty());
     let ex = sb.run_code("1 / 0").unwrap();
     let err = ex.error.expect("an exception is a result");
     assert_eq!(err.name, "ZeroDivisionError");

@@ -135,6 +135,10 @@ pub struct CtxParams<'a> {
     pub lib: Option<&'a Path>,
     pub root: &'a Path,
     pub mounts: &'a [Mount],
+    /// matplotlib's data directory, preopened read-only at [`crate::python::GUEST_MPL_DATA`]
+    /// last (after the mounts), so that the descriptors of snapshots taken before it was
+    /// preopened keep their numbers.
+    pub mpl_data: Option<&'a Path>,
     pub clock: Clock,
     pub stdout: Capture,
     pub stderr: Capture,
@@ -168,6 +172,10 @@ pub fn build_ctx(p: CtxParams<'_>) -> Result<WasiP1Ctx> {
         };
         b.preopened_dir(&m.host, &m.guest, perms)
             .map_err(preopen_err(&m.host))?;
+    }
+    if let Some(data) = p.mpl_data {
+        b.preopened_dir(data, crate::python::GUEST_MPL_DATA, FsPerms::ReadOnly)
+            .map_err(preopen_err(data))?;
     }
     b.monotonic_clock(p.clock);
     // Calls into the guest block their thread anyway (the sync linker): let filesystem calls run

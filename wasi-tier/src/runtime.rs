@@ -79,6 +79,8 @@ pub(crate) struct Loaded {
     pub hash: String,
     /// For Python: the stdlib directory and its hash.
     pub python_lib: Option<(PathBuf, String)>,
+    /// For Python: matplotlib's data directory, when the stdlib carries it.
+    pub mpl_data: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -190,6 +192,7 @@ impl WasiRuntime {
         let hash = cache.file_hash(&module_path)?;
         let stdlib_hash = cache.file_hash(&dist.stdlib_path())?;
         let lib = dist.lib_dir(cache, &stdlib_hash)?;
+        let mpl_data = dist.mpl_data_dir(cache, &stdlib_hash)?;
         let read =
             || std::fs::read(&module_path).map_err(|e| Error::store("read", &module_path, e));
         let module = cache.load(&self.inner.engine, &hash, &read, true)?;
@@ -197,6 +200,7 @@ impl WasiRuntime {
             pre: self.link(&module)?,
             hash,
             python_lib: Some((lib, stdlib_hash)),
+            mpl_data,
         });
         *slot = Some(loaded.clone());
         Ok(loaded)
@@ -249,6 +253,7 @@ impl WasiRuntime {
             pre: self.link(&module)?,
             hash,
             python_lib: None,
+            mpl_data: None,
         });
         self.inner.modules.lock().insert(key, loaded.clone());
         Ok(loaded)

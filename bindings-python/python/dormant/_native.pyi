@@ -62,7 +62,16 @@ class NativeSandbox:
     def state(self) -> str: ...
     def run_code(
         self, code: str, timeout: float | None = None
-    ) -> tuple[str, str, tuple[str, str, str] | None]: ...
+    ) -> tuple[
+        str,
+        str,
+        tuple[str, str, str] | None,
+        list[
+            tuple[
+                str | None, str | None, str | None, bytes | None, str | None, str | None, bool
+            ]
+        ],
+    ]: ...
     def exec(
         self,
         argv: list[str],

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import builtins
 import datetime as _dt
+import json
 import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Union, overload
 
@@ -210,12 +211,39 @@ class ExecutionError:
 
 
 @dataclass(frozen=True)
+class Result:
+    """One rich result of ``run_code``: the representations one object has, each None where it
+    has none. The final expression's value (``is_main_result``) has ``text`` (its ``repr``) and
+    whatever ``_repr_html_``, ``_repr_markdown_``, ``_repr_png_``, ``_repr_svg_`` and
+    ``_repr_json_`` it defines gave (a pandas DataFrame: text and HTML); a matplotlib figure
+    has ``png`` only (the PNG file's bytes, at the figure's size times its dpi)."""
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    png: bytes | None = None
+    svg: str | None = None
+    json: object | None = None
+    """A JSON value (dict, list, str, int, float, bool) as ``json.loads`` gives it."""
+    is_main_result: bool = False
+
+
+@dataclass(frozen=True)
 class Execution:
-    """What one ``run_code`` produced; ``error`` is None when the code ran to completion."""
+    """What one ``run_code`` produced; ``error`` is None when the code ran to completion.
+
+    ``stdout`` is what the cell printed, a final expression's ``repr`` included (as a notebook
+    shows it). ``results`` are its rich results in the order they were made: each matplotlib
+    figure shown with ``plt.show()`` as it was called, then the final expression's value (the
+    one with ``is_main_result``, unless it is None), then each figure left open at the end.
+    Figures are closed after every cell, also one that raised. Empty for a session snapshotted
+    by a dormant older than rich results, and on the KVM tier for figures when the image has
+    no matplotlib."""
 
     stdout: str
     stderr: str
     error: ExecutionError | None
+    results: list[Result] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -649,8 +677,16 @@ class Sandbox:
         cell gets a ``KeyboardInterrupt`` and the session goes on)."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
-        out, err, error = self._native.run_code(code, _seconds("timeout", timeout))
-        return Execution(out, err, ExecutionError(*error) if error is not None else None)
+        out, err, error, results = self._native.run_code(code, _seconds("timeout", timeout))
+        return Execution(
+            out,
+            err,
+            ExecutionError(*error) if error is not None else None,
+            [
+                Result(text, html, md, png, svg, None if js is None else json.loads(js), main)
+                for text, html, md, png, svg, js, main in results
+            ],
+        )
 
     def checkpoint(self) -> str:
         """Writes a durable snapshot and returns its id; the sandbox keeps running."""

@@ -135,6 +135,11 @@ pub struct CellOutput {
     /// The interpreter ended during the cell: its variables are gone, the next `run_code`
     /// starts a fresh one.
     pub lost: bool,
+    /// The cell's rich results record (a JSON list, untrusted: decode it with caps, e.g.
+    /// `dormant_core::RichResult::decode_list`); empty when it had none.
+    pub results: Vec<u8>,
+    /// The results did not fit in the answer beside the output and were dropped.
+    pub results_over: bool,
 }
 
 /// A blocking protocol-v1 client.
@@ -446,9 +451,20 @@ impl<S: Read + Write> Client<S> {
                     stderr_over,
                     timed_out,
                     lost,
+                    results_len,
+                    results_over,
                 },
-                data,
+                mut data,
             ) => {
+                let Some(split) = data.len().checked_sub(results_len as usize) else {
+                    self.broken = true;
+                    return Err(ClientError::Protocol(format!(
+                        "the answer to run_code claims {results_len} bytes of results in a \
+                         payload of {}",
+                        data.len()
+                    )));
+                };
+                let results = data.split_off(split);
                 let (stdout, stderr) = self.split_streams("run_code", stdout_len, data)?;
                 Ok(CellOutput {
                     error,
@@ -458,6 +474,8 @@ impl<S: Read + Write> Client<S> {
                     stderr_over,
                     timed_out,
                     lost,
+                    results,
+                    results_over,
                 })
             }
             (other, _) => Err(self.unexpected("run_code", &other)),

@@ -322,7 +322,8 @@ pub enum Response {
     },
     /// Answer to `run_code`: payload = `stdout_len` bytes of the cell's stdout, then its
     /// stderr (both as the interpreter and its children wrote them to their descriptors 1 and
-    /// 2 during the cell).
+    /// 2 during the cell), then `results_len` bytes of its rich results record (a JSON list,
+    /// as the guest's driver wrote it: untrusted, the host decodes it with its caps).
     Executed {
         /// The exception the cell raised (`KeyboardInterrupt` when it was interrupted), or
         /// with `lost`, why the session ended. `None`: the cell ran to completion.
@@ -343,6 +344,13 @@ pub enum Response {
         /// the agent): its variables are gone, and the next `run_code` starts a fresh one.
         #[serde(default)]
         lost: bool,
+        /// Bytes of the results record at the payload's end (0, and absent from the header,
+        /// when the cell had none or the agent predates rich results).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        results_len: u32,
+        /// The cell's results did not fit in the frame beside its output and were dropped.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        results_over: bool,
     },
     /// A request failed; this is its final response and the connection stays usable (unless
     /// the failure was a protocol error, after which the agent closes the connection).
@@ -368,6 +376,10 @@ pub mod error_kind {
     pub const IO: &str = "io";
     /// Nothing accepts connections on the TCP port (`connect_tcp`).
     pub const REFUSED: &str = "refused";
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The exception a `run_code` cell raised ([`Response::Executed`]). The agent shortens long

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use dormant_agent::client::ClientError;
 use dormant_agent::proto::{MAX_DATA, RUN_CODE_OUTPUT_MAX, Request, error_kind};
 use dormant_core::lifecycle::Operation;
-use dormant_core::{Error, Execution, ExecutionError, Result};
+use dormant_core::{Error, Execution, ExecutionError, Result, RichResult};
 
 use super::{EXEC_GRACE, KvmSandbox, REQUEST_CAP};
 
@@ -87,6 +87,19 @@ impl KvmSandbox {
                 });
             }
         }
+        if out.results_over {
+            return Err(Error::OutputLimit {
+                stream: "rich results",
+                limit: MAX_DATA,
+            });
+        }
+        // The record comes from the guest: decoded under its caps.
+        let results = if out.results.is_empty() {
+            Vec::new()
+        } else {
+            RichResult::decode_list(&out.results)
+                .map_err(|e| Error::runtime("read the cell's rich results", e))?
+        };
         Ok(Execution {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -95,6 +108,7 @@ impl KvmSandbox {
                 value: e.value,
                 traceback: e.traceback,
             }),
+            results,
         })
     }
 

@@ -76,6 +76,7 @@ impl WasiSandbox {
             lib: lib_of(Some(module)),
             root,
             mounts,
+            mpl_data: module.mpl_data.as_deref(),
             clock,
             stdout: out.clone(),
             stderr: err.clone(),

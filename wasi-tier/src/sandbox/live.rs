@@ -127,7 +127,7 @@ impl WasiSandbox {
                 limit,
             });
         }
-        let (stderr, mut error) = python::split_error(&String::from_utf8_lossy(&err));
+        let (stderr, mut error, results) = python::split_records(&String::from_utf8_lossy(&err))?;
         if rc != 0 && error.is_none() {
             error = Some(ExecutionError {
                 name: "InterpreterError".into(),
@@ -150,6 +150,7 @@ impl WasiSandbox {
             stdout: String::from_utf8_lossy(&out).into_owned(),
             stderr,
             error,
+            results,
         })
     }
 
@@ -198,6 +199,7 @@ impl WasiSandbox {
             lib: None,
             root: &root,
             mounts: &mounts,
+            mpl_data: None,
             clock: self
                 .live
                 .as_ref()

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use super::reply::{Failure, OpResult};
 use super::table::{ProcessTable, SpawnSpec, killpg};
 use super::{CHUNK, KILL_GRACE, lock, wait_while_until};
-use crate::proto::{CellError, RUN_CODE_OUTPUT_MAX, Response, error_kind};
+use crate::proto::{CellError, MAX_DATA, RUN_CODE_OUTPUT_MAX, Response, error_kind};
 
 /// Environment variable naming the agent's Python interpreter (a path, or a name looked up in
 /// `PATH`); default `python3`.
@@ -122,8 +122,8 @@ pub(super) fn run_code(
         let mut st = lock(&interp.shared.state);
         (st.stdout.take(), st.stderr.take())
     };
-    let (error, lost) = match ended.outcome {
-        Outcome::Replied(reply) => (reply.error.map(clamp), false),
+    let (error, results, lost) = match ended.outcome {
+        Outcome::Replied(reply) => (reply.error.map(clamp), reply.results, false),
         Outcome::Lost(why) => (
             Some(CellError {
                 name: "SessionLost".into(),
@@ -133,6 +133,7 @@ pub(super) fn run_code(
                 ),
                 traceback: String::new(),
             }),
+            None,
             true,
         ),
     };
@@ -149,6 +150,11 @@ pub(super) fn run_code(
     let stdout_len = stdout.data.len();
     let mut data = stdout.data;
     data.extend_from_slice(&stderr.data);
+    // The results record goes last, when it fits in the frame beside the output.
+    let record = results.as_ref().map_or(&[][..], |r| r.get().as_bytes());
+    let results_over = record.len() > MAX_DATA - data.len();
+    let results_len = if results_over { 0 } else { record.len() };
+    data.extend_from_slice(&record[..results_len]);
     Ok((
         Response::Executed {
             error,
@@ -158,6 +164,9 @@ pub(super) fn run_code(
             stderr_over: stderr.over,
             timed_out: ended.timed_out,
             lost,
+            // At most MAX_DATA.
+            results_len: results_len as u32,
+            results_over,
         },
         data,
     ))

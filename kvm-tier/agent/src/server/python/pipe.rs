@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! agent → driver (a cell):   u32 LE len | u8 flags | len bytes of Python source (UTF-8)
-//! driver → agent (its end):  u32 LE len | len bytes of JSON {"error": null | {name, value, traceback}}
+//! driver → agent (its end):  u32 LE len | len bytes of JSON {"error": null | {name, value, traceback}, "results"?: [...]}
 //! ```
 //!
 //! `flags` bit 0 ([`RESEED`]): reseed the interpreter's PRNGs before the cell. Before the first cell the agent also sends the driver itself, unframed (the interpreter's
@@ -13,18 +13,23 @@
 //! [`ReplyDecoder`] only ever holds the bytes that arrived.
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
-use crate::proto::CellError;
+use crate::proto::{CellError, MAX_DATA};
 
-/// Longest reply accepted from the driver (1 MiB; the driver's own are a few KiB at most, as
-/// it shortens long exception texts).
-pub const MAX_REPLY: usize = 1 << 20;
+/// Longest reply accepted from the driver (17 MiB: a results record as large as a frame's
+/// payload, and the rest; the driver shortens long exception texts to a few KiB).
+pub const MAX_REPLY: usize = MAX_DATA + (1 << 20);
 
 /// What the driver says about a finished cell.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct DriverReply {
     /// The exception the cell raised, if any.
     pub error: Option<CellError>,
+    /// The cell's rich results record (a JSON list), passed to the host as it came: the host
+    /// decodes it with its caps. Absent when there are none, and from drivers older than it.
+    #[serde(default)]
+    pub results: Option<Box<RawValue>>,
 }
 
 /// Why the driver's reply pipe can no longer be read.
@@ -139,13 +144,17 @@ mod tests {
             assert!(got.is_none());
             got = d.feed(std::slice::from_ref(b)).unwrap();
         }
-        assert_eq!(got.unwrap().error.unwrap().name, "E");
-        let bytes = framed(r#"{"error":null}"#);
-        assert_eq!(d.feed(&bytes[..4]).unwrap(), None);
-        assert_eq!(
-            d.feed(&bytes[4..]).unwrap(),
-            Some(DriverReply { error: None })
+        let got = got.unwrap();
+        assert_eq!(got.error.unwrap().name, "E");
+        assert!(
+            got.results.is_none(),
+            "an older driver's reply has no results"
         );
+        let bytes = framed(r#"{"error":null,"results":[{"text":"1"}]}"#);
+        assert!(d.feed(&bytes[..4]).unwrap().is_none());
+        let got = d.feed(&bytes[4..]).unwrap().unwrap();
+        assert!(got.error.is_none());
+        assert_eq!(got.results.unwrap().get(), r#"[{"text":"1"}]"#);
     }
 
     #[test]

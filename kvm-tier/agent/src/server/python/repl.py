@@ -4,15 +4,16 @@
 # pipe (descriptor _R) and runs it in __main__, with _R and _W (the reply pipe) set as globals.
 # The protocol is in python/pipe.rs: a cell arrives as `u32 LE len | u8 flags | UTF-8 source`
 # (flags bit 0: reseed the PRNGs first, the first cell after a resume); the answer
-# is `u32 LE len | JSON {"error": ...}`. The cell's output is not in the answer: it goes to
+# is `u32 LE len | JSON {"error": ..., "results": [...]}` (`results` only when there are some). The cell's output is not in the answer: it goes to
 # descriptors 1 and 2 (unbuffered, `-u`), which the agent reads, so `print`, `os.write(1, ...)`
 # and subprocesses all land in the cell's stdout/stderr in the order they were written. The
 # pipes to the agent are never descriptors 1 or 2, so nothing a cell writes can corrupt them.
 #
 # How a cell runs (parse with ast, a final expression's repr printed unless None, an exception
-# reported with name/value/traceback while the session goes on) is the WASI tier's
-# `_dormant_install().run` (wasi-tier/src/python.rs), with the exception record sent on the
-# reply pipe instead of appended to stderr.
+# reported with name/value/traceback while the session goes on, rich results: the final value's
+# representations and every matplotlib figure as a PNG, figures closed after every cell) is the
+# WASI tier's `_dormant_install().run` (wasi-tier/src/python.rs), with the exception and
+# results records sent on the reply pipe instead of appended to stderr.
 import sys as _sys
 
 
@@ -76,8 +77,125 @@ def _dormant_serve():
         # Lone surrogates (from undecodable bytes) are not valid in the JSON the agent reads.
         return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
+    # Rich results (as the WASI tier's bootstrap; the host checks their record's caps).
+    MAX_RESULTS = 64
+    cell = {"results": None}
+
+    def add(r):
+        rs = cell["results"]
+        if rs is not None and len(rs) < MAX_RESULTS:
+            rs.append(r)
+
+    def b64(data):
+        import base64
+
+        return base64.b64encode(data).decode("ascii")
+
+    def flush_figures():
+        # Every open figure becomes a PNG result, then all are closed; only when the cell's
+        # code imported pyplot.
+        plt = _sys.modules.get("matplotlib.pyplot")
+        if plt is None:
+            return
+        try:
+            import io
+
+            from matplotlib._pylab_helpers import Gcf
+
+            for manager in Gcf.get_all_fig_managers():
+                try:
+                    buf = io.BytesIO()
+                    manager.canvas.figure.savefig(buf, format="png")
+                    add({"png": b64(buf.getvalue())})
+                except Exception:
+                    traceback.print_exc()
+        finally:
+            plt.close("all")
+
+    def clean(s):
+        # Lone surrogates are not valid in the JSON the host reads.
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    def main_result(v, text):
+        r = {"text": clean(text), "is_main_result": True}
+        for key, meth, kind in (
+            ("html", "_repr_html_", str),
+            ("markdown", "_repr_markdown_", str),
+            ("svg", "_repr_svg_", str),
+            ("png", "_repr_png_", bytes),
+            ("json", "_repr_json_", None),
+        ):
+            if getattr(type(v), meth, None) is None:
+                continue
+            try:
+                d = getattr(v, meth)()
+                if isinstance(d, tuple) and len(d) == 2:
+                    d = d[0]
+                if d is None:
+                    continue
+                if kind is bytes:
+                    if isinstance(d, str):
+                        import base64
+
+                        d = base64.b64decode(d)
+                    if isinstance(d, (bytes, bytearray)):
+                        r[key] = b64(bytes(d))
+                elif kind is str:
+                    if isinstance(d, str):
+                        r[key] = clean(d)
+                elif len(json.dumps(d, allow_nan=False)) <= 1 << 20:
+                    r[key] = d
+            except Exception:
+                pass
+        return r
+
+    class Backend:
+        # `_dormant_mpl`, the matplotlib backend (Agg's canvas, a show() that makes the open
+        # figures results), made when matplotlib loads it; and as pyplot is first imported, it
+        # becomes matplotlib's backend unless one was chosen (MPLBACKEND, or matplotlib.use of
+        # another than the rc file's):
+        # nothing is put in the environment, so programs a cell starts keep their own.
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "matplotlib.pyplot":
+                mpl = _sys.modules.get("matplotlib")
+                try:
+                    now = dict.__getitem__(mpl.rcParams, "backend")
+                    if not os.environ.get("MPLBACKEND") and (
+                        now is mpl.rcsetup._auto_backend_sentinel
+                        or now == dict.__getitem__(mpl.rcParamsOrig, "backend")
+                    ):
+                        mpl.rcParams["backend"] = "module://_dormant_mpl"
+                except Exception:
+                    pass
+                return None
+            if name != "_dormant_mpl":
+                return None
+            import importlib.machinery
+
+            return importlib.machinery.ModuleSpec(name, Backend)
+
+        @staticmethod
+        def create_module(spec):
+            return None
+
+        @staticmethod
+        def exec_module(module):
+            from matplotlib.backends import backend_agg
+
+            module.FigureCanvas = backend_agg.FigureCanvasAgg
+            module.FigureManager = backend_agg.FigureManager
+
+            def show(*args, **kwargs):
+                flush_figures()
+
+            module.show = show
+
+    _sys.meta_path.insert(0, Backend)
+
     def run(src):
         error = None
+        cell["results"] = []
         try:
             tree = ast.parse(src, "<cell>", "exec")
             last = None
@@ -87,7 +205,9 @@ def _dormant_serve():
             if last is not None:
                 v = eval(compile(last, "<cell>", "eval"), g)
                 if v is not None:
-                    print(repr(v))
+                    shown = repr(v)
+                    print(shown)
+                    add(main_result(v, shown))
         except BaseException as e:
             in_cell[0] = False
             tb = text(
@@ -111,6 +231,10 @@ def _dormant_serve():
                 pass
         finally:
             in_cell[0] = False
+            try:
+                flush_figures()
+            except BaseException:
+                pass
             for stream in (_sys.stdout, _sys.stderr):
                 try:
                     stream.flush()
@@ -141,7 +265,11 @@ def _dormant_serve():
             # Arrived in run's own bookkeeping, after the cell's code.
             in_cell[0] = False
             error = {"name": "KeyboardInterrupt", "value": "", "traceback": ""}
-        body = json.dumps({"error": error}).encode()
+        results, cell["results"] = cell["results"], None
+        reply = {"error": error}
+        if results:
+            reply["results"] = results
+        body = json.dumps(reply).encode()
         write_all(struct.pack("<I", len(body)) + body)
 
 

@@ -59,6 +59,7 @@ pub mod lifecycle;
 pub mod managed;
 pub mod memguard;
 pub mod memimage;
+pub mod metrics;
 pub mod network;
 pub mod paths;
 pub mod runtime;
@@ -73,6 +74,7 @@ pub use error::{Error, GrantError, Result, RuntimeContext, SnapshotError, Templa
 pub use grants::Grants;
 pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
+pub use metrics::Metrics;
 pub use network::{Egress, HOST_ALIAS, IpNet, NetworkPolicy, PortMapping, PortWake, Ports, Rule};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
 pub use runtime::Runtime;

@@ -86,6 +86,7 @@ impl WasiSandbox {
                 wasi,
                 limits: Limits::new(spec.memory_limit),
                 readdir: Default::default(),
+                written: 0,
             },
         );
         store.limiter(|h| &mut h.limits);
@@ -174,6 +175,7 @@ impl WasiSandbox {
             pending_fs: None,
             resumed_cold: false,
             interrupt: Arc::default(),
+            used: Default::default(),
         };
         let root = sb.root()?;
         std::fs::create_dir_all(root.join("tmp")).map_err(|e| Error::store("create", &root, e))?;

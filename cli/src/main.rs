@@ -5,6 +5,7 @@
 //! dormant demo [--rows N]      a data-analysis agent session: cold path vs resume in a new process
 //! dormant demo coding          a coding agent's dev server in a Linux microVM (see coding_demo.rs)
 //! dormant snapshots            list the snapshots in the store, with their storage use
+//! dormant usage                the store in sum: snapshots, sandboxes, bytes on disk, chunks
 //! dormant delete ID            delete a snapshot
 //! dormant compact ID           convert a snapshot to its compact form (chunked, deduplicated, zstd)
 //! dormant gc                   remove data no snapshot references
@@ -33,7 +34,7 @@ fn ms(t: Instant) -> f64 {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | delete ID | compact ID | gc | \
+        "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | usage | delete ID | compact ID | gc | \
          template build FILE | template list | {}",
         image::USAGE
     );
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
         }
         Some("demo-resume") if args.len() == 2 => demo_resume(&args[1]),
         Some("snapshots") => list(),
+        Some("usage") if args.len() == 1 => store_usage(),
         Some("delete") if args.len() == 2 => {
             parse_id(&args[1]).and_then(|id| LocalStore::open_default()?.delete(&id))
         }
@@ -130,6 +132,24 @@ fn list() -> Result<()> {
             if u.compact { "compact" } else { "fast" }
         );
     }
+    Ok(())
+}
+
+fn store_usage() -> Result<()> {
+    let store = LocalStore::open_default()?;
+    let u = store.store_usage()?;
+    println!("store          {}", store.root().display());
+    println!("snapshots      {}", u.snapshots);
+    println!("sandboxes      {}", u.sandboxes);
+    println!("on disk        {} bytes", u.bytes_on_disk);
+    println!(
+        "logical        {} bytes (memory and filesystems described)",
+        u.logical_bytes
+    );
+    println!(
+        "chunks         {} ({} bytes compressed)",
+        u.chunks, u.chunk_bytes
+    );
     Ok(())
 }
 

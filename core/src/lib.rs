@@ -82,7 +82,8 @@ pub use sandbox::{
     Command, ExecOutput, Execution, ExecutionError, Interrupt, Processes, Sandbox, StreamingExec,
 };
 pub use snapshot::store::{
-    CompactReport, Durability, GcReport, LocalStore, SnapshotInfo, SnapshotUsage,
+    CompactReport, Durability, GcReport, LocalStore, SandboxUsage, SnapshotInfo, SnapshotUsage,
+    StoreUsage,
 };
 pub use snapshot::{Manifest, SnapshotId};
 pub use spec::{Mount, SandboxSpec, Tier, Workload};

@@ -525,6 +525,20 @@ impl NativeSandbox {
         self.call(py, |s| s.exists(&path))
     }
 
+    /// `(cpu_time_s, memory_bytes, memory_limit_bytes, disk_bytes_written)` of this handle
+    /// (see `dormant_core::Metrics`), read without waking a sandbox in standby.
+    fn metrics(&self, py: Python<'_>) -> PyResult<(f64, u64, u64, u64)> {
+        let m = py
+            .detach(|| self.inner.metrics())
+            .map_err(|e| to_py(py, e))?;
+        Ok((
+            m.cpu_time.as_secs_f64(),
+            m.memory_bytes,
+            m.memory_limit_bytes,
+            m.disk_bytes_written,
+        ))
+    }
+
     fn checkpoint(&self, py: Python<'_>) -> PyResult<String> {
         Ok(self.call(py, |s| s.checkpoint())?.to_string())
     }
@@ -733,6 +747,35 @@ fn list_snapshots(
     r.map_err(|e| to_py(py, e))
 }
 
+/// `(snapshots, stored_bytes, shared_bytes)` the store holds for sandbox `sandbox_id` (see
+/// `LocalStore::sandbox_usage`).
+#[pyfunction]
+fn sandbox_usage(
+    py: Python<'_>,
+    sandbox_id: String,
+    store_root: PathBuf,
+) -> PyResult<(u64, u64, u64)> {
+    let r = py.detach(|| store(store_root)?.sandbox_usage(&sandbox_id));
+    let u = r.map_err(|e| to_py(py, e))?;
+    Ok((u.snapshots, u.stored_bytes, u.shared_bytes))
+}
+
+/// `(snapshots, sandboxes, bytes_on_disk, logical_bytes, chunks, chunk_bytes)` of the whole
+/// store (see `LocalStore::store_usage`).
+#[pyfunction]
+fn store_usage(py: Python<'_>, store_root: PathBuf) -> PyResult<(u64, u64, u64, u64, u64, u64)> {
+    let r = py.detach(|| store(store_root)?.store_usage());
+    let u = r.map_err(|e| to_py(py, e))?;
+    Ok((
+        u.snapshots,
+        u.sandboxes,
+        u.bytes_on_disk,
+        u.logical_bytes,
+        u.chunks,
+        u.chunk_bytes,
+    ))
+}
+
 #[pyfunction]
 fn delete_snapshot(py: Python<'_>, snapshot_id: &str, store_root: PathBuf) -> PyResult<()> {
     let id = self::snapshot_id(py, snapshot_id)?;
@@ -796,6 +839,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeSandbox>()?;
     m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(sandbox_usage, m)?)?;
+    m.add_function(wrap_pyfunction!(store_usage, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_status, m)?)?;
     m.add_function(wrap_pyfunction!(build_template, m)?)?;
     m.add_function(wrap_pyfunction!(list_templates, m)?)?;

@@ -57,6 +57,7 @@ from ._errors import (  # noqa: E402
     TemplateBuildError,
     Unsupported,
 )
+from ._metrics import Metrics, StoreUsage, store_usage  # noqa: E402
 from ._native import __version__  # noqa: E402
 from ._sandbox import (  # noqa: E402
     CommandHandle,
@@ -95,6 +96,7 @@ __all__ = [
     "InvalidState",
     "KvmUnavailable",
     "LimitExceeded",
+    "Metrics",
     "NetworkPolicy",
     "PathEscape",
     "ReadOnly",
@@ -112,6 +114,7 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotNotFound",
     "StoreFull",
+    "StoreUsage",
     "Template",
     "TemplateBuildError",
     "TemplateInfo",
@@ -125,4 +128,5 @@ __all__ = [
     "list_images",
     "list_snapshots",
     "list_templates",
+    "store_usage",
 ]

@@ -13,6 +13,7 @@ from typing import Literal, Union, overload
 
 from . import _native
 from ._errors import InvalidArgument, SandboxTimeout
+from ._metrics import Metrics, _metrics
 
 Tier = Literal["wasi", "kvm"]
 OutputCallback = Callable[[str], object]
@@ -677,6 +678,13 @@ class Sandbox:
         """The exposed ports: ``{guest_port: "127.0.0.1:NNNNN"}``, by guest port. Raises
         :class:`Unsupported` on the WASI tier."""
         return {guest: f"127.0.0.1:{host}" for guest, host in self._native.exposed()}
+
+    def metrics(self) -> Metrics:
+        """What this sandbox has used: CPU time (seconds), memory in use and its limit, disk
+        bytes written (since it was created or resumed in this process, across standby), and
+        the bytes its snapshots take in the store, own and shared (see :class:`Metrics`).
+        Never wakes a sandbox in standby: it reports 0 memory and the counters it kept."""
+        return _metrics(self._native, self._store)
 
     def __enter__(self) -> Sandbox:
         return self

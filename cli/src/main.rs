@@ -19,6 +19,7 @@
 
 mod coding_demo;
 mod image;
+mod progress_bar;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -68,7 +69,10 @@ fn main() -> ExitCode {
             parse_id(&args[1]).and_then(|id| LocalStore::open_default()?.delete(&id))
         }
         Some("compact") if args.len() == 2 => parse_id(&args[1]).and_then(|id| {
-            let r = LocalStore::open_default()?.compact(&id)?;
+            let bar = progress_bar::Bar::new();
+            let r = LocalStore::open_default()?.compact_with_progress(&id, &bar);
+            bar.finish();
+            let r = r?;
             println!(
                 "{id}: {} bytes of memory; fast form {} bytes; {} chunks ({} already stored), {} new bytes",
                 r.logical, r.fast_bytes, r.chunks, r.reused_chunks, r.new_chunk_bytes
@@ -157,7 +161,10 @@ fn template_build(file: &std::path::Path) -> Result<()> {
     let template = template_file::load(file)?;
     let store = Arc::new(LocalStore::open_default()?);
     let t = Instant::now();
-    let b = template.build(store)?;
+    let bar = progress_bar::Bar::new();
+    let b = template.build_with_progress(store, &bar);
+    bar.finish();
+    let b = b?;
     if b.built {
         println!(
             "built template {} in {:.1} s: snapshot {}",

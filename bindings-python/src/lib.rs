@@ -651,7 +651,7 @@ fn grants(volumes: Vec<(PathBuf, String, bool)>, detach_missing: bool) -> Grants
 /// Builds (or reuses) a template; returns `(snapshot_id, built_now)`. Ctrl-C returns at once
 /// (the build goes on in the background, holding the template's lock, and records it or not).
 #[pyfunction]
-#[pyo3(signature = (name, tier, store_root, image, memory_mib, env, volumes, files, run, start, ready_port, ready_cmd, network=None))]
+#[pyo3(signature = (name, tier, store_root, image, memory_mib, env, volumes, files, run, start, ready_port, ready_cmd, network=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn build_template(
     py: Python<'_>,
@@ -668,6 +668,7 @@ fn build_template(
     ready_port: Option<u16>,
     ready_cmd: Option<String>,
     network: Option<PolicyLists>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<(String, bool)> {
     let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
     let mut t = Template::new(name, tier);
@@ -691,11 +692,47 @@ fn build_template(
         (None, Some(cmd)) => Some(Ready::Command(cmd)),
         (None, None) => None,
     };
+    let progress = Arc::new(PyProgress {
+        callback: progress,
+        failed: Mutex::new(None),
+    });
+    let theirs = progress.clone();
     let r = interruptible(py, None, move || -> Result<_, Error> {
-        let b = t.build(store(store_root)?)?;
+        let b = t.build_with_progress(store(store_root)?, &*theirs)?;
         Ok((b.record.snapshot.to_string(), b.built))
     })?;
+    if let Some(e) = progress.failed.lock().take() {
+        return Err(e);
+    }
     r.map_err(|e| to_py(py, e))
+}
+
+/// A Python callable as a [`dormant::Progress`]: called with `(stage, done, total, unit,
+/// finished)`; its first exception is kept and raised when the operation returns.
+struct PyProgress {
+    callback: Option<Py<PyAny>>,
+    failed: Mutex<Option<PyErr>>,
+}
+
+impl dormant::Progress for PyProgress {
+    fn report(&self, e: &dormant::ProgressEvent) {
+        let Some(cb) = &self.callback else { return };
+        if self.failed.lock().is_some() {
+            return;
+        }
+        Python::attach(|py| {
+            let args = (
+                e.stage.as_str(),
+                e.done,
+                e.total,
+                e.unit.as_str(),
+                e.finished,
+            );
+            if let Err(err) = cb.call1(py, args) {
+                self.failed.lock().get_or_insert(err);
+            }
+        });
+    }
 }
 
 /// `[(name, tier, snapshot_id, created_unix_ms)]` of the store's templates, by name.

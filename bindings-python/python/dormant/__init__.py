@@ -59,6 +59,7 @@ from ._errors import (  # noqa: E402
 )
 from ._metrics import Metrics, StoreUsage, store_usage  # noqa: E402
 from ._native import __version__  # noqa: E402
+from ._progress import ProgressEvent  # noqa: E402
 from ._sandbox import (  # noqa: E402
     CommandHandle,
     CommandResult,
@@ -99,6 +100,7 @@ __all__ = [
     "Metrics",
     "NetworkPolicy",
     "PathEscape",
+    "ProgressEvent",
     "ReadOnly",
     "RuntimeMissing",
     "Sandbox",

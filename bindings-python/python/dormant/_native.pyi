@@ -113,6 +113,7 @@ def build_template(
     ready_port: int | None,
     ready_cmd: str | None,
     network: tuple[list[str], list[str]] | None = None,
+    progress: Callable[[str, int, int | None, str, bool], object] | None = None,
 ) -> tuple[str, bool]: ...
 def list_templates(store_root: str) -> list[tuple[str, str, str, int]]: ...
 def build_image(

@@ -14,6 +14,7 @@ from typing import Literal, Union, overload
 from . import _native
 from ._errors import InvalidArgument, SandboxTimeout
 from ._metrics import Metrics, _metrics
+from ._progress import ProgressCallback, _native_progress
 
 Tier = Literal["wasi", "kvm"]
 OutputCallback = Callable[[str], object]
@@ -827,11 +828,18 @@ class Template:
         self._snapshot_id: str | None = None
         self._built: bool | None = None
 
-    def build(self, store: StrPath | None = None) -> str:
+    def build(
+        self, store: StrPath | None = None, *, progress: ProgressCallback | None = None
+    ) -> str:
         """Builds the template into ``store`` and returns its snapshot id, or returns at once
         when the same recipe (and the same runtime) was built before and its snapshot is still
         there. A failing step raises :class:`TemplateBuildError` with the step and the end of
-        its output; nothing is recorded then."""
+        its output; nothing is recorded then.
+
+        ``progress``, if given, is called with a :class:`ProgressEvent` (unit ``"steps"``) as
+        each step starts (creating the sandbox, each file, each ``run`` step, the start
+        command, the readiness wait, the checkpoint) and once at the end (``finished=True``).
+        It runs on the build's thread; an exception it raises is raised when the build returns."""
         snapshot_id, built = _native.build_template(
             self.name,
             self.tier,
@@ -846,6 +854,7 @@ class Template:
             self._ready_port,
             self._ready_cmd,
             self._network,
+            _native_progress(progress),
         )
         self._snapshot_id = snapshot_id
         self._built = built

@@ -258,6 +258,8 @@ struct Scanned {
 struct Scan {
     snapshots: std::collections::HashMap<SnapshotId, Scanned>,
     sizes: std::collections::HashMap<Item, u64>,
+    /// Every stored chunk, referenced or not, with its compressed size.
+    chunk_list: Vec<([u8; chunks::HASH_LEN], u64)>,
 }
 
 impl Scan {
@@ -283,15 +285,15 @@ impl LocalStore {
     /// drops out; chunks not stored (any more) count zero bytes.
     fn scan(&self) -> Result<Scan> {
         use std::os::unix::fs::MetadataExt;
-        let chunk_sizes: std::collections::HashMap<_, _> = self
+        let chunk_list = self
             .chunks()
             .list()
-            .map_err(|e| Error::store("list", self.root.join("chunks"), e))?
-            .into_iter()
-            .collect();
+            .map_err(|e| Error::store("list", self.root.join("chunks"), e))?;
+        let chunk_sizes: std::collections::HashMap<_, _> = chunk_list.iter().copied().collect();
         let mut scan = Scan {
             snapshots: Default::default(),
             sizes: Default::default(),
+            chunk_list,
         };
         for info in self.list()? {
             let gone = |e: Error| -> Result<()> {
@@ -396,11 +398,7 @@ impl LocalStore {
     /// chunks (see [`StoreUsage`]).
     pub fn store_usage(&self) -> Result<StoreUsage> {
         let scan = self.scan()?;
-        let chunk_list = self
-            .chunks()
-            .list()
-            .map_err(|e| Error::store("list", self.root.join("chunks"), e))?;
-        let chunk_bytes: u64 = chunk_list.iter().map(|(_, n)| n).sum();
+        let chunk_bytes: u64 = scan.chunk_list.iter().map(|(_, n)| n).sum();
         let file_bytes: u64 = scan
             .sizes
             .iter()
@@ -424,7 +422,7 @@ impl LocalStore {
             sandboxes: sandboxes.len() as u64,
             bytes_on_disk: file_bytes + chunk_bytes + cache_bytes,
             logical_bytes: scan.snapshots.values().map(|s| s.logical).sum(),
-            chunks: chunk_list.len() as u64,
+            chunks: scan.chunk_list.len() as u64,
             chunk_bytes,
         })
     }

@@ -566,6 +566,20 @@ impl NativeSandbox {
         self.call(py, |s| s.exists(&path))
     }
 
+    /// `(cpu_time_s, memory_bytes, memory_limit_bytes, disk_bytes_written)` of this handle
+    /// (see `dormant_core::Metrics`), read without waking a sandbox in standby.
+    fn metrics(&self, py: Python<'_>) -> PyResult<(f64, u64, u64, u64)> {
+        let m = py
+            .detach(|| self.inner.metrics())
+            .map_err(|e| to_py(py, e))?;
+        Ok((
+            m.cpu_time.as_secs_f64(),
+            m.memory_bytes,
+            m.memory_limit_bytes,
+            m.disk_bytes_written,
+        ))
+    }
+
     fn checkpoint(&self, py: Python<'_>) -> PyResult<String> {
         Ok(self.call(py, |s| s.checkpoint())?.to_string())
     }
@@ -740,7 +754,7 @@ fn grants(volumes: Vec<(PathBuf, String, bool)>, detach_missing: bool) -> Grants
 /// Builds (or reuses) a template; returns `(snapshot_id, built_now)`. Ctrl-C returns at once
 /// (the build goes on in the background, holding the template's lock, and records it or not).
 #[pyfunction]
-#[pyo3(signature = (name, tier, store_root, image, memory_mib, env, volumes, files, run, start, ready_port, ready_cmd, network=None))]
+#[pyo3(signature = (name, tier, store_root, image, memory_mib, env, volumes, files, run, start, ready_port, ready_cmd, network=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn build_template(
     py: Python<'_>,
@@ -757,6 +771,7 @@ fn build_template(
     ready_port: Option<u16>,
     ready_cmd: Option<String>,
     network: Option<PolicyLists>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<(String, bool)> {
     let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
     let mut t = Template::new(name, tier);
@@ -780,11 +795,47 @@ fn build_template(
         (None, Some(cmd)) => Some(Ready::Command(cmd)),
         (None, None) => None,
     };
+    let progress = Arc::new(PyProgress {
+        callback: progress,
+        failed: Mutex::new(None),
+    });
+    let theirs = progress.clone();
     let r = interruptible(py, None, move || -> Result<_, Error> {
-        let b = t.build(store(store_root)?)?;
+        let b = t.build_with_progress(store(store_root)?, &*theirs)?;
         Ok((b.record.snapshot.to_string(), b.built))
     })?;
+    if let Some(e) = progress.failed.lock().take() {
+        return Err(e);
+    }
     r.map_err(|e| to_py(py, e))
+}
+
+/// A Python callable as a [`dormant::Progress`]: called with `(stage, done, total, unit,
+/// finished)`; its first exception is kept and raised when the operation returns.
+struct PyProgress {
+    callback: Option<Py<PyAny>>,
+    failed: Mutex<Option<PyErr>>,
+}
+
+impl dormant::Progress for PyProgress {
+    fn report(&self, e: &dormant::ProgressEvent) {
+        let Some(cb) = &self.callback else { return };
+        if self.failed.lock().is_some() {
+            return;
+        }
+        Python::attach(|py| {
+            let args = (
+                e.stage.as_str(),
+                e.done,
+                e.total,
+                e.unit.as_str(),
+                e.finished,
+            );
+            if let Err(err) = cb.call1(py, args) {
+                self.failed.lock().get_or_insert(err);
+            }
+        });
+    }
 }
 
 /// `[(name, tier, snapshot_id, created_unix_ms)]` of the store's templates, by name.
@@ -882,6 +933,35 @@ fn retire_sandbox(py: Python<'_>, sandbox_id: &str, store_root: PathBuf) -> PyRe
     r.map_err(|e| to_py(py, e))
 }
 
+/// `(snapshots, stored_bytes, shared_bytes)` the store holds for sandbox `sandbox_id` (see
+/// `LocalStore::sandbox_usage`).
+#[pyfunction]
+fn sandbox_usage(
+    py: Python<'_>,
+    sandbox_id: String,
+    store_root: PathBuf,
+) -> PyResult<(u64, u64, u64)> {
+    let r = py.detach(|| store(store_root)?.sandbox_usage(&sandbox_id));
+    let u = r.map_err(|e| to_py(py, e))?;
+    Ok((u.snapshots, u.stored_bytes, u.shared_bytes))
+}
+
+/// `(snapshots, sandboxes, bytes_on_disk, logical_bytes, chunks, chunk_bytes)` of the whole
+/// store (see `LocalStore::store_usage`).
+#[pyfunction]
+fn store_usage(py: Python<'_>, store_root: PathBuf) -> PyResult<(u64, u64, u64, u64, u64, u64)> {
+    let r = py.detach(|| store(store_root)?.store_usage());
+    let u = r.map_err(|e| to_py(py, e))?;
+    Ok((
+        u.snapshots,
+        u.sandboxes,
+        u.bytes_on_disk,
+        u.logical_bytes,
+        u.chunks,
+        u.chunk_bytes,
+    ))
+}
+
 #[pyfunction]
 fn delete_snapshot(py: Python<'_>, snapshot_id: &str, store_root: PathBuf) -> PyResult<()> {
     let id = self::snapshot_id(py, snapshot_id)?;
@@ -949,6 +1029,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;
     m.add_function(wrap_pyfunction!(latest_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(retire_sandbox, m)?)?;
+    m.add_function(wrap_pyfunction!(sandbox_usage, m)?)?;
+    m.add_function(wrap_pyfunction!(store_usage, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_status, m)?)?;
     m.add_function(wrap_pyfunction!(build_template, m)?)?;
     m.add_function(wrap_pyfunction!(list_templates, m)?)?;

@@ -5,6 +5,7 @@
 //! dormant demo [--rows N]      a data-analysis agent session: cold path vs resume in a new process
 //! dormant demo coding          a coding agent's dev server in a Linux microVM (see coding_demo.rs)
 //! dormant snapshots            list the snapshots in the store, with their storage use
+//! dormant usage                the store in sum: snapshots, sandboxes, bytes on disk, chunks
 //! dormant delete ID            delete a snapshot
 //! dormant compact ID           convert a snapshot to its compact form (chunked, deduplicated, zstd)
 //! dormant gc                   remove data no snapshot references
@@ -20,6 +21,7 @@
 mod coding_demo;
 mod image;
 mod shell;
+mod progress_bar;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ fn ms(t: Instant) -> f64 {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | delete ID | compact ID | gc | \
+        "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | usage | delete ID | compact ID | gc | \
          template build FILE | template list | shell SNAPSHOT | {}",
         image::USAGE
     );
@@ -64,11 +66,15 @@ fn main() -> ExitCode {
         }
         Some("demo-resume") if args.len() == 2 => demo_resume(&args[1]),
         Some("snapshots") => list(),
+        Some("usage") if args.len() == 1 => store_usage(),
         Some("delete") if args.len() == 2 => {
             parse_id(&args[1]).and_then(|id| LocalStore::open_default()?.delete(&id))
         }
         Some("compact") if args.len() == 2 => parse_id(&args[1]).and_then(|id| {
-            let r = LocalStore::open_default()?.compact(&id)?;
+            let bar = progress_bar::Bar::new();
+            let r = LocalStore::open_default()?.compact_with_progress(&id, &bar);
+            bar.finish();
+            let r = r?;
             println!(
                 "{id}: {} bytes of memory; fast form {} bytes; {} chunks ({} already stored), {} new bytes",
                 r.logical, r.fast_bytes, r.chunks, r.reused_chunks, r.new_chunk_bytes
@@ -136,11 +142,32 @@ fn list() -> Result<()> {
     Ok(())
 }
 
+fn store_usage() -> Result<()> {
+    let store = LocalStore::open_default()?;
+    let u = store.store_usage()?;
+    println!("store          {}", store.root().display());
+    println!("snapshots      {}", u.snapshots);
+    println!("sandboxes      {}", u.sandboxes);
+    println!("on disk        {} bytes", u.bytes_on_disk);
+    println!(
+        "logical        {} bytes (memory and filesystems described)",
+        u.logical_bytes
+    );
+    println!(
+        "chunks         {} ({} bytes compressed)",
+        u.chunks, u.chunk_bytes
+    );
+    Ok(())
+}
+
 fn template_build(file: &std::path::Path) -> Result<()> {
     let template = template_file::load(file)?;
     let store = Arc::new(LocalStore::open_default()?);
     let t = Instant::now();
-    let b = template.build(store)?;
+    let bar = progress_bar::Bar::new();
+    let b = template.build_with_progress(store, &bar);
+    bar.finish();
+    let b = b?;
     if b.built {
         println!(
             "built template {} in {:.1} s: snapshot {}",

@@ -62,9 +62,11 @@ pub mod lifecycle;
 pub mod managed;
 pub mod memguard;
 pub mod memimage;
+pub mod metrics;
 pub mod network;
 pub mod paths;
 pub mod results;
+pub mod progress;
 pub mod runtime;
 pub mod sandbox;
 pub mod sandbox_dirs;
@@ -78,15 +80,18 @@ pub use error::{Error, GrantError, Result, RuntimeContext, SnapshotError, Templa
 pub use grants::Grants;
 pub use lifecycle::{Lifecycle, Operation, State};
 pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
+pub use metrics::Metrics;
 pub use network::{Egress, HOST_ALIAS, IpNet, NetworkPolicy, PortMapping, PortWake, Ports, Rule};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
 pub use results::RichResult;
+pub use progress::{NoProgress, Progress, ProgressEvent};
 pub use runtime::Runtime;
 pub use sandbox::{
     Command, ExecOutput, Execution, ExecutionError, Interrupt, Processes, Sandbox, StreamingExec,
 };
 pub use snapshot::store::{
-    CompactReport, Durability, GcReport, LocalStore, SandboxInfo, SnapshotInfo, SnapshotUsage,
+    CompactReport, Durability, GcReport, LocalStore, SandboxInfo, SandboxUsage, SnapshotInfo,
+    SnapshotUsage, StoreUsage,
 };
 pub use snapshot::{Manifest, SnapshotId};
 pub use spec::{Mount, SandboxSpec, Tier, Workload};

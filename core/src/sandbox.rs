@@ -12,6 +12,7 @@ pub use crate::command::{Command, ExecOutput, Execution, ExecutionError};
 use crate::error::{Error, Result};
 use crate::grants::Grants;
 use crate::lifecycle::State;
+use crate::metrics::Metrics;
 use crate::network::{Egress, Ports};
 use crate::paths::DirEntry;
 use crate::snapshot::SnapshotId;
@@ -92,6 +93,12 @@ pub trait Sandbox: Send {
     fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>>;
     /// Ends the sandbox for good, releasing everything but its snapshots.
     fn kill(&mut self) -> Result<()>;
+
+    /// What this handle has used since it was created or resumed (CPU time, disk bytes
+    /// written) and the guest memory it holds now (see [`Metrics`] for units). Never wakes
+    /// or runs the guest: a sandbox in standby reports zero memory and the counters it kept,
+    /// a killed one what it had used.
+    fn metrics(&mut self) -> Result<Metrics>;
 
     /// A handle that interrupts this sandbox's running call from another thread (while the
     /// call holds `&mut self`), valid across resumes of this handle; `None` for a sandbox that
@@ -226,6 +233,9 @@ impl Sandbox for Box<dyn Sandbox> {
     }
     fn kill(&mut self) -> Result<()> {
         (**self).kill()
+    }
+    fn metrics(&mut self) -> Result<Metrics> {
+        (**self).metrics()
     }
     fn interrupter(&self) -> Option<Arc<dyn Interrupt>> {
         (**self).interrupter()

@@ -55,10 +55,11 @@ pub use template::{
 pub use dormant_core::{
     Command, CompactReport, DEFAULT_IDLE_STANDBY, DirEntry, Durability, Egress, Error, ExecOutput,
     Execution, ExecutionError, GcReport, GrantError, Grants, HOST_ALIAS, Interrupt, IpNet,
-    LocalStore, Managed, ManagedStats, Manifest, Mount, NetworkPolicy, Operation, PortMapping,
-    PortWake, Ports, Processes, Result, Rule, Runtime, Sandbox, SandboxInfo, SandboxSpec,
-    SnapshotError, SnapshotId, SnapshotInfo, SnapshotUsage, State, StreamingExec,
-    TemplateStepError, TerminalLink, TerminalSize, Terminals, Tier, Workload,
+    LocalStore, Managed, ManagedStats, Manifest, Metrics, Mount, NetworkPolicy, NoProgress,
+    Operation, PortMapping, PortWake, Ports, Processes, Progress, ProgressEvent, Result, Rule,
+    Runtime, Sandbox, SandboxInfo, SandboxSpec, SandboxUsage, SnapshotError, SnapshotId,
+    SnapshotInfo, SnapshotUsage, State, StoreUsage, StreamingExec, TemplateStepError,
+    TerminalLink, TerminalSize, Terminals, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 
@@ -112,3 +113,4 @@ pub fn resume(
 
 /// Memory-image helpers shared by the tiers.
 pub use dormant_core::memimage;
+pub use dormant_core::progress;

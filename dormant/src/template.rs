@@ -47,9 +47,10 @@ use dormant_core::error::TEMPLATE_OUTPUT_TAIL;
 use dormant_core::fsutil::{FileLock, write_atomic};
 use serde::{Deserialize, Serialize};
 
+use crate::progress::Unit;
 use crate::{
-    Command, Error, Grants, LocalStore, Result, Runtime, Sandbox, SandboxSpec, SnapshotId,
-    TemplateStepError, Tier,
+    Command, Error, Grants, LocalStore, NoProgress, Progress, ProgressEvent, Result, Runtime,
+    Sandbox, SandboxSpec, SnapshotId, TemplateStepError, Tier,
 };
 
 /// When a template's [`start`](Template::start) command is ready for use.
@@ -311,6 +312,18 @@ impl Template {
     /// failed ([`Error::TemplateStep`], with the step and the end of its output); anything the
     /// sandbox reports. On an error nothing is recorded and the build's sandbox is killed.
     pub fn build(&self, store: Arc<LocalStore>) -> Result<Built> {
+        self.build_with_progress(store, &NoProgress)
+    }
+
+    /// [`build`](Template::build), reporting progress in steps: creating the sandbox, each
+    /// file, each `run` step, the start command, the readiness wait and the checkpoint, each
+    /// event naming the step about to run (`done` of them done so far); a final event when the
+    /// template is built or found up to date. Nothing after an error.
+    pub fn build_with_progress(
+        &self,
+        store: Arc<LocalStore>,
+        progress: &dyn Progress,
+    ) -> Result<Built> {
         let spec = self.spec.clone();
         self.check(&spec)?;
         let rt = crate::runtime(spec.tier)?;
@@ -320,17 +333,28 @@ impl Template {
         let lock_path = dir.join(format!("{}.lock", self.name));
         let _lock =
             FileLock::acquire(&lock_path, true).map_err(|e| Error::store("lock", &lock_path, e))?;
+        let total = self.steps();
         if let Some(rec) = read_record(&store, &self.name)?
             && rec.key == key
             && store.manifest(&rec.snapshot).is_ok()
         {
+            progress.report(&ProgressEvent::finished("up to date", total, Unit::Steps));
             return Ok(Built {
                 record: rec,
                 built: false,
             });
         }
+        let mut report = Steps {
+            progress,
+            done: 0,
+            total,
+        };
+        report.next(format!("create the {} sandbox", self.spec.tier));
         let mut sb = rt.create(store.clone(), spec)?;
-        let snapshot = self.prepare(&mut sb).and_then(|()| sb.checkpoint());
+        let snapshot = self.prepare(&mut sb, &mut report).and_then(|()| {
+            report.next("checkpoint".into());
+            sb.checkpoint()
+        });
         // The build's sandbox has served its purpose (its snapshot stays in the store) and is
         // no sandbox of the store's listing.
         if let Err(e) = sb.kill().and_then(|()| store.retire_sandbox(sb.id())) {
@@ -349,26 +373,44 @@ impl Template {
         let json = serde_json::to_vec_pretty(&record)
             .map_err(|e| Error::runtime("serialize a template record", e))?;
         write_atomic(&path, &json).map_err(|e| Error::store("record template", &path, e))?;
+        progress.report(&ProgressEvent::finished("built", total, Unit::Steps));
         Ok(Built {
             record,
             built: true,
         })
     }
 
+    /// The steps a build reports: creating the sandbox, the files, the `run` steps, the start
+    /// command and the readiness wait (where there are), the checkpoint.
+    fn steps(&self) -> u64 {
+        (2 + self.files.len()
+            + self.run.len()
+            + usize::from(self.start.is_some())
+            + usize::from(self.ready.is_some())) as u64
+    }
+
     /// Files, steps, start command, readiness: everything before the checkpoint.
-    fn prepare(&self, sb: &mut dyn Sandbox) -> Result<()> {
+    fn prepare(&self, sb: &mut dyn Sandbox, report: &mut Steps<'_>) -> Result<()> {
         for (path, data) in &self.files {
+            report.next(format!("write {path}"));
             sb.write_file(path, data)?;
         }
         for (i, step) in self.run.iter().enumerate() {
+            report.next(format!("run step {}: {}", i + 1, first_line(step)));
             self.run_step(sb, i, step)?;
         }
         let pid = match &self.start {
-            Some(cmd) => Some(sb.processes()?.spawn(&Command::shell(cmd.as_str()))?),
+            Some(cmd) => {
+                report.next(format!("start: {}", first_line(cmd)));
+                Some(sb.processes()?.spawn(&Command::shell(cmd.as_str()))?)
+            }
             None => None,
         };
         match &self.ready {
-            Some(ready) => self.wait_ready(sb, ready, pid),
+            Some(ready) => {
+                report.next("wait until ready".into());
+                self.wait_ready(sb, ready, pid)
+            }
             None => Ok(()),
         }
     }
@@ -676,6 +718,35 @@ fn output_tail(streams: &[&[u8]]) -> String {
         }
     }
     out
+}
+
+/// A build's progress: one step at a time.
+struct Steps<'a> {
+    progress: &'a dyn Progress,
+    done: u64,
+    total: u64,
+}
+
+impl Steps<'_> {
+    /// Reports that step `stage` starts (the steps before it are done).
+    fn next(&mut self, stage: String) {
+        self.progress.report(&ProgressEvent::new(
+            stage,
+            self.done,
+            Some(self.total),
+            Unit::Steps,
+        ));
+        self.done += 1;
+    }
+}
+
+/// A step's first line, at most 60 characters, for a progress line.
+fn first_line(step: &str) -> String {
+    let line = step.lines().next().unwrap_or_default();
+    match line.char_indices().nth(60) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line.to_owned(),
+    }
 }
 
 #[cfg(test)]

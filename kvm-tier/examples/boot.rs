@@ -34,7 +34,7 @@ fn main() {
         .console()
         .wait_for("dormant-agent ready", Duration::from_secs(secs));
     eprintln!("\n[host] ready={ok} after {:?}", t.elapsed());
-    if let Some(e) = m.shutdown() {
+    if let (Some(e), _) = m.shutdown() {
         eprintln!("[host] {e}");
     }
 }

@@ -227,6 +227,19 @@ pub struct Machine {
     devices: Arc<Devices>,
     console: ConsoleLog,
     mem_size: usize,
+    /// Guest RAM's host address range (for [`Machine::resident_bytes`]).
+    ram: std::ops::Range<usize>,
+    /// CPU time of the vCPU threads that have ended (each quiesce ends one).
+    cpu_done: std::time::Duration,
+}
+
+/// What a machine has used since it started (see [`Machine::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineUsage {
+    /// CPU time of its vCPU threads (guest code and the exits they serve).
+    pub cpu_time: std::time::Duration,
+    /// Bytes the guest wrote through the block device.
+    pub disk_bytes_written: u64,
 }
 
 impl std::fmt::Debug for Machine {
@@ -463,6 +476,7 @@ impl Machine {
             }
         }
         let mem_size = vm.ram().size();
+        let ram = vm.ram().host_range();
         let ram_fault = vm.ram().fault_probe();
         let devices = Arc::new(Devices {
             uart: Mutex::new(uart),
@@ -484,7 +498,23 @@ impl Machine {
             devices,
             console,
             mem_size,
+            ram,
+            cpu_done: std::time::Duration::ZERO,
         })
+    }
+
+    /// CPU time and disk writes since the machine started (booted or restored).
+    pub fn usage(&self) -> MachineUsage {
+        MachineUsage {
+            cpu_time: self.cpu_done + self.vcpu.as_ref().map_or_else(Default::default, VcpuThread::cpu_time),
+            disk_bytes_written: self.devices.block.as_ref().map_or(0, BlockDevice::bytes_written),
+        }
+    }
+
+    /// Bytes of guest RAM resident in this process now: the pages the guest touched since the
+    /// machine started (see [`crate::vm::resident_bytes`]).
+    pub fn resident_bytes(&self) -> std::io::Result<u64> {
+        crate::vm::resident_bytes(self.ram.clone())
     }
 
     pub fn console(&self) -> &ConsoleLog {
@@ -557,7 +587,8 @@ impl Machine {
             reason: "the machine is already quiesced".into(),
         })?;
         let crashed = vcpu.is_finished();
-        let (vm, ended) = vcpu.stop();
+        let (vm, ended, cpu) = vcpu.stop_counted();
+        self.cpu_done += cpu;
         if crashed || self.devices.reset.load(Ordering::SeqCst) {
             let why = self.stopped_reason(ended);
             close_off_thread(vm);
@@ -634,13 +665,17 @@ impl Machine {
         Ok(())
     }
 
-    /// Stops the guest for good; returns why it had stopped if it had crashed.
-    pub fn shutdown(mut self) -> Option<MachineError> {
-        let vcpu = self.vcpu.take()?;
+    /// Stops the guest for good; returns why it had stopped if it had crashed, and what it
+    /// used in all.
+    pub fn shutdown(mut self) -> (Option<MachineError>, MachineUsage) {
+        let Some(vcpu) = self.vcpu.take() else {
+            return (None, self.usage());
+        };
         let crashed = vcpu.is_finished();
-        let (vm, ended) = vcpu.stop();
+        let (vm, ended, cpu) = vcpu.stop_counted();
+        self.cpu_done += cpu;
         close_off_thread(vm);
-        crashed.then(|| self.stopped_reason(ended))
+        (crashed.then(|| self.stopped_reason(ended)), self.usage())
     }
 }
 

@@ -7,6 +7,8 @@
 //! be captured; [`VcpuThread::resume`] lets it run again; [`VcpuThread::stop`] joins the thread
 //! with a timeout and gives the VM back.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -68,12 +70,43 @@ pub enum Ended {
     Failed(VmError),
 }
 
+/// The vCPU thread's CPU time as the thread itself records it, shared with its handle.
+#[derive(Debug)]
+struct CpuShare {
+    /// The thread's CPU time in ns when it ended; [`CpuShare::RUNNING`] until then.
+    ended_ns: AtomicU64,
+    /// CPU time in ns the thread spent on the owner's work while paused (writing a
+    /// checkpoint's RAM image): not the guest's, subtracted from the total.
+    host_work_ns: AtomicU64,
+}
+
+impl CpuShare {
+    const RUNNING: u64 = u64::MAX;
+
+    fn new() -> CpuShare {
+        CpuShare {
+            ended_ns: AtomicU64::new(Self::RUNNING),
+            host_work_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The guest's share of `total_ns` of thread CPU time.
+    fn guest(&self, total_ns: u64) -> Duration {
+        Duration::from_nanos(total_ns.saturating_sub(self.host_work_ns.load(Ordering::SeqCst)))
+    }
+}
+
+fn thread_cpu_ns() -> u64 {
+    u64::try_from(dormant_core::metrics::CpuClock::thread_now().as_nanos()).unwrap_or(u64::MAX - 1)
+}
+
 /// A running vCPU thread.
 pub struct VcpuThread {
     cmd: Sender<Cmd>,
     reply: Receiver<Reply>,
     immediate_exit: usize,
     tid: libc::pthread_t,
+    cpu: Arc<CpuShare>,
     join: Option<JoinHandle<(MicroVm, Ended)>>,
 }
 
@@ -93,6 +126,8 @@ impl VcpuThread {
         let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
         let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
         let (tid_tx, tid_rx) = mpsc::channel::<(usize, libc::pthread_t)>();
+        let cpu = Arc::new(CpuShare::new());
+        let theirs = cpu.clone();
         let join = std::thread::Builder::new()
             .name("dormant-vcpu".into())
             .spawn(move || {
@@ -100,7 +135,8 @@ impl VcpuThread {
                 let ptr = vm.immediate_exit_ptr() as usize;
                 // SAFETY: pthread_self is always valid for the calling thread.
                 let _ = tid_tx.send((ptr, unsafe { libc::pthread_self() }));
-                let ended = run_thread(&mut vm, &mut handler, &cmd_rx, &reply_tx);
+                let ended = run_thread(&mut vm, &mut handler, &cmd_rx, &reply_tx, &theirs);
+                theirs.ended_ns.store(thread_cpu_ns(), Ordering::SeqCst);
                 (vm, ended)
             })?;
         let (immediate_exit, tid) = tid_rx
@@ -111,6 +147,7 @@ impl VcpuThread {
             reply: reply_rx,
             immediate_exit,
             tid,
+            cpu,
             join: Some(join),
         })
     }
@@ -165,6 +202,46 @@ impl VcpuThread {
         self.call(Cmd::WithVm(Box::new(f))).map(|_| ())
     }
 
+    /// CPU time the thread has spent running the guest (and serving its exits) so far, or in
+    /// all once it has ended; work the owner ran on it while paused is not counted.
+    pub fn cpu_time(&self) -> Duration {
+        let ended = self.cpu.ended_ns.load(Ordering::SeqCst);
+        if ended != CpuShare::RUNNING {
+            return self.cpu.guest(ended);
+        }
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `tid` is this handle's thread, not yet joined (joining consumes the handle),
+        // so the pthread_t is valid; `clock` is a valid place for the result.
+        let rc = unsafe { libc::pthread_getcpuclockid(self.tid, &mut clock) };
+        if rc == 0 {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid place for the result; a clock of a thread that has
+            // exited since gives an error, not undefined behaviour.
+            if unsafe { libc::clock_gettime(clock, &mut ts) } == 0 {
+                let ns = (ts.tv_sec.max(0) as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(ts.tv_nsec.max(0) as u64);
+                return self.cpu.guest(ns);
+            }
+        }
+        // The thread ended meanwhile: it recorded its total before ending.
+        match self.cpu.ended_ns.load(Ordering::SeqCst) {
+            CpuShare::RUNNING => Duration::ZERO,
+            ns => self.cpu.guest(ns),
+        }
+    }
+
+    /// [`Self::stop`], and the thread's CPU time in all (see [`Self::cpu_time`]).
+    pub fn stop_counted(self) -> (MicroVm, Ended, Duration) {
+        let cpu = self.cpu.clone();
+        let (vm, ended) = self.stop();
+        let total = cpu.guest(cpu.ended_ns.load(Ordering::SeqCst));
+        (vm, ended, total)
+    }
+
     /// Whether the thread has ended on its own (the guest crashed or the handler stopped it).
     pub fn is_finished(&self) -> bool {
         self.join.as_ref().is_none_or(|j| j.is_finished())
@@ -199,6 +276,7 @@ fn run_thread(
     handler: &mut dyn ExitHandler,
     cmds: &Receiver<Cmd>,
     replies: &Sender<Reply>,
+    cpu: &CpuShare,
 ) -> Ended {
     let mut paused = false;
     loop {
@@ -248,7 +326,10 @@ fn run_thread(
                 }
                 Cmd::WithVm(f) => {
                     let r = if paused {
+                        let start = thread_cpu_ns();
                         f(vm);
+                        let spent = thread_cpu_ns().saturating_sub(start);
+                        cpu.host_work_ns.fetch_add(spent, Ordering::SeqCst);
                         Reply::Done
                     } else {
                         Reply::Error(VmError::UnhandledExit(

@@ -253,6 +253,13 @@ impl GuestRam {
         self.size
     }
 
+    /// The host address range of the mapping (`start..start + size`), for accounting (see
+    /// [`resident_bytes`]); never dereferenced through this.
+    pub fn host_range(&self) -> std::ops::Range<usize> {
+        let start = self.as_ptr() as usize;
+        start..start + self.size
+    }
+
     /// The memory as devices access it (clones share the mapping).
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
@@ -650,4 +657,29 @@ impl std::fmt::Debug for MicroVm {
             .field("ram", &self.ram.size())
             .finish_non_exhaustive()
     }
+}
+
+/// Bytes of this process's memory resident in `range` (the `Rss` of every mapping inside it in
+/// `/proc/self/smaps`): the guest RAM pages touched since boot or resume. A range mapped
+/// copy-on-write from snapshot files counts only the pages this process faulted in, not the
+/// page cache behind them (which `mincore` would report). A range split into several
+/// mappings (a layered resume maps each delta run on its own) adds them all.
+pub fn resident_bytes(range: std::ops::Range<usize>) -> std::io::Result<u64> {
+    use std::io::BufRead;
+    let smaps = std::io::BufReader::new(std::fs::File::open("/proc/self/smaps")?);
+    let mut inside = false;
+    let mut kib = 0u64;
+    for line in smaps.lines() {
+        let line = line?;
+        let first = line.split_ascii_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            inside = a >= range.start && b <= range.end && a < b;
+        } else if inside && let Some(rest) = line.strip_prefix("Rss:") {
+            let n = rest.trim().trim_end_matches("kB").trim();
+            kib += n.parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok(kib * 1024)
 }

@@ -618,6 +618,44 @@ fn incremental_checkpoints_store_only_what_changed() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn metrics_count_vcpu_time_resident_ram_and_disk_writes_across_standby() {
+    let mut sb = fresh();
+    sh(&mut sb, "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done");
+    let m = sb.metrics().unwrap();
+    assert!(m.cpu_time > Duration::ZERO, "{m:?}");
+    assert_eq!(m.memory_limit_bytes, RAM);
+    assert!(m.memory_bytes > 0 && m.memory_bytes <= RAM, "{m:?}");
+    // 4 MiB through the block device (the guest's filesystem writes more: metadata, journal).
+    let (_, code) = sh(
+        &mut sb,
+        "dd if=/dev/urandom of=/data/metrics bs=65536 count=64 2>/dev/null && sync",
+    );
+    assert_eq!(code, 0);
+    let m2 = sb.metrics().unwrap();
+    assert!(
+        m2.disk_bytes_written >= m.disk_bytes_written + (4 << 20),
+        "{m:?} -> {m2:?}"
+    );
+    assert!(m2.cpu_time >= m.cpu_time);
+    // In standby: no guest RAM, the counters kept; resumed, they go on from there.
+    let snap = sb.standby().unwrap();
+    let asleep = sb.metrics().unwrap();
+    assert_eq!(asleep.memory_bytes, 0);
+    assert!(asleep.cpu_time >= m2.cpu_time);
+    assert_eq!(asleep.disk_bytes_written, m2.disk_bytes_written);
+    sb.resume(&snap).unwrap();
+    sh(&mut sb, "cat /data/metrics > /dev/null");
+    let woken = sb.metrics().unwrap();
+    assert!(
+        woken.memory_bytes > 0 && woken.memory_bytes <= RAM,
+        "{woken:?}"
+    );
+    assert!(woken.cpu_time > asleep.cpu_time);
+    assert!(woken.disk_bytes_written >= asleep.disk_bytes_written);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
 fn the_disk_keeps_its_writes_across_checkpoints_and_copies_stay_apart() {
     let (store, _) = booted();
     let mut sb = fresh();

@@ -58,8 +58,10 @@ from ._errors import (  # noqa: E402
     TemplateBuildError,
     Unsupported,
 )
+from ._metrics import Metrics, StoreUsage, store_usage  # noqa: E402
 from ._native import __version__  # noqa: E402
 from ._pty import Pty, Ptys  # noqa: E402
+from ._progress import ProgressEvent  # noqa: E402
 from ._sandbox import (  # noqa: E402
     CommandHandle,
     CommandResult,
@@ -100,10 +102,12 @@ __all__ = [
     "InvalidState",
     "KvmUnavailable",
     "LimitExceeded",
+    "Metrics",
     "NetworkPolicy",
     "PathEscape",
     "Pty",
     "Ptys",
+    "ProgressEvent",
     "ReadOnly",
     "Result",
     "RuntimeMissing",
@@ -122,6 +126,7 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotNotFound",
     "StoreFull",
+    "StoreUsage",
     "Template",
     "TemplateBuildError",
     "TemplateInfo",
@@ -136,4 +141,5 @@ __all__ = [
     "list_sandboxes",
     "list_snapshots",
     "list_templates",
+    "store_usage",
 ]

@@ -15,6 +15,8 @@ from typing import Literal, Union, overload
 from . import _native
 from ._errors import InvalidArgument, SandboxTimeout
 from ._pty import Ptys
+from ._metrics import Metrics, _metrics
+from ._progress import ProgressCallback, _native_progress
 
 Tier = Literal["wasi", "kvm"]
 OutputCallback = Callable[[str], object]
@@ -749,6 +751,13 @@ class Sandbox:
         :class:`Unsupported` on the WASI tier."""
         return {guest: f"127.0.0.1:{host}" for guest, host in self._native.exposed()}
 
+    def metrics(self) -> Metrics:
+        """What this sandbox has used: CPU time (seconds), memory in use and its limit, disk
+        bytes written (since it was created or resumed in this process, across standby), and
+        the bytes its snapshots take in the store, own and shared (see :class:`Metrics`).
+        Never wakes a sandbox in standby: it reports 0 memory and the counters it kept."""
+        return _metrics(self._native, self._store)
+
     def __enter__(self) -> Sandbox:
         return self
 
@@ -919,11 +928,18 @@ class Template:
         self._snapshot_id: str | None = None
         self._built: bool | None = None
 
-    def build(self, store: StrPath | None = None) -> str:
+    def build(
+        self, store: StrPath | None = None, *, progress: ProgressCallback | None = None
+    ) -> str:
         """Builds the template into ``store`` and returns its snapshot id, or returns at once
         when the same recipe (and the same runtime) was built before and its snapshot is still
         there. A failing step raises :class:`TemplateBuildError` with the step and the end of
-        its output; nothing is recorded then."""
+        its output; nothing is recorded then.
+
+        ``progress``, if given, is called with a :class:`ProgressEvent` (unit ``"steps"``) as
+        each step starts (creating the sandbox, each file, each ``run`` step, the start
+        command, the readiness wait, the checkpoint) and once at the end (``finished=True``).
+        It runs on the build's thread; an exception it raises is raised when the build returns."""
         snapshot_id, built = _native.build_template(
             self.name,
             self.tier,
@@ -938,6 +954,7 @@ class Template:
             self._ready_port,
             self._ready_cmd,
             self._network,
+            _native_progress(progress),
         )
         self._snapshot_id = snapshot_id
         self._built = built

@@ -92,6 +92,17 @@ impl Chunks {
 
     /// Compacts the first `len` bytes of `src` into chunks; returns the index.
     pub fn compact(&self, src: &File, len: u64) -> io::Result<(Vec<u8>, CompactStats)> {
+        self.compact_with(src, len, &mut || {})
+    }
+
+    /// [`compact`](Self::compact), calling `on_chunk` after each 64 KiB chunk of `src` (zero
+    /// chunks included: `len.div_ceil(CHUNK)` calls in all).
+    pub fn compact_with(
+        &self,
+        src: &File,
+        len: u64,
+        on_chunk: &mut dyn FnMut(),
+    ) -> io::Result<(Vec<u8>, CompactStats)> {
         let n = (len as usize).div_ceil(CHUNK);
         let mut index = Vec::with_capacity(n * HASH_LEN);
         let mut stats = CompactStats::default();
@@ -103,9 +114,11 @@ impl Chunks {
             let data = &buf[..take];
             if data.iter().all(|&b| b == 0) {
                 index.extend_from_slice(&ZERO);
+                on_chunk();
                 continue;
             }
             let (hash, written) = self.put(data)?;
+            on_chunk();
             stats.chunks += 1;
             if written == 0 {
                 stats.reused += 1;

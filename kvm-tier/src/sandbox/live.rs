@@ -233,7 +233,7 @@ impl KvmSandbox {
             let why = self
                 .machine
                 .take()
-                .and_then(Machine::shutdown)
+                .and_then(|m| self.shut_down(m))
                 .map_or_else(|| "the guest stopped".to_string(), |e| e.to_string());
             self.release();
             self.lifecycle.poison(why.clone());

@@ -73,12 +73,12 @@ use dormant_core::paths::DirEntry;
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{
-    Command, Egress, Error, ExecOutput, Execution, Grants, PortMapping, PortWake, Ports, Processes,
-    Result, Sandbox, SandboxSpec, StreamingExec, Terminals, Tier,
+    Command, Egress, Error, ExecOutput, Execution, Grants, Metrics, PortMapping, PortWake, Ports,
+    Processes, Result, Sandbox, SandboxSpec, StreamingExec, Terminals, Tier,
 };
 
 use crate::HostKvm;
-use crate::machine::Machine;
+use crate::machine::{Machine, MachineUsage};
 use crate::snapshot;
 use crate::virtio::vsock::VsockStream;
 
@@ -129,6 +129,9 @@ pub struct KvmSandbox {
     ports: ports::Forwarder,
     /// The terminal attachments open now (they end with the machine).
     terminals: terminal::Attachments,
+    /// What the machines this handle ran before its current one used (see
+    /// [`Sandbox::metrics`]): added up as each is shut down (standby, resume, kill).
+    used: MachineUsage,
 }
 
 impl std::fmt::Debug for KvmSandbox {
@@ -171,6 +174,7 @@ impl KvmSandbox {
             reseed: false,
             ports: ports::Forwarder::new(),
             terminals: terminal::Attachments::default(),
+            used: MachineUsage::default(),
         }
     }
 
@@ -203,8 +207,17 @@ impl KvmSandbox {
         self.agent = None;
         *self.calls.waker.lock() = None;
         if let Some(m) = self.machine.take() {
-            let _ = m.shutdown();
+            let _ = self.shut_down(m);
         }
+    }
+
+    /// Shuts `m` down for good, adding what it used to the handle's counters; returns why
+    /// it had stopped if it had crashed.
+    fn shut_down(&mut self, m: Machine) -> Option<crate::machine::MachineError> {
+        let (crashed, used) = m.shutdown();
+        self.used.cpu_time += used.cpu_time;
+        self.used.disk_bytes_written += used.disk_bytes_written;
+        crashed
     }
 }
 
@@ -351,6 +364,27 @@ impl Sandbox for KvmSandbox {
 
     fn fork_boxed(&mut self, n: usize) -> Result<Vec<Box<dyn Sandbox>>> {
         self.fork(n).map(dormant_core::sandbox::boxed)
+    }
+
+    /// CPU time of the vCPU threads, guest RAM resident in this process (pages the guest
+    /// touched since boot or resume; zero without a machine: in standby, after kill) out of
+    /// the RAM size, and the bytes written through the block device.
+    fn metrics(&mut self) -> Result<Metrics> {
+        let (now, resident, ram) = match &self.machine {
+            Some(m) => (
+                m.usage(),
+                m.resident_bytes()
+                    .map_err(|e| Error::runtime("read the guest RAM's resident size", e))?,
+                m.mem_size() as u64,
+            ),
+            None => (MachineUsage::default(), 0, self.spec.memory_limit),
+        };
+        Ok(Metrics {
+            cpu_time: self.used.cpu_time + now.cpu_time,
+            memory_bytes: resident.min(ram),
+            memory_limit_bytes: ram,
+            disk_bytes_written: self.used.disk_bytes_written + now.disk_bytes_written,
+        })
     }
 
     fn kill(&mut self) -> Result<()> {

@@ -8,6 +8,8 @@
 //! because vCPU and devices are quiesced together.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,6 +41,8 @@ pub struct Blk {
     sectors: u64,
     disk: GuestMemory,
     disk_size: u64,
+    /// Bytes of the `WRITE` requests served (shared with [`BlockDevice::bytes_written`]).
+    written: Arc<AtomicU64>,
 }
 
 impl VirtioDevice for Blk {
@@ -86,6 +90,7 @@ pub struct BlockState {
 pub struct BlockDevice {
     dev: Device<Blk>,
     disk: GuestRam,
+    written: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for BlockDevice {
@@ -105,10 +110,12 @@ impl BlockDevice {
         state: Option<&BlockState>,
     ) -> std::io::Result<BlockDevice> {
         let disk_size = disk.size() as u64;
+        let written = Arc::new(AtomicU64::new(0));
         let blk = Blk {
             sectors: disk_size / SECTOR,
             disk: disk.memory().clone(),
             disk_size,
+            written: written.clone(),
         };
         let dev = Device::new(
             "dormant-blk".into(),
@@ -117,7 +124,7 @@ impl BlockDevice {
             irq,
             state.map(|s| &s.transport),
         )?;
-        Ok(BlockDevice { dev, disk })
+        Ok(BlockDevice { dev, disk, written })
     }
 
     /// The eventfd of the request queue's notifications (registered as an ioeventfd).
@@ -150,6 +157,12 @@ impl BlockDevice {
         BlockState {
             transport: self.dev.transport_state(),
         }
+    }
+
+    /// Bytes the guest has written to the disk through this device (the data of its
+    /// successful `WRITE` requests; a restored device starts at zero).
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// The disk's contents (read them while paused).
@@ -200,7 +213,10 @@ impl Blk {
             T_OUT => {
                 let len = r.available();
                 match in_range(len) {
-                    Some(off) if r.copy_to(&self.disk, off, len).is_ok() => (S_OK, 0),
+                    Some(off) if r.copy_to(&self.disk, off, len).is_ok() => {
+                        self.written.fetch_add(len as u64, Ordering::Relaxed);
+                        (S_OK, 0)
+                    }
                     _ => (S_IOERR, 0),
                 }
             }

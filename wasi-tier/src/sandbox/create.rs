@@ -175,6 +175,7 @@ impl WasiSandbox {
             pending_fs: None,
             resumed_cold: false,
             interrupt: Arc::default(),
+            used: Default::default(),
         };
         let root = sb.root()?;
         std::fs::create_dir_all(root.join("tmp")).map_err(|e| Error::store("create", &root, e))?;

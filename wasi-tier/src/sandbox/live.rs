@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dormant_core::memguard::GuardedMemory;
+use dormant_core::metrics::CpuClock;
 use dormant_core::{
     Command, Error, ExecOutput, Execution, ExecutionError, Operation, Result, SandboxFs, SnapshotId,
 };
@@ -39,19 +40,22 @@ impl WasiSandbox {
         limits.ticks_left = (limit.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1;
         // Every tick asks `on_tick` whether to go on (interrupt or deadline).
         live.store.set_epoch_deadline(1);
+        let mut cpu = Duration::ZERO;
         let r = {
             let _active = ticker.active();
-            f(live)
+            CpuClock::count(&mut cpu, || f(&mut *live))
         };
         live.store.set_epoch_deadline(u64::MAX / 2);
-        if let Some(addr) = live.guard.fault() {
+        let fault = live.guard.fault();
+        let memory_hit = live.store.data().limits.memory_hit;
+        self.used.cpu_time += cpu;
+        if let Some(addr) = fault {
             // Whatever the call returned, it ran on memory that is not the snapshot's.
             return Err(self.lose_memory(addr));
         }
         match r {
             Ok(v) => Ok(v),
             Err(e) => {
-                let memory_hit = live.store.data().limits.memory_hit;
                 let last_good = self.lifecycle.last_good().cloned();
                 let err = classify(e, limit, memory_hit, self.spec.memory_limit, last_good);
                 self.live = None;
@@ -230,7 +234,7 @@ impl WasiSandbox {
             })?;
         let r = {
             let _active = self.rt.inner.ticker.active();
-            start.call(&mut store, ())
+            CpuClock::count(&mut self.used.cpu_time, || start.call(&mut store, ()))
         };
         let exit_code = match r {
             Ok(()) => 0,

@@ -33,8 +33,8 @@ use dormant_core::lifecycle;
 use dormant_core::memguard::GuardedMemory;
 use dormant_core::snapshot::FileRecord;
 use dormant_core::{
-    Command, DirEntry, Error, ExecOutput, Execution, Grants, Lifecycle, LocalStore, Operation,
-    Result, Runtime, Sandbox, SandboxFs, SandboxSpec, SnapshotId, State, Tier,
+    Command, DirEntry, Error, ExecOutput, Execution, Grants, Lifecycle, LocalStore, Metrics,
+    Operation, Result, Runtime, Sandbox, SandboxFs, SandboxSpec, SnapshotId, State, Tier,
 };
 use wasmtime::{Global, Instance, Memory, Store, TypedFunc};
 
@@ -93,9 +93,22 @@ pub struct WasiSandbox {
     resumed_cold: bool,
     /// Raised by an [`Interrupter`] to stop the running call.
     interrupt: Arc<AtomicBool>,
+    /// What this handle has used so far (see [`Sandbox::metrics`]): the CPU time of guest
+    /// calls and the bytes written to files, kept across standby and resume.
+    used: Used,
     /// The snapshot's filesystem archive, not yet extracted into the root (done before the
     /// first use, so that a resume does not pay for files it may never touch).
     pending_fs: Option<PendingFs>,
+}
+
+/// The counters behind [`WasiSandbox`]'s metrics.
+#[derive(Debug, Clone, Copy, Default)]
+struct Used {
+    /// Thread CPU time spent in calls into the guest (cells, export calls, commands).
+    cpu_time: Duration,
+    /// Bytes written through the files API (the guest's own file writes are not counted on
+    /// this tier yet).
+    written: u64,
 }
 
 /// Stops a sandbox's running call from another thread (see [`WasiSandbox::interrupter`]).
@@ -225,7 +238,9 @@ impl Sandbox for WasiSandbox {
     }
 
     fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
-        self.fs(Operation::Files)?.write(path, data)
+        self.fs(Operation::Files)?.write(path, data)?;
+        self.used.written += data.len() as u64;
+        Ok(())
     }
 
     fn list_dir(&mut self, path: &str) -> Result<Vec<DirEntry>> {
@@ -266,6 +281,21 @@ impl Sandbox for WasiSandbox {
 
     fn kill(&mut self) -> Result<()> {
         lifecycle::kill(self)
+    }
+
+    /// CPU time of the calls into the guest, the linear memory's size (zero without a live
+    /// instance: in standby, after kill) under the memory cap, and the bytes written through
+    /// the files API (the guest's own file writes are not counted on this tier yet).
+    fn metrics(&mut self) -> Result<Metrics> {
+        Ok(Metrics {
+            cpu_time: self.used.cpu_time,
+            memory_bytes: self
+                .live
+                .as_ref()
+                .map_or(0, |l| l.memory.data_size(&l.store) as u64),
+            memory_limit_bytes: self.spec.memory_limit,
+            disk_bytes_written: self.used.written,
+        })
     }
 
     fn interrupter(&self) -> Option<Arc<dyn dormant_core::Interrupt>> {

@@ -153,6 +153,7 @@ impl WasiSandbox {
             pending_fs: r.pending_fs,
             resumed_cold: r.cold,
             interrupt: Arc::default(),
+            used: Default::default(),
         })
     }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::{LocalStore, MANIFEST, sync_dir};
 use crate::error::{Error, Result};
 use crate::fsutil::{write_atomic, write_synced};
+use crate::progress::{NoProgress, Progress, ProgressEvent, Unit};
 use crate::snapshot::chunks;
 use crate::snapshot::{FileRecord, LayerKind, MemoryRecord, SnapshotId};
 
@@ -33,6 +34,16 @@ impl LocalStore {
     /// chunk; zero chunks are not stored. The fast-form files are then removed. Refused while
     /// other snapshots are layered on this one.
     pub fn compact(&self, id: &SnapshotId) -> Result<CompactReport> {
+        self.compact_with_progress(id, &NoProgress)
+    }
+
+    /// [`compact`](Self::compact), reporting progress in 64 KiB chunks (`done` of `total`,
+    /// memory then filesystem), and a final event when done.
+    pub fn compact_with_progress(
+        &self,
+        id: &SnapshotId,
+        progress: &dyn Progress,
+    ) -> Result<CompactReport> {
         let _chunk_lock = self.chunk_lock(false)?;
         let m = self.manifest(id)?;
         if m.tier == crate::spec::Tier::Kvm {
@@ -43,6 +54,7 @@ impl LocalStore {
         }
         let before = m.memory.file.stored + m.fs.as_ref().map_or(0, |f| f.stored);
         if m.memory.kind == LayerKind::Compact {
+            progress.report(&ProgressEvent::finished("already compact", 0, Unit::Chunks));
             return Ok(CompactReport {
                 logical: m.memory.size,
                 fast_bytes: before,
@@ -80,15 +92,30 @@ impl LocalStore {
             }
         }
         let chunks = self.chunks();
+        let fs_len = m.fs.as_ref().map_or(0, |r| r.len);
+        let total =
+            (m.memory.size.div_ceil(chunks::CHUNK as u64)) + fs_len.div_ceil(chunks::CHUNK as u64);
+        let mut done = 0u64;
+        // One event per 1/256 of the work at most (and the last chunk of each stage).
+        let step = (total / 256).max(1);
+        let mut tick = |stage: &'static str, last: u64| {
+            done += 1;
+            if done.is_multiple_of(step) || done == last {
+                progress.report(&ProgressEvent::new(stage, done, Some(total), Unit::Chunks));
+            }
+        };
+        let mem_chunks = m.memory.size.div_ceil(chunks::CHUNK as u64);
         let (mem_index, mst) = chunks
-            .compact(&img, m.memory.size)
+            .compact_with(&img, m.memory.size, &mut || {
+                tick("compact memory", mem_chunks)
+            })
             .map_err(io("compact memory of"))?;
         let (fs_rec, fs_len, fst) = match self.fs_archive(&m)? {
             None => (None, None, chunks::CompactStats::default()),
             Some((f, _)) => {
-                let len = m.fs.as_ref().map_or(0, |r| r.len);
+                let len = fs_len;
                 let (idx, st) = chunks
-                    .compact(&f, len)
+                    .compact_with(&f, len, &mut || tick("compact filesystem", total))
                     .map_err(io("compact filesystem of"))?;
                 (Some(write_index(&dir, "fs.cidx", &idx)?), Some(len), st)
             }
@@ -117,6 +144,7 @@ impl LocalStore {
             }
         }
         self.verified.lock().retain(|(s, _)| s != id);
+        progress.report(&ProgressEvent::finished("compacted", total, Unit::Chunks));
         Ok(CompactReport {
             logical: m.memory.size,
             fast_bytes: before,

@@ -50,7 +50,7 @@ use crate::snapshot::{FileRecord, LayerKind, Manifest, SnapshotId};
 use crate::spec::Tier;
 
 pub use compact::CompactReport;
-pub use gc::{GcReport, SnapshotUsage};
+pub use gc::{GcReport, SandboxUsage, SnapshotUsage, StoreUsage};
 pub use sandboxes::SandboxInfo;
 pub use writer::{LayerWrite, SnapshotWriter};
 

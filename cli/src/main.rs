@@ -20,8 +20,8 @@
 
 mod coding_demo;
 mod image;
-mod shell;
 mod progress_bar;
+mod shell;
 
 use std::process::ExitCode;
 use std::sync::Arc;

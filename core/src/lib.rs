@@ -65,8 +65,8 @@ pub mod memimage;
 pub mod metrics;
 pub mod network;
 pub mod paths;
-pub mod results;
 pub mod progress;
+pub mod results;
 pub mod runtime;
 pub mod sandbox;
 pub mod sandbox_dirs;
@@ -83,8 +83,8 @@ pub use managed::{DEFAULT_IDLE_STANDBY, Managed, ManagedStats};
 pub use metrics::Metrics;
 pub use network::{Egress, HOST_ALIAS, IpNet, NetworkPolicy, PortMapping, PortWake, Ports, Rule};
 pub use paths::{DirEntry, GuestPath, SandboxFs};
-pub use results::RichResult;
 pub use progress::{NoProgress, Progress, ProgressEvent};
+pub use results::RichResult;
 pub use runtime::Runtime;
 pub use sandbox::{
     Command, ExecOutput, Execution, ExecutionError, Interrupt, Processes, Sandbox, StreamingExec,

@@ -58,8 +58,8 @@ pub use dormant_core::{
     LocalStore, Managed, ManagedStats, Manifest, Metrics, Mount, NetworkPolicy, NoProgress,
     Operation, PortMapping, PortWake, Ports, Processes, Progress, ProgressEvent, Result, Rule,
     Runtime, Sandbox, SandboxInfo, SandboxSpec, SandboxUsage, SnapshotError, SnapshotId,
-    SnapshotInfo, SnapshotUsage, State, StoreUsage, StreamingExec, TemplateStepError,
-    TerminalLink, TerminalSize, Terminals, Tier, Workload,
+    SnapshotInfo, SnapshotUsage, State, StoreUsage, StreamingExec, TemplateStepError, TerminalLink,
+    TerminalSize, Terminals, Tier, Workload,
 };
 pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox};
 

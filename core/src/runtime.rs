@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::grants::Grants;
+use crate::progress::{Progress, ProgressEvent, Unit};
 use crate::sandbox::Sandbox;
 use crate::snapshot::SnapshotId;
 use crate::snapshot::store::LocalStore;
@@ -34,6 +35,22 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// [`Error::InvalidSpec`](crate::Error::InvalidSpec); a host without what the tier needs is
     /// [`Error::RuntimeMissing`](crate::Error::RuntimeMissing).
     fn create(&self, store: Arc<LocalStore>, spec: SandboxSpec) -> Result<Box<dyn Sandbox>>;
+
+    /// [`create`](Runtime::create), reporting its progress to `progress` (see
+    /// [`crate::progress`]). A tier whose create can take long reports its stages (the KVM
+    /// tier: a base's first boot, in [`Unit::Steps`]); the others, and this default, report one
+    /// final event, `"sandbox ready"` (1 of 1 steps), once the sandbox is made. Errors as
+    /// [`create`](Runtime::create)'s; a create that fails sends no final event.
+    fn create_with_progress(
+        &self,
+        store: Arc<LocalStore>,
+        spec: SandboxSpec,
+        progress: &dyn Progress,
+    ) -> Result<Box<dyn Sandbox>> {
+        let sb = self.create(store, spec)?;
+        progress.report(&ProgressEvent::finished("sandbox ready", 1, Unit::Steps));
+        Ok(sb)
+    }
 
     /// The sandbox of snapshot `id`, as it was when the snapshot was taken (its id included),
     /// with `grants` as its host access: a snapshot grants none by itself (see [`Grants`]).

@@ -68,9 +68,10 @@ pub use dormant_wasi::{Interrupter, RuntimeConfig, Val, WasiRuntime, WasiSandbox
 /// private to `dormant-kvm`.
 pub mod kvm {
     pub use dormant_kvm::{
-        BUILTIN_IMAGES, DEFAULT_IMAGE, FORWARD_CHUNK, GuestImage, HostKvm, ImageSource,
-        KvmInterrupter, KvmOptions, KvmRuntime, KvmSandbox, MAX_EXPOSED_PORTS,
-        MAX_FORWARDED_CONNECTIONS, RootDisk, build_image, detect, list_images,
+        BOOT_STEPS, BUILTIN_IMAGES, DEFAULT_IMAGE, FORWARD_CHUNK, GuestImage, HostKvm,
+        IMAGE_BUILD_STEPS, ImageSource, KvmInterrupter, KvmOptions, KvmRuntime, KvmSandbox,
+        MAX_EXPOSED_PORTS, MAX_FORWARDED_CONNECTIONS, RootDisk, build_image,
+        build_image_with_progress, detect, list_images,
     };
 }
 

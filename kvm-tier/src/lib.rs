@@ -60,9 +60,9 @@ pub mod volume;
 
 pub use runtime::KvmRuntime;
 pub use sandbox::{
-    BUILTIN_IMAGES, DEFAULT_IMAGE, FORWARD_CHUNK, GuestImage, ImageSource, KvmInterrupter,
-    KvmOptions, KvmSandbox, MAX_EXPOSED_PORTS, MAX_FORWARDED_CONNECTIONS, RootDisk, build_image,
-    list_images,
+    BOOT_STEPS, BUILTIN_IMAGES, DEFAULT_IMAGE, FORWARD_CHUNK, GuestImage, IMAGE_BUILD_STEPS,
+    ImageSource, KvmInterrupter, KvmOptions, KvmSandbox, MAX_EXPOSED_PORTS,
+    MAX_FORWARDED_CONNECTIONS, RootDisk, build_image, build_image_with_progress, list_images,
 };
 
 // The VMM is private to this crate: a user needs `KvmSandbox`, its options and `detect`. The

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dormant_core::progress::Progress;
 use dormant_core::{
     Command, Grants, LocalStore, Processes, Result, Runtime, Sandbox, SandboxSpec, SnapshotId,
     StreamingExec, Tier,
@@ -54,6 +55,22 @@ impl Runtime for KvmRuntime {
             store,
             spec,
             self.opts.clone(),
+        )?))
+    }
+
+    /// Reports a base's first boot in [`Unit::Steps`]: see
+    /// [`KvmSandbox::create_with_progress`].
+    fn create_with_progress(
+        &self,
+        store: Arc<LocalStore>,
+        spec: SandboxSpec,
+        progress: &dyn Progress,
+    ) -> Result<Box<dyn Sandbox>> {
+        Ok(Box::new(KvmSandbox::create_with_progress(
+            store,
+            spec,
+            self.opts.clone(),
+            progress,
         )?))
     }
 

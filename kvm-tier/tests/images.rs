@@ -321,3 +321,64 @@ fn an_image_files_fingerprint_follows_its_contents() {
     std::fs::write(&path, vec![2u8; 100]).unwrap();
     assert!(RootDisk::file(&path).is_err());
 }
+
+/// An image build reports its stages in order, and a cached image the final event only.
+#[test]
+#[cfg_attr(not_root, ignore = "building an image needs root")]
+fn an_image_build_reports_its_stages_and_a_cached_one_its_end() {
+    use dormant_core::progress::{ProgressEvent, Unit};
+    use dormant_kvm::{IMAGE_BUILD_STEPS, ImageSource, build_image_with_progress};
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("rootfs");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/motd"), "progress\n").unwrap();
+    let name = "dormant-test-progress";
+    let build = || {
+        let events = std::sync::Mutex::new(Vec::new());
+        let collect = |e: &ProgressEvent| events.lock().unwrap().push(e.clone());
+        let disk =
+            build_image_with_progress(name, &ImageSource::Rootfs(tree.clone()), &collect).unwrap();
+        assert!(disk.path.is_file());
+        events.into_inner().unwrap()
+    };
+    // The tree is new (its files' times are part of the recipe): this build makes the image.
+    let events = build();
+    // A tool's output lines (mke2fs's) come as "STAGE — LINE" with the stage's step.
+    let mut steps: Vec<(String, u64, bool)> = Vec::new();
+    for e in &events {
+        match e.stage.split_once(" — ") {
+            Some((stage, _)) => {
+                let last = steps.last().unwrap();
+                assert_eq!((stage, e.done), (last.0.as_str(), last.1), "{events:?}");
+            }
+            None => steps.push((e.stage.clone(), e.done, e.finished)),
+        }
+    }
+    let from = format!("image {name}: root filesystem from {}", tree.display());
+    let from = if from.chars().count() > 100 {
+        let cut: String = from.chars().take(100).collect();
+        format!("{cut}…")
+    } else {
+        from
+    };
+    assert_eq!(
+        steps,
+        [
+            (from, 0, false),
+            (format!("image {name}: ext4 filesystem"), 1, false),
+            (format!("image {name} built"), 2, false),
+            (format!("image {name} ready"), 3, true),
+        ]
+    );
+    for e in &events {
+        assert_eq!((e.total, e.unit), (Some(IMAGE_BUILD_STEPS), Unit::Steps));
+    }
+    assert_eq!(
+        build(),
+        [ProgressEvent::finished(
+            format!("image {name} ready (cached)"),
+            IMAGE_BUILD_STEPS,
+            Unit::Steps
+        )]
+    );
+}

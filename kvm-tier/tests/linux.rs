@@ -8,6 +8,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use dormant_core::progress::{ProgressEvent, Unit};
 use dormant_core::{
     Command, Error, GrantError, Grants, LocalStore, Managed, Runtime, Sandbox, SandboxSpec,
     SnapshotId, Tier,
@@ -17,6 +18,9 @@ use dormant_kvm::sandbox::{KvmOptions, KvmSandbox};
 
 /// Guest RAM for the tests (boot time grows with it on PVM hosts).
 const RAM: u64 = 128 << 20;
+
+/// The progress events of [`booted`]'s create (a base's first boot).
+static BOOT_EVENTS: OnceLock<Vec<ProgressEvent>> = OnceLock::new();
 
 /// The store and a booted guest's snapshot, shared by all tests of this run.
 fn booted() -> &'static (Arc<LocalStore>, SnapshotId) {
@@ -42,12 +46,78 @@ fn booted() -> &'static (Arc<LocalStore>, SnapshotId) {
             .image("minimal")
             .memory_limit(RAM)
             .call_timeout(Duration::from_secs(300));
-        let mut sb = KvmSandbox::create(store.clone(), spec)
-            .unwrap_or_else(|e| panic!("boot the Linux guest: {e}"));
+        // The store is new: this create boots the base, and its progress events are kept for
+        // `a_first_boot_reports_its_stages_in_order`.
+        let events = std::sync::Mutex::new(Vec::new());
+        let collect = |e: &ProgressEvent| events.lock().unwrap().push(e.clone());
+        let mut sb =
+            KvmSandbox::create_with_progress(store.clone(), spec, KvmOptions::default(), &collect)
+                .unwrap_or_else(|e| panic!("boot the Linux guest: {e}"));
+        BOOT_EVENTS.set(events.into_inner().unwrap()).unwrap();
         let id = sb.checkpoint().unwrap();
         eprintln!("Linux guest booted and checkpointed in {:?}", t.elapsed());
         (store, id)
     })
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn a_first_boot_reports_its_stages_in_order() {
+    let (store, _) = booted();
+    let events = BOOT_EVENTS.get().unwrap();
+    let stages: Vec<(&str, u64)> = events.iter().map(|e| (e.stage.as_str(), e.done)).collect();
+    // Where the kernel is slow enough to be watched, its console lines come as step 0's text.
+    let kernel = |s: &str| s == "boot: kernel" || s.starts_with("boot: kernel — ");
+    let steps: Vec<(&str, u64)> = stages.iter().copied().filter(|(s, _)| !kernel(s)).collect();
+    assert_eq!(stages[0], ("boot: kernel", 0), "{stages:?}");
+    assert!(
+        stages
+            .iter()
+            .take_while(|(s, _)| kernel(s))
+            .all(|&(_, d)| d == 0)
+    );
+    assert_eq!(
+        steps,
+        [
+            ("boot: agent answered", 1),
+            ("boot: snapshot of the base", 2),
+            ("boot: resume the base", 3),
+            ("sandbox ready", 4),
+        ],
+        "{stages:?}"
+    );
+    for e in events {
+        assert_eq!(
+            (e.total, e.unit),
+            (Some(dormant_kvm::BOOT_STEPS), Unit::Steps)
+        );
+    }
+    let finished: Vec<bool> = events.iter().map(|e| e.finished).collect();
+    assert_eq!(finished.iter().filter(|f| **f).count(), 1);
+    assert!(finished.last().unwrap());
+
+    // The base is cached now: another create of the same spec reports the final event only.
+    let again = std::sync::Mutex::new(Vec::new());
+    let collect = |e: &ProgressEvent| again.lock().unwrap().push(e.clone());
+    let spec = SandboxSpec::linux()
+        .image("minimal")
+        .memory_limit(RAM)
+        .call_timeout(Duration::from_secs(300));
+    let rt = KvmRuntime::default();
+    let mut sb = rt
+        .create_with_progress(store.clone(), spec, &collect)
+        .unwrap();
+    let again = again.into_inner().unwrap();
+    assert_eq!(
+        again,
+        [ProgressEvent::finished(
+            "sandbox ready (base cached)",
+            dormant_kvm::BOOT_STEPS,
+            Unit::Steps
+        )]
+    );
+    let out = sb.exec(&Command::new(["echo", "up"])).unwrap();
+    assert_eq!(out.stdout, b"up\n");
 }
 
 fn fresh() -> KvmSandbox {

@@ -6,11 +6,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use dormant_core::progress::{NoProgress, Progress, ProgressEvent, Unit};
 
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::snapshot::store::LocalStore;
 use dormant_core::{Error, Grants, Mount, Result, Sandbox, SandboxSpec, Tier, Workload, grants};
 
+use super::image::cut;
 use super::live::agent_error;
 use super::{GuestImage, KvmOptions, KvmSandbox, new_id, require_kvm, runtime};
 use crate::machine::{FS_IRQS, Machine, MachineConfig, device_cmdline};
@@ -23,10 +27,30 @@ impl KvmSandbox {
         Self::create_with(store, spec, KvmOptions::default())
     }
 
+    /// [`create`](Self::create) with the tier's options `opts`.
     pub fn create_with(
         store: Arc<LocalStore>,
         spec: SandboxSpec,
         opts: KvmOptions,
+    ) -> Result<KvmSandbox> {
+        Self::create_with_progress(store, spec, opts, &NoProgress)
+    }
+
+    /// [`create_with`](Self::create_with), reporting progress in [`Unit::Steps`] of
+    /// [`BOOT_STEPS`]. When the base snapshot of the spec's image and RAM size is not cached
+    /// yet, its first boot (minutes on hosts that emulate the guest's kernel) reports `0`
+    /// while the kernel boots (stage `"boot: kernel"`, then `"boot: kernel — LINE"` with the
+    /// serial console's last line as it changes), `1` once the guest's agent answered
+    /// (`"boot: agent answered"`), `2` while the base is snapshotted (`"boot: snapshot of the
+    /// base"`) and `3` while the sandbox resumes it (`"boot: resume the base"`). Every create
+    /// ends with the final event `"sandbox ready"` (or `"sandbox ready (base cached)"`, the
+    /// only event of a create whose base was cached). Errors as [`create`](Self::create)'s; a
+    /// create that fails sends no final event.
+    pub fn create_with_progress(
+        store: Arc<LocalStore>,
+        spec: SandboxSpec,
+        opts: KvmOptions,
+        progress: &dyn Progress,
     ) -> Result<KvmSandbox> {
         spec.validate()?;
         if spec.tier != Tier::Kvm || spec.workload != Workload::Linux {
@@ -43,7 +67,7 @@ impl KvmSandbox {
         }
         require_kvm()?;
         let image = GuestImage::for_image(spec.image.as_deref())?;
-        let base = Self::base_snapshot(&store, &image, &spec, &opts)?;
+        let (base, booted) = Self::base_snapshot(&store, &image, &spec, &opts, progress)?;
         let grants = Grants::of_spec(&spec);
         let mut merged = store.manifest(&base)?.spec;
         merged.env = spec.env;
@@ -62,6 +86,12 @@ impl KvmSandbox {
         sb.load(&base, &mounts, &network)?;
         sb.mount_volumes()?;
         sb.sync_ports();
+        let stage = if booted {
+            "sandbox ready"
+        } else {
+            "sandbox ready (base cached)"
+        };
+        progress.report(&ProgressEvent::finished(stage, BOOT_STEPS, Unit::Steps));
         Ok(sb)
     }
 
@@ -75,7 +105,28 @@ impl KvmSandbox {
         spec: SandboxSpec,
         opts: KvmOptions,
     ) -> Result<KvmSandbox> {
+        Self::boot_reporting(store, image, spec, opts, &NoProgress)
+    }
+
+    /// [`boot`](Self::boot), reporting steps `0` (`"boot: kernel"`, with the console's last
+    /// line) and `1` (`"boot: agent answered"`) of [`BOOT_STEPS`].
+    fn boot_reporting(
+        store: Arc<LocalStore>,
+        image: &GuestImage,
+        spec: SandboxSpec,
+        opts: KvmOptions,
+        progress: &dyn Progress,
+    ) -> Result<KvmSandbox> {
         require_kvm()?;
+        let step = |stage: &str, done| {
+            progress.report(&ProgressEvent::new(
+                stage,
+                done,
+                Some(BOOT_STEPS),
+                Unit::Steps,
+            ));
+        };
+        step("boot: kernel", 0);
         let mem_size = usize::try_from(spec.memory_limit)
             .map_err(|_| Error::InvalidSpec("memory_limit does not fit this host".into()))?;
         let disk_image = match &image.root {
@@ -104,8 +155,11 @@ impl KvmSandbox {
             net.set_policy(spec.network.clone());
         }
         let mut sb = KvmSandbox::handle(store, new_id(), spec, grants, opts);
+        let console = machine.console().clone();
         sb.machine = Some(machine);
-        sb.connect(sb.opts.boot_timeout)?;
+        let timeout = sb.opts.boot_timeout;
+        sb.connect_watching(timeout, &console, progress)?;
+        step("boot: agent answered", 1);
         sb.mount_volumes()?;
         Ok(sb)
     }
@@ -144,13 +198,15 @@ impl KvmSandbox {
         ))
     }
 
-    /// Boots the image once per (image, RAM size) and keeps the booted guest as a snapshot.
+    /// Boots the image once per (image, RAM size) and keeps the booted guest as a snapshot:
+    /// the base's id, and whether it was booted now (reported to `progress`) rather than found.
     fn base_snapshot(
         store: &Arc<LocalStore>,
         image: &GuestImage,
         spec: &SandboxSpec,
         opts: &KvmOptions,
-    ) -> Result<SnapshotId> {
+        progress: &dyn Progress,
+    ) -> Result<(SnapshotId, bool)> {
         let key = Self::base_key(image, spec, opts)?;
         let dir = store.root().join("bases");
         let record = dir.join(&key);
@@ -163,18 +219,70 @@ impl KvmSandbox {
             && let Ok(id) = text.trim().parse::<SnapshotId>()
             && store.manifest(&id).is_ok()
         {
-            return Ok(id);
+            return Ok((id, false));
         }
         let mut base_spec = spec.clone();
         base_spec.mounts.clear();
         // Shared by every sandbox of its key, whatever their policies.
         base_spec.network = dormant_core::NetworkPolicy::off();
-        let mut booted = Self::boot(store.clone(), image, base_spec, opts.clone())?;
+        let mut booted =
+            Self::boot_reporting(store.clone(), image, base_spec, opts.clone(), progress)?;
+        let step = |stage: &str, done| {
+            progress.report(&ProgressEvent::new(
+                stage,
+                done,
+                Some(BOOT_STEPS),
+                Unit::Steps,
+            ));
+        };
+        step("boot: snapshot of the base", 2);
         let id = booted.checkpoint()?;
         booted.release();
         dormant_core::fsutil::write_atomic(&record, id.to_string().as_bytes())
             .map_err(|e| Error::store("record base snapshot", &record, e))?;
-        Ok(id)
+        step("boot: resume the base", 3);
+        Ok((id, true))
+    }
+
+    /// [`connect`](Self::connect) with a booting guest's console watched meanwhile: each new
+    /// last line of it is reported as step 0, `"boot: kernel — LINE"`.
+    fn connect_watching(
+        &mut self,
+        timeout: Duration,
+        console: &crate::serial::ConsoleLog,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(self.connect(timeout));
+            });
+            let mut last = String::new();
+            loop {
+                match rx.recv_timeout(CONSOLE_POLL) {
+                    Ok(r) => return r,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    // The connecting thread panicked: the scope re-raises its panic.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(Error::runtime(
+                            "start the guest",
+                            "the connecting thread ended",
+                        ));
+                    }
+                }
+                let text = console.text();
+                let line = text
+                    .lines()
+                    .map(str::trim)
+                    .rfind(|l| !l.is_empty())
+                    .unwrap_or_default();
+                if line != last {
+                    last = line.to_owned();
+                    let stage = format!("boot: kernel — {}", cut(line, CONSOLE_LINE));
+                    progress.report(&ProgressEvent::new(stage, 0, Some(BOOT_STEPS), Unit::Steps));
+                }
+            }
+        })
     }
 
     /// Mounts every volume in the guest (slot `i` at `spec.mounts[i].guest`), in one round
@@ -210,6 +318,15 @@ impl KvmSandbox {
         Ok(())
     }
 }
+
+/// How many steps [`KvmSandbox::create_with_progress`] reports: kernel, agent, snapshot of
+/// the base, resume.
+pub const BOOT_STEPS: u64 = 4;
+
+/// How often a booting guest's console is looked at for progress.
+const CONSOLE_POLL: Duration = Duration::from_millis(250);
+/// The most characters of a console line a boot's stage shows.
+const CONSOLE_LINE: usize = 100;
 
 /// The kernel command line `image` boots with: the base one, plus `dormant.root=/dev/vda` when
 /// its disk is the root filesystem.

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dormant_core::progress::{NoProgress, Progress, ProgressEvent, Unit};
 use dormant_core::{Error, Result};
 
 /// The guest kernel and initramfs, and the root filesystem image when the sandbox has one.
@@ -65,6 +66,25 @@ pub enum ImageSource {
 /// [`Error::InvalidArgument`] for a bad name, [`Error::RuntimeMissing`] when the recipe cannot
 /// run here (not root, no apt), [`Error::Runtime`] with the recipe's output when it fails.
 pub fn build_image(name: &str, source: &ImageSource) -> Result<RootDisk> {
+    build_image_with_progress(name, source, &NoProgress)
+}
+
+/// How many steps an image build reports: the root filesystem (packages installed by
+/// mmdebstrap, or a directory or tar copied), the ext4 filesystem, the image recorded.
+pub const IMAGE_BUILD_STEPS: u64 = 3;
+
+/// [`build_image`], reporting progress in [`Unit::Steps`] of [`IMAGE_BUILD_STEPS`]: `0`
+/// while the recipe checks its cache and makes the root filesystem (stage `"image NAME:
+/// packages (mmdebstrap)"` or `"image NAME: root filesystem from PATH"`, or the recipe's
+/// last output line while it installs its tools), `1` while it makes the ext4 filesystem,
+/// `2` once the image is built, and a final event `"image NAME ready"`. An image found in
+/// the cache reports the final event only (stage `"image NAME ready (cached)"`). Errors as
+/// [`build_image`]'s; a failed build sends no final event.
+pub fn build_image_with_progress(
+    name: &str,
+    source: &ImageSource,
+    progress: &dyn Progress,
+) -> Result<RootDisk> {
     check_image_name(name)?;
     let dir = tempfile::Builder::new()
         .prefix("dormant-image-recipe")
@@ -99,16 +119,26 @@ pub fn build_image(name: &str, source: &ImageSource) -> Result<RootDisk> {
             cmd.arg("--rootfs").arg(path);
         }
     }
-    let out = cmd
+    let mut child = cmd
         .env("DORMANT_CACHE", dormant_core::default_dirs::cache_dir())
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| Error::RuntimeMissing {
             what: "bash",
             hint: format!("building an image runs its recipe with bash ({e})"),
         })?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
+    let stderr = child
+        .stderr
+        .take()
+        .map(|e| follow_recipe(name, e, progress));
+    let stderr = stderr.unwrap_or_default();
+    let status = child
+        .wait()
+        .map_err(|e| Error::runtime("build the root filesystem image", e))?;
+    let (stderr, built_now) = (stderr.tail, stderr.built);
+    if !status.success() {
         let tail: String = tail_lines(&stderr, 30);
         if stderr.contains("needs root") || stderr.contains("apt-get install") {
             return Err(Error::RuntimeMissing {
@@ -121,7 +151,7 @@ pub fn build_image(name: &str, source: &ImageSource) -> Result<RootDisk> {
             format!("{name}: {tail}"),
         ));
     }
-    RootDisk::built(name)?.ok_or_else(|| {
+    let disk = RootDisk::built(name)?.ok_or_else(|| {
         Error::runtime(
             "build the root filesystem image",
             format!(
@@ -129,7 +159,106 @@ pub fn build_image(name: &str, source: &ImageSource) -> Result<RootDisk> {
                 tail_lines(&stderr, 10)
             ),
         )
-    })
+    })?;
+    let stage = if built_now {
+        format!("image {name} ready")
+    } else {
+        format!("image {name} ready (cached)")
+    };
+    progress.report(&ProgressEvent::finished(
+        stage,
+        IMAGE_BUILD_STEPS,
+        Unit::Steps,
+    ));
+    Ok(disk)
+}
+
+/// What [`follow_recipe`] kept of the recipe's stderr.
+#[derive(Default)]
+struct RecipeOutput {
+    /// Its last [`KEPT_LINES`] lines.
+    tail: String,
+    /// Whether the recipe built the image (rather than finding it in the cache).
+    built: bool,
+}
+
+/// How many of the recipe's last stderr lines are kept for an error's message.
+const KEPT_LINES: usize = 30;
+/// The longest stderr line read at once (a longer one is taken in pieces).
+const MAX_LINE: u64 = 4096;
+/// The longest stage text an output line gives.
+const MAX_STAGE: usize = 100;
+
+/// Reads the image recipe's stderr to its end, reporting its stages (the `==>` lines
+/// build-image.sh writes, and mmdebstrap's or apt's lines as the stage's text).
+fn follow_recipe(name: &str, stderr: impl std::io::Read, progress: &dyn Progress) -> RecipeOutput {
+    use std::io::{BufRead, Read};
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut kept = std::collections::VecDeque::with_capacity(KEPT_LINES);
+    let mut built = false;
+    let mut done = 0;
+    let mut stage = String::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        if kept.len() == KEPT_LINES {
+            kept.pop_front();
+        }
+        kept.push_back(text.clone());
+        let (now, what) = match text.strip_prefix("==> ") {
+            Some(step) if step.starts_with(&format!("image {name}: ext4")) => {
+                (1, format!("image {name}: ext4 filesystem"))
+            }
+            Some(step) if step.starts_with(&format!("image {name} built")) => {
+                built = true;
+                (2, format!("image {name} built"))
+            }
+            Some(step) if step.starts_with(&format!("image {name}: mmdebstrap")) => {
+                (0, format!("image {name}: packages (mmdebstrap)"))
+            }
+            Some(step) if step.starts_with(&format!("image {name}: root filesystem")) => (
+                0,
+                format!("image {name}: root filesystem{}", after(step, " from")),
+            ),
+            Some(step) => (done, format!("image {name}: {step}")),
+            // Another tool's line (mmdebstrap, apt): the current stage's detail.
+            None if !text.is_empty() && !stage.is_empty() => {
+                let base = stage.split(" — ").next().unwrap_or_default().to_owned();
+                (done, format!("{base} — {text}"))
+            }
+            None => continue,
+        };
+        done = done.max(now);
+        stage = cut(&what, MAX_STAGE);
+        progress.report(&ProgressEvent::new(
+            stage.clone(),
+            done,
+            Some(IMAGE_BUILD_STEPS),
+            Unit::Steps,
+        ));
+    }
+    RecipeOutput {
+        tail: Vec::from(kept).join("\n"),
+        built,
+    }
+}
+
+/// The part of `s` from `marker` on (`""` without it).
+fn after<'a>(s: &'a str, marker: &str) -> &'a str {
+    s.find(marker).map_or("", |i| &s[i..])
+}
+
+/// `s` cut to at most `max` characters, with `…` where it was cut.
+pub(super) fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 /// The built-in image `name` as this library's recipe makes it: the recipe runs once per

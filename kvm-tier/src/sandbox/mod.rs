@@ -82,9 +82,10 @@ use crate::machine::{Machine, MachineUsage};
 use crate::snapshot;
 use crate::virtio::vsock::VsockStream;
 
+pub use create::BOOT_STEPS;
 pub use image::{
-    BUILTIN_IMAGES, DEFAULT_IMAGE, GuestImage, ImageSource, KvmOptions, RootDisk, build_image,
-    list_images,
+    BUILTIN_IMAGES, DEFAULT_IMAGE, GuestImage, IMAGE_BUILD_STEPS, ImageSource, KvmOptions,
+    RootDisk, build_image, build_image_with_progress, list_images,
 };
 pub use live::KvmInterrupter;
 use live::{CallControl, check_path};

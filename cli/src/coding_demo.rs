@@ -145,7 +145,10 @@ pub fn run() -> Result<()> {
     );
     let t_cold = Instant::now();
     let t = Instant::now();
-    let mut sb = dormant::runtime(Tier::Kvm)?.create(store.clone(), spec)?;
+    let bar = crate::progress_bar::Bar::new();
+    let sb = dormant::runtime(Tier::Kvm)?.create_with_progress(store.clone(), spec, &bar);
+    bar.finish();
+    let mut sb = sb?;
     let t_create = secs(t);
     let t = Instant::now();
     sb.write_file("/root/app/main.py", APP.as_bytes())?;

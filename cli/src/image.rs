@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use dormant::kvm::{BUILTIN_IMAGES, ImageSource, build_image, list_images};
+use dormant::kvm::{BUILTIN_IMAGES, ImageSource, build_image_with_progress, list_images};
 use dormant::{Error, Result};
 
 pub const USAGE: &str = "image build NAME [--packages \"P1 P2 …\" | --rootfs DIR|TAR] | image list";
@@ -30,7 +30,10 @@ pub fn command(args: &[String]) -> Result<()> {
             eprintln!(
                 "building image {name} (the first build of a Debian image takes a minute or two)"
             );
-            let disk = build_image(name, &source)?;
+            let bar = crate::progress_bar::Bar::new();
+            let disk = build_image_with_progress(name, &source, &bar);
+            bar.finish();
+            let disk = disk?;
             println!(
                 "{}: {} ({}, {:.1} s)",
                 disk.name,

@@ -290,7 +290,7 @@ fn command(
 #[pymethods]
 impl NativeSandbox {
     #[staticmethod]
-    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes, output_limit=None, image=None, network=None))]
+    #[pyo3(signature = (tier, store_root, memory_mib, timeout, idle_standby, env, volumes, output_limit=None, image=None, network=None, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -304,6 +304,7 @@ impl NativeSandbox {
         output_limit: Option<usize>,
         image: Option<String>,
         network: Option<PolicyLists>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<NativeSandbox> {
         let tier: Tier = tier.parse().map_err(|e| to_py(py, e))?;
         let mut spec = SandboxSpec::default_for(tier);
@@ -325,11 +326,20 @@ impl NativeSandbox {
         for (host, guest, read_only) in volumes {
             spec = spec.mount(host, guest, read_only);
         }
-        let made = py.detach(move || -> Result<NativeSandbox, Error> {
+        let progress = PyProgress::new(progress);
+        let made = py.detach(|| -> Result<NativeSandbox, Error> {
             let store = store(store_root)?;
-            let sb = dormant::runtime(tier)?.create(store.clone(), spec)?;
+            let sb =
+                dormant::runtime(tier)?.create_with_progress(store.clone(), spec, &progress)?;
             Ok(NativeSandbox::new(sb, idle, store))
         });
+        if let Err(raised) = progress.raise() {
+            // The callback failed the create: the sandbox it made goes.
+            if let Ok(sb) = made {
+                let _ = sb.kill(py);
+            }
+            return Err(raised);
+        }
         made.map_err(|e| to_py(py, e))
     }
 
@@ -795,18 +805,13 @@ fn build_template(
         (None, Some(cmd)) => Some(Ready::Command(cmd)),
         (None, None) => None,
     };
-    let progress = Arc::new(PyProgress {
-        callback: progress,
-        failed: Mutex::new(None),
-    });
+    let progress = Arc::new(PyProgress::new(progress));
     let theirs = progress.clone();
     let r = interruptible(py, None, move || -> Result<_, Error> {
         let b = t.build_with_progress(store(store_root)?, &*theirs)?;
         Ok((b.record.snapshot.to_string(), b.built))
     })?;
-    if let Some(e) = progress.failed.lock().take() {
-        return Err(e);
-    }
+    progress.raise()?;
     r.map_err(|e| to_py(py, e))
 }
 
@@ -815,6 +820,20 @@ fn build_template(
 struct PyProgress {
     callback: Option<Py<PyAny>>,
     failed: Mutex<Option<PyErr>>,
+}
+
+impl PyProgress {
+    fn new(callback: Option<Py<PyAny>>) -> PyProgress {
+        PyProgress {
+            callback,
+            failed: Mutex::new(None),
+        }
+    }
+
+    /// The callback's first exception, if it raised one.
+    fn raise(&self) -> PyResult<()> {
+        self.failed.lock().take().map_or(Ok(()), Err)
+    }
 }
 
 impl dormant::Progress for PyProgress {
@@ -971,13 +990,15 @@ fn delete_snapshot(py: Python<'_>, snapshot_id: &str, store_root: PathBuf) -> Py
 
 /// Builds (or finds in the cache) the root filesystem image `name`: `(name, path,
 /// fingerprint)`. `packages` and `rootfs` exclude each other; neither is a built-in image.
+/// `progress` is called with `(stage, done, total, unit, finished)` as the build moves.
 #[pyfunction]
-#[pyo3(signature = (name, packages=None, rootfs=None))]
+#[pyo3(signature = (name, packages=None, rootfs=None, progress=None))]
 fn build_image(
     py: Python<'_>,
     name: String,
     packages: Option<Vec<String>>,
     rootfs: Option<PathBuf>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<(String, String, String)> {
     use dormant::kvm::ImageSource;
     let source = match (packages, rootfs) {
@@ -991,7 +1012,9 @@ fn build_image(
             ));
         }
     };
-    let r = py.detach(|| dormant::kvm::build_image(&name, &source));
+    let progress = PyProgress::new(progress);
+    let r = py.detach(|| dormant::kvm::build_image_with_progress(&name, &source, &progress));
+    progress.raise()?;
     let d = r.map_err(|e| to_py(py, e))?;
     Ok((d.name, d.path.display().to_string(), d.fingerprint))
 }

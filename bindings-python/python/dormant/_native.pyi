@@ -39,6 +39,7 @@ class NativeSandbox:
         output_limit: int | None = None,
         image: str | None = None,
         network: tuple[list[str], list[str]] | None = None,
+        progress: Callable[[str, int, int | None, str, bool], object] | None = None,
     ) -> NativeSandbox: ...
     @staticmethod
     def from_template(
@@ -142,7 +143,10 @@ def build_template(
 ) -> tuple[str, bool]: ...
 def list_templates(store_root: str) -> list[tuple[str, str, str, int]]: ...
 def build_image(
-    name: str, packages: list[str] | None = None, rootfs: str | None = None
+    name: str,
+    packages: list[str] | None = None,
+    rootfs: str | None = None,
+    progress: Callable[[str, int, int | None, str, bool], object] | None = None,
 ) -> tuple[str, str, str]: ...
 def list_images() -> list[tuple[str, str, str]]: ...
 def parse_network_policy(allow: list[str], deny: list[str]) -> tuple[list[str], list[str]]: ...

@@ -482,6 +482,7 @@ class Sandbox:
         volumes: Mapping[str, StrPath | Volume] | None = None,
         output_limit: int | None = None,
         network: NetworkArg = None,
+        progress: ProgressCallback | None = None,
     ) -> Sandbox:
         """A new sandbox: a Python session (``tier="wasi"``, the default) or a Linux microVM
         (``tier="kvm"``). ``image`` names the microVM's root filesystem (``"base"``, Debian, the
@@ -504,7 +505,19 @@ class Sandbox:
         new id, on the template's tier (a different ``tier`` is an :class:`InvalidArgument`),
         with everything else the template's; ``volumes`` then grants host directories to the
         template's mount points (those left out show an empty, read-only directory), and
-        ``network``, when given, replaces the template's policy."""
+        ``network``, when given, replaces the template's policy.
+
+        ``progress``, if given, is called with a :class:`ProgressEvent` (unit ``"steps"``) as
+        the create moves, and once at the end (``finished=True``, stage ``"sandbox ready"``).
+        A Linux microVM whose base (the booted image, per image and ``memory_mib``) is not
+        cached yet boots it first, which can take minutes: its events are ``"boot: kernel"``
+        (then ``"boot: kernel — LINE"``, the serial console's last line, as it changes, step
+        0 of 4), ``"boot: agent answered"`` (1), ``"boot: snapshot of the base"`` (2) and
+        ``"boot: resume the base"`` (3); a cached base gives the final event only (``"sandbox
+        ready (base cached)"``). The WASI tier and ``template=`` report the final event only.
+        It runs on the create's thread; an exception it raises is raised when the create
+        returns (the sandbox it made is killed)."""
+        report = _native_progress(progress)
         if tier is not None:
             if not isinstance(tier, str):
                 raise TypeError(f"tier must be a str, not {type(tier).__name__}")
@@ -537,12 +550,14 @@ class Sandbox:
                     "template has the template's; build a template with them"
                 )
             native = _native.NativeSandbox.from_template(template, root, idle, vols, tier)
-            if net is not None:
-                try:
+            try:
+                if net is not None:
                     native.set_network(*net)
-                except BaseException:
-                    native.kill()
-                    raise
+                if report is not None:
+                    report("sandbox ready", 1, 1, "steps", True)
+            except BaseException:
+                native.kill()
+                raise
             return cls(native, root)
         if image is not None:
             if not isinstance(image, str):
@@ -565,6 +580,7 @@ class Sandbox:
             _positive_int("output_limit", output_limit),
             image,
             net,
+            report,
         )
         return cls(native, root)
 
@@ -999,14 +1015,26 @@ class ImageInfo:
 
 
 def build_image(
-    name: str, *, packages: Sequence[str] | None = None, rootfs: StrPath | None = None
+    name: str,
+    *,
+    packages: Sequence[str] | None = None,
+    rootfs: StrPath | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ImageInfo:
     """Builds the Linux root filesystem image ``name`` for ``Sandbox.create(image=name)``, or
     finds it built: ``"base"``/``"coding"`` (built-in), ``packages=[...]`` (``base`` plus these
     Debian packages), or ``rootfs=`` (a directory, or a tar archive such as ``docker
     export``'s). Cached by a hash of the recipe; needs root and apt (mmdebstrap). Raises
     :class:`InvalidArgument` for a bad name or package, :class:`RuntimeMissing` where it
-    cannot build here."""
+    cannot build here.
+
+    ``progress``, if given, is called with a :class:`ProgressEvent` (unit ``"steps"``, 3 in
+    all) as the build moves: step 0 while the root filesystem is made (``"image NAME: packages
+    (mmdebstrap)"`` or ``"image NAME: root filesystem from PATH"``), 1 for the ext4
+    filesystem, 2 once built, with a tool's output line as ``"STAGE — LINE"``; then a final
+    event (``finished=True``, ``"image NAME ready"``). An image found in the cache gives the
+    final event only (``"image NAME ready (cached)"``). It runs on the build's thread; an
+    exception it raises is raised when the build returns."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
     pkgs = None
@@ -1015,7 +1043,7 @@ def build_image(
             raise TypeError("packages must be a sequence of str")
         pkgs = list(packages)
     root = None if rootfs is None else os.fspath(rootfs)
-    return ImageInfo(*_native.build_image(name, pkgs, root))
+    return ImageInfo(*_native.build_image(name, pkgs, root, _native_progress(progress)))
 
 
 def list_images() -> list[ImageInfo]:

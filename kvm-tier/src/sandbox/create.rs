@@ -118,15 +118,7 @@ impl KvmSandbox {
         progress: &dyn Progress,
     ) -> Result<KvmSandbox> {
         require_kvm()?;
-        let step = |stage: &str, done| {
-            progress.report(&ProgressEvent::new(
-                stage,
-                done,
-                Some(BOOT_STEPS),
-                Unit::Steps,
-            ));
-        };
-        step("boot: kernel", 0);
+        boot_step(progress, "boot: kernel", 0);
         let mem_size = usize::try_from(spec.memory_limit)
             .map_err(|_| Error::InvalidSpec("memory_limit does not fit this host".into()))?;
         let disk_image = match &image.root {
@@ -159,7 +151,7 @@ impl KvmSandbox {
         sb.machine = Some(machine);
         let timeout = sb.opts.boot_timeout;
         sb.connect_watching(timeout, &console, progress)?;
-        step("boot: agent answered", 1);
+        boot_step(progress, "boot: agent answered", 1);
         sb.mount_volumes()?;
         Ok(sb)
     }
@@ -227,20 +219,12 @@ impl KvmSandbox {
         base_spec.network = dormant_core::NetworkPolicy::off();
         let mut booted =
             Self::boot_reporting(store.clone(), image, base_spec, opts.clone(), progress)?;
-        let step = |stage: &str, done| {
-            progress.report(&ProgressEvent::new(
-                stage,
-                done,
-                Some(BOOT_STEPS),
-                Unit::Steps,
-            ));
-        };
-        step("boot: snapshot of the base", 2);
+        boot_step(progress, "boot: snapshot of the base", 2);
         let id = booted.checkpoint()?;
         booted.release();
         dormant_core::fsutil::write_atomic(&record, id.to_string().as_bytes())
             .map_err(|e| Error::store("record base snapshot", &record, e))?;
-        step("boot: resume the base", 3);
+        boot_step(progress, "boot: resume the base", 3);
         Ok((id, true))
     }
 
@@ -279,7 +263,7 @@ impl KvmSandbox {
                 if line != last {
                     last = line.to_owned();
                     let stage = format!("boot: kernel — {}", cut(line, CONSOLE_LINE));
-                    progress.report(&ProgressEvent::new(stage, 0, Some(BOOT_STEPS), Unit::Steps));
+                    boot_step(progress, &stage, 0);
                 }
             }
         })
@@ -322,6 +306,16 @@ impl KvmSandbox {
 /// How many steps [`KvmSandbox::create_with_progress`] reports: kernel, agent, snapshot of
 /// the base, resume.
 pub const BOOT_STEPS: u64 = 4;
+
+/// Reports step `done` of a first boot's [`BOOT_STEPS`].
+fn boot_step(progress: &dyn Progress, stage: &str, done: u64) {
+    progress.report(&ProgressEvent::new(
+        stage,
+        done,
+        Some(BOOT_STEPS),
+        Unit::Steps,
+    ));
+}
 
 /// How often a booting guest's console is looked at for progress.
 const CONSOLE_POLL: Duration = Duration::from_millis(250);

@@ -105,7 +105,7 @@ fn fd_readdir(
 }
 
 /// Runs `f` with the guest's memory and the store's data, like wiggle's generated imports.
-fn with_memory<T, R>(
+pub(crate) fn with_memory<T, R>(
     caller: &mut Caller<'_, T>,
     f: impl FnOnce(&mut GuestMemory<'_>, &mut T) -> wasmtime::Result<R>,
 ) -> wasmtime::Result<R> {

@@ -40,11 +40,16 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
          iovs_len: i32,
          nwritten: i32|
          -> wasmtime::Result<i32> {
-            with_memory(&mut caller, |mem, h: &mut Host| {
-                let errno = in_tokio(p1::fd_write(&mut h.wasi, mem, fd, iovs, iovs_len, nwritten))?;
-                count(mem, &mut h.written, fd, errno, nwritten);
-                Ok(errno)
-            })
+            with_memory(
+                &mut caller,
+                |h: &mut Host| &mut h.wasi,
+                |mem, h: &mut Host| {
+                    let errno =
+                        in_tokio(p1::fd_write(&mut h.wasi, mem, fd, iovs, iovs_len, nwritten))?;
+                    count(mem, &mut h.written, fd, errno, nwritten);
+                    Ok(errno)
+                },
+            )
         },
     )?;
     linker.func_wrap(
@@ -57,19 +62,23 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
          offset: i64,
          nwritten: i32|
          -> wasmtime::Result<i32> {
-            with_memory(&mut caller, |mem, h: &mut Host| {
-                let errno = in_tokio(p1::fd_pwrite(
-                    &mut h.wasi,
-                    mem,
-                    fd,
-                    iovs,
-                    iovs_len,
-                    offset,
-                    nwritten,
-                ))?;
-                count(mem, &mut h.written, fd, errno, nwritten);
-                Ok(errno)
-            })
+            with_memory(
+                &mut caller,
+                |h: &mut Host| &mut h.wasi,
+                |mem, h: &mut Host| {
+                    let errno = in_tokio(p1::fd_pwrite(
+                        &mut h.wasi,
+                        mem,
+                        fd,
+                        iovs,
+                        iovs_len,
+                        offset,
+                        nwritten,
+                    ))?;
+                    count(mem, &mut h.written, fd, errno, nwritten);
+                    Ok(errno)
+                },
+            )
         },
     )?;
     linker.allow_shadowing(false);

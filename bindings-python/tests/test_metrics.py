@@ -23,7 +23,7 @@ def test_metrics_move_with_what_the_guest_does(store: pathlib.Path) -> None:
         m0.memory_bytes = 0  # type: ignore[misc]
 
     sb.run_code("big = list(range(4_000_000))\nprint(sum(i * i for i in range(1_000_000)) > 0)")
-    sb.files.write("/tmp/out.bin", b"q" * 2_000_000)
+    sb.run_code("open('/tmp/out.bin', 'wb').write(b'q' * 2_000_000)")
     m1 = sb.metrics()
     assert m1.cpu_time_s > m0.cpu_time_s
     assert m1.memory_bytes >= m0.memory_bytes + 30_000_000  # 4 M list slots: 32 MB

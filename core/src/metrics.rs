@@ -25,10 +25,10 @@ pub struct Metrics {
     /// The most guest memory the sandbox may use, in bytes: the WASI tier's memory cap, the
     /// KVM tier's RAM size.
     pub memory_limit_bytes: u64,
-    /// Bytes written to the sandbox's filesystem since the handle was created or resumed: the
-    /// KVM tier counts the bytes written through its block device (the guest's writes, the
-    /// files API's, and the guest filesystem's own metadata and journal); the WASI tier counts
-    /// the files API's writes only (its guest's own file writes are not counted yet).
+    /// Bytes the guest wrote to its filesystem since the handle was created or resumed: the
+    /// WASI tier counts file writes (the guest's `fd_write`/`fd_pwrite` on files and the files
+    /// API's writes), the KVM tier the bytes written through its block device (which includes
+    /// the guest filesystem's own metadata and journal).
     pub disk_bytes_written: u64,
 }
 

@@ -17,6 +17,9 @@ pub struct Host {
     pub limits: Limits,
     /// Directory listings being read by the guest (see [`crate::readdir`]).
     pub readdir: Listings,
+    /// Bytes the guest wrote to files (descriptors past stdio) through `fd_write` and
+    /// `fd_pwrite` (see [`crate::written`]); the sandbox collects them after each call.
+    pub written: u64,
 }
 
 /// Memory and table caps; records whether the memory cap refused a growth.

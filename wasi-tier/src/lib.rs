@@ -54,6 +54,7 @@ pub mod python;
 mod readdir;
 pub mod runtime;
 pub mod sandbox;
+mod written;
 
 pub use runtime::{RuntimeConfig, WasiRuntime};
 pub use sandbox::{Interrupter, WasiSandbox};

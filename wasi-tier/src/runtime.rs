@@ -281,6 +281,8 @@ impl WasiRuntime {
         // `fd_readdir` in linear time (wasmtime-wasi's is quadratic in the directory's size).
         crate::readdir::add_to_linker(&mut l, |h: &mut Host| (&mut h.wasi, &mut h.readdir))
             .map_err(err)?;
+        // File writes counted for the sandbox's metrics.
+        crate::written::add_to_linker(&mut l).map_err(err)?;
         for imp in module.imports() {
             if imp.module() == "wasi_snapshot_preview1" {
                 continue;

@@ -1,5 +1,5 @@
 //! `Sandbox::metrics` on real WASI sandboxes: CPU time of guest calls, linear memory in use,
-//! bytes written through the files API, and a managed sandbox read in standby without waking it.
+//! bytes written to files, and a managed sandbox read in standby without waking it.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions unwrap too
 
@@ -49,19 +49,31 @@ fn memory_grows_with_a_big_list_and_stays_under_the_cap() {
 }
 
 #[test]
-fn disk_bytes_written_counts_the_files_apis_writes() {
+fn disk_bytes_written_counts_what_a_cell_writes_to_files() {
     let env = Env::new();
     let mut sb = python(&env);
     let before = sb.metrics().unwrap().disk_bytes_written;
+    // Output to stdout is not a file write.
+    sb.run_code("print('x' * 100_000)").unwrap();
+    let after_print = sb.metrics().unwrap().disk_bytes_written;
+    assert!(after_print - before < 100_000, "{before} -> {after_print}");
+    sb.run_code(
+        "with open('/tmp/blob', 'wb') as f:\n    for _ in range(10):\n        f.write(b'a' * 100_000)",
+    )
+    .unwrap();
+    let after = sb.metrics().unwrap().disk_bytes_written;
+    assert!(after >= after_print + 1_000_000, "{after_print} -> {after}");
+    // The files API's writes count too.
     sb.write_file("/tmp/other", &[7u8; 5000]).unwrap();
-    assert_eq!(sb.metrics().unwrap().disk_bytes_written, before + 5000);
+    assert!(sb.metrics().unwrap().disk_bytes_written >= after + 5000);
 }
 
 #[test]
 fn a_standby_managed_sandbox_reports_zero_memory_and_its_counters_without_waking() {
     let env = Env::new();
     let mut sb = python(&env);
-    sb.write_file("/tmp/f", &[b'z'; 300_000]).unwrap();
+    sb.run_code("with open('/tmp/f', 'wb') as f:\n    f.write(b'z' * 300_000)")
+        .unwrap();
     let m = Managed::new(sb, None);
     let running = m.metrics().unwrap();
     assert!(running.memory_bytes > 0);

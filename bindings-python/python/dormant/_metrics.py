@@ -30,10 +30,9 @@ class Metrics:
     memory_limit_bytes: int
     """The most guest memory the sandbox may use, in bytes (its ``memory_mib``)."""
     disk_bytes_written: int
-    """Bytes written to the sandbox's filesystem: on the KVM tier the bytes written through its
-    block device (the guest's writes, ``files.write`` and the guest filesystem's metadata and
-    journal); on the WASI tier ``files.write`` only (the guest's own file writes are not
-    counted yet)."""
+    """Bytes the guest wrote to its filesystem: file writes on the WASI tier (the guest's and
+    ``files.write``), bytes written through the block device on the KVM tier (the guest
+    filesystem's metadata and journal included)."""
     snapshot_bytes_stored: int
     """Bytes on disk that only this sandbox's snapshots need (0 before its first
     checkpoint)."""

@@ -3,9 +3,9 @@
 //! also drop the listings of the descriptors they close, and [`add_to_linker`], which puts the
 //! three over wasmtime-wasi's in a linker.
 
-use wasmtime::{Caller, Extern, Linker};
+use wasmtime::{AsContextMut, Caller, Extern, Linker};
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::p1::wasi_snapshot_preview1 as p1;
+use wasmtime_wasi::p1::wasi_snapshot_preview1::{self as p1, WasiSnapshotPreview1};
 use wasmtime_wasi::runtime::in_tokio;
 use wiggle::{GuestMemory, GuestPtr};
 
@@ -104,17 +104,29 @@ fn fd_readdir(
     Ok(0)
 }
 
-/// Runs `f` with the guest's memory and the store's data, like wiggle's generated imports.
-fn with_memory<T, R>(
+/// Runs `f` with the guest's memory and the store's data, as wiggle's generated imports do,
+/// including the hand-over of the store's hostcall fuel to the WASI context (`wasi` finds it
+/// in the store's data): wasmtime-wasi checks what a call copies out of the guest (a write's
+/// iovecs and buffers, a path) against that fuel and answers ENOMEM past it, and a context
+/// that never got any (a fresh one, as after a resume) has none. Every shadowing import goes
+/// through here, so none can call wasmtime-wasi without it.
+pub(crate) fn with_memory<T, R>(
     caller: &mut Caller<'_, T>,
+    wasi: impl FnOnce(&mut T) -> &mut WasiP1Ctx,
     f: impl FnOnce(&mut GuestMemory<'_>, &mut T) -> wasmtime::Result<R>,
 ) -> wasmtime::Result<R> {
+    let fuel = caller.as_context_mut().hostcall_fuel();
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => {
             let (mem, data) = m.data_and_store_mut(&mut *caller);
+            wasi(data).set_hostcall_fuel(fuel);
             f(&mut GuestMemory::Unshared(mem), data)
         }
-        Some(Extern::SharedMemory(m)) => f(&mut GuestMemory::Shared(m.data()), caller.data_mut()),
+        Some(Extern::SharedMemory(m)) => {
+            let data = caller.data_mut();
+            wasi(data).set_hostcall_fuel(fuel);
+            f(&mut GuestMemory::Shared(m.data()), data)
+        }
         _ => Err(wasmtime::Error::msg("missing required memory export")),
     }
 }
@@ -139,33 +151,45 @@ pub(crate) fn add_to_linker<T: 'static>(
               cookie: i64,
               bufused: i32|
               -> wasmtime::Result<i32> {
-            with_memory(&mut caller, |mem, data| {
-                let (wasi, listings) = get(data);
-                fd_readdir(wasi, listings, mem, fd, buf, buf_len, cookie, bufused)
-            })
+            with_memory(
+                &mut caller,
+                |d| get(d).0,
+                |mem, data| {
+                    let (wasi, listings) = get(data);
+                    fd_readdir(wasi, listings, mem, fd, buf, buf_len, cookie, bufused)
+                },
+            )
         },
     )?;
     linker.func_wrap(
         M,
         "fd_close",
         move |mut caller: Caller<'_, T>, fd: i32| -> wasmtime::Result<i32> {
-            with_memory(&mut caller, |mem, data| {
-                let (wasi, listings) = get(data);
-                listings.forget(fd as u32);
-                in_tokio(p1::fd_close(wasi, mem, fd))
-            })
+            with_memory(
+                &mut caller,
+                |d| get(d).0,
+                |mem, data| {
+                    let (wasi, listings) = get(data);
+                    listings.forget(fd as u32);
+                    in_tokio(p1::fd_close(wasi, mem, fd))
+                },
+            )
         },
     )?;
     linker.func_wrap(
         M,
         "fd_renumber",
         move |mut caller: Caller<'_, T>, from: i32, to: i32| -> wasmtime::Result<i32> {
-            with_memory(&mut caller, |mem, data| {
-                let (wasi, listings) = get(data);
-                listings.forget(from as u32);
-                listings.forget(to as u32);
-                in_tokio(p1::fd_renumber(wasi, mem, from, to))
-            })
+            with_memory(
+                &mut caller,
+                |d| get(d).0,
+                |mem, data| {
+                    let (wasi, listings) = get(data);
+                    listings.forget(from as u32);
+                    listings.forget(to as u32);
+                    in_tokio(p1::fd_renumber(wasi, mem, from, to))
+                },
+            )
         },
     )?;
     linker.allow_shadowing(false);

@@ -39,4 +39,4 @@ mod dirents;
 mod tests;
 
 pub(crate) use cache::Listings;
-pub(crate) use calls::add_to_linker;
+pub(crate) use calls::{add_to_linker, with_memory};

@@ -87,6 +87,7 @@ impl WasiSandbox {
                 wasi,
                 limits: Limits::new(spec.memory_limit),
                 readdir: Default::default(),
+                written: 0,
             },
         );
         store.limiter(|h| &mut h.limits);

@@ -46,9 +46,11 @@ impl WasiSandbox {
             CpuClock::count(&mut cpu, || f(&mut *live))
         };
         live.store.set_epoch_deadline(u64::MAX / 2);
+        let written = std::mem::take(&mut live.store.data_mut().written);
         let fault = live.guard.fault();
         let memory_hit = live.store.data().limits.memory_hit;
         self.used.cpu_time += cpu;
+        self.used.written += written;
         if let Some(addr) = fault {
             // Whatever the call returned, it ran on memory that is not the snapshot's.
             return Err(self.lose_memory(addr));
@@ -217,6 +219,7 @@ impl WasiSandbox {
                 wasi,
                 limits: Limits::new(self.spec.memory_limit),
                 readdir: Default::default(),
+                written: 0,
             },
         );
         store.limiter(|h| &mut h.limits);
@@ -236,6 +239,7 @@ impl WasiSandbox {
             let _active = self.rt.inner.ticker.active();
             CpuClock::count(&mut self.used.cpu_time, || start.call(&mut store, ()))
         };
+        self.used.written += store.data().written;
         let exit_code = match r {
             Ok(()) => 0,
             Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {

@@ -106,8 +106,8 @@ pub struct WasiSandbox {
 struct Used {
     /// Thread CPU time spent in calls into the guest (cells, export calls, commands).
     cpu_time: Duration,
-    /// Bytes written through the files API (the guest's own file writes are not counted on
-    /// this tier yet).
+    /// Bytes written to files: the guest's writes (harvested from its store after each call)
+    /// and the files API's.
     written: u64,
 }
 
@@ -284,8 +284,7 @@ impl Sandbox for WasiSandbox {
     }
 
     /// CPU time of the calls into the guest, the linear memory's size (zero without a live
-    /// instance: in standby, after kill) under the memory cap, and the bytes written through
-    /// the files API (the guest's own file writes are not counted on this tier yet).
+    /// instance: in standby, after kill) under the memory cap, and the bytes written to files.
     fn metrics(&mut self) -> Result<Metrics> {
         Ok(Metrics {
             cpu_time: self.used.cpu_time,

@@ -13,7 +13,7 @@
 //! dormant image list           the images built into the cache
 //! dormant template build FILE  build (or reuse) the template a TOML file describes
 //! dormant template list        list the store's templates
-//! dormant shell SNAPSHOT       an interactive terminal on the snapshot's sandbox (see shell.rs)
+//! dormant shell SNAPSHOT|SANDBOX  an interactive terminal on the sandbox (see shell.rs)
 //! ```
 //! The store is `$DORMANT_STORE` or the user's data directory; the cache `$DORMANT_CACHE` or the
 //! user's cache directory.
@@ -38,7 +38,7 @@ fn ms(t: Instant) -> f64 {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | usage | delete ID | compact ID | gc | \
-         template build FILE | template list | shell SNAPSHOT | {}",
+         template build FILE | template list | shell SNAPSHOT|SANDBOX | {}",
         image::USAGE
     );
     ExitCode::from(2)

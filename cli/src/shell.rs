@@ -1,11 +1,12 @@
-//! `dormant shell SNAPSHOT`: an interactive terminal on a sandbox.
+//! `dormant shell SNAPSHOT_OR_SANDBOX`: an interactive terminal on a sandbox.
 //!
-//! Resumes the snapshot, starts the sandbox's shell on a terminal the size of this one, and
-//! attaches to it: the local terminal goes into raw mode (every key, Ctrl-C included, goes to
+//! Resumes the snapshot (or the latest snapshot of the sandbox with that id in the store),
+//! starts the sandbox's shell on a terminal the size of this one, and attaches to it: the local terminal goes into raw mode (every key, Ctrl-C included, goes to
 //! the sandbox's shell; restored on every way out: the shell's end, an error, a panic, SIGTERM,
 //! SIGHUP), a resize of the local window resizes the sandbox's terminal (`SIGWINCH`). When the
 //! shell ends (`exit`, Ctrl-D) the sandbox goes to standby and the new snapshot's id is printed
-//! (`snapshot ID` on stdout), so the next `dormant shell` continues from there.
+//! (`snapshot ID` on stdout), so the next `dormant shell` (with that id, or the sandbox's)
+//! continues from there.
 //!
 //! With stdin not a terminal (a script, a test), nothing is put in raw mode: input is copied
 //! as it comes, and end of input stops copying (the shell goes on until it exits).
@@ -57,12 +58,23 @@ fn window_size() -> Option<TerminalSize> {
     TerminalSize::new(ws.ws_col.into(), ws.ws_row.into()).ok()
 }
 
-/// Runs `dormant shell TARGET`.
+/// The snapshot `dormant shell TARGET` resumes: TARGET itself when it is a snapshot id, else
+/// the latest snapshot of the sandbox with that id in the store (`Error::SandboxNotFound` when
+/// the store has none, or the sandbox was killed).
+fn snapshot_of(store: &LocalStore, target: &str) -> Result<SnapshotId> {
+    if let Ok(id) = SnapshotId::parse(target) {
+        return Ok(id);
+    }
+    match store.sandbox(target)? {
+        Some(sandbox) => Ok(sandbox.latest),
+        None => Err(Error::SandboxNotFound(target.to_owned())),
+    }
+}
+
+/// Runs `dormant shell TARGET` (a snapshot id or a sandbox id).
 pub fn run(target: &str) -> Result<()> {
-    // A snapshot id today; resuming a sandbox by its id (the store's lookup of its latest
-    // snapshot) plugs in here, turning a sandbox id into the snapshot to resume.
-    let id: SnapshotId = crate::parse_id(target)?;
     let store = Arc::new(LocalStore::open_default()?);
+    let id = snapshot_of(&store, target)?;
     eprintln!("dormant shell: resuming {id}");
     let sb = dormant::resume(store, &id, &Grants::new())?;
     let m = Managed::new(sb, None);

@@ -1,7 +1,8 @@
 //! `dormant shell` driven through a real pseudo-terminal, as a person at a terminal would: the
 //! terminal's size reaches the sandbox (and its changes, with `SIGWINCH`), typing works in raw
 //! mode, `exit` ends the session with the sandbox in standby and a snapshot id printed, the
-//! local terminal's settings come back, and the next session continues from that snapshot.
+//! local terminal's settings come back, and the next session, named by the sandbox's id,
+//! continues from that snapshot.
 //! Skipped with a message where /dev/kvm is missing (the busybox `minimal` image boots once).
 
 #![allow(clippy::unwrap_used)]
@@ -149,6 +150,7 @@ fn dormant_shell_is_an_interactive_terminal_that_ends_in_standby() {
         .create(store.clone(), spec)
         .unwrap();
     let first = sb.standby().unwrap();
+    let sandbox_id = sb.id().to_owned();
     drop(sb);
 
     let mut s = Session::start(tmp.path(), first.as_str(), 100, 30);
@@ -192,8 +194,9 @@ fn dormant_shell_is_an_interactive_terminal_that_ends_in_standby() {
         .to_string();
     assert_ne!(snap, first.as_str());
 
-    // The next session continues from the printed snapshot.
-    let mut s = Session::start(tmp.path(), &snap, 80, 24);
+    // The next session, named by the sandbox's id, continues from its latest snapshot: the
+    // one just printed.
+    let mut s = Session::start(tmp.path(), &sandbox_id, 80, 24);
     let mark = s.mark();
     s.type_line("cat /tmp/marker");
     s.wait_for(mark, "from-the-shell");
@@ -209,4 +212,18 @@ fn dormant_shell_is_an_interactive_terminal_that_ends_in_standby() {
     s.master.write_all(&[4]).unwrap();
     let (out, _) = s.finish();
     assert!(out.contains("snapshot "), "{out}");
+}
+
+#[test]
+fn dormant_shell_names_a_sandbox_the_store_does_not_have() {
+    let tmp = tempfile::tempdir().unwrap();
+    LocalStore::open(tmp.path()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dormant"))
+        .args(["shell", "sb-no-such-sandbox"])
+        .env("DORMANT_STORE", tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sb-no-such-sandbox"), "{err}");
 }

@@ -4,6 +4,7 @@
 //! descriptor is past stdio (0-2 are the captured streams, not files).
 
 use wasmtime::{Caller, Linker};
+use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p1::wasi_snapshot_preview1 as p1;
 use wasmtime_wasi::runtime::in_tokio;
 use wiggle::{GuestMemory, GuestPtr};
@@ -26,6 +27,26 @@ fn count(mem: &GuestMemory<'_>, written: &mut u64, fd: i32, errno: i32, nwritten
     }
 }
 
+/// Runs wasmtime-wasi's write `call` on the guest's memory (through [`with_memory`], which
+/// hands the context its hostcall fuel) and counts what it wrote at `nwritten` to descriptor
+/// `fd`: the one body of both shadows.
+fn counted(
+    caller: &mut Caller<'_, Host>,
+    fd: i32,
+    nwritten: i32,
+    call: impl FnOnce(&mut WasiP1Ctx, &mut GuestMemory<'_>) -> wasmtime::Result<i32>,
+) -> wasmtime::Result<i32> {
+    with_memory(
+        caller,
+        |h: &mut Host| &mut h.wasi,
+        |mem, h: &mut Host| {
+            let errno = call(&mut h.wasi, mem)?;
+            count(mem, &mut h.written, fd, errno, nwritten);
+            Ok(errno)
+        },
+    )
+}
+
 /// Replaces wasmtime-wasi's `fd_write` and `fd_pwrite` in `linker` (which must already hold
 /// the preview-1 imports) with versions that count what they wrote to files.
 pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
@@ -40,16 +61,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
          iovs_len: i32,
          nwritten: i32|
          -> wasmtime::Result<i32> {
-            with_memory(
-                &mut caller,
-                |h: &mut Host| &mut h.wasi,
-                |mem, h: &mut Host| {
-                    let errno =
-                        in_tokio(p1::fd_write(&mut h.wasi, mem, fd, iovs, iovs_len, nwritten))?;
-                    count(mem, &mut h.written, fd, errno, nwritten);
-                    Ok(errno)
-                },
-            )
+            counted(&mut caller, fd, nwritten, |wasi, mem| {
+                in_tokio(p1::fd_write(wasi, mem, fd, iovs, iovs_len, nwritten))
+            })
         },
     )?;
     linker.func_wrap(
@@ -62,23 +76,11 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
          offset: i64,
          nwritten: i32|
          -> wasmtime::Result<i32> {
-            with_memory(
-                &mut caller,
-                |h: &mut Host| &mut h.wasi,
-                |mem, h: &mut Host| {
-                    let errno = in_tokio(p1::fd_pwrite(
-                        &mut h.wasi,
-                        mem,
-                        fd,
-                        iovs,
-                        iovs_len,
-                        offset,
-                        nwritten,
-                    ))?;
-                    count(mem, &mut h.written, fd, errno, nwritten);
-                    Ok(errno)
-                },
-            )
+            counted(&mut caller, fd, nwritten, |wasi, mem| {
+                in_tokio(p1::fd_pwrite(
+                    wasi, mem, fd, iovs, iovs_len, offset, nwritten,
+                ))
+            })
         },
     )?;
     linker.allow_shadowing(false);

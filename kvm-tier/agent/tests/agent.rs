@@ -1,6 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! The agent's server, in-process, over `UnixStream::pair`.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -762,13 +764,7 @@ fn a_timeout_too_far_to_represent_is_no_timeout() {
 
 /// A client on a socket connection (`serve_socket`), as the VM's vsock connections are.
 fn connect_socket() -> Client<UnixStream> {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    thread::spawn(move || {
-        let _ = serve_socket(theirs, ProcessTable::global());
-    });
-    ours.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    Client::new(ours)
+    common::connect_socket(Duration::from_secs(30))
 }
 
 #[test]

@@ -2,23 +2,17 @@
 //! Terminals (`pty_open`, `pty_resize`, `pty_attach`) on the agent's server, in-process, over
 //! `UnixStream::pair` (an attachment needs a socket, so these use `serve_socket`).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use dormant_agent::client::{Client, ClientError};
 use dormant_agent::proto::{MAX_TERMINAL_CELLS, TERMINAL_BACKLOG};
-use dormant_agent::server::{ProcessTable, serve_socket};
 
 fn connect() -> Client<UnixStream> {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    thread::spawn(move || {
-        let _ = serve_socket(theirs, ProcessTable::global());
-    });
-    ours.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    Client::new(ours)
+    common::connect_socket(Duration::from_secs(60))
 }
 
 fn agent_kind(e: &ClientError) -> &str {

@@ -3,6 +3,8 @@
 //! `UnixStream::pair` and the host's `python3`. (Its own test binary: the interpreter is one
 //! per process, and these tests end it on purpose; a lock runs them one at a time.)
 
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -19,13 +21,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn connect() -> Client<UnixStream> {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    thread::spawn(move || {
-        let _ = serve_socket(theirs, ProcessTable::global());
-    });
-    ours.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    Client::new(ours)
+    common::connect_socket(Duration::from_secs(60))
 }
 
 fn run(c: &mut Client<UnixStream>, code: &str) -> CellOutput {

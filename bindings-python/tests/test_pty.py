@@ -36,13 +36,17 @@ class Screen:
         with self.cv:
             return len(self.data)
 
-    def wait_for(self, want: str, after: int = 0) -> None:
+    def wait_for(self, want: str, after: int = 0) -> int:
+        """Waits until ``want`` shows after byte ``after``; returns the offset just past it."""
+        needle = want.encode()
+
         def seen() -> bool:
-            return want.encode() in self.data[after:]
+            return self.data.find(needle, after) >= 0
 
         with self.cv:
             if not self.cv.wait_for(seen, timeout=PATIENCE):
                 raise AssertionError(f"no {want!r} in {bytes(self.data)!r}")
+            return self.data.find(needle, after) + len(needle)
 
 
 def wait_until(cond: Callable[[], bool], what: str) -> None:
@@ -67,8 +71,11 @@ def test_a_terminal_resizes_echoes_and_its_shell_outlives_standby(kvm_store: pat
     term.resize(132, 43)
     mark = screen.mark()
     term.write("stty size\n")
-    screen.wait_for("43 132", after=mark)
-    # Typed input echoes (the command line itself), then the command answers.
+    answered = screen.wait_for("43 132", after=mark)
+    # Typed input echoes (the command line itself), then the command answers. Typed once the
+    # shell waits for input (its prompt, ``~ # ``, after that answer): typed ahead, the echo
+    # and the prompt may interleave, as on any terminal.
+    screen.wait_for("# ", after=answered)
     mark = screen.mark()
     term.write("KEPT=kept-$((6*7)); echo typed-$KEPT\n")
     screen.wait_for("KEPT=kept-$((6*7)); echo typed-$KEPT", after=mark)

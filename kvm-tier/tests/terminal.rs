@@ -51,11 +51,20 @@ impl Screen {
         self.seen.lock().unwrap().0.len()
     }
 
-    /// Waits until the output after byte `from` holds `want`.
-    fn wait_for(&self, from: usize, want: &str) {
+    /// Waits until the output after byte `from` holds `want`; returns the offset just past it.
+    fn wait_for(&self, from: usize, want: &str) -> usize {
         let deadline = Instant::now() + PATIENCE;
+        let want_bytes = want.as_bytes();
         let mut g = self.seen.lock().unwrap();
-        while !String::from_utf8_lossy(&g.0[from.min(g.0.len())..]).contains(want) {
+        loop {
+            let found = g.0.get(from..).and_then(|after| {
+                after
+                    .windows(want_bytes.len())
+                    .position(|w| w == want_bytes)
+            });
+            if let Some(at) = found {
+                return from + at + want_bytes.len();
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero() && !g.1,
@@ -115,8 +124,11 @@ fn a_shell_on_a_terminal_resizes_echoes_and_outlives_standby() {
         .unwrap();
     let mark = screen.len();
     link.write(b"stty size\n").unwrap();
-    screen.wait_for(mark, "43 132");
-    // Typed input echoes (the command line itself), then the command answers.
+    let answered = screen.wait_for(mark, "43 132");
+    // Typed input echoes (the command line itself), then the command answers. Typed once the
+    // shell waits for input (its prompt, `~ # `, after that answer): typed ahead, the echo and
+    // the prompt may interleave, as on any terminal.
+    screen.wait_for(answered, "# ");
     let mark = screen.len();
     link.write(b"KEPT=kept-$((6*7)); echo typed-$KEPT\n")
         .unwrap();

@@ -20,17 +20,38 @@ fn agent_kind(e: &ClientError) -> &str {
         .unwrap_or_else(|| panic!("expected an agent error, got {e:?}"))
 }
 
-/// Reads from an attachment until `seen` holds `want` (after `from`), at most a minute.
-fn read_until(pipe: &mut UnixStream, seen: &mut Vec<u8>, from: usize, want: &str) {
+/// The prompt of the shells these tests type into (dash takes `PS1` from its environment).
+const PROMPT: &str = "ready> ";
+
+/// Where `want` first occurs in `seen` at or after `from`: the offset just past it.
+fn find(seen: &[u8], from: usize, want: &str) -> Option<usize> {
+    let want = want.as_bytes();
+    seen.get(from..)?
+        .windows(want.len())
+        .position(|w| w == want)
+        .map(|at| from + at + want.len())
+}
+
+/// Reads from an attachment until `seen` holds `want` (after `from`), at most a minute;
+/// returns the offset just past it.
+fn read_until(pipe: &mut UnixStream, seen: &mut Vec<u8>, from: usize, want: &str) -> usize {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen[from..]).contains(want) {
+    loop {
+        if let Some(end) = find(seen, from, want) {
+            return end;
+        }
         assert!(
             Instant::now() < deadline,
             "no {want:?} in {:?}",
             String::from_utf8_lossy(seen)
         );
-        let n = pipe.read(&mut buf).unwrap();
+        let n = pipe.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "{e} waiting for {want:?} in {:?}",
+                String::from_utf8_lossy(seen)
+            )
+        });
         assert!(
             n > 0,
             "end of file before {want:?}: {:?}",
@@ -43,7 +64,9 @@ fn read_until(pipe: &mut UnixStream, seen: &mut Vec<u8>, from: usize, want: &str
 #[test]
 fn stty_size_follows_resize_and_typed_input_echoes() {
     let mut c = connect();
-    let pid = c.pty_open(&["sh"], &[], None, 80, 24).unwrap();
+    let pid = c
+        .pty_open(&["sh"], &[("PS1", PROMPT)], None, 80, 24)
+        .unwrap();
     let mut pipe = connect().pty_attach(pid).unwrap();
     let mut seen = Vec::new();
     pipe.write_all(b"stty size; echo \"term=$TERM\"\n").unwrap();
@@ -52,8 +75,11 @@ fn stty_size_follows_resize_and_typed_input_echoes() {
     c.pty_resize(pid, 132, 43).unwrap();
     let mark = seen.len();
     pipe.write_all(b"stty size\n").unwrap();
-    read_until(&mut pipe, &mut seen, mark, "43 132");
-    // The terminal echoes what is typed, before the command runs.
+    let answered = read_until(&mut pipe, &mut seen, mark, "43 132");
+    // The terminal echoes what is typed, before the command runs. Typed once the shell waits
+    // for input (its prompt after that answer): typed ahead, the echo and the prompt may
+    // interleave, as on any terminal.
+    read_until(&mut pipe, &mut seen, answered, PROMPT);
     let mark = seen.len();
     pipe.write_all(b"echo typed-$((40+2))\n").unwrap();
     read_until(&mut pipe, &mut seen, mark, "echo typed-$((40+2))");

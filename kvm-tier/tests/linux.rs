@@ -122,7 +122,13 @@ fn a_first_boot_reports_its_stages_in_order() {
 
 fn fresh() -> KvmSandbox {
     let (store, id) = booted();
-    KvmSandbox::from_snapshot(store.clone(), id).unwrap()
+    let t = std::time::Instant::now();
+    let sb = KvmSandbox::from_snapshot(store.clone(), id).unwrap();
+    // The resume's phases are parts of the call, the guest's first reply among them.
+    let phases = sb.resume_timings().unwrap();
+    assert!(phases.total() <= t.elapsed(), "{phases:?}");
+    assert!(phases.first_reply > Duration::ZERO, "{phases:?}");
+    sb
 }
 
 fn sh(sb: &mut KvmSandbox, script: &str) -> (String, i32) {

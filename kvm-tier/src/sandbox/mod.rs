@@ -133,6 +133,36 @@ pub struct KvmSandbox {
     /// What the machines this handle ran before its current one used (see
     /// [`Sandbox::metrics`]): added up as each is shut down (standby, resume, kill).
     used: MachineUsage,
+    /// Where the last resume's time went (see [`KvmSandbox::resume_timings`]).
+    resume_timings: Option<ResumeTimings>,
+}
+
+/// Where the time of a resume went, phase by phase, in the order they run (see
+/// `sandbox/restore.rs`): from reading the snapshot to the resumed guest's first reply.
+/// Wall-clock durations measured with `Instant` on the resuming thread; they add up to the
+/// time spent in `load` (the caller's own work before it, such as reading the manifest, is
+/// not in them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResumeTimings {
+    /// Reading and checking the layer chain and mapping RAM and disk copy-on-write
+    /// (`snapshot::load_machine`).
+    pub map: Duration,
+    /// A new VM with the saved vCPU and VM state, the devices restored and the vCPU started
+    /// (`Machine::restore`), and the previous machine of the handle let go.
+    pub restore: Duration,
+    /// Taking back the agent connection of the checkpoint (or connecting anew).
+    pub connect: Duration,
+    /// The first agent round trip of the resumed guest (entropy and wall clock refreshed):
+    /// the guest kernel's first work after the resume, where guest kernel code is emulated
+    /// most of a resume's time.
+    pub first_reply: Duration,
+}
+
+impl ResumeTimings {
+    /// All phases together.
+    pub fn total(&self) -> Duration {
+        self.map + self.restore + self.connect + self.first_reply
+    }
 }
 
 impl std::fmt::Debug for KvmSandbox {
@@ -176,7 +206,14 @@ impl KvmSandbox {
             ports: ports::Forwarder::new(),
             terminals: terminal::Attachments::default(),
             used: MachineUsage::default(),
+            resume_timings: None,
         }
+    }
+
+    /// Where the time of this handle's last resume (or the resume of its image's base snapshot
+    /// that `create` made) went, phase by phase; `None` before any. See [`ResumeTimings`].
+    pub fn resume_timings(&self) -> Option<ResumeTimings> {
+        self.resume_timings
     }
 
     /// The guest's serial console output so far (kernel log, agent messages).

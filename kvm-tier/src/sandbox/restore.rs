@@ -44,6 +44,7 @@
 //!    the next `run_code` reseeds the guest's Python PRNGs from that pool.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use dormant_agent::client::{Client, ClientError};
 use dormant_core::snapshot::SnapshotId;
@@ -52,7 +53,7 @@ use dormant_core::{Error, Grants, Mount, NetworkPolicy, Result};
 
 use super::create::volumes;
 use super::live::agent_error;
-use super::{AGENT_PORT, KvmOptions, KvmSandbox, require_kvm, runtime};
+use super::{AGENT_PORT, KvmOptions, KvmSandbox, ResumeTimings, require_kvm, runtime};
 use crate::machine::Machine;
 use crate::snapshot;
 
@@ -138,7 +139,9 @@ impl KvmSandbox {
         mounts: &[Mount],
         network: &NetworkPolicy,
     ) -> Result<()> {
+        let start = Instant::now();
         let snapshot::Loaded { vm, devices, disk } = snapshot::load_machine(&self.store, id)?;
+        let mapped = Instant::now();
         let devices = devices.ok_or_else(|| {
             Error::snapshot(
                 id,
@@ -151,6 +154,7 @@ impl KvmSandbox {
         let machine = Machine::restore(vm, &devices, disk, self.opts.console_echo, &volumes)
             .map_err(runtime("restore the guest's devices"))?;
         self.release();
+        let restored = Instant::now();
         self.ports.attach(machine.vsock());
         // A fresh NAT (the checkpoint's connections are gone) under the sandbox's policy.
         if let Some(net) = machine.net() {
@@ -173,7 +177,14 @@ impl KvmSandbox {
         if self.agent.is_none() {
             self.connect(self.opts.connect_timeout)?;
         }
+        let connected = Instant::now();
         self.refresh_guest()?;
+        self.resume_timings = Some(ResumeTimings {
+            map: mapped - start,
+            restore: restored - mapped,
+            connect: connected - restored,
+            first_reply: connected.elapsed(),
+        });
         Ok(())
     }
 

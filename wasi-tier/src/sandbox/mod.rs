@@ -183,7 +183,8 @@ impl WasiSandbox {
         self.fs = None;
         self.pending_fs = None;
         if let Some(w) = self.workdir.take() {
-            let _ = std::fs::remove_dir_all(w);
+            // Emptied and kept for this process's next sandbox (saves a resume its mkdir).
+            self.store.release_live_dir(w);
         }
     }
 

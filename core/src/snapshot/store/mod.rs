@@ -88,6 +88,17 @@ pub struct LocalStore {
     /// Data files whose CRC was checked by this process (a resume after the first is free).
     verified: Mutex<HashSet<(SnapshotId, String)>>,
     verify_data: bool,
+    /// Empty live directories this process released, for the next sandbox (see
+    /// [`LocalStore::new_live_dir`]); removed when the store is dropped.
+    pub(crate) spare_live: Mutex<Vec<PathBuf>>,
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        for dir in self.spare_live.get_mut().drain(..) {
+            let _ = fs::remove_dir(dir);
+        }
+    }
 }
 
 const MANIFEST: &str = "manifest.dsnp";
@@ -151,6 +162,7 @@ impl LocalStore {
             durability: Durability::Sync,
             verified: Mutex::new(HashSet::new()),
             verify_data: true,
+            spare_live: Mutex::new(Vec::new()),
         })
     }
 

@@ -2,12 +2,14 @@
 //! -p dormant-wasi --example first_call -- [ROUNDS]`. Builds a pandas session (200,000 rows),
 //! puts it in standby, then each round resumes it in process and times the handle, the first
 //! trivial cell (`len(df)`) and a second one (their page faults beside), after 20 times as
-//! many resumes released at once.
+//! many resumes released at once; then incremental checkpoints after a small cell, with and
+//! without fsync.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dormant_core::snapshot::store::Durability;
 use dormant_core::{LocalStore, Sandbox, SandboxSpec};
 use dormant_wasi::WasiRuntime;
 
@@ -66,6 +68,26 @@ fn main() {
         median(&mut release),
         rounds * 20
     );
+    // An incremental checkpoint after a small cell, with and without fsync.
+    for durability in [Durability::Sync, Durability::ProcessCrash] {
+        let store = Arc::new(
+            LocalStore::open(tmp.path().join("store"))
+                .unwrap()
+                .with_durability(durability),
+        );
+        let mut sb = rt.resume(store.clone(), &snap).unwrap();
+        let mut ckpt = Vec::new();
+        for i in 0..rounds {
+            sb.run_code(&format!("turn = {i}")).unwrap();
+            let t = Instant::now();
+            sb.checkpoint().unwrap();
+            ckpt.push(t.elapsed());
+        }
+        println!(
+            "checkpoint after a small cell, {durability:?}: {:.3?} (median of {rounds})",
+            median(&mut ckpt)
+        );
+    }
     faults_first.sort();
     faults_second.sort();
     println!(

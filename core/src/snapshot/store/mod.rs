@@ -31,6 +31,7 @@
 mod compact;
 mod gc;
 mod sandboxes;
+mod verified;
 mod writer;
 
 use std::collections::HashSet;
@@ -290,8 +291,9 @@ impl LocalStore {
         Ok(out)
     }
 
-    /// Opens a data file of a snapshot, checking its length always and its CRC once per
-    /// process when `verify` is set.
+    /// Opens a data file of a snapshot, checking its length always and, when `verify` is set,
+    /// its CRC: once, then neither again in this process nor in another one while the file is
+    /// unchanged (the writer's own CRC counts as a check; see `verified.rs`).
     pub fn open_file(&self, id: &SnapshotId, rec: &FileRecord, verify: bool) -> Result<File> {
         let path = self.snapshot_dir(id).join(&rec.name);
         let bad = |source: SnapshotError| Error::snapshot(id, source);
@@ -307,15 +309,13 @@ impl LocalStore {
                 source: e,
             })
         })?;
-        let len = f
-            .metadata()
-            .map_err(|e| {
-                bad(SnapshotError::Io {
-                    file: path.clone(),
-                    source: e,
-                })
-            })?
-            .len();
+        let md = f.metadata().map_err(|e| {
+            bad(SnapshotError::Io {
+                file: path.clone(),
+                source: e,
+            })
+        })?;
+        let len = md.len();
         if len != rec.len {
             return Err(bad(SnapshotError::Truncated {
                 what: format!("{} is {len} bytes, expected {}", rec.name, rec.len),
@@ -323,7 +323,10 @@ impl LocalStore {
         }
         if verify && self.verify_data {
             let key = (id.clone(), rec.name.clone());
-            if !self.verified.lock().contains(&key) {
+            let dir = self.snapshot_dir(id);
+            if !self.verified.lock().contains(&key)
+                && !verified::matches(&dir, &rec.name, &md, rec.crc32)
+            {
                 let ok =
                     crate::memimage::file::verify_file(&f, rec.len, rec.crc32).map_err(|e| {
                         bad(SnapshotError::Io {
@@ -336,8 +339,9 @@ impl LocalStore {
                         what: rec.name.clone(),
                     }));
                 }
-                self.verified.lock().insert(key);
+                verified::record(&dir, &[(&rec.name, rec.crc32)]);
             }
+            self.verified.lock().insert(key);
         }
         Ok(f)
     }

@@ -134,6 +134,13 @@ impl SnapshotWriter<'_> {
                 f.sync_all().map_err(|e| Error::store("sync", &path, e))?;
             }
         }
+        // What it wrote matches the CRCs it computed while writing: a resume in another
+        // process need not read the files again (see `verified`).
+        let records: Vec<(&str, u32)> = std::iter::once(&manifest.memory.file)
+            .chain(&manifest.fs)
+            .map(|r| (r.name.as_str(), r.crc32))
+            .collect();
+        super::verified::record(&self.dir, &records);
         if sync {
             for p in &self.files {
                 File::open(p)

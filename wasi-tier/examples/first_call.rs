@@ -20,7 +20,19 @@ df['weekday'] = df.day % 7\n\
 features = df.groupby('customer').amount.agg(['sum', 'size'])";
 
 fn main() {
-    let rounds: usize = std::env::args().nth(1).map_or(10, |s| s.parse().unwrap());
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--child") {
+        // A new process: resume the snapshot, answer, print the two times (µs).
+        let t = Instant::now();
+        let store = Arc::new(LocalStore::open(&args[2]).unwrap());
+        let rt = WasiRuntime::new().unwrap();
+        let mut sb = rt.resume(store, &args[3].parse().unwrap()).unwrap();
+        let resumed = t.elapsed();
+        assert_eq!(sb.run_code("len(df)").unwrap().stdout, "200000\n");
+        println!("{} {}", resumed.as_micros(), t.elapsed().as_micros());
+        return;
+    }
+    let rounds: usize = args.get(1).map_or(10, |s| s.parse().unwrap());
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(LocalStore::open(tmp.path().join("store")).unwrap());
     let rt = WasiRuntime::new().unwrap();
@@ -88,6 +100,37 @@ fn main() {
             median(&mut ckpt)
         );
     }
+    // A new process each time: runtime start, resume, answer.
+    let (mut child_resume, mut child_answer, mut child_total) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let exe = std::env::current_exe().unwrap();
+    let store_dir = tmp.path().join("store");
+    for _ in 0..rounds.min(10) {
+        let t = Instant::now();
+        let out = std::process::Command::new(&exe)
+            .args(["--child", store_dir.to_str().unwrap(), &snap.to_string()])
+            .output()
+            .unwrap();
+        child_total.push(t.elapsed());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut it = text
+            .split_whitespace()
+            .map(|v| Duration::from_micros(v.parse().unwrap()));
+        child_resume.push(it.next().unwrap());
+        child_answer.push(it.next().unwrap());
+    }
+    println!(
+        "new process: runtime + resume {:.3?}, + answer {:.3?}, whole process {:.3?} (medians of {})",
+        median(&mut child_resume),
+        median(&mut child_answer),
+        median(&mut child_total),
+        rounds.min(10)
+    );
     faults_first.sort();
     faults_second.sort();
     println!(

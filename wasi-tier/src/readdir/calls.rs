@@ -131,6 +131,23 @@ pub(crate) fn with_memory<T, R>(
     }
 }
 
+/// [`with_memory`] for the imports below: `f` gets the guest's memory and the store data's
+/// WASI context and listings, as `get` gives them.
+fn with_listings<T, R>(
+    caller: &mut Caller<'_, T>,
+    get: fn(&mut T) -> (&mut WasiP1Ctx, &mut Listings),
+    f: impl FnOnce(&mut GuestMemory<'_>, &mut WasiP1Ctx, &mut Listings) -> wasmtime::Result<R>,
+) -> wasmtime::Result<R> {
+    with_memory(
+        caller,
+        |d| get(d).0,
+        |mem, data| {
+            let (wasi, listings) = get(data);
+            f(mem, wasi, listings)
+        },
+    )
+}
+
 /// Replaces wasmtime-wasi's `fd_readdir` in `linker` (which must already hold the preview-1
 /// imports) with the linear one above, and its `fd_close` and `fd_renumber` with versions that
 /// also drop the listing kept for the descriptors they close. `get` gives the store data's
@@ -151,45 +168,30 @@ pub(crate) fn add_to_linker<T: 'static>(
               cookie: i64,
               bufused: i32|
               -> wasmtime::Result<i32> {
-            with_memory(
-                &mut caller,
-                |d| get(d).0,
-                |mem, data| {
-                    let (wasi, listings) = get(data);
-                    fd_readdir(wasi, listings, mem, fd, buf, buf_len, cookie, bufused)
-                },
-            )
+            with_listings(&mut caller, get, |mem, wasi, listings| {
+                fd_readdir(wasi, listings, mem, fd, buf, buf_len, cookie, bufused)
+            })
         },
     )?;
     linker.func_wrap(
         M,
         "fd_close",
         move |mut caller: Caller<'_, T>, fd: i32| -> wasmtime::Result<i32> {
-            with_memory(
-                &mut caller,
-                |d| get(d).0,
-                |mem, data| {
-                    let (wasi, listings) = get(data);
-                    listings.forget(fd as u32);
-                    in_tokio(p1::fd_close(wasi, mem, fd))
-                },
-            )
+            with_listings(&mut caller, get, |mem, wasi, listings| {
+                listings.forget(fd as u32);
+                in_tokio(p1::fd_close(wasi, mem, fd))
+            })
         },
     )?;
     linker.func_wrap(
         M,
         "fd_renumber",
         move |mut caller: Caller<'_, T>, from: i32, to: i32| -> wasmtime::Result<i32> {
-            with_memory(
-                &mut caller,
-                |d| get(d).0,
-                |mem, data| {
-                    let (wasi, listings) = get(data);
-                    listings.forget(from as u32);
-                    listings.forget(to as u32);
-                    in_tokio(p1::fd_renumber(wasi, mem, from, to))
-                },
-            )
+            with_listings(&mut caller, get, |mem, wasi, listings| {
+                listings.forget(from as u32);
+                listings.forget(to as u32);
+                in_tokio(p1::fd_renumber(wasi, mem, from, to))
+            })
         },
     )?;
     linker.allow_shadowing(false);

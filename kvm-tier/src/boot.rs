@@ -269,19 +269,37 @@ Prefer_ERMS,Prefer_FSRM";
 /// registers that guest cannot preserve ([`PVM_GLIBC_TUNABLES`]); devices are appended by the
 /// caller.
 ///
-/// `no-kvmapf`: the guest runs without a local APIC (`nolapic`, the VMM writes no MP table),
-/// and KVM delivers its asynchronous page faults' "page ready" notices through that APIC.
-/// With them enabled the notices are never taken, KVM keeps the vCPU runnable, and every `hlt`
-/// of the idle loop returns at once: an idle guest kept a host core busy (0.93-1.0 s of vCPU
-/// time per idle second, `resume_timing` example); without them, 0.05 s.
+/// The guest has a local APIC in virtual-wire mode (the VMM writes no MP table; `noapic`: no
+/// I/O APIC, device interrupts come from the PIC through LINT0, set to ExtINT in
+/// `set_boot_registers`), so its clock events come from the LAPIC's TSC-deadline timer and an idle
+/// kernel sleeps until its next timer. Without it (`nolapic`, as before) the only clock event
+/// device was the PIT, whose 16-bit counter cannot reach past ~27.5 ms: an idle guest woke ~36
+/// times a second (`perf`: 106 k emulated instructions per idle second against 11.5 k now;
+/// vCPU CPU time 0.05 s per idle second against ~0.01 s, `resume_timing` example), and a
+/// hundred idle forks of one sandbox kept more than two host cores busy.
+///
+/// `no-kvmapf`: KVM's asynchronous page faults stay off. While the guest ran without a local
+/// APIC their "page ready" notices could not be taken: KVM kept the vCPU runnable, every `hlt`
+/// of the idle loop returned at once, and an idle guest kept a host core busy (0.93-1.0 s of
+/// vCPU time per idle second). With the APIC they could be delivered, but nothing measured here
+/// gains from them (the guest's RAM is a mapping of the snapshot's files).
+///
+/// `clocksource=kvm-clock` on PVM hosts: there the guest reads the host's TSC unoffset (the
+/// TSC restored with the vCPU's MSRs reads back as the host's), so with the `tsc` clocksource
+/// the guest's monotonic clock counted the time its snapshot slept, and a resumed kernel caught
+/// up on it one second per loop turn in its timekeeping (~110 emulated instructions per second
+/// slept: about 4 s of guest time per day in standby) and fired every timer that fell due. The
+/// KVM clock is restored from the snapshot, so the monotonic clock continues where it stopped;
+/// the wall clock is set after the resume. Its vDSO path stays (0.02 us per `clock_gettime`
+/// either way, measured in the guest).
 pub fn base_cmdline(pvm: bool) -> String {
     let mut c = String::from(
         "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check random.trust_cpu=1 \
-         mitigations=off quiet noapic nolapic no-kvmapf rdinit=/init",
+         mitigations=off quiet noapic no-kvmapf rdinit=/init",
     );
     if pvm {
         c.push_str(
-            " noxsave clearcpuid=cx16,popcnt,smap,smep,rdtscp,rdpid,invpcid,pcid,movbe,sse4_2,aes,pclmulqdq",
+            " clocksource=kvm-clock noxsave clearcpuid=cx16,popcnt,smap,smep,rdtscp,rdpid,invpcid,pcid,movbe,sse4_2,aes,pclmulqdq",
         );
         c.push(' ');
         c.push_str(PVM_GLIBC_TUNABLES);

@@ -484,14 +484,25 @@ fn the_guest_clock_continues_after_resume() {
         let s = sh(sb, "cat /proc/uptime").0;
         s.split_whitespace().next().unwrap().parse().unwrap()
     };
+    let start = std::time::Instant::now();
     let before = uptime(&mut sb);
     let id = sb.standby().unwrap();
+    let asleep = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(2500));
+    let slept = asleep.elapsed();
     sb.resume(&id).unwrap();
     let after = uptime(&mut sb);
     assert!(
         after >= before,
         "the clock went backwards: {before} -> {after}"
+    );
+    // The monotonic clock stood still while the snapshot slept: the guest counted at most the
+    // time it ran (and was saved and restored), not the 2.5 s between. (On PVM hosts with the
+    // `tsc` clocksource it counted them, and caught up on them at resume.)
+    let ran = (start.elapsed() - slept).as_secs_f64();
+    assert!(
+        after - before <= ran + 0.5,
+        "the guest's clock counted the standby: {before} -> {after} with {ran:.2} s of running"
     );
     // The wall clock is the host's again (it stood still during the standby).
     let now = || {
@@ -735,9 +746,9 @@ fn metrics_count_vcpu_time_resident_ram_and_disk_writes_across_standby() {
 fn an_idle_guest_halts_its_vcpu() {
     let (store, _) = booted();
     let mut sb = fresh();
-    // Asynchronous page faults are off: their "page ready" notices go through the local APIC
-    // the guest runs without, and with one pending KVM keeps the vCPU runnable, so every `hlt`
-    // of the idle loop returned at once.
+    // Asynchronous page faults are off: without a local APIC their "page ready" notices were
+    // never taken, and with one pending KVM kept the vCPU runnable, so every `hlt` of the idle
+    // loop returned at once (see `base_cmdline`).
     let id = sb.checkpoint().unwrap();
     let state = dormant_kvm::snapshot::load_machine(store, &id)
         .unwrap()
@@ -751,15 +762,39 @@ fn an_idle_guest_halts_its_vcpu() {
         .find(|m| m.index == MSR_KVM_ASYNC_PF_EN)
         .map_or(0, |m| m.data);
     assert_eq!(apf & 1, 0, "async page faults enabled: {apf:#x}");
-    // And the vCPU sleeps while nothing is asked of the guest: ~0.05 s of CPU per idle second
-    // here, against a whole core before; the bound is far from both.
+    // And the vCPU sleeps while nothing is asked of the guest: ~0.01 s of CPU per idle second
+    // here (0.05 s with the PIT as its only timer), against a whole core before.
+    // Timer interrupts (the PIT's line 0 and the local APIC timer's LOC row of
+    // /proc/interrupts) between two reads 2 s apart.
+    let timer_interrupts = |sb: &mut KvmSandbox| -> u64 {
+        let text = String::from_utf8(sb.read_file("/proc/interrupts").unwrap()).unwrap();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                match f.next() {
+                    Some("0:" | "LOC:") => f.next()?.parse::<u64>().ok(),
+                    _ => None,
+                }
+            })
+            .sum()
+    };
+    // A read costs interrupts of its own (the kernel ticks while a command runs): the count
+    // between two reads back to back is taken off.
+    let first = timer_interrupts(&mut sb);
+    let second = timer_interrupts(&mut sb);
     let before = sb.metrics().unwrap().cpu_time;
     std::thread::sleep(Duration::from_secs(2));
     let used = sb.metrics().unwrap().cpu_time - before;
+    let third = timer_interrupts(&mut sb);
+    let ticks = (third - second).saturating_sub(second - first);
     assert!(
         used < Duration::from_secs(1),
         "{used:?} of vCPU time over 2 idle seconds"
     );
+    // The idle kernel sleeps until its next timer: the local APIC's TSC-deadline timer reaches
+    // that far, where the PIT (the only clock event device without a local APIC) woke it every
+    // ~27.5 ms, 72 times in 2 s.
+    assert!(ticks < 36, "{ticks} timer interrupts over 2 idle seconds");
 }
 
 #[test]
@@ -771,6 +806,11 @@ fn the_disk_keeps_its_writes_across_checkpoints_and_copies_stay_apart() {
     assert!(
         mounts.contains("/dev/vda"),
         "the disk is mounted: {mounts:?}"
+    );
+    // Without ext4's lazy init, which would run again after every resume (guest init).
+    assert!(
+        mounts.contains("noinit_itable") && mounts.contains("no_prefetch_block_bitmaps"),
+        "{mounts:?}"
     );
     sh(
         &mut sb,

@@ -714,6 +714,18 @@ impl<S: Read + Write> Client<S> {
         self.expect_ok("set_time", &Request::SetTime { unix_ns }, &[])
     }
 
+    /// After a resume, in one round trip: `seed` (at most
+    /// [`MAX_REFRESH_SEED`](crate::proto::MAX_REFRESH_SEED) bytes of host entropy) mixed into
+    /// the guest's entropy pool, its CRNG reseeded, and its wall clock set to `time`. An agent
+    /// from before this request answers [`ClientError::Agent`] of kind `unsupported`.
+    pub fn refresh(&mut self, seed: &[u8], time: std::time::SystemTime) -> Result<(), ClientError> {
+        let unix_ns = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        self.expect_ok("refresh", &Request::Refresh { unix_ns }, seed)
+    }
+
     /// Mounts `source` (of type `fstype`) at `target` in the guest, creating `target` first.
     pub fn mount(
         &mut self,

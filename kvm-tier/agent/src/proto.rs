@@ -30,6 +30,8 @@ pub const DEFAULT_PORT: u32 = 1024;
 pub const MAX_JSON: usize = 1 << 20;
 /// Largest payload accepted in a frame (16 MiB).
 pub const MAX_DATA: usize = 16 << 20;
+/// Most bytes of host entropy a [`Request::Refresh`] carries.
+pub const MAX_REFRESH_SEED: usize = 4096;
 /// Most bytes of each stream (stdout, stderr) a `run_code` answer carries (8 MiB): both fit in
 /// one frame's payload. A request's `output_limit` above it is lowered to it.
 pub const RUN_CODE_OUTPUT_MAX: usize = MAX_DATA / 2;
@@ -160,6 +162,12 @@ pub enum Request {
     /// epoch; answered by `ok`. The host sends it after a resume (the guest's clock stood still
     /// while it slept).
     SetTime { unix_ns: u64 },
+    /// After a resume, in one request: the payload (host entropy, at most
+    /// [`MAX_REFRESH_SEED`] bytes) mixed into the guest's entropy pool and its CRNG reseeded
+    /// from it (as a `write_file` appending to `/dev/urandom` does), then `CLOCK_REALTIME` set
+    /// to `unix_ns` (as `set_time`); answered by `ok`. An agent that answers it `unsupported`
+    /// (from before it existed) takes the two requests instead.
+    Refresh { unix_ns: u64 },
     /// Whether something in the guest accepts TCP connections on `127.0.0.1:port`: one
     /// connection attempt (at most 1 s), closed at once; answered by [`Response::Exists`].
     PortOpen {

@@ -888,3 +888,15 @@ fn connect_tcp_either_side_closing_ends_the_other() {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
 }
+
+#[test]
+fn refresh_refuses_an_oversized_seed_before_touching_anything() {
+    // (A valid `refresh` would set this host's clock: the guest tests cover it.)
+    let mut c = connect();
+    let seed = vec![7u8; proto::MAX_REFRESH_SEED + 1];
+    let err = c.refresh(&seed, std::time::SystemTime::now()).unwrap_err();
+    assert_eq!(agent_kind(&err), "invalid");
+    assert!(err.to_string().contains("at most 4096"), "{err}");
+    // The connection goes on.
+    assert!(c.hello().is_ok());
+}

@@ -38,9 +38,10 @@
 //!    checkpoint (the guest's end never noticed), `reset_unadopted` resets the other restored
 //!    connections, and without an adoptable one `connect` (in `live.rs`) opens a new one
 //!    within [`KvmOptions::connect_timeout`].
-//! 7. **`refresh_guest`**, in one round trip to the agent: host entropy mixed into the guest's
-//!    pool (forks and repeated resumes of one snapshot must not share random streams) and the
-//!    wall clock set (it stood still while the snapshot slept; the monotonic clock continues);
+//! 7. **`refresh_guest`**, in one round trip to the agent (one `refresh` request; an agent
+//!    from before it gets `write_file` of `/dev/urandom` and `set_time`, pipelined): host
+//!    entropy mixed into the guest's pool (forks and repeated resumes of one snapshot must not
+//!    share random streams) and the wall clock set (it stood still while the snapshot slept; the monotonic clock continues);
 //!    the next `run_code` reseeds the guest's Python PRNGs from that pool.
 
 use std::sync::Arc;
@@ -195,37 +196,52 @@ impl KvmSandbox {
     fn refresh_guest(&mut self) -> Result<()> {
         use dormant_agent::proto::Request;
         let seed: [u8; 64] = rand::random();
-        let unix_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let answers = self
-            .live_agent()?
-            .pipeline(&[
-                (
-                    Request::WriteFile {
-                        path: "/dev/urandom".into(),
-                        mode: None,
-                        append: true,
-                    },
-                    &seed,
-                ),
-                (Request::SetTime { unix_ns }, &[]),
-            ])
-            .map_err(|e| agent_error("refresh the resumed guest", "/dev/urandom", e))?;
-        for (i, a) in answers.into_iter().enumerate() {
-            match a {
-                Ok(_) => {}
-                // An agent from before set_time: its clock stays as it was.
-                Err(ClientError::Agent { kind, .. }) if i == 1 && kind == "unsupported" => {}
-                Err(e) => {
-                    let what = if i == 0 {
-                        "/dev/urandom"
-                    } else {
-                        "CLOCK_REALTIME"
-                    };
-                    return Err(agent_error("refresh the resumed guest", what, e));
+        let now = std::time::SystemTime::now();
+        let agent = self.live_agent()?;
+        match agent.refresh(&seed, now) {
+            Ok(()) => {}
+            // An agent from before `refresh`: the two requests it stands for, pipelined.
+            Err(ClientError::Agent { kind, .. }) if kind == "unsupported" => {
+                let unix_ns = now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                let answers = agent
+                    .pipeline(&[
+                        (
+                            Request::WriteFile {
+                                path: "/dev/urandom".into(),
+                                mode: None,
+                                append: true,
+                            },
+                            &seed,
+                        ),
+                        (Request::SetTime { unix_ns }, &[]),
+                    ])
+                    .map_err(|e| agent_error("refresh the resumed guest", "/dev/urandom", e))?;
+                for (i, a) in answers.into_iter().enumerate() {
+                    match a {
+                        Ok(_) => {}
+                        // An agent from before set_time: its clock stays as it was.
+                        Err(ClientError::Agent { kind, .. }) if i == 1 && kind == "unsupported" => {
+                        }
+                        Err(e) => {
+                            let what = if i == 0 {
+                                "/dev/urandom"
+                            } else {
+                                "CLOCK_REALTIME"
+                            };
+                            return Err(agent_error("refresh the resumed guest", what, e));
+                        }
+                    }
                 }
+            }
+            Err(e) => {
+                return Err(agent_error(
+                    "refresh the resumed guest",
+                    "/dev/urandom and CLOCK_REALTIME",
+                    e,
+                ));
             }
         }
         // The Python session's PRNGs were seeded before the snapshot: the next cell reseeds

@@ -166,6 +166,19 @@ pub(super) fn mkdir(path: &str) -> OpResult {
 /// the host writes fresh entropy after every resume precisely so that forks of one snapshot
 /// stop sharing random streams at once. Failure (an older kernel, no `CAP_SYS_ADMIN`) leaves
 /// the schedule as it was.
+/// `seed` written to `/dev/urandom` (mixed into the pool, no entropy credited), then the
+/// CRNG reseeded from the pool.
+pub(super) fn mix_entropy(seed: &[u8]) -> Result<(), Failure> {
+    const DEV: &str = "/dev/urandom";
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(DEV)
+        .map_err(|e| Failure::io(DEV, &e))?;
+    file.write_all(seed).map_err(|e| Failure::io(DEV, &e))?;
+    reseed_crng(&file);
+    Ok(())
+}
+
 fn reseed_crng(file: &File) {
     /// `_IO('R', 0x07)` of `linux/random.h`.
     const RNDRESEEDCRNG: u32 = 0x5207;

@@ -94,6 +94,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "mkdir",
     "sync",
     "set_time",
+    "refresh",
     "mount",
     "port_open",
     "run_code",
@@ -321,6 +322,7 @@ fn handle(table: &ProcessTable, req: Request, data: Vec<u8>) -> OpResult {
         Request::Mkdir { path } => files::mkdir(&path),
         Request::Sync {} => system::sync(),
         Request::SetTime { unix_ns } => system::set_time(unix_ns),
+        Request::Refresh { unix_ns } => system::refresh(unix_ns, &data),
         Request::PortOpen { port } => system::port_open(port),
         Request::Mount {
             source,
@@ -378,6 +380,7 @@ mod tests {
             Request::Mkdir { path: "x".into() },
             Request::Sync {},
             Request::SetTime { unix_ns: 0 },
+            Request::Refresh { unix_ns: 0 },
             Request::Mount {
                 source: "x".into(),
                 target: "/x".into(),

@@ -1,5 +1,5 @@
-//! The guest system's state that the host sets or asks about: the wall clock (`set_time`,
-//! after a resume), mounts (`mount`, the virtio-fs volumes), `sync`, and whether a local TCP
+//! The guest system's state that the host sets or asks about: the wall clock and the entropy
+//! pool (`set_time`, `refresh`, after a resume), mounts (`mount`, the virtio-fs volumes), `sync`, and whether a local TCP
 //! port is open (`port_open`, a started server's readiness).
 
 use std::fs;
@@ -7,7 +7,7 @@ use std::io;
 
 use super::files::check_path;
 use super::reply::{Failure, OpResult, ok};
-use crate::proto::Response;
+use crate::proto::{MAX_REFRESH_SEED, Response, error_kind};
 
 pub(super) fn sync() -> OpResult {
     // SAFETY: sync(2) takes no arguments and cannot fail.
@@ -26,6 +26,22 @@ pub(super) fn set_time(unix_ns: u64) -> OpResult {
         return Err(Failure::io("CLOCK_REALTIME", &e));
     }
     ok(Response::Ok {})
+}
+
+/// After a resume: `seed` mixed into the entropy pool (the CRNG reseeded from it), then the
+/// wall clock set: `write_file` of `/dev/urandom` and `set_time` in one request.
+pub(super) fn refresh(unix_ns: u64, seed: &[u8]) -> OpResult {
+    if seed.len() > MAX_REFRESH_SEED {
+        return Err(Failure::reply(
+            error_kind::INVALID,
+            format!(
+                "{} bytes of entropy to mix; at most {MAX_REFRESH_SEED}",
+                seed.len()
+            ),
+        ));
+    }
+    super::files::mix_entropy(seed)?;
+    set_time(unix_ns)
 }
 
 /// Longest a `port_open` connection attempt waits.

@@ -900,3 +900,43 @@ fn refresh_refuses_an_oversized_seed_before_touching_anything() {
     // The connection goes on.
     assert!(c.hello().is_ok());
 }
+
+#[test]
+fn programs_are_found_on_the_path_as_execvp_finds_them() {
+    // The agent looks a bare program name up on the PATH itself (one execve instead of one per
+    // PATH entry); what runs must be what execvp would have run.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let write = |path: &std::path::Path, text: &str, mode: u32| {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // In the first directory: not executable, and a directory of the name; in the second: the
+    // scripts that run.
+    write(&a.join("tool"), "#!/bin/sh\necho wrong\n", 0o644);
+    std::fs::create_dir(a.join("dir-named")).unwrap();
+    write(&b.join("tool"), "#!/bin/sh\necho right \"$@\"\n", 0o755);
+    write(&b.join("dir-named"), "#!/bin/sh\necho file\n", 0o755);
+    // No #! line: execvp runs it with /bin/sh.
+    write(&b.join("plain"), "echo plain script\n", 0o755);
+    let path = format!("{}:{}:/usr/bin:/bin", a.display(), b.display());
+    let mut c = connect();
+    let run = |c: &mut Client<UnixStream>, argv: &[&str]| {
+        let out = c
+            .exec_collect(argv, &[("PATH", &path)], None, b"", None)
+            .unwrap();
+        (String::from_utf8(out.stdout).unwrap(), out.status.code)
+    };
+    assert_eq!(run(&mut c, &["tool", "x"]), ("right x\n".into(), Some(0)));
+    assert_eq!(run(&mut c, &["dir-named"]), ("file\n".into(), Some(0)));
+    assert_eq!(run(&mut c, &["plain"]), ("plain script\n".into(), Some(0)));
+    // Programs of the system directories later on that PATH too.
+    assert_eq!(run(&mut c, &["echo", "sys"]), ("sys\n".into(), Some(0)));
+    // Found nowhere: the spawn's error names the program.
+    let err = c
+        .exec_collect(&["no-such-tool"], &[("PATH", &path)], None, b"", None)
+        .unwrap_err();
+    assert!(err.to_string().contains("no-such-tool"), "{err}");
+}

@@ -44,7 +44,8 @@
 //!    share random streams) and the wall clock set (it stood still while the snapshot slept; the monotonic clock continues);
 //!    the next `run_code` reseeds the guest's Python PRNGs from that pool.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use dormant_agent::client::{Client, ClientError};
@@ -113,7 +114,11 @@ impl KvmSandbox {
     /// `n` new sandboxes from snapshot `id`, each with an id of its own: the children of
     /// [`fork`](dormant_core::Sandbox::fork) and of [`KvmRuntime::fork`](crate::KvmRuntime).
     /// A child exposes no ports (its parent's stay the parent's) until asked. On an error the
-    /// children made so far are released.
+    /// children made so far are released, and no more are started.
+    ///
+    /// The children resume a few at a time, one per host CPU: most of a resume is the guest's
+    /// first reply, the vCPU's work (emulated guest kernel code on PVM hosts), which one
+    /// thread waiting for it after another would leave the other CPUs without.
     pub(crate) fn children(
         store: &Arc<LocalStore>,
         id: &SnapshotId,
@@ -121,14 +126,53 @@ impl KvmSandbox {
         opts: &KvmOptions,
         n: usize,
     ) -> Result<Vec<KvmSandbox>> {
-        (0..n)
-            .map(|_| {
-                let mut child = Self::resumed(store.clone(), id, grants, opts.clone())?;
-                child.id = super::new_id();
-                child.spec.ports.clear();
-                Ok(child)
-            })
-            .collect()
+        let child = || -> Result<KvmSandbox> {
+            let mut child = Self::resumed(store.clone(), id, grants, opts.clone())?;
+            child.id = super::new_id();
+            child.spec.ports.clear();
+            Ok(child)
+        };
+        let workers = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(n);
+        if workers <= 1 {
+            return (0..n).map(|_| child()).collect();
+        }
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let slots: Vec<Mutex<Option<Result<KvmSandbox>>>> =
+            (0..n).map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(slot) = slots.get(i) else { break };
+                        let made = child();
+                        if made.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(made);
+                    }
+                });
+            }
+        });
+        // In order; the first error wins, and every child made is dropped (released) with it.
+        let mut kids = Vec::with_capacity(n);
+        let mut error = None;
+        for slot in slots {
+            match slot.into_inner().unwrap_or_else(PoisonError::into_inner) {
+                Some(Ok(kid)) => kids.push(kid),
+                Some(Err(e)) => {
+                    error.get_or_insert(e);
+                }
+                None => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(kids),
+        }
     }
 
     /// Restores snapshot `id` into a new VM, `mounts` attached to its volume slots in order,

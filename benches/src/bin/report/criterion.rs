@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::aims;
 use crate::ctx::Ctx;
 use crate::stats::fmt;
 
@@ -53,6 +54,45 @@ pub fn run(cx: &mut Ctx) {
             .find(|c| c.0 == format!("kvm_resume_tiny/{mib}MiB"))
             .map(|c| fmt(Duration::from_secs_f64(c.1 / 1e9)))
     };
+    let median = |id: &str| {
+        crit.iter()
+            .find(|c| c.0 == id)
+            .map(|c| Duration::from_secs_f64(c.1 / 1e9))
+    };
+    let ms = Duration::from_millis;
+    if let (Some(lo), Some(hi)) = (
+        median("kvm_resume_tiny/128MiB"),
+        median("kvm_resume_tiny/2048MiB"),
+    ) {
+        cx.report.aim(
+            aims::KVM_TINY_RESUME,
+            0,
+            format!("{} → {}", fmt(lo), fmt(hi)),
+            hi <= ms(1),
+        );
+    }
+    if let Some(d) = median("resume_in_process/python_pandas") {
+        cx.report.aim(
+            aims::WASI_RESUME_HANDLE,
+            0,
+            fmt(d),
+            d <= Duration::from_micros(50),
+        );
+    }
+    if let (Some(crash), Some(sync)) = (
+        median("checkpoint_incremental/python_small_call_process_crash"),
+        median("checkpoint_incremental/python_small_call_sync"),
+    ) {
+        cx.report.aim(
+            aims::WASI_CHECKPOINT_SMALL_CELL,
+            0,
+            format!("{} (fsync: {})", fmt(crash), fmt(sync)),
+            crash <= ms(1),
+        );
+    }
+    if let Some(d) = median("fork_python_pandas/100") {
+        cx.report.aim(aims::FORK_100, 0, fmt(d), d <= ms(50));
+    }
     if let (Some(lo), Some(hi)) = (tiny("128"), tiny("2048")) {
         cx.report.headline(
             "KVM tiny-guest resume (new VM + restore + first exit), 128 MiB vs 2 GiB RAM",

@@ -8,6 +8,7 @@ use std::time::Instant;
 use dormant::{Sandbox, SandboxSpec, SnapshotId, WasiSandbox};
 
 use crate::Res;
+use crate::aims;
 use crate::ctx::Ctx;
 use crate::probe::{disk_usage, rss_bytes};
 use crate::stats::{Stats, fmt, mib, time};
@@ -74,6 +75,13 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
     }
     let rss_dropped = rss_bytes();
     let per_held = rss_after.saturating_sub(rss_dropped) / n as u64;
+    let each = disk / n as u64;
+    cx.report.aim(
+        aims::DISK_PER_IDLE_SESSION,
+        0,
+        format!("{:.0} KiB", each as f64 / 1024.0),
+        each <= 100 << 10,
+    );
     cx.report.table(
         &[
             "sandboxes in standby",

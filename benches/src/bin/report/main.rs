@@ -11,6 +11,7 @@
 //! parses the arguments, builds the [`Ctx`] they share, runs them in the report's order and
 //! writes the report around what they added.
 
+mod aims;
 mod analysis;
 mod checkpoint_cost;
 mod coding_agent;
@@ -170,6 +171,14 @@ fn run(o: Opts) -> Res<()> {
          Blaxel resumes in < 25 ms, E2B in ~1 s (their product pages), Firecracker restores a \
          snapshot in ~4 ms (Firecracker's snapshotting documentation)."
     );
+    let _ = writeln!(
+        doc,
+        "\n## Aims (issue 16)\n\nEach aim of issue 16 beside its value in the report the issue \
+         started from (2026-11-29, an AMD EPYC host) and in this run; the section named in each \
+         row says how it is measured. Where an aim is not met, the README's \"Measured\" notes \
+         and benches/README.md say what stands in the way.\n"
+    );
+    doc.push_str(&r.aims_table());
     doc.push_str(&r.body);
     if let Some(parent) = o.out.parent() {
         std::fs::create_dir_all(parent)?;

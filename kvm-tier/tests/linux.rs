@@ -1781,6 +1781,27 @@ fn host_port_of(ports: &[dormant_core::PortMapping], guest: u16) -> u16 {
         .host_port
 }
 
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs a usable /dev/kvm, which this machine lacks")]
+fn a_sandbox_booted_directly_serves_its_exposed_ports() {
+    // `KvmSandbox::boot` (no base snapshot, no resume): its ports reached no machine, so the
+    // host's connections were accepted and reset.
+    use dormant_core::Ports;
+    let (store, _) = booted();
+    let image = dormant_kvm::GuestImage::locate().unwrap();
+    let spec = SandboxSpec::linux()
+        .image("minimal")
+        .memory_limit(RAM)
+        .call_timeout(Duration::from_secs(300));
+    let mut sb = KvmSandbox::boot(store.clone(), &image, spec, KvmOptions::default()).unwrap();
+    sb.write_file("/var/www/index.html", b"from a booted guest\n")
+        .unwrap();
+    start_httpd(&mut sb, 8080);
+    let addr = sb.expose(8080, 0).unwrap();
+    assert_eq!(http_get(addr, "/index.html"), b"from a booted guest\n");
+    sb.kill().unwrap();
+}
+
 /// Helper process: resumes the snapshot of `DORMANT_TEST_SNAPSHOT` in this new process and
 /// prints what guest port 8080, exposed again from the snapshot, serves at `/index.html`.
 #[test]

@@ -148,6 +148,8 @@ impl KvmSandbox {
         }
         let mut sb = KvmSandbox::handle(store, new_id(), spec, grants, opts);
         let console = machine.console().clone();
+        // Exposed ports reach the guest through this machine's vsock (as after a resume).
+        sb.ports.attach(machine.vsock());
         sb.machine = Some(machine);
         let timeout = sb.opts.boot_timeout;
         sb.connect_watching(timeout, &console, progress)?;

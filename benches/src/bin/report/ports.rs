@@ -24,7 +24,7 @@ const IDLE: Duration = Duration::from_secs(1);
 
 /// A GET of `path` on a new connection: the time to the first byte of the answer and to its
 /// end, and the bytes of the body.
-fn get(addr: SocketAddr, path: &str) -> Res<(Duration, Duration, Vec<u8>)> {
+pub fn get(addr: SocketAddr, path: &str) -> Res<(Duration, Duration, Vec<u8>)> {
     let t = Instant::now();
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;

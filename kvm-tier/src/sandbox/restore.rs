@@ -41,8 +41,9 @@
 //! 7. **`refresh_guest`**, in one round trip to the agent (one `refresh` request; an agent
 //!    from before it gets `write_file` of `/dev/urandom` and `set_time`, pipelined): host
 //!    entropy mixed into the guest's pool (forks and repeated resumes of one snapshot must not
-//!    share random streams) and the wall clock set (it stood still while the snapshot slept; the monotonic clock continues);
-//!    the next `run_code` reseeds the guest's Python PRNGs from that pool.
+//!    share random streams) and the wall clock set (it stood still while the snapshot slept;
+//!    the monotonic clock continues); the next `run_code` reseeds the guest's Python PRNGs
+//!    from that pool.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

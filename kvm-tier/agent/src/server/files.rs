@@ -160,12 +160,6 @@ pub(super) fn mkdir(path: &str) -> OpResult {
     ok(Response::Ok {})
 }
 
-/// Has the kernel reseed its CRNG from the input pool now (`ioctl(RNDRESEEDCRNG)`), so that
-/// bytes just written to the random device change the very next reads: a write only mixes
-/// them into the pool, which the CRNG takes in on its own schedule (up to a minute later), and
-/// the host writes fresh entropy after every resume precisely so that forks of one snapshot
-/// stop sharing random streams at once. Failure (an older kernel, no `CAP_SYS_ADMIN`) leaves
-/// the schedule as it was.
 /// `seed` written to `/dev/urandom` (mixed into the pool, no entropy credited), then the
 /// CRNG reseeded from the pool.
 pub(super) fn mix_entropy(seed: &[u8]) -> Result<(), Failure> {
@@ -179,6 +173,12 @@ pub(super) fn mix_entropy(seed: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Has the kernel reseed its CRNG from the input pool now (`ioctl(RNDRESEEDCRNG)`), so that
+/// bytes just written to the random device change the very next reads: a write only mixes
+/// them into the pool, which the CRNG takes in on its own schedule (up to a minute later), and
+/// the host writes fresh entropy after every resume precisely so that forks of one snapshot
+/// stop sharing random streams at once. Failure (an older kernel, no `CAP_SYS_ADMIN`) leaves
+/// the schedule as it was.
 fn reseed_crng(file: &File) {
     /// `_IO('R', 0x07)` of `linux/random.h`.
     const RNDRESEEDCRNG: u32 = 0x5207;

@@ -1,6 +1,6 @@
 //! The guest system's state that the host sets or asks about: the wall clock and the entropy
-//! pool (`set_time`, `refresh`, after a resume), mounts (`mount`, the virtio-fs volumes), `sync`, and whether a local TCP
-//! port is open (`port_open`, a started server's readiness).
+//! pool (`set_time`, `refresh`, after a resume), mounts (`mount`, the virtio-fs volumes),
+//! `sync`, and whether a local TCP port is open (`port_open`, a started server's readiness).
 
 use std::fs;
 use std::io;

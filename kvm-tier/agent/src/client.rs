@@ -159,6 +159,14 @@ fn env_pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `time` as the protocol's `unix_ns`: nanoseconds since the Unix epoch (0 before it, saturated
+/// past `u64`).
+pub fn unix_ns(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -707,10 +715,7 @@ impl<S: Read + Write> Client<S> {
 
     /// Sets the guest's wall clock (the host calls it after a resume).
     pub fn set_time(&mut self, time: std::time::SystemTime) -> Result<(), ClientError> {
-        let unix_ns = time
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        let unix_ns = unix_ns(time);
         self.expect_ok("set_time", &Request::SetTime { unix_ns }, &[])
     }
 
@@ -719,10 +724,7 @@ impl<S: Read + Write> Client<S> {
     /// the guest's entropy pool, its CRNG reseeded, and its wall clock set to `time`. An agent
     /// from before this request answers [`ClientError::Agent`] of kind `unsupported`.
     pub fn refresh(&mut self, seed: &[u8], time: std::time::SystemTime) -> Result<(), ClientError> {
-        let unix_ns = time
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        let unix_ns = unix_ns(time);
         self.expect_ok("refresh", &Request::Refresh { unix_ns }, seed)
     }
 

@@ -247,10 +247,7 @@ impl KvmSandbox {
             Ok(()) => {}
             // An agent from before `refresh`: the two requests it stands for, pipelined.
             Err(ClientError::Agent { kind, .. }) if kind == "unsupported" => {
-                let unix_ns = now
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0);
+                let unix_ns = dormant_agent::client::unix_ns(now);
                 let answers = agent
                     .pipeline(&[
                         (

@@ -63,25 +63,14 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
             Ok(mut sb) => {
                 sb.checkpoint()?;
                 for m in [1u32, 4, 16] {
-                    let mut times = Vec::new();
-                    let mut bytes = 0;
-                    for i in 0..3 {
-                        sh(
-                            &mut sb,
-                            &format!("dd if=/dev/zero of=/tmp/d{i} bs=1M count={m} 2>/dev/null"),
-                        )?;
-                        let (id, t) = time(|| sb.checkpoint());
-                        times.push(t);
-                        bytes = stored_bytes(&cx.kvm_store, &id?)?;
-                        sh(&mut sb, &format!("rm /tmp/d{i}"))?;
-                    }
+                    let (times, bytes) = linux_rounds(&mut sb, &cx.kvm_store, m)?;
                     rows.push(vec![
                         format!("KVM Linux, {m} MiB dirtied"),
-                        Stats::of(times.clone()).cell(),
+                        times.cell(),
                         mib(bytes),
                     ]);
                     if m == 1 {
-                        linux_1mib = Some(Stats::of(times).median());
+                        linux_1mib = Some(times.median());
                     }
                 }
                 // The same 1 MiB without fsync: the guest resumed through a handle on the same
@@ -94,19 +83,8 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
                 );
                 let mut sb = KvmSandbox::from_snapshot(fast.clone(), &id)?;
                 sb.checkpoint()?;
-                let (mut times, mut bytes) = (Vec::new(), 0);
-                for i in 0..3 {
-                    sh(
-                        &mut sb,
-                        &format!("dd if=/dev/zero of=/tmp/d{i} bs=1M count=1 2>/dev/null"),
-                    )?;
-                    let (id, t) = time(|| sb.checkpoint());
-                    times.push(t);
-                    bytes = stored_bytes(&fast, &id?)?;
-                    sh(&mut sb, &format!("rm /tmp/d{i}"))?;
-                }
+                let (times, bytes) = linux_rounds(&mut sb, &fast, 1)?;
                 sb.kill()?;
-                let times = Stats::of(times);
                 rows.push(vec![
                     "KVM Linux, 1 MiB dirtied, no fsync (`Durability::ProcessCrash`)".into(),
                     times.cell(),
@@ -134,4 +112,21 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
         );
     }
     Ok(())
+}
+
+/// Three rounds of: the guest writes `mib` MiB into its tmpfs, `checkpoint()` is timed, the
+/// file is removed. The checkpoints' times, and the bytes the last one stored in `store`.
+fn linux_rounds(sb: &mut KvmSandbox, store: &LocalStore, mib: u32) -> Res<(Stats, u64)> {
+    let (mut times, mut bytes) = (Vec::new(), 0);
+    for i in 0..3 {
+        sh(
+            sb,
+            &format!("dd if=/dev/zero of=/tmp/d{i} bs=1M count={mib} 2>/dev/null"),
+        )?;
+        let (id, t) = time(|| sb.checkpoint());
+        times.push(t);
+        bytes = stored_bytes(store, &id?)?;
+        sh(sb, &format!("rm /tmp/d{i}"))?;
+    }
+    Ok((Stats::of(times), bytes))
 }

@@ -5,6 +5,7 @@
 
 use crate::Res;
 use crate::ctx::Ctx;
+use crate::workloads::python_numbers;
 
 /// Prints `api_median_s mcp_median_s n`: each call times `run_code` of the same cell on a
 /// sandbox of its own, the API's held in this process, the MCP one held by the server.
@@ -67,23 +68,14 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
         return Ok(());
     };
     let n = if cx.opts.quick { 20 } else { 100 };
-    let out = std::process::Command::new(py)
-        .args([
-            "-c",
-            PY_SIDE,
-            &cx.opts.store.display().to_string(),
-            &n.to_string(),
-        ])
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("MCP scenario: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut it = text.split_whitespace();
-    let mut next = || it.next().and_then(|s| s.parse::<f64>().ok());
-    let (Some(api), Some(mcp), Some(samples)) = (next(), next(), next()) else {
-        return Err(format!("MCP scenario: the Python side printed {text:?}").into());
-    };
+    let v = python_numbers(
+        py,
+        PY_SIDE,
+        &[&cx.opts.store.display().to_string(), &n.to_string()],
+        3,
+        "MCP scenario",
+    )?;
+    let (api, mcp, samples) = (v[0], v[1], v[2]);
     let ms = |s: f64| format!("{:.2} ms", s * 1e3);
     cx.report.table(
         &["", "Python API", "MCP (stdio)", "MCP − API", "n"],

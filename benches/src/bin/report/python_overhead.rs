@@ -11,7 +11,7 @@ use crate::Res;
 use crate::aims;
 use crate::ctx::Ctx;
 use crate::stats::{Stats, fmt};
-use crate::workloads::{SMALL_SESSION, run_ok};
+use crate::workloads::{SMALL_SESSION, python_numbers, run_ok};
 
 const PY_SIDE: &str = r#"
 import statistics, sys, time
@@ -77,27 +77,19 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
     // Half of the Rust samples before the Python run and half after, so that neither side
     // alone enjoys a warmer machine.
     rust_side(n / 2)?;
-    let out = std::process::Command::new(py)
-        .args([
-            "-c",
-            PY_SIDE,
-            &cx.opts.store.display().to_string(),
-            &snap.to_string(),
-            &n.to_string(),
-        ])
-        .output()?;
+    let (store, snap_id) = (cx.opts.store.display().to_string(), snap.to_string());
+    let py_side = python_numbers(
+        py,
+        PY_SIDE,
+        &[&store, &snap_id, &n.to_string()],
+        2,
+        "python side",
+    );
     rust_side(n - n / 2)?;
-    if !out.status.success() {
-        return Err(format!("python side: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut it = text.split_whitespace().map(|s| s.parse::<f64>());
-    let (Some(Ok(py_resume)), Some(Ok(py_first))) = (it.next(), it.next()) else {
-        return Err(format!("python side printed {text:?}").into());
-    };
+    let py_side = py_side?;
     let (py_resume, py_first) = (
-        Duration::from_secs_f64(py_resume),
-        Duration::from_secs_f64(py_first),
+        Duration::from_secs_f64(py_side[0]),
+        Duration::from_secs_f64(py_side[1]),
     );
     let (resume, first) = (Stats::of(resume), Stats::of(first));
     let over =
@@ -128,27 +120,9 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
     // New processes, one after another, each importing dormant and resuming the snapshot.
     let (mut import, mut answer) = (Vec::new(), Vec::new());
     for _ in 0..if cx.opts.quick { 3 } else { 7 } {
-        let out = std::process::Command::new(py)
-            .args([
-                "-c",
-                NEW_PROCESS,
-                &cx.opts.store.display().to_string(),
-                &snap.to_string(),
-            ])
-            .output()?;
-        if !out.status.success() {
-            return Err(format!("new process: {}", String::from_utf8_lossy(&out.stderr)).into());
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: Vec<f64> = text
-            .split_whitespace()
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        let [i, a] = v[..] else {
-            return Err(format!("new process printed {text:?}").into());
-        };
-        import.push(Duration::from_secs_f64(i));
-        answer.push(Duration::from_secs_f64(a));
+        let v = python_numbers(py, NEW_PROCESS, &[&store, &snap_id], 2, "new process")?;
+        import.push(Duration::from_secs_f64(v[0]));
+        answer.push(Duration::from_secs_f64(v[1]));
     }
     let (import, answer) = (Stats::of(import), Stats::of(answer));
     cx.report.note(

@@ -3,6 +3,7 @@
 //! density, Python overhead), the Linux guest's spec, and `run_ok` / `sh`, which run code or a
 //! shell script and turn a failure inside the sandbox into an error.
 
+use std::path::Path;
 use std::time::Duration;
 
 use dormant::kvm::KvmSandbox;
@@ -56,4 +57,34 @@ pub fn linux_spec(mib: u64) -> SandboxSpec {
         .image("minimal")
         .memory_limit(mib << 20)
         .call_timeout(Duration::from_secs(600))
+}
+
+/// Runs `py -c script args…` to its end and returns the first `n` whitespace-separated numbers
+/// it printed (the Python sides of scenarios 7 and 11 print their timings so). A failed run is
+/// an error with its stderr, fewer numbers one with what it printed; `what` names it in both.
+pub fn python_numbers(
+    py: &Path,
+    script: &str,
+    args: &[&str],
+    n: usize,
+    what: &str,
+) -> Res<Vec<f64>> {
+    let out = std::process::Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("{what}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(n)
+        .map_while(|s| s.parse().ok())
+        .collect();
+    if v.len() < n {
+        return Err(format!("{what}: the Python side printed {text:?}").into());
+    }
+    Ok(v)
 }

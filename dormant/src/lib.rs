@@ -47,7 +47,9 @@
 
 use std::sync::{Arc, OnceLock};
 
+pub mod store;
 pub mod template;
+pub use store::{RemoteOptions, RemoteSandbox, RemoteStore, Store};
 pub use template::{
     Built, Ready, Template, TemplateRecord, create_from_template, template, templates,
 };

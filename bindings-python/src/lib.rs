@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, mpsc};
 use std::time::Duration;
 
@@ -26,7 +27,39 @@ static STORES: LazyLock<Mutex<HashMap<PathBuf, Arc<LocalStore>>>> =
 /// How often a waiting call looks for a pending signal (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
+/// Remote stores opened by this process: each `dormant.Store(...)` under its own key,
+/// `<url>#<n>` (so that two stores of one URL with other caches or endpoints stay apart), and
+/// stores named by a plain `s3://` URL under that URL.
+static REMOTES: LazyLock<Mutex<HashMap<String, dormant::RemoteStore>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The store `root` names: a key of `open_remote`, a plain `s3://` URL (opened once with the
+/// default settings and cache), or a local directory.
+fn dstore(root: PathBuf) -> Result<dormant::Store, Error> {
+    let text = root.to_string_lossy();
+    if text.starts_with("s3://") {
+        let key = text.into_owned();
+        if let Some(r) = REMOTES.lock().get(&key) {
+            return Ok(dormant::Store::Remote(r.clone()));
+        }
+        if key.contains('#') {
+            return Err(Error::InvalidArgument(format!(
+                "store {key:?} is not open in this process (pass its dormant.Store)"
+            )));
+        }
+        let cache = store(LocalStore::default_root())?;
+        let r = dormant::RemoteStore::open(&key, cache, dormant::RemoteOptions::default())?;
+        REMOTES.lock().insert(key, r.clone());
+        return Ok(dormant::Store::Remote(r));
+    }
+    Ok(dormant::Store::Local(store(root)?))
+}
+
+/// The local store of `root`: the directory, or a remote store's cache.
 fn store(root: PathBuf) -> Result<Arc<LocalStore>, Error> {
+    if root.to_string_lossy().starts_with("s3://") {
+        return Ok(dstore(root)?.local().clone());
+    }
     let mut stores = STORES.lock();
     if let Some(s) = stores.get(&root) {
         return Ok(s.clone());
@@ -55,6 +88,9 @@ fn kind(e: &Error) -> (&'static str, Option<i32>, Option<String>) {
     match e {
         Error::SnapshotNotFound(_) => ("snapshot_not_found", None, None),
         Error::SandboxNotFound(_) => ("sandbox_not_found", None, None),
+        Error::SandboxBusy { .. } => ("sandbox_busy", None, None),
+        Error::LeaseLost { .. } => ("lease_lost", None, None),
+        Error::Remote { .. } => ("remote", None, None),
         Error::Snapshot { .. } => ("snapshot_corrupt", None, None),
         Error::SnapshotInUse { .. } | Error::IllegalTransition { .. } | Error::Poisoned { .. } => {
             ("invalid_state", None, None)
@@ -241,22 +277,48 @@ struct NativeSandbox {
     inner: Inner,
     /// The store it was created in or resumed from: `kill` records the kill there.
     store: Arc<LocalStore>,
+    /// The remote store it belongs to, if any: durable checkpoints wait for its uploads.
+    remote: Option<dormant::RemoteStore>,
     /// Stops the running call (Ctrl-C), reachable while the call holds the sandbox.
     interrupter: Option<Arc<dyn Interrupt>>,
 }
 
 impl NativeSandbox {
-    fn new(sb: Box<dyn Sandbox>, idle: Option<Duration>, store: Arc<LocalStore>) -> NativeSandbox {
-        Self::from_managed(Managed::new(sb, idle), store)
+    fn new(sb: Box<dyn Sandbox>, idle: Option<Duration>, store: &dormant::Store) -> NativeSandbox {
+        Self::from_managed(
+            Managed::new(sb, idle),
+            store.local().clone(),
+            store.remote().cloned(),
+        )
     }
 
-    fn from_managed(inner: Inner, store: Arc<LocalStore>) -> NativeSandbox {
+    fn from_managed(
+        inner: Inner,
+        store: Arc<LocalStore>,
+        remote: Option<dormant::RemoteStore>,
+    ) -> NativeSandbox {
         let interrupter = inner.interrupter();
         NativeSandbox {
             inner,
             store,
+            remote,
             interrupter,
         }
+    }
+
+    /// With a remote store, waits until snapshot `id` is in the bucket.
+    fn wait_durable_for(&self, id: &SnapshotId) -> Result<(), Error> {
+        let Some(r) = &self.remote else {
+            return Ok(());
+        };
+        let sandbox_id = self.inner.id();
+        let lease = r.lease_of(&sandbox_id).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "sandbox {sandbox_id:?} holds no lease in {}",
+                r.url()
+            ))
+        })?;
+        r.wait_durable(&lease, id)
     }
 
     /// A call with the GIL released, its error raised as dormant's exception.
@@ -328,10 +390,9 @@ impl NativeSandbox {
         }
         let progress = PyProgress::new(progress);
         let made = py.detach(|| -> Result<NativeSandbox, Error> {
-            let store = store(store_root)?;
-            let sb =
-                dormant::runtime(tier)?.create_with_progress(store.clone(), spec, &progress)?;
-            Ok(NativeSandbox::new(sb, idle, store))
+            let store = dstore(store_root)?;
+            let sb = store.create_with_progress(tier, spec, &progress)?;
+            Ok(NativeSandbox::new(sb, idle, &store))
         });
         if let Err(raised) = progress.raise() {
             // The callback failed the create: the sandbox it made goes.
@@ -359,9 +420,32 @@ impl NativeSandbox {
         let idle = seconds("idle_standby", idle_standby)?;
         let grants = grants(volumes, detach_missing);
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
-            let store = store(store_root)?;
-            let sb = dormant::resume(store.clone(), &id, &grants)?;
-            Ok(NativeSandbox::new(sb, idle, store))
+            let store = dstore(store_root)?;
+            let sb = store.resume(&id, &grants)?;
+            Ok(NativeSandbox::new(sb, idle, &store))
+        });
+        made.map_err(|e| to_py(py, e))
+    }
+
+    /// Resumes sandbox `sandbox_id` from its latest snapshot (in a remote store: under its
+    /// lease, the latest durable one its head names), with `volumes` as `resume` takes them;
+    /// returns it with the snapshot's id.
+    #[staticmethod]
+    #[pyo3(signature = (sandbox_id, store_root, idle_standby, volumes, detach_missing))]
+    fn connect(
+        py: Python<'_>,
+        sandbox_id: &str,
+        store_root: PathBuf,
+        idle_standby: Option<f64>,
+        volumes: Vec<(PathBuf, String, bool)>,
+        detach_missing: bool,
+    ) -> PyResult<(NativeSandbox, String)> {
+        let idle = seconds("idle_standby", idle_standby)?;
+        let grants = grants(volumes, detach_missing);
+        let made = py.detach(move || -> Result<(NativeSandbox, String), Error> {
+            let store = dstore(store_root)?;
+            let (sb, id) = store.connect_at(sandbox_id, &grants)?;
+            Ok((NativeSandbox::new(sb, idle, &store), id.to_string()))
         });
         made.map_err(|e| to_py(py, e))
     }
@@ -383,8 +467,8 @@ impl NativeSandbox {
         let idle = seconds("idle_standby", idle_standby)?;
         let grants = grants(volumes, false);
         let made = py.detach(move || -> Result<NativeSandbox, Error> {
-            let store = store(store_root)?;
-            let rec = dormant::template(&store, name)?;
+            let store = dstore(store_root)?;
+            let rec = store.template(name)?;
             if let Some(t) = tier
                 && t != rec.tier
             {
@@ -393,8 +477,8 @@ impl NativeSandbox {
                     rec.tier
                 )));
             }
-            let sb = dormant::create_from_template(store.clone(), name, &grants)?;
-            Ok(NativeSandbox::new(sb, idle, store))
+            let sb = store.create_from_template(name, &grants)?;
+            Ok(NativeSandbox::new(sb, idle, &store))
         });
         made.map_err(|e| to_py(py, e))
     }
@@ -599,6 +683,15 @@ impl NativeSandbox {
         Ok(r.map_err(|e| to_py(py, e))?.to_string())
     }
 
+    /// With a remote store, waits until snapshot `snapshot_id` of this sandbox is in the
+    /// bucket and its head names it, uploading it again if its upload failed; at once with a
+    /// local store.
+    fn wait_durable(&self, py: Python<'_>, snapshot_id: &str) -> PyResult<()> {
+        let id = self::snapshot_id(py, snapshot_id)?;
+        let r = py.detach(|| self.wait_durable_for(&id));
+        r.map_err(|e| to_py(py, e))
+    }
+
     /// Replaces this sandbox's state with a snapshot's (after a failed call, say), with the
     /// host directories this sandbox holds.
     fn restore(&self, py: Python<'_>, snapshot_id: &str) -> PyResult<()> {
@@ -626,7 +719,7 @@ impl NativeSandbox {
             let children = self.inner.fork(n)?;
             Ok(children
                 .into_iter()
-                .map(|c| NativeSandbox::from_managed(c, self.store.clone()))
+                .map(|c| NativeSandbox::from_managed(c, self.store.clone(), self.remote.clone()))
                 .collect())
         });
         r.map_err(|e| to_py(py, e))
@@ -808,7 +901,9 @@ fn build_template(
     let progress = Arc::new(PyProgress::new(progress));
     let theirs = progress.clone();
     let r = interruptible(py, None, move || -> Result<_, Error> {
-        let b = t.build_with_progress(store(store_root)?, &*theirs)?;
+        let st = dstore(store_root)?;
+        let b = t.build_with_progress(st.local().clone(), &*theirs)?;
+        st.publish_template(&b.record.name)?;
         Ok((b.record.snapshot.to_string(), b.built))
     })?;
     progress.raise()?;
@@ -886,6 +981,9 @@ fn list_snapshots(
     store_root: PathBuf,
 ) -> PyResult<Vec<(String, String, u64, u64)>> {
     let r = py.detach(|| -> Result<_, Error> {
+        if let dormant::Store::Remote(r) = dstore(store_root.clone())? {
+            return remote_snapshots(&r);
+        }
         let store = store(store_root)?;
         let mut out = Vec::new();
         for info in store.list()? {
@@ -904,6 +1002,139 @@ fn list_snapshots(
         Ok(out)
     });
     r.map_err(|e| to_py(py, e))
+}
+
+/// `list_snapshots` of a remote store: the bucket's snapshot objects, each read for its
+/// manifest (bytes stored: what its manifest records for its own files, uncompressed).
+fn remote_snapshots(r: &dormant::RemoteStore) -> Result<Vec<(String, String, u64, u64)>, Error> {
+    let mut out = Vec::new();
+    for id in r.list_snapshot_ids()? {
+        let Ok(o) = r.snapshot_object(&id) else {
+            continue;
+        };
+        let m = &o.manifest;
+        out.push((
+            id.to_string(),
+            m.spec.tier.to_string(),
+            m.created_unix_ms,
+            m.memory.file.stored + m.fs.as_ref().map_or(0, |f| f.stored),
+        ));
+    }
+    out.sort_by_key(|s| (s.2, s.0.clone()));
+    Ok(out)
+}
+
+/// Opens the remote store at `url`, with `cache_dir` as its local store; returns the key that
+/// names it as `store_root` in the other calls (`<url>#<n>`).
+#[pyfunction]
+#[pyo3(signature = (url, cache_dir, endpoint=None, region=None, lease_ttl=None, request_timeout=None, retries=None))]
+#[allow(clippy::too_many_arguments)]
+fn open_remote(
+    py: Python<'_>,
+    url: String,
+    cache_dir: PathBuf,
+    endpoint: Option<String>,
+    region: Option<String>,
+    lease_ttl: Option<f64>,
+    request_timeout: Option<f64>,
+    retries: Option<usize>,
+) -> PyResult<String> {
+    let mut opts = dormant::RemoteOptions {
+        endpoint,
+        region,
+        ..Default::default()
+    };
+    if let Some(t) = seconds("lease_ttl", lease_ttl)? {
+        opts.lease_ttl = t;
+    }
+    if let Some(t) = seconds("request_timeout", request_timeout)? {
+        opts.request_timeout = t;
+    }
+    if let Some(n) = retries {
+        opts.retries = n;
+    }
+    let r = py.detach(|| -> Result<String, Error> {
+        static OPENED: AtomicU64 = AtomicU64::new(0);
+        let cache = store(cache_dir)?;
+        let r = dormant::RemoteStore::open(&url, cache, opts)?;
+        let key = format!("{url}#{}", OPENED.fetch_add(1, Ordering::Relaxed));
+        REMOTES.lock().insert(key.clone(), r);
+        Ok(key)
+    });
+    r.map_err(|e| to_py(py, e))
+}
+
+fn remote(py: Python<'_>, url: &str) -> PyResult<dormant::RemoteStore> {
+    match dstore(PathBuf::from(url)) {
+        Ok(dormant::Store::Remote(r)) => Ok(r),
+        Ok(dormant::Store::Local(_)) => Err(to_py(
+            py,
+            Error::InvalidArgument(format!("{url:?} is not an s3:// URL")),
+        )),
+        Err(e) => Err(to_py(py, e)),
+    }
+}
+
+/// Waits until every upload this process queued to `url` is done; returns the failed ones,
+/// `[(snapshot_id, error)]`.
+#[pyfunction]
+fn flush_remote(py: Python<'_>, url: &str) -> PyResult<Vec<(String, String)>> {
+    let r = remote(py, url)?;
+    Ok(py
+        .detach(|| r.flush())
+        .into_iter()
+        .map(|(id, e)| (id.to_string(), e))
+        .collect())
+}
+
+/// Uploads again every upload of this process to `url` that failed.
+#[pyfunction]
+fn sync_remote(py: Python<'_>, url: &str) -> PyResult<()> {
+    let r = remote(py, url)?;
+    py.detach(|| r.sync()).map_err(|e| to_py(py, e))
+}
+
+/// `[(key, bytes)]` of every object of the remote store `url`, keys relative to its prefix.
+#[pyfunction]
+fn remote_objects(py: Python<'_>, url: &str) -> PyResult<Vec<(String, u64)>> {
+    let r = remote(py, url)?;
+    py.detach(|| r.list_objects()).map_err(|e| to_py(py, e))
+}
+
+/// Garbage collection of the remote store `url` (unreferenced chunks older than `grace`
+/// seconds, default 7 days): `(snapshots, chunks, unreferenced_kept, chunks_removed,
+/// bytes_freed)`.
+#[pyfunction]
+#[pyo3(signature = (url, grace=None))]
+fn remote_gc(py: Python<'_>, url: &str, grace: Option<f64>) -> PyResult<(u64, u64, u64, u64, u64)> {
+    let r = remote(py, url)?;
+    let grace = seconds("grace", grace)?.unwrap_or(dormant::store::DEFAULT_GC_GRACE);
+    let rep = py.detach(|| r.gc(grace)).map_err(|e| to_py(py, e))?;
+    Ok((
+        rep.snapshots,
+        rep.chunks,
+        rep.unreferenced_kept,
+        rep.chunks_removed,
+        rep.bytes_freed,
+    ))
+}
+
+/// Checks that snapshot `snapshot_id` is whole in the remote store `url`: `(snapshots,
+/// chunks)` of its chain, all present.
+#[pyfunction]
+fn remote_verify(py: Python<'_>, url: &str, snapshot_id: &str) -> PyResult<(u64, u64)> {
+    let r = remote(py, url)?;
+    let id = self::snapshot_id(py, snapshot_id)?;
+    let rep = py.detach(|| r.verify(&id)).map_err(|e| to_py(py, e))?;
+    Ok((rep.snapshots, rep.chunks))
+}
+
+/// The head of sandbox `sandbox_id` in the remote store `url`, as JSON text, or `None`.
+#[pyfunction]
+fn remote_head(py: Python<'_>, url: &str, sandbox_id: &str) -> PyResult<Option<String>> {
+    let r = remote(py, url)?;
+    let h = py.detach(|| r.head(sandbox_id)).map_err(|e| to_py(py, e))?;
+    Ok(h.map(|h| String::from_utf8_lossy(&h.encode()).into_owned()))
 }
 
 /// A sandbox of a store as Python gets it: `(sandbox_id, tier, latest_snapshot_id,
@@ -936,10 +1167,7 @@ fn list_sandboxes(py: Python<'_>, store_root: PathBuf) -> PyResult<Vec<SandboxRo
 #[pyfunction]
 fn latest_snapshot(py: Python<'_>, sandbox_id: &str, store_root: PathBuf) -> PyResult<String> {
     let r = py.detach(|| -> Result<_, Error> {
-        match store(store_root)?.sandbox(sandbox_id)? {
-            Some(s) => Ok(s.latest.to_string()),
-            None => Err(Error::SandboxNotFound(sandbox_id.to_owned())),
-        }
+        Ok(dstore(store_root)?.latest_snapshot(sandbox_id)?.to_string())
     });
     r.map_err(|e| to_py(py, e))
 }
@@ -1048,6 +1276,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeSandbox>()?;
     m.add_class::<NativeTerminal>()?;
     m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
+    m.add_function(wrap_pyfunction!(open_remote, m)?)?;
+    m.add_function(wrap_pyfunction!(flush_remote, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_remote, m)?)?;
+    m.add_function(wrap_pyfunction!(remote_objects, m)?)?;
+    m.add_function(wrap_pyfunction!(remote_head, m)?)?;
+    m.add_function(wrap_pyfunction!(remote_gc, m)?)?;
+    m.add_function(wrap_pyfunction!(remote_verify, m)?)?;
     m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;
     m.add_function(wrap_pyfunction!(latest_snapshot, m)?)?;

@@ -77,6 +77,23 @@ class StoreFull(SandboxError):
     """
 
 
+class SandboxBusy(SandboxError):
+    """Another host holds the sandbox's lease in the shared :class:`~dormant.Store`: one host
+    at a time runs a sandbox. The message names the holder and when its lease expires; resume
+    after that, or fork the sandbox for an independent copy."""
+
+
+class LeaseLost(SandboxError):
+    """This host's lease on the sandbox expired and another host took it over: its
+    checkpoints here are refused, so they never overwrite the new holder's."""
+
+
+class RemoteStoreError(SandboxError):
+    """A request to the object store failed (network, credentials, a missing bucket). Nothing
+    local was lost: a failed upload's snapshot stays in the local store; a durable checkpoint
+    or :meth:`~dormant.Store.sync` uploads it again."""
+
+
 class SandboxIOError(SandboxError, OSError):
     """A file operation failed inside the sandbox or in the snapshot store."""
 
@@ -117,6 +134,9 @@ _BY_KIND: dict[str, type[SandboxError]] = {
     "read_only": ReadOnly,
     "store_full": StoreFull,
     "template_step": TemplateBuildError,
+    "sandbox_busy": SandboxBusy,
+    "lease_lost": LeaseLost,
+    "remote": RemoteStoreError,
 }
 
 _BY_ERRNO: dict[int, type[SandboxIOError]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import datetime as _dt
 import json
@@ -21,6 +22,7 @@ from ._progress import ProgressCallback, _native_progress
 Tier = Literal["wasi", "kvm"]
 OutputCallback = Callable[[str], object]
 StrPath = Union[str, "os.PathLike[str]"]
+StoreArg = Union[str, "os.PathLike[str]", "Store"]
 
 _TIERS = ("wasi", "kvm")
 
@@ -37,12 +39,143 @@ def default_store() -> str:
     return os.path.join(data, "dormant")
 
 
-def _store(store: StrPath | None) -> str:
+def _store(store: StoreArg | None) -> str:
     if store is None:
         return default_store()
+    if isinstance(store, Store):
+        return store._key
     if isinstance(store, (str, os.PathLike)):
         return os.fspath(store)
-    raise TypeError(f"store must be a path (str or os.PathLike), not {type(store).__name__}")
+    raise TypeError(
+        f"store must be a path (str or os.PathLike) or a dormant.Store, not {type(store).__name__}"
+    )
+
+
+_OPEN_STORES: list[Store] = []
+
+
+@atexit.register
+def _flush_uploads() -> None:
+    # Background uploads run on a thread of this process: let them finish before it ends.
+    for s in _OPEN_STORES:
+        try:
+            s.flush()
+        except Exception:  # noqa: BLE001 - at exit, nothing is left to report to
+            pass
+
+
+class Store:
+    """A snapshot store in an S3-compatible bucket, shared by hosts: any host can resume any
+    of its sandboxes, and snapshots outlive the loss of a host's disk. Pass it as ``store=``
+    wherever a store is taken (:meth:`Sandbox.create`, :meth:`Sandbox.resume`,
+    :meth:`Sandbox.connect`, :func:`list_snapshots`, :meth:`Template.build`).
+
+    ``url`` is ``"s3://bucket"`` or ``"s3://bucket/prefix"``; the bucket must exist (dormant
+    never creates one). Credentials come from ``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY`` (without them, requests are unsigned); ``endpoint_url`` names
+    an S3-compatible server (SeaweedFS, MinIO; default ``$AWS_ENDPOINT_URL``, else AWS).
+    Sandboxes run from a local store, ``cache_dir`` (default: :func:`default_store`), which
+    keeps what this host created or fetched.
+
+    One host at a time runs a sandbox: creating or resuming one takes its lease, renewed in
+    the background while it runs and released when it goes to standby, is killed or is
+    dropped; a resume elsewhere meanwhile raises :class:`SandboxBusy`. A host that dies
+    holding a lease blocks the sandbox for at most ``lease_ttl`` seconds (default 30); a host
+    whose lease expired and was taken over gets :class:`LeaseLost` at its next checkpoint.
+
+    :meth:`Sandbox.standby` and :meth:`Sandbox.checkpoint` return once the snapshot is safe
+    locally and upload it in the background; with ``durable=True`` they return once it is in
+    the bucket. ``request_timeout`` (seconds, default 30) bounds each request and its
+    retries (``retries``, default 3)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        cache_dir: StrPath | None = None,
+        region: str | None = None,
+        lease_ttl: float | None = None,
+        request_timeout: float | None = None,
+        retries: int | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith("s3://"):
+            raise InvalidArgument(f"url must be an s3:// URL, not {url!r}")
+        _seconds("lease_ttl", lease_ttl)
+        _seconds("request_timeout", request_timeout)
+        if retries is not None:
+            if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+                raise InvalidArgument(f"retries must be an int >= 0, not {retries!r}")
+        self._url = url
+        self._endpoint = endpoint_url
+        self._cache_dir = _store(cache_dir)
+        # The native module's name for this store (two stores of one URL stay apart).
+        self._key = _native.open_remote(
+            url, self._cache_dir, endpoint_url, region, lease_ttl, request_timeout, retries
+        )
+        _OPEN_STORES.append(self)
+
+    @property
+    def url(self) -> str:
+        """The bucket and prefix, ``s3://bucket/prefix``."""
+        return self._url
+
+    @property
+    def cache_dir(self) -> str:
+        """The local store sandboxes run from."""
+        return self._cache_dir
+
+    def flush(self) -> builtins.list[tuple[str, str]]:
+        """Waits until every upload this process queued is done; returns the failed ones as
+        ``(snapshot_id, error)`` pairs (their snapshots stay in the local store; :meth:`sync`
+        or a durable checkpoint uploads them again)."""
+        return _native.flush_remote(self._key)
+
+    def sync(self) -> None:
+        """Uploads again every upload of this process that failed; raises if one still
+        fails."""
+        _native.sync_remote(self._key)
+
+    def objects(self) -> builtins.list[tuple[str, int]]:
+        """Every object under the store's prefix, as ``(key, bytes)``: ``chunks/<hash>``,
+        ``snapshots/<id>`` and ``heads/<sandbox id>`` (see the README's layout)."""
+        return _native.remote_objects(self._key)
+
+    def head(self, sandbox_id: str) -> dict[str, object] | None:
+        """The head of sandbox ``sandbox_id``: its latest durable ``snapshot``, its lease's
+        ``holder`` (``{"host", "pid", "token"}`` or ``None``) and ``expires_unix_ms``,
+        ``generation``; ``None`` when the bucket has none."""
+        text = _native.remote_head(self._key, sandbox_id)
+        if text is None:
+            return None
+        head: dict[str, object] = json.loads(text)
+        return head
+
+    def gc(self, grace: float | None = None) -> dict[str, int]:
+        """Removes the chunks no snapshot references that were written more than ``grace``
+        seconds ago (default 7 days): safe while other hosts upload (an upload reusing an old
+        chunk writes it again first). Snapshots and heads are never removed. Returns counts:
+        ``snapshots``, ``chunks``, ``unreferenced_kept``, ``chunks_removed``, ``bytes_freed``
+        (also ``dormant gc --store s3://...``)."""
+        _seconds("grace", grace)
+        snapshots, chunks, kept, removed, freed = _native.remote_gc(self._key, grace)
+        return {
+            "snapshots": snapshots,
+            "chunks": chunks,
+            "unreferenced_kept": kept,
+            "chunks_removed": removed,
+            "bytes_freed": freed,
+        }
+
+    def verify(self, snapshot_id: str) -> tuple[int, int]:
+        """Checks that snapshot ``snapshot_id`` is whole in the bucket: its object, those of
+        the chain it is layered on, and every chunk they reference. Returns ``(snapshots,
+        chunks)`` checked; raises :class:`SnapshotCorrupt` naming what is missing, or
+        :class:`SnapshotNotFound`."""
+        return _native.remote_verify(self._key, snapshot_id)
+
+    def __repr__(self) -> str:
+        return f"Store({self._url!r}, endpoint_url={self._endpoint!r}, cache_dir={self._cache_dir!r})"
 
 
 def _seconds(name: str, value: float | None, *, allow_none: bool = True) -> float | None:
@@ -474,7 +607,7 @@ class Sandbox:
         *,
         template: str | None = None,
         image: str | None = None,
-        store: StrPath | None = None,
+        store: StoreArg | None = None,
         memory_mib: int | None = None,
         timeout: float | None = None,
         idle_standby: float | None = 15.0,
@@ -589,7 +722,7 @@ class Sandbox:
         cls,
         snapshot_id: str,
         *,
-        store: StrPath | None = None,
+        store: StoreArg | None = None,
         idle_standby: float | None = 15.0,
         volumes: Mapping[str, StrPath | Volume] | None = None,
         detach_missing: bool = False,
@@ -619,7 +752,7 @@ class Sandbox:
         cls,
         sandbox_id: str,
         *,
-        store: StrPath | None = None,
+        store: StoreArg | None = None,
         idle_standby: float | None = 15.0,
         volumes: Mapping[str, StrPath | Volume] | None = None,
         detach_missing: bool = False,
@@ -632,17 +765,20 @@ class Sandbox:
 
         Raises :class:`SandboxNotFound` when no snapshot of the sandbox is in the store, or when
         the sandbox was killed (:meth:`kill`) and not checkpointed since. Two handles connected
-        to one sandbox run independently from the same snapshot (as two resumes do)."""
+        to one sandbox run independently from the same snapshot (as two resumes do) in a local
+        store; in a :class:`Store` (a bucket) one host at a time holds it: its lease is taken
+        first, then the latest durable snapshot its head names is resumed
+        (:class:`SandboxBusy` while another host holds it)."""
         if not isinstance(sandbox_id, str):
             raise TypeError(f"sandbox_id must be a str, not {type(sandbox_id).__name__}")
-        snapshot_id = _native.latest_snapshot(sandbox_id, _store(store))
-        return cls.resume(
-            snapshot_id,
-            store=store,
-            idle_standby=idle_standby,
-            volumes=volumes,
-            detach_missing=detach_missing,
+        if not isinstance(detach_missing, bool):
+            raise TypeError(f"detach_missing must be a bool, not {type(detach_missing).__name__}")
+        vols = _volumes(volumes)
+        root = _store(store)
+        native, snapshot_id = _native.NativeSandbox.connect(
+            sandbox_id, root, _seconds("idle_standby", idle_standby), vols, detach_missing
         )
+        return cls(native, root, snapshot_id)
 
     @property
     def id(self) -> str:
@@ -666,8 +802,8 @@ class Sandbox:
 
     @property
     def store(self) -> str:
-        """The snapshot store's directory."""
-        return self._store
+        """The snapshot store's directory, or its ``s3://`` URL."""
+        return self._store.split("#", 1)[0] if self._store.startswith("s3://") else self._store
 
     @property
     def network(self) -> NetworkPolicy:
@@ -706,14 +842,29 @@ class Sandbox:
             ],
         )
 
-    def checkpoint(self) -> str:
-        """Writes a durable snapshot and returns its id; the sandbox keeps running."""
+    def checkpoint(self, *, durable: bool = False) -> str:
+        """Writes a durable snapshot and returns its id; the sandbox keeps running.
+
+        In a :class:`Store` (a bucket) the snapshot uploads in the background; with
+        ``durable=True`` the call returns once it is in the bucket (raising
+        :class:`RemoteStoreError` if the upload fails: the snapshot stays local, its id in
+        :attr:`snapshot_id`, and a durable :meth:`standby` or :meth:`Store.sync` retries). Raises :class:`LeaseLost` once another host took the sandbox over."""
         self._snapshot_id = self._native.checkpoint()
+        if durable:
+            self._native.wait_durable(self._snapshot_id)
         return self._snapshot_id
 
-    def standby(self) -> str:
-        """Checkpoints, then frees all compute and memory; the next call wakes the sandbox."""
+    def standby(self, *, durable: bool = False) -> str:
+        """Checkpoints, then frees all compute and memory; the next call wakes the sandbox.
+
+        In a :class:`Store` (a bucket) the snapshot uploads in the background and the
+        sandbox's lease is released once it is in; with ``durable=True`` the call returns
+        once it is in the bucket (then any host can resume it). A failed upload raises
+        :class:`RemoteStoreError`; the snapshot stays local (its id in :attr:`snapshot_id`),
+        and calling again retries."""
         self._snapshot_id = self._native.standby()
+        if durable:
+            self._native.wait_durable(self._snapshot_id)
         return self._snapshot_id
 
     def fork(self, n: int = 1) -> builtins.list[Sandbox]:
@@ -794,7 +945,7 @@ class Sandbox:
         return f"<dormant.Sandbox id={self.id} tier={self.tier} state={self.state}>"
 
 
-def list_snapshots(store: StrPath | None = None) -> list[SnapshotInfo]:
+def list_snapshots(store: StoreArg | None = None) -> list[SnapshotInfo]:
     """Every snapshot in the store, oldest first."""
     return [
         SnapshotInfo(
@@ -820,7 +971,7 @@ class SandboxInfo:
     snapshots: int
 
 
-def list_sandboxes(store: StrPath | None = None) -> list[SandboxInfo]:
+def list_sandboxes(store: StoreArg | None = None) -> list[SandboxInfo]:
     """The sandboxes whose snapshots are in the store, by id: every sandbox that checkpointed
     or went to standby there, except killed ones (see :meth:`Sandbox.kill`). Templates' build
     sandboxes are not listed. A sandbox that never wrote a snapshot is in no store."""
@@ -836,7 +987,7 @@ def list_sandboxes(store: StrPath | None = None) -> list[SandboxInfo]:
     ]
 
 
-def delete_snapshot(snapshot_id: str, store: StrPath | None = None) -> None:
+def delete_snapshot(snapshot_id: str, store: StoreArg | None = None) -> None:
     """Deletes a snapshot (refused while incremental snapshots are layered on it)."""
     if not isinstance(snapshot_id, str):
         raise TypeError(f"snapshot_id must be a str, not {type(snapshot_id).__name__}")
@@ -945,7 +1096,7 @@ class Template:
         self._built: bool | None = None
 
     def build(
-        self, store: StrPath | None = None, *, progress: ProgressCallback | None = None
+        self, store: StoreArg | None = None, *, progress: ProgressCallback | None = None
     ) -> str:
         """Builds the template into ``store`` and returns its snapshot id, or returns at once
         when the same recipe (and the same runtime) was built before and its snapshot is still
@@ -991,7 +1142,7 @@ class Template:
         return f"<dormant.Template {self.name!r} tier={self.tier} snapshot={self._snapshot_id}>"
 
 
-def list_templates(store: StrPath | None = None) -> list[TemplateInfo]:
+def list_templates(store: StoreArg | None = None) -> list[TemplateInfo]:
     """The templates built in the store, by name."""
     return [
         TemplateInfo(

@@ -104,6 +104,12 @@ impl Default for RemoteOptions {
     }
 }
 
+/// Every lease of this process that is still referenced, by token, across all stores: what
+/// tells a lease whose sandbox handle was dropped (a new acquisition here waits for its queued
+/// uploads and release) from one a live sandbox holds.
+static LIVE_LEASES: std::sync::LazyLock<Mutex<HashMap<String, Weak<Lease>>>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -178,6 +184,8 @@ enum Job {
 pub struct Lease {
     sandbox_id: String,
     token: String,
+    /// Its sandbox handle was dropped: what remains is its queued uploads and release.
+    dropped: AtomicBool,
     state: Mutex<LeaseState>,
 }
 
@@ -392,6 +400,18 @@ impl RemoteStore {
         Ok(lease)
     }
 
+    /// Overwrites any object `key` (relative to the prefix) with `bytes`: a test hook, for
+    /// tests that damage the bucket on purpose.
+    #[doc(hidden)]
+    pub fn overwrite_object(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let k = self.shared.key(key);
+        self.shared
+            .rt
+            .block_on(self.shared.os.put(&k, PutPayload::from(bytes)))
+            .map_err(|e| remote_err("write", k.to_string(), e))?;
+        Ok(())
+    }
+
     /// Writes a small record object `records/<kind>/<name>` (a template's record), replacing
     /// it. `kind` and `name`: 1 to 64 of `[A-Za-z0-9._-]`, not starting with `.`.
     pub fn put_record(&self, kind: &str, name: &str, bytes: Vec<u8>) -> Result<()> {
@@ -503,6 +523,14 @@ impl RemoteStore {
             return;
         }
         drop(st);
+        let _ = self.jobs.lock().send(Job::Release(lease.clone()));
+    }
+
+    /// Releases `lease` on the upload thread, after its queued uploads, without waiting (what
+    /// dropping a [`RemoteSandbox`] does: no network request on the dropping thread).
+    pub fn release_later(&self, lease: &Arc<Lease>) {
+        lease.dropped.store(true, Ordering::Relaxed);
+        lease.state.lock().release_when_done = true;
         let _ = self.jobs.lock().send(Job::Release(lease.clone()));
     }
 
@@ -741,7 +769,15 @@ impl Shared {
                         )));
                     }
                     if let Some(other) = h.other_live_holder(&token, now) {
-                        return Err(self.busy(&h, other));
+                        match self.dropped_here(other) {
+                            // A sandbox handle of this process dropped it: its uploads and
+                            // release are queued; once they are in, it is free.
+                            Some(old) => {
+                                self.wait_released(&old);
+                                continue;
+                            }
+                            None => return Err(self.busy(&h, other)),
+                        }
                     }
                     let head = Head {
                         generation: h.generation + 1,
@@ -770,10 +806,40 @@ impl Shared {
         }
     }
 
+    /// The lease `holder` names if it is one of this process whose sandbox handle was dropped
+    /// (its queued uploads and release still to run on the upload thread).
+    fn dropped_here(&self, holder: &Holder) -> Option<Arc<Lease>> {
+        if holder.host != self.host || holder.pid != std::process::id() {
+            return None;
+        }
+        LIVE_LEASES
+            .lock()
+            .get(&holder.token)
+            .and_then(Weak::upgrade)
+            .filter(|l| l.dropped.load(Ordering::Relaxed))
+    }
+
+    /// Waits (bounded by the requests' own time limits) until a dropped lease of this process
+    /// is released or lost.
+    fn wait_released(&self, lease: &Lease) {
+        let limit = self.opts.request_timeout * (self.opts.retries as u32 + 1) * 2;
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            {
+                let st = lease.state.lock();
+                if !st.held || st.lost_to.is_some() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn new_lease(&self, head: Head, version: UpdateVersion, token: String) -> Arc<Lease> {
-        Arc::new(Lease {
+        let lease = Arc::new(Lease {
             sandbox_id: head.sandbox_id.clone(),
             token,
+            dropped: AtomicBool::new(false),
             state: Mutex::new(LeaseState {
                 version,
                 head,
@@ -785,7 +851,11 @@ impl Shared {
                 last_order: 0,
                 head_order: 0,
             }),
-        })
+        });
+        let mut live = LIVE_LEASES.lock();
+        live.retain(|_, w| w.strong_count() > 0);
+        live.insert(lease.token.clone(), Arc::downgrade(&lease));
+        lease
     }
 
     /// Writes `change` of the head under `lease`, held, by compare-and-swap; on a conflict

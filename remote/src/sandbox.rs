@@ -21,8 +21,9 @@ use crate::{Lease, RemoteStore};
 /// - [`resume_with`](Sandbox::resume_with) takes the lease again if it was released, and
 ///   fetches the snapshot if the cache lacks it;
 /// - [`fork`](Sandbox::fork)'s children are new sandboxes, each with a lease of its own;
-/// - [`kill`](Sandbox::kill), and dropping the sandbox, release the lease after its queued
-///   uploads.
+/// - [`kill`](Sandbox::kill) releases the lease (after its queued uploads), and so does
+///   dropping the sandbox, on the upload thread (a later acquisition in this process takes a
+///   lease whose handle was dropped at once).
 #[derive(Debug)]
 pub struct RemoteSandbox {
     inner: Box<dyn Sandbox>,
@@ -87,7 +88,7 @@ impl Durable {
 
 impl Drop for RemoteSandbox {
     fn drop(&mut self) {
-        self.store.release(&self.lease);
+        self.store.release_later(&self.lease);
     }
 }
 

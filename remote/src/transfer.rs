@@ -362,6 +362,12 @@ impl Shared {
     fn import(&self, obj: &SnapshotObject, report: &mut PullReport) -> Result<()> {
         let id = obj.id();
         let mut w = self.cache.begin(id)?;
+        let mut crcs = Vec::with_capacity(obj.files.len());
+        let zero_chunk = {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&[0u8; CHUNK]);
+            h
+        };
         for (file, index) in &obj.files {
             let f = w.create(&file.name)?;
             let path = w.path(&file.name);
@@ -373,7 +379,7 @@ impl Shared {
                 .filter(|(_, h)| *h != ZERO)
                 .map(|(i, h)| (i, <[u8; HASH_LEN]>::try_from(h).expect("HASH_LEN bytes")));
             let (f, path) = (&f, &path);
-            let got: Vec<u64> = self.rt.block_on(
+            let got: Vec<(usize, u64, crc32fast::Hasher)> = self.rt.block_on(
                 futures::stream::iter(work)
                     .map(|(i, hash)| async move {
                         let key = self.chunk_key(&hash);
@@ -411,15 +417,40 @@ impl Shared {
                         }
                         f.write_all_at(&buf, at)
                             .map_err(|e| Error::store("write", path, e))?;
-                        Ok::<u64, Error>(bytes.len() as u64)
+                        let mut crc = crc32fast::Hasher::new();
+                        crc.update(&buf);
+                        Ok::<_, Error>((i, bytes.len() as u64, crc))
                     })
                     .buffer_unordered(self.opts.parallelism.max(1))
                     .try_collect(),
             )?;
             report.chunks += got.len() as u64;
-            report.downloaded_bytes += got.iter().sum::<u64>();
+            report.downloaded_bytes += got.iter().map(|(_, n, _)| n).sum::<u64>();
+            // The file's CRC from its chunks' (zero chunks included), in order: what the
+            // first open compares with the manifest instead of reading the file again.
+            let mut by_index: Vec<Option<crc32fast::Hasher>> = vec![None; file.chunk_count()];
+            for (i, _, crc) in got {
+                by_index[i] = Some(crc);
+            }
+            let mut whole = crc32fast::Hasher::new();
+            for (i, crc) in by_index.into_iter().enumerate() {
+                match crc {
+                    Some(c) => whole.combine(&c),
+                    None => {
+                        let take = ((file.len - (i * CHUNK) as u64) as usize).min(CHUNK);
+                        if take == CHUNK {
+                            whole.combine(&zero_chunk);
+                        } else {
+                            let mut z = crc32fast::Hasher::new();
+                            z.update(&vec![0u8; take]);
+                            whole.combine(&z);
+                        }
+                    }
+                }
+            }
+            crcs.push((file.name.as_str(), whole.finalize()));
         }
-        w.commit_imported(&obj.manifest)
+        w.commit_imported(&obj.manifest, &crcs)
     }
 
     pub(crate) fn list_snapshot_ids(&self) -> Result<Vec<SnapshotId>> {

@@ -916,3 +916,39 @@ fn concurrent_pulls_of_one_snapshot_on_one_host() {
         assert_same_snapshot(a.cache(), b.cache(), id);
     }
 }
+
+#[test]
+fn a_pulled_snapshot_is_checked_against_its_manifest() {
+    let s3 = SeaweedFs::start();
+    let a = host(&s3, "crc", Duration::from_secs(30));
+    let img = image(&[0, 1, 40, 700], 9);
+    let good = full_snapshot(a.cache(), "sb-crc", &img);
+    let bad = full_snapshot(a.cache(), "sb-crc", &img);
+    a.push(&good).expect("push");
+    a.push(&bad).expect("push");
+    // Someone who can write the bucket changes a snapshot's manifest (its memory's CRC) but
+    // not its chunks.
+    let mut obj = a.snapshot_object(&bad).expect("the object");
+    obj.manifest.memory.file.crc32 ^= 1;
+    obj.manifest_bytes = obj.manifest.encode();
+    a.overwrite_object(&format!("snapshots/{bad}"), obj.encode())
+        .expect("overwrite");
+
+    let b = host(&s3, "crc", Duration::from_secs(30));
+    b.pull(&good).expect("pull");
+    b.pull(&bad).expect("pull");
+    // The honest one opens without its file being read again (the import's own CRC stands);
+    // the altered one is refused at its first open.
+    let m = b.cache().manifest(&good).expect("manifest");
+    b.cache()
+        .open_file(&good, &m.memory.file, true)
+        .expect("the honest snapshot opens");
+    let m = b.cache().manifest(&bad).expect("manifest");
+    match b.cache().open_file(&bad, &m.memory.file, true) {
+        Err(Error::Snapshot {
+            source: dormant_core::SnapshotError::Checksum { .. },
+            ..
+        }) => {}
+        other => panic!("expected a checksum error, got {other:?}"),
+    }
+}

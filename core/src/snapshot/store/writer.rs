@@ -121,17 +121,20 @@ impl SnapshotWriter<'_> {
 
     /// Writes the manifest, flushes, and atomically publishes the snapshot.
     pub fn commit(self, manifest: &Manifest) -> Result<()> {
-        self.commit_with(manifest, true)
+        self.commit_with(manifest, None)
     }
 
     /// [`commit`](Self::commit) for a snapshot this process did not take (fetched from an
-    /// object store): its files' CRCs are not recorded as checked, so the first open of each
-    /// checks it (see [`LocalStore::open_file`]).
-    pub fn commit_imported(self, manifest: &Manifest) -> Result<()> {
-        self.commit_with(manifest, false)
+    /// object store). `crcs`: the CRC-32 of each file's content as the importer wrote it,
+    /// computed from that content, never read from the manifest: recorded as checked, so that
+    /// a first open compares it with the manifest's CRC instead of reading the file again (a
+    /// mismatch is then a [`SnapshotError::Checksum`](crate::SnapshotError::Checksum), as for
+    /// a damaged file).
+    pub fn commit_imported(self, manifest: &Manifest, crcs: &[(&str, u32)]) -> Result<()> {
+        self.commit_with(manifest, Some(crcs))
     }
 
-    fn commit_with(mut self, manifest: &Manifest, own_crcs: bool) -> Result<()> {
+    fn commit_with(mut self, manifest: &Manifest, imported: Option<&[(&str, u32)]>) -> Result<()> {
         assert_eq!(manifest.id, self.id, "manifest of another snapshot");
         let path = self.dir.join(MANIFEST);
         let bytes = manifest.encode();
@@ -147,12 +150,15 @@ impl SnapshotWriter<'_> {
         }
         // What it wrote matches the CRCs it computed while writing: a resume in another
         // process need not read the files again (see `verified`).
-        if own_crcs {
-            let records: Vec<(&str, u32)> = std::iter::once(&manifest.memory.file)
-                .chain(&manifest.fs)
-                .map(|r| (r.name.as_str(), r.crc32))
-                .collect();
-            super::verified::record(&self.dir, &records);
+        match imported {
+            Some(crcs) => super::verified::record(&self.dir, crcs),
+            None => {
+                let records: Vec<(&str, u32)> = std::iter::once(&manifest.memory.file)
+                    .chain(&manifest.fs)
+                    .map(|r| (r.name.as_str(), r.crc32))
+                    .collect();
+                super::verified::record(&self.dir, &records);
+            }
         }
         if sync {
             for p in &self.files {

@@ -75,3 +75,29 @@ fn a_template_published_on_one_host_serves_another() {
     let mut sb = b.create_from_template("prepared", &Grants::new()).unwrap();
     assert_eq!(sb.run_code("print(prepared)").unwrap().stdout, "on A\n");
 }
+
+#[test]
+fn hosts_resume_one_snapshot_in_turn_after_dropping_it() {
+    let s3 = SeaweedFs::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = host(&s3, "turns", &tmp.path().join("a"));
+    let mut sb = Store::Local(a.local().clone())
+        .create(Tier::Wasi, SandboxSpec::python())
+        .unwrap();
+    sb.run_code("x = 1").unwrap();
+    let snap = sb.standby().unwrap();
+    drop(sb);
+    a.remote().unwrap().push(&snap).unwrap();
+    // New hosts one after another, each dropping the sandbox when done (its release queued).
+    for i in 0..3 {
+        let h = host(&s3, "turns", &tmp.path().join(format!("h{i}")));
+        let mut sb = h.resume(&snap, &Grants::new()).unwrap();
+        assert_eq!(sb.run_code("print(x)").unwrap().stdout, "1\n");
+    }
+    // One host resuming it again and again.
+    let warm = host(&s3, "turns", &tmp.path().join("warm"));
+    for _ in 0..3 {
+        let mut sb = warm.resume(&snap, &Grants::new()).unwrap();
+        assert_eq!(sb.run_code("print(x)").unwrap().stdout, "1\n");
+    }
+}

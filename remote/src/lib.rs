@@ -110,6 +110,14 @@ impl Default for RemoteOptions {
 static LIVE_LEASES: std::sync::LazyLock<Mutex<HashMap<String, Weak<Lease>>>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 
+/// What a lease's holder is to this process ([`Shared::held_here`]).
+enum Here {
+    No,
+    Live,
+    Dropped(Arc<Lease>),
+    Gone,
+}
+
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -769,14 +777,18 @@ impl Shared {
                         )));
                     }
                     if let Some(other) = h.other_live_holder(&token, now) {
-                        match self.dropped_here(other) {
+                        match self.held_here(other) {
+                            // Not this process's, or a live sandbox of it holds it.
+                            Here::No | Here::Live => return Err(self.busy(&h, other)),
                             // A sandbox handle of this process dropped it: its uploads and
                             // release are queued; once they are in, it is free.
-                            Some(old) => {
+                            Here::Dropped(old) => {
                                 self.wait_released(&old);
                                 continue;
                             }
-                            None => return Err(self.busy(&h, other)),
+                            // A lease of this process that nothing holds any more (its release
+                            // done meanwhile, or failed): taken over below.
+                            Here::Gone => {}
                         }
                     }
                     let head = Head {
@@ -806,17 +818,22 @@ impl Shared {
         }
     }
 
-    /// The lease `holder` names if it is one of this process whose sandbox handle was dropped
-    /// (its queued uploads and release still to run on the upload thread).
-    fn dropped_here(&self, holder: &Holder) -> Option<Arc<Lease>> {
+    /// What `holder` is to this process: another process's lease, one of its live
+    /// sandboxes', one whose sandbox handle was dropped (its queued uploads and release still
+    /// to run on the upload thread), or one nothing here holds any more.
+    fn held_here(&self, holder: &Holder) -> Here {
         if holder.host != self.host || holder.pid != std::process::id() {
-            return None;
+            return Here::No;
         }
-        LIVE_LEASES
+        match LIVE_LEASES
             .lock()
             .get(&holder.token)
             .and_then(Weak::upgrade)
-            .filter(|l| l.dropped.load(Ordering::Relaxed))
+        {
+            None => Here::Gone,
+            Some(l) if l.dropped.load(Ordering::Relaxed) => Here::Dropped(l),
+            Some(_) => Here::Live,
+        }
     }
 
     /// Waits (bounded by the requests' own time limits) until a dropped lease of this process

@@ -2,6 +2,7 @@
 //! then snapshot objects, base first) and [`Shared::pull_chain`] (snapshot objects, then the
 //! missing chunks, in parallel, into a snapshot committed in the local store).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
@@ -38,7 +39,7 @@ pub struct PushReport {
 pub struct PullReport {
     /// Snapshot objects fetched (0: the cache had the snapshot).
     pub snapshots: u64,
-    /// Chunks fetched.
+    /// Chunks fetched (each distinct chunk of a file once).
     pub chunks: u64,
     /// Compressed bytes downloaded (chunks and snapshot objects).
     pub downloaded_bytes: u64,
@@ -186,30 +187,44 @@ impl Shared {
         report: &mut PushReport,
     ) -> Result<Vec<u8>> {
         let has = data_chunks(f, len).map_err(|e| Error::store("read", path, e))?;
-        let n = has.len();
-        let mut index = vec![0u8; n * HASH_LEN];
-        let work = has.iter().enumerate().filter(|(_, d)| **d).map(|(i, _)| i);
-        let results: Vec<(usize, [u8; HASH_LEN], bool, u64)> = self.rt.block_on(
+        let mut index = vec![0u8; has.len() * HASH_LEN];
+        // First the index: every data chunk read and hashed, in order. A content repeated in
+        // the file (a page pattern, say) is uploaded once below, not raced against itself.
+        let mut distinct: HashMap<[u8; HASH_LEN], usize> = HashMap::new();
+        let mut buf = vec![0u8; CHUNK];
+        for (i, _) in has.iter().enumerate().filter(|(_, d)| **d) {
+            let at = (i * CHUNK) as u64;
+            let take = ((len - at) as usize).min(CHUNK);
+            f.read_exact_at(&mut buf[..take], at)
+                .map_err(|e| Error::store("read", path, e))?;
+            if buf[..take].iter().all(|&b| b == 0) {
+                continue;
+            }
+            let hash: [u8; HASH_LEN] = *blake3::hash(&buf[..take]).as_bytes();
+            index[i * HASH_LEN..(i + 1) * HASH_LEN].copy_from_slice(&hash);
+            report.chunks += 1;
+            match distinct.entry(hash) {
+                std::collections::hash_map::Entry::Occupied(_) => report.reused_chunks += 1,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+            }
+        }
+        let fresh = self.opts.freshen_after;
+        let distinct_count = distinct.len();
+        let work: Vec<([u8; HASH_LEN], usize)> = {
+            let present = self.present.lock();
+            distinct
+                .into_iter()
+                .filter(|(h, _)| present.get(h).is_none_or(|t| t.elapsed() >= fresh / 2))
+                .collect()
+        };
+        // Known to be in the bucket already.
+        report.reused_chunks += (distinct_count - work.len()) as u64;
+        // Then the chunks the bucket may lack, in parallel.
+        let results: Vec<(bool, u64)> = self.rt.block_on(
             futures::stream::iter(work)
-                .map(|i| async move {
-                    let at = (i * CHUNK) as u64;
-                    let take = ((len - at) as usize).min(CHUNK);
-                    let mut buf = vec![0u8; take];
-                    f.read_exact_at(&mut buf, at)
-                        .map_err(|e| Error::store("read", path, e))?;
-                    if buf.iter().all(|&b| b == 0) {
-                        return Ok((i, ZERO, false, 0));
-                    }
-                    let hash: [u8; HASH_LEN] = *blake3::hash(&buf).as_bytes();
-                    let fresh = self.opts.freshen_after;
-                    if self
-                        .present
-                        .lock()
-                        .get(&hash)
-                        .is_some_and(|t| t.elapsed() < fresh / 2)
-                    {
-                        return Ok((i, hash, true, 0));
-                    }
+                .map(|(hash, i)| async move {
                     let key = self.chunk_key(&hash);
                     // In the bucket and written recently enough: reused. Written long ago:
                     // written again (refreshing its age, see `gc`).
@@ -219,14 +234,19 @@ impl Shared {
                                 crate::now_ms() as i64 - meta.last_modified.timestamp_millis();
                             if age_ms < fresh.as_millis() as i64 {
                                 self.present.lock().insert(hash, Instant::now());
-                                return Ok((i, hash, true, 0));
+                                return Ok((true, 0));
                             }
                             PutMode::Overwrite
                         }
                         Err(object_store::Error::NotFound { .. }) => PutMode::Create,
                         Err(e) => return Err(remote_err("look up", key.to_string(), e)),
                     };
-                    let compressed = zstd::bulk::compress(&buf, ZSTD_LEVEL)
+                    let at = (i * CHUNK) as u64;
+                    let take = ((len - at) as usize).min(CHUNK);
+                    let mut data = vec![0u8; take];
+                    f.read_exact_at(&mut data, at)
+                        .map_err(|e| Error::store("read", path, e))?;
+                    let compressed = zstd::bulk::compress(&data, ZSTD_LEVEL)
                         .map_err(|e| Error::store("compress", path, e))?;
                     let written = compressed.len() as u64;
                     let opts = PutOptions {
@@ -243,20 +263,16 @@ impl Shared {
                         Err(e) => return Err(remote_err("upload", key.to_string(), e)),
                     };
                     self.present.lock().insert(hash, Instant::now());
-                    Ok::<_, Error>((i, hash, reused, if reused { 0 } else { written }))
+                    Ok::<_, Error>((reused, if reused { 0 } else { written }))
                 })
                 .buffer_unordered(self.opts.parallelism.max(1))
                 .try_collect(),
         )?;
-        for (i, hash, reused, written) in results {
-            index[i * HASH_LEN..(i + 1) * HASH_LEN].copy_from_slice(&hash);
-            if hash != ZERO {
-                report.chunks += 1;
-                if reused {
-                    report.reused_chunks += 1;
-                }
-                report.uploaded_bytes += written;
+        for (reused, written) in results {
+            if reused {
+                report.reused_chunks += 1;
             }
+            report.uploaded_bytes += written;
         }
         Ok(index)
     }
@@ -373,18 +389,22 @@ impl Shared {
             let path = w.path(&file.name);
             f.set_len(file.len)
                 .map_err(|e| Error::store("size", &path, e))?;
-            let work = index
-                .chunks_exact(HASH_LEN)
-                .enumerate()
-                .filter(|(_, h)| *h != ZERO)
-                .map(|(i, h)| (i, <[u8; HASH_LEN]>::try_from(h).expect("HASH_LEN bytes")));
+            // Each distinct chunk fetched once, written wherever the file holds it.
+            let mut groups: HashMap<[u8; HASH_LEN], Vec<usize>> = HashMap::new();
+            for (i, h) in index.chunks_exact(HASH_LEN).enumerate() {
+                if h != ZERO {
+                    let h = <[u8; HASH_LEN]>::try_from(h).expect("HASH_LEN bytes");
+                    groups.entry(h).or_default().push(i);
+                }
+            }
             let (f, path) = (&f, &path);
-            let got: Vec<(usize, u64, crc32fast::Hasher)> = self.rt.block_on(
-                futures::stream::iter(work)
-                    .map(|(i, hash)| async move {
+            let got: Vec<(Vec<usize>, u64, crc32fast::Hasher)> = self.rt.block_on(
+                futures::stream::iter(groups)
+                    .map(|(hash, at_chunks)| async move {
                         let key = self.chunk_key(&hash);
-                        let at = (i * CHUNK) as u64;
-                        let take = ((file.len - at) as usize).min(CHUNK);
+                        let take_at =
+                            |i: usize| ((file.len - (i * CHUNK) as u64) as usize).min(CHUNK);
+                        let take = take_at(at_chunks[0]);
                         let got = self.os.get(&key).await;
                         let bytes = match got {
                             Ok(g) => g.bytes().await,
@@ -415,11 +435,24 @@ impl Shared {
                                 )),
                             ));
                         }
-                        f.write_all_at(&buf, at)
-                            .map_err(|e| Error::store("write", path, e))?;
+                        for &i in &at_chunks {
+                            // One content, one length: a shorter tail chunk has another hash.
+                            if take_at(i) != take {
+                                return Err(Error::snapshot(
+                                    id,
+                                    SnapshotError::Malformed(format!(
+                                        "chunk {} of {} at two lengths",
+                                        hex(&hash),
+                                        file.name
+                                    )),
+                                ));
+                            }
+                            f.write_all_at(&buf, (i * CHUNK) as u64)
+                                .map_err(|e| Error::store("write", path, e))?;
+                        }
                         let mut crc = crc32fast::Hasher::new();
                         crc.update(&buf);
-                        Ok::<_, Error>((i, bytes.len() as u64, crc))
+                        Ok::<_, Error>((at_chunks, bytes.len() as u64, crc))
                     })
                     .buffer_unordered(self.opts.parallelism.max(1))
                     .try_collect(),
@@ -429,8 +462,10 @@ impl Shared {
             // The file's CRC from its chunks' (zero chunks included), in order: what the
             // first open compares with the manifest instead of reading the file again.
             let mut by_index: Vec<Option<crc32fast::Hasher>> = vec![None; file.chunk_count()];
-            for (i, _, crc) in got {
-                by_index[i] = Some(crc);
+            for (at_chunks, _, crc) in got {
+                for i in at_chunks {
+                    by_index[i] = Some(crc.clone());
+                }
             }
             let mut whole = crc32fast::Hasher::new();
             for (i, crc) in by_index.into_iter().enumerate() {

@@ -24,6 +24,7 @@ mod machine;
 mod markdown;
 mod mcp_overhead;
 mod network;
+mod object_store;
 mod ports;
 mod probe;
 mod python_overhead;
@@ -106,7 +107,7 @@ fn main() {
 fn run(o: Opts) -> Res<()> {
     let started = Instant::now();
     type Scenario = fn(&mut Ctx) -> Res<()>;
-    let scenarios: [(&str, Scenario); 11] = [
+    let scenarios: [(&str, Scenario); 12] = [
         ("analysis", analysis::run),
         ("coding_agent", coding_agent::run),
         ("resume_latency", resume_latency::run),
@@ -118,6 +119,7 @@ fn run(o: Opts) -> Res<()> {
         ("ports", ports::run),
         ("network", network::run),
         ("mcp_overhead", mcp_overhead::run),
+        ("object_store", object_store::run),
     ];
     if let Some(only) = &o.only
         && !scenarios.iter().any(|(n, _)| n == only)

@@ -278,26 +278,30 @@ struct NativeSandbox {
     /// The store it was created in or resumed from: `kill` records the kill there.
     store: Arc<LocalStore>,
     /// The remote store it belongs to, if any: durable checkpoints wait for its uploads.
-    remote: Option<dormant::RemoteStore>,
+    remote: Option<(dormant::RemoteStore, Option<Arc<dormant::store::Lease>>)>,
     /// Stops the running call (Ctrl-C), reachable while the call holds the sandbox.
     interrupter: Option<Arc<dyn Interrupt>>,
 }
 
 impl NativeSandbox {
+    /// `sb`, just made or resumed through `store`.
     fn new(sb: Box<dyn Sandbox>, idle: Option<Duration>, store: &dormant::Store) -> NativeSandbox {
         Self::from_managed(
             Managed::new(sb, idle),
             store.local().clone(),
-            store.remote().cloned(),
+            store.remote(),
         )
     }
 
+    /// With a remote store, the sandbox's lease is the one it just took (the store's newest
+    /// of its id).
     fn from_managed(
         inner: Inner,
         store: Arc<LocalStore>,
-        remote: Option<dormant::RemoteStore>,
+        remote: Option<&dormant::RemoteStore>,
     ) -> NativeSandbox {
         let interrupter = inner.interrupter();
+        let remote = remote.map(|r| (r.clone(), r.lease_of(&inner.id())));
         NativeSandbox {
             inner,
             store,
@@ -308,17 +312,15 @@ impl NativeSandbox {
 
     /// With a remote store, waits until snapshot `id` is in the bucket.
     fn wait_durable_for(&self, id: &SnapshotId) -> Result<(), Error> {
-        let Some(r) = &self.remote else {
-            return Ok(());
-        };
-        let sandbox_id = self.inner.id();
-        let lease = r.lease_of(&sandbox_id).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "sandbox {sandbox_id:?} holds no lease in {}",
+        match &self.remote {
+            Some((r, Some(lease))) => r.wait_durable(lease, id),
+            Some((r, None)) => Err(Error::InvalidArgument(format!(
+                "sandbox {:?} holds no lease in {}",
+                self.inner.id(),
                 r.url()
-            ))
-        })?;
-        r.wait_durable(&lease, id)
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// A call with the GIL released, its error raised as dormant's exception.
@@ -719,7 +721,13 @@ impl NativeSandbox {
             let children = self.inner.fork(n)?;
             Ok(children
                 .into_iter()
-                .map(|c| NativeSandbox::from_managed(c, self.store.clone(), self.remote.clone()))
+                .map(|c| {
+                    NativeSandbox::from_managed(
+                        c,
+                        self.store.clone(),
+                        self.remote.as_ref().map(|(r, _)| r),
+                    )
+                })
                 .collect())
         });
         r.map_err(|e| to_py(py, e))
@@ -1027,7 +1035,7 @@ fn remote_snapshots(r: &dormant::RemoteStore) -> Result<Vec<(String, String, u64
 /// Opens the remote store at `url`, with `cache_dir` as its local store; returns the key that
 /// names it as `store_root` in the other calls (`<url>#<n>`).
 #[pyfunction]
-#[pyo3(signature = (url, cache_dir, endpoint=None, region=None, lease_ttl=None, request_timeout=None, retries=None))]
+#[pyo3(signature = (url, cache_dir, endpoint=None, region=None, lease_ttl=None, request_timeout=None, retries=None, freshen_after=None, anonymous=false))]
 #[allow(clippy::too_many_arguments)]
 fn open_remote(
     py: Python<'_>,
@@ -1038,12 +1046,18 @@ fn open_remote(
     lease_ttl: Option<f64>,
     request_timeout: Option<f64>,
     retries: Option<usize>,
+    freshen_after: Option<f64>,
+    anonymous: bool,
 ) -> PyResult<String> {
     let mut opts = dormant::RemoteOptions {
         endpoint,
         region,
+        anonymous,
         ..Default::default()
     };
+    if let Some(t) = seconds("freshen_after", freshen_after)? {
+        opts.freshen_after = t;
+    }
     if let Some(t) = seconds("lease_ttl", lease_ttl)? {
         opts.lease_ttl = t;
     }
@@ -1085,6 +1099,23 @@ fn flush_remote(py: Python<'_>, url: &str) -> PyResult<Vec<(String, String)>> {
         .into_iter()
         .map(|(id, e)| (id.to_string(), e))
         .collect())
+}
+
+/// Waits for every upload and lease release queued to every remote store this process opened
+/// (what the module does at exit); returns the failed uploads, `[(url, snapshot_id, error)]`.
+#[pyfunction]
+fn flush_all_remotes(py: Python<'_>) -> Vec<(String, String, String)> {
+    let stores: Vec<dormant::RemoteStore> = REMOTES.lock().values().cloned().collect();
+    py.detach(|| {
+        stores
+            .iter()
+            .flat_map(|r| {
+                r.flush()
+                    .into_iter()
+                    .map(|(id, e)| (r.url().to_owned(), id.to_string(), e))
+            })
+            .collect()
+    })
 }
 
 /// Uploads again every upload of this process to `url` that failed.
@@ -1278,6 +1309,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(open_remote, m)?)?;
     m.add_function(wrap_pyfunction!(flush_remote, m)?)?;
+    m.add_function(wrap_pyfunction!(flush_all_remotes, m)?)?;
     m.add_function(wrap_pyfunction!(sync_remote, m)?)?;
     m.add_function(wrap_pyfunction!(remote_objects, m)?)?;
     m.add_function(wrap_pyfunction!(remote_head, m)?)?;

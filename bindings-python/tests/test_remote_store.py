@@ -220,9 +220,16 @@ def test_a_host_killed_during_an_upload_loses_nothing_durable(
     assert head["snapshot"] is not None
     snapshots, chunks = store.verify(str(head["snapshot"]))
     assert snapshots >= 1 and chunks >= 1
-    # GC with no grace period: what a partial upload left is removed, what the head
-    # references stays.
-    report = store.gc(grace=0)
+    # A grace period under twice freshen_after is refused (an upload under way could lose
+    # a chunk it reuses).
+    with pytest.raises(dormant.InvalidArgument):
+        store.gc(grace=60)
+    # GC with a short grace period (freshen_after 1 s): what the head references stays;
+    # what a partial upload left goes once older than the grace period.
+    quick = dormant.Store(
+        url, endpoint_url=seaweed.endpoint, cache_dir=tmp_path / "d", freshen_after=1
+    )
+    report = quick.gc(grace=2)
     assert report["snapshots"] >= 1
     store.verify(str(head["snapshot"]))
     # Another host takes over once the dead host's lease expires, with the durable state.
@@ -278,6 +285,47 @@ def test_a_template_built_on_one_host_serves_another(
     )
     assert b["value"] == "on host A"
     assert any(k == "records/template/shared" for k, _ in store.objects())
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_sandbox_is_not_found_on_any_host(
+    seaweed: SeaweedFS, tmp_path: pathlib.Path
+) -> None:
+    url = seaweed.url(prefix())
+    store = dormant.Store(url, endpoint_url=seaweed.endpoint, cache_dir=tmp_path / "a")
+    sb = dormant.Sandbox.create("wasi", store=store)
+    sb.run_code("x = 41")
+    snap = sb.checkpoint(durable=True)
+    sb.kill()
+    head = store.head(sb.id)
+    assert head is not None and head["killed_unix_ms"] is not None and head["holder"] is None
+    with pytest.raises(dormant.SandboxNotFound):
+        dormant.Sandbox.connect(sb.id, store=store)
+    b = subprocess.run(
+        [sys.executable, "-c", CONNECT, url, seaweed.endpoint, str(tmp_path / "b"), sb.id],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **CREDS},
+    )
+    assert b.stdout.strip() == "SandboxNotFound", b.stderr
+    # Its snapshots stay, resumable by snapshot id; a checkpoint after the kill brings the
+    # sandbox back.
+    again = dormant.Sandbox.resume(snap, store=store)
+    assert again.run_code("print(x)").stdout == "41\n"
+    again.standby(durable=True)  # the lease released once uploaded
+    assert dormant.Sandbox.connect(sb.id, store=store).run_code("print(x)").stdout == "41\n"
+
+
+CONNECT = """
+import sys, dormant
+url, endpoint, cache, sid = sys.argv[1:]
+try:
+    dormant.Sandbox.connect(sid, store=dormant.Store(url, endpoint_url=endpoint, cache_dir=cache))
+    print("found")
+except dormant.SandboxNotFound:
+    print("SandboxNotFound")
+"""
 
 
 def test_a_missing_bucket_is_a_clear_error(seaweed: SeaweedFS, tmp_path: pathlib.Path) -> None:

@@ -194,7 +194,7 @@ impl Store {
             }
             Store::Remote(r) => {
                 let lease = r.acquire(sandbox_id, false, false)?;
-                let Some(id) = lease.durable_snapshot() else {
+                let Some(id) = lease.durable_snapshot().filter(|_| !lease.killed()) else {
                     r.release(&lease);
                     return Err(Error::SandboxNotFound(sandbox_id.to_owned()));
                 };
@@ -207,7 +207,10 @@ impl Store {
     pub fn latest_snapshot(&self, sandbox_id: &str) -> Result<SnapshotId> {
         let found = match self {
             Store::Local(s) => s.sandbox(sandbox_id)?.map(|i| i.latest),
-            Store::Remote(r) => r.head(sandbox_id)?.and_then(|h| h.snapshot),
+            Store::Remote(r) => r
+                .head(sandbox_id)?
+                .filter(|h| h.killed_unix_ms.is_none())
+                .and_then(|h| h.snapshot),
         };
         found.ok_or_else(|| Error::SandboxNotFound(sandbox_id.to_owned()))
     }

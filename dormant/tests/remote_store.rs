@@ -12,9 +12,8 @@ use dormant_remote::testing::SeaweedFs;
 
 fn host(s3: &SeaweedFs, prefix: &str, cache: &std::path::Path) -> Store {
     let opts = RemoteOptions {
-        endpoint: Some(s3.endpoint()),
         lease_ttl: Duration::from_secs(5),
-        ..RemoteOptions::default()
+        ..s3.options()
     };
     let cache = Arc::new(LocalStore::open(cache).unwrap());
     Store::Remote(RemoteStore::open(&s3.url(prefix), cache, opts).unwrap())
@@ -100,4 +99,24 @@ fn hosts_resume_one_snapshot_in_turn_after_dropping_it() {
         let mut sb = warm.resume(&snap, &Grants::new()).unwrap();
         assert_eq!(sb.run_code("print(x)").unwrap().stdout, "1\n");
     }
+}
+
+#[test]
+fn only_a_sandbox_s_own_uploads_move_its_head() {
+    let s3 = SeaweedFs::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = host(&s3, "own", &tmp.path().join("a"));
+    let mut one = a.create(Tier::Wasi, SandboxSpec::python()).unwrap();
+    let mut two = a.create(Tier::Wasi, SandboxSpec::python()).unwrap();
+    let snap_two = two.checkpoint().unwrap();
+    a.wait_durable(&*two, &snap_two).unwrap();
+    let snap_one = one.checkpoint().unwrap();
+    a.wait_durable(&*one, &snap_one).unwrap();
+    // Another sandbox's snapshot is not an upload of this one's.
+    assert!(matches!(
+        a.wait_durable(&*one, &snap_two),
+        Err(Error::InvalidArgument(_))
+    ));
+    let head = a.remote().unwrap().head(one.id()).unwrap().unwrap();
+    assert_eq!(head.snapshot, Some(snap_one));
 }

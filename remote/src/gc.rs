@@ -1,7 +1,10 @@
 //! Garbage collection of the bucket, and checking that a snapshot is whole in it.
 //!
 //! [`RemoteStore::gc`] removes chunks that no snapshot object references and that are older
-//! than a grace period. It is safe while other hosts upload: an upload writes its chunks before
+//! than a grace period (at least twice
+//! [`RemoteOptions::freshen_after`](crate::RemoteOptions::freshen_after): a shorter one is
+//! refused), each looked up again just before it goes (one written again meanwhile stays). It
+//! is safe while other hosts upload: an upload writes its chunks before
 //! the snapshot object that references them, so a chunk is unreferenced for a while; and one
 //! that reuses a chunk already in the bucket uploads it again (refreshing its age) when it is
 //! older than [`RemoteOptions::freshen_after`](crate::RemoteOptions::freshen_after), which is
@@ -53,6 +56,16 @@ impl RemoteStore {
     pub fn gc(&self, grace: Duration) -> Result<RemoteGcReport> {
         let s = &self.shared;
         let t0 = Instant::now();
+        let least = s.opts.freshen_after * 2;
+        if grace < least {
+            return Err(Error::InvalidArgument(format!(
+                "a grace period of {:.0} s is too short: an upload under way may reference a \
+                 chunk written up to freshen_after ({:.0} s) before it; use at least {:.0} s",
+                grace.as_secs_f64(),
+                s.opts.freshen_after.as_secs_f64(),
+                least.as_secs_f64()
+            )));
+        }
         // Chunks first, then the objects: a chunk listed here whose snapshot object is written
         // after the listing below is young, hence kept.
         let chunks_prefix = s.key("chunks");
@@ -84,12 +97,19 @@ impl RemoteStore {
                 report.unreferenced_kept += 1;
                 continue;
             }
-            doomed.push((hash, m.location, m.size));
+            doomed.push((hash, m.location, m.size, m.last_modified));
         }
         let parallelism = s.opts.parallelism.max(1);
         let removed: Vec<u64> = s.rt.block_on(
             futures::stream::iter(doomed)
-                .map(|(hash, key, size)| async move {
+                .map(|(hash, key, size, listed)| async move {
+                    // Written again since the listing (an upload reusing it refreshed it): kept.
+                    match s.os.head(&key).await {
+                        Ok(m) if m.last_modified > listed => return Ok(0),
+                        Err(object_store::Error::NotFound { .. }) => return Ok(0),
+                        Ok(_) => {}
+                        Err(e) => return Err(remote_err("look up", key.to_string(), e)),
+                    }
                     match s.os.delete(&key).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                             s.present.lock().remove(&hash);
@@ -101,7 +121,7 @@ impl RemoteStore {
                 .buffer_unordered(parallelism)
                 .try_collect(),
         )?;
-        report.chunks_removed = removed.len() as u64;
+        report.chunks_removed = removed.iter().filter(|&&n| n > 0).count() as u64;
         report.bytes_freed = removed.iter().sum();
         tracing::info!(
             ?report,

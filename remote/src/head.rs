@@ -3,16 +3,19 @@
 //! It names the sandbox's latest durable snapshot and is its **lease**: the host running the
 //! sandbox is its `holder` until `expires_unix_ms`, renewing it while it runs. Every change is
 //! a compare-and-swap: a conditional PUT on the ETag the writer read (`If-Match`), or on the
-//! object's absence for a new sandbox (`If-None-Match: *`), so two hosts never both believe
-//! they hold a sandbox, and a host whose lease was taken over cannot move the head (it is
-//! fenced: its next checkpoint is refused).
+//! object's absence for a new sandbox (`If-None-Match: *`), so two hosts never both take a
+//! sandbox's lease, and a host whose lease was taken over cannot move the head (it is fenced:
+//! its next checkpoint is refused). A host that stalled past its lease's expiry may still run
+//! the sandbox's code until it next writes the head (a checkpoint, a renewal, a wake from
+//! standby): only writes are fenced.
 //!
 //! ```text
 //! {"version": 1, "sandbox_id": "sb-…", "snapshot": "s-…" or null,
 //!  "generation": 7,                    one more at every takeover (a fencing token)
 //!  "holder": {"host": "…", "pid": 1234, "token": "…"} or null,
 //!  "expires_unix_ms": 1764…,           when the holder's lease ends unless renewed
-//!  "updated_unix_ms": 1764…}
+//!  "updated_unix_ms": 1764…,
+//!  "killed_unix_ms": 1764…}            only once killed: a resume by id finds nothing
 //! ```
 //!
 //! Expiry compares the holder's clock (it wrote `expires_unix_ms`) with the reader's: hosts
@@ -56,6 +59,10 @@ pub struct Head {
     /// When the holder's lease ends unless renewed (Unix ms, the holder's clock).
     pub expires_unix_ms: u64,
     pub updated_unix_ms: u64,
+    /// When the sandbox was killed (Unix ms), if it was: resuming it by id then finds nothing,
+    /// until a snapshot taken after the kill (of a resume by snapshot id) is uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub killed_unix_ms: Option<u64>,
 }
 
 impl Head {
@@ -117,6 +124,7 @@ mod tests {
             }),
             expires_unix_ms: 1000,
             updated_unix_ms: 900,
+            killed_unix_ms: None,
         }
     }
 

@@ -88,6 +88,9 @@ pub struct RemoteOptions {
     /// with a longer grace period ([`DEFAULT_GC_GRACE`], 7 days) never removes a chunk an
     /// upload in flight is about to reference.
     pub freshen_after: Duration,
+    /// Unsigned requests, for a bucket open to anonymous access (default: no; credentials come
+    /// from the usual `AWS_*` variables, the shared profile, or the instance's role).
+    pub anonymous: bool,
 }
 
 impl Default for RemoteOptions {
@@ -100,6 +103,7 @@ impl Default for RemoteOptions {
             retries: 3,
             parallelism: 32,
             freshen_after: Duration::from_secs(24 * 3600),
+            anonymous: false,
         }
     }
 }
@@ -182,8 +186,13 @@ enum Upload {
 
 #[derive(Debug)]
 enum Job {
-    Push { id: SnapshotId, lease: Arc<Lease> },
+    Push {
+        id: SnapshotId,
+        lease: Arc<Lease>,
+    },
     Release(Arc<Lease>),
+    /// Answered once every job queued before it has run.
+    Barrier(mpsc::Sender<()>),
 }
 
 /// This host's lease on a sandbox (see the crate's documentation): held from creation or
@@ -213,6 +222,9 @@ struct LeaseState {
     /// The order of this lease's uploads: the number each snapshot got when queued (a later
     /// upload, a higher number), so that a late retry never moves the head back.
     order: HashMap<SnapshotId, u64>,
+    /// An upload of this lease failed after the one its head names: not released until a
+    /// newer one is in.
+    failed_since_head: bool,
     /// The last number given, and the number of the snapshot this lease last moved the head to.
     last_order: u64,
     head_order: u64,
@@ -228,17 +240,35 @@ impl Lease {
     pub fn durable_snapshot(&self) -> Option<SnapshotId> {
         self.state.lock().head.snapshot.clone()
     }
+
+    /// Whether the head says the sandbox was killed (and not checkpointed since).
+    pub fn killed(&self) -> bool {
+        self.state.lock().head.killed_unix_ms.is_some()
+    }
 }
 
 impl RemoteStore {
     /// Opens `url` (`s3://bucket` or `s3://bucket/prefix`) with `cache` as the local store.
     /// Credentials come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and the other
-    /// usual `AWS_*` variables); without them requests are unsigned (a bucket open to
-    /// anonymous access). Checks that the bucket exists: dormant never creates one.
+    /// usual `AWS_*` variables, the profile, the instance's role); requests are unsigned only
+    /// with [`RemoteOptions::anonymous`]. Checks that the bucket exists (dormant never creates
+    /// one) and that the server honours conditional writes (`If-None-Match`, `If-Match`: the
+    /// leases rest on them), writing and removing a probe object under `probes/`.
     ///
     /// Errors: [`Error::InvalidArgument`] for a URL that is not `s3://…`; [`Error::Remote`]
     /// when the bucket cannot be reached or does not exist.
     pub fn open(url: &str, cache: Arc<LocalStore>, opts: RemoteOptions) -> Result<RemoteStore> {
+        if opts.lease_ttl < Duration::from_secs(1)
+            || opts.request_timeout.is_zero()
+            || opts.parallelism == 0
+            || opts.freshen_after.is_zero()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "object store options: lease_ttl must be at least 1 s (not {:?}), and \
+                 request_timeout, parallelism and freshen_after above zero",
+                opts.lease_ttl
+            )));
+        }
         let Some(rest) = url.strip_prefix("s3://") else {
             return Err(Error::InvalidArgument(format!(
                 "{url:?} is not an object-store URL (expected s3://bucket/prefix)"
@@ -267,7 +297,7 @@ impl RemoteStore {
             .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
             .unwrap_or_else(|| "us-east-1".into());
         b = b.with_region(region);
-        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+        if opts.anonymous {
             b = b.with_skip_signature(true);
         }
         let retry = RetryConfig {
@@ -317,6 +347,7 @@ impl RemoteStore {
             imported: Condvar::new(),
         });
         shared.check_bucket(bucket)?;
+        shared.check_conditional_writes()?;
         let (tx, rx) = mpsc::channel();
         let worker = shared.clone();
         std::thread::Builder::new()
@@ -454,12 +485,15 @@ impl RemoteStore {
         }
     }
 
-    /// This process's live lease on `sandbox_id`, if it holds one (released or not).
+    /// This process's newest live lease on `sandbox_id`, if it holds one (released or not):
+    /// taken right after creating or resuming a sandbox, the lease that sandbox holds.
     pub fn lease_of(&self, sandbox_id: &str) -> Option<Arc<Lease>> {
+        // The newest first: right after an acquisition, the one it took.
         self.shared
             .leases
             .lock()
             .iter()
+            .rev()
             .filter_map(Weak::upgrade)
             .find(|l| l.sandbox_id == sandbox_id)
     }
@@ -493,16 +527,35 @@ impl RemoteStore {
             .uploads
             .lock()
             .insert(id.clone(), Upload::Queued);
-        let _ = self.jobs.lock().send(Job::Push {
+        let sent = self.jobs.lock().send(Job::Push {
             id: id.clone(),
             lease: lease.clone(),
         });
+        if sent.is_err() {
+            lease.state.lock().queued -= 1;
+            self.shared.uploads.lock().insert(
+                id.clone(),
+                Upload::Failed(
+                    "the upload thread has stopped".into(),
+                    Arc::downgrade(lease),
+                ),
+            );
+            self.shared.uploads_changed.notify_all();
+        }
     }
 
-    /// Waits until snapshot `id`'s upload is done and the head names it; an upload that failed
-    /// (or was never queued) is run again now. Errors: what the upload met ([`Error::Remote`],
-    /// [`Error::LeaseLost`]); the snapshot stays in the local store either way.
+    /// Waits until snapshot `id`'s upload is done and the head names it (or a newer one); an
+    /// upload that failed is run again now. Errors: [`Error::InvalidArgument`] for a snapshot
+    /// this lease did not queue ([`upload`](Self::upload)); what the upload met
+    /// ([`Error::Remote`], [`Error::LeaseLost`]); the snapshot stays in the local store either
+    /// way.
     pub fn wait_durable(&self, lease: &Arc<Lease>, id: &SnapshotId) -> Result<()> {
+        if !lease.state.lock().order.contains_key(id) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {id} is not an upload of sandbox {:?} under this lease",
+                lease.sandbox_id
+            )));
+        }
         let mut uploads = self.shared.uploads.lock();
         loop {
             match uploads.get(id) {
@@ -517,11 +570,33 @@ impl RemoteStore {
         }
     }
 
+    /// Records in the head that `lease`'s sandbox was killed, and releases the lease: a
+    /// resume by id on any host then finds nothing ([`Error::SandboxNotFound`]), and uploads
+    /// still queued of snapshots taken before the kill no longer move the head. A snapshot
+    /// taken after it (of a resume by snapshot id) brings the sandbox back, as in a local store.
+    pub fn kill(&self, lease: &Arc<Lease>) -> Result<()> {
+        let mut st = lease.state.lock();
+        st.release_when_done = true;
+        let now = now_ms();
+        self.shared.update_head(lease, &mut st, |h| {
+            h.killed_unix_ms = Some(now);
+            h.holder = None;
+            h.expires_unix_ms = 0;
+        })?;
+        st.held = false;
+        Ok(())
+    }
+
     /// Releases `lease`: at once when none of its uploads is queued, else once they are done
     /// (in order).
     pub fn release(&self, lease: &Arc<Lease>) {
         let mut st = lease.state.lock();
         st.release_when_done = true;
+        if st.failed_since_head {
+            // A snapshot it took is only local: kept (renewed while its handle lives, else
+            // expiring), never released onto an older head.
+            return;
+        }
         if st.queued == 0 {
             // Nothing to wait for: released now, so that another host (or another handle of
             // this process) can take the sandbox as soon as this returns.
@@ -542,8 +617,14 @@ impl RemoteStore {
         let _ = self.jobs.lock().send(Job::Release(lease.clone()));
     }
 
-    /// Waits until every upload queued so far is done (or failed); returns the failures.
+    /// Waits until every upload and release queued so far is done (or failed); returns the
+    /// failed uploads.
     pub fn flush(&self) -> Vec<(SnapshotId, String)> {
+        // Every job queued so far, releases included, then the uploads' outcomes.
+        let (tx, rx) = mpsc::channel();
+        if self.jobs.lock().send(Job::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
+        }
         let mut uploads = self.shared.uploads.lock();
         while uploads.values().any(|u| matches!(u, Upload::Queued)) {
             self.shared.uploads_changed.wait(&mut uploads);
@@ -662,6 +743,50 @@ impl Shared {
         Ok(self.key(&format!("records/{kind}/{name}")))
     }
 
+    /// Refuses a server that ignores conditional writes: a create of an existing object, and
+    /// an update on a stale ETag, must both fail.
+    fn check_conditional_writes(&self) -> Result<()> {
+        let key = self.key(&format!("probes/{:016x}", rand::random::<u64>()));
+        let put = |mode: PutMode, body: &'static [u8]| {
+            let opts = PutOptions {
+                mode,
+                ..PutOptions::default()
+            };
+            self.rt
+                .block_on(self.os.put_opts(&key, PutPayload::from_static(body), opts))
+        };
+        let result = (|| {
+            let first =
+                put(PutMode::Create, b"1").map_err(|e| remote_err("probe", key.to_string(), e))?;
+            let stale = UpdateVersion {
+                e_tag: Some("\"0000000000000000\"".into()),
+                version: None,
+            };
+            let again = put(PutMode::Create, b"2");
+            let stale_update = put(PutMode::Update(stale), b"3");
+            drop(first);
+            match (again, stale_update) {
+                (
+                    Err(object_store::Error::AlreadyExists { .. }),
+                    Err(object_store::Error::Precondition { .. }),
+                ) => Ok(()),
+                (Err(e @ object_store::Error::Generic { .. }), _)
+                | (_, Err(e @ object_store::Error::Generic { .. })) => {
+                    Err(remote_err("probe", key.to_string(), e))
+                }
+                _ => Err(remote_err(
+                    "probe",
+                    key.to_string(),
+                    "the server does not honour conditional writes (If-None-Match / If-Match), \
+                     on which one host at a time per sandbox rests: use a server that does \
+                     (AWS S3, MinIO, SeaweedFS 4.48, ...)",
+                )),
+            }
+        })();
+        let _ = self.rt.block_on(self.os.delete(&key));
+        result
+    }
+
     fn check_bucket(&self, bucket: &str) -> Result<()> {
         let r = self
             .rt
@@ -764,6 +889,7 @@ impl Shared {
                         holder: Some(self.holder(&token)),
                         expires_unix_ms: now + ttl,
                         updated_unix_ms: now,
+                        killed_unix_ms: None,
                     };
                     if let Some(version) = self.put_head(&head, PutMode::Create)? {
                         return Ok(self.new_lease(head, version, token));
@@ -792,7 +918,7 @@ impl Shared {
                         }
                     }
                     let head = Head {
-                        generation: h.generation + 1,
+                        generation: h.generation.saturating_add(1),
                         holder: Some(self.holder(&token)),
                         expires_unix_ms: now + ttl,
                         updated_unix_ms: now,
@@ -865,6 +991,7 @@ impl Shared {
                 release_when_done: false,
                 queued: 0,
                 order: HashMap::new(),
+                failed_since_head: false,
                 last_order: 0,
                 head_order: 0,
             }),
@@ -972,6 +1099,11 @@ impl Shared {
             return Err(self.lost(lease, who));
         }
         if st.held {
+            // Renewal fell behind (this process stalled): the lease may have been taken.
+            let ttl = self.opts.lease_ttl.as_millis() as u64;
+            if st.head.expires_unix_ms <= now_ms() + ttl / 3 {
+                self.update_head(lease, &mut st, |h| h.expires_unix_ms = now_ms() + ttl)?;
+            }
             return Ok(());
         }
         let (h, version) = self
@@ -982,7 +1114,7 @@ impl Shared {
             return Err(self.busy(&h, other));
         }
         let head = Head {
-            generation: h.generation + 1,
+            generation: h.generation.saturating_add(1),
             holder: Some(self.holder(&lease.token)),
             expires_unix_ms: now + self.opts.lease_ttl.as_millis() as u64,
             updated_unix_ms: now,
@@ -1019,7 +1151,8 @@ impl Shared {
     }
 
     /// Uploads `id` and moves the head of `lease`'s sandbox to it; with `release`, also
-    /// releases the lease (in the same write). `queued`: a job of the queue (its count drops).
+    /// releases the lease (in the same write) if no later upload of it is queued. `queued`: a
+    /// job of the queue (counted in the lease's `queued`; the upload thread lowers the count).
     fn push_and_commit(
         &self,
         lease: &Arc<Lease>,
@@ -1031,26 +1164,35 @@ impl Shared {
             if let Some(who) = &lease.state.lock().lost_to {
                 return Err(self.lost(lease, who));
             }
+            // Only this lease's own uploads move its head (never another sandbox's snapshot,
+            // nor one this lease did not take).
+            let Some(order) = lease.state.lock().order.get(id).copied() else {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {id} is not an upload of sandbox {:?} under this lease",
+                    lease.sandbox_id
+                )));
+            };
             self.push_chain(id)?;
             let mut st = lease.state.lock();
-            let last = !queued || st.queued <= 1;
-            let release = release && st.release_when_done && last;
+            // The last upload still to run (a retry outside the queue counts none).
+            let last = st.queued <= usize::from(queued);
             let held = st.held;
-            // A retry of an upload older than the one the head names leaves the head there.
-            let order = match st.order.get(id) {
-                Some(&n) => n,
-                None => {
-                    st.last_order += 1;
-                    let n = st.last_order;
-                    st.order.insert(id.clone(), n);
-                    n
-                }
+            // A retry of an upload older than the one the head names leaves the head there;
+            // so does a snapshot taken before the sandbox was killed.
+            let before_kill = match st.head.killed_unix_ms {
+                Some(k) => self.cache.manifest(id)?.created_unix_ms <= k,
+                None => false,
             };
-            let newer = order >= st.head_order;
+            let newer = order >= st.head_order && !before_kill;
+            // Released only if nothing it took is left only local: a newer head covers an
+            // older failed upload (its chain holds it).
+            let covered = newer || !st.failed_since_head;
+            let release = release && st.release_when_done && last && covered;
             if newer || release {
                 self.update_head(lease, &mut st, |h| {
                     if newer {
                         h.snapshot = Some(id.clone());
+                        h.killed_unix_ms = None;
                     }
                     if release {
                         h.holder = None;
@@ -1060,15 +1202,21 @@ impl Shared {
             }
             if newer {
                 st.head_order = order;
+                st.failed_since_head = false;
             }
             if release && held {
                 st.held = false;
             }
             Ok(())
         })();
-        if queued {
+        if r.is_err() {
+            // Not released while a snapshot it took after its head's is only local: the head
+            // would name an older state for the next holder. If its handle goes, the lease
+            // expires instead.
             let mut st = lease.state.lock();
-            st.queued = st.queued.saturating_sub(1);
+            if st.order.get(id).is_some_and(|&n| n > st.head_order) {
+                st.failed_since_head = true;
+            }
         }
         let mut uploads = self.uploads.lock();
         uploads.insert(
@@ -1087,14 +1235,49 @@ impl Shared {
             match job {
                 Job::Push { id, lease } => {
                     let release = lease.state.lock().release_when_done;
-                    if let Err(e) = self.push_and_commit(&lease, &id, release, true) {
+                    // A failed request is retried twice, after 1 and 3 s (the server restarting,
+                    // a network blip); then the upload waits for `wait_durable` or `sync`.
+                    let mut tries = 0;
+                    let r = loop {
+                        let attempt =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                self.push_and_commit(&lease, &id, release, true)
+                            }))
+                            .unwrap_or_else(|_| {
+                                let e = Error::runtime("upload a snapshot", "the upload panicked");
+                                self.uploads.lock().insert(
+                                    id.clone(),
+                                    Upload::Failed(e.to_string(), Arc::downgrade(&lease)),
+                                );
+                                self.uploads_changed.notify_all();
+                                Err(e)
+                            });
+                        match attempt {
+                            Err(Error::Remote { .. }) if tries < 2 => {
+                                tries += 1;
+                                // Still under way for those who wait for it.
+                                self.uploads.lock().insert(id.clone(), Upload::Queued);
+                                std::thread::sleep(Duration::from_secs(2 * tries - 1));
+                            }
+                            r => break r,
+                        }
+                    };
+                    {
+                        let mut st = lease.state.lock();
+                        st.queued = st.queued.saturating_sub(1);
+                    }
+                    if let Err(e) = r {
                         tracing::warn!(snapshot = %id, error = %e, "upload failed; the snapshot stays in the local store");
                     }
+                }
+                Job::Barrier(done) => {
+                    let _ = done.send(());
                 }
                 Job::Release(lease) => {
                     let mut st = lease.state.lock();
                     if st.release_when_done
                         && st.queued == 0
+                        && !st.failed_since_head
                         && let Err(e) = self.release_now(&lease, &mut st)
                     {
                         tracing::warn!(sandbox = %lease.sandbox_id, error = %e, "lease release failed; it expires by itself");

@@ -21,9 +21,10 @@ use crate::{Lease, RemoteStore};
 /// - [`resume_with`](Sandbox::resume_with) takes the lease again if it was released, and
 ///   fetches the snapshot if the cache lacks it;
 /// - [`fork`](Sandbox::fork)'s children are new sandboxes, each with a lease of its own;
-/// - [`kill`](Sandbox::kill) releases the lease (after its queued uploads), and so does
-///   dropping the sandbox, on the upload thread (a later acquisition in this process takes a
-///   lease whose handle was dropped at once).
+/// - [`kill`](Sandbox::kill) records the kill in the head ([`RemoteStore::kill`]: a resume by
+///   id then finds nothing) and releases the lease; dropping the sandbox releases it too, on
+///   the upload thread after its queued uploads (a later acquisition in this process waits
+///   for them).
 #[derive(Debug)]
 pub struct RemoteSandbox {
     inner: Box<dyn Sandbox>,
@@ -174,7 +175,7 @@ impl Sandbox for RemoteSandbox {
     }
     fn kill(&mut self) -> Result<()> {
         let r = self.inner.kill();
-        self.store.release(&self.lease);
+        self.store.kill(&self.lease)?;
         r
     }
     fn metrics(&mut self) -> Result<Metrics> {

@@ -129,10 +129,12 @@ impl SeaweedFs {
         }
     }
 
-    /// [`RemoteOptions`] with this server's endpoint (the rest default).
+    /// [`RemoteOptions`] with this server's endpoint and unsigned requests (the rest
+    /// default).
     pub fn options(&self) -> RemoteOptions {
         RemoteOptions {
             endpoint: Some(self.endpoint()),
+            anonymous: true,
             ..RemoteOptions::default()
         }
     }

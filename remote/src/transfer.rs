@@ -50,6 +50,8 @@ pub struct PullReport {
 /// Longest chain of snapshot objects followed (as the local store's chains).
 const MAX_CHAIN: usize = 4096;
 const ZSTD_LEVEL: i32 = 3;
+/// Largest chunk object read: zstd's bound for 64 KiB of input, with room to spare.
+const MAX_COMPRESSED_CHUNK: u64 = CHUNK as u64 + 4096;
 
 /// The 64 KiB chunks of `f` (of `len` bytes) that hold data, by index: the file's data extents
 /// (`SEEK_DATA`/`SEEK_HOLE`), so that the holes of a sparse image are not read.
@@ -128,6 +130,15 @@ impl Shared {
         let manifest_path = dir.join(object::MANIFEST_FILE);
         let manifest_bytes = std::fs::read(&manifest_path).map_err(io("read", &manifest_path))?;
         let manifest = self.cache.manifest(id)?;
+        if manifest.memory.kind == dormant_core::snapshot::LayerKind::Compact
+            || manifest.fs_compact_len.is_some()
+        {
+            // Its files are indexes of the local store's own chunks.
+            return Err(Error::Unsupported {
+                op: "uploading a compacted snapshot",
+                what: format!("{id} (resume it and checkpoint again, then upload that)"),
+            });
+        }
         let mut names = Vec::new();
         for ent in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
             let ent = ent.map_err(io("list", &dir))?;
@@ -312,7 +323,7 @@ impl Shared {
     pub(crate) fn pull_chain(&self, leaf: &SnapshotId) -> Result<crate::PullReport> {
         let t0 = Instant::now();
         let mut report = PullReport::default();
-        let mut objects = Vec::new();
+        let mut objects: Vec<SnapshotObject> = Vec::new();
         let mut id = leaf.clone();
         while !self.cache.contains(&id) {
             if objects.len() >= MAX_CHAIN {
@@ -322,7 +333,18 @@ impl Shared {
                 ));
             }
             let obj = self.get_object(&id)?;
-            report.downloaded_bytes += obj.encode().len() as u64;
+            report.downloaded_bytes += obj.manifest_bytes.len() as u64
+                + obj.files.iter().map(|(_, i)| i.len() as u64).sum::<u64>();
+            // Depth strictly decreases towards the base (as the local store's chains): no
+            // cycle, at most depth + 1 objects.
+            if let Some(last) = objects.last()
+                && obj.manifest.memory.depth >= last.manifest.memory.depth
+            {
+                return Err(Error::snapshot(
+                    leaf,
+                    SnapshotError::Malformed("inconsistent layer chain in the bucket".into()),
+                ));
+            }
             let next = match (obj.manifest.memory.depth, &obj.manifest.parent) {
                 (0, _) => None,
                 (_, Some(p)) => Some(p.clone()),
@@ -407,6 +429,19 @@ impl Shared {
                         let take = take_at(at_chunks[0]);
                         let got = self.os.get(&key).await;
                         let bytes = match got {
+                            // A compressed 64 KiB chunk is never larger than this: a bigger
+                            // object is not read (a hostile bucket).
+                            Ok(g) if g.meta.size > MAX_COMPRESSED_CHUNK => {
+                                return Err(Error::snapshot(
+                                    id,
+                                    SnapshotError::Malformed(format!(
+                                        "chunk {} of {} is {} bytes",
+                                        hex(&hash),
+                                        file.name,
+                                        g.meta.size
+                                    )),
+                                ));
+                            }
                             Ok(g) => g.bytes().await,
                             Err(e) => Err(e),
                         }

@@ -38,10 +38,9 @@ impl std::ops::Deref for Host {
 
 fn options(s3: &SeaweedFs, ttl: Duration) -> RemoteOptions {
     RemoteOptions {
-        endpoint: Some(s3.endpoint()),
         lease_ttl: ttl,
         parallelism: 8,
-        ..RemoteOptions::default()
+        ..s3.options()
     }
 }
 

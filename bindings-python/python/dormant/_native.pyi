@@ -16,6 +16,7 @@ __all__ = [
     "store_usage",
     "open_remote",
     "flush_remote",
+    "flush_all_remotes",
     "sync_remote",
     "remote_objects",
     "remote_head",
@@ -143,8 +144,11 @@ def open_remote(
     lease_ttl: float | None = None,
     request_timeout: float | None = None,
     retries: int | None = None,
+    freshen_after: float | None = None,
+    anonymous: bool = False,
 ) -> str: ...
 def flush_remote(url: str) -> list[tuple[str, str]]: ...
+def flush_all_remotes() -> list[tuple[str, str, str]]: ...
 def sync_remote(url: str) -> None: ...
 def remote_objects(url: str) -> list[tuple[str, int]]: ...
 def remote_head(url: str, sandbox_id: str) -> str | None: ...

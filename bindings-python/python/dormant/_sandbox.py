@@ -51,17 +51,19 @@ def _store(store: StoreArg | None) -> str:
     )
 
 
-_OPEN_STORES: list[Store] = []
-
-
 @atexit.register
 def _flush_uploads() -> None:
-    # Background uploads run on a thread of this process: let them finish before it ends.
-    for s in _OPEN_STORES:
-        try:
-            s.flush()
-        except Exception:  # noqa: BLE001 - at exit, nothing is left to report to
-            pass
+    # Background uploads and lease releases run on threads of this process: let them finish
+    # before it ends (every object store it opened, by dormant.Store or by URL).
+    import warnings
+
+    for url, snapshot_id, error in _native.flush_all_remotes():
+        warnings.warn(
+            f"dormant: snapshot {snapshot_id} was not uploaded to {url} ({error}); it is only "
+            "in the local store",
+            RuntimeWarning,
+            stacklevel=1,
+        )
 
 
 class Store:
@@ -72,7 +74,8 @@ class Store:
 
     ``url`` is ``"s3://bucket"`` or ``"s3://bucket/prefix"``; the bucket must exist (dormant
     never creates one). Credentials come from ``AWS_ACCESS_KEY_ID`` /
-    ``AWS_SECRET_ACCESS_KEY`` (without them, requests are unsigned); ``endpoint_url`` names
+    ``AWS_SECRET_ACCESS_KEY`` (or the profile, or the instance's role; ``anonymous=True``
+    sends unsigned requests, for a public bucket); ``endpoint_url`` names
     an S3-compatible server (SeaweedFS, MinIO; default ``$AWS_ENDPOINT_URL``, else AWS).
     Sandboxes run from a local store, ``cache_dir`` (default: :func:`default_store`), which
     keeps what this host created or fetched.
@@ -86,7 +89,11 @@ class Store:
     :meth:`Sandbox.standby` and :meth:`Sandbox.checkpoint` return once the snapshot is safe
     locally and upload it in the background; with ``durable=True`` they return once it is in
     the bucket. ``request_timeout`` (seconds, default 30) bounds each request and its
-    retries (``retries``, default 3)."""
+    retries (``retries``, default 3). An upload that finds a chunk in the bucket written more
+    than ``freshen_after`` seconds ago (default one day) writes it again, so that :meth:`gc`,
+    whose grace period must be at least twice that, never removes a chunk an upload under way
+    is about to reference. The server must honour conditional writes (``If-None-Match``,
+    ``If-Match``: the leases rest on them); opening the store checks it."""
 
     def __init__(
         self,
@@ -98,11 +105,16 @@ class Store:
         lease_ttl: float | None = None,
         request_timeout: float | None = None,
         retries: int | None = None,
+        freshen_after: float | None = None,
+        anonymous: bool = False,
     ) -> None:
         if not isinstance(url, str) or not url.startswith("s3://"):
             raise InvalidArgument(f"url must be an s3:// URL, not {url!r}")
         _seconds("lease_ttl", lease_ttl)
         _seconds("request_timeout", request_timeout)
+        _seconds("freshen_after", freshen_after)
+        if not isinstance(anonymous, bool):
+            raise TypeError(f"anonymous must be a bool, not {type(anonymous).__name__}")
         if retries is not None:
             if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
                 raise InvalidArgument(f"retries must be an int >= 0, not {retries!r}")
@@ -111,9 +123,16 @@ class Store:
         self._cache_dir = _store(cache_dir)
         # The native module's name for this store (two stores of one URL stay apart).
         self._key = _native.open_remote(
-            url, self._cache_dir, endpoint_url, region, lease_ttl, request_timeout, retries
+            url,
+            self._cache_dir,
+            endpoint_url,
+            region,
+            lease_ttl,
+            request_timeout,
+            retries,
+            freshen_after,
+            anonymous,
         )
-        _OPEN_STORES.append(self)
 
     @property
     def url(self) -> str:
@@ -153,7 +172,8 @@ class Store:
 
     def gc(self, grace: float | None = None) -> dict[str, int]:
         """Removes the chunks no snapshot references that were written more than ``grace``
-        seconds ago (default 7 days): safe while other hosts upload (an upload reusing an old
+        seconds ago (default 7 days; at least twice ``freshen_after``, else
+        :class:`InvalidArgument`): safe while other hosts upload (an upload reusing an old
         chunk writes it again first). Snapshots and heads are never removed. Returns counts:
         ``snapshots``, ``chunks``, ``unreferenced_kept``, ``chunks_removed``, ``bytes_freed``
         (also ``dormant gc --store s3://...``)."""
@@ -802,8 +822,9 @@ class Sandbox:
 
     @property
     def store(self) -> str:
-        """The snapshot store's directory, or its ``s3://`` URL."""
-        return self._store.split("#", 1)[0] if self._store.startswith("s3://") else self._store
+        """The snapshot store's directory; for a :class:`Store`, its name in this process
+        (``s3://bucket/prefix#n``), which ``store=`` accepts back."""
+        return self._store
 
     @property
     def network(self) -> NetworkPolicy:

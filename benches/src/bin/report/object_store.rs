@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use dormant::kvm::KvmSandbox;
 use dormant::{
-    Grants, LocalStore, RemoteOptions, RemoteStore, Sandbox, SandboxSpec, SnapshotId, Store,
-    Template, Tier,
+    Grants, LocalStore, RemoteStore, Sandbox, SandboxSpec, SnapshotId, Store, Template, Tier,
 };
 use dormant_remote::testing::SeaweedFs;
 
@@ -22,14 +21,10 @@ use crate::workloads::{SMALL_SESSION, linux_spec};
 
 /// A host: its own cache, the shared bucket.
 fn host(s3: &SeaweedFs, prefix: &str, cache: &std::path::Path) -> Res<RemoteStore> {
-    let opts = RemoteOptions {
-        endpoint: Some(s3.endpoint()),
-        ..RemoteOptions::default()
-    };
     Ok(RemoteStore::open(
         &s3.url(prefix),
         Arc::new(LocalStore::open(cache)?),
-        opts,
+        s3.options(),
     )?)
 }
 

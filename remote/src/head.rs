@@ -12,7 +12,7 @@
 //! ```text
 //! {"version": 1, "sandbox_id": "sb-…", "snapshot": "s-…" or null,
 //!  "generation": 7,                    one more at every takeover (a fencing token)
-//!  "holder": {"host": "…", "pid": 1234, "token": "…"} or null,
+//!  "holder": {"host": "…", "pid": 1234, "token": "…", "process": "…"} or null,
 //!  "expires_unix_ms": 1764…,           when the holder's lease ends unless renewed
 //!  "updated_unix_ms": 1764…,
 //!  "killed_unix_ms": 1764…}            only once killed: a resume by id finds nothing
@@ -38,6 +38,10 @@ pub struct Holder {
     pub pid: u32,
     /// A random token of this lease (unique per acquisition in a process).
     pub token: String,
+    /// A random token of the holder's process: host name and pid alone do not tell two
+    /// processes apart (containers with one host name, each its pid 1).
+    #[serde(default)]
+    pub process: String,
 }
 
 impl std::fmt::Display for Holder {
@@ -86,7 +90,7 @@ impl Head {
             ));
         }
         if let Some(holder) = &h.holder
-            && (holder.host.len() > 256 || holder.token.len() > 64)
+            && (holder.host.len() > 256 || holder.token.len() > 64 || holder.process.len() > 64)
         {
             return Err("holder fields too long".into());
         }
@@ -121,6 +125,7 @@ mod tests {
                 host: "h".into(),
                 pid: 7,
                 token: "t".into(),
+                process: "p".into(),
             }),
             expires_unix_ms: 1000,
             updated_unix_ms: 900,

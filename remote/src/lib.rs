@@ -114,6 +114,14 @@ impl Default for RemoteOptions {
 static LIVE_LEASES: std::sync::LazyLock<Mutex<HashMap<String, Weak<Lease>>>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 
+/// Tokens of this process's acquisitions under way (see [`Shared::acquire`]).
+static ACQUIRING: std::sync::LazyLock<Mutex<HashSet<String>>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashSet::new()));
+
+/// This process's random token in the holders it writes ([`Holder::process`]).
+static PROCESS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{:016x}", rand::random::<u64>()));
+
 /// What a lease's holder is to this process ([`Shared::held_here`]).
 enum Here {
     No,
@@ -860,6 +868,7 @@ impl Shared {
             host: self.host.clone(),
             pid: std::process::id(),
             token: token.to_owned(),
+            process: PROCESS.clone(),
         }
     }
 
@@ -873,6 +882,22 @@ impl Shared {
 
     fn acquire(&self, sandbox_id: &str, create: bool, allow_absent: bool) -> Result<Arc<Lease>> {
         let token = format!("{:016x}", rand::random::<u64>());
+        // Live from its first write on: another acquisition in this process that reads the
+        // head between this one's write and its lease's registration must see it held.
+        ACQUIRING.lock().insert(token.clone());
+        let r = self.acquire_as(sandbox_id, create, allow_absent, &token);
+        ACQUIRING.lock().remove(&token);
+        r
+    }
+
+    fn acquire_as(
+        &self,
+        sandbox_id: &str,
+        create: bool,
+        allow_absent: bool,
+        token: &str,
+    ) -> Result<Arc<Lease>> {
+        let token = token.to_owned();
         for _ in 0..8 {
             let now = now_ms();
             let ttl = self.opts.lease_ttl.as_millis() as u64;
@@ -948,8 +973,11 @@ impl Shared {
     /// sandboxes', one whose sandbox handle was dropped (its queued uploads and release still
     /// to run on the upload thread), or one nothing here holds any more.
     fn held_here(&self, holder: &Holder) -> Here {
-        if holder.host != self.host || holder.pid != std::process::id() {
+        if holder.process != *PROCESS {
             return Here::No;
+        }
+        if ACQUIRING.lock().contains(&holder.token) {
+            return Here::Live;
         }
         match LIVE_LEASES
             .lock()

@@ -736,13 +736,7 @@ impl Shared {
     }
 
     fn record_key(&self, kind: &str, name: &str) -> Result<ObjectPath> {
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 64
-                && !s.starts_with('.')
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        };
+        let ok = dormant_core::sandbox_dirs::valid_name;
         if !ok(kind) || !ok(name) {
             return Err(Error::InvalidArgument(format!(
                 "{kind:?}/{name:?} cannot name a record object"
@@ -1112,10 +1106,16 @@ impl Shared {
                 lease.sandbox_id
             )));
         }
+        self.extend_if_behind(lease, &mut st)
+    }
+
+    /// Extends a held lease by a write to its head when its renewal fell behind (this process
+    /// stalled or was starved: under a third of its time to live left), which also finds out
+    /// whether another host took it over meanwhile ([`Error::LeaseLost`]).
+    fn extend_if_behind(&self, lease: &Lease, st: &mut LeaseState) -> Result<()> {
         let ttl = self.opts.lease_ttl.as_millis() as u64;
         if st.head.expires_unix_ms <= now_ms() + ttl / 3 {
-            // Renewal fell behind: the lease may have expired and been taken.
-            self.update_head(lease, &mut st, |h| h.expires_unix_ms = now_ms() + ttl)?;
+            self.update_head(lease, st, |h| h.expires_unix_ms = now_ms() + ttl)?;
         }
         Ok(())
     }
@@ -1127,12 +1127,7 @@ impl Shared {
             return Err(self.lost(lease, who));
         }
         if st.held {
-            // Renewal fell behind (this process stalled): the lease may have been taken.
-            let ttl = self.opts.lease_ttl.as_millis() as u64;
-            if st.head.expires_unix_ms <= now_ms() + ttl / 3 {
-                self.update_head(lease, &mut st, |h| h.expires_unix_ms = now_ms() + ttl)?;
-            }
-            return Ok(());
+            return self.extend_if_behind(lease, &mut st);
         }
         let (h, version) = self
             .get_head(&lease.sandbox_id)?

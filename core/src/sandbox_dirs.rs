@@ -23,6 +23,21 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// Longest sandbox id ([`valid_sandbox_id`]).
+pub const MAX_SANDBOX_ID_LEN: usize = 128;
+
+/// Whether `id` may be a sandbox id, and so name a file or an object key of its own (the
+/// store's `killed/<id>`, a remote store's `heads/<id>`): 1–128 characters of
+/// `[A-Za-z0-9._-]`, not starting with a dot. Ids dormant makes look like
+/// `sb-0123456789abcdef`.
+pub fn valid_sandbox_id(id: &str) -> bool {
+    (1..=MAX_SANDBOX_ID_LEN).contains(&id.len())
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 impl LocalStore {
     /// The host directory of the named volume, created if it does not exist yet. Volumes hold
     /// files that outlive every sandbox and snapshot: mount one with

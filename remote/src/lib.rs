@@ -695,12 +695,7 @@ impl Drop for RemoteStore {
 /// with `.` (what dormant makes); anything else names no sandbox
 /// ([`Error::SandboxNotFound`]).
 fn head_key(s: &Shared, sandbox_id: &str) -> Result<ObjectPath> {
-    let ok = !sandbox_id.is_empty()
-        && sandbox_id.len() <= 128
-        && !sandbox_id.starts_with('.')
-        && sandbox_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let ok = dormant_core::sandbox_dirs::valid_sandbox_id(sandbox_id);
     if !ok {
         return Err(Error::SandboxNotFound(sandbox_id.to_owned()));
     }

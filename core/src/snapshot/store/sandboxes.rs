@@ -20,8 +20,6 @@ use crate::error::{Error, Result};
 use crate::snapshot::SnapshotId;
 use crate::spec::Tier;
 
-/// Longest sandbox id that can be retired (ids name files under `killed/`).
-const MAX_SANDBOX_ID_LEN: usize = 128;
 /// Cap on a `killed/` file: a decimal `u64` and a newline, with room to spare.
 const MAX_KILLED_LEN: u64 = 64;
 
@@ -45,12 +43,7 @@ pub struct SandboxInfo {
 /// Checks a sandbox id before it names a file: 1 to 128 ASCII letters, digits, `.`, `_` and
 /// `-`, not starting with `.`.
 fn check_sandbox_id(sandbox_id: &str) -> Result<()> {
-    let ok = !sandbox_id.is_empty()
-        && sandbox_id.len() <= MAX_SANDBOX_ID_LEN
-        && !sandbox_id.starts_with('.')
-        && sandbox_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let ok = crate::sandbox_dirs::valid_sandbox_id(sandbox_id);
     if ok {
         Ok(())
     } else {

@@ -953,3 +953,75 @@ fn a_pulled_snapshot_is_checked_against_its_manifest() {
         other => panic!("expected a checksum error, got {other:?}"),
     }
 }
+
+/// The pull of `id` by a new host fails with a malformed-snapshot error whose text holds
+/// `what`, and leaves nothing behind in that host's cache (no snapshot, nothing in `tmp/`).
+fn assert_pull_refused(s3: &SeaweedFs, prefix: &str, id: &SnapshotId, what: &str) {
+    let b = host(s3, prefix, Duration::from_secs(30));
+    match b.pull(id) {
+        Err(Error::Snapshot {
+            source: dormant_core::SnapshotError::Malformed(msg),
+            ..
+        }) if msg.contains(what) => {}
+        other => panic!("expected a pull refused for {what:?}, got {other:?}"),
+    }
+    assert!(!b.cache().contains(id), "a refused pull committed {id}");
+    let tmp = b.cache().root().join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.map(|e| e.expect("an entry").file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "a refused pull left {left:?} in {}",
+        tmp.display()
+    );
+}
+
+#[test]
+fn a_hostile_bucket_s_chunks_are_refused() {
+    let s3 = SeaweedFs::start();
+    let a = host(&s3, "hostile", Duration::from_secs(30));
+    let img = image(&[0, 1, 40, 300, 700, 1000], 11);
+    let id = full_snapshot(a.cache(), "sb-hostile", &img);
+    a.push(&id).expect("push");
+    let obj = a.snapshot_object(&id).expect("the object");
+    let index = &obj.files[0].1;
+    let first = index
+        .chunks_exact(32)
+        .position(|h| h.iter().any(|&b| b != 0))
+        .expect("a data chunk");
+    let hash = &index[first * 32..(first + 1) * 32];
+    let key = format!("chunks/{}", hex(hash));
+    let good = zstd::bulk::compress(&img[first * CHUNK..(first + 1) * CHUNK], 3).expect("zstd");
+
+    // Someone who can write the bucket replaces a chunk: with other content that decompresses
+    // fine, with bytes that are not zstd, with an object larger than any compressed chunk.
+    let mut other = img[first * CHUNK..(first + 1) * CHUNK].to_vec();
+    other[5] ^= 1;
+    let other = zstd::bulk::compress(&other, 3).expect("zstd");
+    for (bytes, what) in [
+        (other, "is corrupt"),
+        (vec![0xa5; 1000], "is corrupt"),
+        (vec![0; CHUNK + 8192], "bytes"),
+    ] {
+        a.overwrite_object(&key, bytes)
+            .expect("overwrite the chunk");
+        assert_pull_refused(&s3, "hostile", &id, what);
+    }
+    a.overwrite_object(&key, good).expect("put the chunk back");
+
+    // Or makes a snapshot object name a chunk that is not there.
+    let mut lying = obj.clone();
+    lying.files[0].1[first * 32..(first + 1) * 32]
+        .copy_from_slice(blake3::hash(b"no such chunk").as_bytes());
+    a.overwrite_object(&format!("snapshots/{id}"), lying.encode())
+        .expect("overwrite the snapshot object");
+    assert_pull_refused(&s3, "hostile", &id, "missing from the bucket");
+
+    // Put right, the bucket serves the snapshot again, byte for byte.
+    a.overwrite_object(&format!("snapshots/{id}"), obj.encode())
+        .expect("restore the snapshot object");
+    let b = host(&s3, "hostile", Duration::from_secs(30));
+    b.pull(&id).expect("pull");
+    assert_same_snapshot(a.cache(), b.cache(), &id);
+}

@@ -58,6 +58,51 @@ fn resumes(
     Ok((Stats::of(total), fetch))
 }
 
+/// The bucket, and the directory under which each host's cache goes.
+struct Hosts<'a> {
+    s3: &'a SeaweedFs,
+    root: &'a std::path::Path,
+}
+
+impl Hosts<'_> {
+    /// A host on the bucket's `prefix`, its cache `<root>/<name>` (empty the first time).
+    fn host(&self, prefix: &str, name: &str) -> Res<RemoteStore> {
+        host(self.s3, prefix, &self.root.join(name))
+    }
+}
+
+/// One sandbox's part of scenario 12: `snap`, taken on host `a` (on the bucket's `prefix`,
+/// which does not hold it yet), uploaded; then resumed `n` times each on a new host (cold
+/// cache), on one host that fetched it before (warm cache), and on `a` (local), each until
+/// `first` answered. Returns the upload row and the resume row, named by `what` (upload,
+/// resume), and the three resume timings: cold, warm, local.
+fn upload_and_resume(
+    hosts: &Hosts<'_>,
+    prefix: &str,
+    a: &RemoteStore,
+    snap: &SnapshotId,
+    (upload_what, resume_what): (&str, &str),
+    n: usize,
+    first: &dyn Fn(&mut Box<dyn Sandbox>) -> Res<()>,
+) -> Res<(Vec<Vec<String>>, [Stats; 3])> {
+    let t = Instant::now();
+    let p = a.push(snap)?;
+    let upload = upload_row(upload_what, p.logical_bytes, p.uploaded_bytes, t.elapsed());
+    let new_host = |i| {
+        Ok(Store::Remote(
+            hosts.host(prefix, &format!("{prefix}-cold{i}"))?,
+        ))
+    };
+    let (cold, fetch) = resumes(n, new_host, snap, first)?;
+    let warm_host = Store::Remote(hosts.host(prefix, &format!("{prefix}-warm"))?);
+    warm_host.remote().expect("a remote store").pull(snap)?;
+    let (warm, _) = resumes(n, |_| Ok(warm_host.clone()), snap, first)?;
+    let local = Store::Local(a.cache().clone());
+    let (local, _) = resumes(n, |_| Ok(local.clone()), snap, first)?;
+    let resume = resume_row(resume_what, &cold, &fetch, &warm, &local);
+    Ok((vec![upload, resume], [cold, warm, local]))
+}
+
 pub fn run(cx: &mut Ctx) -> Res<()> {
     cx.report.section(
         "12. Beyond one machine: an object store",
@@ -77,22 +122,17 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
     let s3 = SeaweedFs::start();
     let root = tempfile::tempdir()?;
     let n = if cx.opts.quick { 3 } else { 10 };
-    let mut rows = Vec::new();
 
     // The pandas session.
-    let a = host(&s3, "pandas", &root.path().join("a"))?;
+    let hosts = Hosts {
+        s3: &s3,
+        root: root.path(),
+    };
+    let a = hosts.host("pandas", "a")?;
     let mut sb = Store::Local(a.cache().clone()).create(Tier::Wasi, SandboxSpec::python())?;
     sb.run_code(SMALL_SESSION)?;
     let snap = sb.standby()?;
     drop(sb);
-    let t = Instant::now();
-    let p = a.push(&snap)?;
-    rows.push(upload_row(
-        "pandas session",
-        p.logical_bytes,
-        p.uploaded_bytes,
-        t.elapsed(),
-    ));
     let first_py = |sb: &mut Box<dyn Sandbox>| -> Res<()> {
         let ex = sb.run_code("print(1)")?;
         if ex.stdout != "1\n" {
@@ -100,28 +140,13 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
         }
         Ok(())
     };
-    let (cold, fetch) = resumes(
-        n,
-        |i| {
-            Ok(Store::Remote(host(
-                &s3,
-                "pandas",
-                &root.path().join(format!("cold{i}")),
-            )?))
-        },
-        &snap,
-        &first_py,
-    )?;
-    let warm_host = Store::Remote(host(&s3, "pandas", &root.path().join("warm"))?);
-    warm_host.remote().expect("remote").pull(&snap)?;
-    let (warm, _) = resumes(n, |_| Ok(warm_host.clone()), &snap, &first_py)?;
-    let local = Store::Local(a.cache().clone());
-    let (local, _) = resumes(n, |_| Ok(local.clone()), &snap, &first_py)?;
-    rows.push(resume_row("pandas session", &cold, &fetch, &warm, &local));
+    let what = ("pandas session", "pandas session");
+    let (mut rows, [cold, warm, local]) =
+        upload_and_resume(&hosts, "pandas", &a, &snap, what, n, &first_py)?;
 
     // A Linux guest (full run): files and a background process.
     if !cx.opts.quick && dormant::kvm::detect() != dormant::kvm::HostKvm::Unavailable {
-        let a = host(&s3, "linux", &root.path().join("la"))?;
+        let a = hosts.host("linux", "a-linux")?;
         match KvmSandbox::create(a.cache().clone(), linux_spec(128)) {
             Ok(mut sb) => {
                 sb.write_file("/root/notes.txt", b"from host A")?;
@@ -129,14 +154,6 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
                     .spawn(&dormant::Command::new(["sleep", "100000"]))?;
                 let snap = sb.standby()?;
                 drop(sb);
-                let t = Instant::now();
-                let p = a.push(&snap)?;
-                rows.push(upload_row(
-                    "Linux guest, 128 MiB (minimal image)",
-                    p.logical_bytes,
-                    p.uploaded_bytes,
-                    t.elapsed(),
-                ));
                 let first_sh = |sb: &mut Box<dyn Sandbox>| -> Res<()> {
                     let out = sb.exec(&dormant::Command::new(["sh", "-c", "true"]))?;
                     if out.exit_code != 0 {
@@ -144,31 +161,13 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
                     }
                     Ok(())
                 };
-                let k = if n > 5 { 5 } else { n };
-                let (cold, fetch) = resumes(
-                    k,
-                    |i| {
-                        Ok(Store::Remote(host(
-                            &s3,
-                            "linux",
-                            &root.path().join(format!("lcold{i}")),
-                        )?))
-                    },
-                    &snap,
-                    &first_sh,
-                )?;
-                let warm_host = Store::Remote(host(&s3, "linux", &root.path().join("lwarm"))?);
-                warm_host.remote().expect("remote").pull(&snap)?;
-                let (warm, _) = resumes(k, |_| Ok(warm_host.clone()), &snap, &first_sh)?;
-                let local = Store::Local(a.cache().clone());
-                let (local, _) = resumes(k, |_| Ok(local.clone()), &snap, &first_sh)?;
-                rows.push(resume_row(
+                let what = (
+                    "Linux guest, 128 MiB (minimal image)",
                     "Linux guest, 128 MiB",
-                    &cold,
-                    &fetch,
-                    &warm,
-                    &local,
-                ));
+                );
+                let (linux, _) =
+                    upload_and_resume(&hosts, "linux", &a, &snap, what, n.min(5), &first_sh)?;
+                rows.extend(linux);
             }
             Err(e) => cx.report.note(&format!("Linux guest skipped: {e}")),
         }
@@ -179,7 +178,7 @@ pub fn run(cx: &mut Ctx) -> Res<()> {
     );
 
     // Sandboxes from one template.
-    let t = host(&s3, "template", &root.path().join("t"))?;
+    let t = hosts.host("template", "t")?;
     let store_t = Store::Remote(t.clone());
     Template::new("bench-numbers", Tier::Wasi)
         .run(SMALL_SESSION)

@@ -50,13 +50,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use dormant_core::snapshot::SnapshotId;
 use dormant_core::{Error, LocalStore, Result};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-    UpdateVersion,
+    ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -474,15 +475,8 @@ impl RemoteStore {
     pub fn get_record(&self, kind: &str, name: &str, cap: u64) -> Result<Option<Vec<u8>>> {
         let key = self.shared.record_key(kind, name)?;
         let s = &self.shared;
-        let r = s.rt.block_on(async {
-            let got = s.os.get(&key).await?;
-            if got.meta.size > cap {
-                return Ok(Err(got.meta.size));
-            }
-            got.bytes().await.map(Ok)
-        });
-        match r {
-            Ok(Ok(b)) => Ok(Some(b.to_vec())),
+        match s.rt.block_on(s.get_capped(&key, cap)) {
+            Ok(Ok((_, b))) => Ok(Some(b.to_vec())),
             Ok(Err(size)) => Err(remote_err(
                 "read",
                 key.to_string(),
@@ -730,6 +724,22 @@ impl Shared {
         ObjectPath::from_iter(parts)
     }
 
+    /// GETs object `key` whole if it is at most `cap` bytes: `Ok(Err(size))` for a larger one,
+    /// which is not read (a hostile bucket's). Errors as `object_store` reports them
+    /// (`NotFound` for no such object).
+    pub(crate) async fn get_capped(
+        &self,
+        key: &ObjectPath,
+        cap: u64,
+    ) -> object_store::Result<std::result::Result<(ObjectMeta, Bytes), u64>> {
+        let got = self.os.get(key).await?;
+        if got.meta.size > cap {
+            return Ok(Err(got.meta.size));
+        }
+        let meta = got.meta.clone();
+        got.bytes().await.map(|b| Ok((meta, b)))
+    }
+
     fn record_key(&self, kind: &str, name: &str) -> Result<ObjectPath> {
         let ok = dormant_core::sandbox_dirs::valid_name;
         if !ok(kind) || !ok(name) {
@@ -808,21 +818,24 @@ impl Shared {
 
     fn get_head(&self, sandbox_id: &str) -> Result<Option<(Head, UpdateVersion)>> {
         let key = head_key(self, sandbox_id)?;
-        let r = self.rt.block_on(async {
-            let got = self.os.get(&key).await?;
-            let version = UpdateVersion {
-                e_tag: got.meta.e_tag.clone(),
-                version: got.meta.version.clone(),
-            };
-            if got.meta.size > head::MAX_HEAD_LEN as u64 {
-                return Ok(Err(format!("head of {} bytes", got.meta.size)));
-            }
-            let bytes = got.bytes().await?;
-            Ok(Head::decode(&bytes, sandbox_id).map(|h| (h, version)))
-        });
+        let r = self
+            .rt
+            .block_on(self.get_capped(&key, head::MAX_HEAD_LEN as u64));
         match r {
-            Ok(Ok(h)) => Ok(Some(h)),
-            Ok(Err(bad)) => Err(remote_err("read head", key.to_string(), bad)),
+            Ok(Ok((meta, bytes))) => {
+                let version = UpdateVersion {
+                    e_tag: meta.e_tag,
+                    version: meta.version,
+                };
+                Head::decode(&bytes, sandbox_id)
+                    .map(|h| Some((h, version)))
+                    .map_err(|bad| remote_err("read head", key.to_string(), bad))
+            }
+            Ok(Err(size)) => Err(remote_err(
+                "read head",
+                key.to_string(),
+                format!("head of {size} bytes"),
+            )),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(remote_err("read head", key.to_string(), e)),
         }

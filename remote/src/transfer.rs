@@ -54,28 +54,17 @@ const ZSTD_LEVEL: i32 = 3;
 const MAX_COMPRESSED_CHUNK: u64 = CHUNK as u64 + 4096;
 
 /// The 64 KiB chunks of `f` (of `len` bytes) that hold data, by index: the file's data extents
-/// (`SEEK_DATA`/`SEEK_HOLE`), so that the holes of a sparse image are not read.
+/// (core's `data_extents`), so that the holes of a sparse image are not read.
 fn data_chunks(f: &File, len: u64) -> std::io::Result<Vec<bool>> {
-    use rustix::fs::{SeekFrom, seek};
     let n = len.div_ceil(CHUNK as u64) as usize;
     let mut has = vec![false; n];
-    let mut at = 0u64;
-    while at < len {
-        let start = match seek(f, SeekFrom::Data(at)) {
-            Ok(s) => s,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        if start >= len {
-            break;
-        }
-        let end = seek(f, SeekFrom::Hole(start))?.min(len);
+    for (start, ext_len) in dormant_core::memimage::data_extents(f, len)? {
+        // Chunks are whole pages: an extent rounded to pages covers the same chunks.
         let first = (start / CHUNK as u64) as usize;
-        let last = (end.saturating_sub(1) / CHUNK as u64) as usize;
+        let last = ((start + ext_len).saturating_sub(1) / CHUNK as u64) as usize;
         for h in &mut has[first..=last.min(n - 1)] {
             *h = true;
         }
-        at = end;
     }
     Ok(has)
 }
@@ -291,15 +280,11 @@ impl Shared {
     /// Reads and checks snapshot object `id`.
     pub(crate) fn get_object(&self, id: &SnapshotId) -> Result<SnapshotObject> {
         let key = self.object_key(id);
-        let bytes = self.rt.block_on(async {
-            let got = self.os.get(&key).await?;
-            if got.meta.size > object::MAX_OBJECT_LEN {
-                return Ok(Err(got.meta.size));
-            }
-            got.bytes().await.map(Ok)
-        });
-        let bytes = match bytes {
-            Ok(Ok(b)) => b,
+        let bytes = match self
+            .rt
+            .block_on(self.get_capped(&key, object::MAX_OBJECT_LEN))
+        {
+            Ok(Ok((_, b))) => b,
             Ok(Err(size)) => {
                 return Err(Error::snapshot(
                     id,
@@ -427,60 +412,37 @@ impl Shared {
                         let take_at =
                             |i: usize| ((file.len - (i * CHUNK) as u64) as usize).min(CHUNK);
                         let take = take_at(at_chunks[0]);
-                        let got = self.os.get(&key).await;
-                        let bytes = match got {
-                            // A compressed 64 KiB chunk is never larger than this: a bigger
-                            // object is not read (a hostile bucket).
-                            Ok(g) if g.meta.size > MAX_COMPRESSED_CHUNK => {
-                                return Err(Error::snapshot(
-                                    id,
-                                    SnapshotError::Malformed(format!(
-                                        "chunk {} of {} is {} bytes",
-                                        hex(&hash),
-                                        file.name,
-                                        g.meta.size
-                                    )),
-                                ));
-                            }
-                            Ok(g) => g.bytes().await,
-                            Err(e) => Err(e),
-                        }
-                        .map_err(|e| match e {
-                            object_store::Error::NotFound { .. } => Error::snapshot(
+                        let malformed = |what: String| {
+                            Error::snapshot(
                                 id,
                                 SnapshotError::Malformed(format!(
-                                    "chunk {} of {} is missing from the bucket",
+                                    "chunk {} of {} {what}",
                                     hex(&hash),
                                     file.name
                                 )),
-                            ),
-                            e => remote_err("download", key.to_string(), e),
-                        })?;
+                            )
+                        };
+                        // A compressed 64 KiB chunk is never larger than this: a bigger
+                        // object is not read (a hostile bucket).
+                        let bytes = match self.get_capped(&key, MAX_COMPRESSED_CHUNK).await {
+                            Ok(Ok((_, b))) => b,
+                            Ok(Err(size)) => return Err(malformed(format!("is {size} bytes"))),
+                            Err(object_store::Error::NotFound { .. }) => {
+                                return Err(malformed("is missing from the bucket".to_owned()));
+                            }
+                            Err(e) => return Err(remote_err("download", key.to_string(), e)),
+                        };
                         let mut buf = vec![0u8; take];
                         let ok = zstd::bulk::decompress_to_buffer(&bytes, &mut buf)
                             .is_ok_and(|n| n == take)
                             && blake3::hash(&buf).as_bytes() == &hash;
                         if !ok {
-                            return Err(Error::snapshot(
-                                id,
-                                SnapshotError::Malformed(format!(
-                                    "chunk {} of {} is corrupt",
-                                    hex(&hash),
-                                    file.name
-                                )),
-                            ));
+                            return Err(malformed("is corrupt".to_owned()));
                         }
                         for &i in &at_chunks {
                             // One content, one length: a shorter tail chunk has another hash.
                             if take_at(i) != take {
-                                return Err(Error::snapshot(
-                                    id,
-                                    SnapshotError::Malformed(format!(
-                                        "chunk {} of {} at two lengths",
-                                        hex(&hash),
-                                        file.name
-                                    )),
-                                ));
+                                return Err(malformed("at two lengths".to_owned()));
                             }
                             f.write_all_at(&buf, (i * CHUNK) as u64)
                                 .map_err(|e| Error::store("write", path, e))?;

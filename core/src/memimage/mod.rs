@@ -109,9 +109,10 @@ pub fn holes_allocate(file: &File) -> io::Result<bool> {
     Ok(matches!(magic, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC))
 }
 
-/// The data extents (offset, length) of the first `len` bytes of `file`, page-aligned, found
-/// with `SEEK_DATA`/`SEEK_HOLE`.
-fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+/// The data extents (offset, length) of the first `len` bytes of `file`, page-aligned (start
+/// rounded down, end up), in order, adjacent ones merged, found with `SEEK_DATA`/`SEEK_HOLE`:
+/// what of a sparse file needs reading.
+pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     use rustix::fs::{SeekFrom, seek};
     let page = PAGE as u64;
     let mut out: Vec<(u64, u64)> = Vec::new();

@@ -103,7 +103,7 @@ impl Store {
     ) -> Result<Box<dyn Sandbox>> {
         let sb =
             crate::runtime(tier)?.create_with_progress(self.local().clone(), spec, progress)?;
-        self.adopt(sb, true)
+        self.adopt(sb)
     }
 
     /// A new sandbox from template `name` ([`create_from_template`](crate::create_from_template));
@@ -114,7 +114,7 @@ impl Store {
     pub fn create_from_template(&self, name: &str, grants: &Grants) -> Result<Box<dyn Sandbox>> {
         self.template(name)?;
         let sb = crate::create_from_template(self.local().clone(), name, grants)?;
-        self.adopt(sb, true)
+        self.adopt(sb)
     }
 
     /// The record of template `name` ([`crate::template()`]); with a remote store, fetched
@@ -144,7 +144,7 @@ impl Store {
     /// The record of template `name` in the bucket, its snapshot pulled into the cache and
     /// the record written there.
     fn fetch_template(&self, r: &RemoteStore, name: &str) -> Result<()> {
-        let Some(bytes) = r.get_record("template", name, 64 << 10)? else {
+        let Some(bytes) = r.get_record("template", name, crate::template::MAX_RECORD)? else {
             return Ok(()); // the local lookup's error says there is none
         };
         let rec: crate::TemplateRecord = serde_json::from_slice(&bytes).map_err(|e| {
@@ -251,13 +251,13 @@ impl Store {
         }
     }
 
-    /// Wraps a sandbox made in the local store: with a remote store, takes its lease (`new`:
-    /// the sandbox id is new to the bucket).
-    fn adopt(&self, mut sb: Box<dyn Sandbox>, new: bool) -> Result<Box<dyn Sandbox>> {
+    /// Wraps a sandbox just made in the local store: with a remote store, takes its lease (its
+    /// id is new to the bucket).
+    fn adopt(&self, mut sb: Box<dyn Sandbox>) -> Result<Box<dyn Sandbox>> {
         let Store::Remote(r) = self else {
             return Ok(sb);
         };
-        match r.acquire(sb.id(), new, !new) {
+        match r.acquire(sb.id(), true, false) {
             Ok(lease) => Ok(Box::new(RemoteSandbox::new(sb, r.clone(), lease))),
             Err(e) => {
                 let _ = sb.kill();

@@ -124,8 +124,8 @@ const RECIPE_VERSION: u32 = 1;
 /// Most entries of a mounted host directory listed into the key; beyond them, a change is not
 /// seen.
 const MAX_LISTED: usize = 100_000;
-/// Largest record file read.
-const MAX_RECORD: u64 = 64 << 10;
+/// Largest record file read (in the store, or in a bucket).
+pub(crate) const MAX_RECORD: u64 = 64 << 10;
 
 impl Template {
     /// Default of [`ready_timeout`](Template::ready_timeout).

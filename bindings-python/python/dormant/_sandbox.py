@@ -869,7 +869,8 @@ class Sandbox:
         In a :class:`Store` (a bucket) the snapshot uploads in the background; with
         ``durable=True`` the call returns once it is in the bucket (raising
         :class:`RemoteStoreError` if the upload fails: the snapshot stays local, its id in
-        :attr:`snapshot_id`, and a durable :meth:`standby` or :meth:`Store.sync` retries). Raises :class:`LeaseLost` once another host took the sandbox over."""
+        :attr:`snapshot_id`, and a durable :meth:`standby` or :meth:`Store.sync` retries).
+        Raises :class:`LeaseLost` once another host took the sandbox over."""
         self._snapshot_id = self._native.checkpoint()
         if durable:
             self._native.wait_durable(self._snapshot_id)

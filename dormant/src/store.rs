@@ -32,8 +32,8 @@ use dormant_core::{
     Error, Grants, LocalStore, NoProgress, Progress, Result, Sandbox, SandboxSpec, SnapshotId, Tier,
 };
 pub use dormant_remote::{
-    DEFAULT_GC_GRACE, Durable, Head, Holder, Lease, PullReport, PushReport, RemoteGcReport,
-    RemoteOptions, RemoteSandbox, RemoteStore, VerifyReport,
+    DEFAULT_GC_GRACE, Head, Holder, Lease, PullReport, PushReport, RemoteGcReport, RemoteOptions,
+    RemoteSandbox, RemoteStore, VerifyReport,
 };
 
 /// A snapshot store: local, or remote with a local cache. Cheap to clone.

@@ -140,7 +140,7 @@ impl RemoteStore {
         let mut hashes: HashSet<[u8; HASH_LEN]> = HashSet::new();
         let mut next = Some(id.clone());
         while let Some(cur) = next.take() {
-            if report.snapshots > 4096 {
+            if report.snapshots >= crate::transfer::MAX_CHAIN as u64 {
                 return Err(Error::snapshot(
                     id,
                     SnapshotError::Malformed("inconsistent layer chain in the bucket".into()),

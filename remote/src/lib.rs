@@ -64,7 +64,7 @@ use parking_lot::{Condvar, Mutex};
 pub use gc::{DEFAULT_GC_GRACE, RemoteGcReport, VerifyReport};
 pub use head::{Head, Holder};
 pub use object::SnapshotObject;
-pub use sandbox::{Durable, RemoteSandbox};
+pub use sandbox::RemoteSandbox;
 pub use transfer::{PullReport, PushReport};
 
 /// Settings of a [`RemoteStore`].

@@ -52,38 +52,10 @@ impl RemoteSandbox {
         &self.store
     }
 
-    /// A handle that waits for this sandbox's uploads, usable while the sandbox is borrowed
-    /// elsewhere (by a [`Managed`](dormant_core::Managed) wrapper).
-    pub fn durability(&self) -> Durable {
-        Durable {
-            store: self.store.clone(),
-            lease: self.lease.clone(),
-        }
-    }
-
     /// Waits until snapshot `id` (a checkpoint or standby of this sandbox) is in the bucket
     /// and the sandbox's head names it: [`RemoteStore::wait_durable`].
     pub fn wait_durable(&self, id: &SnapshotId) -> Result<()> {
         self.store.wait_durable(&self.lease, id)
-    }
-}
-
-/// Waits for a [`RemoteSandbox`]'s uploads ([`RemoteSandbox::durability`]).
-#[derive(Debug, Clone)]
-pub struct Durable {
-    store: RemoteStore,
-    lease: Arc<Lease>,
-}
-
-impl Durable {
-    /// [`RemoteSandbox::wait_durable`].
-    pub fn wait(&self, id: &SnapshotId) -> Result<()> {
-        self.store.wait_durable(&self.lease, id)
-    }
-
-    /// The store.
-    pub fn store(&self) -> &RemoteStore {
-        &self.store
     }
 }
 

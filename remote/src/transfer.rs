@@ -48,7 +48,7 @@ pub struct PullReport {
 }
 
 /// Longest chain of snapshot objects followed (as the local store's chains).
-const MAX_CHAIN: usize = 4096;
+pub(crate) const MAX_CHAIN: usize = 4096;
 const ZSTD_LEVEL: i32 = 3;
 /// Largest chunk object read: zstd's bound for 64 KiB of input, with room to spare.
 const MAX_COMPRESSED_CHUNK: u64 = CHUNK as u64 + 4096;
